@@ -1,0 +1,41 @@
+# Two commands for a new user:  `make demo` (install + main job)  and  `make test` (install + tests).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test bench-accuracy clean
+
+setup: $(VENV)/.installed $(FMNIST)
+
+# torch first, CPU build: a local wheel where the machine has one, else PyTorch's CPU index.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH) || $(PIP) install -q $(TORCH) --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST ships as a Debian package; elsewhere pass --data-dir to the CLI.
+$(FMNIST):
+	@if command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; \
+	else echo "Fashion-MNIST not found at $(FMNIST); install Debian's dataset-fashion-mnist or use --data-dir" >&2; exit 1; fi
+
+demo: setup
+	$(VENV)/bin/dress-fleet train --dataset fashion-mnist --model cnn --densities 1,0.5,0.25,0.1 \
+	    --epochs 2 --train-subset 20000 --out $(DEMO_OUT)
+	$(VENV)/bin/dress-fleet evaluate $(DEMO_OUT)/model.safetensors
+
+test: setup
+	$(PY) -m pytest -q
+
+bench-accuracy: setup
+	$(PY) benchmarks/accuracy.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,1 @@
+"""Device agent: a Flower SuperNode that trains its subnet and serves inference at its current budget."""

@@ -1,0 +1,1 @@
+"""DRESS: one backbone, many nested row-sparse subnets (Qu et al., arXiv 2207.00670)."""

@@ -1,0 +1,1 @@
+"""Fleets of virtual devices on one machine, on Flower's simulation engine (Ray)."""
