@@ -1,0 +1,180 @@
+"""`dress-fleet`: the operator's command line (train, evaluate, and later the fleet commands)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dress_model.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from dress_model.data import DATASETS, DataError, load_dataset
+from dress_model.models import MODELS, create_model
+from dress_model.sparsity import parse_densities
+from dress_model.training import StepCallback, TrainConfig, evaluate, train
+
+app = typer.Typer(
+    help="dress-fleet: train and serve DRESS nested row-sparse subnets across fleets of edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+BN_MODES = ("switchable", "recalibrate")
+
+
+def fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def parse_floats(spec: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(p) for p in spec.split(",") if p.strip())
+    except ValueError:
+        raise fail(f"{what} must be comma-separated numbers, got {spec!r}") from None
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def step_reporter(progress: Progress, description: str) -> StepCallback:
+    task = progress.add_task(description, total=None, info="")
+
+    def on_step(step: int, total: int, losses: dict[float, float]) -> None:
+        info = " ".join(f"{d:g}:{loss:.3f}" for d, loss in sorted(losses.items(), reverse=True))
+        progress.update(task, completed=step, total=total, info=f"loss {info}")
+
+    return on_step
+
+
+def accuracy_table(title: str, rows: list[tuple[float, int, float]]) -> Table:
+    table = Table(title=title)
+    table.add_column("density", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("accuracy %", justify="right")
+    for d, params, acc in rows:
+        table.add_row(f"{d:g}", f"{params:,}", f"{acc:.2f}")
+    return table
+
+
+@app.command("train")
+def train_cmd(
+    out: Annotated[Path, typer.Option(help="Directory for model.safetensors and metrics.json.")],
+    dataset: Annotated[str, typer.Option(help=f"One of {', '.join(DATASETS)}.")] = "fashion-mnist",
+    model: Annotated[str, typer.Option(help=f"One of {', '.join(MODELS)}.")] = "cnn",
+    densities: Annotated[str, typer.Option(help="Subnet densities trained jointly, e.g. 1,0.5,0.25,0.1.")] = "1,0.5,0.25,0.1",
+    epochs: Annotated[float, typer.Option(min=0.01, help="Passes over the training set (fractions allowed).")] = 2.0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (SGD, one-cycle schedule).")] = 0.05,
+    loss_weights: Annotated[Optional[str], typer.Option(help="One weight per density, same order as --densities; default equal.")] = None,
+    rerank_every: Annotated[int, typer.Option(min=0, help="Steps between re-rankings of each row's importance order; 0 = never.")] = 100,
+    bn: Annotated[str, typer.Option(help="switchable: per-density BN; recalibrate: shared affine, per-density stats recomputed after training.")] = "switchable",
+    width: Annotated[int, typer.Option(min=1, help="Base channel width of the model.")] = 16,
+    train_subset: Annotated[int, typer.Option(min=0, help="Use only the first N training images (0 = all).")] = 0,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Directory holding the dataset files.")] = None,
+    download: Annotated[bool, typer.Option(help="Download the dataset if it is missing (needs internet).")] = False,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Train one DRESS backbone whose nested subnets all share its weights, then evaluate every density."""
+    try:
+        dens = parse_densities(densities)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    weights = parse_floats(loss_weights, "--loss-weights") if loss_weights else None
+    if weights is not None:
+        if len(weights) != len(dens):
+            raise fail(f"--loss-weights needs {len(dens)} values (one per density), got {len(weights)}")
+        given = [float(p) for p in densities.split(",") if p.strip()]
+        weights = tuple(w for _, w in sorted(zip(given, weights)))  # align with ascending densities
+    if model not in MODELS:
+        raise fail(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
+    if bn not in BN_MODES:
+        raise fail(f"unknown --bn {bn!r}; expected one of {', '.join(BN_MODES)}")
+    try:
+        train_set = load_dataset(dataset, "train", data_dir, download)
+        test_set = load_dataset(dataset, "test", data_dir, download)
+    except DataError as e:
+        raise fail(str(e)) from None
+    if train_subset:
+        train_set = train_set.subset(range(min(train_subset, len(train_set))))
+
+    torch.manual_seed(seed)
+    net = create_model(
+        model,
+        dens,
+        in_channels=train_set.in_channels,
+        num_classes=train_set.num_classes,
+        image_size=train_set.images.shape[-1],
+        width=width,
+        bn_affine="per-density" if bn == "switchable" else "shared",
+    )
+    config = TrainConfig(
+        loss_weights=weights,
+        epochs=epochs,
+        lr=lr,
+        rerank_every=rerank_every,
+        recalibrate_batches=50 if bn == "recalibrate" else 0,
+    )
+    console.print(
+        f"Training [bold]{model}[/] on [bold]{dataset}[/] ({len(train_set):,} images), densities "
+        f"{', '.join(f'{d:g}' for d in dens)}, {epochs:g} epochs, {torch.get_num_threads()} threads"
+    )
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        train(net, train_set.loader(batch_size, shuffle=True, seed=seed), config, step_reporter(progress, "train"))
+    train_s = time.perf_counter() - start
+    accuracy = evaluate(net, test_set.loader(512, shuffle=False))
+    rows = [(d, net.subnet_params(d), accuracy[d]) for d in dens]
+
+    meta = {"dataset": dataset, "epochs": epochs, "seed": seed, "bn": bn, "train_seconds": round(train_s, 1)}
+    checkpoint = save_checkpoint(net, out / "model.safetensors", meta)
+    metrics = {
+        **meta,
+        "model": model,
+        "checkpoint": str(checkpoint),
+        "densities": [{"density": d, "params": p, "accuracy": a} for d, p, a in rows],
+    }
+    atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    console.print(accuracy_table(f"{model} on {dataset} test set ({train_s:.0f} s training)", rows[::-1]))
+    console.print(f"Saved {checkpoint} and {out / 'metrics.json'}")
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors written by `dress-fleet train`.")],
+    dataset: Annotated[Optional[str], typer.Option(help="Override the dataset recorded in the checkpoint.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option()] = None,
+) -> None:
+    """Print the test accuracy of every subnet stored in a checkpoint."""
+    try:
+        net, header = load_checkpoint(checkpoint)
+        name = dataset or header["meta"].get("dataset", "fashion-mnist")
+        test_set = load_dataset(name, "test", data_dir)
+    except (CheckpointError, DataError) as e:
+        raise fail(str(e)) from None
+    accuracy = evaluate(net, test_set.loader(512, shuffle=False))
+    rows = [(d, net.subnet_params(d), accuracy[d]) for d in net.densities]
+    console.print(accuracy_table(f"{checkpoint} on {name} test set", rows[::-1]))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()

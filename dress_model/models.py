@@ -1,0 +1,237 @@
+"""Models behind one constructor, ``create_model``: a small CNN for fleets and CIFAR-style ResNets.
+
+Each architecture is written once against a *family* that supplies its layers: ``dress`` (row-sparse body,
+dense stem and classifier, per-density BN) or ``slimmable`` (the width-slimmable baseline). The stem and the
+classifier stay dense in DRESS: together they hold ~1% of the CNN's weights, and sparsifying the 1-channel
+stem leaves rows of 9 weights, where a 10% row keeps a single tap (see docs/ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, DressLinear, RowSparse
+from dress_model.slimmable import Slim, SlimBatchNorm, SlimConv2d, SlimLinear
+from dress_model.sparsity import Importance, magnitude, parse_densities
+
+Role = Literal["stem", "body", "head"]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything needed to rebuild a model; stored in checkpoint headers."""
+
+    name: str
+    densities: tuple[float, ...]
+    in_channels: int = 1
+    num_classes: int = 10
+    image_size: int = 28
+    width: int = 16
+    family: Literal["dress", "slimmable"] = "dress"
+    bn_affine: Literal["per-density", "shared"] = "per-density"
+    slim_widths: tuple[float, ...] = field(default=())
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Architecture:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown architecture fields {sorted(unknown)}; expected {sorted(known)}")
+        data = dict(data)
+        data["densities"] = tuple(data["densities"])
+        data["slim_widths"] = tuple(data.get("slim_widths", ()))
+        return cls(**data)
+
+
+class Family:
+    """Layer factory for one family; ``role`` says where a layer sits so stems/heads can stay dense."""
+
+    def __init__(self, arch: Architecture) -> None:
+        self.arch = arch
+        self.d = arch.densities
+
+    def conv(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, role: Role = "body") -> nn.Module:
+        if self.arch.family == "slimmable":
+            return SlimConv2d(cin, cout, k, self.d, stride=stride, padding=padding)
+        if role == "body":
+            return DressConv2d(cin, cout, k, self.d, stride=stride, padding=padding)
+        return nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=False)
+
+    def linear(self, fin: int, fout: int, role: Role = "body") -> nn.Module:
+        if self.arch.family == "slimmable":
+            return SlimLinear(fin, fout, self.d, slim_out=role != "head")
+        if role == "body":
+            return DressLinear(fin, fout, self.d)
+        return nn.Linear(fin, fout)
+
+    def norm(self, c: int) -> nn.Module:
+        if self.arch.family == "slimmable":
+            return SlimBatchNorm(c, self.d)
+        return DensityBatchNorm(c, self.d, affine=self.arch.bn_affine)
+
+
+class DressModel(nn.Module):
+    """A network whose density-aware modules switch together; ``set_density`` is O(#modules)."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        self.arch = arch
+        self.densities = arch.densities
+
+    def density_index(self, density: float) -> int:
+        for i, d in enumerate(self.densities):
+            if math.isclose(d, density, rel_tol=0, abs_tol=1e-9):
+                return i
+        raise ValueError(f"density {density} is not one of this model's densities {list(self.densities)}")
+
+    def set_density(self, density: float) -> None:
+        index = self.density_index(density)
+        for m in self.modules():
+            if isinstance(m, DensityAware):
+                m.active_index = index
+
+    @property
+    def active_density(self) -> float:
+        for m in self.modules():
+            if isinstance(m, DensityAware):
+                return m.densities[m.active_index]
+        return self.densities[-1]
+
+    def sparse_layers(self) -> Iterator[tuple[str, RowSparse]]:
+        for name, m in self.named_modules():
+            if isinstance(m, RowSparse):
+                yield name, m
+
+    @torch.no_grad()
+    def rerank(self, importance: Importance = magnitude) -> None:
+        for _, layer in self.sparse_layers():
+            layer.rerank(importance)
+
+    def subnet_params(self, density: float) -> int:
+        """Weights a device must hold for this subnet: kept sparse weights + dense layers + its BN affine."""
+        index = self.density_index(density)
+        if self.arch.family == "slimmable":
+            return self._slim_params(index)
+        total = 0
+        for m in self.modules():
+            if isinstance(m, RowSparse):
+                total += m.rows * m.keep(density) + (m.bias.numel() if m.bias is not None else 0)
+            elif isinstance(m, DensityBatchNorm):
+                total += m.weight.shape[1] * 2
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                total += sum(p.numel() for p in m.parameters(recurse=False))
+        return total
+
+    @torch.no_grad()
+    def _slim_params(self, index: int) -> int:
+        was_training, previous = self.training, self.active_density
+        self.eval()
+        self.set_density(self.densities[index])
+        a = self.arch
+        self(torch.zeros(1, a.in_channels, a.image_size, a.image_size))
+        total = sum(m.active_params for m in self.modules() if isinstance(m, Slim))
+        self.set_density(previous)
+        self.train(was_training)
+        return total
+
+    def set_slim_widths(self, widths: tuple[float, ...]) -> None:
+        if len(widths) != len(self.densities):
+            raise ValueError(f"need one width per level ({len(self.densities)}), got {len(widths)}")
+        for m in self.modules():
+            if isinstance(m, Slim):
+                m.widths = widths
+        self.arch = Architecture(**{**asdict(self.arch), "slim_widths": widths})
+
+
+class SmallCNN(DressModel):
+    """Two conv blocks and two FC layers: ~0.2M weights, cheap enough for 100 simulated devices on 2 cores."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__(arch)
+        f, w = Family(arch), arch.width
+        self.conv1, self.bn1 = f.conv(arch.in_channels, w, 3, padding=1, role="stem"), f.norm(w)
+        self.conv2, self.bn2 = f.conv(w, 2 * w, 3, padding=1), f.norm(2 * w)
+        self.pool = nn.MaxPool2d(2)
+        feat = arch.image_size // 4
+        self.fc1, self.bn3 = f.linear(2 * w * feat * feat, 8 * w), f.norm(8 * w)
+        self.fc2 = f.linear(8 * w, arch.num_classes, role="head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = torch.relu(self.bn3(self.fc1(torch.flatten(x, 1))))
+        return self.fc2(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, f: Family, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = f.conv(cin, cout, 3, stride=stride, padding=1), f.norm(cout)
+        self.conv2, self.bn2 = f.conv(cout, cout, 3, padding=1), f.norm(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(f.conv(cin, cout, 1, stride=stride), f.norm(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(DressModel):
+    """CIFAR-style ResNet (He et al. 2016): 3 stages of basic blocks, widths w, 2w, 4w; depth = 6n + 2."""
+
+    def __init__(self, arch: Architecture, blocks_per_stage: int) -> None:
+        super().__init__(arch)
+        f, w = Family(arch), arch.width
+        self.conv1, self.bn1 = f.conv(arch.in_channels, w, 3, padding=1, role="stem"), f.norm(w)
+        layers: list[nn.Module] = []
+        cin = w
+        for stage, cout in enumerate((w, 2 * w, 4 * w)):
+            for b in range(blocks_per_stage):
+                layers.append(BasicBlock(f, cin, cout, stride=2 if stage > 0 and b == 0 else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.fc = f.linear(cin, arch.num_classes, role="head")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+MODELS: dict[str, Callable[[Architecture], DressModel]] = {
+    "cnn": SmallCNN,
+    "resnet8": lambda a: CifarResNet(a, blocks_per_stage=1),
+    "resnet20": lambda a: CifarResNet(a, blocks_per_stage=3),
+}
+
+
+def create_model(
+    name: str | Architecture,
+    densities: str | tuple[float, ...] = (0.1, 0.25, 0.5, 1.0),
+    **kwargs: object,
+) -> DressModel:
+    """Build any model by name (or from a stored Architecture)."""
+    if isinstance(name, Architecture):
+        arch = name
+    else:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+        arch = Architecture(name=name, densities=parse_densities(densities), **kwargs)  # type: ignore[arg-type]
+    if arch.name not in MODELS:
+        raise ValueError(f"unknown model {arch.name!r}; expected one of {sorted(MODELS)}")
+    if arch.family not in ("dress", "slimmable"):
+        raise ValueError(f"unknown family {arch.family!r}; expected 'dress' or 'slimmable'")
+    model = MODELS[arch.name](arch)
+    if arch.slim_widths:
+        model.set_slim_widths(arch.slim_widths)
+    return model

@@ -1,0 +1,144 @@
+"""Joint training of every nested subnet with a weighted loss, and per-density evaluation.
+
+Each step runs forward+backward once per density on the same batch and steps on the weighted sum of
+their losses; gradients of all subnets land in the one shared set of weights. The per-row importance order
+is re-ranked on a schedule so the sparse prefixes follow the weights as they move.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from dress_model.layers import DensityBatchNorm
+from dress_model.models import DressModel
+from dress_model.sparsity import get_importance
+
+log = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int, dict[float, float]], None]
+"""Called after every step with (step, total_steps, loss per density)."""
+
+
+@dataclass
+class TrainConfig:
+    densities: tuple[float, ...] | None = None  # which of the model's densities to train; None = all
+    loss_weights: tuple[float, ...] | None = None  # one per density (ascending order); None = equal
+    epochs: float = 1.0
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    rerank_every: int = 100  # steps between re-rankings of the row order; 0 = never (fixed masks)
+    importance: str = "magnitude"
+    recalibrate_batches: int = 0  # >0: recompute per-density BN statistics after training
+    extra: dict = field(default_factory=dict)
+
+    def weights_for(self, densities: Sequence[float]) -> list[float]:
+        if self.loss_weights is None:
+            return [1.0 / len(densities)] * len(densities)
+        if len(self.loss_weights) != len(densities):
+            raise ValueError(
+                f"need one loss weight per density: {len(densities)} densities, {len(self.loss_weights)} weights"
+            )
+        if any(w < 0 or math.isnan(w) for w in self.loss_weights) or sum(self.loss_weights) <= 0:
+            raise ValueError(f"loss weights must be >= 0 with a positive sum, got {list(self.loss_weights)}")
+        return list(self.loss_weights)
+
+
+def joint_step(
+    model: DressModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    densities: Sequence[float],
+    weights: Sequence[float],
+    optimizer: torch.optim.Optimizer,
+) -> dict[float, float]:
+    """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    losses: dict[float, float] = {}
+    for d, w in zip(densities, weights):
+        model.set_density(d)
+        loss = F.cross_entropy(model(x), y)
+        (w * loss).backward()
+        losses[d] = loss.item()
+    optimizer.step()
+    return losses
+
+
+def train(
+    model: DressModel,
+    loader: DataLoader,
+    config: TrainConfig,
+    on_step: StepCallback | None = None,
+) -> dict[float, float]:
+    """Train jointly for ``config.epochs`` (fractions allowed); returns the last step's losses."""
+    densities = tuple(config.densities or model.densities)
+    for d in densities:
+        model.density_index(d)  # fail early on a density the model lacks
+    weights = config.weights_for(densities)
+    importance = get_importance(config.importance)
+    total = max(1, round(config.epochs * len(loader)))
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.15)
+    step, losses = 0, {}
+    while step < total:
+        for x, y in loader:
+            losses = joint_step(model, x, y, densities, weights, optimizer)
+            schedule.step()
+            step += 1
+            # Never re-rank on the last step: BN statistics were gathered under the current masks.
+            if config.rerank_every and step % config.rerank_every == 0 and step < total:
+                model.rerank(importance)
+            if on_step:
+                on_step(step, total, losses)
+            if step >= total:
+                break
+    if config.recalibrate_batches:
+        recalibrate_bn(model, loader, config.recalibrate_batches, densities)
+    return losses
+
+
+@torch.no_grad()
+def recalibrate_bn(model: DressModel, loader: DataLoader, batches: int, densities: Sequence[float]) -> None:
+    """Recompute each density's BN running statistics with the final weights (cumulative average)."""
+    norms = [m for m in model.modules() if isinstance(m, DensityBatchNorm)]
+    model.train()
+    for d in densities:
+        model.set_density(d)
+        i = model.density_index(d)
+        for m in norms:
+            m.running_mean[i].zero_()
+            m.running_var[i].fill_(1.0)
+            m.num_batches[i] = 0
+            m.momentum = None
+        for b, (x, _) in enumerate(loader):
+            if b >= batches:
+                break
+            model(x)
+    for m in norms:
+        m.momentum = 0.1
+    model.eval()
+
+
+@torch.no_grad()
+def evaluate(model: DressModel, loader: DataLoader, densities: Sequence[float] | None = None) -> dict[float, float]:
+    """Top-1 accuracy (percent) of every subnet on the same data."""
+    model.eval()
+    result: dict[float, float] = {}
+    for d in densities or model.densities:
+        model.set_density(d)
+        correct = seen = 0
+        for x, y in loader:
+            correct += (model(x).argmax(1) == y).sum().item()
+            seen += y.numel()
+        result[d] = 100.0 * correct / max(1, seen)
+    return result

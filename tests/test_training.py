@@ -1,0 +1,80 @@
+"""Joint training on a real Fashion-MNIST slice, BN recalibration, and training-config validation."""
+
+import pytest
+import torch
+
+from dress_model.data import load_dataset
+from dress_model.layers import DensityBatchNorm
+from dress_model.models import create_model
+from dress_model.training import TrainConfig, evaluate, joint_step, recalibrate_bn, train
+
+
+@pytest.fixture(scope="module")
+def fmnist_slice():
+    try:
+        data = load_dataset("fashion-mnist", "train")
+    except Exception as e:  # the Debian package is installed by `make setup`
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    return data.subset(range(1024))
+
+
+def test_joint_steps_reduce_every_density_loss(fmnist_slice) -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.25,0.1", width=8)
+    x, y = fmnist_slice.images[:256], fmnist_slice.labels[:256]
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    first = joint_step(model, x, y, model.densities, [0.25] * 4, opt)
+    for _ in range(15):
+        last = joint_step(model, x, y, model.densities, [0.25] * 4, opt)
+    for d in model.densities:
+        assert last[d] < 0.7 * first[d], f"density {d}: loss {first[d]:.3f} -> {last[d]:.3f}"
+
+
+def test_zero_weighted_density_gets_no_gradient() -> None:
+    """The loss weights really weigh: a density with weight 0 contributes nothing to the step."""
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.1", width=4)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    joint_step(model, x, y, (0.1, 1.0), (0.0, 1.0), opt)
+    grad_only_dense = model.bn2.weight.grad.clone()
+    assert grad_only_dense[0].abs().sum() == 0  # BN affine of density 0.1 untouched
+    assert grad_only_dense[1].abs().sum() > 0
+
+
+def test_train_learns_and_evaluate_reports_every_density(fmnist_slice) -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.25", width=8)
+    loader = fmnist_slice.loader(64, seed=0)
+    before = evaluate(model, loader)
+    train(model, loader, TrainConfig(epochs=2, lr=0.05, rerank_every=5))
+    after = evaluate(model, loader)
+    assert set(after) == {0.25, 1.0}
+    for d in after:
+        assert after[d] > before[d] + 30 and after[d] > 60, (before, after)
+
+
+def test_recalibration_fills_per_density_statistics(fmnist_slice) -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.1", width=4, bn_affine="shared")
+    recalibrate_bn(model, fmnist_slice.loader(128), batches=2, densities=model.densities)
+    bn = model.bn3  # after the sparse fc1: statistics must differ between densities
+    assert isinstance(bn, DensityBatchNorm) and bn.weight.shape[0] == 1
+    assert not torch.allclose(bn.running_var[0], bn.running_var[1])
+    assert (bn.num_batches == 2).all() and bn.momentum == 0.1
+
+
+@pytest.mark.parametrize(
+    "weights,match", [((1.0,), "one loss weight per density"), ((1.0, -1.0), ">= 0"), ((0.0, 0.0), "positive sum")]
+)
+def test_bad_loss_weights_are_rejected(weights, match) -> None:
+    model = create_model("cnn", "1,0.5", width=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(ValueError, match=match):
+        train(model, loader, TrainConfig(loss_weights=weights))
+
+
+def test_training_a_density_the_model_lacks_is_rejected() -> None:
+    model = create_model("cnn", "1,0.5", width=4)
+    with pytest.raises(ValueError, match="0.25 is not one of"):
+        train(model, [], TrainConfig(densities=(0.25,)))
