@@ -14,9 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from coordinator.registry.cli import db_app, devices_app
 from dress_model.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from dress_model.data import DATASETS, DataError, load_dataset
 from dress_model.models import MODELS, create_model
+from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
 from dress_model.sparsity import parse_densities
 from dress_model.training import StepCallback, TrainConfig, evaluate, train
 
@@ -25,6 +27,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(devices_app, name="devices")
+app.add_typer(db_app, name="db")
 console = Console()
 err = Console(stderr=True)
 
@@ -173,6 +177,58 @@ def evaluate_cmd(
     accuracy = evaluate(net, test_set.loader(512, shuffle=False))
     rows = [(d, net.subnet_params(d), accuracy[d]) for d in net.densities]
     console.print(accuracy_table(f"{checkpoint} on {name} test set", rows[::-1]))
+
+
+@app.command("pack")
+def pack_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors written by `dress-fleet train`.")],
+    out: Annotated[Path, typer.Argument(help="Where to write the packed model.")],
+    max_density: Annotated[Optional[float], typer.Option(help="Store only the subnets up to this density.")] = None,
+) -> None:
+    """Write the packed row-sparse form that devices store, download and execute."""
+    try:
+        net, _ = load_checkpoint(checkpoint)
+        packed = pack_checkpoint(net, max_density)
+    except (CheckpointError, ValueError) as e:
+        raise fail(str(e)) from None
+    packed.save(out)
+    table = Table(title=f"{out}")
+    for column in ("density", "bytes", "vs dense fp32"):
+        table.add_column(column, justify="right")
+    dense = 4 * net.subnet_params(net.densities[-1])
+    for d in packed.densities[::-1]:
+        table.add_row(f"{d:g}", f"{packed.nbytes(d):,}", f"{packed.nbytes(d) / dense:.2f}x")
+    console.print(table)
+
+
+@app.command("infer")
+def infer_cmd(
+    packed_path: Annotated[Path, typer.Argument(metavar="PACKED", help="A packed model from `dress-fleet pack`.")],
+    density: Annotated[Optional[float], typer.Option(help="Subnet to run; default the densest stored.")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="Test images to classify.")] = 8,
+    dataset: Annotated[str, typer.Option(help="Dataset whose test split provides the batch.")] = "fashion-mnist",
+    data_dir: Annotated[Optional[Path], typer.Option()] = None,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="Kernel threads (default: torch's).")] = None,
+) -> None:
+    """Run one batch through the packed kernel at a density and report predictions and latency."""
+    try:
+        packed = PackedModel.load(packed_path)
+        packed.set_density(packed.densities[-1] if density is None else density)
+        test_set = load_dataset(dataset, "test", data_dir)
+    except (PackedFormatError, DataError, ValueError) as e:
+        raise fail(str(e)) from None
+    if threads:
+        torch.set_num_threads(threads)
+    x, y = test_set.images[:batch].contiguous(), test_set.labels[:batch]
+    packed(x)  # warm-up
+    start = time.perf_counter()
+    logits = packed(x)
+    ms = 1000 * (time.perf_counter() - start)
+    predicted = logits.argmax(1)
+    console.print(
+        f"density {packed.active_density:g}: {ms:.2f} ms for {batch} images; "
+        f"{int((predicted == y).sum())}/{batch} correct; predictions {predicted.tolist()}"
+    )
 
 
 def main() -> None:

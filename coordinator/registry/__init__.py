@@ -1,0 +1,20 @@
+"""Device registry: devices, budgets, density history, training rounds and model versions in SQL."""
+
+from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
+from coordinator.registry.migrate import upgrade
+from coordinator.registry.models import AssignmentReason, DeviceStatus
+from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo, RoundRecord
+from coordinator.registry.repository import Registry
+
+__all__ = [
+    "Assignment",
+    "AssignmentReason",
+    "AssignmentRecord",
+    "DeviceInfo",
+    "DeviceNotFoundError",
+    "DeviceStatus",
+    "InvalidInputError",
+    "Registry",
+    "RoundRecord",
+    "upgrade",
+]

@@ -1,0 +1,113 @@
+"""`dress-fleet devices` and `dress-fleet db`: the registry for people, as rich tables.
+
+Mounted into coordinator/cli.py's app with add_typer (devices_app as "devices", db_app as "db").
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from coordinator.policy import Budget
+from coordinator.registry.engine import default_url
+from coordinator.registry.errors import DeviceNotFoundError
+from coordinator.registry.migrate import current_revision, head_revision, upgrade
+from coordinator.registry.repository import Registry
+
+DEFAULT_STATE_DIR = Path("state")
+DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL (default: SQLite in --state-dir)")]
+StateDirOption = Annotated[
+    Path | None, typer.Option("--state-dir", help="where the default SQLite registry lives (default: ./state)")
+]
+
+devices_app = typer.Typer(help="List registered devices; `show ID` for one device's density history.")
+db_app = typer.Typer(help="The registry database.", no_args_is_help=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(highlight=False, stderr=stderr)
+
+
+def _fail(message: str) -> typer.Exit:
+    _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}")
+    return typer.Exit(2)
+
+
+def _open(ctx: typer.Context, db: str | None, state_dir: Path | None) -> Registry:
+    """The registry named here or on the group: `devices --db URL show 3` and `devices show 3 --db URL` both work."""
+    group_db, group_state_dir = ctx.obj if isinstance(ctx.obj, tuple) else (None, None)
+    try:
+        return Registry(db or group_db, state_dir=state_dir or group_state_dir or DEFAULT_STATE_DIR)
+    except SQLAlchemyError as e:
+        raise _fail(f"cannot open the registry: {str(e).splitlines()[0]}") from e
+
+
+def _format_budget(budget: Budget | None) -> str:
+    if budget is None:
+        return "-"
+    text = f"{budget.latency_ms:g} ms, {budget.memory_mb:g} MB"
+    return text if budget.battery is None else f"{text}, battery {budget.battery:.0%}"
+
+
+def _format_time(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@devices_app.callback(invoke_without_command=True)
+def devices(ctx: typer.Context, db: DbOption = None, state_dir: StateDirOption = None) -> None:
+    """List devices: profile, status, current density, latest budget, last seen."""
+    ctx.obj = (db, state_dir)
+    if ctx.invoked_subcommand is not None:
+        return
+    with _open(ctx, db, state_dir) as registry:
+        rows = registry.list_devices()
+    table = Table(title=f"{len(rows)} devices")
+    for column in ("id", "device", "profile", "status", "density", "budget", "last seen (UTC)"):
+        table.add_column(column, justify="right" if column in ("id", "density") else "left")
+    for d in rows:
+        table.add_row(str(d.id), d.name, d.profile, d.status.value, f"{d.current_density:g}",
+                      _format_budget(d.last_budget), _format_time(d.last_seen))
+    _console().print(table)
+
+
+@devices_app.command("show")
+def show(
+    ctx: typer.Context,
+    device_id: Annotated[int, typer.Argument(help="device id, as listed by `devices`")],
+    db: DbOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """A device's density assignment history, oldest first."""
+    with _open(ctx, db, state_dir) as registry:
+        try:
+            history = registry.device_history(device_id)
+        except DeviceNotFoundError as e:
+            raise _fail(str(e)) from e
+    table = Table(title=f"device {device_id}: {len(history)} assignments")
+    for column in ("when (UTC)", "density", "reason", "budget", "model"):
+        table.add_column(column, justify="right" if column == "density" else "left")
+    for a in history:
+        table.add_row(_format_time(a.assigned_at), f"{a.density:g}", a.reason.value, _format_budget(a.budget),
+                      a.model_version or "-")
+    _console().print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: DbOption = None, state_dir: StateDirOption = None) -> None:
+    """Migrate the registry database to the latest schema (opening the registry does this too)."""
+    url = db or default_url(state_dir or DEFAULT_STATE_DIR)
+    try:
+        before = current_revision(url)
+        upgrade(url)
+    except SQLAlchemyError as e:
+        raise _fail(f"cannot migrate the registry: {str(e).splitlines()[0]}") from e
+    safe_url = make_url(url).render_as_string(hide_password=True)
+    _console().print(f"{safe_url}: schema at revision {head_revision()} (was {before or 'empty'})")

@@ -1,0 +1,56 @@
+"""Engines tuned per backend: SQLite gets WAL and write-locking transactions, PostgreSQL a sized pool."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import ConnectionPoolEntry
+
+SQLITE_FILENAME = "registry.sqlite3"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Execution option for read-only work on SQLite: a deferred BEGIN, so readers never queue behind writers.
+READ_ONLY = "dress_read_only"
+
+
+def default_url(state_dir: Path | str) -> str:
+    """The embedded default: one SQLite file in the state directory, created on demand."""
+    path = Path(state_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(path / SQLITE_FILENAME).resolve()}"
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, **kwargs: Any) -> Engine:
+    """An engine for `url`; on SQLite every write transaction takes the database lock up front.
+
+    BEGIN IMMEDIATE makes a read-then-write transaction (like a heartbeat) wait for the lock instead of
+    failing half-way with SQLITE_BUSY, and the busy timeout makes other processes (the CLI) wait too.
+    """
+    if "poolclass" not in kwargs:
+        kwargs.update(pool_size=pool_size, max_overflow=max_overflow)
+    if not is_sqlite(url):
+        # No pool_pre_ping: it costs a round trip per transaction. A connection that died (server
+        # restart) fails one transaction, which rolls back whole and invalidates the pool.
+        return create_engine(url, **kwargs)
+    engine = create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: sqlite3.Connection, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None  # the driver must not BEGIN on its own; the event below does
+        # synchronous=NORMAL in WAL mode: an app crash loses nothing, a power cut at most the last commits.
+        for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "foreign_keys=ON",
+                       f"busy_timeout={SQLITE_BUSY_TIMEOUT_MS}"):
+            dbapi_connection.execute(f"PRAGMA {pragma}")
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(READ_ONLY) else "BEGIN IMMEDIATE")
+
+    return engine

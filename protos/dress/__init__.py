@@ -1,0 +1,1 @@
+"""dress.fleet protocol packages (generated code lives in the leaf packages)."""

@@ -1,0 +1,80 @@
+"""Shared fixtures: isolated registry databases (SQLite files, PostgreSQL schemas) and a running control plane.
+
+PostgreSQL tests run in a database created for this test session (dropped at the end), each test in its
+own schema, so they are repeatable and never see another run's rows. They are skipped only when the
+server cannot be reached; DRESS_TEST_PG_URL points them elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from sqlalchemy.engine import URL, make_url
+
+from coordinator.policy import CalibrationPoint
+
+PG_URL = os.environ.get("DRESS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _libpq_dsn(url: URL) -> str:
+    return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[URL]:
+    """A fresh PostgreSQL database for this test session."""
+    admin_url = make_url(PG_URL)
+    try:
+        admin = psycopg.connect(_libpq_dsn(admin_url), autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as e:
+        pytest.skip(f"PostgreSQL unreachable at {admin_url.render_as_string(hide_password=True)}: {e}".strip())
+    name = f"dress_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield admin_url.set(database=name)
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url(pg_database: URL) -> Iterator[str]:
+    """A URL whose tables land in a schema of their own, dropped after the test."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq_dsn(pg_database), autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+        try:
+            yield pg_database.update_query_dict({"options": f"-csearch_path={schema}"}).render_as_string(
+                hide_password=False)
+        finally:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'registry.sqlite3'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """Each test using this runs once on SQLite and once on PostgreSQL."""
+    return request.getfixturevalue("sqlite_url" if request.param == "sqlite" else "pg_url")
+
+
+@pytest.fixture
+def calibration() -> list[CalibrationPoint]:
+    """A device whose cost scales with density: 100 ms / 800 MB dense, 10 ms / 80 MB at 0.1."""
+    return [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+
+
+@pytest.fixture
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,290 @@
+"""Control plane over real gRPC on loopback: the happy paths, and every bad input's status code."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy import create_engine, select
+
+from coordinator.control_plane import SERVICE_NAME, serve
+from coordinator.registry import AssignmentReason, Registry
+from coordinator.registry.models import MetricReport
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
+CHUNK_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 32 * 1024
+CALIBRATION = [pb.CalibrationPoint(density=d, latency_ms=100 * d, memory_mb=800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """Packed models on disk, one file per density (0.1 deliberately missing)."""
+    directory = tmp_path / "models"
+    directory.mkdir()
+    rng = random.Random(7)
+    for density in (1.0, 0.5, 0.25):
+        (directory / f"model-{density:g}.bin").write_bytes(rng.randbytes(int(300_000 * density)))
+    return directory
+
+
+@pytest.fixture
+def registry(sqlite_url: str) -> Iterator[Registry]:
+    with Registry(sqlite_url) as registry:
+        yield registry
+
+
+@pytest.fixture
+def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grpc.Channel]:
+    def provider(density: float) -> bytes:
+        path = model_dir / f"model-{density:g}.bin"
+        if not path.exists():
+            raise LookupError(f"{path.name} not packed yet")
+        return path.read_bytes()
+
+    server = serve(registry, "127.0.0.1", free_port, provider, max_workers=8,
+                   max_message_bytes=MAX_MESSAGE_BYTES, chunk_bytes=CHUNK_BYTES)
+    with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
+        yield channel
+    server.stop(grace=None).wait()
+
+
+@pytest.fixture
+def stub(channel: grpc.Channel) -> pb_grpc.ControlPlaneStub:
+    return pb_grpc.ControlPlaneStub(channel)
+
+
+@pytest.fixture
+def device_id(stub: pb_grpc.ControlPlaneStub) -> int:
+    return stub.Register(pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=CALIBRATION)).device_id
+
+
+def _budget(latency_ms: float, memory_mb: float, battery: float | None = None) -> pb.Budget:
+    return pb.Budget(latency_ms=latency_ms, memory_mb=memory_mb, battery=battery)
+
+
+def _status(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+# -- happy paths -------------------------------------------------------------------------------------------
+
+
+def test_health_service_reports_serving(channel: grpc.Channel) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        reply = health.Check(health_pb2.HealthCheckRequest(service=service))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_register_assigns_density_from_profile(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
+    reply = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", flower_node_id=2**64 - 1,
+                                             calibration=CALIBRATION))
+    # phone's tightest typical budget is 30 ms / 128 MB: 0.1 is the densest that fits
+    assert reply.density == 0.1 and reply.device_id > 0 and reply.model_version == ""
+    again = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
+    assert again.device_id == reply.device_id
+    [device] = registry.list_devices()
+    assert device.name == "phone-1" and device.flower_node_id is None  # re-registration replaces it
+
+
+def test_heartbeat_budget_change_changes_density_and_records_history(
+    stub: pb_grpc.ControlPlaneStub, registry: Registry, device_id: int
+) -> None:
+    registry.add_model_version("v3", "/ckpt/v3.safetensors", [1.0, 0.5, 0.25, 0.1])
+    answers = [
+        stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id, budget=_budget(*budget)))
+        for budget in [(200, 2000, 0.9), (200, 2000, 0.8), (60, 2000, 0.5), (30, 300)]
+    ]
+    assert [(a.density, a.changed) for a in answers] == [(1.0, True), (1.0, False), (0.5, True), (0.25, True)]
+    assert {a.model_version for a in answers} == {"v3"}
+    assert registry.current_density(device_id) == 0.25
+    history = registry.device_history(device_id)
+    assert [(h.density, h.reason) for h in history] == [
+        (0.25, AssignmentReason.REGISTRATION),
+        (1.0, AssignmentReason.BUDGET_CHANGE),
+        (0.5, AssignmentReason.BUDGET_CHANGE),
+        (0.25, AssignmentReason.BUDGET_CHANGE),
+    ]
+    assert history[2].budget is not None and (history[2].budget.latency_ms, history[2].budget.battery) == (60, 0.5)
+    assert history[3].budget is not None and history[3].budget.battery is None
+    assert history[1].model_version == "v3"
+
+
+def test_report_metrics_is_stored(stub: pb_grpc.ControlPlaneStub, device_id: int, sqlite_url: str) -> None:
+    stub.ReportMetrics(pb.ReportMetricsRequest(device_id=device_id, density=0.5,
+                                               metrics={"accuracy": 0.91, "latency_ms": 48.5}))
+    engine = create_engine(sqlite_url)
+    with engine.connect() as conn:
+        rows = conn.execute(select(MetricReport.device_id, MetricReport.density, MetricReport.metrics)).all()
+    engine.dispose()
+    assert [tuple(r) for r in rows] == [(device_id, 0.5, {"accuracy": 0.91, "latency_ms": 48.5})]
+
+
+def test_fetch_model_streams_the_file_in_chunks(stub: pb_grpc.ControlPlaneStub, device_id: int,
+                                                model_dir: Path, registry: Registry) -> None:
+    registry.add_model_version("v1", "/ckpt/v1", [1.0, 0.5])
+    expected = (model_dir / "model-1.bin").read_bytes()
+    chunks = list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=1.0)))
+    assert len(chunks) == math.ceil(len(expected) / CHUNK_BYTES) > 1
+    assert [c.offset for c in chunks] == [i * CHUNK_BYTES for i in range(len(chunks))]
+    assert b"".join(c.data for c in chunks) == expected
+    assert {(c.total_size, c.sha256, c.model_version, c.density) for c in chunks} == {
+        (len(expected), hashlib.sha256(expected).hexdigest(), "v1", 1.0)
+    }
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "request_for"),
+    [
+        ("Heartbeat", lambda: pb.HeartbeatRequest(device_id=999, budget=_budget(50, 500))),
+        ("ReportMetrics", lambda: pb.ReportMetricsRequest(device_id=999, density=0.5, metrics={"acc": 1.0})),
+        ("FetchModel", lambda: pb.FetchModelRequest(device_id=999, density=0.5)),
+    ],
+)
+def test_unknown_device_is_not_found(stub: pb_grpc.ControlPlaneStub, device_id: int, method: str,
+                                     request_for: Callable[[], object]) -> None:
+    rpc = getattr(stub, method)
+    code, details = _status(lambda: list(rpc(request_for())) if method == "FetchModel" else rpc(request_for()))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "device 999 is not registered" in details
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (_budget(-1, 500), "latency_ms"),
+        (_budget(0, 500), "latency_ms"),
+        (_budget(50, 0), "memory_mb"),
+        (_budget(50, float("nan")), "memory_mb"),
+        (_budget(50, 500, 1.5), "battery"),
+        (_budget(1e12, 500), "latency_ms"),
+        (None, "no budget"),
+    ],
+)
+def test_budget_out_of_range_is_invalid_argument(stub: pb_grpc.ControlPlaneStub, registry: Registry,
+                                                 device_id: int, budget: pb.Budget | None, message: str) -> None:
+    code, details = _status(lambda: stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id, budget=budget)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+    assert registry.list_devices()[0].last_budget is None  # nothing recorded
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        ([], "calibration is empty"),
+        ([pb.CalibrationPoint(density=0.0, latency_ms=1, memory_mb=1)], "density must be in (0, 1]"),
+        ([pb.CalibrationPoint(density=1.5, latency_ms=1, memory_mb=1)], "density must be in (0, 1]"),
+        ([pb.CalibrationPoint(density=0.5, latency_ms=1, memory_mb=1)] * 2, "density 0.5 more than once"),
+        ([pb.CalibrationPoint(density=0.5, latency_ms=-3, memory_mb=1)], "latency_ms"),
+        ([pb.CalibrationPoint(density=0.5, latency_ms=3, memory_mb=-1)], "memory_mb"),
+    ],
+)
+def test_malformed_calibration_is_invalid_argument(stub: pb_grpc.ControlPlaneStub, registry: Registry,
+                                                   calibration: list[pb.CalibrationPoint], message: str) -> None:
+    code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="pi", profile="pi4",
+                                                                     calibration=calibration)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in details
+    assert registry.list_devices() == []
+
+
+def test_unknown_profile_is_invalid_argument_listing_profiles(stub: pb_grpc.ControlPlaneStub,
+                                                              registry: Registry) -> None:
+    code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="x", profile="pi3",
+                                                                     calibration=CALIBRATION)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "'pi3'" in details and "jetson-orin-nano" in details and "pi5" in details
+    assert registry.list_devices() == []
+
+
+@pytest.mark.parametrize("name", ["", "   ", "x" * 129])
+def test_bad_device_name_is_invalid_argument(stub: pb_grpc.ControlPlaneStub, name: str) -> None:
+    code, details = _status(lambda: stub.Register(pb.RegisterRequest(name=name, profile="pi4",
+                                                                     calibration=CALIBRATION)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "name" in details
+
+
+def test_oversized_message_is_resource_exhausted(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
+    huge = pb.RegisterRequest(name="big", profile="pi4", calibration=CALIBRATION * 1000)
+    assert huge.ByteSize() > MAX_MESSAGE_BYTES
+    code, details = _status(lambda: stub.Register(huge))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "larger than max" in details
+    assert registry.list_devices() == []
+
+
+@pytest.mark.parametrize(
+    ("density", "metrics", "message"),
+    [
+        (0.3, {"acc": 0.5}, "not calibrated at density 0.3"),
+        (0.0, {"acc": 0.5}, "density must be in (0, 1]"),
+        (0.5, {"acc": float("nan")}, "must be finite"),
+        (0.5, {"": 1.0}, "metric names"),
+    ],
+)
+def test_bad_metrics_are_invalid_argument(stub: pb_grpc.ControlPlaneStub, device_id: int, density: float,
+                                          metrics: dict[str, float], message: str) -> None:
+    code, details = _status(lambda: stub.ReportMetrics(pb.ReportMetricsRequest(
+        device_id=device_id, density=density, metrics=metrics)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details
+
+
+def test_fetch_model_at_uncalibrated_density_is_invalid_argument(stub: pb_grpc.ControlPlaneStub,
+                                                                 device_id: int) -> None:
+    code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.3))))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not calibrated at density 0.3; calibrated: 1, 0.5, 0.25, 0.1" in details
+
+
+def test_fetch_model_not_packed_is_not_found(stub: pb_grpc.ControlPlaneStub, device_id: int) -> None:
+    code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.1))))
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert "no packed model at density 0.1" in details
+
+
+def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> None:
+    """With one download slot, a second FetchModel is refused while the first streams, then works."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_provider(density: float) -> bytes:
+        entered.set()
+        release.wait(timeout=10)
+        return b"weights" * 1000
+
+    server = serve(registry, "127.0.0.1", free_port, slow_provider, max_workers=4, max_fetches=1)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
+            stub = pb_grpc.ControlPlaneStub(channel)
+            device = stub.Register(pb.RegisterRequest(name="pi", profile="pi4", calibration=CALIBRATION)).device_id
+            request = pb.FetchModelRequest(device_id=device, density=0.5)
+            results: list[bytes] = []
+            downloader = threading.Thread(target=lambda: results.append(
+                b"".join(c.data for c in stub.FetchModel(request))))
+            downloader.start()
+            assert entered.wait(timeout=10)
+            code, details = _status(lambda: list(stub.FetchModel(request)))
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in details
+            # heartbeats still get a thread
+            assert stub.Heartbeat(pb.HeartbeatRequest(device_id=device, budget=_budget(60, 500))).density == 0.5
+            release.set()
+            downloader.join(timeout=10)
+            assert results == [b"weights" * 1000]
+            assert b"".join(c.data for c in stub.FetchModel(request)) == b"weights" * 1000  # the slot is free again
+    finally:
+        release.set()
+        server.stop(grace=None).wait()

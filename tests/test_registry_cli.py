@@ -1,0 +1,80 @@
+"""`devices`, `devices show ID` and `db upgrade`, mounted the way coordinator/cli.py mounts them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from coordinator.policy import Budget, CalibrationPoint
+from coordinator.registry import Registry
+from coordinator.registry.cli import db_app, devices_app
+
+app = typer.Typer()
+app.add_typer(devices_app, name="devices")
+app.add_typer(db_app, name="db")
+runner = CliRunner(env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path, calibration: list[CalibrationPoint]) -> Path:
+    state = tmp_path / "state"
+    with Registry(state_dir=state) as registry:
+        pi = registry.register_device("pi-kitchen", "pi4", calibration).device_id
+        registry.add_model_version("v7", "/ckpt/v7", [1.0, 0.5])
+        registry.heartbeat(pi, Budget(60, 500, 0.5))
+        registry.register_device("phone-anna", "phone", calibration)
+    return state
+
+
+def test_devices_lists_the_fleet(state_dir: Path) -> None:
+    result = runner.invoke(app, ["devices", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    assert "2 devices" in result.output
+    lines = result.output.splitlines()
+    [pi] = [line for line in lines if "pi-kitchen" in line]
+    assert all(cell in pi for cell in ("pi4", "online", "0.5", "60 ms, 500 MB, battery 50%"))
+    [phone] = [line for line in lines if "phone-anna" in line]
+    assert all(cell in phone for cell in ("phone", "0.1", " - "))
+
+
+def test_devices_accepts_a_database_url(state_dir: Path) -> None:
+    url = f"sqlite:///{state_dir / 'registry.sqlite3'}"
+    result = runner.invoke(app, ["devices", "--db", url])
+    assert result.exit_code == 0 and "pi-kitchen" in result.output
+
+
+def test_devices_show_prints_the_assignment_history(state_dir: Path) -> None:
+    result = runner.invoke(app, ["devices", "show", "1", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "registration" in line or "budget_change" in line]
+    assert len(rows) == 2
+    assert "0.25" in rows[0] and "registration" in rows[0]
+    assert "0.5" in rows[1] and "budget_change" in rows[1] and "60 ms" in rows[1] and "v7" in rows[1]
+    # the group's options work too
+    assert runner.invoke(app, ["devices", "--state-dir", str(state_dir), "show", "1"]).output == result.output
+
+
+def test_devices_show_unknown_id_fails(state_dir: Path) -> None:
+    result = runner.invoke(app, ["devices", "show", "99", "--state-dir", str(state_dir)])
+    assert result.exit_code == 2
+    assert "error: device 99 is not registered" in result.output
+
+
+def test_db_upgrade_creates_then_keeps_the_schema(tmp_path: Path) -> None:
+    state = tmp_path / "fresh"
+    first = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
+    assert first.exit_code == 0, first.output
+    assert "revision 0001 (was empty)" in first.output
+    assert (state / "registry.sqlite3").exists()
+    again = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
+    assert "revision 0001 (was 0001)" in again.output
+
+
+@pytest.mark.parametrize("command", [["devices"], ["devices", "show", "1"], ["db", "upgrade"]])
+def test_unusable_database_url_is_a_clear_error(command: list[str]) -> None:
+    result = runner.invoke(app, [*command, "--db", "nosuchdb://x/y"])
+    assert result.exit_code == 2
+    assert "error: cannot" in result.output and "nosuchdb" in result.output
