@@ -143,6 +143,7 @@ class DensityBatchNorm(DensityAware, nn.Module):
         self.register_buffer("running_mean", torch.zeros(len(densities), num_features))
         self.register_buffer("running_var", torch.ones(len(densities), num_features))
         self.register_buffer("num_batches", torch.zeros(len(densities), dtype=torch.long))
+        self.folded = False  # set by the packed runtime when a kernel applies this BN as its epilogue
 
     def scale_shift(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference-time BN as y = scale * x + shift for one density (what the packed kernel fuses)."""
@@ -152,6 +153,8 @@ class DensityBatchNorm(DensityAware, nn.Module):
         return scale, self.bias[a] - self.running_mean[i] * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return x
         i = self.active_index
         a = i if self.affine == "per-density" else 0
         momentum = self.momentum

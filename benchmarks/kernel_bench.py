@@ -1,0 +1,199 @@
+"""Packed banded kernels vs the best dense torch path vs torch.sparse CSR, one layer at a time.
+
+Every candidate for a (layer, batch, density) is timed in the same interleaved rounds, so a CPU
+shared with other work slows them alike and the ratios stay meaningful; the reported figure is
+the median over rounds after warm-up.
+
+    .venv/bin/python benchmarks/kernel_bench.py --quick                # < 1 minute
+    .venv/bin/python benchmarks/kernel_bench.py --json benchmarks/results/kernel.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils import mkldnn as mkldnn_utils  # noqa: E402
+
+from benchmarks.common import command, machine, write_json  # noqa: E402
+from dress_model.kernels import kernel_isa, packed_conv2d, packed_linear  # noqa: E402
+from dress_model.kernels.reference import pack_banded  # noqa: E402
+
+DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
+
+
+@dataclass(frozen=True)
+class LayerCase:
+    op: str  # "linear", "conv1x1", "conv3x3"
+    rows: int  # out features / channels
+    cin: int  # in features / channels
+    k: int = 1  # conv kernel size
+    hw: int = 0  # conv input height = width
+    padding: int = 0
+
+    @property
+    def shape(self) -> str:
+        return f"{self.rows}x{self.cin}" + (f" @{self.hw}x{self.hw}" if self.op != "linear" else "")
+
+    @property
+    def cols(self) -> int:
+        return self.cin * self.k * self.k
+
+
+LINEAR = [LayerCase("linear", 512, 512), LayerCase("linear", 1024, 1024), LayerCase("linear", 4096, 1024)]
+CONV = [LayerCase("conv1x1", 256, 256, 1, 8, 0), LayerCase("conv3x3", 128, 128, 3, 16, 1)]
+
+
+def median_us(fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, float]:
+    """Median microseconds per call, candidates interleaved round by round (first call of each warms up)."""
+    for _ in range(2):
+        for fn in fns.values():
+            fn()
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    per_round = time.perf_counter() - start
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+
+
+def _dense_candidates(case: LayerCase, weight: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """Plain functional call and oneDNN with the weight prepacked once (torch.utils.mkldnn)."""
+    if case.op == "linear":
+        layer = nn.Linear(case.cin, case.rows, bias=False)
+        layer.weight.data.copy_(weight)
+        prepacked = mkldnn_utils.to_mkldnn(layer.eval())
+        return {"functional": lambda: F.linear(x, weight), "onednn": lambda: prepacked(x)}
+    w4 = weight.view(case.rows, case.cin, case.k, case.k)
+    layer = nn.Conv2d(case.cin, case.rows, case.k, padding=case.padding, bias=False)
+    layer.weight.data.copy_(w4)
+    prepacked = mkldnn_utils.to_mkldnn(layer.eval())
+    return {
+        "functional": lambda: F.conv2d(x, w4, padding=case.padding),
+        # oneDNN's blocked activation layout is part of its cost when the rest of the model is dense torch.
+        "onednn": lambda: prepacked(x.to_mkldnn()).to_dense(),
+    }
+
+
+def _csr_candidate(case: LayerCase, masked: torch.Tensor, x: torch.Tensor) -> Callable[[], object]:
+    """CSR weight times the input columns; a conv pays for im2col (unfold) as CSR has no conv."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        csr = masked.to_sparse_csr()
+    if case.op == "linear":
+        xt = x.t().contiguous()
+        return lambda: torch.sparse.mm(csr, xt).t()
+    b, hw = x.shape[0], case.hw
+    oh = hw + 2 * case.padding - case.k + 1
+
+    def conv() -> torch.Tensor:
+        cols = F.unfold(x, case.k, padding=case.padding)  # [B, C*k*k, L]
+        y = torch.sparse.mm(csr, cols.permute(1, 0, 2).reshape(case.cols, -1))  # [rows, B*L]
+        return y.view(case.rows, b, oh, oh).permute(1, 0, 2, 3)
+
+    return conv
+
+
+def bench_layers(threads: int, quick: bool, console: Console | None = None) -> list[dict[str, Any]]:
+    """One row per (layer, batch, density): packed vs best dense vs CSR, microseconds."""
+    torch.set_num_threads(threads)
+    budget, lo, hi = (0.25, 5, 200) if quick else (1.5, 15, 2000)
+    rows_out: list[dict[str, Any]] = []
+    gen = torch.Generator().manual_seed(0)
+    ascending = sorted(DENSITIES)
+    for case, batches in [(c, (1, 32)) for c in LINEAR] + [(c, (1, 8)) for c in CONV]:
+        weight = torch.randn(case.rows, case.cols, generator=gen) / math.sqrt(case.cols)
+        order = torch.argsort(weight.abs(), dim=1, descending=True)  # magnitude importance, as DRESS ranks
+        values, indices, bands = pack_banded(weight, order, ascending)
+        for batch in batches:
+            if case.op == "linear":
+                x = torch.randn(batch, case.cin, generator=gen)
+            else:
+                x = torch.randn(batch, case.cin, case.hw, case.hw, generator=gen)
+            dense = _dense_candidates(case, weight, x)
+            for density in DENSITIES:
+                nb = ascending.index(density) + 1
+                view = bands[:nb]
+                k = min(case.cols, math.ceil(density * case.cols))
+                keep = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, order[:, :k], True)
+                if case.op == "linear":
+                    packed: Callable[[], object] = lambda v=view: packed_linear(x, values, indices, v, case.rows)
+                else:
+                    packed = lambda v=view: packed_conv2d(  # noqa: E731
+                        x, values, indices, v, case.rows, case.k, 1, case.padding
+                    )
+                fns = {"packed": packed, **dense, "csr": _csr_candidate(case, weight * keep, x)}
+                with torch.inference_mode():
+                    t = median_us(fns, budget, lo, hi)
+                row = {
+                    "op": case.op,
+                    "shape": case.shape,
+                    "batch": batch,
+                    "density": density,
+                    "packed_us": round(t["packed"], 1),
+                    "dense_best_us": round(min(t["functional"], t["onednn"]), 1),
+                    "csr_us": round(t["csr"], 1),
+                }
+                rows_out.append(row)
+                if console is not None:
+                    console.log(f"{case.op} {case.shape} B={batch} d={density}: {row['packed_us']} us packed")
+    return rows_out
+
+
+def layers_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="packed vs dense (best of F.* and oneDNN) vs torch.sparse CSR, median us")
+    for col in ("op", "shape", "batch", "density", "packed", "dense best", "csr", "x dense", "x csr"):
+        table.add_column(col, justify="left" if col in ("op", "shape") else "right", no_wrap=True)
+    for r in rows:
+        table.add_row(
+            r["op"], r["shape"], str(r["batch"]), f"{r['density']:g}",
+            f"{r['packed_us']:.1f}", f"{r['dense_best_us']:.1f}", f"{r['csr_us']:.1f}",
+            f"{r['dense_best_us'] / r['packed_us']:.2f}", f"{r['csr_us'] / r['packed_us']:.2f}",
+        )  # fmt: skip
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds per measurement (< 1 minute)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for every candidate (default 2)")
+    parser.add_argument("--json", type=Path, help="write the results here (atomically)")
+    args = parser.parse_args(argv)
+    console = Console(width=max(Console().width, 110))  # the table is ~100 columns; do not fold it when piped
+    load_before = os.getloadavg()
+    layers = bench_layers(args.threads, args.quick, console)
+    info = machine() | {"kernel_isa": kernel_isa(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    console.print(layers_table(layers))
+    console.print(f"threads={args.threads} kernel ISA={info['kernel_isa']} cpu={info['cpu']} "
+                  f"load average before/after: {load_before[0]:.1f}/{info['loadavg_after'][0]:.1f}")  # fmt: skip
+    if args.json:
+        write_json(args.json, {"command": command(), "machine": info, "layers": layers})
+        console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,732 @@
+// Packed nested row-sparse (DRESS "banded" layout) linear and conv2d kernels.
+//
+// Layout: band b holds, for every row r, `width_b` consecutive (value, column) pairs at
+// values[offset_b + r * width_b ...]; a density reads a prefix of bands, so switching
+// density never copies.  The kernels accept any band list (offset, width), int16 or int32
+// column indices, and any order of indices inside a band (ascending order is faster).
+//
+// Hot loop ("spmm"): Y[rows, N] = W_sparse @ X[cols, N] where every column index c
+// addresses a contiguous, vector-aligned N-vector of X at X + off(c).  A register tile of
+// R rows x NV vectors of N is held across the whole nonzero loop, so every nonzero costs
+// one broadcast plus NV vector loads and FMAs; the fused scale/shift/ReLU is applied in
+// registers and whole vectors are stored when the output layout allows.
+//   * linear, batch >= 2: X = x^T padded to [in, ldx], off(c) = c * ldx;
+//   * conv: X = "tap planes" of the zero-padded input (one per channel, kernel column and
+//     row phase of the stride, rows padded to whole vectors), so each tap's input is one
+//     contiguous aligned run at off(c) = lut[c]; no im2col.  A stride-1 1x1 conv reads x
+//     itself when its planes are whole tiles;
+//   * linear, batch 1: rows in lockstep, scalar gathers (faster than vector gathers here).
+//
+// Portability: no -march flags.  On x86-64 each hot routine is compiled three times
+// (AVX-512, AVX2+FMA, baseline) through GCC/Clang target attributes and picked once at
+// run time with __builtin_cpu_supports (manual function multiversioning: the tile shape
+// differs per ISA, which target_clones cannot express).  Elsewhere (aarch64/NEON) the
+// same source builds the baseline variant only, vectorised through GCC vector types.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <new>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define DRESS_X86 1
+#else
+#define DRESS_X86 0
+#endif
+
+#define DRESS_INLINE inline __attribute__((always_inline))
+
+typedef float v4f __attribute__((vector_size(16)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v16f __attribute__((vector_size(64)));
+
+struct Band {
+  int64_t off;
+  int64_t width;
+};
+
+// Everything a kernel range needs; built once per call, read-only in the workers.
+struct Job {
+  const float* vals = nullptr;
+  const void* idx = nullptr;
+  const Band* bands = nullptr;
+  int nb = 0;
+  int64_t rows = 0;
+  const float* x = nullptr;     // prepared input of image 0
+  int64_t x_img_stride = 0;     // floats between images of the prepared input
+  const int32_t* lut = nullptr; // column -> offset (conv); null: off(c) = c * ldx
+  int64_t ldx = 0;
+  int64_t n = 0;                // virtual output columns per image (linear: batch)
+  int64_t images = 1;
+  float* out = nullptr;
+  bool batch_major = false;     // linear: out[n * rows + r]; conv: out[img][r][oh][ow]
+  int64_t vw = 0, oh = 0, ow = 0;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  bool relu = false;
+};
+
+using RangeFn = void (*)(const Job&, int64_t, int64_t);
+
+struct Plan {
+  RangeFn fn;
+  int rows_per_tile;
+  int cols_per_tile;  // floats of N covered by one tile
+};
+
+template <class V>
+DRESS_INLINE V loadu(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+DRESS_INLINE float epilogue(const Job& j, int64_t r, float a) {
+  if (j.scale) a *= j.scale[r];
+  if (j.shift) a += j.shift[r];
+  return (j.relu && a < 0.f) ? 0.f : a;  // NaN passes through, as torch.relu
+}
+
+// Copies a finished tile (tmp is [nr][width], epilogue applied) to an output layout that
+// cannot take whole vectors: linear's batch-major [B, rows] or a conv plane whose virtual
+// width exceeds the real one.
+inline void scatter_tile(const Job& j, int64_t img, int64_t r0, int nr, int64_t n0, int width,
+                         const float* tmp) {
+  const int64_t n1 = std::min<int64_t>(n0 + width, j.n);
+  if (j.batch_major) {
+    for (int64_t n = n0; n < n1; ++n) {
+      float* o = j.out + n * j.rows + r0;
+      for (int r = 0; r < nr; ++r) o[r] = tmp[r * width + (n - n0)];
+    }
+    return;
+  }
+  const int64_t plane = j.oh * j.ow;
+  for (int r = 0; r < nr; ++r) {
+    float* o = j.out + (img * j.rows + r0 + r) * plane;
+    const float* t = tmp + r * width - n0;
+    for (int64_t y = n0 / j.vw; y * j.vw < n1; ++y) {
+      const int64_t a = std::max(n0, y * j.vw), b = std::min(n1, y * j.vw + j.ow);
+      if (a < b) std::copy(t + a, t + b, o + y * j.ow + (a - y * j.vw));
+    }
+  }
+}
+
+// Rows r0..r0+R of W times the NV*VL columns of image `img` starting at n0 (X points at
+// them), with the epilogue applied in registers and stored straight to the output when the
+// tile maps to whole contiguous vectors there.
+template <class V, int R, int NV, class I, bool LUT>
+DRESS_INLINE void tile(const Job& j, int64_t img, int64_t r0, int64_t n0, const float* X,
+                       float* tmp) {
+  constexpr int VL = int(sizeof(V) / sizeof(float));
+  const I* idx = static_cast<const I*>(j.idx);
+  const int32_t* lut = j.lut;
+  const int64_t ldx = j.ldx;
+  V acc[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int q = 0; q < NV; ++q) acc[r][q] = V{};
+  for (int b = 0; b < j.nb; ++b) {
+    const int64_t w = j.bands[b].width;
+    const float* vp = j.vals + j.bands[b].off + r0 * w;
+    const I* ip = idx + j.bands[b].off + r0 * w;
+    for (int64_t k = 0; k < w; ++k) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const int64_t c = ip[r * w + k];
+        const float* xp = X + (LUT ? int64_t(lut[c]) : c * ldx);
+        const float v = vp[r * w + k];
+#pragma GCC unroll 16
+        for (int q = 0; q < NV; ++q) acc[r][q] += v * loadu<V>(xp + q * VL);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    const float s = j.scale ? j.scale[r0 + r] : 1.f, t = j.shift ? j.shift[r0 + r] : 0.f;
+#pragma GCC unroll 16
+    for (int q = 0; q < NV; ++q) {
+      V a = acc[r][q] * s + t;
+      if (j.relu) a = a < V{} ? V{} : a;
+      acc[r][q] = a;
+    }
+  }
+  if (!j.batch_major && j.vw == j.ow && n0 + NV * VL <= j.n) {
+    const int64_t plane = j.oh * j.ow;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int q = 0; q < NV; ++q)
+        std::memcpy(j.out + (img * j.rows + r0 + r) * plane + n0 + q * VL, &acc[r][q], sizeof(V));
+    return;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int q = 0; q < NV; ++q) std::memcpy(tmp + (r * NV + q) * VL, &acc[r][q], sizeof(V));
+  scatter_tile(j, img, r0, R, n0, NV * VL, tmp);
+}
+
+// Work items t in [t0, t1) enumerate (image, row block, column chunk), chunk fastest so a
+// row block's weights stay in L1 while its columns are swept.
+template <class V, int R, int NV, class I, bool LUT>
+DRESS_INLINE void spmm_range(const Job& j, int64_t t0, int64_t t1) {
+  constexpr int CH = NV * int(sizeof(V) / sizeof(float));
+  alignas(64) float tmp[R * CH];
+  const int64_t nrb = (j.rows + R - 1) / R, nnc = (j.n + CH - 1) / CH;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t img = t / (nrb * nnc), rem = t % (nrb * nnc);
+    const int64_t r0 = (rem / nnc) * R, n0 = (rem % nnc) * CH;
+    const float* X = j.x + img * j.x_img_stride + n0;
+    if (r0 + R <= j.rows) {
+      tile<V, R, NV, I, LUT>(j, img, r0, n0, X, tmp);
+    } else {
+      for (int64_t r = r0; r < j.rows; ++r) tile<V, 1, NV, I, LUT>(j, img, r, n0, X, tmp);
+    }
+  }
+}
+
+// Batch-1 linear: R rows advance in lockstep (2 chains each) so the three loads per nonzero
+// (index, value, x[index]) of different rows overlap; this beat AVX-512/AVX2 gathers here.
+template <class I, int R>
+DRESS_INLINE void dot_tile(const Job& j, int64_t r0) {
+  const I* idx = static_cast<const I*>(j.idx);
+  const float* x = j.x;
+  float a0[R] = {}, a1[R] = {};
+  for (int b = 0; b < j.nb; ++b) {
+    const int64_t w = j.bands[b].width;
+    const float* vp = j.vals + j.bands[b].off + r0 * w;
+    const I* ip = idx + j.bands[b].off + r0 * w;
+    int64_t k = 0;
+    for (; k + 2 <= w; k += 2) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        a0[r] += vp[r * w + k] * x[ip[r * w + k]];
+        a1[r] += vp[r * w + k + 1] * x[ip[r * w + k + 1]];
+      }
+    }
+    if (k < w) {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a0[r] += vp[r * w + k] * x[ip[r * w + k]];
+    }
+  }
+  for (int r = 0; r < R; ++r) j.out[r0 + r] = epilogue(j, r0 + r, a0[r] + a1[r]);
+}
+
+constexpr int kDotRows = 4;
+
+// Work item t = rows [t * kDotRows, ...).
+template <class I>
+DRESS_INLINE void dot_range(const Job& j, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t r0 = t * kDotRows;
+    if (r0 + kDotRows <= j.rows)
+      dot_tile<I, kDotRows>(j, r0);
+    else
+      for (int64_t r = r0; r < j.rows; ++r) dot_tile<I, 1>(j, r);
+  }
+}
+
+#define DRESS_DEFINE_ISA(SFX, ATTR)                                         \
+  template <class V, int R, int NV, class I, bool LUT>                      \
+  ATTR void spmm_##SFX(const Job& j, int64_t a, int64_t b) {                \
+    spmm_range<V, R, NV, I, LUT>(j, a, b);                                  \
+  }                                                                         \
+  template <class I>                                                        \
+  ATTR void dot_##SFX(const Job& j, int64_t a, int64_t b) {                 \
+    dot_range<I>(j, a, b);                                                  \
+  }
+
+DRESS_DEFINE_ISA(generic, )
+#if DRESS_X86
+DRESS_DEFINE_ISA(avx2, __attribute__((target("avx2,fma"))))
+DRESS_DEFINE_ISA(avx512, __attribute__((target("avx512f,avx512vl,avx2,fma"))))
+#endif
+
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa detect_isa() {
+#if DRESS_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+#endif
+  return kGeneric;
+}
+
+const Isa g_best_isa = detect_isa();
+std::atomic<int> g_isa{g_best_isa};
+
+const char* isa_name(int isa) {
+  return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "generic";
+}
+
+#define DRESS_PLAN(SFX, V, R, NV) \
+  Plan { &spmm_##SFX<V, R, NV, I, LUT>, R, NV * int(sizeof(V) / sizeof(float)) }
+
+// Tile shape for vectors of `vl` floats and n columns: as many accumulators as the register
+// file holds (32 vector registers with AVX-512/NEON, 16 with AVX2/SSE) without padding n
+// much past the next whole vector.
+template <class I, bool LUT>
+Plan spmm_plan(int isa, int vl, int64_t n) {
+  const int64_t nv = (n + vl - 1) / vl;
+#if DRESS_X86
+  if (isa == kAvx512) {
+    if (vl == 16) {
+      if (nv <= 1) return DRESS_PLAN(avx512, v16f, 8, 1);
+      if (nv <= 2) return DRESS_PLAN(avx512, v16f, 6, 2);
+      return DRESS_PLAN(avx512, v16f, 4, 4);
+    }
+    if (vl == 8) {
+      if (nv <= 1) return DRESS_PLAN(avx512, v8f, 8, 1);
+      if (nv <= 2) return DRESS_PLAN(avx512, v8f, 6, 2);
+      return DRESS_PLAN(avx512, v8f, 4, 4);
+    }
+    if (nv <= 1) return DRESS_PLAN(avx512, v4f, 8, 1);
+    if (nv <= 2) return DRESS_PLAN(avx512, v4f, 6, 2);
+    return DRESS_PLAN(avx512, v4f, 4, 4);
+  }
+  if (isa == kAvx2) {
+    if (vl == 8) {
+      if (nv <= 1) return DRESS_PLAN(avx2, v8f, 8, 1);
+      if (nv <= 2) return DRESS_PLAN(avx2, v8f, 4, 2);
+      return DRESS_PLAN(avx2, v8f, 3, 4);
+    }
+    if (nv <= 1) return DRESS_PLAN(avx2, v4f, 8, 1);
+    if (nv <= 2) return DRESS_PLAN(avx2, v4f, 4, 2);
+    return DRESS_PLAN(avx2, v4f, 3, 4);
+  }
+#endif
+  (void)isa;
+  if (nv <= 1) return DRESS_PLAN(generic, v4f, 8, 1);
+#if defined(__aarch64__)
+  if (nv <= 2) return DRESS_PLAN(generic, v4f, 6, 2);
+  return DRESS_PLAN(generic, v4f, 4, 4);
+#else
+  if (nv <= 2) return DRESS_PLAN(generic, v4f, 4, 2);
+  return DRESS_PLAN(generic, v4f, 2, 4);
+#endif
+}
+
+int max_vl(int isa) { return isa == kAvx512 ? 16 : isa == kAvx2 ? 8 : 4; }
+
+// Vector length for rows of `width` floats: fewest vectors per row, then least padding.
+int pick_vl(int isa, int64_t width) {
+  int best = 4;
+  for (int vl = 8; vl <= max_vl(isa); vl *= 2)
+    if ((width + vl - 1) / vl < (width + best - 1) / best) best = vl;
+  return best;
+}
+
+template <class I>
+RangeFn dot_fn(int isa) {
+#if DRESS_X86
+  if (isa == kAvx512) return &dot_avx512<I>;
+  if (isa == kAvx2) return &dot_avx2<I>;
+#endif
+  (void)isa;
+  return &dot_generic<I>;
+}
+
+Plan choose_spmm(int isa, bool idx32, bool lut, int vl, int64_t n) {
+  if (idx32) return lut ? spmm_plan<int32_t, true>(isa, vl, n) : spmm_plan<int32_t, false>(isa, vl, n);
+  return lut ? spmm_plan<int16_t, true>(isa, vl, n) : spmm_plan<int16_t, false>(isa, vl, n);
+}
+
+int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
+
+// ---------------------------------------------------------------- argument checking
+//
+// The Python wrappers check each tensor's dtype, device and contiguity and pass its data
+// pointer and sizes (a numpy view costs ~0.7 us per tensor, a real share of a batch-1
+// layer); sizes and band geometry are checked here.
+
+[[noreturn]] void fail(const char* op, const std::string& msg) {
+  throw py::value_error(std::string(op) + ": " + msg);
+}
+
+template <class T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+struct Packed {
+  const float* vals = nullptr;
+  const void* idx = nullptr;
+  bool idx32 = false;
+  std::vector<Band> bands;
+  int64_t width_sum = 0;
+};
+
+// Bands must lie inside the `total`-element buffers for all `rows` rows.
+Packed check_bands(const char* op, uintptr_t bands, int64_t nb, int64_t rows, int64_t total) {
+  if (rows < 0) fail(op, "rows must be >= 0, got " + std::to_string(rows));
+  Packed p;
+  p.bands.resize(size_t(nb));
+  const int64_t* bd = ptr<const int64_t>(bands);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t off = bd[2 * b], w = bd[2 * b + 1];
+    if (off < 0 || w < 0 || off > total || (w > 0 && rows > (total - off) / w))
+      fail(op, "band " + std::to_string(b) + " (offset " + std::to_string(off) + ", width " +
+                   std::to_string(w) + ") for " + std::to_string(rows) +
+                   " rows does not fit in the " + std::to_string(total) + "-element buffers");
+    p.bands[size_t(b)] = {off, w};
+    p.width_sum += w;
+  }
+  return p;
+}
+
+Packed check_packed(const char* op, uintptr_t values, int64_t nvals, uintptr_t indices,
+                    int64_t nidx, bool idx32, uintptr_t bands, int64_t nb, int64_t rows,
+                    int64_t cols) {
+  if (nidx != nvals)
+    fail(op, "indices has " + std::to_string(nidx) + " entries but values has " + std::to_string(nvals));
+  Packed p = check_bands(op, bands, nb, rows, nvals);
+  if (p.width_sum > cols)
+    fail(op, "the bands hold " + std::to_string(p.width_sum) + " entries per row but the input has only " +
+                 std::to_string(cols) + " columns per row (wrong input for this layer?)");
+  p.vals = ptr<const float>(values);
+  p.idx = ptr<const void>(indices);
+  p.idx32 = idx32;
+  return p;
+}
+
+template <class I>
+int64_t first_bad_index(const Packed& p, int64_t rows, int64_t cols, int threads) {
+  const I* idx = static_cast<const I*>(p.idx);
+  for (const Band& b : p.bands) {
+    const int64_t beg = b.off, end = b.off + rows * b.width;
+    int64_t found = std::numeric_limits<int64_t>::max();
+#pragma omp parallel for num_threads(threads) reduction(min : found) schedule(static)
+    for (int64_t i = beg; i < end; ++i)
+      if (idx[i] < 0 || int64_t(idx[i]) >= cols) found = std::min(found, i);
+    if (found != std::numeric_limits<int64_t>::max()) return found;
+  }
+  return -1;
+}
+
+void check_index_range(const char* op, const Packed& p, int64_t rows, int64_t cols, int threads) {
+  const int64_t bad = p.idx32 ? first_bad_index<int32_t>(p, rows, cols, threads)
+                              : first_bad_index<int16_t>(p, rows, cols, threads);
+  if (bad >= 0) {
+    const int64_t v = p.idx32 ? static_cast<const int32_t*>(p.idx)[bad]
+                              : static_cast<const int16_t*>(p.idx)[bad];
+    fail(op, "indices[" + std::to_string(bad) + "] = " + std::to_string(v) +
+                 " is outside the row's column range [0, " + std::to_string(cols) + ")");
+  }
+}
+
+void check_threads(const char* op, int threads) {
+  if (threads < 1) fail(op, "threads must be >= 1, got " + std::to_string(threads));
+}
+
+Job base_job(const Packed& p, int64_t rows, uintptr_t scale, uintptr_t shift, bool relu,
+             uintptr_t out) {
+  Job j;
+  j.vals = p.vals;
+  j.idx = p.idx;
+  j.bands = p.bands.data();
+  j.nb = int(p.bands.size());
+  j.rows = rows;
+  j.out = ptr<float>(out);
+  j.scale = ptr<const float>(scale);
+  j.shift = ptr<const float>(shift);
+  j.relu = relu;
+  return j;
+}
+
+// ---------------------------------------------------------------- parallel driver
+
+struct AlignedFree {
+  void operator()(float* p) const { ::operator delete[](p, std::align_val_t(64)); }
+};
+
+using Buffer = std::unique_ptr<float[], AlignedFree>;
+
+// Cache-line aligned scratch for the prepared input: with vector-multiple offsets, every
+// full-width load stays inside one cache line (misaligned loads measured ~35% slower).
+Buffer aligned_floats(int64_t n) {
+  return Buffer(static_cast<float*>(
+      ::operator new[](size_t(std::max<int64_t>(n, 1)) * sizeof(float), std::align_val_t(64))));
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// One parallel region: `prep()` (which may hold `omp for` loops), then work items [0, items)
+// handed out in chunks from a shared counter, so a thread preempted by another process (the
+// norm on phones and shared boards) does not hold up the whole layer.
+template <class Prep>
+void run(int threads, int64_t items, RangeFn fn, const Job& j, Prep&& prep) {
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+  if (nt == 1) {
+    prep();
+    fn(j, 0, items);
+    return;
+  }
+  const int64_t chunk = std::max<int64_t>(1, items / (int64_t(nt) * 8));
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt)
+  {
+    prep();
+    for (int64_t a; (a = next.fetch_add(chunk, std::memory_order_relaxed)) < items;)
+      fn(j, a, std::min(items, a + chunk));
+  }
+}
+
+// ---------------------------------------------------------------- ops
+
+// Conv input preparation copies and clears rows of a few dozen floats.  Compilers turn
+// plain loops for that into memcpy/memset calls, whose per-call cost dominated the whole
+// preparation in profiles; the empty volatile asm keeps the loops as inline 16-byte moves.
+inline void copy_short(float* __restrict dst, const float* __restrict src, int64_t n) {
+  int64_t b = 0;
+  for (; b + 4 <= n; b += 4) {
+    std::memcpy(dst + b, src + b, 4 * sizeof(float));
+    __asm__ volatile("");
+  }
+  for (; b < n; ++b) dst[b] = src[b];
+}
+
+inline void zero_short(float* dst, int64_t n) {
+  const v4f z = {};
+  int64_t b = 0;
+  for (; b + 4 <= n; b += 4) {
+    std::memcpy(dst + b, &z, sizeof(z));
+    __asm__ volatile("");
+  }
+  for (; b < n; ++b) dst[b] = 0.f;
+}
+
+void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
+            uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands, int64_t nb,
+            int64_t rows, uintptr_t scale, uintptr_t shift, bool relu, int threads,
+            bool check_indices, uintptr_t out) {
+  const char* op = "packed_linear";
+  const Packed p = check_packed(op, values, nvals, indices, nidx, idx32, bands, nb, rows, in);
+  check_threads(op, threads);
+  if (check_indices) check_index_range(op, p, rows, in, threads);
+  Job j = base_job(p, rows, scale, shift, relu, out);
+  j.n = B;
+  j.batch_major = true;
+  if (B == 0 || rows == 0) return;
+  const float* xs = ptr<const float>(x);
+  const int isa = g_isa.load();
+  py::gil_scoped_release nogil;
+  if (B == 1) {
+    j.x = xs;
+    run(threads, (rows + kDotRows - 1) / kDotRows,
+        p.idx32 ? dot_fn<int32_t>(isa) : dot_fn<int16_t>(isa), j, [] {});
+    return;
+  }
+  // x^T padded to [in, ldx] so each column index reads a contiguous batch vector.
+  const Plan plan = choose_spmm(isa, p.idx32, false, pick_vl(isa, B), B);
+  const int64_t ldx = round_up(B, plan.cols_per_tile);
+  const Buffer xt = aligned_floats(in * ldx);
+  float* xtp = xt.get();
+  j.x = xtp;
+  j.ldx = ldx;
+  const int64_t items = (rows + plan.rows_per_tile - 1) / plan.rows_per_tile * (ldx / plan.cols_per_tile);
+  run(threads, items, plan.fn, j, [&] {
+    constexpr int64_t CB = 64;
+#pragma omp for schedule(static)
+    for (int64_t c0 = 0; c0 < in; c0 += CB) {
+      const int64_t c1 = std::min(in, c0 + CB);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t c = c0; c < c1; ++c) xtp[c * ldx + b] = xs[b * in + c];
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t b = B; b < ldx; ++b) xtp[c * ldx + b] = 0.f;
+    }
+  });
+}
+
+void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t values,
+            int64_t nvals, uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands,
+            int64_t nb, int64_t rows, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
+            int64_t pw, uintptr_t scale, uintptr_t shift, bool relu, int threads,
+            bool check_indices, uintptr_t out, int64_t out_h, int64_t out_w) {
+  const char* op = "packed_conv2d";
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0)
+    fail(op, "kernel_size and stride must be >= 1 and padding >= 0");
+  const int64_t cols = C * kh * kw;
+  const Packed p = check_packed(op, values, nvals, indices, nidx, idx32, bands, nb, rows, cols);
+  check_threads(op, threads);
+  const int64_t OH = (H + 2 * ph - kh) / sh + 1, OW = (W + 2 * pw - kw) / sw + 1;
+  if (H + 2 * ph < kh || W + 2 * pw < kw || OH != out_h || OW != out_w)
+    fail(op, "output must be " + std::to_string(OH) + "x" + std::to_string(OW) + " for input " +
+                 std::to_string(H) + "x" + std::to_string(W));
+  if (check_indices) check_index_range(op, p, rows, cols, threads);
+
+  // Tap planes: for kernel column jj and row phase pi, plane[a][b] = xpad[a*sh + pi][b*sw + jj]
+  // with rows padded to VW (a whole number of vectors).  Tap (c, i, jj) then reads the
+  // contiguous, vector-aligned run plane(c, jj, i % sh) + (i / sh) * VW + [oh * VW + ow], so
+  // the kernel sees a dense [cols, OH * VW] operand; columns ow >= OW are computed and dropped.
+  // A stride-1 1x1 conv has no shifted taps: one unpadded plane per channel (VW = OW), whose
+  // stride is rounded to whole vectors only to keep channel starts aligned.
+  const int isa = g_isa.load();
+  const bool pointwise = kh == 1 && kw == 1, flat = pointwise && sh == 1 && sw == 1;
+  const int vl = pick_vl(isa, flat ? OH * OW : OW);
+  const int64_t VW = flat ? OW : round_up(OW, vl), nph = std::min(sh, kh), PHh = OH + (kh - 1) / sh;
+  const int64_t N = OH * VW, plane = flat ? round_up(N, vl) : PHh * VW;
+  const Plan plan = choose_spmm(isa, p.idx32, !pointwise, vl, N);
+  const int64_t CH = plan.cols_per_tile;
+  // x itself qualifies when no padding is needed and every tile stays inside it.
+  const bool in_place = flat && ph == 0 && pw == 0 && N % CH == 0;
+  const int64_t cstride = kw * nph * plane, img_stride = C * cstride;
+  if (img_stride + round_up(N, CH) > std::numeric_limits<int32_t>::max())
+    fail(op, "input too large for 32-bit tap offsets");
+
+  Job j = base_job(p, rows, scale, shift, relu, out);
+  j.n = N;
+  j.images = B;
+  j.vw = VW;
+  j.oh = OH;
+  j.ow = OW;
+  j.ldx = cstride;
+  j.x_img_stride = img_stride;
+  if (B == 0 || rows == 0) return;
+
+  std::unique_ptr<int32_t[]> lut;
+  if (!pointwise) {
+    lut.reset(new int32_t[size_t(cols)]);
+    const int64_t taps = kh * kw;
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t jj = 0; jj < kw; ++jj) lut[size_t(i * kw + jj)] = int32_t((jj * nph + i % sh) * plane + (i / sh) * VW);
+    for (int64_t c = 1; c < C; ++c)
+      for (int64_t t = 0; t < taps; ++t) lut[size_t(c * taps + t)] = int32_t(c * cstride) + lut[size_t(t)];
+    j.lut = lut.get();
+  }
+  const float* xs = ptr<const float>(x);
+  const int64_t tiles = ((rows + plan.rows_per_tile - 1) / plan.rows_per_tile) * ((N + CH - 1) / CH);
+  py::gil_scoped_release nogil;
+  if (in_place) {
+    j.x = xs;
+    run(threads, B * tiles, plan.fn, j, [] {});
+    return;
+  }
+  // Plane columns [lo[jj], hi[jj]) read source columns b*sw + jj - pw inside [0, W); the
+  // rest is padding.  Rows are copied straight from x: staging them in a buffer and reading
+  // it back at tap offsets stalled on store forwarding.
+  std::vector<int64_t> lo(static_cast<size_t>(kw)), hi(static_cast<size_t>(kw));
+  for (int64_t jj = 0; jj < kw; ++jj) {
+    const int64_t l = std::min(OW, std::max<int64_t>(0, (pw - jj + sw - 1) / sw));
+    const int64_t last = W - 1 + pw - jj;
+    lo[size_t(jj)] = l;
+    hi[size_t(jj)] = last < 0 ? l : std::max(l, std::min(OW, last / sw + 1));
+  }
+  auto prep_channel = [&](const float* src, float* dst) {
+    zero_short(dst + kw * nph * PHh * VW, cstride - kw * nph * PHh * VW);  // flat plane's rounding
+    for (int64_t jj = 0; jj < kw; ++jj) {
+      const int64_t l = lo[size_t(jj)], h = hi[size_t(jj)];
+      for (int64_t pi = 0; pi < nph; ++pi)
+        for (int64_t a = 0; a < PHh; ++a) {
+          float* __restrict drow = dst + (jj * nph + pi) * plane + a * VW;
+          const int64_t y = a * sh + pi - ph;
+          if (y < 0 || y >= H) {
+            zero_short(drow, VW);
+            continue;
+          }
+          const float* __restrict r = src + y * W + jj - pw;  // r[b * sw] for b in [l, h)
+          zero_short(drow, l);
+          if (sw == 1)
+            copy_short(drow + l, r + l, h - l);
+          else
+            for (int64_t b = l; b < h; ++b) drow[b] = r[b * sw];
+          zero_short(drow + h, VW - h);
+        }
+    }
+  };
+  // Tail: the last tile of an image may read up to a tile past its planes.
+  const int64_t tail = round_up(N, CH);
+  if (B < threads) {
+    // Few images: prepare them all together, then share out their tiles.
+    const Buffer buf = aligned_floats(B * img_stride + tail);
+    float* pp = buf.get();
+    zero_short(pp + B * img_stride, tail);
+    j.x = pp;
+    run(threads, B * tiles, plan.fn, j, [&] {
+#pragma omp for schedule(static)
+      for (int64_t bc = 0; bc < B * C; ++bc) prep_channel(xs + bc * H * W, pp + bc * cstride);
+    });
+    return;
+  }
+  // Enough images: each thread prepares and computes whole images in its own scratch slice.
+  // No barrier separates preparation from use, which kept 2-thread batch-8 3x3 timings steady
+  // on a CPU shared with other work (the shared-preparation path above stalled at it), and
+  // the image stays in that core's cache.
+  const int nt = threads;
+  const int64_t slice = round_up(img_stride + tail, 16);
+  const Buffer buf = aligned_floats(nt * slice);
+  float* ws = buf.get();
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    float* mine = ws + thread_id() * slice;
+    zero_short(mine + img_stride, tail);
+    Job ji = j;
+    ji.images = 1;
+    ji.x = mine;
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < B;) {
+      for (int64_t c = 0; c < C; ++c) prep_channel(xs + (b * C + c) * H * W, mine + c * cstride);
+      ji.out = j.out + b * rows * OH * OW;
+      plan.fn(ji, 0, tiles);
+    }
+  }
+}
+
+void validate_indices(uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands, int64_t nb,
+                      int64_t rows, int64_t cols, int threads) {
+  const char* op = "validate_indices";
+  check_threads(op, threads);
+  Packed p = check_bands(op, bands, nb, rows, nidx);
+  if (p.width_sum > cols)
+    fail(op, "the bands hold " + std::to_string(p.width_sum) + " entries per row but rows have only " +
+                 std::to_string(cols) + " columns");
+  p.idx = ptr<const void>(indices);
+  p.idx32 = idx32;
+  check_index_range(op, p, rows, cols, threads);
+}
+
+void set_isa(const std::string& name) {
+  const int want = name == "avx512" ? kAvx512 : name == "avx2" ? kAvx2 : name == "generic" ? kGeneric : -1;
+  if (want < 0) throw py::value_error("unknown ISA '" + name + "' (avx512, avx2, generic)");
+  if (want > g_best_isa)
+    throw py::value_error(std::string("this CPU/build supports at most ") + isa_name(g_best_isa));
+  g_isa.store(want);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_packed_sparse, m) {
+  m.doc() = "Packed nested row-sparse (DRESS banded layout) CPU kernels; use dress_model.kernels";
+  m.def("linear", &linear);
+  m.def("conv2d", &conv2d);
+  m.def("validate_indices", &validate_indices);
+  m.def("set_isa", &set_isa, py::arg("name"));
+  m.def("isa", [] { return std::string(isa_name(g_isa.load())); });
+  m.def("best_isa", [] { return std::string(isa_name(g_best_isa)); });
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

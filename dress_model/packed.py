@@ -1,0 +1,354 @@
+"""The packed row-sparse format and the runtime that executes it: one stored copy, every density.
+
+Per sparse layer, with the model's densities d_1 < ... < d_n (up to a chosen maximum) and
+k_i = ceil(d_i * cols), *band* i holds every row's importance-ranked entries k_{i-1}..k_i-1 as a
+[rows, k_i - k_{i-1}] block. ``values`` (float32) and ``indices`` (int16, or int32 for rows longer than
+32767; the column in the layer's 2-D weight view) concatenate the blocks, so density d_i is the first i
+bands: a contiguous prefix of both buffers. Switching density picks how many bands the kernel reads;
+nothing is copied or allocated. Inside a band, indices are sorted ascending for input locality.
+
+The same file is what is stored on a device, shipped by the coordinator and executed by the kernel:
+safetensors tensors + a JSON header (format, version, architecture, densities); BN statistics per density
+travel as tensors and are folded into the kernel's per-row scale/shift at load time.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dress_model import kernels
+from dress_model.checkpoint import atomic_write
+from dress_model.kernels.reference import dense_weight
+from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
+from dress_model.models import Architecture, DressModel, create_model
+from dress_model.sparsity import keep_count
+
+FORMAT = "dress-packed"
+VERSION = 1
+INT16_MAX_COLS = 32767
+
+
+class PackedFormatError(ValueError):
+    """A packed file is missing, corrupt, or does not describe a valid packed model."""
+
+
+def prefix_lengths(densities: tuple[float, ...], cols: int) -> list[int]:
+    return [keep_count(d, cols) for d in densities]
+
+
+def band_table(ks: list[int], rows: int) -> torch.Tensor:
+    """int64 [n, 2] of (offset, width): band i spans entries k_{i-1}..k_i-1 of every row."""
+    table, offset, previous = [], 0, 0
+    for k in ks:
+        table.append((offset, k - previous))
+        offset += rows * (k - previous)
+        previous = k
+    return torch.tensor(table, dtype=torch.int64).reshape(-1, 2)
+
+
+def pack_rows(weight2d: torch.Tensor, order: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Banded (values, indices) of a [rows, cols] weight ranked by ``order``; see the module docstring."""
+    cols = weight2d.shape[1]
+    index_dtype = torch.int16 if cols <= INT16_MAX_COLS else torch.int32
+    values, indices, previous = [], [], 0
+    for k in ks:
+        idx = order[:, previous:k].long().sort(dim=1).values
+        values.append(weight2d.gather(1, idx).reshape(-1))
+        indices.append(idx.reshape(-1))
+        previous = k
+    return torch.cat(values).float().contiguous(), torch.cat(indices).to(index_dtype).contiguous()
+
+
+class PackedSparse(DensityAware, nn.Module):
+    """A sparse layer executed from its packed buffers by the native kernel, BN (and ReLU) fused."""
+
+    def __init__(self, layer: RowSparse, densities: tuple[float, ...]) -> None:
+        nn.Module.__init__(self)
+        self._init_density(densities)
+        self.rows, self.cols = layer.rows, layer.cols
+        self.is_conv = isinstance(layer, DressConv2d)
+        if self.is_conv:
+            conv: nn.Conv2d = layer  # type: ignore[assignment]
+            self.in_channels, self.kernel_size = conv.in_channels, conv.kernel_size
+            self.stride, self.padding = conv.stride, conv.padding
+        else:
+            self.in_channels = layer.cols
+        ks = prefix_lengths(densities, self.cols)
+        self.register_buffer("bands", band_table(ks, self.rows))
+        n = self.rows * ks[-1]
+        index_dtype = torch.int16 if self.cols <= INT16_MAX_COLS else torch.int32
+        self.register_buffer("values", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("indices", torch.zeros(n, dtype=index_dtype))
+        self.register_buffer("bias", None if layer.bias is None else torch.zeros(self.rows))
+        self._norm: list[DensityBatchNorm] = []  # a list so the BN stays registered where the model put it
+        self._views: list[torch.Tensor] = []
+        self._epilogue: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+
+    def entries(self, index: int) -> int:
+        """Stored entries the subnet at density index ``index`` reads: rows * k_index."""
+        offset, width = self.bands[index].tolist()
+        return offset + self.rows * width
+
+    def fuse(self, norm: DensityBatchNorm) -> None:
+        """Fold ``norm`` into this layer's epilogue; the BN module itself then passes its input through."""
+        norm.folded = True
+        self._norm = [norm]
+
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Precompute per-density band views and folded BN so forward and switching allocate nothing."""
+        self._views = [self.bands[: i + 1] for i in range(len(self.densities))]
+        self._epilogue = []
+        for i in range(len(self.densities)):
+            if not self._norm:
+                self._epilogue.append((None, None))
+                continue
+            scale, shift = self._norm[0].scale_shift(i)
+            if self.bias is not None:
+                shift = shift + scale * self.bias
+            self._epilogue.append((scale.contiguous(), shift.contiguous()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i = self.active_index
+        scale, shift = self._epilogue[i]
+        bias = self.bias if scale is None else None
+        x = x.contiguous()
+        if self.is_conv:
+            return kernels.packed_conv2d(
+                x, self.values, self.indices, self._views[i], self.rows, self.kernel_size,
+                self.stride, self.padding, bias=bias, scale=scale, shift=shift,
+            )  # fmt: skip
+        return kernels.packed_linear(
+            x, self.values, self.indices, self._views[i], self.rows, bias=bias, scale=scale, shift=shift
+        )
+
+
+def _fusable(model: DressModel) -> Iterator[tuple[str, str]]:
+    """(sparse layer, BN) pairs where the BN directly normalises that layer's output.
+
+    Every model here registers a body layer immediately before the norm applied to its output; the
+    packed-vs-masked equivalence tests guard this convention.
+    """
+    named = list(model.named_modules())
+    for (name, m), (next_name, nxt) in zip(named, named[1:]):
+        if isinstance(m, RowSparse) and isinstance(nxt, DensityBatchNorm):
+            yield name, next_name
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+class PackedModel(nn.Module):
+    """A DRESS model whose sparse layers run from packed buffers; ``set_density`` is O(1) per layer."""
+
+    def __init__(self, arch: Architecture) -> None:
+        super().__init__()
+        if arch.family != "dress":
+            raise PackedFormatError(f"only DRESS models pack; got family {arch.family!r}")
+        self.arch = arch
+        self.net = create_model(arch)
+        fusable = list(_fusable(self.net))
+        self.sparse_names: list[str] = []
+        for name, layer in list(self.net.sparse_layers()):
+            _set(self.net, name, PackedSparse(layer, arch.densities))
+            self.sparse_names.append(name)
+        for layer_name, norm_name in fusable:
+            packed: PackedSparse = self.net.get_submodule(layer_name)  # type: ignore[assignment]
+            packed.fuse(self.net.get_submodule(norm_name))  # type: ignore[arg-type]
+        self._switchable = [m for m in self.net.modules() if isinstance(m, DensityAware)]
+        self.net.eval()
+
+    @property
+    def densities(self) -> tuple[float, ...]:
+        return self.arch.densities
+
+    @property
+    def active_density(self) -> float:
+        return self.net.active_density
+
+    def set_density(self, density: float) -> None:
+        """Switch subnet: every layer reads a shorter or longer prefix of the same buffers."""
+        index = self.net.density_index(density)
+        for m in self._switchable:
+            m.active_index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.net(x)
+
+    def packed_layers(self) -> Iterator[tuple[str, PackedSparse]]:
+        for name in self.sparse_names:
+            yield name, self.net.get_submodule(name)  # type: ignore[misc]
+
+    def _finalize(self) -> None:
+        for _, layer in self.packed_layers():
+            layer.finalize()
+
+    def nbytes(self, density: float | None = None) -> int:
+        """Tensor bytes a device holds to run every subnet up to ``density`` (default: all stored ones)."""
+        index = len(self.densities) - 1 if density is None else self.net.density_index(density)
+        n = len(self.densities)
+        total = 0
+        for name, t in self.net.state_dict().items():
+            owner, _, field = name.rpartition(".")
+            module = self.net.get_submodule(owner)
+            if isinstance(module, PackedSparse):
+                if field in ("values", "indices"):
+                    total += module.entries(index) * t.element_size()
+                elif field != "bands":  # the band table is derived from the header, never stored
+                    total += t.numel() * t.element_size()
+            elif isinstance(module, DensityBatchNorm) and t.dim() >= 1 and t.shape[0] == n:
+                total += (index + 1) * t[0].numel() * t.element_size()
+            else:
+                total += t.numel() * t.element_size()
+        return total
+
+    # -- building and storing --------------------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def from_dress(cls, model: DressModel, max_density: float | None = None) -> PackedModel:
+        """Pack a trained DRESS model, keeping the densities up to ``max_density`` (default: all)."""
+        top = model.densities[-1] if max_density is None else max_density
+        model.density_index(top)
+        kept = tuple(d for d in model.densities if d <= top + 1e-12)
+        n = len(kept)
+        packed = cls(replace(model.arch, densities=kept))
+        state: dict[str, torch.Tensor] = {}
+        for name, t in model.state_dict().items():
+            module = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(module, DensityBatchNorm) and t.dim() == 2 and t.shape[0] == len(model.densities):
+                t = t[:n]  # per-density statistics / affine of the kept densities
+            elif isinstance(module, DensityBatchNorm) and name.endswith("num_batches"):
+                t = t[:n]
+            state[name] = t
+        for name, layer in model.sparse_layers():
+            ks = prefix_lengths(kept, layer.cols)
+            values, indices = pack_rows(layer.weight2d().float(), layer.order, ks)
+            del state[f"{name}.weight"], state[f"{name}.order"]
+            state[f"{name}.values"], state[f"{name}.indices"] = values, indices
+            state[f"{name}.bands"] = band_table(ks, layer.rows)
+        packed.net.load_state_dict(state, strict=True)
+        packed._finalize()
+        return packed
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
+        tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"dress": json.dumps(header)}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PackedModel:
+        """Load and validate a packed file; any inconsistency is a PackedFormatError, never a crash."""
+        path = Path(path)
+        if not path.is_file():
+            raise PackedFormatError(f"packed model {path} does not exist; create one with `dress-fleet pack`")
+        return cls.from_bytes(path.read_bytes(), source=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> PackedModel:
+        from safetensors.torch import load as load_tensors
+
+        header = _read_header(data, source)
+        try:
+            arch = Architecture.from_json(header["architecture"])
+            packed = cls(arch)
+            tensors = load_tensors(data)
+        except (SafetensorError, ValueError, KeyError, TypeError) as e:
+            raise PackedFormatError(f"{source}: invalid packed model: {e}") from None
+        for name, layer in packed.packed_layers():
+            tensors[f"{name}.bands"] = layer.bands
+            _check_layer(source, name, layer, tensors)
+        try:
+            packed.net.load_state_dict(tensors, strict=True)
+        except RuntimeError as e:
+            raise PackedFormatError(f"{source}: tensors do not match the declared architecture: {e}") from None
+        packed._finalize()
+        return packed
+
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save as save_tensors
+
+        header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
+        tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
+        return save_tensors(tensors, metadata={"dress": json.dumps(header)})
+
+    @torch.no_grad()
+    def to_dress(self) -> DressModel:
+        """Rebuild a trainable DRESS model with the same subnets (weights outside every band are zero)."""
+        model = create_model(self.arch)
+        state = dict(self.net.state_dict())
+        for name, layer in self.packed_layers():
+            rows, cols = layer.rows, layer.cols
+            weight = dense_weight(layer.values, layer.indices, layer.bands, rows, cols)
+            stored = layer.indices.long()[: layer.values.numel()]
+            per_row = [stored[o : o + rows * w].reshape(rows, w) for o, w in layer.bands.tolist()]
+            head = torch.cat(per_row, dim=1) if per_row else torch.empty(rows, 0, dtype=torch.long)
+            rest = torch.ones(rows, cols, dtype=torch.bool).scatter_(1, head, False)
+            tail = torch.arange(cols).expand(rows, cols)[rest].reshape(rows, cols - head.shape[1])
+            target: RowSparse = model.get_submodule(name)  # type: ignore[assignment]
+            for key in ("values", "indices", "bands"):
+                del state[f"{name}.{key}"]
+            state[f"{name}.weight"] = weight.reshape(target.weight.shape)
+            state[f"{name}.order"] = torch.cat([head, tail], dim=1).to(torch.int32)
+        model.load_state_dict(state, strict=True)
+        return model
+
+
+def _read_header(data: bytes, source: str) -> dict[str, Any]:
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if not 0 < n <= len(data) - 8:
+            raise ValueError(f"header length {n} does not fit a {len(data)}-byte file")
+        header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["dress"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise PackedFormatError(f"{source} is not a packed DRESS model (safetensors with a 'dress' header): {e}") from None
+    if header.get("format") != FORMAT:
+        raise PackedFormatError(f"{source} has format {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("version") != VERSION:
+        raise PackedFormatError(f"{source} is packed format version {header.get('version')}, this build reads {VERSION}")
+    return header
+
+
+def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str, torch.Tensor]) -> None:
+    """Shapes, dtypes, index range and per-row uniqueness: a bad file must fail here, not compute garbage."""
+    values, indices = tensors.get(f"{name}.values"), tensors.get(f"{name}.indices")
+    if values is None or indices is None:
+        raise PackedFormatError(f"{source}: layer {name} lacks its values/indices tensors")
+    n = layer.entries(len(layer.densities) - 1)
+    want_idx = torch.int16 if layer.cols <= INT16_MAX_COLS else torch.int32
+    if values.dtype != torch.float32 or values.shape != (n,):
+        raise PackedFormatError(f"{source}: {name}.values must be float32 [{n}], got {values.dtype} {list(values.shape)}")
+    if indices.dtype not in (torch.int16, torch.int32) or indices.shape != (n,):
+        raise PackedFormatError(f"{source}: {name}.indices must be int16/int32 [{n}], got {indices.dtype} {list(indices.shape)}")
+    if indices.dtype == torch.int16 and want_idx == torch.int32:
+        raise PackedFormatError(f"{source}: {name} has {layer.cols} columns, too many for int16 indices")
+    try:
+        kernels.validate_indices(indices, layer.bands, layer.rows, layer.cols)
+    except ValueError as e:
+        raise PackedFormatError(f"{source}: {name}: {e}") from None
+    rows = indices.long()
+    per_row = torch.cat([rows[o : o + layer.rows * w].reshape(layer.rows, w) for o, w in layer.bands.tolist()], dim=1)
+    sorted_rows = per_row.sort(dim=1).values
+    if (sorted_rows[:, 1:] == sorted_rows[:, :-1]).any():
+        raise PackedFormatError(f"{source}: {name} repeats a column within a row (each weight must appear once)")
+
+
+def pack_checkpoint(model: DressModel, max_density: float | None = None) -> PackedModel:
+    """Convenience for callers holding a training model (CLI, coordinator)."""
+    return PackedModel.from_dress(copy.deepcopy(model).eval(), max_density)
+

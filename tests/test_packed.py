@@ -1,0 +1,140 @@
+"""Packed runtime: equals the masked model at every density, switches in place, refuses bad files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
+
+from dress_model.models import create_model
+from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
+
+DENS = "1,0.5,0.25,0.1"
+
+
+def trained_like(name: str, channels: int, size: int, width: int = 8):
+    """A model with non-trivial weights, orders and per-density BN statistics."""
+    torch.manual_seed(0)
+    model = create_model(name, DENS, in_channels=channels, image_size=size, width=width)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "running_mean") and m.running_mean is not None:
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.rerank()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,channels,size", [("cnn", 1, 28), ("resnet8", 3, 32), ("cnn", 3, 20)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_packed_equals_masked_model_at_every_density(name, channels, size, batch) -> None:
+    model = trained_like(name, channels, size)
+    packed = pack_checkpoint(model)
+    x = torch.randn(batch, channels, size, size)
+    for d in model.densities:
+        model.set_density(d)
+        packed.set_density(d)
+        with torch.no_grad():
+            torch.testing.assert_close(packed(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_switching_back_and_forth_matches_a_fresh_load(tmp_path) -> None:
+    model = trained_like("resnet8", 3, 32)
+    path = pack_checkpoint(model).save(tmp_path / "m.packed")
+    live = PackedModel.load(path)
+    x = torch.randn(2, 3, 32, 32)
+    for d in (0.1, 1.0, 0.25, 0.5, 0.1, 1.0):
+        live.set_density(d)
+        fresh = PackedModel.load(path)
+        fresh.set_density(d)
+        torch.testing.assert_close(live(x), fresh(x), rtol=0, atol=0)
+
+
+def test_switching_copies_no_weights() -> None:
+    packed = pack_checkpoint(trained_like("cnn", 1, 28))
+    pointers = {n: (l.values.data_ptr(), l.indices.data_ptr()) for n, l in packed.packed_layers()}
+    for d in (0.1, 1.0, 0.5):
+        packed.set_density(d)
+        assert {n: (l.values.data_ptr(), l.indices.data_ptr()) for n, l in packed.packed_layers()} == pointers
+
+
+def test_max_density_stores_only_needed_bands() -> None:
+    model = trained_like("cnn", 1, 28)
+    full, half = pack_checkpoint(model), pack_checkpoint(model, max_density=0.5)
+    assert half.densities == (0.1, 0.25, 0.5)
+    assert half.nbytes() == full.nbytes(0.5) < full.nbytes()
+    x = torch.randn(2, 1, 28, 28)
+    for d in half.densities:
+        full.set_density(d)
+        half.set_density(d)
+        torch.testing.assert_close(half(x), full(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not one of"):
+        half.set_density(1.0)
+
+
+def test_bytes_shrink_with_density() -> None:
+    packed = pack_checkpoint(trained_like("cnn", 1, 28))
+    sizes = [packed.nbytes(d) for d in packed.densities]
+    assert sizes == sorted(sizes) and sizes[0] < 0.2 * sizes[-1]
+
+
+def test_to_dress_round_trip_keeps_every_subnet() -> None:
+    model = trained_like("resnet8", 3, 32)
+    rebuilt = pack_checkpoint(model).to_dress().eval()
+    x = torch.randn(2, 3, 32, 32)
+    for d in model.densities:
+        model.set_density(d)
+        rebuilt.set_density(d)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _tamper(data: bytes, edit) -> bytes:
+    n = int.from_bytes(data[:8], "little")
+    meta = json.loads(data[8 : 8 + n])["__metadata__"]
+    tensors = load_tensors(data)
+    header = json.loads(meta["dress"])
+    edit(tensors, header)
+    return save_tensors(tensors, metadata={"dress": json.dumps(header)})
+
+
+def _first_key(tensors, suffix):
+    return next(k for k in sorted(tensors) if k.endswith(suffix))
+
+
+BAD = {
+    "version": (lambda t, h: h.update(version=99), "version 99"),
+    "format": (lambda t, h: h.update(format="other"), "expected 'dress-packed'"),
+    "index out of range": (lambda t, h: t[_first_key(t, ".indices")].__setitem__(0, 30000), "range"),
+    "negative index": (lambda t, h: t[_first_key(t, ".indices")].__setitem__(0, -1), "range"),
+    "duplicate column": (
+        lambda t, h: t[_first_key(t, ".indices")].__setitem__(1, t[_first_key(t, ".indices")][0]),
+        "repeats a column",
+    ),
+    "wrong dtype": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")].double()), "float32"),
+    "short values": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")][:-1].clone()), r"float32 \["),
+    "missing tensor": (lambda t, h: t.pop(_first_key(t, ".indices")), "lacks"),
+    "bn shape": (lambda t, h: t.__setitem__("bn1.running_mean", torch.zeros(2, 3)), "do not match"),
+    "unknown architecture field": (lambda t, h: h["architecture"].update(depth=5), "unknown architecture fields"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_packed_files_are_refused(case) -> None:
+    edit, message = BAD[case]
+    data = pack_checkpoint(trained_like("cnn", 1, 28)).to_bytes()
+    with pytest.raises(PackedFormatError, match=message):
+        PackedModel.from_bytes(_tamper(data, edit))
+
+
+def test_truncated_and_missing_files_are_refused(tmp_path) -> None:
+    data = pack_checkpoint(trained_like("cnn", 1, 28)).to_bytes()
+    with pytest.raises(PackedFormatError):
+        PackedModel.from_bytes(data[: len(data) // 2])
+    with pytest.raises(PackedFormatError, match="not a packed DRESS model"):
+        PackedModel.from_bytes(b"\xff" * 16)
+    with pytest.raises(PackedFormatError, match="does not exist"):
+        PackedModel.load(tmp_path / "missing.packed")
