@@ -28,7 +28,7 @@ $(FMNIST):
 
 demo: setup
 	$(VENV)/bin/dress-fleet train --dataset fashion-mnist --model cnn --densities 1,0.5,0.25,0.1 \
-	    --epochs 2 --train-subset 20000 --out $(DEMO_OUT)
+	    --epochs 2 --out $(DEMO_OUT)
 	$(VENV)/bin/dress-fleet evaluate $(DEMO_OUT)/model.safetensors
 
 test: setup
