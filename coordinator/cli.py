@@ -32,7 +32,7 @@ app.add_typer(db_app, name="db")
 console = Console()
 err = Console(stderr=True)
 
-BN_MODES = ("switchable", "recalibrate")
+BN_AFFINE = ("per-density", "shared")
 
 
 def fail(message: str) -> typer.Exit:
@@ -90,7 +90,8 @@ def train_cmd(
     lr: Annotated[float, typer.Option(min=0.0, help="Peak learning rate (SGD, one-cycle schedule).")] = 0.05,
     loss_weights: Annotated[Optional[str], typer.Option(help="One weight per density, same order as --densities; default equal.")] = None,
     rerank_every: Annotated[int, typer.Option(min=0, help="Steps between re-rankings of each row's importance order; 0 = never.")] = 100,
-    bn: Annotated[str, typer.Option(help="switchable: per-density BN; recalibrate: shared affine, per-density stats recomputed after training.")] = "switchable",
+    bn_affine: Annotated[str, typer.Option(help="BN scale/shift per density (switchable BN) or shared by all densities.")] = "per-density",
+    recalibrate_batches: Annotated[int, typer.Option(min=0, help="Batches to recompute each density's BN statistics after training; 0 = off.")] = 50,
     width: Annotated[int, typer.Option(min=1, help="Base channel width of the model.")] = 16,
     train_subset: Annotated[int, typer.Option(min=0, help="Use only the first N training images (0 = all).")] = 0,
     data_dir: Annotated[Optional[Path], typer.Option(help="Directory holding the dataset files.")] = None,
@@ -110,8 +111,8 @@ def train_cmd(
         weights = tuple(w for _, w in sorted(zip(given, weights)))  # align with ascending densities
     if model not in MODELS:
         raise fail(f"unknown model {model!r}; expected one of {', '.join(MODELS)}")
-    if bn not in BN_MODES:
-        raise fail(f"unknown --bn {bn!r}; expected one of {', '.join(BN_MODES)}")
+    if bn_affine not in BN_AFFINE:
+        raise fail(f"unknown --bn-affine {bn_affine!r}; expected one of {', '.join(BN_AFFINE)}")
     try:
         train_set = load_dataset(dataset, "train", data_dir, download)
         test_set = load_dataset(dataset, "test", data_dir, download)
@@ -128,14 +129,14 @@ def train_cmd(
         num_classes=train_set.num_classes,
         image_size=train_set.images.shape[-1],
         width=width,
-        bn_affine="per-density" if bn == "switchable" else "shared",
+        bn_affine=bn_affine,
     )
     config = TrainConfig(
         loss_weights=weights,
         epochs=epochs,
         lr=lr,
         rerank_every=rerank_every,
-        recalibrate_batches=50 if bn == "recalibrate" else 0,
+        recalibrate_batches=recalibrate_batches,
     )
     console.print(
         f"Training [bold]{model}[/] on [bold]{dataset}[/] ({len(train_set):,} images), densities "
@@ -148,7 +149,7 @@ def train_cmd(
     accuracy = evaluate(net, test_set.loader(512, shuffle=False))
     rows = [(d, net.subnet_params(d), accuracy[d]) for d in dens]
 
-    meta = {"dataset": dataset, "epochs": epochs, "seed": seed, "bn": bn, "train_seconds": round(train_s, 1)}
+    meta = {"dataset": dataset, "epochs": epochs, "seed": seed, "bn_affine": bn_affine, "train_seconds": round(train_s, 1)}
     checkpoint = save_checkpoint(net, out / "model.safetensors", meta)
     metrics = {
         **meta,
@@ -229,6 +230,64 @@ def infer_cmd(
         f"density {packed.active_density:g}: {ms:.2f} ms for {batch} images; "
         f"{int((predicted == y).sum())}/{batch} correct; predictions {predicted.tolist()}"
     )
+
+
+@app.command("simulate")
+def simulate_cmd(
+    devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,
+    rounds: Annotated[int, typer.Option(min=1)] = 5,
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of online devices trained per round.")] = 0.1,
+    mix: Annotated[str, typer.Option(help="Device mix, PROFILE=PERCENT pairs summing to 100.")] = "pi4=40,jetson-nano=30,phone=30",
+    partition: Annotated[str, typer.Option(help="iid or dirichlet:ALPHA (non-IID by label).")] = "iid",
+    dataset: Annotated[str, typer.Option()] = "fashion-mnist",
+    model: Annotated[str, typer.Option()] = "cnn",
+    width: Annotated[int, typer.Option(min=1)] = 16,
+    densities: Annotated[str, typer.Option()] = "1,0.5,0.25,0.1",
+    epochs: Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")] = 1.0,
+    lr: Annotated[float, typer.Option(min=0.0)] = 0.05,
+    max_examples: Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")] = 0,
+    dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a while.")] = 0.1,
+    seed: Annotated[int, typer.Option()] = 0,
+    db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL; default SQLite in the run directory.")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
+    superlink_port: Annotated[int, typer.Option()] = 9392,
+    control_port: Annotated[int, typer.Option()] = 9393,
+) -> None:
+    """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
+    from simulations.run import SimulationSettings, run_simulation
+
+    settings = SimulationSettings(
+        devices=devices, rounds=rounds, fraction=fraction, mix=mix, partition=partition, dataset=dataset,
+        model=model, width=width, densities=densities, epochs=epochs, lr=lr, max_examples=max_examples,
+        dropout=dropout, seed=seed, db_url=db or "", run_dir=out, superlink_port=superlink_port,
+        control_port=control_port,
+    )  # fmt: skip
+    try:
+        settings.validate()
+    except ValueError as e:
+        raise fail(str(e)) from None
+    console.print(f"Simulating {devices} devices ({mix}), {rounds} rounds, {fraction:g} of the fleet per round")
+    with progress_bar() as progress:
+        task = progress.add_task("rounds", total=rounds, info="starting the fleet, SuperLink and Ray")
+
+        def on_round(entry: dict) -> None:
+            acc = " ".join(f"{float(d):g}:{a:.1f}%" for d, a in sorted(entry["accuracy"].items(), key=lambda kv: -float(kv[0])))
+            progress.update(task, completed=entry["round"], info=f"{len(entry['participants'])} devices, acc {acc}")
+
+        try:
+            metrics = run_simulation(settings, on_round)
+        except (RuntimeError, TimeoutError, DataError) as e:
+            raise fail(str(e)) from None
+    rows = [(row["density"], 0, row["accuracy"]) for row in metrics["accuracy"]]
+    table = Table(title=f"Final accuracy after {metrics['rounds']} rounds ({metrics['wall_s']:.0f} s, peak {metrics['peak_rss_mb']:.0f} MB)")
+    for column in ("density", "accuracy %", "bytes down", "bytes up"):
+        table.add_column(column, justify="right")
+    traffic = {row["density"]: row for row in metrics["bytes"]}
+    for d, _, acc in rows:
+        t = traffic.get(d, {"down": 0, "up": 0})
+        table.add_row(f"{d:g}", f"{acc:.2f}", f"{t['down']:,.0f}", f"{t['up']:,.0f}")
+    console.print(table)
+    console.print(f"Report: {out / 'report.md'}")
 
 
 def main() -> None:

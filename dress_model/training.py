@@ -36,7 +36,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     rerank_every: int = 100  # steps between re-rankings of the row order; 0 = never (fixed masks)
     importance: str = "magnitude"
-    recalibrate_batches: int = 0  # >0: recompute per-density BN statistics after training
+    recalibrate_batches: int = 50  # >0: recompute per-density BN statistics after training (ablation: helps)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:

@@ -397,3 +397,8 @@ class Registry:
     def current_model_version(self) -> str | None:
         with self._read() as s:
             return s.scalar(_LATEST_VERSION)
+
+    def model_checkpoint(self, version: str) -> str | None:
+        """The checkpoint a published model version was saved to, or None for an unknown version."""
+        with self._read() as s:
+            return s.scalar(select(ModelVersion.checkpoint_path).where(ModelVersion.version == version))
