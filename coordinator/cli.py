@@ -232,6 +232,69 @@ def infer_cmd(
     )
 
 
+coordinator_app = typer.Typer(help="Run the fleet coordinator: registry, control plane, Flower SuperLink, DRESS run.")
+app.add_typer(coordinator_app, name="coordinator")
+
+
+@coordinator_app.command("start")
+def coordinator_start_cmd(
+    host: Annotated[str, typer.Option(help="Address the SuperLink and control plane listen on.")] = "127.0.0.1",
+    superlink_port: Annotated[int, typer.Option(help="Flower SuperLink (HTTP: fleet, control and runtime APIs).")] = 9092,
+    control_port: Annotated[int, typer.Option(help="DRESS control plane (gRPC: register, heartbeat, fetch model).")] = 9093,
+    db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default SQLite in --state-dir.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path("state"),
+    rounds: Annotated[int, typer.Option(min=1)] = 10,
+    min_devices: Annotated[int, typer.Option(min=1, help="Devices that must join before round 1.")] = 2,
+    fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of online devices trained per round.")] = 0.5,
+    densities: Annotated[str, typer.Option()] = "1,0.5,0.25,0.1",
+    model: Annotated[str, typer.Option()] = "cnn",
+    width: Annotated[int, typer.Option(min=1)] = 16,
+    dataset: Annotated[str, typer.Option()] = "fashion-mnist",
+    partition: Annotated[str, typer.Option(help="iid or dirichlet:ALPHA.")] = "iid",
+    epochs: Annotated[float, typer.Option(min=0.01)] = 1.0,
+    max_examples: Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")] = 0,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Start the SuperLink and control plane, wait for devices, and run federated DRESS; Ctrl-C stops everything."""
+    from coordinator.launcher import Coordinator, Endpoints
+
+    try:
+        parse_densities(densities)
+        create_model(model, densities)
+        from dress_model.partition import parse_partition
+
+        parse_partition(partition)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    run_config = {
+        "num-rounds": rounds, "wait-for-nodes": min_devices, "min-devices": 1, "fraction": fraction,
+        "densities": densities, "model": model, "width": width, "dataset": dataset, "partition": partition,
+        "epochs": epochs, "max-examples": max_examples, "seed": seed, "db-url": db or "",
+    }  # fmt: skip
+    coordinator = Coordinator(state_dir, run_config, Endpoints(host, superlink_port, control_port))
+    try:
+        coordinator.start()
+        console.print(f"[bold]SuperLink[/]      {coordinator.endpoints.superlink}  (agents: --superlink)")
+        console.print(f"[bold]Control plane[/]  {coordinator.endpoints.control_plane}  (agents: --coordinator)")
+        console.print(f"[bold]Registry[/]       {coordinator.registry.safe_url if coordinator.registry else ''}")
+        console.print(f"[bold]State[/]          {state_dir}  (logs in {state_dir / 'logs'})")
+        run_id = coordinator.submit()
+        console.print(f"Run {run_id} submitted: waiting for {min_devices} device(s), then {rounds} rounds. Ctrl-C stops.")
+
+        def on_round(entry: dict) -> None:
+            acc = ", ".join(f"{float(d):g}: {a:.1f}%" for d, a in sorted(entry["accuracy"].items(), key=lambda kv: -float(kv[0])))
+            console.print(f"round {entry['round']}: {len(entry['participants'])} devices trained; accuracy {acc}")
+
+        coordinator.follow(run_id, on_round)
+        console.print("Run finished.")
+    except KeyboardInterrupt:
+        console.print("Stopping…")
+    except (RuntimeError, TimeoutError, DataError, OSError) as e:
+        raise fail(str(e)) from None
+    finally:
+        coordinator.stop()
+
+
 @app.command("simulate")
 def simulate_cmd(
     devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,

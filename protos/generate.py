@@ -1,4 +1,4 @@
-"""Regenerate the control-plane Python code from protos/**/*.proto.
+"""Regenerate the gRPC Python code (control plane, device agent) from protos/**/*.proto.
 
 The include root is the repository root, so generated imports read `from protos.dress.fleet.v1 import ...`
 and resolve as a package without touching sys.path. tests/test_protos.py checks the committed output is fresh.

@@ -1,0 +1,122 @@
+"""The agent's heartbeat: report the budget, learn the density to run and the model version to serve.
+
+One background thread, one heartbeat per interval. The coordinator being briefly away (restart, network
+blip) must not take inference down with it: failed heartbeats are logged and retried with backoff while
+the agent keeps serving its last assignment.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from agent.budget import BudgetSource
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_INTERVAL_S = 5.0
+DEFAULT_RPC_TIMEOUT_S = 5.0
+DEFAULT_MAX_BACKOFF_S = 60.0
+# Codes that say "try again later"; anything else is logged as an error, but retried all the same.
+TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                       grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def _budget_message(source: BudgetSource) -> pb.Budget:
+    budget = source.current()
+    return pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery)
+
+
+class BudgetMonitor:
+    """Heartbeats `source`'s budget every `interval` seconds and acts on the answer.
+
+    `on_density(d)` runs when the assigned density differs from the last one known (whether or not the
+    coordinator flagged it as changed: an operator's assignment, or a lost answer, moves it too).
+    `on_model_version(v)` runs when the coordinator's model version differs from the one served; if it
+    raises, the error is logged, the version is not taken as served and the next heartbeat tries again.
+    """
+
+    def __init__(
+        self,
+        stub: pb_grpc.ControlPlaneStub,
+        device_id: int,
+        source: BudgetSource,
+        *,
+        density: float,
+        model_version: str,
+        on_density: Callable[[float], object],
+        on_model_version: Callable[[str], object],
+        interval: float = DEFAULT_INTERVAL_S,
+        rpc_timeout: float = DEFAULT_RPC_TIMEOUT_S,
+        max_backoff: float = DEFAULT_MAX_BACKOFF_S,
+    ) -> None:
+        if interval <= 0 or rpc_timeout <= 0:
+            raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
+        self.stub, self.device_id, self.source = stub, device_id, source
+        self.interval, self.rpc_timeout = interval, rpc_timeout
+        self.max_backoff = max(max_backoff, interval)
+        self.density, self.model_version = density, model_version
+        self.failures = 0  # consecutive failed heartbeats
+        self._on_density, self._on_model_version = on_density, on_model_version
+        self._beat_lock = threading.Lock()  # heartbeat_now() from a test and the thread never interleave
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"budget-monitor-{device_id}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop after the heartbeat in flight, if any (bounded by rpc_timeout); idempotent."""
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(self.rpc_timeout + 1.0 if timeout is None else timeout)
+
+    def heartbeat_now(self) -> pb.HeartbeatResponse:
+        """One heartbeat, acted on; raises grpc.RpcError if the coordinator does not answer."""
+        with self._beat_lock:
+            answer = self.stub.Heartbeat(
+                pb.HeartbeatRequest(device_id=self.device_id, budget=_budget_message(self.source)),
+                timeout=self.rpc_timeout,
+            )
+            if answer.density != self.density:
+                log.info("density %g -> %g", self.density, answer.density)
+                self._on_density(answer.density)
+                self.density = answer.density
+            if answer.model_version and answer.model_version != self.model_version:
+                try:
+                    self._on_model_version(answer.model_version)
+                    self.model_version = answer.model_version
+                except Exception as e:  # the heartbeat itself worked: keep its pace, retry the swap next beat
+                    log.warning("cannot serve model version %r yet (%s); retrying at the next heartbeat",
+                                answer.model_version, e)
+            return answer
+
+    def next_delay(self) -> float:
+        """The interval while healthy; after failures, exponential backoff with jitter so a fleet does not
+        reconnect to a restarted coordinator in lockstep."""
+        if not self.failures:
+            return self.interval
+        return min(self.interval * 2**self.failures, self.max_backoff) * random.uniform(0.5, 1.0)
+
+    def _run(self) -> None:
+        delay = 0.0  # report the budget as soon as we start
+        while not self._stopping.wait(delay):
+            try:
+                self.heartbeat_now()
+                if self.failures:
+                    log.info("heartbeat to the coordinator works again after %d failures", self.failures)
+                self.failures = 0
+            except grpc.RpcError as e:
+                self.failures += 1
+                level = logging.WARNING if e.code() in TRANSIENT else logging.ERROR
+                log.log(level, "heartbeat failed (%s: %s); retrying", e.code().name, e.details())
+            except Exception:  # e.g. a budget reading the coordinator's Budget refuses: try the next one
+                self.failures += 1
+                log.exception("heartbeat failed; retrying")
+            delay = self.next_delay()

@@ -1,0 +1,253 @@
+"""Inference on the device: the Predict gRPC server, and the model behind it kept current.
+
+One packed model holds every subnet, so a new density assignment is `set_density` (no copy, no reload);
+a new model version is downloaded and verified off to the side, then swapped in under the same lock
+that every forward pass holds, so a request never sees half a switch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from dress_model.packed import PackedFormatError, PackedModel
+from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = agent_pb.DESCRIPTOR.services_by_name["Agent"].full_name
+MAX_BATCH = 256
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a full batch of CIFAR-sized float images, with room to spare
+MAX_MODEL_BYTES = 1 << 30  # a sanity bound on what a coordinator may announce, not a device limit
+DEFAULT_FETCH_TIMEOUT_S = 120.0
+DEFAULT_WORKERS = 4  # forward passes hold one lock; more threads would only queue
+
+
+def runnable_density(densities: tuple[float, ...], assigned: float) -> float:
+    """The densest stored subnet not denser than `assigned` (it must fit the budget), else the sparsest."""
+    fitting = [d for d in densities if d <= assigned + 1e-9]
+    return max(fitting) if fitting else min(densities)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedState:
+    """What is served, read in one go so a concurrent swap cannot mix two models' answers."""
+
+    density: float
+    assigned_density: float
+    version: str
+    densities: tuple[float, ...]
+
+
+class ServedModel:
+    """The model Predict runs: density switches and version swaps are atomic with respect to requests."""
+
+    def __init__(self, packed: PackedModel, assigned_density: float, version: str = "") -> None:
+        self._lock = threading.Lock()
+        self._packed, self._assigned, self._version = packed, assigned_density, version
+        packed.set_density(runnable_density(packed.densities, assigned_density))
+
+    @property
+    def packed(self) -> PackedModel:
+        return self._packed
+
+    @property
+    def version(self) -> str:
+        return self._version
+
+    @property
+    def assigned_density(self) -> float:
+        return self._assigned
+
+    def state(self) -> ServedState:
+        with self._lock:
+            return ServedState(self._packed.active_density, self._assigned, self._version, self._packed.densities)
+
+    def set_density(self, assigned: float) -> float:
+        """Follow a new assignment in O(1): the layers read a different prefix of the same buffers."""
+        with self._lock:
+            self._assigned = assigned
+            self._packed.set_density(runnable_density(self._packed.densities, assigned))
+            return self._packed.active_density
+
+    def swap(self, packed: PackedModel, version: str) -> None:
+        """Serve `packed` from the next request on, at the current assignment."""
+        with self._lock:
+            packed.set_density(runnable_density(packed.densities, self._assigned))
+            self._packed, self._version = packed, version
+
+    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """(logits, density, latency_ms) for a [N, C, H, W] batch; ValueError if it does not fit the model."""
+        with self._lock:
+            arch = self._packed.arch
+            expected = (arch.in_channels, arch.image_size, arch.image_size)
+            if tuple(x.shape[1:]) != expected:
+                raise ValueError(f"input shape {list(x.shape[1:])} does not match the model's "
+                                 f"[C, H, W] = {list(expected)}")
+            start = time.perf_counter()
+            logits = self._packed(x)
+            return logits, self._packed.active_density, 1000 * (time.perf_counter() - start)
+
+
+class ModelFetchError(RuntimeError):
+    """A model download failed or arrived corrupt; the served model stays as it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedModel:
+    version: str
+    packed: PackedModel
+    nbytes: int
+
+
+def fetch_model(
+    stub: pb_grpc.ControlPlaneStub, device_id: int, density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S
+) -> FetchedModel:
+    """Download the packed model at `density` over FetchModel, checking order, size and sha256 before use."""
+    data = bytearray()
+    first: pb.ModelChunk | None = None
+    try:
+        for chunk in stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=density), timeout=timeout):
+            if first is None:
+                first = chunk
+                if chunk.total_size > MAX_MODEL_BYTES:
+                    raise ModelFetchError(f"coordinator announced a {chunk.total_size:,}-byte model; "
+                                          f"at most {MAX_MODEL_BYTES:,} accepted")
+            elif (chunk.total_size, chunk.sha256, chunk.model_version) != (
+                    first.total_size, first.sha256, first.model_version):
+                raise ModelFetchError("model chunks disagree on size, digest or version; the model changed mid-download")
+            if chunk.offset != len(data) or len(data) + len(chunk.data) > first.total_size:
+                raise ModelFetchError(f"chunk of {len(chunk.data)} bytes at offset {chunk.offset} does not follow "
+                                      f"the {len(data)} bytes received of {first.total_size}")
+            data += chunk.data
+    except grpc.RpcError as e:
+        raise ModelFetchError(f"FetchModel at density {density:g} failed: {e.code().name}: {e.details()}") from None
+    if first is None:
+        raise ModelFetchError("FetchModel answered no chunks")
+    if len(data) != first.total_size:
+        raise ModelFetchError(f"model download ended after {len(data):,} of {first.total_size:,} bytes")
+    if hashlib.sha256(data).hexdigest() != first.sha256:
+        raise ModelFetchError(f"model {first.model_version!r} failed its sha256 check; discarded")
+    try:
+        packed = PackedModel.from_bytes(bytes(data), source=f"model {first.model_version!r}")
+    except PackedFormatError as e:
+        raise ModelFetchError(str(e)) from None
+    return FetchedModel(first.model_version, packed, len(data))
+
+
+class ModelUpdater:
+    """Brings a ServedModel to a newly published version: the monitor's `on_model_version`.
+
+    It downloads at `fetch_density`, the densest subnet the device calibrated, so every density the
+    coordinator may assign later is a `set_density` away rather than another download.
+    """
+
+    def __init__(self, served: ServedModel, stub: pb_grpc.ControlPlaneStub, device_id: int,
+                 fetch_density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> None:
+        self.served, self.stub, self.device_id = served, stub, device_id
+        self.fetch_density, self.timeout = fetch_density, timeout
+
+    def __call__(self, version: str) -> None:
+        if version == self.served.version:
+            return
+        fetched = fetch_model(self.stub, self.device_id, self.fetch_density, self.timeout)
+        self.served.swap(fetched.packed, fetched.version)
+        log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
+                 ", ".join(f"{d:g}" for d in fetched.packed.densities))
+
+
+@dataclass(frozen=True, slots=True)
+class AgentIdentity:
+    """Who this agent is to the coordinator, for Status."""
+
+    name: str
+    device_id: int
+    profile: str
+
+
+def input_tensor(request: agent_pb.PredictRequest) -> torch.Tensor:
+    """The request as a [N, C, H, W] float tensor; ValueError saying what is wrong otherwise."""
+    shape = list(request.shape)
+    if not request.input:
+        raise ValueError("input is empty")
+    if len(shape) not in (3, 4) or min(shape) < 1:
+        raise ValueError(f"shape must be [C, H, W] or [N, C, H, W] of positive sizes, got {shape}")
+    if len(shape) == 3:
+        shape = [1, *shape]
+    if shape[0] > MAX_BATCH:
+        raise ValueError(f"batch of {shape[0]} images; at most {MAX_BATCH} per request")
+    if math.prod(shape) != len(request.input):
+        raise ValueError(f"shape {list(request.shape)} needs {math.prod(shape)} values, got {len(request.input)}")
+    values = np.asarray(request.input, dtype=np.float32)
+    if not np.isfinite(values).all():
+        raise ValueError(f"input holds {int((~np.isfinite(values)).sum())} NaN or infinite values")
+    return torch.from_numpy(values).reshape(shape)
+
+
+class AgentServicer(agent_grpc.AgentServicer):
+    def __init__(self, served: ServedModel, identity: AgentIdentity) -> None:
+        self.served, self.identity = served, identity
+
+    def Predict(self, request: agent_pb.PredictRequest, context: grpc.ServicerContext) -> agent_pb.PredictResponse:
+        try:
+            logits, density, latency_ms = self.served.predict(input_tensor(request))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return agent_pb.PredictResponse(logits=logits.reshape(-1).tolist(), shape=list(logits.shape),
+                                        density=density, latency_ms=latency_ms)
+
+    def Status(self, request: agent_pb.StatusRequest, context: grpc.ServicerContext) -> agent_pb.StatusResponse:
+        state = self.served.state()
+        return agent_pb.StatusResponse(
+            name=self.identity.name, device_id=self.identity.device_id, profile=self.identity.profile,
+            density=state.density, assigned_density=state.assigned_density, model_version=state.version,
+            densities=list(state.densities))
+
+
+@dataclass
+class AgentServer:
+    """The running Predict server; `port` is the one bound (useful when asked for port 0)."""
+
+    server: grpc.Server
+    health: health.HealthServicer
+    port: int
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Tell health checkers first, then let requests in flight finish within `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+
+def serve(
+    served: ServedModel, identity: AgentIdentity, host: str, port: int, max_workers: int = DEFAULT_WORKERS
+) -> AgentServer:
+    """Start Agent (and the standard health service, SERVING from the start) on host:port; non-blocking."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="agent-predict"),
+        options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
+    )
+    agent_grpc.add_AgentServicer_to_server(AgentServicer(served, identity), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise RuntimeError(f"agent could not bind {address}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("agent serving %s on %s:%d", SERVICE_NAME, host, bound)
+    return AgentServer(server, health_servicer, bound)

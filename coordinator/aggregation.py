@@ -1,0 +1,69 @@
+"""Federated DRESS aggregation: every weight is averaged over the devices that trained it.
+
+A device trains the subnet at its own density (and every sparser one nested in it), so it updates only the
+weights inside its bands and only the BN rows of its densities. The server scatters each reply's packed
+values back to their columns and averages per weight, weighted by examples; weights nobody trained keep their
+value. This is HeteroFL's counting aggregation, applied to row-sparse prefixes instead of channel prefixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dress_model.layers import DensityBatchNorm
+from dress_model.models import DressModel
+from dress_model.packed import PackedModel
+from dress_model.kernels.reference import dense_weight
+
+
+@dataclass
+class Update:
+    """One device's reply: the subnet it was sent (for the indices) and the tensors it trained."""
+
+    sent: PackedModel
+    tensors: dict[str, torch.Tensor]
+    num_examples: int
+
+
+@torch.no_grad()
+def aggregate(model: DressModel, updates: list[Update]) -> None:
+    """Average ``updates`` into ``model`` in place (weights, biases, per-density BN)."""
+    updates = [u for u in updates if u.num_examples > 0]
+    if not updates:
+        return
+    n_all = len(model.densities)
+    state = model.state_dict()
+    sparse = dict(model.sparse_layers())
+    for key, current in state.items():
+        owner, _, field = key.rpartition(".")
+        if owner in sparse and field == "order":
+            continue
+        total = torch.zeros_like(current, dtype=torch.float64)
+        weight = torch.zeros_like(current, dtype=torch.float64)
+        for u in updates:
+            if owner in sparse and field == "weight":
+                layer = u.sent.net.get_submodule(owner)
+                values = u.tensors[f"{owner}.values"]
+                w2d = dense_weight(values, layer.indices, layer.bands, layer.rows, layer.cols)
+                mask = dense_weight(torch.ones_like(values), layer.indices, layer.bands, layer.rows, layer.cols)
+                total += u.num_examples * w2d.reshape(current.shape)
+                weight += u.num_examples * mask.reshape(current.shape)
+                continue
+            theirs = u.tensors.get(key)
+            if theirs is None:
+                continue
+            per_density = isinstance(model.get_submodule(owner), DensityBatchNorm) and current.shape[:1] == (n_all,)
+            if per_density and theirs.shape[0] < n_all:  # only the rows of the densities this device trained
+                rows = theirs.shape[0]
+                total[:rows] += u.num_examples * theirs.double()
+                weight[:rows] += u.num_examples
+            else:
+                total += u.num_examples * theirs.double()
+                weight += u.num_examples
+        if not current.is_floating_point():
+            continue  # counters (BN num_batches) are bookkeeping, not learned
+        trained = weight > 0
+        current[trained] = (total[trained] / weight[trained]).to(current.dtype)
+    model.load_state_dict(state)

@@ -1,0 +1,215 @@
+"""Driving Flower's own engine as real processes: SuperLink, SuperNodes and `flwr run`.
+
+Flower has no public in-process SuperLink; its CLI spawns processes and talks to them over HTTP, and so do
+we. Every process gets a FLWR_HOME inside our state directory, telemetry and update checks off, and
+``--disable-runtime-dependency-installation`` (otherwise a run builds a venv and downloads a CUDA torch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "dress-fleet-run"
+version = "1.0.0"
+description = "DRESS federated training (components come from the installed dress-fleet packages)"
+license = "Apache-2.0"
+
+[tool.flwr.app]
+publisher = "dress-fleet"
+
+[tool.flwr.app.components]
+serverapp = "coordinator.server_app:app"
+clientapp = "agent.client_app:app"
+
+[tool.flwr.app.config]
+{config}
+"""
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def flower_env(state_dir: Path) -> dict[str, str]:
+    bin_dir = str(Path(sys.executable).parent)  # flower-superexec etc. must be on PATH
+    return {
+        **os.environ,
+        "FLWR_HOME": str((state_dir / "flwr").resolve()),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
+def write_app(state_dir: Path, run_config: Mapping[str, object]) -> Path:
+    """The Flower app directory `flwr run` packages: our components are imported from the installed packages."""
+    app_dir = state_dir / "flower-app"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f"{key} = {toml_value(value)}" for key, value in run_config.items())
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(config=config))
+    return app_dir
+
+
+def write_connection(state_dir: Path, name: str, address: str) -> None:
+    home = state_dir / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+
+
+class ManagedProcess:
+    """A child process in its own process group, so stopping it also stops what it spawned."""
+
+    def __init__(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log: IO[bytes] = open(log_path, "ab")
+        log.info("starting %s: %s", name, " ".join(cmd))
+        self.proc = subprocess.Popen(
+            list(cmd), env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM the group, wait, then SIGKILL whatever is left (Ray and SuperExec children included)."""
+        try:
+            pgid = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            pgid = None
+        if pgid is not None:
+            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(wait)
+                except subprocess.TimeoutExpired:
+                    continue
+                if not _group_alive(pgid):
+                    break
+                time.sleep(0.5)
+                if not _group_alive(pgid):
+                    break
+        self._log.close()
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = False) -> ManagedProcess:
+    cmd = [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--insecure",
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+        "--port", str(port),
+        "--database", str((state_dir / "superlink.db").resolve()),
+    ]  # fmt: skip
+    if simulation:
+        cmd.append("--simulation")
+    proc = ManagedProcess("superlink", cmd, flower_env(state_dir), state_dir / "logs" / "superlink.log")
+    wait_healthy(proc, f"http://{host}:{port}/health")
+    write_connection(state_dir, "local", f"{host}:{port}")
+    return proc
+
+
+def start_supernode(
+    state_dir: Path, superlink: str, port: int, node_config: Mapping[str, object], name: str
+) -> ManagedProcess:
+    config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
+    cmd = [
+        str(Path(sys.executable).parent / "flower-supernode"),
+        "--insecure",
+        "--superlink", superlink,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--node-config", config,
+    ]  # fmt: skip
+    return ManagedProcess(name, cmd, flower_env(state_dir), state_dir / "logs" / f"{name}.log")
+
+
+def wait_healthy(proc: ManagedProcess, url: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    proc.stop()
+    raise TimeoutError(f"{proc.name} did not answer {url} within {timeout:.0f} s:\n{proc.tail()}")
+
+
+def flwr(state_dir: Path, *args: str, timeout: float = 120.0) -> dict:
+    """Run a `flwr` CLI command with --format json and return its JSON answer."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
+    done = subprocess.run(cmd, env=flower_env(state_dir), capture_output=True, text=True, timeout=timeout)
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        raise RuntimeError(f"`flwr {' '.join(args)}` failed ({done.returncode}): {done.stdout}{done.stderr}") from None
+    if not answer.get("success", True):
+        raise RuntimeError(f"`flwr {' '.join(args)}` failed: {answer.get('error-message', answer)}")
+    return answer
+
+
+def submit_run(
+    state_dir: Path,
+    app_dir: Path,
+    run_config: Mapping[str, object],
+    federation_config: Mapping[str, object] | None = None,
+) -> int:
+    args = ["run", str(app_dir), "local"]
+    if run_config:
+        args += ["--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())]
+    if federation_config:
+        args += ["--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())]
+    return int(flwr(state_dir, *args)["run-id"])
+
+
+def run_status(state_dir: Path, run_id: int) -> str:
+    """The run's status string as `flwr ls` reports it (e.g. 'pending', 'running', 'finished:completed')."""
+    answer = flwr(state_dir, "ls", "local", "--run-id", str(run_id))
+    runs = answer.get("runs", [])
+    return str(runs[0].get("status", "unknown")) if runs else "unknown"

@@ -1,0 +1,147 @@
+"""The coordinator's services as one object: registry, control plane, SuperLink, and the DRESS run.
+
+`dress-fleet coordinator start` and `dress-fleet simulate` both use it; they differ only in whether the
+SuperLink runs Flower's simulation engine (virtual SuperNodes on Ray) or waits for real SuperNodes.
+Stopping goes in reverse order of starting, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+
+from coordinator import flower_runtime as fr
+from coordinator.control_plane import serve
+from coordinator.model_store import ModelStore
+from coordinator.registry.repository import Registry
+from coordinator.server_app import RUN_CONFIG_DEFAULTS, read_rounds
+from dress_model.data import load_dataset
+from dress_model.models import DressModel, create_model
+from dress_model.sparsity import parse_densities
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Endpoints:
+    host: str = "127.0.0.1"
+    superlink_port: int = 9092
+    control_port: int = 9093
+
+    @property
+    def superlink(self) -> str:
+        return f"{self.host}:{self.superlink_port}"
+
+    @property
+    def control_plane(self) -> str:
+        return f"{self.host}:{self.control_port}"
+
+
+def initial_model(run_config: Mapping[str, Any]) -> DressModel:
+    """The model the ServerApp will start from, built the same way (what agents fetch before round 1)."""
+    data = load_dataset(str(run_config["dataset"]), "test")
+    return create_model(
+        str(run_config["model"]),
+        parse_densities(str(run_config["densities"])),
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        image_size=data.images.shape[-1],
+        width=int(run_config["width"]),
+    )
+
+
+class ProcessTreeMemory:
+    """Peak resident memory of this process and all its descendants (Ray workers included)."""
+
+    def __init__(self) -> None:
+        self.peak_mb = 0.0
+        self._root = psutil.Process()
+
+    def sample(self) -> None:
+        total = 0
+        for p in [self._root, *self._root.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                continue
+        self.peak_mb = max(self.peak_mb, total / 2**20)
+
+
+class Coordinator:
+    def __init__(
+        self, state_dir: Path, run_config: Mapping[str, Any], endpoints: Endpoints, simulation: bool = False
+    ) -> None:
+        unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown run settings {unknown}")
+        self.state_dir = state_dir
+        self.run_config = {**RUN_CONFIG_DEFAULTS, **run_config, "state-dir": str(state_dir.resolve())}
+        self.endpoints = endpoints
+        self.simulation = simulation
+        self.memory = ProcessTreeMemory()
+        self.registry: Registry | None = None
+        self.server: grpc.Server | None = None
+        self.superlink: fr.ManagedProcess | None = None
+
+    def start(self) -> None:
+        """Registry and control plane first (agents register before they join Flower), then the SuperLink."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        model = initial_model(self.run_config)
+        self.registry = Registry(str(self.run_config["db-url"]) or None, state_dir=self.state_dir)
+        self.server = serve(
+            self.registry, self.endpoints.host, self.endpoints.control_port, ModelStore(self.registry, model)
+        )
+        self.superlink = fr.start_superlink(
+            self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation
+        )
+
+    def submit(self, federation_config: Mapping[str, object] | None = None) -> int:
+        app_dir = fr.write_app(self.state_dir, self.run_config)
+        return fr.submit_run(self.state_dir, app_dir, {}, federation_config)
+
+    def follow(self, run_id: int, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
+        """Block until the run finishes, reporting each round as the ServerApp logs it."""
+        assert self.superlink is not None
+        seen, last_check = 0, 0.0
+        while True:
+            self.memory.sample()
+            rounds = read_rounds(self.state_dir)
+            for entry in rounds[seen:]:
+                if on_round:
+                    on_round(entry)
+            seen = len(rounds)
+            if not self.superlink.alive():
+                raise RuntimeError(f"the SuperLink exited during the run:\n{self.superlink.tail()}")
+            if time.monotonic() - last_check > 3:
+                last_check = time.monotonic()
+                status = fr.run_status(self.state_dir, run_id)
+                if status.startswith("finished"):
+                    for entry in read_rounds(self.state_dir)[seen:]:
+                        if on_round:
+                            on_round(entry)
+                    if status != "finished:completed":
+                        raise RuntimeError(
+                            f"run {run_id} ended as {status}; log: {self.superlink.log_path}\n{self.superlink.tail(40)}"
+                        )
+                    return
+            time.sleep(1.0)
+
+    def stop(self) -> None:
+        if self.superlink is not None:
+            time.sleep(1)  # let flwr-serverapp / flwr-simulation and Ray wind down before their parent goes
+            self.superlink.stop()
+            self.superlink = None
+        if self.server is not None:
+            self.server.stop(grace=2).wait()
+            self.server = None
+        self.memory.sample()
+        if self.registry is not None:
+            self.registry.close()
+            self.registry = None

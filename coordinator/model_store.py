@@ -1,0 +1,41 @@
+"""What the control plane hands an agent that fetches a model: the newest published version, packed.
+
+A model version is a training checkpoint the ServerApp wrote and published in the registry. Packing is
+cached per (version, density) because a whole fleet fetches the same few files after each round.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from coordinator.registry.repository import Registry
+from dress_model.checkpoint import load_checkpoint
+from dress_model.models import DressModel
+from dress_model.packed import pack_checkpoint
+
+
+class ModelStore:
+    """A ``ModelProvider`` for ``coordinator.control_plane.serve``: density -> packed bytes."""
+
+    def __init__(self, registry: Registry, initial: DressModel) -> None:
+        self.registry = registry
+        self.initial = initial  # served until the first round publishes a version
+        self._lock = threading.Lock()
+
+    def __call__(self, density: float) -> bytes:
+        version = self.registry.current_model_version() or ""
+        with self._lock:
+            return self._packed(version, density)
+
+    @functools.lru_cache(maxsize=8)
+    def _packed(self, version: str, density: float) -> bytes:
+        model = self.initial
+        if version:
+            path = self.registry.model_checkpoint(version)
+            if path is None:
+                raise LookupError(f"model version {version} has no checkpoint")
+            model, _ = load_checkpoint(path)
+        if not any(abs(d - density) < 1e-9 for d in model.densities):
+            raise LookupError(f"no subnet at density {density:g}; the model has {list(model.densities)}")
+        return pack_checkpoint(model, max_density=density).to_bytes()

@@ -1,0 +1,141 @@
+"""The run directory a simulation leaves: metrics.json, report.md and PNG plots.
+
+Everything comes from two sources the deployment also writes: the ServerApp's per-round log
+(``rounds.jsonl``) and the registry (rounds, devices and their density histories).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from coordinator.registry.repository import Registry  # noqa: E402
+from dress_model.checkpoint import atomic_write  # noqa: E402
+
+
+@dataclass
+class RunSummary:
+    settings: dict[str, Any]
+    rounds: list[dict[str, Any]]  # rounds.jsonl entries
+    fleet: list[dict[str, Any]]  # per round: density -> device count, at the round's end
+    devices: int
+    wall_s: float
+    peak_rss_mb: float
+
+
+def fleet_over_time(registry: Registry) -> list[dict[str, Any]]:
+    """How many devices ran each density at the end of every recorded round."""
+    histories = {d.id: registry.device_history(d.id) for d in registry.list_devices()}
+    snapshots = []
+    for record in registry.list_rounds():
+        counts: Counter[float] = Counter()
+        for history in histories.values():
+            current = [h.density for h in history if h.assigned_at <= record.recorded_at]
+            if current:
+                counts[current[-1]] += 1
+        snapshots.append({"round": record.round, "at": record.recorded_at.isoformat(), "devices": dict(counts)})
+    return snapshots
+
+
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], kind: str = "line") -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    if kind == "stack":
+        xs = next(iter(series.values()))[0] if series else []
+        ax.stackplot(xs, *[ys for _, ys in series.values()], labels=list(series))
+    else:
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, marker="o", label=label)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if series:
+        ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
+    """Writes metrics.json, report.md, accuracy.png, fleet.png, bytes.png into ``run_dir``; returns metrics."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rounds = summary.rounds
+    densities = sorted({float(d) for r in rounds for d in r["accuracy"]}, reverse=True)
+    xs = [r["round"] for r in rounds]
+    _plot(run_dir / "accuracy.png", "Test accuracy per density", "round", "accuracy %",
+          {f"d={d:g}": (xs, [r["accuracy"][str(d)] for r in rounds]) for d in densities})
+    fleet_densities = sorted({float(d) for s in summary.fleet for d in s["devices"]}, reverse=True)
+    _plot(run_dir / "fleet.png", "Devices per assigned density", "round", "devices",
+          {f"d={d:g}": ([s["round"] for s in summary.fleet], [s["devices"].get(d, 0) for s in summary.fleet])
+           for d in fleet_densities}, kind="stack")
+    _plot(run_dir / "bytes.png", "Bytes on the wire per round", "round", "MB",
+          {"down": (xs, [sum(map(sum, r["bytes_down"].values())) / 1e6 for r in rounds]),
+           "up": (xs, [sum(map(sum, r["bytes_up"].values())) / 1e6 for r in rounds])})
+
+    per_density_bytes = {}
+    for r in rounds:
+        for d, sizes in r["bytes_down"].items():
+            per_density_bytes.setdefault(d, {"down": [], "up": []})["down"] += sizes
+        for d, sizes in r["bytes_up"].items():
+            per_density_bytes.setdefault(d, {"down": [], "up": []})["up"] += sizes
+    bytes_rows = [
+        {"density": float(d), "down": _mean(v["down"]), "up": _mean(v["up"])}
+        for d, v in sorted(per_density_bytes.items(), key=lambda kv: -float(kv[0]))
+    ]
+    final = rounds[-1]["accuracy"] if rounds else {}
+    metrics = {
+        "settings": summary.settings,
+        "devices": summary.devices,
+        "rounds": len(rounds),
+        "wall_s": round(summary.wall_s, 1),
+        "peak_rss_mb": round(summary.peak_rss_mb, 1),
+        "accuracy": [{"density": float(d), "accuracy": a} for d, a in sorted(final.items(), key=lambda kv: -float(kv[0]))],
+        "bytes": bytes_rows,
+        "per_round": rounds,
+        "fleet": summary.fleet,
+    }
+    atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
+    lines = [
+        f"# DRESS fleet simulation — {summary.devices} devices, {len(rounds)} rounds",
+        "",
+        f"Finished {datetime.now().isoformat(timespec='seconds')}; wall {summary.wall_s:.0f} s; "
+        f"peak RSS (all processes) {summary.peak_rss_mb:.0f} MB.",
+        "",
+        "Settings: " + ", ".join(f"`{k}={v}`" for k, v in summary.settings.items()),
+        "",
+        "## Final accuracy per density",
+        "",
+        "| density | accuracy % |",
+        "|---|---|",
+        *[f"| {row['density']:g} | {row['accuracy']:.2f} |" for row in metrics["accuracy"]],
+        "",
+        "## Bytes per device per round (mean)",
+        "",
+        "| density | down | up |",
+        "|---|---|---|",
+        *[f"| {row['density']:g} | {row['down']:,.0f} | {row['up']:,.0f} |" for row in bytes_rows],
+        "",
+        "## Rounds",
+        "",
+        "| round | participants | wall s | slowest device compute s |",
+        "|---|---|---|---|",
+        *[f"| {r['round']} | {len(r['participants'])} | {r['wall_s']:.1f} | {r['compute_s']:.1f} |" for r in rounds],
+        "",
+        "![accuracy](accuracy.png) ![fleet](fleet.png) ![bytes](bytes.png)",
+        "",
+    ]
+    atomic_write(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
+    return metrics
+
+
+def _mean(values: list[int]) -> float:
+    return sum(values) / len(values) if values else 0.0

@@ -1,0 +1,66 @@
+"""Calibration on this machine: one point per density, sparser never costlier beyond noise."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from agent.calibration import DATASET_SHAPES, activation_bytes, calibrate, dataset_input_shape, initial_model
+from dress_model.data import DATASETS
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """What `dress-agent join` runs with by default: timings on a shared 2-core box stay meaningful."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_calibration_covers_every_density_and_sparser_is_cheaper() -> None:
+    packed = initial_model("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 16)
+    packed.set_density(0.5)
+    points = calibrate(packed, dataset_input_shape("fashion-mnist"), repeats=15)
+    assert [p.density for p in points] == [1.0, 0.5, 0.25, 0.1]  # densest first, as the registry stores it
+    assert packed.active_density == 0.5  # restored
+    by_density = {p.density: p for p in points}
+    assert all(p.latency_ms > 0 for p in points)
+    assert by_density[0.1].latency_ms < by_density[1.0].latency_ms * 1.5  # weakly: timing noise is real
+    memory = [p.memory_mb for p in points]
+    assert memory == sorted(memory, reverse=True) and len(set(memory)) == len(memory)
+    activations = activation_bytes(packed, torch.zeros(1, 1, 28, 28))
+    assert by_density[1.0].memory_mb == pytest.approx((packed.nbytes(1.0) + activations) / 2**20)
+
+
+def test_activation_peak_covers_the_largest_layer() -> None:
+    packed = initial_model("cnn", "1,0.5", "fashion-mnist", 16)
+    peak = activation_bytes(packed, torch.zeros(1, 1, 28, 28))
+    assert peak >= 4 * (28 * 28 + 16 * 28 * 28)  # at least the stem's input and its 16-channel output
+
+
+def test_initial_model_follows_the_declared_architecture() -> None:
+    assert set(DATASET_SHAPES) == set(DATASETS)
+    packed = initial_model("cnn", "0.5,1", "cifar10", 8)
+    assert packed.densities == (0.5, 1.0)
+    assert (packed.arch.in_channels, packed.arch.image_size, packed.arch.width) == (3, 32, 8)
+    assert packed(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("cnn", "1,0.5", "imagenet", 16), "unknown dataset 'imagenet'; expected one of fashion-mnist, mnist, cifar10"),
+    (("vgg", "1,0.5", "mnist", 16), "unknown model 'vgg'"),
+    (("cnn", "1,1.5", "mnist", 16), "every density must be in (0, 1]"),
+])
+def test_bad_architecture_options(args: tuple, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        initial_model(*args)
+    assert message in str(caught.value)
+
+
+def test_calibrate_refuses_no_repeats() -> None:
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        calibrate(initial_model("cnn", "1", "mnist", 4), (1, 28, 28), repeats=0)

@@ -1,0 +1,165 @@
+"""`dress-agent`: refusals with clear messages, and one whole `join` (a real process) from start to SIGTERM.
+
+The joined agent's SuperNode points at a SuperLink that does not exist: it keeps retrying, which is all this
+test needs from it (starting, and stopping with nothing left behind). Training through it is the lead's
+end-to-end test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from typer.testing import CliRunner
+
+from agent.calibration import initial_model
+from agent.cli import app
+from coordinator import control_plane
+from coordinator.registry import Registry
+
+DRESS_AGENT = Path(sys.executable).parent / "dress-agent"
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())  # rich wraps long lines
+
+
+def _join(*extra: str, coordinator: str = "127.0.0.1:1") -> tuple[int, str]:
+    return _run("join", "--coordinator", coordinator, "--superlink", "127.0.0.1:2", *extra)
+
+
+def test_help_explains_the_commands() -> None:
+    code, output = _run("--help")
+    assert code == 0
+    for command in ("join", "predict", "status"):
+        assert command in output
+
+
+def test_unknown_profile_lists_the_valid_ones() -> None:
+    code, output = _join("--device", "pi9")
+    assert code == 2
+    assert "unknown device profile 'pi9'; valid profiles: jetson-nano, jetson-orin-nano, laptop-x86, phone, " \
+           "pi4, pi5" in output
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (("--coordinator", "localhost"), "--coordinator must be HOST:PORT, got 'localhost'"),
+    (("--coordinator", "h:99999"), "--coordinator must be HOST:PORT, got 'h:99999'"),
+    (("--name", "my pi"), "--name must be 1-128 letters, digits"),
+    (("--partition-id", "3", "--num-partitions", "3"), "--partition-id must be below --num-partitions (3), got 3"),
+    (("--densities", "1,2"), "every density must be in (0, 1]"),
+    (("--dataset", "imagenet"), "unknown dataset 'imagenet'"),
+])
+def test_bad_options_exit_2_with_the_reason(extra: tuple[str, ...], message: str) -> None:
+    code, output = _join("--device", "pi4", *extra)
+    assert code == 2
+    assert message in output
+
+
+def test_bad_budget_trace_says_which_line(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    trace.write_text("t_s,latency_ms,memory_mb\n0,100,512\n5,100\n")
+    code, output = _join("--device", "pi4", "--budget-trace", str(trace))
+    assert code == 2
+    assert f"{trace}:3: expected 3 values" in output
+
+
+def test_unreachable_coordinator() -> None:
+    address = f"127.0.0.1:{_port()}"
+    start = time.monotonic()
+    code, output = _join("--device", "pi4", "--connect-timeout", "0.5", coordinator=address)
+    assert code == 1
+    assert f"cannot reach coordinator at {address}" in output
+    assert time.monotonic() - start < 5
+
+
+def test_predict_against_no_agent() -> None:
+    address = f"127.0.0.1:{_port()}"
+    code, output = _run("predict", "--agent", address, "--timeout", "1")
+    assert code == 1
+    assert f"cannot reach agent at {address}" in output
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
+    """A real control plane with model version v1 published."""
+    model = initial_model("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 16)
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.sqlite3'}")
+    registry.add_model_version("v1", "/models/v1", model.densities)
+    port = _port()
+    server = control_plane.serve(registry, "127.0.0.1", port, lambda density: model.to_bytes())
+    yield f"127.0.0.1:{port}", registry
+    server.stop(grace=None).wait()
+    registry.close()
+
+
+def _serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+        except grpc.RpcError:
+            return False
+    return answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
+    tmp_path: Path, coordinator: tuple[str, Registry]
+) -> None:
+    address, registry = coordinator
+    trace = tmp_path / "trace.csv"  # 100 MB: every subnet fits (the densest needs ~1.3 MB); 0.5 MB: up to 0.25
+    trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n2,1000,0.5\n")
+    predict = f"127.0.0.1:{_port()}"
+    agent = subprocess.Popen(
+        [str(DRESS_AGENT), "join", "--device", "pi4", "--name", "pi-test", "--coordinator", address,
+         "--superlink", f"127.0.0.1:{_port()}", "--serve-port", predict.rpartition(":")[2],
+         "--supernode-port", str(_port()), "--budget-trace", str(trace), "--heartbeat-interval", "0.2",
+         "--state-dir", str(tmp_path / "agent"), "--calibration-repeats", "5", "--partition-id", "1",
+         "--num-partitions", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})
+    try:
+        deadline = time.monotonic() + 60
+        while not _serving(predict):
+            assert agent.poll() is None, agent.communicate()[0]
+            assert time.monotonic() < deadline, "agent did not start serving"
+            time.sleep(0.2)
+        children = psutil.Process(agent.pid).children(recursive=True)
+        supernode = next(" ".join(c.cmdline()) for c in children if "flower-supernode" in " ".join(c.cmdline()))
+        assert 'device-id="pi-test" profile="pi4" partition-id=1 num-partitions=4' in supernode
+
+        code, output = _run("status", "--agent", predict)
+        assert code == 0 and "pi-test (pi4)" in output and "model version v1" in output
+        deadline = time.monotonic() + 10
+        while "density 0.25 (assigned 0.25)" not in _run("status", "--agent", predict)[1]:
+            assert time.monotonic() < deadline, "the trace's tight budget never moved the served density"
+            time.sleep(0.1)
+        assert [d.current_density for d in registry.list_devices() if d.name == "pi-test"] == [0.25]
+        code, output = _run("predict", "--agent", predict, "--density-only")
+        assert (code, output) == (0, "0.25")
+        code, output = _run("predict", "--agent", predict, "--index", "3")
+        assert code == 0 and "image 3: predicted class" in output and "density 0.25" in output
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        output, _ = agent.communicate(timeout=30)
+    assert agent.returncode == 0, output
+    assert "shutting down: budget monitor, Predict server, SuperNode" in output
+    assert "dress-agent pi-test stopped" in output
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not _serving(predict)
+    assert (tmp_path / "agent" / "logs" / "supernode-pi-test.log").is_file()  # under --state-dir, as printed

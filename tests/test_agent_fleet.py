@@ -1,0 +1,408 @@
+"""The agent against a real coordinator (control plane + registry on SQLite) over loopback gRPC.
+
+Predict and its bad inputs, density switches that do not reload, model versions fetched, verified and
+swapped, and the budget monitor moving the served density (and the registry's row) heartbeat by heartbeat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.budget import TraceBudget, TracePoint
+from agent.calibration import initial_model
+from agent.monitor import BudgetMonitor
+from agent.serving import (
+    MAX_BATCH,
+    SERVICE_NAME,
+    AgentIdentity,
+    AgentServer,
+    ModelFetchError,
+    ModelUpdater,
+    ServedModel,
+    fetch_model,
+    runnable_density,
+    serve,
+)
+from coordinator import control_plane
+from coordinator.policy import Budget, CalibrationPoint
+from coordinator.registry import AssignmentReason, Registry
+from dress_model.packed import PackedModel
+from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
+DENSITIES = "1,0.5,0.25,0.1"
+# 100 ms / 800 MB dense down to 10 ms / 80 MB at 0.1; pi4's first density is 0.25 (its tight end is 256 MB).
+CALIBRATION = [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+LOOSE, TIGHT = Budget(1000, 10_000), Budget(1000, 300)  # densest subnet fits / 0.25 is the densest that fits
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _image(batch: int | None = None) -> tuple[torch.Tensor, agent_pb.PredictRequest]:
+    x = torch.randn(batch or 1, 1, 28, 28, generator=torch.Generator().manual_seed(batch or 1))
+    shape = list(x.shape) if batch else list(x.shape[1:])
+    return x, agent_pb.PredictRequest(input=x.reshape(-1).tolist(), shape=shape)
+
+
+def _until(condition: Callable[[], bool], timeout: float) -> float:
+    """Seconds until `condition` held; fails the test after `timeout`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+class Coordinator:
+    """A registry plus the real control plane, and the packed models it hands out per version."""
+
+    def __init__(self, tmp_path: Path, port: int) -> None:
+        self.registry = Registry(f"sqlite:///{tmp_path / 'registry.sqlite3'}")
+        self.port, self.address = port, f"127.0.0.1:{port}"
+        self.model: PackedModel | None = None
+        self.server: grpc.Server | None = None
+
+    def provide(self, density: float) -> bytes:
+        if self.model is None:
+            raise LookupError("nothing published")
+        return PackedModel.from_dress(self.model.to_dress().eval(), max_density=density).to_bytes()
+
+    def publish(self, version: str, model: PackedModel) -> None:
+        self.model = model  # before the registry announces it, so a fetch never sees the version without it
+        self.registry.add_model_version(version, f"/models/{version}", model.densities)
+
+    def start(self) -> None:
+        # looked up per request, so a test can swap in another provider
+        self.server = control_plane.serve(self.registry, "127.0.0.1", self.port, lambda d: self.provide(d),
+                                          max_workers=4)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop(grace=None).wait()
+        self.registry.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
+    c = Coordinator(tmp_path, _port())
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def stub(coordinator: Coordinator) -> Iterator[pb_grpc.ControlPlaneStub]:
+    with grpc.insecure_channel(coordinator.address) as channel:
+        yield pb_grpc.ControlPlaneStub(channel)
+
+
+@pytest.fixture
+def device_id(coordinator: Coordinator) -> int:
+    return coordinator.registry.register_device("pi-kitchen", "pi4", CALIBRATION).device_id
+
+
+@pytest.fixture
+def served() -> ServedModel:
+    return ServedModel(initial_model("cnn", DENSITIES, "fashion-mnist", 8), 1.0)
+
+
+@pytest.fixture
+def agent(served: ServedModel) -> Iterator[AgentServer]:
+    server = serve(served, AgentIdentity("pi-kitchen", 7, "pi4"), "127.0.0.1", 0)
+    yield server
+    server.stop(grace=0)
+
+
+@pytest.fixture
+def agent_stub(agent: AgentServer) -> Iterator[agent_grpc.AgentStub]:
+    with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
+        yield agent_grpc.AgentStub(channel)
+
+
+def _buffers(packed: PackedModel) -> list[int]:
+    return [t.data_ptr() for _, layer in packed.packed_layers() for t in (layer.values, layer.indices)]
+
+
+# -- Predict -------------------------------------------------------------------------------------------------
+
+
+def test_predict_answers_and_switches_density_without_reloading(
+    served: ServedModel, agent: AgentServer, agent_stub: agent_grpc.AgentStub
+) -> None:
+    packed, buffers = served.packed, _buffers(served.packed)
+    x, request = _image()
+    answer = agent_stub.Predict(request)
+    assert list(answer.shape) == [1, 10] and answer.density == 1.0 and answer.latency_ms > 0
+    assert torch.allclose(torch.tensor(answer.logits), packed(x).reshape(-1), atol=1e-5)
+
+    assert served.set_density(0.25) == 0.25
+    sparse = agent_stub.Predict(request)
+    assert sparse.density == 0.25
+    packed.set_density(0.25)
+    assert torch.allclose(torch.tensor(sparse.logits), packed(x).reshape(-1), atol=1e-5)
+    assert not torch.allclose(torch.tensor(sparse.logits), torch.tensor(answer.logits))
+    assert served.packed is packed and _buffers(packed) == buffers  # same buffers: a switch, not a reload
+
+    xs, batch = _image(batch=3)
+    answer = agent_stub.Predict(batch)
+    assert list(answer.shape) == [3, 10]
+    assert torch.allclose(torch.tensor(answer.logits).reshape(3, 10), packed(xs), atol=1e-5)
+
+
+def test_assignments_between_stored_densities_run_the_densest_that_fits() -> None:
+    stored = (0.1, 0.25, 0.5, 1.0)
+    assert runnable_density(stored, 0.3) == 0.25
+    assert runnable_density(stored, 1.0) == 1.0
+    assert runnable_density(stored, 0.05) == 0.1  # nothing fits: the sparsest is the least bad
+
+
+@pytest.mark.parametrize(("values", "shape", "message"), [
+    ([], [1, 28, 28], "input is empty"),
+    ([0.0] * 784, [784], "shape must be [C, H, W] or [N, C, H, W]"),
+    ([0.0] * 784, [1, 0, 28, 28], "of positive sizes"),
+    ([0.0] * 783, [1, 28, 28], "shape [1, 28, 28] needs 784 values, got 783"),
+    ([0.0] * 3 * 32 * 32, [3, 32, 32], "input shape [3, 32, 32] does not match the model's [C, H, W] = [1, 28, 28]"),
+    ([0.0] * 783 + [float("nan")], [1, 28, 28], "1 NaN or infinite values"),
+    ([float("inf")] * 784, [1, 28, 28], "784 NaN or infinite values"),
+    ([0.0] * (MAX_BATCH + 1), [MAX_BATCH + 1, 1, 1, 1], f"at most {MAX_BATCH} per request"),
+])
+def test_bad_predict_input_is_invalid_argument(
+    agent_stub: agent_grpc.AgentStub, values: list[float], shape: list[int], message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        agent_stub.Predict(agent_pb.PredictRequest(input=values, shape=shape))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in caught.value.details()
+
+
+def test_health_and_status(agent: AgentServer, agent_stub: agent_grpc.AgentStub, served: ServedModel) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    served.set_density(0.3)
+    status = agent_stub.Status(agent_pb.StatusRequest())
+    assert (status.name, status.device_id, status.profile) == ("pi-kitchen", 7, "pi4")
+    assert (status.density, status.assigned_density, status.model_version) == (0.25, 0.3, "")
+    assert list(status.densities) == [0.1, 0.25, 0.5, 1.0]
+
+
+# -- model versions ------------------------------------------------------------------------------------------
+
+
+def test_new_version_is_fetched_verified_and_swapped_atomically(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel,
+    agent_stub: agent_grpc.AgentStub,
+) -> None:
+    served.set_density(0.5)
+    trained = initial_model("cnn", DENSITIES, "fashion-mnist", 8)
+    coordinator.publish("v1", trained)
+    updater = ModelUpdater(served, stub, device_id, fetch_density=1.0)
+    updater("v1")
+    assert served.version == "v1" and served.packed.densities == (0.1, 0.25, 0.5, 1.0)
+    x, request = _image()
+    answer = agent_stub.Predict(request)
+    trained.set_density(0.5)
+    assert answer.density == 0.5  # the assignment carries over to the new model
+    assert torch.allclose(torch.tensor(answer.logits), trained(x).reshape(-1), atol=1e-5)
+    assert agent_stub.Status(agent_pb.StatusRequest()).model_version == "v1"
+
+    swapped = served.packed
+    updater("v1")  # already served: no download
+    assert served.packed is swapped
+
+
+def test_fetch_at_a_lower_density_stores_only_the_subnets_up_to_it(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int
+) -> None:
+    coordinator.publish("v1", initial_model("cnn", DENSITIES, "fashion-mnist", 8))
+    fetched = fetch_model(stub, device_id, 0.25)
+    assert fetched.version == "v1" and fetched.packed.densities == (0.1, 0.25)
+    assert fetched.nbytes == len(coordinator.provide(0.25))
+
+
+def test_failed_fetches_leave_the_served_model_alone(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+) -> None:
+    before = served.packed
+    updater = ModelUpdater(served, stub, device_id, fetch_density=1.0)
+    with pytest.raises(ModelFetchError, match="NOT_FOUND: no packed model at density 1"):
+        updater("v1")
+    with pytest.raises(ModelFetchError, match="INVALID_ARGUMENT: device .* is not calibrated at density 0.3"):
+        fetch_model(stub, device_id, 0.3)
+    coordinator.provide = lambda density: b"not a model"  # type: ignore[method-assign]
+    with pytest.raises(ModelFetchError, match="is not a packed DRESS model"):
+        updater("v1")
+    assert served.packed is before and served.version == ""
+
+
+class TamperingControlPlane(pb_grpc.ControlPlaneServicer):
+    """Streams whatever chunks a test scripts: what a broken network or a confused server could send."""
+
+    def __init__(self) -> None:
+        self.chunks: list[pb.ModelChunk] = []
+
+    def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        yield from self.chunks
+
+
+@pytest.fixture
+def tampering() -> Iterator[tuple[TamperingControlPlane, pb_grpc.ControlPlaneStub]]:
+    servicer = TamperingControlPlane()
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ControlPlaneServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield servicer, pb_grpc.ControlPlaneStub(channel)
+    server.stop(grace=None).wait()
+
+
+def test_corrupt_downloads_are_refused(tampering: tuple[TamperingControlPlane, pb_grpc.ControlPlaneStub]) -> None:
+    servicer, stub = tampering
+    data = initial_model("cnn", "1,0.5", "mnist", 4).to_bytes()
+    digest, half = hashlib.sha256(data).hexdigest(), len(data) // 2
+
+    def chunk(payload: bytes, offset: int, **overrides: object) -> pb.ModelChunk:
+        fields = {"total_size": len(data), "sha256": digest, "model_version": "v9", "density": 1.0, **overrides}
+        return pb.ModelChunk(data=payload, offset=offset, **fields)
+
+    cases = [
+        ([], "FetchModel answered no chunks"),
+        ([chunk(data[:half], 0)], f"ended after {half:,} of {len(data):,} bytes"),
+        ([chunk(data[:half], 0), chunk(data[half + 1:], half + 1)], f"at offset {half + 1} does not follow"),
+        ([chunk(data + b"x", 0)], "does not follow"),
+        ([chunk(data[:half], 0), chunk(data[half:], half, model_version="v10")], "chunks disagree"),
+        ([chunk(data[:-1] + bytes([data[-1] ^ 1]), 0)], "failed its sha256 check"),
+        ([chunk(b"", 0, total_size=1 << 40)], "announced a 1,099,511,627,776-byte model"),
+    ]
+    for chunks, message in cases:
+        servicer.chunks = chunks
+        with pytest.raises(ModelFetchError) as caught:
+            fetch_model(stub, 1, 1.0)
+        assert message in str(caught.value)
+    servicer.chunks = [chunk(data[:half], 0), chunk(data[half:], half)]
+    assert fetch_model(stub, 1, 1.0).version == "v9"
+
+
+# -- budget monitor ------------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _monitor(stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel, trace: TraceBudget,
+             interval: float = 0.05, **kwargs: object) -> BudgetMonitor:
+    return BudgetMonitor(stub, device_id, trace, density=served.assigned_density, model_version=served.version,
+                         on_density=served.set_density,
+                         on_model_version=ModelUpdater(served, stub, device_id, fetch_density=1.0),
+                         interval=interval, **kwargs)  # type: ignore[arg-type]
+
+
+def test_budget_changes_move_the_served_density_and_the_registry_row(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+) -> None:
+    registry, clock = coordinator.registry, Clock()
+    served.set_density(registry.current_density(device_id))  # as `join` does with Register's answer
+    assert served.state().density == 0.25
+    buffers = _buffers(served.packed)
+    trace = TraceBudget([TracePoint(0, LOOSE), TracePoint(10, TIGHT), TracePoint(20, LOOSE)], clock)
+    monitor = _monitor(stub, device_id, served, trace, interval=0.1)
+
+    assert monitor.heartbeat_now().changed
+    assert served.state().density == registry.current_density(device_id) == 1.0
+    clock.now = 10
+    monitor.heartbeat_now()
+    assert served.state().density == registry.current_density(device_id) == 0.25
+    assert _buffers(served.packed) == buffers
+
+    monitor.start()
+    try:
+        time.sleep(0.15)
+        clock.now = 20
+        took = _until(lambda: served.state().density == 1.0, timeout=5)
+        assert took < 0.1 + 1.0  # one interval, plus the round trip on a busy machine
+        assert registry.current_density(device_id) == 1.0
+    finally:
+        monitor.stop()
+    history = registry.device_history(device_id)
+    assert [(h.density, h.reason) for h in history[-3:]] == [
+        (1.0, AssignmentReason.BUDGET_CHANGE), (0.25, AssignmentReason.BUDGET_CHANGE),
+        (1.0, AssignmentReason.BUDGET_CHANGE)]
+    assert history[-2].budget == TIGHT
+
+
+def test_monitor_swaps_in_a_published_version(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+) -> None:
+    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
+    monitor.heartbeat_now()
+    assert served.version == "" and monitor.model_version == ""
+    coordinator.publish("v1", initial_model("cnn", DENSITIES, "fashion-mnist", 8))
+    assert monitor.heartbeat_now().model_version == "v1"
+    assert served.version == monitor.model_version == "v1"
+    assert served.state().density == 0.25
+
+
+def test_monitor_retries_a_failing_model_download_at_the_next_heartbeat(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+) -> None:
+    coordinator.registry.add_model_version("v1", "/models/v1", [1.0])  # announced, but not downloadable yet
+    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
+    assert monitor.heartbeat_now().density == 0.25  # the heartbeat itself works
+    assert served.version == monitor.model_version == "" and served.state().density == 0.25
+    coordinator.model = initial_model("cnn", DENSITIES, "fashion-mnist", 8)
+    monitor.heartbeat_now()
+    assert served.version == monitor.model_version == "v1"
+
+
+def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedModel) -> None:
+    coordinator = Coordinator(tmp_path, _port())  # registry ready, control plane not started yet
+    device_id = coordinator.registry.register_device("pi-kitchen", "pi4", CALIBRATION).device_id
+    fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
+                      ("grpc.max_reconnect_backoff_ms", 100)]
+    with grpc.insecure_channel(coordinator.address, options=fast_reconnect) as channel:
+        stub = pb_grpc.ControlPlaneStub(channel)
+        monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]), interval=0.02,
+                           rpc_timeout=0.5, max_backoff=0.1)
+        with pytest.raises(grpc.RpcError) as caught:
+            monitor.heartbeat_now()
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        monitor.start()
+        try:
+            _until(lambda: monitor.failures >= 3, timeout=5)
+            assert 0.02 <= monitor.next_delay() <= 0.1  # backing off, capped
+            assert served.state().density == 1.0  # still serving the last assignment
+            coordinator.start()
+            _until(lambda: monitor.failures == 0 and served.state().density == 0.25, timeout=5)
+            assert coordinator.registry.current_density(device_id) == 0.25
+        finally:
+            start = time.monotonic()
+            monitor.stop()
+            assert time.monotonic() - start < 1.0
+            coordinator.stop()
+    monitor.stop()  # idempotent
+    assert not any(t.name.startswith("budget-monitor") for t in threading.enumerate())
