@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Annotated, Optional
@@ -232,6 +233,10 @@ def infer_cmd(
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 coordinator_app = typer.Typer(help="Run the fleet coordinator: registry, control plane, Flower SuperLink, DRESS run.")
 app.add_typer(coordinator_app, name="coordinator")
 
@@ -272,6 +277,7 @@ def coordinator_start_cmd(
         "epochs": epochs, "max-examples": max_examples, "seed": seed, "db-url": db or "",
     }  # fmt: skip
     coordinator = Coordinator(state_dir, run_config, Endpoints(host, superlink_port, control_port))
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop gets the same orderly shutdown as Ctrl-C
     try:
         coordinator.start()
         console.print(f"[bold]SuperLink[/]      {coordinator.endpoints.superlink}  (agents: --superlink)")
@@ -286,7 +292,9 @@ def coordinator_start_cmd(
             console.print(f"round {entry['round']}: {len(entry['participants'])} devices trained; accuracy {acc}")
 
         coordinator.follow(run_id, on_round)
-        console.print("Run finished.")
+        console.print("Run finished; the control plane keeps serving the fleet. Ctrl-C stops.")
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         console.print("Stopping…")
     except (RuntimeError, TimeoutError, DataError, OSError) as e:

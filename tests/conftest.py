@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -73,8 +73,19 @@ def calibration() -> list[CalibrationPoint]:
     return [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
 
 
-@pytest.fixture
-def free_port() -> int:
+def pick_port() -> int:
+    """A loopback port nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    return pick_port()
+
+
+@pytest.fixture
+def port_factory() -> Callable[[], int]:
+    """For tests that need several ports."""
+    return pick_port

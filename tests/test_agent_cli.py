@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+from conftest import pick_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
@@ -28,12 +28,6 @@ from coordinator import control_plane
 from coordinator.registry import Registry
 
 DRESS_AGENT = Path(sys.executable).parent / "dress-agent"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(*args: str) -> tuple[int, str]:
@@ -82,7 +76,7 @@ def test_bad_budget_trace_says_which_line(tmp_path: Path) -> None:
 
 
 def test_unreachable_coordinator() -> None:
-    address = f"127.0.0.1:{_port()}"
+    address = f"127.0.0.1:{pick_port()}"
     start = time.monotonic()
     code, output = _join("--device", "pi4", "--connect-timeout", "0.5", coordinator=address)
     assert code == 1
@@ -91,7 +85,7 @@ def test_unreachable_coordinator() -> None:
 
 
 def test_predict_against_no_agent() -> None:
-    address = f"127.0.0.1:{_port()}"
+    address = f"127.0.0.1:{pick_port()}"
     code, output = _run("predict", "--agent", address, "--timeout", "1")
     assert code == 1
     assert f"cannot reach agent at {address}" in output
@@ -103,7 +97,7 @@ def coordinator(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
     model = initial_model("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 16)
     registry = Registry(f"sqlite:///{tmp_path / 'registry.sqlite3'}")
     registry.add_model_version("v1", "/models/v1", model.densities)
-    port = _port()
+    port = pick_port()
     server = control_plane.serve(registry, "127.0.0.1", port, lambda density: model.to_bytes())
     yield f"127.0.0.1:{port}", registry
     server.stop(grace=None).wait()
@@ -125,11 +119,11 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
     address, registry = coordinator
     trace = tmp_path / "trace.csv"  # 100 MB: every subnet fits (the densest needs ~1.3 MB); 0.5 MB: up to 0.25
     trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n2,1000,0.5\n")
-    predict = f"127.0.0.1:{_port()}"
+    predict = f"127.0.0.1:{pick_port()}"
     agent = subprocess.Popen(
         [str(DRESS_AGENT), "join", "--device", "pi4", "--name", "pi-test", "--coordinator", address,
-         "--superlink", f"127.0.0.1:{_port()}", "--serve-port", predict.rpartition(":")[2],
-         "--supernode-port", str(_port()), "--budget-trace", str(trace), "--heartbeat-interval", "0.2",
+         "--superlink", f"127.0.0.1:{pick_port()}", "--serve-port", predict.rpartition(":")[2],
+         "--supernode-port", str(pick_port()), "--budget-trace", str(trace), "--heartbeat-interval", "0.2",
          "--state-dir", str(tmp_path / "agent"), "--calibration-repeats", "5", "--partition-id", "1",
          "--num-partitions", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "200"})

@@ -7,7 +7,6 @@ swapped, and the budget monitor moving the served density (and the registry's ro
 from __future__ import annotations
 
 import hashlib
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import pick_port
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -47,12 +47,6 @@ DENSITIES = "1,0.5,0.25,0.1"
 # 100 ms / 800 MB dense down to 10 ms / 80 MB at 0.1; pi4's first density is 0.25 (its tight end is 256 MB).
 CALIBRATION = [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
 LOOSE, TIGHT = Budget(1000, 10_000), Budget(1000, 300)  # densest subnet fits / 0.25 is the densest that fits
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image(batch: int | None = None) -> tuple[torch.Tensor, agent_pb.PredictRequest]:
@@ -101,7 +95,7 @@ class Coordinator:
 
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
-    c = Coordinator(tmp_path, _port())
+    c = Coordinator(tmp_path, pick_port())
     c.start()
     yield c
     c.stop()
@@ -380,7 +374,7 @@ def test_monitor_retries_a_failing_model_download_at_the_next_heartbeat(
 
 
 def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedModel) -> None:
-    coordinator = Coordinator(tmp_path, _port())  # registry ready, control plane not started yet
+    coordinator = Coordinator(tmp_path, pick_port())  # registry ready, control plane not started yet
     device_id = coordinator.registry.register_device("pi-kitchen", "pi4", CALIBRATION).device_id
     fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
                       ("grpc.max_reconnect_backoff_ms", 100)]

@@ -36,7 +36,7 @@ def test_train_then_evaluate(tmp_path) -> None:
         (["--densities", "1,0.5,0.5"], "repeat"),
         (["--dataset", "imagenet"], "unknown dataset"),
         (["--model", "vgg"], "unknown model"),
-        (["--bn", "group"], "unknown --bn"),
+        (["--bn-affine", "group"], "unknown --bn-affine"),
         (["--loss-weights", "1,2"], "needs 4 values"),
         (["--loss-weights", "a,b,c,d"], "comma-separated numbers"),
     ],

@@ -55,7 +55,7 @@ def close(y: torch.Tensor, ref: torch.Tensor, terms: int) -> None:
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * max(1.0, math.sqrt(terms)))
 
 
-@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 16, 17, 32, 33])
+@pytest.mark.parametrize("batch", [1, 3, 5, 16, 17, 33])
 @pytest.mark.parametrize("rows,cols,densities", [(37, 53, [0.1, 0.5, 1.0]), (64, 129, [0.05, 0.25, 0.5, 1.0]), (3, 7, [0.5])])
 def test_linear_every_prefix_matches_reference(isa, batch, rows, cols, densities):
     w, order, (values, indices, bands) = make_layer(rows, cols, densities, seed=batch)
@@ -122,14 +122,24 @@ def test_linear_fused_epilogue(isa, batch):
     close(packed_linear(x, values, indices, bands[:1], rows, scale=scale), acc * scale, cols)
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_thread_counts_agree(threads):
-    rows, cols = 50, 90
-    _, _, (values, indices, bands) = make_layer(rows, cols, [0.5, 1.0])
-    for batch in (1, 24):
+@pytest.mark.parametrize("threads", [2, 3])
+def test_parallel_paths_match_reference(isa, threads):
+    """Layers big enough that the kernels really split work across threads (small ones run on one)."""
+    rows, cols = 256, 520
+    w, order, (values, indices, bands) = make_layer(rows, cols, [0.5, 1.0])
+    for batch in (1, 32):
         x = torch.randn(batch, cols)
-        y = packed_linear(x, values, indices, bands, rows, threads=threads)
-        close(y, reference_linear(x, values, indices, bands, rows), cols)
+        close(packed_linear(x, values, indices, bands, rows, threads=threads), F.linear(x, w), cols)
+    C, rows = 32, 64
+    w, order, (values, indices, bands) = make_layer(rows, C * 9, [0.5, 1.0])
+    for batch in (1, 2, 5):  # fewer images than threads, and enough for one image per thread
+        x = torch.randn(batch, C, 16, 13)
+        y = packed_conv2d(x, values, indices, bands, rows, 3, 1, 1, threads=threads)
+        close(y, F.conv2d(x, w.view(rows, C, 3, 3), padding=1), C * 9)
+    x = torch.randn(2, C, 16, 16)  # stride-1 1x1 conv read in place
+    w, order, (values, indices, bands) = make_layer(256, C, [1.0])
+    y = packed_conv2d(x, values, indices, bands, 256, 1, threads=threads)
+    close(y, F.conv2d(x, w.view(256, C, 1, 1)), C)
 
 
 CONV_CASES = [

@@ -1,0 +1,60 @@
+"""Counting aggregation: each weight is averaged over the devices that trained it, by examples."""
+
+import torch
+
+from coordinator.aggregation import Update, aggregate
+from dress_model.models import create_model
+from dress_model.packed import PackedModel
+from protos.flower_messages import upload_state
+
+
+def device_update(model, density: float, delta: float, examples: int) -> Update:
+    """What a device at ``density`` would send back if training added ``delta`` to every weight it holds."""
+    sent = PackedModel.from_dress(model, max_density=density)
+    trained = sent.to_dress()
+    with torch.no_grad():
+        for _, layer in trained.sparse_layers():
+            layer.weight.add_(delta * layer.mask(density))
+        trained.fc2.weight.add_(delta)
+    return Update(sent, upload_state(PackedModel.from_dress(trained)), examples)
+
+
+def test_each_weight_averages_over_the_devices_that_trained_it() -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.1", width=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = {name: (layer.mask(0.1).clone(), layer.mask(0.5).clone()) for name, layer in model.sparse_layers()}
+    aggregate(model, [device_update(model, 0.1, 1.0, examples=300), device_update(model, 0.5, 4.0, examples=100)])
+    after = model.state_dict()
+    for name, (m01, m05) in masks.items():
+        diff = after[f"{name}.weight"] - before[f"{name}.weight"]
+        both = m01.bool()
+        only_dense = m05.bool() & ~both
+        nobody = ~m05.bool()
+        torch.testing.assert_close(diff[both], torch.full_like(diff[both], (300 * 1.0 + 100 * 4.0) / 400))
+        torch.testing.assert_close(diff[only_dense], torch.full_like(diff[only_dense], 4.0))
+        assert (diff[nobody] == 0).all(), "weights nobody trained keep their value"
+    torch.testing.assert_close(after["fc2.weight"] - before["fc2.weight"], torch.full_like(before["fc2.weight"], 1.75))
+
+
+def test_per_density_bn_rows_average_only_over_devices_that_have_them() -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.1", width=4).eval()
+    before = model.bn2.running_mean.clone()
+    low = device_update(model, 0.1, 0.0, examples=10)
+    high = device_update(model, 0.5, 0.0, examples=30)
+    low.tensors["bn2.running_mean"] = torch.full((1, 8), 1.0)
+    high.tensors["bn2.running_mean"] = torch.full((2, 8), 5.0)
+    aggregate(model, [low, high])
+    rm = model.bn2.running_mean
+    torch.testing.assert_close(rm[0], torch.full((8,), (10 * 1.0 + 30 * 5.0) / 40))
+    torch.testing.assert_close(rm[1], torch.full((8,), 5.0))
+    torch.testing.assert_close(rm[2], before[2])  # density 1.0: nobody trained it
+
+
+def test_no_updates_change_nothing() -> None:
+    model = create_model("cnn", "1,0.5", width=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    aggregate(model, [])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])

@@ -1,0 +1,143 @@
+"""End to end with real processes on loopback: `dress-fleet coordinator start` + three `dress-agent join`.
+
+Two federated rounds on a small real slice; every device gets a density in the registry; Predict answers on
+every agent; a budget change reaches the served density and the registry row within one heartbeat; stopping
+leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from conftest import pick_port
+from coordinator.registry import Registry
+from coordinator.server_app import read_rounds
+
+BIN = Path(sys.executable).parent
+HEARTBEAT_S = 0.5
+SWITCH_AT_S = 45.0  # when the phone's trace tightens its memory budget (after every agent is up)
+
+
+def wait_serving(address: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{address} never became SERVING")
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def served_density(agent: str) -> float:
+    out = subprocess.run(
+        [str(BIN / "dress-agent"), "predict", "--agent", agent, "--density-only"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    return float(out.stdout.strip().split()[-1])
+
+
+def test_coordinator_and_three_agents(tmp_path: Path) -> None:
+    superlink, control = pick_port(), pick_port()
+    state = tmp_path / "coordinator"
+    coordinator = spawn(
+        [str(BIN / "dress-fleet"), "coordinator", "start", "--superlink-port", str(superlink),
+         "--control-port", str(control), "--state-dir", str(state), "--rounds", "2", "--min-devices", "3",
+         "--fraction", "1", "--max-examples", "64"],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+    processes = [coordinator]
+    try:
+        wait_serving(f"127.0.0.1:{control}")
+        agents: dict[str, str] = {}
+        for i, (profile, name) in enumerate((("pi4", "pi-1"), ("jetson-nano", "jetson-1"), ("phone", "phone-1"))):
+            trace = tmp_path / f"{name}.csv"
+            rows = ["t_s,latency_ms,memory_mb", "0,1000,100"]
+            if name == "phone-1":
+                rows.append(f"{SWITCH_AT_S},1000,0.5")  # only the 0.25 subnet fits 0.5 MB
+            trace.write_text("\n".join(rows) + "\n")
+            predict = f"127.0.0.1:{pick_port()}"
+            processes.append(spawn(
+                [str(BIN / "dress-agent"), "join", "--device", profile, "--name", name,
+                 "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
+                 "--serve-port", predict.rpartition(":")[2], "--supernode-port", str(pick_port()),
+                 "--partition-id", str(i), "--num-partitions", "3",
+                 "--budget-trace", str(trace), "--heartbeat-interval", str(HEARTBEAT_S),
+                 "--state-dir", str(tmp_path / name)],
+                tmp_path / f"{name}.log",
+            ))  # fmt: skip
+            agents[name] = predict
+        for address in agents.values():
+            wait_serving(address)
+            assert served_density(address) == 1.0
+
+        # The phone's budget tightens at SWITCH_AT_S of its trace. The heartbeat that reports it changes the
+        # registry row; the agent serves the new density by its next heartbeat at the latest.
+        deadline = time.monotonic() + SWITCH_AT_S + 60
+        reported = None
+        with Registry(state_dir=state) as registry:
+            while reported is None:
+                assert time.monotonic() < deadline, (tmp_path / "phone-1.log").read_text()[-3000:]
+                phone = next(d for d in registry.list_devices() if d.name == "phone-1")
+                if phone.last_budget is not None and phone.last_budget.memory_mb == 0.5:
+                    reported = time.monotonic()
+                    assert phone.current_density == 0.25
+                time.sleep(0.1)
+        while served_density(agents["phone-1"]) != 0.25:
+            assert time.monotonic() - reported <= 2 * HEARTBEAT_S + 2.0, "served density did not follow the registry"
+            time.sleep(0.1)
+
+        deadline = time.monotonic() + 240
+        while len(read_rounds(state)) < 2:
+            assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
+            time.sleep(1)
+        with Registry(state_dir=state) as registry:
+            devices = {d.name: d for d in registry.list_devices()}
+            assert set(devices) == set(agents)
+            assert devices["phone-1"].current_density == 0.25
+            assert devices["pi-1"].current_density == 1.0
+            history = registry.device_history(devices["phone-1"].id)
+            assert history[-1].density == 0.25 and history[-1].budget is not None
+            rounds = registry.list_rounds()
+            assert [r.round for r in rounds] == [1, 2]
+            assert all(len(r.participants) == 3 for r in rounds)
+        for address in agents.values():
+            assert served_density(address) in (1.0, 0.5, 0.25, 0.1)  # Predict answers after training, too
+    finally:
+        descendants = []
+        for p in processes:
+            try:
+                descendants += psutil.Process(p.pid).children(recursive=True)
+            except psutil.Error:
+                pass
+        for p in processes[1:] + processes[:1]:  # agents first, then the coordinator
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in processes:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                raise
+    assert coordinator.returncode == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"

@@ -1,0 +1,68 @@
+"""A 100-device fleet on Flower's simulation engine (real SuperLink, Ray, control plane) for 2 rounds."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import pick_port
+from coordinator.cli import app
+from coordinator.registry import Registry
+from simulations.run import SimulationSettings, run_simulation
+from simulations.traces import assign_profiles, parse_mix
+
+
+def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
+    settings = SimulationSettings(
+        devices=100, rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500,
+        run_dir=tmp_path / "run", superlink_port=pick_port(), control_port=pick_port(),
+    )  # fmt: skip
+    seen = []
+    metrics = run_simulation(settings, seen.append)
+    assert [r["round"] for r in seen] == [1, 2]
+    assert all(len(r["participants"]) == 10 for r in seen)
+    with Registry(state_dir=tmp_path / "run" / "state") as registry:
+        devices = registry.list_devices()
+        assert len(devices) == 100
+        densities = {d.current_density for d in devices}
+        assert densities <= {1.0, 0.5, 0.25, 0.1} and len(densities) >= 2, densities
+        rounds = registry.list_rounds()
+        assert [r.round for r in rounds] == [1, 2]
+        assert all(len(r.participants) == 10 and r.bytes_sent > 0 and r.bytes_received > 0 for r in rounds)
+        assert set(rounds[-1].metrics) == {0.1, 0.25, 0.5, 1.0}
+    run_dir = tmp_path / "run"
+    for name in ("report.md", "metrics.json", "accuracy.png", "fleet.png", "bytes.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["devices"] == 100 and saved["rounds"] == 2
+    assert {row["density"] for row in saved["accuracy"]} == {0.1, 0.25, 0.5, 1.0}
+    assert metrics["peak_rss_mb"] > 0
+    # bytes to a device shrink with its density
+    down = {row["density"]: row["down"] for row in saved["bytes"]}
+    assert sorted(down, key=down.get) == sorted(down)
+
+
+def test_mix_is_exact_and_deterministic() -> None:
+    mix = parse_mix("pi4=40,jetson-nano=30,phone=30", ["pi4", "jetson-nano", "phone"])
+    names = assign_profiles(mix, 100, seed=1)
+    assert (names.count("pi4"), names.count("jetson-nano"), names.count("phone")) == (40, 30, 30)
+    assert names == assign_profiles(mix, 100, seed=1) != assign_profiles(mix, 100, seed=2)
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--mix", "pi4=50,toaster=50"], "unknown device profile 'toaster'"),
+        (["--mix", "pi4=40,phone=40"], "sum to 100"),
+        (["--mix", "pi4"], "expected PROFILE=PERCENT"),
+        (["--mix", "pi4=x,phone=100"], "bad share"),
+        (["--partition", "dirichlet:-1"], "dirichlet"),
+        (["--densities", "1,0.5,0.5"], "repeat"),
+        (["--model", "vgg"], "unknown model"),
+    ],
+)
+def test_bad_simulation_input_is_a_clear_error(tmp_path, args, message) -> None:
+    result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "run"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
