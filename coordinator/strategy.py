@@ -62,7 +62,9 @@ class RoundLog:
     accuracy: dict[float, float]
     bytes_down: dict[float, list[int]] = field(default_factory=dict)
     bytes_up: dict[float, list[int]] = field(default_factory=dict)
-    compute_s: float = 0.0
+    compute_s: float = 0.0  # slowest device's train time (unpack, train, pack)
+    device_compute_s: float = 0.0  # all devices' train time added up
+    server_s: float = 0.0  # aggregation, re-ranking, BN recalibration, evaluation, checkpoint
     wall_s: float = 0.0
 
 
@@ -158,6 +160,7 @@ class DressStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_start = time.perf_counter()
         updates, participants, bytes_up, compute = [], {}, {}, []
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -198,6 +201,8 @@ class DressStrategy(Strategy):
             bytes_down=self._bytes_down,
             bytes_up=bytes_up,
             compute_s=max(compute, default=0.0),
+            device_compute_s=sum(compute),
+            server_s=time.perf_counter() - server_start,
             wall_s=time.perf_counter() - self._round_started,
         )
         self.history.append(entry)

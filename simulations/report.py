@@ -126,9 +126,10 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "",
         "## Rounds",
         "",
-        "| round | participants | wall s | slowest device compute s |",
-        "|---|---|---|---|",
-        *[f"| {r['round']} | {len(r['participants'])} | {r['wall_s']:.1f} | {r['compute_s']:.1f} |" for r in rounds],
+        "| round | participants | wall s | slowest device s | all devices s | server s |",
+        "|---|---|---|---|---|---|",
+        *[f"| {r['round']} | {len(r['participants'])} | {r['wall_s']:.1f} | {r['compute_s']:.1f} "
+          f"| {r['device_compute_s']:.1f} | {r['server_s']:.1f} |" for r in rounds],
         "",
         "![accuracy](accuracy.png) ![fleet](fleet.png) ![bytes](bytes.png)",
         "",
