@@ -15,11 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from accuracy import RESULTS, reporter, run_dress
+from accuracy import RESULTS, reporter, run_dress, setup
 from common import command, machine, markdown_table, write_json
-from dress_model.data import load_dataset
-from dress_model.models import Architecture
-from dress_model.sparsity import parse_densities
 from dress_model.training import TrainConfig
 
 console = Console()
@@ -44,16 +41,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "ablation.json")
     args = p.parse_args()
 
-    train_set, test_set = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
-    arch = Architecture(
-        name=args.model,
-        densities=parse_densities(args.densities),
-        in_channels=train_set.in_channels,
-        num_classes=train_set.num_classes,
-        image_size=train_set.images.shape[-1],
-    )
-    train_loader = train_set.loader(128, shuffle=True, seed=args.seed)
-    test_loader = test_set.loader(512, shuffle=False)
+    arch, train_loader, test_loader = setup(args.dataset, args.model, args.densities, args.seed)
     base = TrainConfig(epochs=args.epochs, extra={"seed": args.seed})
     rows = []
     with Progress(console=console) as progress:

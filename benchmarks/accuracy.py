@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import Progress
+from torch.utils.data import DataLoader
 
 from common import command, machine, markdown_table, write_json
 from dress_model.baselines import pruned_networks, slimmable_like
@@ -56,6 +57,19 @@ def run_slimmable(arch: Architecture, train_loader, test_loader, config: TrainCo
     return [(d, model.subnet_params(d), acc[d]) for d in model.densities]
 
 
+def setup(dataset: str, model: str, densities: str, seed: int) -> tuple[Architecture, DataLoader, DataLoader]:
+    """The architecture and loaders every accuracy-style benchmark trains and tests with."""
+    train_set, test_set = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    arch = Architecture(
+        name=model,
+        densities=parse_densities(densities),
+        in_channels=train_set.in_channels,
+        num_classes=train_set.num_classes,
+        image_size=train_set.images.shape[-1],
+    )
+    return arch, train_set.loader(128, shuffle=True, seed=seed), test_set.loader(512, shuffle=False)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
@@ -68,16 +82,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "accuracy.json")
     args = p.parse_args()
 
-    train_set, test_set = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
-    arch = Architecture(
-        name=args.model,
-        densities=parse_densities(args.densities),
-        in_channels=train_set.in_channels,
-        num_classes=train_set.num_classes,
-        image_size=train_set.images.shape[-1],
-    )
-    train_loader = train_set.loader(128, shuffle=True, seed=args.seed)
-    test_loader = test_set.loader(512, shuffle=False)
+    arch, train_loader, test_loader = setup(args.dataset, args.model, args.densities, args.seed)
     config = TrainConfig(epochs=args.epochs, extra={"seed": args.seed})
     rows, seconds = [], {}
     with Progress(console=console) as progress:

@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 from common import command, machine, write_json
-from coordinator.launcher import initial_model
-from coordinator.server_app import RUN_CONFIG_DEFAULTS
+from coordinator.server_app import RUN_CONFIG_DEFAULTS, initial_model
 from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"

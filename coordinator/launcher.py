@@ -21,10 +21,7 @@ from coordinator import flower_runtime as fr
 from coordinator.control_plane import serve
 from coordinator.model_store import ModelStore
 from coordinator.registry.repository import Registry
-from coordinator.server_app import RUN_CONFIG_DEFAULTS, read_rounds
-from dress_model.data import load_dataset
-from dress_model.models import DressModel, create_model
-from dress_model.sparsity import parse_densities
+from coordinator.server_app import RUN_CONFIG_DEFAULTS, initial_model, read_rounds
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +39,6 @@ class Endpoints:
     @property
     def control_plane(self) -> str:
         return f"{self.host}:{self.control_port}"
-
-
-def initial_model(run_config: Mapping[str, Any]) -> DressModel:
-    """The model the ServerApp will start from, built the same way (what agents fetch before round 1)."""
-    data = load_dataset(str(run_config["dataset"]), "test")
-    return create_model(
-        str(run_config["model"]),
-        parse_densities(str(run_config["densities"])),
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        image_size=data.images.shape[-1],
-        width=int(run_config["width"]),
-    )
 
 
 class ProcessTreeMemory:

@@ -51,17 +51,23 @@ def save_checkpoint(model: DressModel, path: str | Path, meta: dict[str, Any] | 
     return path
 
 
+def dress_header(data: bytes) -> dict[str, Any]:
+    """The 'dress' JSON a safetensors file carries in its metadata (checkpoints and packed models alike).
+
+    Raises ValueError, KeyError or TypeError on anything else; callers turn those into their own error.
+    """
+    n = int.from_bytes(data[:8], "little")
+    if not 0 < n <= len(data) - 8:
+        raise ValueError(f"header length {n} does not fit a {len(data)}-byte file")
+    return json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["dress"])
+
+
 def read_header(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `dress-fleet train --out DIR`")
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError("bad header length")
-            raw = json.loads(f.read(n))
-        header = json.loads(raw["__metadata__"]["dress"])
+        header = dress_header(path.read_bytes())
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a DRESS checkpoint (safetensors with a 'dress' header): {e}") from None
     if header.get("format") != FORMAT:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dress_model import kernels
-from dress_model.checkpoint import atomic_write
+from dress_model.checkpoint import atomic_write, dress_header
 from dress_model.kernels.reference import dense_weight
 from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
@@ -246,9 +246,8 @@ class PackedModel(nn.Module):
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
-        tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"dress": json.dumps(header)}))
+        data = self.to_bytes()
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return path
 
     @classmethod
@@ -311,10 +310,7 @@ class PackedModel(nn.Module):
 
 def _read_header(data: bytes, source: str) -> dict[str, Any]:
     try:
-        n = int.from_bytes(data[:8], "little")
-        if not 0 < n <= len(data) - 8:
-            raise ValueError(f"header length {n} does not fit a {len(data)}-byte file")
-        header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["dress"])
+        header = dress_header(data)
     except (ValueError, KeyError, TypeError) as e:
         raise PackedFormatError(f"{source} is not a packed DRESS model (safetensors with a 'dress' header): {e}") from None
     if header.get("format") != FORMAT:

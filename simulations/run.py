@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.calibration import calibrate
-from coordinator.launcher import Coordinator, Endpoints, initial_model
+from coordinator.launcher import Coordinator, Endpoints
 from coordinator.profiles import load_profiles
-from coordinator.server_app import read_rounds
+from coordinator.server_app import initial_model, read_rounds
 from dress_model.models import create_model
 from dress_model.packed import pack_checkpoint
 from dress_model.partition import parse_partition
