@@ -96,26 +96,23 @@ class ManagedProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the group, wait, then SIGKILL whatever is left (Ray and SuperExec children included)."""
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-                try:
-                    os.killpg(pgid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                except subprocess.TimeoutExpired:
-                    continue
+        """SIGTERM the whole group, wait, then SIGKILL what is left (Ray and SuperExec children included)."""
+        pgid = self.proc.pid  # start_new_session: the child leads its own group
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline:
+                self.proc.poll()  # reap the leader so it does not keep the group alive as a zombie
                 if not _group_alive(pgid):
                     break
-                time.sleep(0.5)
-                if not _group_alive(pgid):
-                    break
+                time.sleep(0.2)
+            else:
+                continue
+            break
+        self.proc.poll()
         self._log.close()
 
     def tail(self, lines: int = 20) -> str:
