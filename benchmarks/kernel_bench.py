@@ -1,8 +1,8 @@
 """Packed banded kernels vs the best dense torch path vs torch.sparse CSR, one layer at a time.
 
-Every candidate for a (layer, batch, density) is timed in the same interleaved rounds, so a CPU
+Every candidate for a (layer, batch, density) is timed in the same alternating rounds, so a CPU
 shared with other work slows them alike and the ratios stay meaningful; the reported figure is
-the median over rounds after warm-up.
+the median of all recorded calls (see `median_us`).
 
     .venv/bin/python benchmarks/kernel_bench.py --quick                # < 1 minute
     .venv/bin/python benchmarks/kernel_bench.py --json benchmarks/results/kernel.json
@@ -62,23 +62,39 @@ LINEAR = [LayerCase("linear", 512, 512), LayerCase("linear", 1024, 1024), LayerC
 CONV = [LayerCase("conv1x1", 256, 256, 1, 8, 0), LayerCase("conv3x3", 128, 128, 3, 16, 1)]
 
 
-def median_us(fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int) -> dict[str, float]:
-    """Median microseconds per call, candidates interleaved round by round (first call of each warms up)."""
-    for _ in range(2):
-        for fn in fns.values():
-            fn()
+def median_us(
+    fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int, block: int = 5
+) -> dict[str, float]:
+    """Median microseconds per call over rounds in which every candidate runs a short block of calls.
+
+    Rounds alternate the candidates so a CPU shared with other work slows them alike; within a block
+    the first call is not recorded, as it mostly pays for refilling caches the other candidates used.
+    """
+    for fn in fns.values():
+        fn()
     start = time.perf_counter()
     for fn in fns.values():
         fn()
-    per_round = time.perf_counter() - start
+    per_round = (time.perf_counter() - start) * (block + 1)
     rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            t = time.perf_counter()
             fn()
-            samples[name].append(time.perf_counter() - t)
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+
+
+def _packed_candidate(
+    case: LayerCase, x: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, bands: torch.Tensor
+) -> Callable[[], object]:
+    """The layer at the density whose band prefix is `bands`, straight from the packed buffers."""
+    if case.op == "linear":
+        return lambda: packed_linear(x, values, indices, bands, case.rows)
+    return lambda: packed_conv2d(x, values, indices, bands, case.rows, case.k, 1, case.padding)
 
 
 def _dense_candidates(case: LayerCase, weight: torch.Tensor, x: torch.Tensor) -> dict[str, Callable[[], object]]:
@@ -121,7 +137,7 @@ def _csr_candidate(case: LayerCase, masked: torch.Tensor, x: torch.Tensor) -> Ca
 def bench_layers(threads: int, quick: bool, console: Console | None = None) -> list[dict[str, Any]]:
     """One row per (layer, batch, density): packed vs best dense vs CSR, microseconds."""
     torch.set_num_threads(threads)
-    budget, lo, hi = (0.25, 5, 200) if quick else (1.5, 15, 2000)
+    budget, lo, hi = (0.6, 3, 200) if quick else (2.5, 10, 2000)
     rows_out: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(0)
     ascending = sorted(DENSITIES)
@@ -137,16 +153,13 @@ def bench_layers(threads: int, quick: bool, console: Console | None = None) -> l
             dense = _dense_candidates(case, weight, x)
             for density in DENSITIES:
                 nb = ascending.index(density) + 1
-                view = bands[:nb]
                 k = min(case.cols, math.ceil(density * case.cols))
                 keep = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, order[:, :k], True)
-                if case.op == "linear":
-                    packed: Callable[[], object] = lambda v=view: packed_linear(x, values, indices, v, case.rows)
-                else:
-                    packed = lambda v=view: packed_conv2d(  # noqa: E731
-                        x, values, indices, v, case.rows, case.k, 1, case.padding
-                    )
-                fns = {"packed": packed, **dense, "csr": _csr_candidate(case, weight * keep, x)}
+                fns = {
+                    "packed": _packed_candidate(case, x, values, indices, bands[:nb]),
+                    **dense,
+                    "csr": _csr_candidate(case, weight * keep, x),
+                }
                 with torch.inference_mode():
                     t = median_us(fns, budget, lo, hi)
                 row = {
@@ -165,6 +178,7 @@ def bench_layers(threads: int, quick: bool, console: Console | None = None) -> l
 
 
 def layers_table(rows: list[dict[str, Any]]) -> Table:
+    """The `bench_layers` rows with speed-ups (>1 means packed is faster)."""
     table = Table(title="packed vs dense (best of F.* and oneDNN) vs torch.sparse CSR, median us")
     for col in ("op", "shape", "batch", "density", "packed", "dense best", "csr", "x dense", "x csr"):
         table.add_column(col, justify="left" if col in ("op", "shape") else "right", no_wrap=True)

@@ -196,6 +196,17 @@ def test_conv_fused_epilogue(isa, k, padding):
     close(y, acc + bias.view(1, -1, 1, 1), C * k * k)
 
 
+def test_accepts_parameters_and_views():
+    """Weights held as nn.Parameter, and contiguous slices of a larger buffer, are read in place."""
+    rows, cols = 6, 30
+    w, order, (values, indices, bands) = make_layer(rows, cols, [0.5, 1.0])
+    store = torch.cat([torch.zeros(3), values])
+    x = torch.randn(2, cols, requires_grad=True)
+    y = packed_linear(x, torch.nn.Parameter(values), indices, bands, rows)
+    close(y, F.linear(x.detach(), w), cols)
+    close(packed_linear(x, store[3:], indices, bands, rows), y, cols)
+
+
 def test_pack_roundtrip_and_widths():
     assert band_widths([0.1, 0.25, 0.5, 1.0], 10) == [1, 2, 2, 5]
     w, order, (values, indices, bands) = make_layer(4, 10, [0.1, 0.25, 0.5, 1.0])

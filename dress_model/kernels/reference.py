@@ -63,7 +63,15 @@ def dense_weight(values: torch.Tensor, indices: torch.Tensor, bands: torch.Tenso
     return w
 
 
-def _epilogue(y: torch.Tensor, bias, scale, shift, relu: bool, view: tuple[int, ...]) -> torch.Tensor:
+def _epilogue(
+    y: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    relu: bool,
+    view: tuple[int, ...],
+) -> torch.Tensor:
+    """act((y + bias) * scale + shift) with per-row vectors broadcast along `view`."""
     if bias is not None:
         y = y + bias.view(view)
     if scale is not None:

@@ -472,50 +472,47 @@ int thread_id() {
 #endif
 }
 
-// One parallel region: `prep()` (which may hold `omp for` loops), then work items [0, items)
-// handed out in chunks from a shared counter, so a thread preempted by another process (the
-// norm on phones and shared boards) does not hold up the whole layer.
+// Threads worth waking for `work` (vector FMAs or scalar gathers): at least kGrain each, as
+// a second thread on less made small layers slower, not faster.
+constexpr int64_t kGrain = 8192;
+
+int team_for(int threads, int64_t work) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(threads, work / kGrain)));
+}
+
+// One parallel region of at most `team` threads.  Each thread first runs `prep(job, thread)`,
+// which may point its own copy of the job at a private prepared input, then takes work items
+// [0, items) in chunks from a shared counter, so a thread preempted by another process (the
+// norm on phones and shared boards) does not hold up the whole layer.  Chunks are multiples
+// of `align` items so that two threads rarely write the same output cache line.
 template <class Prep>
-void run(int threads, int64_t items, RangeFn fn, const Job& j, Prep&& prep) {
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+void run(int team, int64_t items, int64_t align, RangeFn fn, const Job& j, Prep&& prep) {
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(team, items / align)));
   if (nt == 1) {
-    prep();
-    fn(j, 0, items);
+    Job mine = j;
+    prep(mine, 0);
+    fn(mine, 0, items);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, items / (int64_t(nt) * 8));
+  const int64_t chunk = round_up(std::max<int64_t>(1, items / (int64_t(nt) * 8)), align);
   std::atomic<int64_t> next{0};
 #pragma omp parallel num_threads(nt)
   {
-    prep();
+    Job mine = j;
+    prep(mine, thread_id());
     for (int64_t a; (a = next.fetch_add(chunk, std::memory_order_relaxed)) < items;)
-      fn(j, a, std::min(items, a + chunk));
+      fn(mine, a, std::min(items, a + chunk));
   }
+}
+
+// Work items covering a multiple of 16 rows (one cache line of fp32 outputs per batch row).
+int64_t line_align(int rows_per_item, int64_t items_per_row_block) {
+  int64_t blocks = 1;
+  while (blocks * rows_per_item % 16) ++blocks;
+  return blocks * items_per_row_block;
 }
 
 // ---------------------------------------------------------------- ops
-
-// Conv input preparation copies and clears rows of a few dozen floats.  Compilers turn
-// plain loops for that into memcpy/memset calls, whose per-call cost dominated the whole
-// preparation in profiles; the empty volatile asm keeps the loops as inline 16-byte moves.
-inline void copy_short(float* __restrict dst, const float* __restrict src, int64_t n) {
-  int64_t b = 0;
-  for (; b + 4 <= n; b += 4) {
-    std::memcpy(dst + b, src + b, 4 * sizeof(float));
-    __asm__ volatile("");
-  }
-  for (; b < n; ++b) dst[b] = src[b];
-}
-
-inline void zero_short(float* dst, int64_t n) {
-  const v4f z = {};
-  int64_t b = 0;
-  for (; b + 4 <= n; b += 4) {
-    std::memcpy(dst + b, &z, sizeof(z));
-    __asm__ volatile("");
-  }
-  for (; b < n; ++b) dst[b] = 0.f;
-}
 
 void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
             uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands, int64_t nb,
@@ -534,21 +531,24 @@ void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
   py::gil_scoped_release nogil;
   if (B == 1) {
     j.x = xs;
-    run(threads, (rows + kDotRows - 1) / kDotRows,
-        p.idx32 ? dot_fn<int32_t>(isa) : dot_fn<int16_t>(isa), j, [] {});
+    run(team_for(threads, rows * p.width_sum), (rows + kDotRows - 1) / kDotRows, line_align(kDotRows, 1),
+        p.idx32 ? dot_fn<int32_t>(isa) : dot_fn<int16_t>(isa), j, [](Job&, int) {});
     return;
   }
-  // x^T padded to [in, ldx] so each column index reads a contiguous batch vector.
-  const Plan plan = choose_spmm(isa, p.idx32, false, pick_vl(isa, B), B);
-  const int64_t ldx = round_up(B, plan.cols_per_tile);
-  const Buffer xt = aligned_floats(in * ldx);
-  float* xtp = xt.get();
-  j.x = xtp;
+  // x^T padded to [in, ldx] so each column index reads a contiguous batch vector.  Every
+  // thread transposes its own copy: reading another core's freshly written lines cost more
+  // than the duplicated transpose (2 threads were slower than 1 on small layers).
+  const int vl = pick_vl(isa, B);
+  const Plan plan = choose_spmm(isa, p.idx32, false, vl, B);
+  const int64_t ldx = round_up(B, plan.cols_per_tile), slice = round_up(in * ldx, 16);
+  const int64_t nnc = ldx / plan.cols_per_tile;
+  const int64_t items = (rows + plan.rows_per_tile - 1) / plan.rows_per_tile * nnc;
+  const int team = team_for(threads, rows * p.width_sum * (ldx / vl));
+  const Buffer xt = aligned_floats(team * slice);
   j.ldx = ldx;
-  const int64_t items = (rows + plan.rows_per_tile - 1) / plan.rows_per_tile * (ldx / plan.cols_per_tile);
-  run(threads, items, plan.fn, j, [&] {
+  run(team, items, line_align(plan.rows_per_tile, nnc), plan.fn, j, [&](Job& mine, int t) {
+    float* xtp = xt.get() + t * slice;
     constexpr int64_t CB = 64;
-#pragma omp for schedule(static)
     for (int64_t c0 = 0; c0 < in; c0 += CB) {
       const int64_t c1 = std::min(in, c0 + CB);
       for (int64_t b = 0; b < B; ++b)
@@ -556,6 +556,7 @@ void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
       for (int64_t c = c0; c < c1; ++c)
         for (int64_t b = B; b < ldx; ++b) xtp[c * ldx + b] = 0.f;
     }
+    mine.x = xtp;
   });
 }
 
@@ -616,16 +617,17 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     j.lut = lut.get();
   }
   const float* xs = ptr<const float>(x);
-  const int64_t tiles = ((rows + plan.rows_per_tile - 1) / plan.rows_per_tile) * ((N + CH - 1) / CH);
+  const int64_t nnc = (N + CH - 1) / CH, tiles = (rows + plan.rows_per_tile - 1) / plan.rows_per_tile * nnc;
+  const int64_t align = line_align(plan.rows_per_tile, nnc);
+  const int team = team_for(threads, B * rows * p.width_sum * (round_up(N, CH) / vl));
   py::gil_scoped_release nogil;
   if (in_place) {
     j.x = xs;
-    run(threads, B * tiles, plan.fn, j, [] {});
+    run(team, B * tiles, align, plan.fn, j, [](Job&, int) {});
     return;
   }
   // Plane columns [lo[jj], hi[jj]) read source columns b*sw + jj - pw inside [0, W); the
-  // rest is padding.  Rows are copied straight from x: staging them in a buffer and reading
-  // it back at tap offsets stalled on store forwarding.
+  // rest is padding.
   std::vector<int64_t> lo(static_cast<size_t>(kw)), hi(static_cast<size_t>(kw));
   for (int64_t jj = 0; jj < kw; ++jj) {
     const int64_t l = std::min(OW, std::max<int64_t>(0, (pw - jj + sw - 1) / sw));
@@ -633,55 +635,72 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     lo[size_t(jj)] = l;
     hi[size_t(jj)] = last < 0 ? l : std::max(l, std::min(OW, last / sw + 1));
   }
+  // With stride 1 and plane rows exactly as wide as x's, a tap plane's interior is x's channel
+  // shifted by a constant: one block copy, then the padding columns are cleared.  Per-row
+  // copies cost a library call each (~40 us for a 128-channel 16x16 3x3 input here).
+  const bool block_copy = sw == 1 && VW == W;
   auto prep_channel = [&](const float* src, float* dst) {
-    zero_short(dst + kw * nph * PHh * VW, cstride - kw * nph * PHh * VW);  // flat plane's rounding
+    std::fill(dst + kw * nph * PHh * VW, dst + cstride, 0.f);  // flat plane's rounding
     for (int64_t jj = 0; jj < kw; ++jj) {
       const int64_t l = lo[size_t(jj)], h = hi[size_t(jj)];
-      for (int64_t pi = 0; pi < nph; ++pi)
-        for (int64_t a = 0; a < PHh; ++a) {
-          float* __restrict drow = dst + (jj * nph + pi) * plane + a * VW;
-          const int64_t y = a * sh + pi - ph;
-          if (y < 0 || y >= H) {
-            zero_short(drow, VW);
-            continue;
-          }
-          const float* __restrict r = src + y * W + jj - pw;  // r[b * sw] for b in [l, h)
-          zero_short(drow, l);
+      for (int64_t pi = 0; pi < nph; ++pi) {
+        float* pl = dst + (jj * nph + pi) * plane;
+        // Plane rows a with source row a*sh + pi - ph inside [0, H).
+        const int64_t a0 = std::min(PHh, std::max<int64_t>(0, (ph - pi + sh - 1) / sh));
+        const int64_t a1 = std::max(a0, std::min(PHh, (H - 1 + ph - pi) / sh + 1));
+        std::fill(pl, pl + a0 * VW, 0.f);
+        std::fill(pl + a1 * VW, pl + PHh * VW, 0.f);
+        if (block_copy && a1 > a0) {
+          // pl[a*VW + b] = src[(a - ph)*W + b + jj - pw], clipped to the channel.
+          const int64_t shift = jj - pw - ph * W;
+          const int64_t p0 = std::max(a0 * VW, -shift), p1 = std::min(a1 * VW, H * W - shift);
+          std::copy(src + p0 + shift, src + p1 + shift, pl + p0);
+          std::fill(pl + a0 * VW, pl + p0, 0.f);
+          std::fill(pl + p1, pl + a1 * VW, 0.f);
+          // Column-wise: a strided loop stays inline where a row-wise one becomes memset calls.
+          for (int64_t b = 0; b < VW; ++b)
+            if (b < l || b >= h)
+              for (int64_t a = a0; a < a1; ++a) pl[a * VW + b] = 0.f;
+          continue;
+        }
+        for (int64_t a = a0; a < a1; ++a) {
+          float* __restrict drow = pl + a * VW;
+          const float* __restrict r = src + (a * sh + pi - ph) * W + jj - pw;  // r[b * sw], b in [l, h)
+          std::fill(drow, drow + l, 0.f);
           if (sw == 1)
-            copy_short(drow + l, r + l, h - l);
+            std::copy(r + l, r + h, drow + l);
           else
             for (int64_t b = l; b < h; ++b) drow[b] = r[b * sw];
-          zero_short(drow + h, VW - h);
+          std::fill(drow + h, drow + VW, 0.f);
         }
+      }
     }
   };
   // Tail: the last tile of an image may read up to a tile past its planes.
   const int64_t tail = round_up(N, CH);
-  if (B < threads) {
-    // Few images: prepare them all together, then share out their tiles.
-    const Buffer buf = aligned_floats(B * img_stride + tail);
-    float* pp = buf.get();
-    zero_short(pp + B * img_stride, tail);
-    j.x = pp;
-    run(threads, B * tiles, plan.fn, j, [&] {
-#pragma omp for schedule(static)
+  if (B < team) {
+    // Few images: every thread prepares all of them privately, then the tiles are shared out
+    // (reading planes another core just wrote cost more than preparing them twice).
+    const int64_t slice = round_up(B * img_stride + tail, 16);
+    const Buffer buf = aligned_floats(team * slice);
+    run(team, B * tiles, align, plan.fn, j, [&](Job& mine, int t) {
+      float* pp = buf.get() + t * slice;
+      std::fill(pp + B * img_stride, pp + B * img_stride + tail, 0.f);
       for (int64_t bc = 0; bc < B * C; ++bc) prep_channel(xs + bc * H * W, pp + bc * cstride);
+      mine.x = pp;
     });
     return;
   }
-  // Enough images: each thread prepares and computes whole images in its own scratch slice.
-  // No barrier separates preparation from use, which kept 2-thread batch-8 3x3 timings steady
-  // on a CPU shared with other work (the shared-preparation path above stalled at it), and
-  // the image stays in that core's cache.
-  const int nt = threads;
+  // Enough images: each thread prepares and computes whole images in its own scratch slice,
+  // so nothing is prepared twice and an image stays in one core's cache.
   const int64_t slice = round_up(img_stride + tail, 16);
-  const Buffer buf = aligned_floats(nt * slice);
+  const Buffer buf = aligned_floats(team * slice);
   float* ws = buf.get();
   std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(nt) if (nt > 1)
+#pragma omp parallel num_threads(team) if (team > 1)
   {
     float* mine = ws + thread_id() * slice;
-    zero_short(mine + img_stride, tail);
+    std::fill(mine + img_stride, mine + img_stride + tail, 0.f);
     Job ji = j;
     ji.images = 1;
     ji.x = mine;
