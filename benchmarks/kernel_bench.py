@@ -15,6 +15,7 @@ import math
 import os
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from torch.utils import mkldnn as mkldnn_utils  # noqa: E402
 from benchmarks.common import command, machine, write_json  # noqa: E402
 from dress_model.kernels import kernel_isa, packed_conv2d, packed_linear  # noqa: E402
 from dress_model.kernels.reference import pack_banded  # noqa: E402
+from dress_model.models import create_model  # noqa: E402
+from dress_model.packed import PackedModel, pack_checkpoint  # noqa: E402
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 
@@ -177,6 +180,69 @@ def bench_layers(threads: int, quick: bool, console: Console | None = None) -> l
     return rows_out
 
 
+MODEL_DENSITIES = (0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def _trained_like(name: str, channels: int, size: int):
+    """Random weights ranked by magnitude: speed and bytes do not depend on what the weights learned."""
+    torch.manual_seed(0)
+    model = create_model(name, MODEL_DENSITIES, in_channels=channels, image_size=size)
+    model.rerank()
+    return model.eval()
+
+
+def bench_model(threads: int, quick: bool) -> list[dict[str, Any]]:
+    """Whole model at batch 1: the packed runtime per density vs the dense network (torch, density 1)."""
+    torch.set_num_threads(threads)
+    rows = []
+    for name, channels, size in (("resnet20", 3, 32), ("cnn", 1, 28)):
+        model = _trained_like(name, channels, size)
+        packed = pack_checkpoint(model)
+        x = torch.randn(1, channels, size, size)
+        model.set_density(1.0)
+        for density in MODEL_DENSITIES:
+            packed.set_density(density)
+
+            def dense() -> object:
+                with torch.inference_mode():
+                    return model(x)
+
+            times = median_us({"packed": lambda: packed(x), "dense": dense}, 1.0 if quick else 4.0, 5, 400)
+            rows.append({"model": name, "density": density, "packed_ms": round(times["packed"] / 1000, 4),
+                         "dense_ms": round(times["dense"] / 1000, 4)})  # fmt: skip
+    return rows
+
+
+def bench_switch_and_bytes(tmp: Path) -> dict[str, Any]:
+    """Density switch vs loading a separately stored pruned model; stored bytes per density vs dense fp32."""
+    model = _trained_like("resnet20", 3, 32)
+    packed = pack_checkpoint(model)
+    cycle = [d for d in MODEL_DENSITIES for _ in range(2)]
+    switches = []
+    for _ in range(200):
+        for d in cycle:
+            start = time.perf_counter()
+            packed.set_density(d)
+            switches.append(time.perf_counter() - start)
+    reloads = []
+    for d in MODEL_DENSITIES:
+        path = pack_checkpoint(model, max_density=d).save(tmp / f"pruned-{d:g}.packed")
+        for _ in range(5):
+            start = time.perf_counter()
+            PackedModel.load(path)
+            reloads.append(time.perf_counter() - start)
+    dense = 4 * model.subnet_params(1.0)
+    return {
+        "switch_us": round(statistics.median(switches) * 1e6, 2),
+        "reload_ms": round(statistics.median(reloads) * 1e3, 2),
+        "bytes": [{"density": d, "packed": packed.nbytes(d), "dense": dense} for d in MODEL_DENSITIES],
+        "bytes_max_density": [
+            {"max_density": d, "packed": pack_checkpoint(model, max_density=d).nbytes(), "dense": dense}
+            for d in MODEL_DENSITIES
+        ],
+    }
+
+
 def layers_table(rows: list[dict[str, Any]]) -> Table:
     """The `bench_layers` rows with speed-ups (>1 means packed is faster)."""
     table = Table(title="packed vs dense (best of F.* and oneDNN) vs torch.sparse CSR, median us")
@@ -200,12 +266,21 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(width=max(Console().width, 110))  # the table is ~100 columns; do not fold it when piped
     load_before = os.getloadavg()
     layers = bench_layers(args.threads, args.quick, console)
+    whole = bench_model(args.threads, args.quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = bench_switch_and_bytes(Path(tmp))
     info = machine() | {"kernel_isa": kernel_isa(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     console.print(layers_table(layers))
+    for r in whole:
+        console.print(f"{r['model']} batch 1, d={r['density']:g}: packed {r['packed_ms']:.3f} ms, dense "
+                      f"{r['dense_ms']:.3f} ms ({r['dense_ms'] / r['packed_ms']:.2f}x)")
+    console.print(f"switch {storage['switch_us']} us; reload of a stored pruned model {storage['reload_ms']} ms")
+    for b in storage["bytes"]:
+        console.print(f"d={b['density']:g}: {b['packed']:,} bytes packed vs {b['dense']:,} dense ({b['packed'] / b['dense']:.2f}x)")
     console.print(f"threads={args.threads} kernel ISA={info['kernel_isa']} cpu={info['cpu']} "
                   f"load average before/after: {load_before[0]:.1f}/{info['loadavg_after'][0]:.1f}")  # fmt: skip
     if args.json:
-        write_json(args.json, {"command": command(), "machine": info, "layers": layers})
+        write_json(args.json, {"command": command(), "machine": info, "layers": layers, "model": whole, **storage})
         console.print(f"wrote {args.json}")
 
 

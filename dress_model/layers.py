@@ -15,15 +15,35 @@ from torch import nn
 from dress_model.sparsity import Importance, keep_count, magnitude, order_to_rank, prefix_mask, row_order
 
 
+class DensityCell:
+    """The active density index, one object shared by every module of a model: switching is one store."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
 class DensityAware:
     """Mixin for a module whose behaviour depends on which of the model's densities is active."""
 
     densities: tuple[float, ...]
-    active_index: int
+    _cell: DensityCell
 
     def _init_density(self, densities: tuple[float, ...]) -> None:
         self.densities = densities
-        self.active_index = len(densities) - 1
+        self._cell = DensityCell(len(densities) - 1)
+
+    def share_cell(self, cell: DensityCell) -> None:
+        self._cell = cell
+
+    @property
+    def active_index(self) -> int:
+        return self._cell.index
+
+    @active_index.setter
+    def active_index(self, index: int) -> None:
+        self._cell.index = index
 
     @property
     def active_density(self) -> float:

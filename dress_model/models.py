@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, DressLinear, RowSparse
+from dress_model.layers import DensityAware, DensityBatchNorm, DensityCell, DressConv2d, DressLinear, RowSparse
 from dress_model.slimmable import Slim, SlimBatchNorm, SlimConv2d, SlimLinear
 from dress_model.sparsity import Importance, magnitude, parse_densities
 
@@ -86,6 +86,14 @@ class DressModel(nn.Module):
         super().__init__()
         self.arch = arch
         self.densities = arch.densities
+        self._cell = DensityCell(len(arch.densities) - 1)
+
+    def link_density(self) -> None:
+        """Make every density-aware module read this model's one cell (after building or swapping modules)."""
+        self._cell.index = len(self.densities) - 1
+        for m in self.modules():
+            if isinstance(m, DensityAware):
+                m.share_cell(self._cell)
 
     def density_index(self, density: float) -> int:
         for i, d in enumerate(self.densities):
@@ -94,17 +102,12 @@ class DressModel(nn.Module):
         raise ValueError(f"density {density} is not one of this model's densities {list(self.densities)}")
 
     def set_density(self, density: float) -> None:
-        index = self.density_index(density)
-        for m in self.modules():
-            if isinstance(m, DensityAware):
-                m.active_index = index
+        """O(1): every density-aware module reads the same cell."""
+        self._cell.index = self.density_index(density)
 
     @property
     def active_density(self) -> float:
-        for m in self.modules():
-            if isinstance(m, DensityAware):
-                return m.densities[m.active_index]
-        return self.densities[-1]
+        return self.densities[self._cell.index]
 
     def sparse_layers(self) -> Iterator[tuple[str, RowSparse]]:
         for name, m in self.named_modules():
@@ -232,6 +235,7 @@ def create_model(
     if arch.family not in ("dress", "slimmable"):
         raise ValueError(f"unknown family {arch.family!r}; expected 'dress' or 'slimmable'")
     model = MODELS[arch.name](arch)
+    model.link_density()
     if arch.slim_widths:
         model.set_slim_widths(arch.slim_widths)
     return model

@@ -167,7 +167,7 @@ class PackedModel(nn.Module):
         for layer_name, norm_name in fusable:
             packed: PackedSparse = self.net.get_submodule(layer_name)  # type: ignore[assignment]
             packed.fuse(self.net.get_submodule(norm_name))  # type: ignore[arg-type]
-        self._switchable = [m for m in self.net.modules() if isinstance(m, DensityAware)]
+        self.net.link_density()
         self.net.eval()
 
     @property
@@ -180,9 +180,7 @@ class PackedModel(nn.Module):
 
     def set_density(self, density: float) -> None:
         """Switch subnet: every layer reads a shorter or longer prefix of the same buffers."""
-        index = self.net.density_index(density)
-        for m in self._switchable:
-            m.active_index = index
+        self.net.set_density(density)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from dress_model.baselines import slimmable_like
-from dress_model.layers import DressConv2d, DressLinear
+from dress_model.layers import DensityCell, DressConv2d, DressLinear
 from dress_model.models import create_model
 
 DENS = "1,0.5,0.25,0.1"
@@ -21,7 +21,7 @@ def zeroed_dense_copy(model, density):
         for _, layer in dense.sparse_layers():
             layer.weight.mul_(layer.mask(density))
             layer.densities = (1.0,)  # from now on the mask keeps everything
-            layer.active_index = 0
+            layer.share_cell(DensityCell(0))
             layer._masks.clear()
     return dense
 
