@@ -257,6 +257,27 @@ def layers_table(rows: list[dict[str, Any]]) -> Table:
     return table
 
 
+def markdown(result: dict[str, Any]) -> str:
+    """The committed table beside kernel.json: speed-ups are dense_best / packed (>1: packed faster)."""
+    lines = [f"# Packed kernel — {result['machine']['cpu']}, {result['machine']['threads']} threads, "
+             f"{result['machine'].get('kernel_isa', '')}", "", f"`{result['command']}`", "",
+             "| op | shape | batch | density | packed us | dense best us | csr us | x dense | x csr |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in result["layers"]:
+        lines.append(f"| {r['op']} | {r['shape']} | {r['batch']} | {r['density']:g} | {r['packed_us']:.1f} | "
+                     f"{r['dense_best_us']:.1f} | {r['csr_us']:.1f} | {r['dense_best_us'] / r['packed_us']:.2f} | "
+                     f"{r['csr_us'] / r['packed_us']:.2f} |")  # fmt: skip
+    lines += ["", "| model (batch 1) | density | packed ms | dense ms | x dense |", "|---|---|---|---|---|"]
+    for r in result["model"]:
+        lines.append(f"| {r['model']} | {r['density']:g} | {r['packed_ms']:.3f} | {r['dense_ms']:.3f} | "
+                     f"{r['dense_ms'] / r['packed_ms']:.2f} |")
+    lines += ["", f"Density switch: {result['switch_us']} µs. Loading a separately stored pruned model: "
+              f"{result['reload_ms']} ms.", "", "| stored up to density | packed bytes | dense fp32 bytes | ratio |",
+              "|---|---|---|---|"]  # fmt: skip
+    for b in result["bytes_max_density"]:
+        lines.append(f"| {b['max_density']:g} | {b['packed']:,} | {b['dense']:,} | {b['packed'] / b['dense']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds per measurement (< 1 minute)")
@@ -280,7 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"threads={args.threads} kernel ISA={info['kernel_isa']} cpu={info['cpu']} "
                   f"load average before/after: {load_before[0]:.1f}/{info['loadavg_after'][0]:.1f}")  # fmt: skip
     if args.json:
-        write_json(args.json, {"command": command(), "machine": info, "layers": layers, "model": whole, **storage})
+        result = {"command": command(), "machine": info, "layers": layers, "model": whole, **storage}
+        write_json(args.json, result)
+        args.json.with_suffix(".md").write_text(markdown(result))
         console.print(f"wrote {args.json}")
 
 
