@@ -23,7 +23,7 @@ RESULTS = Path(__file__).parent / "results"
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=100)
-    p.add_argument("--rounds", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--max-examples", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
