@@ -51,30 +51,30 @@ def save_checkpoint(model: DressModel, path: str | Path, meta: dict[str, Any] | 
     return path
 
 
-def dress_header(data: bytes) -> dict[str, Any]:
-    """The 'dress' JSON a safetensors file carries in its metadata (checkpoints and packed models alike).
+def dress_header(data: bytes, source: str, fmt: str, version: int, error: type[ValueError], what: str) -> dict[str, Any]:
+    """The 'dress' JSON a safetensors file carries in its metadata, checked for format and version.
 
-    Raises ValueError, KeyError or TypeError on anything else; callers turn those into their own error.
+    Checkpoints and packed models share this; ``error`` and ``what`` make the message theirs.
     """
-    n = int.from_bytes(data[:8], "little")
-    if not 0 < n <= len(data) - 8:
-        raise ValueError(f"header length {n} does not fit a {len(data)}-byte file")
-    return json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["dress"])
+    try:
+        n = int.from_bytes(data[:8], "little")
+        if not 0 < n <= len(data) - 8:
+            raise ValueError(f"header length {n} does not fit a {len(data)}-byte file")
+        header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["dress"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise error(f"{source} is not a {what} (safetensors with a 'dress' header): {e}") from None
+    if header.get("format") != fmt:
+        raise error(f"{source} has format {header.get('format')!r}, expected {fmt!r}")
+    if header.get("version") != version:
+        raise error(f"{source} is {what} version {header.get('version')}, this build reads {version}")
+    return header
 
 
 def read_header(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `dress-fleet train --out DIR`")
-    try:
-        header = dress_header(path.read_bytes())
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path} is not a DRESS checkpoint (safetensors with a 'dress' header): {e}") from None
-    if header.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION:
-        raise CheckpointError(f"{path} is checkpoint version {header.get('version')}, this build reads {VERSION}")
-    return header
+    return dress_header(path.read_bytes(), str(path), FORMAT, VERSION, CheckpointError, "DRESS checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> tuple[DressModel, dict[str, Any]]:

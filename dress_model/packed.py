@@ -260,7 +260,7 @@ class PackedModel(nn.Module):
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> PackedModel:
         from safetensors.torch import load as load_tensors
 
-        header = _read_header(data, source)
+        header = dress_header(data, source, FORMAT, VERSION, PackedFormatError, "packed DRESS model")
         try:
             arch = Architecture.from_json(header["architecture"])
             packed = cls(arch)
@@ -304,18 +304,6 @@ class PackedModel(nn.Module):
             state[f"{name}.order"] = torch.cat([head, tail], dim=1).to(torch.int32)
         model.load_state_dict(state, strict=True)
         return model
-
-
-def _read_header(data: bytes, source: str) -> dict[str, Any]:
-    try:
-        header = dress_header(data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise PackedFormatError(f"{source} is not a packed DRESS model (safetensors with a 'dress' header): {e}") from None
-    if header.get("format") != FORMAT:
-        raise PackedFormatError(f"{source} has format {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version") != VERSION:
-        raise PackedFormatError(f"{source} is packed format version {header.get('version')}, this build reads {VERSION}")
-    return header
 
 
 def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str, torch.Tensor]) -> None:
