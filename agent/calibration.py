@@ -15,35 +15,26 @@ import torch
 from torch import nn
 
 from coordinator.policy import CalibrationPoint
-from dress_model.models import create_model
+from dress_model.data import DATASETS, dataset_shape
+from dress_model.models import model_for_dataset
 from dress_model.packed import PackedModel
 from dress_model.sparsity import parse_densities
 
 # (input [C, H, W], classes) per dataset: the agent must know the architecture without the dataset files.
-DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
-    "fashion-mnist": ((1, 28, 28), 10),
-    "mnist": ((1, 28, 28), 10),
-    "cifar10": ((3, 32, 32), 10),
-}
+DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {name: dataset_shape(name) for name in DATASETS}
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
 
 
 def dataset_input_shape(dataset: str) -> tuple[int, int, int]:
     """The [C, H, W] of one image of `dataset`; ValueError naming the known datasets otherwise."""
-    try:
-        return DATASET_SHAPES[dataset][0]
-    except KeyError:
-        raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASET_SHAPES)}") from None
+    return dataset_shape(dataset)[0]
 
 
 def initial_model(model: str, densities: str | Sequence[float], dataset: str, width: int) -> PackedModel:
     """A freshly initialised packed model of the declared architecture: calibrated, and served until the
     coordinator publishes a trained one."""
-    (channels, size, _), classes = dataset_input_shape(dataset), DATASET_SHAPES[dataset][1]
-    net = create_model(model, parse_densities(densities), in_channels=channels, num_classes=classes,
-                       image_size=size, width=width)
-    return PackedModel.from_dress(net.eval())
+    return PackedModel.from_dress(model_for_dataset(model, parse_densities(densities), dataset, width).eval())
 
 
 def activation_bytes(packed: PackedModel, x: torch.Tensor) -> int:

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from common import command, machine, write_json
-from coordinator.server_app import RUN_CONFIG_DEFAULTS, initial_model
+from coordinator.server_app import initial_model
 from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -39,8 +39,7 @@ def main() -> None:
     concurrency = max(1, min(os.cpu_count() or 1, round(settings.devices * settings.fraction)))
     useful = sum(r["device_compute_s"] / concurrency + r["server_s"] for r in rounds)
     wall = sum(r["wall_s"] for r in rounds)
-    config = {**RUN_CONFIG_DEFAULTS, "model": settings.model, "densities": settings.densities, "width": settings.width}
-    dense = 4 * initial_model(config).subnet_params(1.0)
+    dense = 4 * initial_model(settings.run_config()).subnet_params(1.0)
     result = {
         "machine": machine(),
         "command": command(),

@@ -20,8 +20,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.registry.repository import Registry
 from coordinator.strategy import DressStrategy, RoundLog, RoundSettings
-from dress_model.data import ImageDataset, load_dataset
-from dress_model.models import DressModel, create_model
+from dress_model.data import load_dataset
+from dress_model.models import DressModel, model_for_dataset
 from dress_model.sparsity import parse_densities
 
 log = logging.getLogger(__name__)
@@ -67,17 +67,10 @@ def settings_from(context: Context) -> dict[str, int | float | str]:
     return cfg
 
 
-def initial_model(cfg: Mapping[str, Any], data: ImageDataset | None = None) -> DressModel:
+def initial_model(cfg: Mapping[str, Any]) -> DressModel:
     """The model a run starts from (also what agents fetch before round 1 publishes a version)."""
-    data = data or load_dataset(str(cfg["dataset"]), "test")
-    return create_model(
-        str(cfg["model"]),
-        parse_densities(str(cfg["densities"])),
-        in_channels=data.in_channels,
-        num_classes=data.num_classes,
-        image_size=data.images.shape[-1],
-        width=int(cfg["width"]),
-    )
+    return model_for_dataset(str(cfg["model"]), parse_densities(str(cfg["densities"])), str(cfg["dataset"]),
+                             int(cfg["width"]))
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 300.0) -> None:
@@ -97,7 +90,7 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(seed)
     train_set = load_dataset(str(cfg["dataset"]), "train")
     test_set = load_dataset(str(cfg["dataset"]), "test")
-    model = initial_model(cfg, test_set)
+    model = initial_model(cfg)
     # Server-held data: a fixed slice of the training split recalibrates BN; the test split evaluates.
     calibration = train_set.subset(torch.randperm(len(train_set), generator=torch.Generator().manual_seed(seed))[:1024])
     test = test_set.subset(range(min(int(cfg["eval-examples"]) or len(test_set), len(test_set))))

