@@ -19,11 +19,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dress_model import kernels
@@ -258,8 +258,6 @@ class PackedModel(nn.Module):
 
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "<bytes>") -> PackedModel:
-        from safetensors.torch import load as load_tensors
-
         header = dress_header(data, source, FORMAT, VERSION, PackedFormatError, "packed DRESS model")
         try:
             arch = Architecture.from_json(header["architecture"])
@@ -278,8 +276,6 @@ class PackedModel(nn.Module):
         return packed
 
     def to_bytes(self) -> bytes:
-        from safetensors.torch import save as save_tensors
-
         header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
         tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
         return save_tensors(tensors, metadata={"dress": json.dumps(header)})
