@@ -1,7 +1,7 @@
 """Where a device's budget comes from: the real machine (psutil), or a trace file for reproducible runs.
 
 Both answer `current() -> Budget`, the value the agent heartbeats to the coordinator, which picks the
-density from it (coordinator.policy.choose_density).
+density from it (contracts.policy.choose_density).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any, Protocol
 
 import psutil
 
-from coordinator.policy import Budget
-from coordinator.profiles import Profile
+from contracts.policy import Budget
+from contracts.profiles import Profile
 
 CSV_COLUMNS = ("t_s", "latency_ms", "memory_mb")
 OPTIONAL_COLUMN = "battery"

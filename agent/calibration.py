@@ -1,8 +1,8 @@
 """Measure what each density costs on this machine, so the coordinator can match subnets to budgets.
 
 Calibration runs before the agent has a trained model: latency does not depend on weight values and
-memory only on the architecture, so a freshly initialised model of the declared architecture measures
-the same costs as the trained one will have.
+memory only on the architecture, so a freshly initialised model of the architecture the coordinator
+describes measures the same costs as the trained one will have.
 """
 
 from __future__ import annotations
@@ -14,27 +14,24 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from coordinator.policy import CalibrationPoint
-from dress_model.data import DATASETS, dataset_shape
-from dress_model.models import model_for_dataset
+from contracts.policy import CalibrationPoint
+from contracts.settings import build_model
 from dress_model.packed import PackedModel
-from dress_model.sparsity import parse_densities
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
-# (input [C, H, W], classes) per dataset: the agent must know the architecture without the dataset files.
-DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {name: dataset_shape(name) for name in DATASETS}
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
 
 
-def dataset_input_shape(dataset: str) -> tuple[int, int, int]:
-    """The [C, H, W] of one image of `dataset`; ValueError naming the known datasets otherwise."""
-    return dataset_shape(dataset)[0]
+def initial_model(architecture: pb.Architecture) -> PackedModel:
+    """A freshly initialised packed model of the fleet's architecture: calibrated, and served until the
+    coordinator publishes a trained one. ValueError for an architecture this build cannot make."""
+    return PackedModel.from_dress(build_model(architecture).eval())
 
 
-def initial_model(model: str, densities: str | Sequence[float], dataset: str, width: int) -> PackedModel:
-    """A freshly initialised packed model of the declared architecture: calibrated, and served until the
-    coordinator publishes a trained one."""
-    return PackedModel.from_dress(model_for_dataset(model, parse_densities(densities), dataset, width).eval())
+def image_shape(packed: PackedModel) -> tuple[int, int, int]:
+    """[C, H, W] of one input image."""
+    return (packed.arch.in_channels, packed.arch.image_size, packed.arch.image_size)
 
 
 def activation_bytes(packed: PackedModel, x: torch.Tensor) -> int:

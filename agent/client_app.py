@@ -1,7 +1,7 @@
 """The Flower ClientApp every device runs, in deployment (SuperNode) and simulation (Ray actor) alike.
 
 A train message carries the device's subnet in the packed format (one uint8 array: the same bytes a device
-stores and executes) and the training settings. The device jointly trains every density at or below its own
+stores and executes) and the round's training knobs; the data settings come from the run config. The device jointly trains every density at or below its own
 with the weighted loss on its local partition, keeping the masks it was sent, and replies with the trained
 packed values (no indices: the server holds them).
 """
@@ -14,14 +14,17 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+
+from contracts.messages import status_reply, subnet_from_record, train_reply
+from contracts.naming import simulated_name
+from contracts.settings import RunSettings
 
 from dress_model.data import ImageDataset, load_dataset
 from dress_model.packed import PackedModel
 from dress_model.partition import parse_partition
 from dress_model.training import TrainConfig, train
-from protos.flower_messages import subnet_from_record, upload_record
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -31,7 +34,7 @@ def device_identity(context: Context) -> tuple[str, str]:
     cfg = context.node_config
     if "device-id" in cfg:
         return str(cfg["device-id"]), str(cfg.get("profile", "unknown"))
-    return f"sim-{int(cfg.get('partition-id', context.node_id)):03d}", str(cfg.get("profile", "simulated"))
+    return simulated_name(int(cfg.get("partition-id", context.node_id))), str(cfg.get("profile", "simulated"))
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,50 +48,43 @@ def _partition(name: str, data_dir: str | None, spec: str, parts: int, seed: int
     return tuple(parse_partition(spec).split(data.labels.numpy(), parts, seed))
 
 
-def local_data(context: Context, config: ConfigRecord) -> ImageDataset:
-    """This device's shard: partition ``partition-id`` of ``num-partitions`` of the training split."""
+def local_data(context: Context, settings: RunSettings, max_examples: int) -> ImageDataset:
+    """This device's shard: partition ``partition-id`` of ``num-partitions`` of the training split.
+
+    The device's own ``data-dir`` (node-config) wins over the run's: files sit where each host keeps them."""
     node = context.node_config
     part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
-    data_dir = str(node.get("data-dir", "")) or None
-    name = str(config["dataset"])
-    shard = _partition(name, data_dir, str(config["partition"]), parts, int(config["seed"]))[part]
-    limit = int(config.get("max-examples", 0))
-    if limit:
-        shard = shard[:limit]
-    return _dataset(name, data_dir).subset(shard)
+    data_dir = str(node.get("data-dir", "")) or settings.data_dir or None
+    shard = _partition(settings.dataset, data_dir, settings.partition, parts, settings.seed)[part]
+    if max_examples:
+        shard = shard[:max_examples]
+    return _dataset(settings.dataset, data_dir).subset(shard)
 
 
 @app.query("status")
 def status(msg: Message, context: Context) -> Message:
     """Tells the server which device this Flower node is (node-config never reaches the SuperLink)."""
-    name, profile = device_identity(context)
-    return Message(RecordDict({"status": ConfigRecord({"device": name, "profile": profile})}), reply_to=msg)
+    return status_reply(msg, *device_identity(context))
 
 
 @app.train()
 def train_subnet(msg: Message, context: Context) -> Message:
+    settings = RunSettings.from_run_config(context.run_config)
     config: ConfigRecord = msg.content["config"]
     start = time.perf_counter()
     packed = subnet_from_record(msg.content["arrays"])
     model = packed.to_dress()
-    data = local_data(context, config)
-    torch.manual_seed(int(config["seed"]) + int(config["server-round"]) * 1000 + context.node_id % 1000)
-    settings = TrainConfig(
+    data = local_data(context, settings, int(config["max-examples"]))
+    torch.manual_seed(settings.seed + int(config["server-round"]) * 1000 + context.node_id % 1000)
+    train_settings = TrainConfig(
         epochs=float(config["epochs"]),
         lr=float(config["lr"]),
         rerank_every=0,  # the device keeps the masks it was sent; the server re-ranks after aggregation
         recalibrate_batches=0,  # and recalibrates BN on its own data after aggregation
     )
-    losses = train(model, data.loader(int(config["batch-size"]), shuffle=True, seed=int(config["seed"])), settings)
+    losses = train(model, data.loader(int(config["batch-size"]), shuffle=True, seed=settings.seed), train_settings)
     compute_s = time.perf_counter() - start
     trained = PackedModel.from_dress(model.eval())
-    arrays = upload_record(trained)
-    metrics = MetricRecord(
-        {
-            "num-examples": len(data),
-            "density": packed.densities[-1],
-            "train-loss": float(losses.get(packed.densities[-1], 0.0)),
-            "compute-s": compute_s,
-        }
-    )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    density = packed.densities[-1]
+    return train_reply(msg, trained, {"num-examples": len(data), "density": density,
+                                      "train-loss": float(losses.get(density, 0.0)), "compute-s": compute_s})

@@ -20,7 +20,8 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from common import command, machine, markdown_table, write_json
-from dress_model.baselines import pruned_networks, slimmable_like
+from dress_model.baselines.pruned import pruned_networks
+from dress_model.baselines.slimmable import slim_params, slimmable_like
 from dress_model.data import load_dataset
 from dress_model.models import Architecture, create_model
 from dress_model.sparsity import parse_densities
@@ -54,7 +55,7 @@ def run_slimmable(arch: Architecture, train_loader, test_loader, config: TrainCo
     model = slimmable_like(create_model(arch))
     train(model, train_loader, replace(config, rerank_every=0), on_step)
     acc = evaluate(model, test_loader)
-    return [(d, model.subnet_params(d), acc[d]) for d in model.densities]
+    return [(d, slim_params(model, d), acc[d]) for d in model.densities]
 
 
 def setup(dataset: str, model: str, densities: str, seed: int) -> tuple[Architecture, DataLoader, DataLoader]:

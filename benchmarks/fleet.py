@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from common import command, machine, write_json
-from coordinator.server_app import initial_model
+from contracts.settings import RunSettings, build_model
 from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"
@@ -30,21 +30,19 @@ def main() -> None:
     p.add_argument("--run-dir", type=Path, default=Path("runs/fleet-bench"))
     args = p.parse_args()
 
-    settings = SimulationSettings(
-        devices=args.devices, rounds=args.rounds, fraction=args.fraction, max_examples=args.max_examples,
-        run_dir=args.run_dir,
-    )  # fmt: skip
+    run = RunSettings.defaults(num_rounds=args.rounds, fraction=args.fraction, max_examples=args.max_examples)
+    settings = SimulationSettings(run, devices=args.devices, run_dir=args.run_dir)
     metrics = run_simulation(settings, lambda r: print(f"round {r['round']}: {r['accuracy']}", flush=True))
     rounds = metrics["per_round"]
-    concurrency = max(1, min(os.cpu_count() or 1, round(settings.devices * settings.fraction)))
+    concurrency = max(1, min(os.cpu_count() or 1, round(settings.devices * run.fraction)))
     useful = sum(r["device_compute_s"] / concurrency + r["server_s"] for r in rounds)
     wall = sum(r["wall_s"] for r in rounds)
-    dense = 4 * initial_model(settings.run_config()).subnet_params(1.0)
+    dense = 4 * build_model(run.architecture()).subnet_params(1.0)
     result = {
         "machine": machine(),
         "command": command(),
         "devices": settings.devices,
-        "rounds": settings.rounds,
+        "rounds": run.num_rounds,
         "wall_s": metrics["wall_s"],
         "peak_rss_mb": metrics["peak_rss_mb"],
         "overhead_fraction": round(max(0.0, 1 - useful / wall), 3) if wall else None,

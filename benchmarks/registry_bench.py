@@ -42,6 +42,7 @@ import psycopg  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from contracts.settings import RunSettings  # noqa: E402
 from coordinator.control_plane import serve  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
 from coordinator.registry.engine import make_engine  # noqa: E402
@@ -181,7 +182,8 @@ def run_once(db: str, url: str, agents: int, seconds: float, max_heartbeats: int
     """One server, `agents` agents in a child process, one fresh database; returns the run's row."""
     with Registry(url, pool_size=pool_size, max_overflow=0) as registry:
         port = _free_port()
-        server = serve(registry, "127.0.0.1", port, _no_model, max_workers=max_workers)
+        server = serve(registry, "127.0.0.1", port, RunSettings.defaults().architecture(), _no_model,
+                       max_workers=max_workers)
         try:
             ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
             receiver, sender = ctx.Pipe(duplex=False)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from coordinator.policy import Budget, CalibrationPoint
+from contracts.policy import Budget, CalibrationPoint, validate_calibration
 from coordinator.registry import DeviceNotFoundError, InvalidInputError, Registry
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
@@ -47,21 +47,34 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     """Translates protobuf messages to registry calls and back; its only state is the download cap."""
 
-    def __init__(self, registry: Registry, model_provider: ModelProvider, chunk_bytes: int, max_fetches: int):
+    def __init__(self, registry: Registry, architecture: pb.Architecture, model_provider: ModelProvider,
+                 chunk_bytes: int, max_fetches: int):
         self._registry = registry
+        self._architecture = architecture
         self._model_provider = model_provider
         self._chunk_bytes = chunk_bytes
         # A download holds a server thread for its whole stream; capping them keeps threads for heartbeats
         # when a new model version sends the whole fleet fetching at once.
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
 
+    def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+        with _status_on_error(context):
+            version = self._registry.current_model_version() or ""
+        return pb.DescribeResponse(architecture=self._architecture, model_version=version)
+
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
         with _status_on_error(context):
-            calibration = [CalibrationPoint(p.density, p.latency_ms, p.memory_mb) for p in request.calibration]
-            node_id = request.flower_node_id if request.HasField("flower_node_id") else None
-            assignment = self._registry.register_device(request.name, request.profile, calibration, node_id)
+            calibration = validate_calibration(
+                CalibrationPoint(p.density, p.latency_ms, p.memory_mb) for p in request.calibration)
+            measured, served = sorted(p.density for p in calibration), sorted(self._architecture.densities)
+            if measured != served:
+                raise InvalidInputError(
+                    "calibration must measure exactly the fleet's densities " + ", ".join(f"{d:g}" for d in served)
+                    + "; got " + (", ".join(f"{d:g}" for d in measured) or "none")
+                    + " (ask Describe for the architecture to calibrate)")
+            assignment = self._registry.register_device(request.name, request.profile, calibration)
         return pb.RegisterResponse(device_id=assignment.device_id, density=assignment.density,
-                                   model_version=assignment.model_version or "")
+                                   model_version=assignment.model_version or "", architecture=self._architecture)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         with _status_on_error(context):
@@ -72,13 +85,6 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             assignment = self._registry.heartbeat(request.device_id, budget)
         return pb.HeartbeatResponse(density=assignment.density, model_version=assignment.model_version or "",
                                     changed=assignment.changed)
-
-    def ReportMetrics(
-        self, request: pb.ReportMetricsRequest, context: grpc.ServicerContext
-    ) -> pb.ReportMetricsResponse:
-        with _status_on_error(context):
-            self._registry.report_metrics(request.device_id, request.density, dict(request.metrics))
-        return pb.ReportMetricsResponse()
 
     def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
         with _status_on_error(context):
@@ -109,6 +115,7 @@ def serve(
     registry: Registry,
     host: str,
     port: int,
+    architecture: pb.Architecture,
     model_provider: ModelProvider,
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,
@@ -130,7 +137,8 @@ def serve(
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share its traffic
         ],
     )
-    servicer = ControlPlaneServicer(registry, model_provider, chunk_bytes, max_fetches or max(1, max_workers // 2))
+    servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,
+                                    max_fetches or max(1, max_workers // 2))
     pb_grpc.add_ControlPlaneServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

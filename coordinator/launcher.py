@@ -17,11 +17,12 @@ from typing import Any
 import grpc
 import psutil
 
-from coordinator import flower_runtime as fr
+from contracts import flower_processes as fr
+from contracts.settings import APP_DIR, RunSettings, build_model
 from coordinator.control_plane import serve
 from coordinator.model_store import ModelStore
+from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
-from coordinator.server_app import RUN_CONFIG_DEFAULTS, initial_model, read_rounds
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,16 @@ class ProcessTreeMemory:
         self.peak_mb = max(self.peak_mb, total / 2**20)
 
 
+def round_entry(record: RoundRecord) -> dict[str, Any]:
+    """A recorded round as the live views and the report read it: accuracy per density plus its details."""
+    return {"round": record.round, "accuracy": {str(d): m["accuracy"] for d, m in record.metrics.items()},
+            **record.details}
+
+
 class Coordinator:
-    def __init__(
-        self, state_dir: Path, run_config: Mapping[str, Any], endpoints: Endpoints, simulation: bool = False
-    ) -> None:
-        unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
-        if unknown:
-            raise ValueError(f"unknown run settings {unknown}")
-        self.state_dir = state_dir
-        self.run_config = {**RUN_CONFIG_DEFAULTS, **run_config, "state-dir": str(state_dir.resolve())}
+    def __init__(self, settings: RunSettings, endpoints: Endpoints, simulation: bool = False) -> None:
+        self.state_dir = Path(settings.state_dir)
+        self.settings = settings.replace(state_dir=str(self.state_dir.resolve()))
         self.endpoints = endpoints
         self.simulation = simulation
         self.memory = ProcessTreeMemory()
@@ -77,26 +79,30 @@ class Coordinator:
     def start(self) -> None:
         """Registry and control plane first (agents register before they join Flower), then the SuperLink."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        model = initial_model(self.run_config)
-        self.registry = Registry(str(self.run_config["db-url"]) or None, state_dir=self.state_dir)
-        self.server = serve(
-            self.registry, self.endpoints.host, self.endpoints.control_port, ModelStore(self.registry, model)
-        )
+        architecture = self.settings.architecture()
+        self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)
+        self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
+                            ModelStore(self.registry, build_model(architecture)))
         self.superlink = fr.start_superlink(
             self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation
         )
 
     def submit(self, federation_config: Mapping[str, object] | None = None) -> int:
-        app_dir = fr.write_app(self.state_dir, self.run_config)
-        return fr.submit_run(self.state_dir, app_dir, {}, federation_config)
+        """`flwr run` of the app (this repository) with every run setting; returns Flower's run id."""
+        return fr.submit_run(self.state_dir, APP_DIR, self.settings.to_run_config(), federation_config)
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every round the ServerApp recorded so far, from the registry's rounds table."""
+        assert self.registry is not None
+        return [round_entry(r) for r in self.registry.list_rounds()]
 
     def follow(self, run_id: int, on_round: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Block until the run finishes, reporting each round as the ServerApp logs it."""
+        """Block until the run finishes, reporting each round as the ServerApp records it."""
         assert self.superlink is not None
         seen, last_check = 0, 0.0
         while True:
             self.memory.sample()
-            rounds = read_rounds(self.state_dir)
+            rounds = self.rounds()
             for entry in rounds[seen:]:
                 if on_round:
                     on_round(entry)
@@ -107,7 +113,7 @@ class Coordinator:
                 last_check = time.monotonic()
                 status = fr.run_status(self.state_dir, run_id)
                 if status.startswith("finished"):
-                    for entry in read_rounds(self.state_dir)[seen:]:
+                    for entry in self.rounds()[seen:]:
                         if on_round:
                             on_round(entry)
                     if status != "finished:completed":

@@ -1,10 +1,12 @@
 """The DRESS strategy: each sampled device trains the subnet its current budget allows.
 
-Flower's FedAvg rejects replies of different shapes, so this is a Strategy of its own. Each round it learns
-which device each Flower node is (a ``query.status`` message: node-config never reaches the SuperLink), asks
-the registry for every device's current density, sends each sampled device its packed subnet, then
-aggregates every weight over the devices that trained it, re-ranks the rows, recalibrates per-density BN on
-server-held data, evaluates every density, records the round in the registry and checkpoints the model.
+Flower's FedAvg rejects replies of different shapes, so this is a Strategy of its own. The global model
+travels between Flower's rounds as the strategy's ``ArrayRecord`` (the DressModel's state, row orders
+included). Each round it learns which device each Flower node is (a ``query.status`` message: node-config
+never reaches the SuperLink), asks the registry for every device's current density, sends each sampled device
+its packed subnet with the round's training config, then aggregates every weight over the devices that
+trained it, re-ranks the rows and recalibrates per-density BN on server-held data. Evaluation, checkpoints and
+publishing happen in Flower's evaluation hook (``coordinator.publisher``).
 """
 
 from __future__ import annotations
@@ -13,59 +15,40 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch.utils.data import DataLoader
 
+from contracts.messages import STATUS_QUERY, device_of, record_nbytes, subnet_record, train_message
 from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.repository import Registry
-from dress_model.checkpoint import save_checkpoint
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
-from dress_model.training import evaluate, recalibrate_bn
-from protos.flower_messages import record_nbytes, subnet_record
+from dress_model.training import recalibrate_bn
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class RoundSettings:
-    """What every device is told to do, and how the server samples and checks."""
-
-    fraction: float = 0.1
-    min_devices: int = 1
-    epochs: float = 1.0
-    lr: float = 0.05
-    batch_size: int = 32
-    dataset: str = "fashion-mnist"
-    partition: str = "iid"
-    seed: int = 0
-    max_examples: int = 0  # per device per round; 0 = the whole shard
-    calibration_batches: int = 8
-    stale_after_s: float = 30.0  # a device silent this long is offline and not sampled
-    checkpoint_dir: Path = Path("state/checkpoints")
+CALIBRATION_BATCHES = 8  # server-held batches that recompute each density's BN statistics after aggregation
+STALE_AFTER = timedelta(seconds=30)  # a device silent this long is offline and not sampled
 
 
 @dataclass
-class RoundLog:
-    """Per-round facts the simulation report and the fleet benchmark read."""
+class RoundStats:
+    """What happened in one round besides the model: who trained what, bytes, time. The publisher records it."""
 
     round: int
-    participants: dict[str, float]
-    accuracy: dict[float, float]
+    participants: dict[int, tuple[str, float]] = field(default_factory=dict)  # device id -> (name, density)
     bytes_down: dict[float, list[int]] = field(default_factory=dict)
     bytes_up: dict[float, list[int]] = field(default_factory=dict)
-    compute_s: float = 0.0  # slowest device's train time (unpack, train, pack)
-    device_compute_s: float = 0.0  # all devices' train time added up
-    server_s: float = 0.0  # aggregation, re-ranking, BN recalibration, evaluation, checkpoint
-    wall_s: float = 0.0
+    compute_s: list[float] = field(default_factory=list)  # per device: unpack, train, pack
+    started: float = field(default_factory=time.perf_counter)
+    server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
 
 
 class DressStrategy(Strategy):
@@ -73,25 +56,23 @@ class DressStrategy(Strategy):
         self,
         model: DressModel,
         registry: Registry,
-        settings: RoundSettings,
         calibration: DataLoader,
-        test: DataLoader,
-        on_round: Callable[[RoundLog], None] | None = None,
+        *,
+        fraction: float,
+        min_devices: int,
+        seed: int,
     ) -> None:
-        self.model = model
+        self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
-        self.settings = settings
         self.calibration = calibration
-        self.test = test
-        self.on_round = on_round
+        self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
         self.node_devices: dict[int, str] = {}
         self.sent: dict[int, tuple[int, PackedModel]] = {}  # node id -> (device id, subnet it was sent)
-        self.history: list[RoundLog] = []
-        self._round_started = 0.0
-        self._bytes_down: dict[float, list[int]] = {}
+        self.stats: dict[int, RoundStats] = {}
 
     def summary(self) -> None:
-        log.info("DRESS strategy: densities %s, %s", self.model.densities, self.settings)
+        log.info("DRESS strategy: densities %s, fraction %g, min devices %d", self.model.densities, self.fraction,
+                 self.min_devices)
 
     # -- which device is which node ------------------------------------------------------------------
 
@@ -99,22 +80,28 @@ class DressStrategy(Strategy):
         unknown = [n for n in node_ids if n not in self.node_devices]
         if not unknown:
             return
-        queries = [Message(RecordDict(), dst_node_id=n, message_type="query.status") for n in unknown]
+        queries = [Message(RecordDict(), dst_node_id=n, message_type=STATUS_QUERY) for n in unknown]
+        learnt = {}
         for reply in grid.send_and_receive(queries, timeout=120):
             if reply.has_error():
                 log.warning("node %s did not answer the status query: %s", reply.metadata.src_node_id, reply.error)
                 continue
-            status = reply.content["status"]
-            self.node_devices[reply.metadata.src_node_id] = str(status["device"])
+            try:
+                learnt[device_of(reply)] = reply.metadata.src_node_id
+            except ValueError as e:
+                log.warning("node %s: %s", reply.metadata.src_node_id, e)
+        self.node_devices.update({node: name for name, node in learnt.items()})
+        self.registry.bind_flower_nodes(learnt)
 
     # -- train -------------------------------------------------------------------------------------------
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        self._round_started = time.perf_counter()
+        stats = self.stats[server_round] = RoundStats(server_round)
+        self.model.load_state_dict(arrays.to_torch_state_dict())
         self.identify(grid, grid.get_node_ids())
-        self.registry.mark_offline(timedelta(seconds=self.settings.stale_after_s))
+        self.registry.mark_offline(STALE_AFTER)
         devices = {d.name: d for d in self.registry.list_devices()}
         candidates = []
         for node, name in sorted(self.node_devices.items()):
@@ -125,13 +112,12 @@ class DressStrategy(Strategy):
                 log.warning("device %s runs density %g, which this model lacks", name, info.current_density)
                 continue
             candidates.append((node, info))
-        s = self.settings
-        count = min(len(candidates), max(s.min_devices, math.ceil(s.fraction * len(candidates))))
-        chosen = random.Random(s.seed * 100_003 + server_round).sample(candidates, count)
+        count = min(len(candidates), max(self.min_devices, math.ceil(self.fraction * len(candidates))))
+        chosen = random.Random(self.seed * 100_003 + server_round).sample(candidates, count)
         log.info("round %d: %d of %d online devices", server_round, len(chosen), len(candidates))
 
         subnets: dict[float, tuple[PackedModel, ArrayRecord]] = {}
-        self.sent, self._bytes_down = {}, {}
+        self.sent = {}
         messages = []
         for node, info in chosen:
             density = self.model.densities[self.model.density_index(info.current_density)]
@@ -140,79 +126,39 @@ class DressStrategy(Strategy):
                 subnets[density] = (packed, subnet_record(packed))
             packed, record = subnets[density]
             self.sent[node] = (info.id, packed)
-            self._bytes_down.setdefault(density, []).append(record_nbytes(record))
-            train_config = ConfigRecord(
-                {
-                    "server-round": server_round,
-                    "epochs": s.epochs,
-                    "lr": s.lr,
-                    "batch-size": s.batch_size,
-                    "dataset": s.dataset,
-                    "partition": s.partition,
-                    "seed": s.seed,
-                    "max-examples": s.max_examples,
-                }
-            )
-            content = RecordDict({"arrays": record, "config": train_config})
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+            stats.bytes_down.setdefault(density, []).append(record_nbytes(record))
+            messages.append(train_message(node, record, config, server_round))
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_start = time.perf_counter()
-        updates, participants, bytes_up, compute = [], {}, {}, []
+        stats = self.stats[server_round]
+        updates = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error() or node not in self.sent:
-                log.warning("round %d: node %s dropped out (%s)", server_round, node, reply.error if reply.has_error() else "unexpected")
+                log.warning("round %d: node %s dropped out (%s)", server_round, node,
+                            reply.error if reply.has_error() else "unexpected")
                 continue
             device_id, sent = self.sent[node]
             arrays: ArrayRecord = reply.content["arrays"]
             metrics: MetricRecord = reply.content["metrics"]
-            tensors = arrays.to_torch_state_dict()
-            updates.append(Update(sent, tensors, int(metrics["num-examples"])))
+            updates.append(Update(sent, arrays.to_torch_state_dict(), int(metrics["num-examples"])))
             density = sent.densities[-1]
-            participants[device_id] = density
-            bytes_up.setdefault(density, []).append(record_nbytes(arrays))
-            compute.append(float(metrics["compute-s"]))
+            stats.participants[device_id] = (self.node_devices[node], density)
+            stats.bytes_up.setdefault(density, []).append(record_nbytes(arrays))
+            stats.compute_s.append(float(metrics["compute-s"]))
         aggregate(self.model, updates)
         self.model.rerank()
-        recalibrate_bn(self.model, self.calibration, self.settings.calibration_batches, self.model.densities)
-        accuracy = evaluate(self.model, self.test)
-        version = f"round-{server_round}"
-        path = save_checkpoint(
-            self.model, self.settings.checkpoint_dir / f"{version}.safetensors", {"round": server_round}
-        )
-        self.registry.add_model_version(version, str(path), self.model.densities)
-        self.registry.record_round(
-            server_round,
-            participants,
-            {d: {"accuracy": a} for d, a in accuracy.items()},
-            bytes_sent=sum(sum(v) for v in self._bytes_down.values()),
-            bytes_received=sum(sum(v) for v in bytes_up.values()),
-            model_version=version,
-        )
-        names = {device_id: self.node_devices[node] for node, (device_id, _) in self.sent.items()}
-        entry = RoundLog(
-            round=server_round,
-            participants={names[i]: d for i, d in participants.items()},
-            accuracy=accuracy,
-            bytes_down=self._bytes_down,
-            bytes_up=bytes_up,
-            compute_s=max(compute, default=0.0),
-            device_compute_s=sum(compute),
-            server_s=time.perf_counter() - server_start,
-            wall_s=time.perf_counter() - self._round_started,
-        )
-        self.history.append(entry)
-        if self.on_round:
-            self.on_round(entry)
-        metrics = {f"accuracy-{d:g}": a for d, a in accuracy.items()}
-        metrics["participants"] = len(participants)
-        return None, MetricRecord(metrics)
+        recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
+        stats.server_s = time.perf_counter() - server_start
+        examples = sum(u.num_examples for u in updates)
+        return (ArrayRecord(torch_state_dict=self.model.state_dict()),
+                MetricRecord({"participants": len(updates), "num-examples": examples}))
 
-    # -- evaluation happens on the server, every density, every round ---------------------------------
+    # -- evaluation happens on the server (the publisher), every density, every round -------------------
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

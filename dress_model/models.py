@@ -1,8 +1,9 @@
 """Models behind one constructor, ``create_model``: a small CNN for fleets and CIFAR-style ResNets.
 
-Each architecture is written once against a *family* that supplies its layers: ``dress`` (row-sparse body,
-dense stem and classifier, per-density BN) or ``slimmable`` (the width-slimmable baseline). The stem and the
-classifier stay dense in DRESS: together they hold ~1% of the CNN's weights, and sparsifying the 1-channel
+Each architecture is written once against a *family* that supplies its layers: ``DressFamily`` here (row-sparse
+body, dense stem and classifier, per-density BN); the baselines (``dress_model/baselines/``) pass their own
+families to the same constructors, so every method runs the same network. The stem and the classifier stay dense
+in DRESS: together they hold ~1% of the CNN's weights, and sparsifying the 1-channel
 stem leaves rows of 9 weights, where a 10% row keeps a single tap (see docs/ARCHITECTURE.md).
 """
 
@@ -10,16 +11,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
 
 from dress_model.data import dataset_shape
 from dress_model.layers import DensityAware, DensityBatchNorm, DensityCell, DressConv2d, DressLinear, RowSparse
-from dress_model.slimmable import Slim, SlimBatchNorm, SlimConv2d, SlimLinear
-from dress_model.sparsity import Importance, magnitude, parse_densities
+from dress_model.sparsity import DEFAULT_DENSITIES, Importance, magnitude, parse_densities
 
 Role = Literal["stem", "body", "head"]
 
@@ -34,50 +34,57 @@ class Architecture:
     num_classes: int = 10
     image_size: int = 28
     width: int = 16
-    family: Literal["dress", "slimmable"] = "dress"
     bn_affine: Literal["per-density", "shared"] = "per-density"
-    slim_widths: tuple[float, ...] = field(default=())
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> Architecture:
+        data = {k: v for k, v in data.items() if k not in _LEGACY_FIELDS or v != _LEGACY_FIELDS[k]}
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown architecture fields {sorted(unknown)}; expected {sorted(known)}")
-        data = dict(data)
-        data["densities"] = tuple(data["densities"])
-        data["slim_widths"] = tuple(data.get("slim_widths", ()))
-        return cls(**data)
+        return cls(**{**data, "densities": tuple(data["densities"])})
 
 
-class Family:
-    """Layer factory for one family; ``role`` says where a layer sits so stems/heads can stay dense."""
+# Fields checkpoints of version 0.1 wrote with these values; they carry no information for a DRESS model.
+_LEGACY_FIELDS: dict[str, object] = {"family": "dress", "slim_widths": []}
+
+
+class Family(Protocol):
+    """Layer factory: ``role`` says where a layer sits, so a family can keep the stem and head dense."""
+
+    def conv(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, role: Role = "body") -> nn.Module: ...
+
+    def linear(self, fin: int, fout: int, role: Role = "body") -> nn.Module: ...
+
+    def norm(self, c: int) -> nn.Module: ...
+
+
+class DressFamily:
+    """DRESS layers: row-sparse body, dense stem and classifier, per-density batch norm."""
 
     def __init__(self, arch: Architecture) -> None:
         self.arch = arch
         self.d = arch.densities
 
     def conv(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, role: Role = "body") -> nn.Module:
-        if self.arch.family == "slimmable":
-            return SlimConv2d(cin, cout, k, self.d, stride=stride, padding=padding)
         if role == "body":
             return DressConv2d(cin, cout, k, self.d, stride=stride, padding=padding)
         return nn.Conv2d(cin, cout, k, stride=stride, padding=padding, bias=False)
 
     def linear(self, fin: int, fout: int, role: Role = "body") -> nn.Module:
-        if self.arch.family == "slimmable":
-            return SlimLinear(fin, fout, self.d, slim_out=role != "head")
         if role == "body":
             return DressLinear(fin, fout, self.d)
         return nn.Linear(fin, fout)
 
     def norm(self, c: int) -> nn.Module:
-        if self.arch.family == "slimmable":
-            return SlimBatchNorm(c, self.d)
         return DensityBatchNorm(c, self.d, affine=self.arch.bn_affine)
+
+
+FamilyFactory = Callable[[Architecture], Family]
 
 
 class DressModel(nn.Module):
@@ -122,9 +129,7 @@ class DressModel(nn.Module):
 
     def subnet_params(self, density: float) -> int:
         """Weights a device must hold for this subnet: kept sparse weights + dense layers + its BN affine."""
-        index = self.density_index(density)
-        if self.arch.family == "slimmable":
-            return self._slim_params(index)
+        self.density_index(density)  # a density the model lacks is an error, not zero weights
         total = 0
         for m in self.modules():
             if isinstance(m, RowSparse):
@@ -135,33 +140,13 @@ class DressModel(nn.Module):
                 total += sum(p.numel() for p in m.parameters(recurse=False))
         return total
 
-    @torch.no_grad()
-    def _slim_params(self, index: int) -> int:
-        was_training, previous = self.training, self.active_density
-        self.eval()
-        self.set_density(self.densities[index])
-        a = self.arch
-        self(torch.zeros(1, a.in_channels, a.image_size, a.image_size))
-        total = sum(m.active_params for m in self.modules() if isinstance(m, Slim))
-        self.set_density(previous)
-        self.train(was_training)
-        return total
-
-    def set_slim_widths(self, widths: tuple[float, ...]) -> None:
-        if len(widths) != len(self.densities):
-            raise ValueError(f"need one width per level ({len(self.densities)}), got {len(widths)}")
-        for m in self.modules():
-            if isinstance(m, Slim):
-                m.widths = widths
-        self.arch = Architecture(**{**asdict(self.arch), "slim_widths": widths})
-
 
 class SmallCNN(DressModel):
     """Two conv blocks and two FC layers: ~0.2M weights, cheap enough for 100 simulated devices on 2 cores."""
 
-    def __init__(self, arch: Architecture) -> None:
+    def __init__(self, arch: Architecture, f: Family) -> None:
         super().__init__(arch)
-        f, w = Family(arch), arch.width
+        w = arch.width
         self.conv1, self.bn1 = f.conv(arch.in_channels, w, 3, padding=1, role="stem"), f.norm(w)
         self.conv2, self.bn2 = f.conv(w, 2 * w, 3, padding=1), f.norm(2 * w)
         self.pool = nn.MaxPool2d(2)
@@ -193,9 +178,9 @@ class BasicBlock(nn.Module):
 class CifarResNet(DressModel):
     """CIFAR-style ResNet (He et al. 2016): 3 stages of basic blocks, widths w, 2w, 4w; depth = 6n + 2."""
 
-    def __init__(self, arch: Architecture, blocks_per_stage: int) -> None:
+    def __init__(self, arch: Architecture, f: Family, blocks_per_stage: int) -> None:
         super().__init__(arch)
-        f, w = Family(arch), arch.width
+        w = arch.width
         self.conv1, self.bn1 = f.conv(arch.in_channels, w, 3, padding=1, role="stem"), f.norm(w)
         layers: list[nn.Module] = []
         cin = w
@@ -212,19 +197,21 @@ class CifarResNet(DressModel):
         return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-MODELS: dict[str, Callable[[Architecture], DressModel]] = {
+MODELS: dict[str, Callable[[Architecture, Family], DressModel]] = {
     "cnn": SmallCNN,
-    "resnet8": lambda a: CifarResNet(a, blocks_per_stage=1),
-    "resnet20": lambda a: CifarResNet(a, blocks_per_stage=3),
+    "resnet8": lambda a, f: CifarResNet(a, f, blocks_per_stage=1),
+    "resnet20": lambda a, f: CifarResNet(a, f, blocks_per_stage=3),
 }
 
 
 def create_model(
     name: str | Architecture,
-    densities: str | tuple[float, ...] = (0.1, 0.25, 0.5, 1.0),
+    densities: str | tuple[float, ...] = DEFAULT_DENSITIES,
+    *,
+    family: FamilyFactory = DressFamily,
     **kwargs: object,
 ) -> DressModel:
-    """Build any model by name (or from a stored Architecture)."""
+    """Build any model by name (or from a stored Architecture), with DRESS layers unless ``family`` says else."""
     if isinstance(name, Architecture):
         arch = name
     else:
@@ -233,12 +220,8 @@ def create_model(
         arch = Architecture(name=name, densities=parse_densities(densities), **kwargs)  # type: ignore[arg-type]
     if arch.name not in MODELS:
         raise ValueError(f"unknown model {arch.name!r}; expected one of {sorted(MODELS)}")
-    if arch.family not in ("dress", "slimmable"):
-        raise ValueError(f"unknown family {arch.family!r}; expected 'dress' or 'slimmable'")
-    model = MODELS[arch.name](arch)
+    model = MODELS[arch.name](arch, family(arch))
     model.link_density()
-    if arch.slim_widths:
-        model.set_slim_widths(arch.slim_widths)
     return model
 
 

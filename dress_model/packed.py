@@ -155,8 +155,6 @@ class PackedModel(nn.Module):
 
     def __init__(self, arch: Architecture) -> None:
         super().__init__()
-        if arch.family != "dress":
-            raise PackedFormatError(f"only DRESS models pack; got family {arch.family!r}")
         self.arch = arch
         self.net = create_model(arch)
         fusable = list(_fusable(self.net))

@@ -12,6 +12,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+DEFAULT_DENSITIES: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+"""The subnets trained when nobody says otherwise: the one place this list is written."""
+
+
+def format_densities(densities: Sequence[float]) -> str:
+    """Densest first, as people write them on the command line: "1,0.5,0.25,0.1"."""
+    return ",".join(f"{d:g}" for d in sorted(densities, reverse=True))
+
+
 Importance = Callable[[torch.Tensor], torch.Tensor]
 """Maps a 2-D weight view [rows, cols] to scores of the same shape; higher means keep first."""
 
@@ -46,7 +55,7 @@ def parse_densities(spec: str | Sequence[float]) -> tuple[float, ...]:
     else:
         values = [float(v) for v in spec]
     if not values:
-        raise ValueError("densities must list at least one value in (0, 1], e.g. 1,0.5,0.25,0.1")
+        raise ValueError(f"densities must list at least one value in (0, 1], e.g. {format_densities(DEFAULT_DENSITIES)}")
     bad = [v for v in values if not (0.0 < v <= 1.0) or math.isnan(v)]
     if bad:
         raise ValueError(f"every density must be in (0, 1]; got {bad} in {values}")

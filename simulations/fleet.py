@@ -15,8 +15,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from coordinator.policy import CalibrationPoint
-from coordinator.profiles import Profile
+from contracts.policy import CalibrationPoint
+from contracts.naming import simulated_name
+from contracts.profiles import Profile
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from simulations.traces import TracePoint, at, make_trace
@@ -34,11 +35,6 @@ class VirtualDevice:
     density: float = 0.0
 
 
-def device_name(index: int) -> str:
-    """Must match the name the ClientApp reports for Flower's virtual node with this partition-id."""
-    return f"sim-{index:03d}"
-
-
 def build_fleet(
     profiles: list[Profile], measured: list[CalibrationPoint], duration_s: float, seed: int, dropout: float
 ) -> list[VirtualDevice]:
@@ -49,7 +45,7 @@ def build_fleet(
         slow = 1.0 / profile.relative_speed
         calibration = [CalibrationPoint(p.density, p.latency_ms * slow, p.memory_mb) for p in measured]
         trace = make_trace(profile, full.latency_ms * slow, full.memory_mb, duration_s, seed * 7919 + i, dropout=dropout)
-        fleet.append(VirtualDevice(device_name(i), profile, calibration, trace))
+        fleet.append(VirtualDevice(simulated_name(i), profile, calibration, trace))
     return fleet
 
 
@@ -79,6 +75,11 @@ class FleetDriver:
                 )
             )
             device.device_id, device.density = reply.device_id, reply.density
+
+    @property
+    def registered(self) -> list[int]:
+        """Registry ids of the virtual devices that registered."""
+        return [d.device_id for d in self.fleet if d.device_id]
 
     def start(self) -> None:
         self._started = time.monotonic()

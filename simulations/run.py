@@ -16,13 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.calibration import calibrate
+from contracts.profiles import load_profiles
+from contracts.settings import RunSettings, build_model
 from coordinator.launcher import Coordinator, Endpoints
-from coordinator.profiles import load_profiles
-from coordinator.server_app import initial_model, read_rounds
-from dress_model.models import create_model
+from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
-from dress_model.partition import parse_partition
-from dress_model.sparsity import parse_densities
 from simulations.fleet import FleetDriver, build_fleet
 from simulations.report import RunSummary, fleet_over_time, write_report
 from simulations.traces import assign_profiles, parse_mix
@@ -32,79 +30,42 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SimulationSettings:
+    """The fleet being simulated; what it trains is ``run`` (the same settings a real fleet runs with)."""
+
+    run: RunSettings
     devices: int = 100
-    rounds: int = 5
-    fraction: float = 0.1
     mix: str = "pi4=40,jetson-nano=30,phone=30"
-    partition: str = "iid"
-    dataset: str = "fashion-mnist"
-    model: str = "cnn"
-    width: int = 16
-    densities: str = "1,0.5,0.25,0.1"
-    epochs: float = 1.0
-    lr: float = 0.05
-    batch_size: int = 32
-    max_examples: int = 0
-    eval_examples: int = 2000
-    seed: int = 0
     dropout: float = 0.1
     heartbeat_s: float = 1.0
     cpus_per_client: int = 1
     expected_duration_s: float = 300.0  # length of the budget traces
-    db_url: str = ""
     superlink_port: int = 9392
     control_port: int = 9393
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         """Everything checkable before a process starts: a bad flag must not cost a half-started fleet."""
         if self.devices < 1:
             raise ValueError(f"--devices must be >= 1, got {self.devices}")
-        if self.rounds < 1:
-            raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if not 0 <= self.dropout <= 1:
+            raise ValueError(f"--dropout must be in [0, 1], got {self.dropout}")
         parse_mix(self.mix, list(load_profiles()))
-        parse_partition(self.partition)
-        parse_densities(self.densities)
-        create_model(self.model, self.densities)
-
-    def run_config(self) -> dict[str, Any]:
-        return {
-            "num-rounds": self.rounds,
-            "fraction": self.fraction,
-            "wait-for-nodes": self.devices,
-            "densities": self.densities,
-            "model": self.model,
-            "width": self.width,
-            "dataset": self.dataset,
-            "partition": self.partition,
-            "seed": self.seed,
-            "epochs": self.epochs,
-            "lr": self.lr,
-            "batch-size": self.batch_size,
-            "max-examples": self.max_examples,
-            "eval-examples": self.eval_examples,
-            "db-url": self.db_url,
-        }
+        # Every virtual node must have joined before round 1; the run's state lives in the run directory.
+        self.run = self.run.replace(wait_for_nodes=self.devices, state_dir=str(self.run_dir / "state"))
 
 
 def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    settings.validate()
-    state = settings.run_dir / "state"
+    state = Path(settings.run.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     started = time.monotonic()
-    coordinator = Coordinator(
-        state,
-        settings.run_config(),
-        Endpoints("127.0.0.1", settings.superlink_port, settings.control_port),
-        simulation=True,
-    )
-    model = initial_model(coordinator.run_config)
+    coordinator = Coordinator(settings.run, Endpoints("127.0.0.1", settings.superlink_port, settings.control_port),
+                              simulation=True)
+    model = build_model(settings.run.architecture())
     measured = calibrate(pack_checkpoint(model), (model.arch.in_channels, model.arch.image_size, model.arch.image_size))
     profiles = load_profiles()
-    names = assign_profiles(parse_mix(settings.mix, list(profiles)), settings.devices, settings.seed)
-    fleet = build_fleet([profiles[n] for n in names], measured, settings.expected_duration_s, settings.seed, settings.dropout)
+    names = assign_profiles(parse_mix(settings.mix, list(profiles)), settings.devices, settings.run.seed)
+    fleet = build_fleet([profiles[n] for n in names], measured, settings.expected_duration_s, settings.run.seed,
+                        settings.dropout)
     driver = FleetDriver(fleet, coordinator.endpoints.control_plane, settings.heartbeat_s)
     try:
         coordinator.start()
@@ -116,13 +77,17 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         )
         coordinator.follow(run_id, on_round)
         assert coordinator.registry is not None
+        rounds = coordinator.rounds()
         fleet_history = fleet_over_time(coordinator.registry)
     finally:
         driver.stop()
+        if coordinator.registry is not None and driver.registered:  # the virtual fleet is gone with the run
+            coordinator.registry.set_status(driver.registered, DeviceStatus.OFFLINE)
         coordinator.stop()
     summary = RunSummary(
-        settings={k: str(v) for k, v in asdict(settings).items()},
-        rounds=read_rounds(state),
+        settings={**{k: str(v) for k, v in settings.run.to_run_config().items()},
+                  **{k: str(v) for k, v in asdict(settings).items() if k != "run"}},
+        rounds=rounds,
         fleet=fleet_history,
         devices=settings.devices,
         wall_s=time.monotonic() - started,

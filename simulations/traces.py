@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from coordinator.profiles import Profile
+from contracts.profiles import Profile
 
 MIX_HELP = "comma-separated PROFILE=PERCENT pairs summing to 100, e.g. pi4=40,jetson-nano=30,phone=30"
 

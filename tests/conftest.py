@@ -17,7 +17,9 @@ import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
 
-from coordinator.policy import CalibrationPoint
+from contracts.policy import CalibrationPoint
+from dress_model.sparsity import parse_densities
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 PG_URL = os.environ.get("DRESS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -89,3 +91,8 @@ def free_port() -> int:
 def port_factory() -> Callable[[], int]:
     """For tests that need several ports."""
     return pick_port
+
+
+def architecture(model: str, densities: str, dataset: str, width: int) -> pb.Architecture:
+    """The wire form of a fleet's model, as a coordinator's Describe answers it."""
+    return pb.Architecture(model=model, densities=parse_densities(densities), width=width, dataset=dataset)

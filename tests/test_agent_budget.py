@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from agent.budget import BudgetTraceError, MachineBudget, TraceBudget, TracePoint
-from coordinator.policy import Budget
-from coordinator.profiles import get_profile
+from contracts.policy import Budget
+from contracts.profiles import get_profile
 
 
 class FakeClock:

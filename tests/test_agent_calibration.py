@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from agent.calibration import DATASET_SHAPES, activation_bytes, calibrate, dataset_input_shape, initial_model
-from dress_model.data import DATASETS
+from agent.calibration import activation_bytes, calibrate, image_shape, initial_model
+from conftest import architecture
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 
 @pytest.fixture
@@ -22,9 +23,9 @@ def one_thread() -> Iterator[None]:
 
 @pytest.mark.usefixtures("one_thread")
 def test_calibration_covers_every_density_and_sparser_is_cheaper() -> None:
-    packed = initial_model("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 16)
+    packed = initial_model(architecture("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 16))
     packed.set_density(0.5)
-    points = calibrate(packed, dataset_input_shape("fashion-mnist"), repeats=15)
+    points = calibrate(packed, image_shape(packed), repeats=15)
     assert [p.density for p in points] == [1.0, 0.5, 0.25, 0.1]  # densest first, as the registry stores it
     assert packed.active_density == 0.5  # restored
     by_density = {p.density: p for p in points}
@@ -37,30 +38,30 @@ def test_calibration_covers_every_density_and_sparser_is_cheaper() -> None:
 
 
 def test_activation_peak_covers_the_largest_layer() -> None:
-    packed = initial_model("cnn", "1,0.5", "fashion-mnist", 16)
+    packed = initial_model(architecture("cnn", "1,0.5", "fashion-mnist", 16))
     peak = activation_bytes(packed, torch.zeros(1, 1, 28, 28))
     assert peak >= 4 * (28 * 28 + 16 * 28 * 28)  # at least the stem's input and its 16-channel output
 
 
-def test_initial_model_follows_the_declared_architecture() -> None:
-    assert set(DATASET_SHAPES) == set(DATASETS)
-    packed = initial_model("cnn", "0.5,1", "cifar10", 8)
+def test_initial_model_follows_the_described_architecture() -> None:
+    packed = initial_model(architecture("cnn", "0.5,1", "cifar10", 8))
     assert packed.densities == (0.5, 1.0)
     assert (packed.arch.in_channels, packed.arch.image_size, packed.arch.width) == (3, 32, 8)
     assert packed(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (("cnn", "1,0.5", "imagenet", 16), "unknown dataset 'imagenet'; expected one of fashion-mnist, mnist, cifar10"),
-    (("vgg", "1,0.5", "mnist", 16), "unknown model 'vgg'"),
-    (("cnn", "1,1.5", "mnist", 16), "every density must be in (0, 1]"),
+    (("cnn", [0.5, 1.0], "imagenet", 16), "unknown dataset 'imagenet'; expected one of fashion-mnist, mnist, cifar10"),
+    (("vgg", [0.5, 1.0], "mnist", 16), "unknown model 'vgg'"),
+    (("cnn", [1.0, 1.5], "mnist", 16), "every density must be in (0, 1]"),
 ])
-def test_bad_architecture_options(args: tuple, message: str) -> None:
+def test_an_architecture_this_build_cannot_make_is_a_value_error(args: tuple, message: str) -> None:
+    model, densities, dataset, width = args
     with pytest.raises(ValueError) as caught:
-        initial_model(*args)
+        initial_model(pb.Architecture(model=model, densities=densities, dataset=dataset, width=width))
     assert message in str(caught.value)
 
 
 def test_calibrate_refuses_no_repeats() -> None:
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        calibrate(initial_model("cnn", "1", "mnist", 4), (1, 28, 28), repeats=0)
+        calibrate(initial_model(architecture("cnn", "1", "mnist", 4)), (1, 28, 28), repeats=0)

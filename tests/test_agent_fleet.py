@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import pick_port
+from conftest import architecture, pick_port
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -35,7 +35,7 @@ from agent.serving import (
     serve,
 )
 from coordinator import control_plane
-from coordinator.policy import Budget, CalibrationPoint
+from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import AssignmentReason, Registry
 from dress_model.packed import PackedModel
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
@@ -84,8 +84,9 @@ class Coordinator:
 
     def start(self) -> None:
         # looked up per request, so a test can swap in another provider
-        self.server = control_plane.serve(self.registry, "127.0.0.1", self.port, lambda d: self.provide(d),
-                                          max_workers=4)
+        self.server = control_plane.serve(self.registry, "127.0.0.1", self.port,
+                                          architecture("cnn", DENSITIES, "fashion-mnist", 8),
+                                          lambda d: self.provide(d), max_workers=4)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -114,7 +115,7 @@ def device_id(coordinator: Coordinator) -> int:
 
 @pytest.fixture
 def served() -> ServedModel:
-    return ServedModel(initial_model("cnn", DENSITIES, "fashion-mnist", 8), 1.0)
+    return ServedModel(initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)), 1.0)
 
 
 @pytest.fixture
@@ -207,7 +208,7 @@ def test_new_version_is_fetched_verified_and_swapped_atomically(
     agent_stub: agent_grpc.AgentStub,
 ) -> None:
     served.set_density(0.5)
-    trained = initial_model("cnn", DENSITIES, "fashion-mnist", 8)
+    trained = initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8))
     coordinator.publish("v1", trained)
     updater = ModelUpdater(served, stub, device_id, fetch_density=1.0)
     updater("v1")
@@ -227,7 +228,7 @@ def test_new_version_is_fetched_verified_and_swapped_atomically(
 def test_fetch_at_a_lower_density_stores_only_the_subnets_up_to_it(
     coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int
 ) -> None:
-    coordinator.publish("v1", initial_model("cnn", DENSITIES, "fashion-mnist", 8))
+    coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
     fetched = fetch_model(stub, device_id, 0.25)
     assert fetched.version == "v1" and fetched.packed.densities == (0.1, 0.25)
     assert fetched.nbytes == len(coordinator.provide(0.25))
@@ -272,7 +273,7 @@ def tampering() -> Iterator[tuple[TamperingControlPlane, pb_grpc.ControlPlaneStu
 
 def test_corrupt_downloads_are_refused(tampering: tuple[TamperingControlPlane, pb_grpc.ControlPlaneStub]) -> None:
     servicer, stub = tampering
-    data = initial_model("cnn", "1,0.5", "mnist", 4).to_bytes()
+    data = initial_model(architecture("cnn", "1,0.5", "mnist", 4)).to_bytes()
     digest, half = hashlib.sha256(data).hexdigest(), len(data) // 2
 
     def chunk(payload: bytes, offset: int, **overrides: object) -> pb.ModelChunk:
@@ -320,17 +321,17 @@ def test_budget_changes_move_the_served_density_and_the_registry_row(
     coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
 ) -> None:
     registry, clock = coordinator.registry, Clock()
-    served.set_density(registry.current_density(device_id))  # as `join` does with Register's answer
+    served.set_density(registry.get_device(device_id).current_density)  # as `join` does with Register's answer
     assert served.state().density == 0.25
     buffers = _buffers(served.packed)
     trace = TraceBudget([TracePoint(0, LOOSE), TracePoint(10, TIGHT), TracePoint(20, LOOSE)], clock)
     monitor = _monitor(stub, device_id, served, trace, interval=0.1)
 
     assert monitor.heartbeat_now().changed
-    assert served.state().density == registry.current_density(device_id) == 1.0
+    assert served.state().density == registry.get_device(device_id).current_density == 1.0
     clock.now = 10
     monitor.heartbeat_now()
-    assert served.state().density == registry.current_density(device_id) == 0.25
+    assert served.state().density == registry.get_device(device_id).current_density == 0.25
     assert _buffers(served.packed) == buffers
 
     monitor.start()
@@ -339,7 +340,7 @@ def test_budget_changes_move_the_served_density_and_the_registry_row(
         clock.now = 20
         took = _until(lambda: served.state().density == 1.0, timeout=5)
         assert took < 0.1 + 1.0  # one interval, plus the round trip on a busy machine
-        assert registry.current_density(device_id) == 1.0
+        assert registry.get_device(device_id).current_density == 1.0
     finally:
         monitor.stop()
     history = registry.device_history(device_id)
@@ -355,7 +356,7 @@ def test_monitor_swaps_in_a_published_version(
     monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
     monitor.heartbeat_now()
     assert served.version == "" and monitor.model_version == ""
-    coordinator.publish("v1", initial_model("cnn", DENSITIES, "fashion-mnist", 8))
+    coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
     assert monitor.heartbeat_now().model_version == "v1"
     assert served.version == monitor.model_version == "v1"
     assert served.state().density == 0.25
@@ -368,7 +369,7 @@ def test_monitor_retries_a_failing_model_download_at_the_next_heartbeat(
     monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
     assert monitor.heartbeat_now().density == 0.25  # the heartbeat itself works
     assert served.version == monitor.model_version == "" and served.state().density == 0.25
-    coordinator.model = initial_model("cnn", DENSITIES, "fashion-mnist", 8)
+    coordinator.model = initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8))
     monitor.heartbeat_now()
     assert served.version == monitor.model_version == "v1"
 
@@ -392,7 +393,7 @@ def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedMo
             assert served.state().density == 1.0  # still serving the last assignment
             coordinator.start()
             _until(lambda: monitor.failures == 0 and served.state().density == 0.25, timeout=5)
-            assert coordinator.registry.current_density(device_id) == 0.25
+            assert coordinator.registry.get_device(device_id).current_density == 0.25
         finally:
             start = time.monotonic()
             monitor.stop()

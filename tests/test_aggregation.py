@@ -5,7 +5,7 @@ import torch
 from coordinator.aggregation import Update, aggregate
 from dress_model.models import create_model
 from dress_model.packed import PackedModel
-from protos.flower_messages import upload_state
+from contracts.messages import upload_state
 
 
 def device_update(model, density: float, delta: float, examples: int) -> Update:

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from coordinator.cli import app
+from cli.fleet import app
 
 runner = CliRunner()
 

@@ -16,12 +16,12 @@ from sqlalchemy import create_engine, select
 
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import AssignmentReason, Registry
-from coordinator.registry.models import MetricReport
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
 CHUNK_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024
+ARCHITECTURE = pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0], width=16, dataset="fashion-mnist")
 CALIBRATION = [pb.CalibrationPoint(density=d, latency_ms=100 * d, memory_mb=800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
 
 
@@ -50,7 +50,7 @@ def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grp
             raise LookupError(f"{path.name} not packed yet")
         return path.read_bytes()
 
-    server = serve(registry, "127.0.0.1", free_port, provider, max_workers=8,
+    server = serve(registry, "127.0.0.1", free_port, ARCHITECTURE, provider, max_workers=8,
                    max_message_bytes=MAX_MESSAGE_BYTES, chunk_bytes=CHUNK_BYTES)
     with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
         yield channel
@@ -88,14 +88,29 @@ def test_health_service_reports_serving(channel: grpc.Channel) -> None:
 
 
 def test_register_assigns_density_from_profile(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
-    reply = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", flower_node_id=2**64 - 1,
-                                             calibration=CALIBRATION))
+    reply = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
     # phone's tightest typical budget is 30 ms / 128 MB: 0.1 is the densest that fits
     assert reply.density == 0.1 and reply.device_id > 0 and reply.model_version == ""
+    assert reply.architecture == ARCHITECTURE  # what the device was registered to run
     again = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
     assert again.device_id == reply.device_id
     [device] = registry.list_devices()
-    assert device.name == "phone-1" and device.flower_node_id is None  # re-registration replaces it
+    assert device.name == "phone-1"
+
+
+def test_describe_names_the_fleets_architecture(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
+    assert stub.Describe(pb.DescribeRequest()).architecture == ARCHITECTURE
+    registry.add_model_version("v1", "/ckpt/v1", [1.0, 0.5, 0.25, 0.1])
+    assert stub.Describe(pb.DescribeRequest()).model_version == "v1"
+
+
+@pytest.mark.parametrize("densities", [(1.0, 0.5), (1.0, 0.5, 0.25, 0.2)])
+def test_calibration_for_another_architecture_is_refused(stub: pb_grpc.ControlPlaneStub, registry: Registry,
+                                                         densities: tuple[float, ...]) -> None:
+    points = [pb.CalibrationPoint(density=d, latency_ms=10 * d, memory_mb=10 * d) for d in densities]
+    code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="x", profile="pi4", calibration=points)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "Describe" in details
+    assert registry.list_devices() == []
 
 
 def test_heartbeat_budget_change_changes_density_and_records_history(
@@ -108,7 +123,7 @@ def test_heartbeat_budget_change_changes_density_and_records_history(
     ]
     assert [(a.density, a.changed) for a in answers] == [(1.0, True), (1.0, False), (0.5, True), (0.25, True)]
     assert {a.model_version for a in answers} == {"v3"}
-    assert registry.current_density(device_id) == 0.25
+    assert registry.get_device(device_id).current_density == 0.25
     history = registry.device_history(device_id)
     assert [(h.density, h.reason) for h in history] == [
         (0.25, AssignmentReason.REGISTRATION),
@@ -119,16 +134,6 @@ def test_heartbeat_budget_change_changes_density_and_records_history(
     assert history[2].budget is not None and (history[2].budget.latency_ms, history[2].budget.battery) == (60, 0.5)
     assert history[3].budget is not None and history[3].budget.battery is None
     assert history[1].model_version == "v3"
-
-
-def test_report_metrics_is_stored(stub: pb_grpc.ControlPlaneStub, device_id: int, sqlite_url: str) -> None:
-    stub.ReportMetrics(pb.ReportMetricsRequest(device_id=device_id, density=0.5,
-                                               metrics={"accuracy": 0.91, "latency_ms": 48.5}))
-    engine = create_engine(sqlite_url)
-    with engine.connect() as conn:
-        rows = conn.execute(select(MetricReport.device_id, MetricReport.density, MetricReport.metrics)).all()
-    engine.dispose()
-    assert [tuple(r) for r in rows] == [(device_id, 0.5, {"accuracy": 0.91, "latency_ms": 48.5})]
 
 
 def test_fetch_model_streams_the_file_in_chunks(stub: pb_grpc.ControlPlaneStub, device_id: int,
@@ -151,7 +156,6 @@ def test_fetch_model_streams_the_file_in_chunks(stub: pb_grpc.ControlPlaneStub, 
     ("method", "request_for"),
     [
         ("Heartbeat", lambda: pb.HeartbeatRequest(device_id=999, budget=_budget(50, 500))),
-        ("ReportMetrics", lambda: pb.ReportMetricsRequest(device_id=999, density=0.5, metrics={"acc": 1.0})),
         ("FetchModel", lambda: pb.FetchModelRequest(device_id=999, density=0.5)),
     ],
 )
@@ -228,22 +232,6 @@ def test_oversized_message_is_resource_exhausted(stub: pb_grpc.ControlPlaneStub,
     assert registry.list_devices() == []
 
 
-@pytest.mark.parametrize(
-    ("density", "metrics", "message"),
-    [
-        (0.3, {"acc": 0.5}, "not calibrated at density 0.3"),
-        (0.0, {"acc": 0.5}, "density must be in (0, 1]"),
-        (0.5, {"acc": float("nan")}, "must be finite"),
-        (0.5, {"": 1.0}, "metric names"),
-    ],
-)
-def test_bad_metrics_are_invalid_argument(stub: pb_grpc.ControlPlaneStub, device_id: int, density: float,
-                                          metrics: dict[str, float], message: str) -> None:
-    code, details = _status(lambda: stub.ReportMetrics(pb.ReportMetricsRequest(
-        device_id=device_id, density=density, metrics=metrics)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details
-
-
 def test_fetch_model_at_uncalibrated_density_is_invalid_argument(stub: pb_grpc.ControlPlaneStub,
                                                                  device_id: int) -> None:
     code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.3))))
@@ -266,7 +254,7 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
         release.wait(timeout=10)
         return b"weights" * 1000
 
-    server = serve(registry, "127.0.0.1", free_port, slow_provider, max_workers=4, max_fetches=1)
+    server = serve(registry, "127.0.0.1", free_port, ARCHITECTURE, slow_provider, max_workers=4, max_fetches=1)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
             stub = pb_grpc.ControlPlaneStub(channel)

@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from conftest import pick_port
 from coordinator.registry import Registry
-from coordinator.server_app import read_rounds
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_pb_grpc
 
@@ -61,6 +60,12 @@ def cli_predict(agent: str) -> float:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     return float(out.stdout.strip().split()[-1])
+
+
+def _rounds(state: Path) -> list:
+    """The rounds the ServerApp has recorded in the registry so far."""
+    with Registry(state_dir=state) as registry:
+        return registry.list_rounds()
 
 
 def test_coordinator_and_three_agents(tmp_path: Path) -> None:
@@ -114,7 +119,7 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             time.sleep(0.1)
 
         deadline = time.monotonic() + 240
-        while len(read_rounds(state)) < 2:
+        while len(_rounds(state)) < 2:
             assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-4000:]
             assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
             time.sleep(1)
@@ -128,6 +133,8 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             rounds = registry.list_rounds()
             assert [r.round for r in rounds] == [1, 2]
             assert all(len(r.participants) == 3 for r in rounds)
+            assert all(set(r.details["participants"]) == set(agents) for r in rounds)  # by name, for the live view
+            assert all(d.flower_node_id is not None for d in devices.values())  # learnt by the status query
         for name, address in agents.items():  # Predict answers after training, through the CLI a person uses
             assert cli_predict(address) == (0.25 if name == "phone-1" else 1.0)
     finally:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.policy import (
+from contracts.policy import (
     MAX_CALIBRATION_POINTS,
     Budget,
     CalibrationPoint,
     choose_density,
     validate_calibration,
 )
-from coordinator.profiles import UnknownProfileError, get_profile, load_profiles
+from contracts.profiles import UnknownProfileError, get_profile, load_profiles
 
 # 1.0: 100 ms / 800 MB, 0.5: 50 / 400, 0.25: 25 / 200, 0.1: 10 / 80
 TABLE = validate_calibration(CalibrationPoint(d, 100 * d, 800 * d) for d in (0.1, 0.25, 1.0, 0.5))

@@ -31,7 +31,7 @@ def test_generated_code_imports_as_a_package() -> None:
     assert control_plane_pb2.DESCRIPTOR.package == "dress.fleet.v1"
     service = control_plane_pb2.DESCRIPTOR.services_by_name["ControlPlane"]
     assert service.full_name == "dress.fleet.v1.ControlPlane"
-    assert [m.name for m in service.methods] == ["Register", "Heartbeat", "ReportMetrics", "FetchModel"]
+    assert [m.name for m in service.methods] == ["Describe", "Register", "Heartbeat", "FetchModel"]
     assert service.methods_by_name["FetchModel"].server_streaming
     assert hasattr(control_plane_pb2_grpc, "ControlPlaneStub")
     grpc_source = (REPO_ROOT / "protos/dress/fleet/v1/control_plane_pb2_grpc.py").read_text()

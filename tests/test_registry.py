@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from coordinator.policy import Budget, CalibrationPoint
+from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import (
     AssignmentReason,
     DeviceNotFoundError,
@@ -54,7 +54,8 @@ def test_default_is_sqlite_in_state_dir_in_wal_mode(tmp_path: Path, calibration:
 def test_register_then_heartbeats_record_budgets_and_density_changes(
     registry: Registry, db_url: str, calibration: list[CalibrationPoint]
 ) -> None:
-    first = registry.register_device("jetson-1", "jetson-nano", calibration, flower_node_id=2**63 + 5)
+    first = registry.register_device("jetson-1", "jetson-nano", calibration)
+    registry.bind_flower_nodes({"jetson-1": 2**63 + 5})  # what the ServerApp learns by its status query
     # jetson-nano's tightest typical budget, 50 ms / 512 MB: 0.5 fits
     assert (first.density, first.changed, first.model_version) == (0.5, True, None)
     registry.add_model_version("v1", "/ckpt/v1", [1.0, 0.5, 0.25, 0.1])
@@ -64,7 +65,7 @@ def test_register_then_heartbeats_record_budgets_and_density_changes(
     assert [(a.density, a.changed) for a in answers] == [(1.0, True), (1.0, False), (0.1, True), (0.1, False),
                                                          (0.1, False)]
     assert {a.model_version for a in answers} == {"v1"}
-    assert registry.current_density(first.device_id) == 0.1
+    assert registry.get_device(first.device_id).current_density == 0.1
 
     history = registry.device_history(first.device_id)
     assert [(h.density, h.reason, h.budget) for h in history] == [
@@ -87,11 +88,11 @@ def test_register_then_heartbeats_record_budgets_and_density_changes(
 def test_reregistration_keeps_id_and_history(registry: Registry, calibration: list[CalibrationPoint]) -> None:
     first = registry.register_device("pi", "pi4", calibration)
     registry.heartbeat(first.device_id, Budget(1000, 4000))
-    again = registry.register_device("pi", "pi5", calibration[1:], flower_node_id=42)
+    again = registry.register_device("pi", "pi5", calibration[1:])
     assert again.device_id == first.device_id
     assert again.density == 0.5 and again.changed  # pi5's tightest budget, 80 ms / 512 MB, on the new table
     [device] = registry.list_devices()
-    assert (device.profile, device.flower_node_id) == ("pi5", 42)
+    assert device.profile == "pi5"
     assert [h.reason for h in registry.device_history(first.device_id)] == [
         AssignmentReason.REGISTRATION, AssignmentReason.BUDGET_CHANGE, AssignmentReason.REGISTRATION]
 
@@ -103,8 +104,6 @@ def test_reregistration_keeps_id_and_history(registry: Registry, calibration: li
         ({"name": "x" * 200}, "name"),
         ({"profile": "toaster"}, "unknown device profile 'toaster'; valid profiles: jetson-nano"),
         ({"calibration": []}, "empty"),
-        ({"flower_node_id": -1}, "uint64"),
-        ({"flower_node_id": 2**64}, "uint64"),
     ],
 )
 def test_bad_registrations_store_nothing(registry: Registry, db_url: str, calibration: list[CalibrationPoint],
@@ -119,11 +118,10 @@ def test_unknown_device(registry: Registry) -> None:
     for call in (
         lambda: registry.heartbeat(7, Budget(10, 10)),
         lambda: registry.assign(7, 0.5),
-        lambda: registry.current_density(7),
+        lambda: registry.get_device(7),
         lambda: registry.device_history(7),
         lambda: registry.calibrated_densities(7),
-        lambda: registry.report_metrics(7, 0.5, {}),
-        lambda: registry.set_status(7, DeviceStatus.DRAINING),
+        lambda: registry.set_status([7], DeviceStatus.DRAINING),
         lambda: registry.record_round(1, {7: 0.5}, {}, 0, 0),
     ):
         with pytest.raises(DeviceNotFoundError, match="7"):
@@ -145,7 +143,7 @@ def test_operator_and_training_assignments(registry: Registry, calibration: list
         registry.assign(device, 0.5, AssignmentReason.BUDGET_CHANGE)
     # the assignment holds while it fits: the heartbeat's hysteresis treats it as the current density
     assert registry.heartbeat(device, Budget(30, 2000)).density == 0.25
-    assert registry.current_density(device) == 0.25
+    assert registry.get_device(device).current_density == 0.25
 
 
 def test_status_draining_survives_heartbeats_and_offline_comes_back(
@@ -153,7 +151,7 @@ def test_status_draining_survives_heartbeats_and_offline_comes_back(
 ) -> None:
     a = registry.register_device("a", "pi4", calibration).device_id
     b = registry.register_device("b", "pi4", calibration).device_id
-    registry.set_status(a, DeviceStatus.DRAINING)
+    registry.set_status([a], DeviceStatus.DRAINING)
     registry.heartbeat(a, Budget(1000, 4000))
     assert registry.mark_offline(timedelta(hours=1)) == 0
     assert registry.mark_offline(timedelta(0)) == 1  # b: online and silent; a is draining
@@ -198,4 +196,18 @@ def test_failed_heartbeat_leaves_nothing_half_written(
         registry.heartbeat(device, Budget(1000, 4000))
     assert _count(db_url, BudgetReport) == 0
     assert _count(db_url, DensityAssignment) == 1  # the registration only
-    assert registry.current_density(device) == 0.25
+    assert registry.get_device(device).current_density == 0.25
+
+
+def test_flower_node_ids_must_be_uint64(registry: Registry, calibration: list[CalibrationPoint]) -> None:
+    registry.register_device("pi", "pi4", calibration)
+    for bad in (-1, 2**64):
+        with pytest.raises(InvalidInputError, match="uint64"):
+            registry.bind_flower_nodes({"pi": bad})
+    assert registry.list_devices()[0].flower_node_id is None
+
+
+def test_a_whole_fleet_goes_offline_in_one_call(registry: Registry, calibration: list[CalibrationPoint]) -> None:
+    ids = [registry.register_device(f"sim-{i:03d}", "pi4", calibration).device_id for i in range(5)]
+    registry.set_status(ids[:3], DeviceStatus.OFFLINE)
+    assert [d.status for d in registry.list_devices()] == [DeviceStatus.OFFLINE] * 3 + [DeviceStatus.ONLINE] * 2

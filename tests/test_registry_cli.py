@@ -8,9 +8,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from coordinator.policy import Budget, CalibrationPoint
+from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import Registry
-from coordinator.registry.cli import db_app, devices_app
+from cli.registry import db_app, devices_app
 
 app = typer.Typer()
 app.add_typer(devices_app, name="devices")
@@ -67,10 +67,10 @@ def test_db_upgrade_creates_then_keeps_the_schema(tmp_path: Path) -> None:
     state = tmp_path / "fresh"
     first = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
     assert first.exit_code == 0, first.output
-    assert "revision 0001 (was empty)" in first.output
+    assert "revision 0002 (was empty)" in first.output
     assert (state / "registry.sqlite3").exists()
     again = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
-    assert "revision 0001 (was 0001)" in again.output
+    assert "revision 0002 (was 0002)" in again.output
 
 
 @pytest.mark.parametrize("command", [["devices"], ["devices", "show", "1"], ["db", "upgrade"]])

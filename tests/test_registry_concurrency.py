@@ -9,10 +9,12 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+
+from contracts.settings import RunSettings
 from sqlalchemy import create_engine, select
 
 from coordinator.control_plane import serve
-from coordinator.policy import Budget, CalibrationPoint
+from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import AssignmentReason, Registry
 from coordinator.registry.models import BudgetReport, DensityAssignment
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -70,7 +72,8 @@ def _assert_history_consistent(url: str) -> None:
 
 def test_hundred_agents_lose_no_heartbeat(db_url: str, free_port: int) -> None:
     with Registry(db_url, pool_size=8) as registry:
-        server = serve(registry, "127.0.0.1", free_port, lambda density: b"", max_workers=16)
+        server = serve(registry, "127.0.0.1", free_port, RunSettings.defaults().architecture(), lambda density: b"",
+                       max_workers=16)
         try:
             start = threading.Barrier(AGENTS)
             with ThreadPoolExecutor(AGENTS) as pool:
@@ -111,5 +114,5 @@ def test_concurrent_heartbeats_for_one_device_lose_no_update(
         assert len(_rows(db_url, BudgetReport.id)) == threads * beats
         _assert_history_consistent(db_url)
         last_budget_density = _rows(db_url, BudgetReport.id, BudgetReport.assigned_density)[-1][1]
-        assert registry.current_density(device) == last_budget_density
+        assert registry.get_device(device).current_density == last_budget_density
         assert registry.device_history(device)[-1].density == last_budget_density

@@ -6,16 +6,17 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import pick_port
-from coordinator.cli import app
-from coordinator.registry import Registry
+from cli.fleet import app
+from contracts.settings import RunSettings
+from coordinator.registry import DeviceStatus, Registry
 from simulations.run import SimulationSettings, run_simulation
 from simulations.traces import assign_profiles, parse_mix
 
 
 def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
+    run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500)
     settings = SimulationSettings(
-        devices=100, rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500,
-        run_dir=tmp_path / "run", superlink_port=pick_port(), control_port=pick_port(),
+        run, devices=100, run_dir=tmp_path / "run", superlink_port=pick_port(), control_port=pick_port(),
     )  # fmt: skip
     seen = []
     metrics = run_simulation(settings, seen.append)
@@ -30,6 +31,7 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
         assert [r.round for r in rounds] == [1, 2]
         assert all(len(r.participants) == 10 and r.bytes_sent > 0 and r.bytes_received > 0 for r in rounds)
         assert set(rounds[-1].metrics) == {0.1, 0.25, 0.5, 1.0}
+        assert {d.status for d in devices} == {DeviceStatus.OFFLINE}  # the virtual fleet left with the run
     run_dir = tmp_path / "run"
     for name in ("report.md", "metrics.json", "accuracy.png", "fleet.png", "bytes.png"):
         assert (run_dir / name).stat().st_size > 0, name
@@ -58,7 +60,8 @@ def test_mix_is_exact_and_deterministic() -> None:
         (["--mix", "pi4=x,phone=100"], "bad share"),
         (["--partition", "dirichlet:-1"], "dirichlet"),
         (["--densities", "1,0.5,0.5"], "repeat"),
-        (["--model", "vgg"], "unknown model"),
+        (["--model", "vgg"], "--model must be one of cnn"),
+        (["--dataset", "imagenet"], "--dataset must be one of"),
     ],
 )
 def test_bad_simulation_input_is_a_clear_error(tmp_path, args, message) -> None:

@@ -104,7 +104,7 @@ class Device(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     profile: Mapped[str] = mapped_column(String(64))
-    flower_node_id: Mapped[int | None] = mapped_column(Uint64)
+    flower_node_id: Mapped[int | None] = mapped_column(Uint64)  # learnt by the ServerApp's status query
     status: Mapped[DeviceStatus] = mapped_column(_str_enum(DeviceStatus, "device_status"))
     calibration: Mapped[list[Any]]  # [{density, latency_ms, memory_mb}], densest first
     current_density: Mapped[float] = mapped_column(Float)
@@ -142,19 +142,6 @@ class DensityAssignment(Base):
     assigned_at: Mapped[datetime]
 
 
-class MetricReport(Base):
-    """Metrics a device measured while running one density (ReportMetrics)."""
-
-    __tablename__ = "metric_reports"
-    __table_args__ = (Index("ix_metric_reports_device_id_id", "device_id", "id"),)
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
-    density: Mapped[float] = mapped_column(Float)
-    metrics: Mapped[dict[str, Any]]
-    reported_at: Mapped[datetime]
-
-
 class TrainingRound(Base):
     __tablename__ = "training_rounds"
 
@@ -166,3 +153,4 @@ class TrainingRound(Base):
     bytes_received: Mapped[int] = mapped_column(BigInteger)
     model_version: Mapped[str | None] = mapped_column(ForeignKey("model_versions.version"))
     recorded_at: Mapped[datetime]
+    details: Mapped[dict[str, Any] | None]  # who trained (by name), bytes per density, timings

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from coordinator.policy import Budget
+from contracts.policy import Budget
 from coordinator.registry.models import AssignmentReason, DeviceStatus
 
 
@@ -52,3 +53,4 @@ class RoundRecord:
     bytes_received: int
     model_version: str | None
     recorded_at: datetime
+    details: dict[str, Any]  # what the ServerApp recorded besides: participants by name, bytes, timings

@@ -19,8 +19,8 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from coordinator.policy import DEFAULT_MARGIN, Budget, CalibrationPoint, choose_density, validate_calibration
-from coordinator.profiles import UnknownProfileError, get_profile
+from contracts.policy import DEFAULT_MARGIN, Budget, CalibrationPoint, choose_density, validate_calibration
+from contracts.profiles import UnknownProfileError, get_profile
 from coordinator.registry.engine import READ_ONLY, default_url, is_sqlite, make_engine
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
 from coordinator.registry.migrate import upgrade
@@ -30,7 +30,6 @@ from coordinator.registry.models import (
     DensityAssignment,
     Device,
     DeviceStatus,
-    MetricReport,
     ModelVersion,
     TrainingRound,
 )
@@ -161,7 +160,6 @@ class Registry:
         name: str,
         profile: str,
         calibration: Iterable[CalibrationPoint],
-        flower_node_id: int | None = None,
     ) -> Assignment:
         """Register a device, or re-register one by name (an agent restart); returns its first density.
 
@@ -171,15 +169,13 @@ class Registry:
         name = name.strip()
         if not 0 < len(name) <= MAX_NAME_LENGTH:
             raise InvalidInputError(f"device name must be 1-{MAX_NAME_LENGTH} characters")
-        if flower_node_id is not None and not 0 <= flower_node_id < 1 << 64:
-            raise InvalidInputError(f"flower_node_id must be a uint64, got {flower_node_id}")
         try:
             spec = get_profile(profile)
             table = validate_calibration(calibration)
         except (UnknownProfileError, ValueError) as e:
             raise InvalidInputError(str(e)) from e
         density = choose_density(table, Budget(spec.budget_latency_ms.low, spec.budget_memory_mb.low))
-        fields = {"profile": profile, "flower_node_id": flower_node_id, "status": DeviceStatus.ONLINE,
+        fields = {"profile": profile, "status": DeviceStatus.ONLINE,
                   "calibration": [{"density": p.density, "latency_ms": p.latency_ms, "memory_mb": p.memory_mb}
                                   for p in table],
                   "current_density": density}
@@ -264,10 +260,23 @@ class Registry:
         log.info("device %d: density %g -> %g (%s)", device_id, current, density, reason)
         return Assignment(device_id, density, density != current, version)
 
-    def set_status(self, device_id: int, status: DeviceStatus) -> None:
+    def set_status(self, device_ids: Iterable[int], status: DeviceStatus) -> None:
+        """Set the status of several devices in one transaction (a simulation's fleet going offline at once)."""
+        ids = sorted(set(device_ids))
         with self._write() as conn:
-            if conn.execute(update(Device).where(Device.id == device_id).values(status=status)).rowcount == 0:
-                raise DeviceNotFoundError(f"device {device_id} is not registered")
+            found = set(conn.scalars(select(Device.id).where(Device.id.in_(ids))))
+            if missing := [i for i in ids if i not in found]:
+                raise DeviceNotFoundError(f"devices {missing} are not registered")
+            conn.execute(update(Device).where(Device.id.in_(ids)).values(status=status))
+
+    def bind_flower_nodes(self, nodes: Mapping[str, int]) -> None:
+        """Record which Flower node each named device is (the ServerApp learns it by a status query)."""
+        for name, node_id in nodes.items():
+            if not 0 <= node_id < 1 << 64:
+                raise InvalidInputError(f"Flower node id of {name!r} must be a uint64, got {node_id}")
+        with self._write() as conn:
+            for name, node_id in nodes.items():
+                conn.execute(update(Device).where(Device.name == name).values(flower_node_id=node_id))
 
     def mark_offline(self, stale_after: timedelta) -> int:
         """Mark online devices silent for longer than `stale_after` offline; returns how many."""
@@ -290,21 +299,23 @@ class Registry:
             raise DeviceNotFoundError(f"device {device_id} is not registered")
         return _calibrated(calibration)
 
-    def current_density(self, device_id: int) -> float:
-        with self._read() as s:
-            density = s.scalar(select(Device.current_density).where(Device.id == device_id))
-        if density is None:
+    def get_device(self, device_id: int) -> DeviceInfo:
+        """One device with its latest reported budget."""
+        found = self.list_devices(device_id)
+        if not found:
             raise DeviceNotFoundError(f"device {device_id} is not registered")
-        return density
+        return found[0]
 
-    def list_devices(self) -> list[DeviceInfo]:
-        """Every device with its latest reported budget, by id."""
+    def list_devices(self, device_id: int | None = None) -> list[DeviceInfo]:
+        """Every device (or just `device_id`) with its latest reported budget, by id."""
         query = (
             select(Device, BudgetReport.latency_ms, BudgetReport.memory_mb, BudgetReport.battery,
                    BudgetReport.reported_at)
             .outerjoin(BudgetReport, BudgetReport.id == _LATEST_BUDGET_ID)
             .order_by(Device.id)
         )
+        if device_id is not None:
+            query = query.where(Device.id == device_id)
         with self._read() as s:
             return [
                 DeviceInfo(d.id, d.name, d.profile, d.flower_node_id, d.status, d.current_density, d.first_seen,
@@ -331,18 +342,6 @@ class Registry:
 
     # -- metrics, rounds, model versions ---------------------------------------------------------------
 
-    def report_metrics(self, device_id: int, density: float, metrics: Mapping[str, float]) -> None:
-        """Store metrics a device measured at one of its calibrated densities."""
-        density = _check_density(density)
-        values = _check_metrics(metrics, f"device {device_id}")
-        with self._write() as conn:
-            calibration = conn.scalar(select(Device.calibration).where(Device.id == device_id))
-            if calibration is None:
-                raise DeviceNotFoundError(f"device {device_id} is not registered")
-            _require_calibrated(device_id, density, calibration)
-            conn.execute(insert(MetricReport).values(device_id=device_id, density=density, metrics=values,
-                                                     reported_at=_now()))
-
     def record_round(
         self,
         round_number: int,
@@ -351,8 +350,12 @@ class Registry:
         bytes_sent: int,
         bytes_received: int,
         model_version: str | None = None,
+        details: Mapping[str, Any] | None = None,
     ) -> None:
-        """Store one finished training round; `model_version` defaults to the current one."""
+        """Store one finished training round; `model_version` defaults to the current one.
+
+        `details` (JSON) is what the live view and the report show besides: who trained by name, bytes per
+        density, timings."""
         if bytes_sent < 0 or bytes_received < 0:
             raise InvalidInputError("byte counts must be >= 0")
         members = [{"device_id": int(d), "density": _check_density(x)} for d, x in participants.items()]
@@ -366,7 +369,7 @@ class Registry:
                 conn.execute(insert(TrainingRound).values(
                     round=round_number, participants=members, metrics=per_density, bytes_sent=bytes_sent,
                     bytes_received=bytes_received, model_version=model_version or conn.scalar(_LATEST_VERSION),
-                    recorded_at=_now()))
+                    recorded_at=_now(), details=dict(details or {})))
         except IntegrityError as e:
             raise InvalidInputError(f"round {round_number} already recorded, or unknown model version") from e
 
@@ -375,7 +378,7 @@ class Registry:
             return [
                 RoundRecord(r.round, {p["device_id"]: p["density"] for p in r.participants},
                             {float(d): m for d, m in r.metrics.items()}, r.bytes_sent, r.bytes_received,
-                            r.model_version, r.recorded_at)
+                            r.model_version, r.recorded_at, r.details or {})
                 for r in s.scalars(select(TrainingRound).order_by(TrainingRound.round))
             ]
 

@@ -26,27 +26,51 @@ class Budget(_message.Message):
     battery: float
     def __init__(self, latency_ms: _Optional[float] = ..., memory_mb: _Optional[float] = ..., battery: _Optional[float] = ...) -> None: ...
 
+class Architecture(_message.Message):
+    __slots__ = ("model", "densities", "width", "dataset")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DENSITIES_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    densities: _containers.RepeatedScalarFieldContainer[float]
+    width: int
+    dataset: str
+    def __init__(self, model: _Optional[str] = ..., densities: _Optional[_Iterable[float]] = ..., width: _Optional[int] = ..., dataset: _Optional[str] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("architecture", "model_version")
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    architecture: Architecture
+    model_version: str
+    def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "profile", "flower_node_id", "calibration")
+    __slots__ = ("name", "profile", "calibration")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
-    FLOWER_NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     profile: str
-    flower_node_id: int
     calibration: _containers.RepeatedCompositeFieldContainer[CalibrationPoint]
-    def __init__(self, name: _Optional[str] = ..., profile: _Optional[str] = ..., flower_node_id: _Optional[int] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., profile: _Optional[str] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "density", "model_version")
+    __slots__ = ("device_id", "density", "model_version", "architecture")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     density: float
     model_version: str
-    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ...) -> None: ...
+    architecture: Architecture
+    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id", "budget")
@@ -65,27 +89,6 @@ class HeartbeatResponse(_message.Message):
     model_version: str
     changed: bool
     def __init__(self, density: _Optional[float] = ..., model_version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
-
-class ReportMetricsRequest(_message.Message):
-    __slots__ = ("device_id", "density", "metrics")
-    class MetricsEntry(_message.Message):
-        __slots__ = ("key", "value")
-        KEY_FIELD_NUMBER: _ClassVar[int]
-        VALUE_FIELD_NUMBER: _ClassVar[int]
-        key: str
-        value: float
-        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
-    DENSITY_FIELD_NUMBER: _ClassVar[int]
-    METRICS_FIELD_NUMBER: _ClassVar[int]
-    device_id: int
-    density: float
-    metrics: _containers.ScalarMap[str, float]
-    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
-
-class ReportMetricsResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class FetchModelRequest(_message.Message):
     __slots__ = ("device_id", "density")

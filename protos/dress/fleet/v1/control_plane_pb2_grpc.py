@@ -34,6 +34,11 @@ class ControlPlaneStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Describe = channel.unary_unary(
+                '/dress.fleet.v1.ControlPlane/Describe',
+                request_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.DescribeResponse.FromString,
+                _registered_method=True)
         self.Register = channel.unary_unary(
                 '/dress.fleet.v1.ControlPlane/Register',
                 request_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.RegisterRequest.SerializeToString,
@@ -44,11 +49,6 @@ class ControlPlaneStub:
                 request_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
-        self.ReportMetrics = channel.unary_unary(
-                '/dress.fleet.v1.ControlPlane/ReportMetrics',
-                request_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.ReportMetricsRequest.SerializeToString,
-                response_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.ReportMetricsResponse.FromString,
-                _registered_method=True)
         self.FetchModel = channel.unary_stream(
                 '/dress.fleet.v1.ControlPlane/FetchModel',
                 request_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.FetchModelRequest.SerializeToString,
@@ -58,6 +58,13 @@ class ControlPlaneStub:
 
 class ControlPlaneServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Describe(self, request, context):
+        """The architecture the fleet trains and serves: what an agent builds and calibrates before registering.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
         """Register (or re-register after a restart, by name) a device; answers its id and first density.
@@ -73,13 +80,6 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ReportMetrics(self, request, context):
-        """Report metrics measured while running one density.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def FetchModel(self, request, context):
         """Stream the packed model at one density, in chunks.
         """
@@ -90,6 +90,11 @@ class ControlPlaneServicer:
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.DescribeRequest.FromString,
+                    response_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.DescribeResponse.SerializeToString,
+            ),
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
                     request_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.RegisterRequest.FromString,
@@ -99,11 +104,6 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.HeartbeatResponse.SerializeToString,
-            ),
-            'ReportMetrics': grpc.unary_unary_rpc_method_handler(
-                    servicer.ReportMetrics,
-                    request_deserializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.ReportMetricsRequest.FromString,
-                    response_serializer=protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.ReportMetricsResponse.SerializeToString,
             ),
             'FetchModel': grpc.unary_stream_rpc_method_handler(
                     servicer.FetchModel,
@@ -120,6 +120,33 @@ def add_ControlPlaneServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ControlPlane:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dress.fleet.v1.ControlPlane/Describe',
+            protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.DescribeRequest.SerializeToString,
+            protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.DescribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Register(request,
@@ -165,33 +192,6 @@ class ControlPlane:
             '/dress.fleet.v1.ControlPlane/Heartbeat',
             protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.HeartbeatResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ReportMetrics(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/dress.fleet.v1.ControlPlane/ReportMetrics',
-            protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.ReportMetricsRequest.SerializeToString,
-            protos_dot_dress_dot_fleet_dot_v1_dot_control__plane__pb2.ReportMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,

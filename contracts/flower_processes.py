@@ -22,29 +22,6 @@ from typing import IO
 
 log = logging.getLogger(__name__)
 
-APP_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "dress-fleet-run"
-version = "1.0.0"
-description = "DRESS federated training (components come from the installed dress-fleet packages)"
-license = "Apache-2.0"
-
-[tool.flwr.app]
-publisher = "dress-fleet"
-
-[tool.flwr.app.components]
-serverapp = "coordinator.server_app:app"
-clientapp = "agent.client_app:app"
-
-[tool.flwr.app.config]
-{config}
-"""
-
-
 def toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -62,15 +39,6 @@ def flower_env(state_dir: Path) -> dict[str, str]:
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
     }
-
-
-def write_app(state_dir: Path, run_config: Mapping[str, object]) -> Path:
-    """The Flower app directory `flwr run` packages: our components are imported from the installed packages."""
-    app_dir = state_dir / "flower-app"
-    app_dir.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{key} = {toml_value(value)}" for key, value in run_config.items())
-    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(config=config))
-    return app_dir
 
 
 def write_connection(state_dir: Path, name: str, address: str) -> None:

@@ -1,6 +1,6 @@
 """`dress-fleet devices` and `dress-fleet db`: the registry for people, as rich tables.
 
-Mounted into coordinator/cli.py's app with add_typer (devices_app as "devices", db_app as "db").
+Mounted into cli/fleet.py's app with add_typer (devices_app as "devices", db_app as "db").
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from coordinator.policy import Budget
-from coordinator.registry.engine import default_url
-from coordinator.registry.errors import DeviceNotFoundError
+from contracts.policy import Budget
+from coordinator.registry.engine import SQLITE_FILENAME, default_url, is_sqlite
+from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
 from coordinator.registry.migrate import current_revision, head_revision, upgrade
 from coordinator.registry.repository import Registry
 
@@ -28,7 +28,8 @@ StateDirOption = Annotated[
     Path | None, typer.Option("--state-dir", help="where the default SQLite registry lives (default: ./state)")
 ]
 
-devices_app = typer.Typer(help="List registered devices; `show ID` for one device's density history.")
+devices_app = typer.Typer(help="List registered devices; `show ID` for one device's density history; "
+                          "`assign ID DENSITY` to set one by hand.")
 db_app = typer.Typer(help="The registry database.", no_args_is_help=True)
 
 
@@ -44,8 +45,17 @@ def _fail(message: str) -> typer.Exit:
 def _open(ctx: typer.Context, db: str | None, state_dir: Path | None) -> Registry:
     """The registry named here or on the group: `devices --db URL show 3` and `devices show 3 --db URL` both work."""
     group_db, group_state_dir = ctx.obj if isinstance(ctx.obj, tuple) else (None, None)
+    url = db or group_db
+    if url is None:
+        folder = state_dir or group_state_dir or DEFAULT_STATE_DIR
+        if not (folder / SQLITE_FILENAME).exists():  # reading must not create an empty registry
+            raise _fail(f"no registry in {folder} (--state-dir); a coordinator or simulation creates "
+                        f"{SQLITE_FILENAME} there, or pass --db URL")
+        url = default_url(folder)
+    elif is_sqlite(url) and not Path(make_url(url).database or "").exists():
+        raise _fail(f"no registry at {make_url(url).database} (--db)")
     try:
-        return Registry(db or group_db, state_dir=state_dir or group_state_dir or DEFAULT_STATE_DIR)
+        return Registry(url)
     except SQLAlchemyError as e:
         raise _fail(f"cannot open the registry: {str(e).splitlines()[0]}") from e
 
@@ -53,7 +63,7 @@ def _open(ctx: typer.Context, db: str | None, state_dir: Path | None) -> Registr
 def _format_budget(budget: Budget | None) -> str:
     if budget is None:
         return "-"
-    text = f"{budget.latency_ms:g} ms, {budget.memory_mb:g} MB"
+    text = f"{round(budget.latency_ms, 1):g} ms, {budget.memory_mb:,.0f} MB"
     return text if budget.battery is None else f"{text}, battery {budget.battery:.0%}"
 
 
@@ -85,12 +95,16 @@ def show(
     db: DbOption = None,
     state_dir: StateDirOption = None,
 ) -> None:
-    """A device's density assignment history, oldest first."""
+    """A device (its Flower node, latest budget) and its density assignment history, oldest first."""
     with _open(ctx, db, state_dir) as registry:
         try:
+            device = registry.get_device(device_id)
             history = registry.device_history(device_id)
         except DeviceNotFoundError as e:
             raise _fail(str(e)) from e
+    node = "not yet seen by a run" if device.flower_node_id is None else str(device.flower_node_id)
+    _console().print(f"{escape(device.name)} ({escape(device.profile)}), {device.status.value}, density "
+                     f"{device.current_density:g}; Flower node {node}; budget {_format_budget(device.last_budget)}")
     table = Table(title=f"device {device_id}: {len(history)} assignments")
     for column in ("when (UTC)", "density", "reason", "budget", "model"):
         table.add_column(column, justify="right" if column == "density" else "left")
@@ -98,6 +112,24 @@ def show(
         table.add_row(_format_time(a.assigned_at), f"{a.density:g}", a.reason.value, _format_budget(a.budget),
                       a.model_version or "-")
     _console().print(table)
+
+
+@devices_app.command("assign")
+def assign(
+    ctx: typer.Context,
+    device_id: Annotated[int, typer.Argument(help="device id, as listed by `devices`")],
+    density: Annotated[float, typer.Argument(help="one of the densities the device calibrated")],
+    db: DbOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Set a device's density by hand (recorded as an operator decision); its next budget change moves it."""
+    with _open(ctx, db, state_dir) as registry:
+        try:
+            result = registry.assign(device_id, density)
+        except (DeviceNotFoundError, InvalidInputError) as e:
+            raise _fail(str(e)) from e
+    _console().print(f"device {device_id} now runs density {result.density:g}"
+                     + ("" if result.changed else " (unchanged)"))
 
 
 @db_app.command("upgrade")

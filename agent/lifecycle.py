@@ -1,0 +1,162 @@
+"""An agent's life on a device, as one object: connect, learn the architecture, calibrate, register, serve,
+train through a Flower SuperNode, heartbeat; then stop in reverse.
+
+Each step needs the one before it: the coordinator must answer before seconds go into calibration; the
+architecture comes from the coordinator (Describe) so the agent never declares its own; calibration goes
+with registration; the first density comes back from registration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from agent.budget import BudgetSource
+from agent.calibration import DEFAULT_REPEATS, calibrate, image_shape, initial_model
+from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
+from agent.serving import AgentIdentity, AgentServer, ModelFetchError, ModelUpdater, ServedModel, serve
+from contracts.flower_processes import ManagedProcess, start_supernode
+from contracts.policy import CalibrationPoint
+from contracts.profiles import Profile
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+CONTROL_PLANE = pb.DESCRIPTOR.services_by_name["ControlPlane"].full_name
+DEFAULT_SERVE_PORT = 50061
+DEFAULT_SUPERNODE_PORT = 9094  # Flower's default ClientAppIo port
+SUPERVISE_EVERY_S = 1.0
+
+
+class AgentError(RuntimeError):
+    """The agent cannot start; `code` is the exit code: 1 when a peer or the machine does not cooperate."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    profile: Profile
+    coordinator: str  # control plane HOST:PORT
+    superlink: str  # Flower fleet API HOST:PORT
+    budget: BudgetSource
+    state_dir: Path  # SuperNode home and logs
+    serve_host: str = "127.0.0.1"
+    serve_port: int = DEFAULT_SERVE_PORT
+    supernode_port: int = DEFAULT_SUPERNODE_PORT
+    node_config: dict[str, object] = field(default_factory=dict)  # partition-id, num-partitions, data-dir
+    heartbeat_interval: float = DEFAULT_INTERVAL_S
+    calibration_repeats: int = DEFAULT_REPEATS
+    threads: int = 1
+    connect_timeout: float = 5.0
+
+
+def connect_coordinator(address: str, timeout: float) -> grpc.Channel:
+    """A channel to a coordinator whose control plane answers its health check; AgentError otherwise."""
+    # gRPC backs off reconnecting up to 2 minutes by default; a restarted coordinator should hear from
+    # its fleet within a few heartbeats instead.
+    channel = grpc.insecure_channel(address, options=[("grpc.max_reconnect_backoff_ms", 10_000)])
+    try:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=CONTROL_PLANE), timeout=timeout, wait_for_ready=True)
+    except grpc.RpcError as e:
+        channel.close()
+        raise AgentError(f"cannot reach coordinator at {address} within {timeout:g} s "
+                         f"({e.code().name}: {e.details()})") from None
+    if answer.status != health_pb2.HealthCheckResponse.SERVING:
+        channel.close()
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+        raise AgentError(f"coordinator at {address} is not serving its control plane ({status})")
+    return channel
+
+
+class Agent:
+    """`start()` brings the device into the fleet; `wait()` blocks while it is in; `stop()` leaves."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.calibration: list[CalibrationPoint] = []
+        self.identity: AgentIdentity | None = None
+        self.served: ServedModel | None = None
+        self.supernode: ManagedProcess | None = None
+        self.predict: AgentServer | None = None
+        self.monitor: BudgetMonitor | None = None
+        self._running = contextlib.ExitStack()
+
+    def start(self) -> None:
+        """Everything up to a running device; on failure whatever started is stopped again."""
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        c = self.config
+        channel = connect_coordinator(c.coordinator, c.connect_timeout)
+        self._running.callback(channel.close)
+        stub = pb_grpc.ControlPlaneStub(channel)
+        try:
+            described = stub.Describe(pb.DescribeRequest(), timeout=c.connect_timeout)
+            packed = initial_model(described.architecture)
+        except grpc.RpcError as e:
+            raise AgentError(f"coordinator at {c.coordinator} did not describe its model: "
+                             f"{e.code().name}: {e.details()}") from None
+        except ValueError as e:
+            raise AgentError(f"coordinator at {c.coordinator} runs a model this agent cannot build: {e}") from None
+        torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
+        self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats)
+        try:
+            registration = stub.Register(pb.RegisterRequest(
+                name=c.name, profile=c.profile.name,
+                calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+                             for p in self.calibration]), timeout=c.connect_timeout)
+        except grpc.RpcError as e:
+            raise AgentError(f"coordinator at {c.coordinator} refused registration: "
+                             f"{e.code().name}: {e.details()}") from None
+        self.served = served = ServedModel(packed, registration.density)
+        updater = ModelUpdater(served, stub, registration.device_id, fetch_density=max(packed.densities))
+        if registration.model_version:
+            try:
+                updater(registration.model_version)
+            except ModelFetchError as e:
+                log.warning("serving the untrained initial model for now: %s", e)
+        self.identity = AgentIdentity(c.name, registration.device_id, c.profile.name)
+
+        node_config = {"device-id": c.name, "profile": c.profile.name, **c.node_config}
+        self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
+                                         f"supernode-{c.name}")
+        self._running.callback(self.supernode.stop)
+        try:
+            self.predict = serve(served, self.identity, c.serve_host, c.serve_port)
+        except RuntimeError as e:  # the port is taken
+            raise AgentError(str(e)) from None
+        self._running.callback(self.predict.stop)
+        self.monitor = BudgetMonitor(stub, registration.device_id, c.budget, density=served.assigned_density,
+                                     model_version=served.version, on_density=served.set_density,
+                                     on_model_version=updater, interval=c.heartbeat_interval)
+        self.monitor.start()
+        self._running.callback(self.monitor.stop)
+
+    def wait(self, stop: threading.Event) -> bool:
+        """Block until `stop` is set (True) or the SuperNode dies (False): without it the device cannot train."""
+        assert self.supernode is not None
+        while not stop.wait(SUPERVISE_EVERY_S):
+            if not self.supernode.alive():
+                return False
+        return True
+
+    def stop(self) -> None:
+        """Budget monitor, Predict server, SuperNode, coordinator channel: the reverse of starting; idempotent."""
+        self._running.close()

@@ -1,0 +1,232 @@
+"""`dress-agent`: run a device of the fleet (`join`), and ask a running one for an answer (`predict`, `status`)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Optional, TypeVar
+
+import grpc
+import typer
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from agent.budget import BudgetSource, MachineBudget, TraceBudget
+from agent.calibration import DEFAULT_REPEATS
+from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
+from agent.monitor import DEFAULT_INTERVAL_S
+from cli.common import console, err, fail, version_option
+from cli.method import DATA_DIR_HELP, DATASET_HELP
+from contracts.naming import check_name, default_name
+from contracts.policy import CalibrationPoint
+from contracts.profiles import Profile, UnknownProfileError, get_profile, load_profiles
+from dress_model.data import DataError, load_dataset
+from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="dress-agent: an edge device of a DRESS fleet. `join` learns the fleet's model from the coordinator, "
+    "calibrates this machine, registers, trains with the federation through a Flower SuperNode and serves "
+    "inference at the density its current budget affords; `predict` and `status` ask a running agent.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(version: bool = version_option("dress-agent")) -> None:
+    """dress-agent: an edge device of a DRESS fleet."""
+
+
+def parse_address(value: str, option: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise fail(f"{option} must be HOST:PORT, got {value!r}")
+    return value
+
+
+def budget_source(profile: Profile, trace: Path | None) -> BudgetSource:
+    return MachineBudget(profile) if trace is None else TraceBudget.from_file(trace)
+
+
+def calibration_table(points: list[CalibrationPoint]) -> Table:
+    table = Table(title="calibration on this machine")
+    for column in ("density", "latency ms (median, batch 1)", "memory MB"):
+        table.add_column(column, justify="right")
+    for p in points:
+        table.add_row(f"{p.density:g}", f"{p.latency_ms:.3f}", f"{p.memory_mb:.2f}")
+    return table
+
+
+@contextlib.contextmanager
+def shutdown_requested() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM, so shutdown runs in order instead of unwinding from a signal."""
+    event = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: event.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield event
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@app.command("join")
+def join_cmd(
+    device: Annotated[str, typer.Option(help=f"Device profile: one of {', '.join(load_profiles())}.")],
+    coordinator: Annotated[str, typer.Option(help="Coordinator control plane, HOST:PORT.")],
+    superlink: Annotated[str, typer.Option(help="Flower SuperLink Fleet API, HOST:PORT.")],
+    name: Annotated[Optional[str], typer.Option(help="Unique device name (default: <hostname>-<profile>).")] = None,
+    budget_trace: Annotated[Optional[Path], typer.Option(
+        help="Replay budgets from a CSV (t_s,latency_ms,memory_mb[,battery]) or JSON trace instead of "
+        "reading this machine's load and memory.")] = None,
+    serve_host: Annotated[str, typer.Option(help="Interface Predict listens on (0.0.0.0 for the network).")]
+    = "127.0.0.1",
+    serve_port: Annotated[int, typer.Option(min=0, max=65535, help="Predict port (0: any free one).")]
+    = DEFAULT_SERVE_PORT,
+    supernode_port: Annotated[int, typer.Option(min=1, max=65535, help="The SuperNode's ClientAppIo port.")]
+    = DEFAULT_SUPERNODE_PORT,
+    partition_id: Annotated[int, typer.Option(min=0, help="This device's training shard.")] = 0,
+    num_partitions: Annotated[int, typer.Option(min=1, help="Shards the training set is split into.")] = 1,
+    state_dir: Annotated[Optional[Path], typer.Option(
+        help="SuperNode home and logs (default: ./state/agent-<name>).")] = None,
+    heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between budget heartbeats.")]
+    = DEFAULT_INTERVAL_S,
+    data_dir: Annotated[Optional[Path], typer.Option(help="Dataset files for local training. " + DATA_DIR_HELP)]
+    = None,
+    calibration_repeats: Annotated[int, typer.Option(min=1, help="Timed passes per density.")] = DEFAULT_REPEATS,
+    threads: Annotated[int, typer.Option(min=1, help="Kernel threads for inference (and so for calibration): "
+                                         "1 keeps batch-1 latency steady when other work shares the cores.")] = 1,
+    connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the coordinator.")] = 5.0,
+) -> None:
+    """Join the fleet: learn its model, calibrate, register, train through a Flower SuperNode, serve Predict."""
+    try:
+        profile = get_profile(device)
+    except UnknownProfileError as e:
+        raise fail(str(e)) from None
+    name = name or default_name(device)
+    try:
+        check_name(name)
+    except ValueError as e:
+        raise fail(f"--name: {e}") from None
+    coordinator, superlink = parse_address(coordinator, "--coordinator"), parse_address(superlink, "--superlink")
+    if partition_id >= num_partitions:
+        raise fail(f"--partition-id must be below --num-partitions ({num_partitions}), got {partition_id}")
+    try:
+        source = budget_source(profile, budget_trace)
+    except ValueError as e:  # BudgetTraceError
+        raise fail(f"--budget-trace: {e}") from None
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False)])
+    node_config = {"partition-id": partition_id, "num-partitions": num_partitions,
+                   **({"data-dir": str(data_dir)} if data_dir else {})}
+    agent = Agent(AgentConfig(
+        name=name, profile=profile, coordinator=coordinator, superlink=superlink, budget=source,
+        state_dir=state_dir or Path("state") / f"agent-{name}", serve_host=serve_host, serve_port=serve_port,
+        supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
+        calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout))
+    with shutdown_requested() as stop:
+        try:
+            agent.start()
+        except AgentError as e:
+            raise fail(str(e), code=e.code) from None
+        try:
+            console.print(calibration_table(agent.calibration))
+            console.print(where_table(agent, budget_trace))
+            console.print(f"[bold green]dress-agent {escape(name)} ready[/]: Predict on "
+                          f"{serve_host}:{agent.predict.port}; Ctrl-C to leave")  # type: ignore[union-attr]
+            clean = agent.wait(stop)
+            if not clean:
+                sn = agent.supernode
+                err.print(f"[bold red]error:[/] the SuperNode exited (code {sn.proc.returncode}); "  # type: ignore[union-attr]
+                          f"its log {sn.log_path} ends:\n{escape(sn.tail())}")  # type: ignore[union-attr]
+            console.print("shutting down: budget monitor, Predict server, SuperNode")
+        finally:
+            agent.stop()
+    if not clean:
+        raise typer.Exit(1)
+    console.print(f"dress-agent {escape(name)} stopped")
+
+
+def where_table(agent: Agent, trace: Path | None) -> Table:
+    c, identity, state = agent.config, agent.identity, agent.served.state()  # type: ignore[union-attr]
+    table = Table(title=f"dress-agent {identity.name} ({identity.profile}), device id {identity.device_id}",  # type: ignore[union-attr]
+                  show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    supernode = agent.supernode
+    rows = [
+        ("coordinator", c.coordinator),
+        ("Predict (gRPC + health)", f"{c.serve_host}:{agent.predict.port}"),  # type: ignore[union-attr]
+        ("SuperNode", f"pid {supernode.proc.pid} -> SuperLink {c.superlink}; log {supernode.log_path}"),  # type: ignore[union-attr]
+        ("budget", f"trace {trace}" if trace else "this machine (CPU load, free memory, battery)"),
+        ("density", f"{state.density:g} (stored: {', '.join(f'{d:g}' for d in state.densities)})"),
+        ("model version", state.version or "none yet: serving the untrained initial model"),
+    ]
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    return table
+
+
+def agent_call(address: str, what: str, call: Callable[[agent_grpc.AgentStub], T]) -> T:
+    with grpc.insecure_channel(parse_address(address, "--agent")) as channel:
+        try:
+            return call(agent_grpc.AgentStub(channel))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                raise fail(f"cannot reach agent at {address}: {e.details()}", code=1) from None
+            raise fail(f"{what} at {address} failed: {e.code().name}: {e.details()}", code=1) from None
+
+
+@app.command("predict")
+def predict_cmd(
+    agent: Annotated[str, typer.Option(help="A running agent's Predict address, HOST:PORT.")],
+    index: Annotated[int, typer.Option(min=0, help="Which test image to send.")] = 0,
+    dataset: Annotated[str, typer.Option(help="Dataset whose test split provides the image. " + DATASET_HELP)]
+    = "fashion-mnist",
+    data_dir: Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)] = None,
+    density_only: Annotated[bool, typer.Option(help="Print only the density that answered (for scripts).")]
+    = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 10.0,
+) -> None:
+    """Send one test image to a running agent; print its answer and the density that produced it."""
+    try:
+        test_set = load_dataset(dataset, "test", data_dir)
+    except DataError as e:
+        raise fail(str(e)) from None
+    if index >= len(test_set):
+        raise fail(f"--index must be below {len(test_set)}, got {index}")
+    image = test_set.images[index]
+    request = agent_pb.PredictRequest(input=image.reshape(-1).tolist(), shape=list(image.shape))
+    answer = agent_call(agent, "Predict", lambda stub: stub.Predict(request, timeout=timeout))
+    if density_only:
+        print(f"{answer.density:g}")
+        return
+    logits = list(answer.logits)
+    predicted = max(range(len(logits)), key=logits.__getitem__)
+    label = int(test_set.labels[index])
+    console.print(f"image {index}: predicted class {predicted}, label {label} "
+                  f"({'right' if predicted == label else 'wrong'}); density {answer.density:g}, "
+                  f"{answer.latency_ms:.3f} ms on the device")
+
+
+@app.command("status")
+def status_cmd(
+    agent: Annotated[str, typer.Option(help="A running agent's Predict address, HOST:PORT.")],
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 10.0,
+) -> None:
+    """Show what a running agent serves: device, density (assigned and running), model version."""
+    s = agent_call(agent, "Status", lambda stub: stub.Status(agent_pb.StatusRequest(), timeout=timeout))
+    console.print(f"{s.name} ({s.profile}), device id {s.device_id}: density {s.density:g} "
+                  f"(assigned {s.assigned_density:g}); model version {s.model_version or 'none (untrained)'}; "
+                  f"stored densities {', '.join(f'{d:g}' for d in s.densities)}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,190 @@
+"""`dress-fleet`: the operator's command line — the method on one machine, the fleet, the registry.
+
+Each command parses its options, calls one function, and prints. Run settings take their defaults from the
+Flower app's config (contracts.settings), so `--help` shows what a run does when nothing is said.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from cli.common import accuracy_line, console, fail, progress_bar, version_option
+from cli.method import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP, add_commands
+from cli.registry import db_app, devices_app
+from contracts.profiles import load_profiles
+from contracts.settings import RunSettings, SettingsError
+from dress_model.data import DataError
+
+DEFAULTS = RunSettings.defaults()
+
+app = typer.Typer(
+    help="dress-fleet: train and serve DRESS nested row-sparse subnets across fleets of edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _root(version: bool = version_option("dress-fleet")) -> None:
+    """dress-fleet: train and serve DRESS nested row-sparse subnets across fleets of edge devices."""
+
+
+add_commands(app)
+app.add_typer(devices_app, name="devices")
+app.add_typer(db_app, name="db")
+coordinator_app = typer.Typer(help="Run the fleet coordinator: registry, control plane, Flower SuperLink, DRESS run.",
+                              no_args_is_help=True)
+app.add_typer(coordinator_app, name="coordinator")
+
+PROFILES_HELP = ", ".join(load_profiles())
+RoundsOption = Annotated[int, typer.Option(min=1, help="Federated rounds.")]
+FractionOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of online devices trained per round.")]
+DensitiesOption = Annotated[str, typer.Option(help="Subnet densities the backbone holds, densest first.")]
+ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
+WidthOption = Annotated[int, typer.Option(min=1, help="Base channel width of the model.")]
+DatasetOption = Annotated[str, typer.Option(help=DATASET_HELP)]
+DataDirOption = Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)]
+PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid or dirichlet:ALPHA (non-IID by label).")]
+EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
+LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate.")]
+MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
+SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
+
+
+def run_settings(**options: Any) -> RunSettings:
+    """The app's defaults with the options given; a clear error naming the option for anything out of range."""
+    data_dir = options.pop("data_dir", None)
+    try:
+        return DEFAULTS.replace(data_dir=str(data_dir) if data_dir else "", **options)
+    except SettingsError as e:
+        raise fail(str(e).replace("run setting ", "--")) from None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@coordinator_app.command("start")
+def coordinator_start_cmd(
+    host: Annotated[str, typer.Option(help="Address the SuperLink and control plane listen on.")] = "127.0.0.1",
+    superlink_port: Annotated[int, typer.Option(help="Flower SuperLink (HTTP: fleet, control and runtime APIs).")] = 9092,
+    control_port: Annotated[int, typer.Option(help="DRESS control plane (gRPC: describe, register, heartbeat, fetch model).")] = 9093,
+    db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default SQLite in --state-dir.")] = None,
+    state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path(DEFAULTS.state_dir),
+    rounds: RoundsOption = DEFAULTS.num_rounds,
+    min_devices: Annotated[int, typer.Option(min=1, help="Devices that must join before round 1.")] = 2,
+    fraction: FractionOption = DEFAULTS.fraction,
+    densities: DensitiesOption = DEFAULTS.densities,
+    model: ModelOption = DEFAULTS.model,
+    width: WidthOption = DEFAULTS.width,
+    dataset: DatasetOption = DEFAULTS.dataset,
+    data_dir: DataDirOption = None,
+    partition: PartitionOption = DEFAULTS.partition,
+    epochs: EpochsOption = DEFAULTS.epochs,
+    lr: LrOption = DEFAULTS.lr,
+    max_examples: MaxExamplesOption = DEFAULTS.max_examples,
+    seed: SeedOption = DEFAULTS.seed,
+) -> None:
+    """Start the SuperLink and control plane, wait for devices, and run federated DRESS; Ctrl-C stops everything."""
+    from coordinator.launcher import Coordinator, Endpoints
+
+    settings = run_settings(
+        num_rounds=rounds, wait_for_nodes=min_devices, fraction=fraction, densities=densities, model=model,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr,
+        max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
+    )  # fmt: skip
+    coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port))
+    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop gets the same orderly shutdown as Ctrl-C
+    try:
+        coordinator.start()
+        console.print(f"[bold]SuperLink[/]      {coordinator.endpoints.superlink}  (agents: --superlink)")
+        console.print(f"[bold]Control plane[/]  {coordinator.endpoints.control_plane}  (agents: --coordinator)")
+        console.print(f"[bold]Registry[/]       {coordinator.registry.safe_url if coordinator.registry else ''}")
+        console.print(f"[bold]State[/]          {state_dir}  (logs in {state_dir / 'logs'})")
+        run_id = coordinator.submit()
+        console.print(f"Run {run_id} submitted: waiting for {min_devices} device(s), then {rounds} rounds. Ctrl-C stops.")
+
+        def on_round(entry: dict) -> None:
+            console.print(f"round {entry['round']}: {len(entry['participants'])} devices trained; "
+                          f"accuracy {accuracy_line(entry['accuracy'])}")
+
+        coordinator.follow(run_id, on_round)
+        console.print("Run finished; the control plane keeps serving the fleet. Ctrl-C stops.")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        console.print("Stopping…")
+    except (RuntimeError, TimeoutError, DataError, OSError) as e:
+        raise fail(str(e)) from None
+    finally:
+        coordinator.stop()
+
+
+@app.command("simulate")
+def simulate_cmd(
+    devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,
+    rounds: RoundsOption = DEFAULTS.num_rounds,
+    fraction: FractionOption = DEFAULTS.fraction,
+    mix: Annotated[str, typer.Option(help=f"Device mix, PROFILE=PERCENT pairs summing to 100; profiles: {PROFILES_HELP}.")] = "pi4=40,jetson-nano=30,phone=30",
+    partition: PartitionOption = DEFAULTS.partition,
+    dataset: DatasetOption = DEFAULTS.dataset,
+    data_dir: DataDirOption = None,
+    model: ModelOption = DEFAULTS.model,
+    width: WidthOption = DEFAULTS.width,
+    densities: DensitiesOption = DEFAULTS.densities,
+    epochs: EpochsOption = DEFAULTS.epochs,
+    lr: LrOption = DEFAULTS.lr,
+    max_examples: MaxExamplesOption = DEFAULTS.max_examples,
+    dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a while.")] = 0.1,
+    seed: SeedOption = DEFAULTS.seed,
+    db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL; default SQLite in the run directory.")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
+    superlink_port: Annotated[int, typer.Option(help="Port of the simulation's SuperLink.")] = 9392,
+    control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane.")] = 9393,
+) -> None:
+    """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
+    from simulations.run import SimulationSettings, run_simulation
+
+    run = run_settings(
+        num_rounds=rounds, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
+        width=width, densities=densities, epochs=epochs, lr=lr, max_examples=max_examples, seed=seed, db_url=db or "",
+    )  # fmt: skip
+    try:
+        settings = SimulationSettings(run, devices=devices, mix=mix, dropout=dropout, run_dir=out,
+                                      superlink_port=superlink_port, control_port=control_port)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    console.print(f"Simulating {devices} devices ({mix}), {rounds} rounds, {fraction:g} of the fleet per round")
+    with progress_bar() as progress:
+        task = progress.add_task("rounds", total=rounds, info="starting the fleet, SuperLink and Ray")
+
+        def on_round(entry: dict) -> None:
+            progress.update(task, completed=entry["round"],
+                            info=f"{len(entry['participants'])} devices, acc {accuracy_line(entry['accuracy'])}")
+
+        try:
+            metrics = run_simulation(settings, on_round)
+        except (RuntimeError, TimeoutError, DataError) as e:
+            raise fail(str(e)) from None
+    table = Table(title=f"Final accuracy after {metrics['rounds']} rounds ({metrics['wall_s']:.0f} s, "
+                        f"peak {metrics['peak_rss_mb']:.0f} MB)")
+    for column in ("density", "accuracy %", "bytes down", "bytes up"):
+        table.add_column(column, justify="right")
+    traffic = {row["density"]: row for row in metrics["bytes"]}
+    for row in metrics["accuracy"]:
+        t = traffic.get(row["density"], {"down": 0, "up": 0})
+        table.add_row(f"{row['density']:g}", f"{row['accuracy']:.2f}", f"{t['down']:,.0f}", f"{t['up']:,.0f}")
+    console.print(table)
+    console.print(f"Report: {out / 'report.md'}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    app()

@@ -1,0 +1,157 @@
+"""Run settings: one typed object, carried as Flower's run config, read back by the ServerApp and ClientApp.
+
+The defaults are written once, in the Flower app's own config (``[tool.flwr.app.config]`` of the repository's
+``pyproject.toml``), which is where Flower reads them when anyone — our CLIs or an operator's own
+``flwr run`` — submits the app. ``RunSettings`` gives them types and checks; the CLIs build one from those
+defaults plus their options and submit every key with ``--run-config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dress_model.data import DATASETS
+from dress_model.models import MODELS, DressModel, model_for_dataset
+from dress_model.partition import parse_partition
+from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+
+APP_DIR = Path(__file__).resolve().parent.parent
+"""The Flower app: the repository root, whose pyproject.toml holds ``[tool.flwr.app]``."""
+APP_CONFIG = APP_DIR / "pyproject.toml"
+
+RunConfig = dict[str, bool | int | float | str]
+
+
+class SettingsError(ValueError):
+    """A run setting is missing, of the wrong type or out of range; the message names it and what is expected."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a federated DRESS run does; each field is a run-config key with '_' written '-'."""
+
+    num_rounds: int
+    fraction: float  # share of online devices trained per round
+    min_devices: int  # per round, when that many are online
+    wait_for_nodes: int  # Flower nodes that must be connected before round 1
+    densities: str  # the subnets the backbone holds, densest first; "" = the method's default list
+    model: str
+    width: int
+    dataset: str
+    data_dir: str  # where dataset files are; "" = the default location
+    partition: str  # iid or dirichlet:ALPHA
+    seed: int
+    epochs: float  # local epochs per round
+    lr: float
+    batch_size: int
+    max_examples: int  # per device per round; 0 = its whole shard
+    eval_examples: int  # test images the server evaluates each density on; 0 = all
+    db_url: str  # registry URL; "" = SQLite in state_dir
+    state_dir: str  # registry, checkpoints and Flower state
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_rounds >= 1, "num-rounds", "an integer >= 1"),
+            (0 < self.fraction <= 1, "fraction", "a number in (0, 1]"),
+            (self.min_devices >= 1, "min-devices", "an integer >= 1"),
+            (self.wait_for_nodes >= 0, "wait-for-nodes", "an integer >= 0"),
+            (self.width >= 1, "width", "an integer >= 1"),
+            (self.epochs > 0, "epochs", "a number > 0"),
+            (self.lr >= 0, "lr", "a number >= 0"),
+            (self.batch_size >= 1, "batch-size", "an integer >= 1"),
+            (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
+            (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
+            (self.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
+            (self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}"),
+        ]
+        for ok, key, expected in checks:
+            if not ok:
+                raise SettingsError(f"run setting {key} must be {expected}, got {getattr(self, _field(key))!r}")
+        try:
+            densities = parse_densities(self.densities) if self.densities else DEFAULT_DENSITIES
+            object.__setattr__(self, "densities", format_densities(densities))
+            parse_partition(self.partition)
+        except ValueError as e:
+            raise SettingsError(f"run setting: {e}") from None
+
+    @property
+    def density_list(self) -> tuple[float, ...]:
+        """Ascending, as dress_model takes them."""
+        return parse_densities(self.densities)
+
+    def architecture(self) -> pb.Architecture:
+        """What the coordinator tells agents they run (Describe, RegisterResponse)."""
+        return pb.Architecture(model=self.model, densities=self.density_list, width=self.width, dataset=self.dataset)
+
+    def replace(self, **changes: Any) -> RunSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_run_config(self) -> RunConfig:
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
+        """Read a complete run config (what Flower hands the apps); unknown, missing or mistyped keys fail."""
+        expected = {_key(f.name): f for f in fields(cls)}
+        unknown, missing = sorted(set(config) - set(expected)), sorted(set(expected) - set(config))
+        if unknown or missing:
+            raise SettingsError(f"run config: unknown keys {unknown}, missing keys {missing}; expected {sorted(expected)}")
+        values = {}
+        for key, f in expected.items():
+            values[f.name] = _coerce(key, config[key], _TYPES[f.type])
+        return cls(**values)
+
+    @classmethod
+    def defaults(cls, **changes: Any) -> RunSettings:
+        """The app's defaults with `changes` (field names) applied."""
+        return cls.from_run_config(app_config_defaults()).replace(**changes)
+
+
+def build_model(architecture: pb.Architecture) -> DressModel:
+    """A freshly initialised model of the architecture: what a run starts from and what a device calibrates.
+
+    ValueError for an architecture this build of dress-fleet cannot make (unknown model or dataset)."""
+    return model_for_dataset(architecture.model, tuple(architecture.densities), architecture.dataset,
+                             architecture.width)
+
+
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _field(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """TOML and Flower keep 1 and 1.0 apart; a float setting accepts an integer, nothing else converts."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SettingsError(f"run setting {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+@functools.cache
+def app_config_defaults(path: Path = APP_CONFIG) -> RunConfig:
+    """``[tool.flwr.app.config]`` of the Flower app: every run setting's default."""
+    try:
+        with open(path, "rb") as f:
+            config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    except FileNotFoundError:
+        raise SettingsError(
+            f"the Flower app config {path} is missing: dress-fleet's coordinator runs from its source tree "
+            "(pip install -e .), whose pyproject.toml is the Flower app") from None
+    except KeyError:
+        raise SettingsError(f"{path} has no [tool.flwr.app.config] table") from None
+    return dict(config)

@@ -1,0 +1,70 @@
+"""Flower's evaluation hook for DRESS: evaluate every density, checkpoint, publish the version, record the round.
+
+``Strategy.start`` calls it with the global ``ArrayRecord`` before round 1 (evaluation only) and after every
+round. Publishing makes agents fetch the new version on their next heartbeat; the rounds table is what the
+launcher's live view and the simulation report read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from flwr.app import ArrayRecord, MetricRecord
+from torch.utils.data import DataLoader
+
+from coordinator.registry.repository import Registry
+from coordinator.strategy import RoundStats
+from dress_model.checkpoint import save_checkpoint
+from dress_model.models import DressModel
+from dress_model.training import evaluate
+
+log = logging.getLogger(__name__)
+
+
+class RoundPublisher:
+    """``evaluate_fn`` for ``Strategy.start``: (round, arrays) -> accuracy per density, as a MetricRecord."""
+
+    def __init__(self, model: DressModel, registry: Registry, test: DataLoader, checkpoint_dir: Path,
+                 stats: Mapping[int, RoundStats]) -> None:
+        self.model, self.registry, self.test = model, registry, test
+        self.checkpoint_dir = checkpoint_dir
+        self.stats = stats  # the strategy's, filled while the round trained
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        start = time.perf_counter()
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        accuracy = evaluate(self.model, self.test)
+        metrics = MetricRecord({f"accuracy-{d:g}": a for d, a in accuracy.items()})
+        if server_round == 0:  # the initial model: nothing trained, nothing to publish
+            return metrics
+        version = f"round-{server_round}"
+        path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors", {"round": server_round})
+        self.registry.add_model_version(version, str(path), self.model.densities)
+        stats = self.stats[server_round]
+        stats.server_s += time.perf_counter() - start
+        self.registry.record_round(
+            server_round,
+            {device_id: density for device_id, (_, density) in stats.participants.items()},
+            {d: {"accuracy": a} for d, a in accuracy.items()},
+            bytes_sent=sum(map(sum, stats.bytes_down.values())),
+            bytes_received=sum(map(sum, stats.bytes_up.values())),
+            model_version=version,
+            details=round_details(stats),
+        )
+        return metrics
+
+
+def round_details(stats: RoundStats) -> dict:
+    """The rounds table's JSON details: string keys (densities written as Python writes floats)."""
+    return {
+        "participants": {name: density for name, density in stats.participants.values()},
+        "bytes_down": {str(d): sizes for d, sizes in stats.bytes_down.items()},
+        "bytes_up": {str(d): sizes for d, sizes in stats.bytes_up.items()},
+        "compute_s": max(stats.compute_s, default=0.0),  # the slowest device
+        "device_compute_s": sum(stats.compute_s),  # all devices added up
+        "server_s": stats.server_s,
+        "wall_s": time.perf_counter() - stats.started,
+    }

@@ -1,0 +1,65 @@
+"""Run settings: one typed object, defaults from the Flower app's config, a faithful run-config round trip."""
+
+from __future__ import annotations
+
+import tomllib
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.fleet import app
+from contracts.settings import APP_CONFIG, RunSettings, SettingsError, build_model
+from dress_model.sparsity import DEFAULT_DENSITIES, parse_densities
+
+
+def test_defaults_are_the_flower_apps_config() -> None:
+    with open(APP_CONFIG, "rb") as f:
+        flwr_app = tomllib.load(f)["tool"]["flwr"]["app"]
+    assert flwr_app["components"] == {"serverapp": "coordinator.server_app:app", "clientapp": "agent.client_app:app"}
+    defaults = RunSettings.defaults()
+    config = defaults.to_run_config()
+    assert set(config) == set(flwr_app["config"])
+    assert parse_densities(defaults.densities) == DEFAULT_DENSITIES  # "" in the app config means the method's list
+
+
+def test_run_config_round_trip() -> None:
+    settings = RunSettings.defaults(num_rounds=3, densities="1,0.25", partition="dirichlet:0.3", lr=0.1)
+    assert RunSettings.from_run_config(settings.to_run_config()) == settings
+    assert settings.density_list == (0.25, 1.0)
+    assert build_model(settings.architecture()).densities == (0.25, 1.0)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"num_rounds": 0}, "num-rounds must be an integer >= 1"),
+    ({"fraction": 0.0}, "fraction must be a number in (0, 1]"),
+    ({"model": "vgg"}, "model must be one of cnn"),
+    ({"dataset": "imagenet"}, "dataset must be one of"),
+    ({"densities": "1,0.5,0.5"}, "repeat"),
+    ({"partition": "dirichlet:-1"}, "dirichlet"),
+])
+def test_bad_settings_name_the_setting(change: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
+        RunSettings.defaults(**change)
+
+
+def test_a_run_config_with_unknown_missing_or_mistyped_keys_is_refused() -> None:
+    config = RunSettings.defaults().to_run_config()
+    with pytest.raises(SettingsError, match="unknown keys \\['colour'\\]"):
+        RunSettings.from_run_config({**config, "colour": "red"})
+    with pytest.raises(SettingsError, match="missing keys \\['seed'\\]"):
+        RunSettings.from_run_config({k: v for k, v in config.items() if k != "seed"})
+    with pytest.raises(SettingsError, match="num-rounds must be int"):
+        RunSettings.from_run_config({**config, "num-rounds": "3"})
+    assert RunSettings.from_run_config({**config, "lr": 1}).lr == 1.0  # TOML writes 1 for 1.0
+
+
+def test_cli_version_and_registry_errors(tmp_path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("dress-fleet ")
+    result = runner.invoke(app, ["devices", "--state-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2 and "no registry in" in result.output
+    assert not (tmp_path / "none").exists()  # looking does not create an empty registry
+    help_text = " ".join(runner.invoke(app, ["simulate", "--help"]).output.split())
+    for name in ("pi4", "jetson-nano", "laptop-x86", "fashion-mnist", "cifar10", "resnet20", "--data-dir"):
+        assert name in help_text
