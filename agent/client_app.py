@@ -1,9 +1,9 @@
 """The Flower ClientApp every device runs, in deployment (SuperNode) and simulation (Ray actor) alike.
 
 A train message carries the device's subnet in the packed format (one uint8 array: the same bytes a device
-stores and executes) and the round's training knobs; the data settings come from the run config. The device jointly trains every density at or below its own
-with the weighted loss on its local partition, keeping the masks it was sent, and replies with the trained
-packed values (no indices: the server holds them).
+stores and executes) and the round's training knobs; the data settings come from the run config. The device
+jointly trains every density at or below its own with the weighted loss on its local partition, keeping the
+masks it was sent, and replies with the trained packed values (no indices: the server holds them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from flwr.clientapp import ClientApp
 from contracts.messages import status_reply, subnet_from_record, train_reply
 from contracts.naming import simulated_name
 from contracts.settings import RunSettings
-
 from dress_model.data import ImageDataset, load_dataset
 from dress_model.packed import PackedModel
 from dress_model.partition import parse_partition

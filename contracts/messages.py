@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from contracts.settings import RunSettings
 from dress_model.packed import PackedModel
@@ -42,7 +42,7 @@ def train_config(settings: RunSettings) -> ConfigRecord:
 
 def train_message(node_id: int, subnet: ArrayRecord, config: ConfigRecord, server_round: int) -> Message:
     content = RecordDict({"arrays": subnet, "config": ConfigRecord({**config, "server-round": server_round})})
-    return Message(content, dst_node_id=node_id, message_type="train")
+    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
 def train_reply(train: Message, trained: PackedModel, metrics: dict[str, float]) -> Message:

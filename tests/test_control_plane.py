@@ -12,7 +12,6 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy import create_engine, select
 
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import AssignmentReason, Registry
