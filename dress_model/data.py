@@ -21,13 +21,13 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler, TensorDataset
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,35 @@ class ImageDataset:
         return replace(self, images=self.images[idx], labels=self.labels[idx])
 
     def loader(self, batch_size: int, shuffle: bool = True, seed: int = 0) -> DataLoader:
-        """Batches in a seed-determined order so runs are reproducible."""
+        """Batches in a seed-determined order so runs are reproducible; every example is used once per pass."""
         generator = torch.Generator().manual_seed(seed)
-        return DataLoader(TensorDataset(self.images, self.labels), batch_size=batch_size,
-                          shuffle=shuffle, generator=generator)
+        data = TensorDataset(self.images, self.labels)
+        order = RandomSampler(data, generator=generator) if shuffle else SequentialSampler(data)
+        return DataLoader(data, batch_sampler=FoldedBatches(order, batch_size))
+
+
+class FoldedBatches(Sampler[list[int]]):
+    """Batches of ``batch_size``, except that a lone example left over at the end joins the batch before it.
+
+    Batch norm cannot train on one example, and a shard whose size is one more than a multiple of the batch
+    size (common under a Dirichlet split) would otherwise end every pass with such a batch and crash."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = [list(b) for b in BatchSampler(self.sampler, self.batch_size, drop_last=False)]
+        if self.batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
+            lone = batches.pop()
+            batches[-1].extend(lone)
+        return iter(batches)
+
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        full, rest = divmod(n, self.batch_size)
+        return full + (rest > 0) - (self.batch_size > 1 and rest == 1 and full > 0)
 
 
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:

@@ -356,3 +356,19 @@ def test_parse_partition() -> None:
 def test_parse_partition_rejects(spec: str) -> None:
     with pytest.raises(ValueError, match="bad partition"):
         parse_partition(spec)
+
+
+@pytest.mark.parametrize(("size", "batch", "expected"), [
+    (65, 32, [32, 33]),  # a lone leftover joins the batch before it: batch norm cannot train on one example
+    (64, 32, [32, 32]),
+    (66, 32, [32, 32, 2]),
+    (1, 32, [1]),
+    (3, 1, [1, 1, 1]),
+])
+def test_loader_never_ends_a_pass_with_a_lone_example(size: int, batch: int, expected: list[int]) -> None:
+    ds = ImageDataset(torch.randn(size, 1, 4, 4), torch.arange(size) % 10, "toy", 10)
+    for shuffle in (True, False):
+        loader = ds.loader(batch, shuffle=shuffle, seed=3)
+        sizes = [len(y) for _, y in loader]
+        assert sizes == expected and len(loader) == len(expected)
+        assert sorted(y for _, ys in loader for y in ys.tolist()) == sorted(ds.labels.tolist())
