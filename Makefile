@@ -29,7 +29,7 @@ $(FMNIST):
 # The main job: a 100-device heterogeneous fleet trains DRESS federatedly on Flower's simulation engine.
 demo: setup
 	$(VENV)/bin/dress-fleet simulate --devices 100 --rounds 40 --fraction 0.1 \
-	    --mix pi4=40,jetson-nano=30,phone=30 --out $(DEMO_OUT)
+	    --out $(DEMO_OUT)
 
 # Centralized DRESS training + per-density evaluation (a few minutes on 2 cores).
 train: setup

@@ -63,29 +63,29 @@ def calibrate(
 ) -> list[CalibrationPoint]:
     """One CalibrationPoint per stored density, densest first.
 
-    latency_ms: median of `repeats` batch-1 forward passes after `warmup` untimed ones (the median
-    shrugs off the scheduler's hiccups), with the process's kernel thread count (torch.get_num_threads()),
-    which must be the one serving uses. memory_mb: the packed bytes that subnet reads plus the activation
-    peak. The model's active density is restored afterwards.
+    latency_ms: median of `repeats` batch-1 forward passes after `warmup` untimed ones, with the process's
+    kernel thread count (torch.get_num_threads()), which must be the one serving uses. The densities are timed
+    in turn, one pass each per repeat, so a burst of load from another process lands on all of them alike and
+    the median shrugs it off; timed one density after another, a burst made d=1 look 14x slower than d=0.5 on
+    a busy machine. memory_mb: the packed bytes that subnet reads plus the activation peak. The model's active
+    density is restored afterwards.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     x = torch.randn(1, *input_shape)
     active = packed.active_density
     activations = activation_bytes(packed, x)
-    points = []
+    densities = sorted(packed.densities, reverse=True)
+    times: dict[float, list[float]] = {d: [] for d in densities}
     try:
-        for density in sorted(packed.densities, reverse=True):
-            packed.set_density(density)
-            for _ in range(warmup):
-                packed(x)
-            times = []
-            for _ in range(repeats):
+        for repeat in range(warmup + repeats):
+            for density in densities:
+                packed.set_density(density)
                 start = time.perf_counter()
                 packed(x)
-                times.append(time.perf_counter() - start)
-            memory = packed.nbytes(density) + activations
-            points.append(CalibrationPoint(density, 1000 * statistics.median(times), memory / 2**20))
+                if repeat >= warmup:
+                    times[density].append(time.perf_counter() - start)
     finally:
         packed.set_density(active)
-    return points
+    return [CalibrationPoint(d, 1000 * statistics.median(times[d]), (packed.nbytes(d) + activations) / 2**20)
+            for d in densities]

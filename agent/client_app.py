@@ -8,19 +8,26 @@ masks it was sent, and replies with the trained packed values (no indices: the s
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import logging
 import time
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
+from torch.utils.data import DataLoader
 
-from contracts.messages import status_reply, subnet_from_record, train_reply
+from contracts.messages import status_reply, subnet_from_record, train_reply, upload_record
+from contracts.methods import Method, get_method
 from contracts.naming import simulated_name
-from contracts.settings import RunSettings
+from contracts.settings import RunSettings, build_run_model
+from dress_model.baselines.ordered_dropout import train_ordered_dropout
+from dress_model.baselines.slimmable import level_slices
 from dress_model.data import ImageDataset, load_dataset
+from dress_model.models import DressModel
 from dress_model.packed import PackedModel
 from dress_model.partition import parse_partition
 from dress_model.training import TrainConfig, train
@@ -66,24 +73,62 @@ def status(msg: Message, context: Context) -> Message:
     return status_reply(msg, *device_identity(context))
 
 
+def train_config_of(config: ConfigRecord) -> TrainConfig:
+    return TrainConfig(
+        epochs=float(config["epochs"]),
+        lr=float(config["lr"]),
+        distill=float(config["distill"]),
+        rerank_every=0,  # the device keeps the masks it was sent; the server re-ranks after aggregation
+        recalibrate_batches=0,  # and the server recalibrates BN after aggregation
+    )
+
+
 @app.train()
 def train_subnet(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     config: ConfigRecord = msg.content["config"]
     start = time.perf_counter()
-    packed = subnet_from_record(msg.content["arrays"])
-    model = packed.to_dress()
     data = local_data(context, settings, int(config["max-examples"]))
+    loader = data.loader(int(config["batch-size"]), shuffle=True, seed=settings.seed)
     torch.manual_seed(settings.seed + int(config["server-round"]) * 1000 + context.node_id % 1000)
-    train_settings = TrainConfig(
-        epochs=float(config["epochs"]),
-        lr=float(config["lr"]),
-        rerank_every=0,  # the device keeps the masks it was sent; the server re-ranks after aggregation
-        recalibrate_batches=0,  # and recalibrates BN on its own data after aggregation
-    )
-    losses = train(model, data.loader(int(config["batch-size"]), shuffle=True, seed=settings.seed), train_settings)
-    compute_s = time.perf_counter() - start
-    trained = PackedModel.from_dress(model.eval())
-    density = packed.densities[-1]
-    return train_reply(msg, trained, {"num-examples": len(data), "density": density,
-                                      "train-loss": float(losses.get(density, 0.0)), "compute-s": compute_s})
+    level = float(config["level"])
+    if settings.method == "dress":
+        packed = subnet_from_record(msg.content["arrays"])
+        model = packed.to_dress()
+        losses = train(model, loader, train_config_of(config))
+        trained = upload_record(PackedModel.from_dress(model.eval()))
+    else:
+        tensors, losses = train_peer(copy.deepcopy(_peer_model(settings)), msg.content["arrays"].to_torch_state_dict(),
+                                     level, get_method(settings.method), loader, train_config_of(config),
+                                     seed=settings.seed + int(config["server-round"]))
+        trained = ArrayRecord(torch_state_dict=tensors)
+    return train_reply(msg, trained, {
+        "num-examples": len(data), "density": level, "train-loss": float(losses.get(level, 0.0)),
+        "compute-s": time.perf_counter() - start})
+
+
+@functools.lru_cache(maxsize=2)
+def _peer_model(settings: RunSettings) -> DressModel:
+    return build_run_model(settings)
+
+
+def train_peer(model: DressModel, received: dict[str, torch.Tensor], level: float, method: Method,
+               loader: DataLoader, config: TrainConfig, seed: int) -> tuple[dict[str, torch.Tensor], dict[float, float]]:
+    """A peer method's device: load its level's prefixes into ``model``, train as the method does, return the
+    trained prefixes (and the last losses). ValueError when the tensors are not the level's."""
+    slices = level_slices(model, level)
+    shapes = {k: tuple(t.shape) for k, t in received.items()}
+    expected = {k: tuple(model.state_dict()[k][where].shape) for k, where in slices.items()}
+    if shapes != expected:
+        raise ValueError(f"train message holds tensors {shapes}, expected the level-{level:g} prefixes {expected}")
+    state = model.state_dict()
+    with torch.no_grad():
+        for key, where in slices.items():
+            state[key][where].copy_(received[key])
+    if method.sampled:
+        levels = tuple(d for d in model.densities if d <= level + 1e-9)
+        losses = train_ordered_dropout(model, loader, dataclasses.replace(config, densities=levels), seed=seed)
+    else:
+        losses = train(model, loader, dataclasses.replace(config, densities=(level,)))
+    state = model.state_dict()
+    return {k: state[k][where].contiguous() for k, where in slices.items()}, losses

@@ -18,9 +18,13 @@ from rich.table import Table
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP, add_commands
 from cli.registry import db_app, devices_app
+from contracts.methods import METHODS
 from contracts.profiles import load_profiles
 from contracts.settings import RunSettings, SettingsError
 from dress_model.data import DataError
+from simulations.report import profile_table
+from simulations.run import SimulationSettings, run_simulation
+from simulations.traces import TRACES_HELP
 
 DEFAULTS = RunSettings.defaults()
 
@@ -54,8 +58,10 @@ DataDirOption = Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)]
 PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid or dirichlet:ALPHA (non-IID by label).")]
 EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
 LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate.")]
+DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
+MethodOption = Annotated[str, typer.Option(help=f"What the fleet trains: {', '.join(METHODS)} (DRESS or a peer on the same fleet, per-tier parameter counts matched).")]
 
 
 def run_settings(**options: Any) -> RunSettings:
@@ -78,6 +84,7 @@ def coordinator_start_cmd(
     control_port: Annotated[int, typer.Option(help="DRESS control plane (gRPC: describe, register, heartbeat, fetch model).")] = 9093,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default SQLite in --state-dir.")] = None,
     state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path(DEFAULTS.state_dir),
+    method: MethodOption = DEFAULTS.method,
     rounds: RoundsOption = DEFAULTS.num_rounds,
     min_devices: Annotated[int, typer.Option(min=1, help="Devices that must join before round 1.")] = 2,
     fraction: FractionOption = DEFAULTS.fraction,
@@ -89,6 +96,7 @@ def coordinator_start_cmd(
     partition: PartitionOption = DEFAULTS.partition,
     epochs: EpochsOption = DEFAULTS.epochs,
     lr: LrOption = DEFAULTS.lr,
+    distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     seed: SeedOption = DEFAULTS.seed,
 ) -> None:
@@ -96,8 +104,8 @@ def coordinator_start_cmd(
     from coordinator.launcher import Coordinator, Endpoints
 
     settings = run_settings(
-        num_rounds=rounds, wait_for_nodes=min_devices, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr,
+        method=method, num_rounds=rounds, wait_for_nodes=min_devices, fraction=fraction, densities=densities, model=model,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, distill=distill,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port))
@@ -121,7 +129,7 @@ def coordinator_start_cmd(
             time.sleep(3600)
     except KeyboardInterrupt:
         console.print("Stopping…")
-    except (RuntimeError, TimeoutError, DataError, OSError) as e:
+    except (RuntimeError, TimeoutError, DataError, OSError, ValueError) as e:
         raise fail(str(e)) from None
     finally:
         coordinator.stop()
@@ -130,9 +138,12 @@ def coordinator_start_cmd(
 @app.command("simulate")
 def simulate_cmd(
     devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,
+    method: MethodOption = DEFAULTS.method,
     rounds: RoundsOption = DEFAULTS.num_rounds,
     fraction: FractionOption = DEFAULTS.fraction,
-    mix: Annotated[str, typer.Option(help=f"Device mix, PROFILE=PERCENT pairs summing to 100; profiles: {PROFILES_HELP}.")] = "pi4=40,jetson-nano=30,phone=30",
+    mix: Annotated[str, typer.Option(help=f"Device mix, PROFILE=PERCENT pairs summing to 100; profiles: {PROFILES_HELP}.")] = SimulationSettings.mix,
+    traces: Annotated[str, typer.Option(help=f"Budget traces, indexed by round: {TRACES_HELP} with columns trace, round, available, memory_share, battery, online.")] = SimulationSettings.traces,
+    deadline: Annotated[float, typer.Option(help="The fleet's latency deadline, in units of the full model's latency on the reference laptop-x86 (this machine).")] = SimulationSettings.deadline,
     partition: PartitionOption = DEFAULTS.partition,
     dataset: DatasetOption = DEFAULTS.dataset,
     data_dir: DataDirOption = None,
@@ -141,8 +152,9 @@ def simulate_cmd(
     densities: DensitiesOption = DEFAULTS.densities,
     epochs: EpochsOption = DEFAULTS.epochs,
     lr: LrOption = DEFAULTS.lr,
+    distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
-    dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a while.")] = 0.1,
+    dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a few rounds (generated traces).")] = SimulationSettings.dropout,
     seed: SeedOption = DEFAULTS.seed,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL; default SQLite in the run directory.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
@@ -150,18 +162,18 @@ def simulate_cmd(
     control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane.")] = 9393,
 ) -> None:
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
-    from simulations.run import SimulationSettings, run_simulation
-
     run = run_settings(
-        num_rounds=rounds, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, lr=lr, max_examples=max_examples, seed=seed, db_url=db or "",
+        method=method, num_rounds=rounds, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
+        width=width, densities=densities, epochs=epochs, lr=lr, distill=distill, max_examples=max_examples, seed=seed,
+        db_url=db or "",
     )  # fmt: skip
     try:
-        settings = SimulationSettings(run, devices=devices, mix=mix, dropout=dropout, run_dir=out,
-                                      superlink_port=superlink_port, control_port=control_port)
+        settings = SimulationSettings(run, devices=devices, mix=mix, traces=traces, deadline=deadline, dropout=dropout,
+                                      run_dir=out, superlink_port=superlink_port, control_port=control_port)
     except ValueError as e:
         raise fail(str(e)) from None
-    console.print(f"Simulating {devices} devices ({mix}), {rounds} rounds, {fraction:g} of the fleet per round")
+    console.print(f"Simulating {devices} devices ({mix}; {traces} traces, deadline {deadline:g}), {rounds} rounds, "
+                  f"{fraction:g} of the fleet per round")
     with progress_bar() as progress:
         task = progress.add_task("rounds", total=rounds, info="starting the fleet, SuperLink and Ray")
 
@@ -171,7 +183,7 @@ def simulate_cmd(
 
         try:
             metrics = run_simulation(settings, on_round)
-        except (RuntimeError, TimeoutError, DataError) as e:
+        except (RuntimeError, TimeoutError, DataError, ValueError) as e:
             raise fail(str(e)) from None
     table = Table(title=f"Final accuracy after {metrics['rounds']} rounds ({metrics['wall_s']:.0f} s, "
                         f"peak {metrics['peak_rss_mb']:.0f} MB)")
@@ -182,6 +194,13 @@ def simulate_cmd(
         t = traffic.get(row["density"], {"down": 0, "up": 0})
         table.add_row(f"{row['density']:g}", f"{row['accuracy']:.2f}", f"{t['down']:,.0f}", f"{t['up']:,.0f}")
     console.print(table)
+    header, rows = profile_table(metrics["profiles"])
+    per_profile = Table(title="Densities trained per profile (device-rounds)")
+    for column in header:
+        per_profile.add_column(column, justify="right")
+    for row in rows:
+        per_profile.add_row(*row)
+    console.print(per_profile)
     console.print(f"Report: {out / 'report.md'}")
 
 

@@ -3,8 +3,10 @@
 - ``query.status``: the server asks a node which device it is (node-config never reaches the SuperLink);
   the reply's ``status`` record names the device and its profile.
 - train, down: the device's subnet as one uint8 array holding the packed file (the same bytes a device stores
-  and executes), and a ``config`` record with the server round and the training knobs.
-- train, up: the trained packed tensors without ``indices`` (the server holds them), and a ``metrics`` record.
+  and executes), and a ``config`` record with the server round, the level (tier) to train and the training knobs.
+  A peer method (contracts.methods) sends the width prefixes of its level's tensors instead.
+- train, up: the trained packed tensors without ``indices`` (the server holds them) — a peer's: its trained
+  prefixes — and a ``metrics`` record.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dress_model.packed import PackedModel
 PAYLOAD = "packed"
 STATUS_QUERY = "query.status"
 STATUS = "status"
-TRAIN_KEYS = ("epochs", "lr", "batch-size", "max-examples")
+TRAIN_KEYS = ("epochs", "lr", "distill", "batch-size", "max-examples")
 """Run settings the server sends with every train message, so a strategy may vary them per round."""
 
 
@@ -40,13 +42,16 @@ def train_config(settings: RunSettings) -> ConfigRecord:
     return ConfigRecord({key: config[key] for key in TRAIN_KEYS})
 
 
-def train_message(node_id: int, subnet: ArrayRecord, config: ConfigRecord, server_round: int) -> Message:
-    content = RecordDict({"arrays": subnet, "config": ConfigRecord({**config, "server-round": server_round})})
+def train_message(node_id: int, subnet: ArrayRecord, config: ConfigRecord, server_round: int,
+                  level: float) -> Message:
+    """``level``: the densest subnet (tier) the device trains; DRESS's packed file says it too, a peer's slices do not."""
+    config = ConfigRecord({**config, "server-round": server_round, "level": level})
+    content = RecordDict({"arrays": subnet, "config": config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
 
 
-def train_reply(train: Message, trained: PackedModel, metrics: dict[str, float]) -> Message:
-    return Message(RecordDict({"arrays": upload_record(trained), "metrics": MetricRecord(metrics)}), reply_to=train)
+def train_reply(train: Message, trained: ArrayRecord, metrics: dict[str, float]) -> Message:
+    return Message(RecordDict({"arrays": trained, "metrics": MetricRecord(metrics)}), reply_to=train)
 
 
 def subnet_record(packed: PackedModel) -> ArrayRecord:

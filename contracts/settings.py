@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from contracts.methods import METHODS, get_method
 from dress_model.data import DATASETS
 from dress_model.models import MODELS, DressModel, model_for_dataset
 from dress_model.partition import parse_partition
@@ -37,6 +38,7 @@ class SettingsError(ValueError):
 class RunSettings:
     """What a federated DRESS run does; each field is a run-config key with '_' written '-'."""
 
+    method: str  # dress, or a peer trained on the same fleet (contracts.methods)
     num_rounds: int
     fraction: float  # share of online devices trained per round
     min_devices: int  # per round, when that many are online
@@ -50,6 +52,7 @@ class RunSettings:
     seed: int
     epochs: float  # local epochs per round
     lr: float
+    distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     batch_size: int
     max_examples: int  # per device per round; 0 = its whole shard
     eval_examples: int  # test images the server evaluates each density on; 0 = all
@@ -65,11 +68,13 @@ class RunSettings:
             (self.width >= 1, "width", "an integer >= 1"),
             (self.epochs > 0, "epochs", "a number > 0"),
             (self.lr >= 0, "lr", "a number >= 0"),
+            (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
             (self.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
             (self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}"),
+            (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
         ]
         for ok, key, expected in checks:
             if not ok:
@@ -120,6 +125,13 @@ def build_model(architecture: pb.Architecture) -> DressModel:
     ValueError for an architecture this build of dress-fleet cannot make (unknown model or dataset)."""
     return model_for_dataset(architecture.model, tuple(architecture.densities), architecture.dataset,
                              architecture.width)
+
+
+def build_run_model(settings: RunSettings) -> DressModel:
+    """The global model of the run's method: the DRESS backbone, or a peer's width-nested twin of it.
+
+    ValueError when the method cannot build one of the tiers (say, a width too small to exist)."""
+    return get_method(settings.method).build(build_model(settings.architecture()))
 
 
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str}

@@ -1,38 +1,45 @@
-"""Federated DRESS aggregation: every weight is averaged over the devices that trained it.
+"""Federated DRESS aggregation: a weight moves by the share of the round's examples that trained it.
 
 A device trains the subnet at its own density (and every sparser one nested in it), so it updates only the
 weights inside its bands and only the BN rows of its densities. The server scatters each reply's packed
-values back to their columns and averages per weight, weighted by examples; weights nobody trained keep their
-value. This is HeteroFL's counting aggregation, applied to row-sparse prefixes instead of channel prefixes.
+values back to their columns and averages per weight over the devices that trained it (HeteroFL's counting
+aggregation, on row-sparse prefixes instead of channel prefixes) — then moves the weight only that share of the
+way: ``new = old + (examples that trained it / round's examples) * (average - old)``. This is FedAvg with every
+device that did not hold the weight counted as replying it unchanged. Without the damping, a dense band that
+one device trained in a round jumps to that device's local optimum while the sparse prefix, averaged over many,
+barely moves; the bands drift apart and the densest subnet ends up the least accurate.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import DressModel
-from dress_model.packed import PackedModel
 from dress_model.kernels.reference import dense_weight
 
 
 @dataclass
 class Update:
-    """One device's reply: the subnet it was sent (for the indices) and the tensors it trained."""
+    """One device's reply: what it was sent (DRESS: its packed subnet, for the indices; a peer: its level's
+    slices) and the tensors it trained."""
 
-    sent: PackedModel
+    sent: Any
     tensors: dict[str, torch.Tensor]
     num_examples: int
 
 
 @torch.no_grad()
 def aggregate(model: DressModel, updates: list[Update]) -> None:
-    """Average ``updates`` into ``model`` in place (weights, biases, per-density BN)."""
+    """Move ``model`` in place towards each weight's average over the devices that trained it (weights, biases,
+    per-density BN), by the share of the round's examples those devices hold."""
     updates = [u for u in updates if u.num_examples > 0]
     if not updates:
         return
+    examples = float(sum(u.num_examples for u in updates))
     n_all = len(model.densities)
     state = model.state_dict()
     sparse = dict(model.sparse_layers())
@@ -64,6 +71,7 @@ def aggregate(model: DressModel, updates: list[Update]) -> None:
                 weight += u.num_examples
         if not current.is_floating_point():
             continue  # counters (BN num_batches) are bookkeeping, not learned
-        trained = weight > 0
-        current[trained] = (total[trained] / weight[trained]).to(current.dtype)
+        # old + (weight / examples) * (total / weight - old), written without dividing by zero
+        moved = current.double() + (total - weight * current.double()) / examples
+        current.copy_(moved.to(current.dtype))
     model.load_state_dict(state)

@@ -18,7 +18,7 @@ import grpc
 import psutil
 
 from contracts import flower_processes as fr
-from contracts.settings import APP_DIR, RunSettings, build_model
+from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
 from coordinator.control_plane import serve
 from coordinator.model_store import ModelStore
 from coordinator.registry.records import RoundRecord
@@ -78,6 +78,7 @@ class Coordinator:
 
     def start(self) -> None:
         """Registry and control plane first (agents register before they join Flower), then the SuperLink."""
+        build_run_model(self.settings)  # a method that cannot build a tier fails here, before any process starts
         self.state_dir.mkdir(parents=True, exist_ok=True)
         architecture = self.settings.architecture()
         self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)

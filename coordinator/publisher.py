@@ -27,10 +27,10 @@ log = logging.getLogger(__name__)
 class RoundPublisher:
     """``evaluate_fn`` for ``Strategy.start``: (round, arrays) -> accuracy per density, as a MetricRecord."""
 
-    def __init__(self, model: DressModel, registry: Registry, test: DataLoader, checkpoint_dir: Path,
+    def __init__(self, model: DressModel, registry: Registry, test: DataLoader, checkpoint_dir: Path | None,
                  stats: Mapping[int, RoundStats]) -> None:
         self.model, self.registry, self.test = model, registry, test
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_dir = checkpoint_dir  # None: evaluate and record rounds, publish nothing
         self.stats = stats  # the strategy's, filled while the round trained
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
@@ -40,9 +40,11 @@ class RoundPublisher:
         metrics = MetricRecord({f"accuracy-{d:g}": a for d, a in accuracy.items()})
         if server_round == 0:  # the initial model: nothing trained, nothing to publish
             return metrics
-        version = f"round-{server_round}"
-        path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors", {"round": server_round})
-        self.registry.add_model_version(version, str(path), self.model.densities)
+        version = None
+        if self.checkpoint_dir is not None:
+            version = f"round-{server_round}"
+            path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors", {"round": server_round})
+            self.registry.add_model_version(version, str(path), self.model.densities)
         stats = self.stats[server_round]
         stats.server_s += time.perf_counter() - start
         self.registry.record_round(

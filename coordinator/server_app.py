@@ -16,7 +16,9 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from contracts.messages import train_config
-from contracts.settings import RunSettings, build_model
+from contracts.methods import get_method
+from contracts.settings import RunSettings, build_run_model
+from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
 from coordinator.registry.repository import Registry
 from coordinator.strategy import DressStrategy
@@ -46,17 +48,22 @@ def main(grid: Grid, context: Context) -> None:
     data_dir = settings.data_dir or None
     train_set = load_dataset(settings.dataset, "train", data_dir)
     test_set = load_dataset(settings.dataset, "test", data_dir)
-    model = build_model(settings.architecture())
+    model = build_run_model(settings)
+    dress = settings.method == "dress"
+    if dress:
+        model.grow_from(model.densities[0])
     order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(settings.seed))
     calibration = train_set.subset(order[:CALIBRATION_IMAGES]).loader(128, seed=settings.seed)
     test = test_set.subset(range(min(settings.eval_examples or len(test_set), len(test_set))))
 
     registry = Registry(settings.db_url or None, state_dir=state_dir)
     try:
-        strategy = DressStrategy(model, registry, calibration, fraction=settings.fraction,
-                                 min_devices=settings.min_devices, seed=settings.seed)
-        publisher = RoundPublisher(model, registry, test.loader(512, shuffle=False), state_dir / "checkpoints",
-                                   strategy.stats)
+        common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed)
+        strategy = (DressStrategy(model, registry, calibration, **common) if dress
+                    else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))
+        # Agents serve DRESS's packed subnets: a peer's rounds are recorded, its models are not published.
+        publisher = RoundPublisher(model, registry, test.loader(512, shuffle=False),
+                                   state_dir / "checkpoints" if dress else None, strategy.stats)
         wait_for_nodes(grid, settings.wait_for_nodes)
         result = strategy.start(grid, ArrayRecord(torch_state_dict=model.state_dict()),
                                 num_rounds=settings.num_rounds, timeout=ROUND_TIMEOUT_S,

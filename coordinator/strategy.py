@@ -67,7 +67,7 @@ class DressStrategy(Strategy):
         self.calibration = calibration
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
         self.node_devices: dict[int, str] = {}
-        self.sent: dict[int, tuple[int, PackedModel]] = {}  # node id -> (device id, subnet it was sent)
+        self.sent: dict[int, tuple[int, float, object]] = {}  # node id -> (device id, level, what it was sent)
         self.stats: dict[int, RoundStats] = {}
 
     def summary(self) -> None:
@@ -108,26 +108,25 @@ class DressStrategy(Strategy):
             info = devices.get(name)
             if info is None or info.status != DeviceStatus.ONLINE:
                 continue
-            if not any(math.isclose(info.current_density, d) for d in self.model.densities):
-                log.warning("device %s runs density %g, which this model lacks", name, info.current_density)
+            level = self.level_for(info.current_density)
+            if level is None:
+                log.debug("device %s (density %g) trains nothing under this method", name, info.current_density)
                 continue
-            candidates.append((node, info))
+            candidates.append((node, info, level))
         count = min(len(candidates), max(self.min_devices, math.ceil(self.fraction * len(candidates))))
         chosen = random.Random(self.seed * 100_003 + server_round).sample(candidates, count)
         log.info("round %d: %d of %d online devices", server_round, len(chosen), len(candidates))
 
-        subnets: dict[float, tuple[PackedModel, ArrayRecord]] = {}
+        payloads: dict[float, tuple[object, ArrayRecord]] = {}
         self.sent = {}
         messages = []
-        for node, info in chosen:
-            density = self.model.densities[self.model.density_index(info.current_density)]
-            if density not in subnets:
-                packed = PackedModel.from_dress(self.model, max_density=density)
-                subnets[density] = (packed, subnet_record(packed))
-            packed, record = subnets[density]
-            self.sent[node] = (info.id, packed)
-            stats.bytes_down.setdefault(density, []).append(record_nbytes(record))
-            messages.append(train_message(node, record, config, server_round))
+        for node, info, level in chosen:
+            if level not in payloads:
+                payloads[level] = self.payload(level)
+            sent, record = payloads[level]
+            self.sent[node] = (info.id, level, sent)
+            stats.bytes_down.setdefault(level, []).append(record_nbytes(record))
+            messages.append(train_message(node, record, config, server_round, level))
         return messages
 
     def aggregate_train(
@@ -142,21 +141,38 @@ class DressStrategy(Strategy):
                 log.warning("round %d: node %s dropped out (%s)", server_round, node,
                             reply.error if reply.has_error() else "unexpected")
                 continue
-            device_id, sent = self.sent[node]
+            device_id, level, sent = self.sent[node]
             arrays: ArrayRecord = reply.content["arrays"]
             metrics: MetricRecord = reply.content["metrics"]
             updates.append(Update(sent, arrays.to_torch_state_dict(), int(metrics["num-examples"])))
-            density = sent.densities[-1]
-            stats.participants[device_id] = (self.node_devices[node], density)
-            stats.bytes_up.setdefault(density, []).append(record_nbytes(arrays))
+            stats.participants[device_id] = (self.node_devices[node], level)
+            stats.bytes_up.setdefault(level, []).append(record_nbytes(arrays))
             stats.compute_s.append(float(metrics["compute-s"]))
-        aggregate(self.model, updates)
-        self.model.rerank()
+        self.absorb(updates)
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
         stats.server_s = time.perf_counter() - server_start
         examples = sum(u.num_examples for u in updates)
         return (ArrayRecord(torch_state_dict=self.model.state_dict()),
                 MetricRecord({"participants": len(updates), "num-examples": examples}))
+
+    # -- what differs between DRESS and its peers (coordinator.peers) ------------------------------------
+
+    def level_for(self, tier: float) -> float | None:
+        """The density a device whose budget allows ``tier`` trains; None leaves it out of the round."""
+        try:
+            return self.model.densities[self.model.density_index(tier)]
+        except ValueError:
+            return None
+
+    def payload(self, level: float) -> tuple[PackedModel, ArrayRecord]:
+        """What a device training ``level`` is sent: its packed subnet (kept to read its reply)."""
+        packed = PackedModel.from_dress(self.model, max_density=level)
+        return packed, subnet_record(packed)
+
+    def absorb(self, updates: list[Update]) -> None:
+        """Fold the round's replies into the global model: aggregate, then re-rank every row."""
+        aggregate(self.model, updates)
+        self.model.rerank()
 
     # -- evaluation happens on the server (the publisher), every density, every round -------------------
 

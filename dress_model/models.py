@@ -127,6 +127,17 @@ class DressModel(nn.Module):
         for _, layer in self.sparse_layers():
             layer.rerank(importance)
 
+    @torch.no_grad()
+    def grow_from(self, density: float) -> None:
+        """Zero every sparse weight outside the ``density`` prefix, so every denser subnet starts as that one.
+
+        How a federated run starts: most devices may train only the sparsest subnet for many rounds, and random
+        initial weights left in the bands above it would rank among the trained ones at every re-ranking and
+        add noise to every denser subnet. Grown from zero, a band holds only what devices taught it."""
+        self.density_index(density)
+        for _, layer in self.sparse_layers():
+            layer.weight.mul_(layer.mask(density))
+
     def subnet_params(self, density: float) -> int:
         """Weights a device must hold for this subnet: kept sparse weights + dense layers + its BN affine."""
         self.density_index(density)  # a density the model lacks is an error, not zero weights

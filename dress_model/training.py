@@ -7,6 +7,7 @@ is re-ranked on a schedule so the sparse prefixes follow the weights as they mov
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -37,6 +38,7 @@ class TrainConfig:
     rerank_every: int = 100  # steps between re-rankings of the row order; 0 = never (fixed masks)
     importance: str = "magnitude"
     recalibrate_batches: int = 50  # >0: recompute per-density BN statistics after training (ablation: helps)
+    distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -58,18 +60,53 @@ def joint_step(
     densities: Sequence[float],
     weights: Sequence[float],
     optimizer: torch.optim.Optimizer,
+    anchor: DressModel | None = None,
+    distill: float = 0.0,
 ) -> dict[float, float]:
-    """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet."""
+    """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet.
+
+    With an ``anchor``, every density above the sparsest trains on ``(1 - distill) * CE + distill * KL(anchor
+    || subnet)``: the anchor's predictions on the same batch are soft targets the denser subnets must not stray
+    from."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
+    targets = None
+    if anchor is not None and distill > 0:
+        with torch.no_grad():
+            targets = F.log_softmax(anchor(x), dim=1)
     losses: dict[float, float] = {}
-    for d, w in zip(densities, weights):
+    for i, (d, w) in enumerate(zip(densities, weights)):
         model.set_density(d)
-        loss = F.cross_entropy(model(x), y)
-        (w * loss).backward()
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
         losses[d] = loss.item()
+        if targets is not None and i > 0:
+            kl = F.kl_div(F.log_softmax(logits, dim=1), targets, log_target=True, reduction="batchmean")
+            loss = (1 - distill) * loss + distill * kl
+        (w * loss).backward()
     optimizer.step()
     return losses
+
+
+def frozen_anchor(model: DressModel, density: float) -> DressModel:
+    """A frozen copy of ``model``'s ``density`` subnet as it is now, in inference mode (its BN statistics)."""
+    anchor = copy.deepcopy(model).eval()
+    anchor.set_density(density)
+    for p in anchor.parameters():
+        p.requires_grad_(False)
+    return anchor
+
+
+def make_optimizer(
+    model: torch.nn.Module, config: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Nesterov SGD under a one-cycle schedule: the one recipe every method here trains with."""
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+                                                   pct_start=0.15)
+    return optimizer, schedule
 
 
 def train(
@@ -78,21 +115,27 @@ def train(
     config: TrainConfig,
     on_step: StepCallback | None = None,
 ) -> dict[float, float]:
-    """Train jointly for ``config.epochs`` (fractions allowed); returns the last step's losses."""
+    """Train jointly for ``config.epochs`` (fractions allowed); returns the last step's losses.
+
+    ``config.distill > 0`` anchors the denser subnets to the sparsest one *as it was when training started*
+    (a device: as the server sent it). In a fleet most devices train only the sparsest subnet, so it holds the
+    fleet's consensus; a device that also trains denser bands on its few local examples pulls them towards its
+    own data, and the anchor keeps them close to what the whole fleet learnt (the federated ablation: without
+    it the densest subnet ends below the sparsest on non-IID data)."""
     densities = tuple(config.densities or model.densities)
     for d in densities:
         model.density_index(d)  # fail early on a density the model lacks
+    if not 0 <= config.distill < 1:
+        raise ValueError(f"distill must be in [0, 1), got {config.distill}")
+    anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
     weights = config.weights_for(densities)
     importance = get_importance(config.importance)
     total = max(1, round(config.epochs * len(loader)))
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-    )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total, pct_start=0.15)
+    optimizer, schedule = make_optimizer(model, config, total)
     step, losses = 0, {}
     while step < total:
         for x, y in loader:
-            losses = joint_step(model, x, y, densities, weights, optimizer)
+            losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill)
             schedule.step()
             step += 1
             # Never re-rank on the last step: BN statistics were gathered under the current masks.

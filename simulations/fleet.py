@@ -1,9 +1,12 @@
 """A fleet of virtual devices that talks to the control plane exactly as real agents do.
 
 Each virtual device has a profile (from the device mix), a calibration (this machine's measured packed-model
-cost scaled by the profile's relative speed) and a budget trace. One driver thread registers them all over
-gRPC and heartbeats every online device each interval, so the registry fills as in deployment; a device in
-an offline window of its trace stays silent and the coordinator marks it offline.
+cost scaled by the profile's relative speed) and a round-indexed budget trace. Budgets are profile-true: the
+whole fleet serves one application deadline, set relative to the reference device (laptop-x86, this machine),
+so a Pi 4 with all its CPU free still affords only what a Pi 4 can run in that time. One driver thread
+registers the devices over gRPC, then heartbeats every online device each interval and whenever a round
+completes, so the registry fills as in deployment; a device in an offline window of its trace stays silent
+(and, as a real one, is marked offline once the coordinator has not heard from it for 30 s).
 """
 
 from __future__ import annotations
@@ -11,16 +14,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
-from contracts.policy import CalibrationPoint
 from contracts.naming import simulated_name
+from contracts.policy import Budget, CalibrationPoint
 from contracts.profiles import Profile
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
-from simulations.traces import TracePoint, at, make_trace
+from simulations.traces import TracePoint, at
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +40,71 @@ class VirtualDevice:
 
 
 def build_fleet(
-    profiles: list[Profile], measured: list[CalibrationPoint], duration_s: float, seed: int, dropout: float
+    profiles: list[Profile], measured: list[CalibrationPoint], traces: list[list[TracePoint]]
 ) -> list[VirtualDevice]:
     """One virtual device per profile entry; costs scale with 1/relative_speed (laptop-x86 = this machine)."""
-    full = max(measured, key=lambda p: p.density)
     fleet = []
-    for i, profile in enumerate(profiles):
+    for i, (profile, trace) in enumerate(zip(profiles, traces, strict=True)):
         slow = 1.0 / profile.relative_speed
         calibration = [CalibrationPoint(p.density, p.latency_ms * slow, p.memory_mb) for p in measured]
-        trace = make_trace(profile, full.latency_ms * slow, full.memory_mb, duration_s, seed * 7919 + i, dropout=dropout)
         fleet.append(VirtualDevice(simulated_name(i), profile, calibration, trace))
     return fleet
 
 
-class FleetDriver:
-    """Registers the virtual fleet, then heartbeats it from one thread until stopped."""
+def fleet_deadline_ms(measured: list[CalibrationPoint], headroom: float) -> float:
+    """The fleet's latency deadline: ``headroom`` times the full model's latency on this (reference) machine."""
+    return max(measured, key=lambda p: p.density).latency_ms * headroom
 
-    def __init__(self, fleet: list[VirtualDevice], address: str, interval_s: float = 1.0) -> None:
+
+def device_budget(profile: Profile, point: TracePoint, deadline_ms: float) -> Budget:
+    """What a device affords at one trace point: the deadline scaled by its free CPU share, its own free memory.
+
+    The deadline is common to the fleet, and the device's calibration already carries its speed, so the policy
+    gives a fast device a dense subnet and a slow one a sparse subnet for the same deadline.
+    """
+    return Budget(latency_ms=deadline_ms * point.available, memory_mb=profile.memory_mb * point.memory_share,
+                  battery=point.battery if profile.battery else None)
+
+
+def heartbeats(
+    fleet: list[VirtualDevice], completed_rounds: int, deadline_ms: float
+) -> list[tuple[VirtualDevice, Budget]]:
+    """The budget each online device reports once ``completed_rounds`` rounds are done (trace point of that round)."""
+    beats = []
+    for device in fleet:
+        point = at(device.trace, completed_rounds)
+        if point.online:
+            beats.append((device, device_budget(device.profile, point, deadline_ms)))
+    return beats
+
+
+class FleetDriver:
+    """Registers the virtual fleet, then heartbeats it from one thread until stopped.
+
+    It ticks on every change of ``completed_rounds()`` (polled every ``poll_s``), so round r+1 samples the
+    densities of trace point r whatever this machine's speed, and every ``interval_s`` so devices stay fresh.
+    """
+
+    def __init__(
+        self,
+        fleet: list[VirtualDevice],
+        address: str,
+        completed_rounds: Callable[[], int],
+        deadline_ms: float,
+        interval_s: float = 1.0,
+        poll_s: float = 0.2,
+    ) -> None:
         self.fleet = fleet
+        self.deadline_ms = deadline_ms
         self.interval_s = interval_s
+        self.poll_s = poll_s
+        self._completed_rounds = completed_rounds
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.ControlPlaneStub(self._channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fleet-driver", daemon=True)
-        self._started = 0.0
+        self._applied = -1  # completed-round count whose trace point was last heartbeated
+        self._last_beat = 0.0
 
     def register(self, timeout_s: float = 30.0) -> None:
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
@@ -82,29 +127,28 @@ class FleetDriver:
         return [d.device_id for d in self.fleet if d.device_id]
 
     def start(self) -> None:
-        self._started = time.monotonic()
-        self.tick()
+        """Heartbeats the current trace point (0 before the run) before returning, so round 1 already samples it."""
+        self.tick(self._completed_rounds())
         self._thread.start()
 
-    def tick(self) -> None:
-        """One heartbeat from every device that is online at this point of its trace."""
-        t = time.monotonic() - self._started
-        for device in self.fleet:
-            point = at(device.trace, t)
-            if not point.online:
-                continue
-            budget = pb.Budget(latency_ms=point.latency_ms, memory_mb=point.memory_mb)
-            if point.battery is not None:
-                budget.battery = point.battery
+    def tick(self, completed_rounds: int) -> None:
+        """One heartbeat from every device that is online at this round's point of its trace."""
+        for device, budget in heartbeats(self.fleet, completed_rounds, self.deadline_ms):
+            message = pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb)
+            if budget.battery is not None:
+                message.battery = budget.battery
             try:
-                reply = self._stub.Heartbeat(pb.HeartbeatRequest(device_id=device.device_id, budget=budget), timeout=5)
+                reply = self._stub.Heartbeat(pb.HeartbeatRequest(device_id=device.device_id, budget=message), timeout=5)
                 device.density = reply.density
             except grpc.RpcError as e:
                 log.warning("heartbeat of %s failed: %s", device.name, e.details())
+        self._applied, self._last_beat = completed_rounds, time.monotonic()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            self.tick()
+        while not self._stop.wait(self.poll_s):
+            done = self._completed_rounds()
+            if done != self._applied or time.monotonic() - self._last_beat >= self.interval_s:
+                self.tick(done)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,7 +1,8 @@
 """The run directory a simulation leaves: metrics.json, report.md and PNG plots.
 
 Everything comes from two sources the deployment also writes: the ServerApp's per-round log
-(``rounds.jsonl``) and the registry (rounds, devices and their density histories).
+(``rounds.jsonl``) and the registry (rounds, devices and their density histories); the simulation adds which
+profile each virtual device has, so the report can show what each kind of device trained.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class RunSummary:
     settings: dict[str, Any]
     rounds: list[dict[str, Any]]  # rounds.jsonl entries
     fleet: list[dict[str, Any]]  # per round: density -> device count, at the round's end
+    profiles: dict[str, str]  # device name -> profile name
     devices: int
     wall_s: float
     peak_rss_mb: float
@@ -44,6 +46,28 @@ def fleet_over_time(registry: Registry) -> list[dict[str, Any]]:
                 counts[current[-1]] += 1
         snapshots.append({"round": record.round, "at": record.recorded_at.isoformat(), "devices": dict(counts)})
     return snapshots
+
+
+def densities_per_profile(rounds: list[dict[str, Any]], profiles: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Device-rounds per trained density (densest first) of every profile in the fleet.
+
+    Counted from the rounds' participants, not from assignments: what each kind of device actually trained."""
+    counts: dict[str, Counter[str]] = {profile: Counter() for profile in sorted(set(profiles.values()))}
+    for r in rounds:
+        for name, density in r["participants"].items():
+            counts[profiles[name]][str(float(density))] += 1
+    return {profile: dict(sorted(c.items(), key=lambda kv: -float(kv[0]))) for profile, c in counts.items()}
+
+
+def profile_table(per_profile: dict[str, dict[str, int]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-profile table (device-rounds per density, mean density): report.md and CLI."""
+    trained = sorted({float(d) for counts in per_profile.values() for d in counts}, reverse=True)
+    rows = []
+    for profile, counts in per_profile.items():
+        total = sum(counts.values())
+        mean = f"{sum(float(d) * n for d, n in counts.items()) / total:.3f}" if total else "-"  # none trained
+        rows.append([profile, *(str(counts.get(str(d), 0)) for d in trained), mean])
+    return ["profile", *(f"d={d:g}" for d in trained), "mean density"], rows
 
 
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], kind: str = "line") -> None:
@@ -92,6 +116,8 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         for d, v in sorted(per_density_bytes.items(), key=lambda kv: -float(kv[0]))
     ]
     final = rounds[-1]["accuracy"] if rounds else {}
+    per_profile = densities_per_profile(rounds, summary.profiles)
+    profile_header, profile_rows = profile_table(per_profile)
     metrics = {
         "settings": summary.settings,
         "devices": summary.devices,
@@ -102,6 +128,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "bytes": bytes_rows,
         "per_round": rounds,
         "fleet": summary.fleet,
+        "profiles": per_profile,
     }
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     lines = [
@@ -123,6 +150,12 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "| density | down | up |",
         "|---|---|---|",
         *[f"| {row['density']:g} | {row['down']:,.0f} | {row['up']:,.0f} |" for row in bytes_rows],
+        "",
+        "## Densities trained per profile (device-rounds)",
+        "",
+        "| " + " | ".join(profile_header) + " |",
+        "|" + "---|" * len(profile_header),
+        *["| " + " | ".join(row) + " |" for row in profile_rows],
         "",
         "## Rounds",
         "",

@@ -21,9 +21,9 @@ from contracts.settings import RunSettings, build_model
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
-from simulations.fleet import FleetDriver, build_fleet
+from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms
 from simulations.report import RunSummary, fleet_over_time, write_report
-from simulations.traces import assign_profiles, parse_mix
+from simulations.traces import MIXED, assign_profiles, check_traces, fleet_traces, parse_mix
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,12 @@ class SimulationSettings:
 
     run: RunSettings
     devices: int = 100
-    mix: str = "pi4=40,jetson-nano=30,phone=30"
+    mix: str = "laptop-x86=20,jetson-orin-nano=10,phone=30,jetson-nano=20,pi4=20"  # fast and slow devices alike
+    traces: str = MIXED  # a trace family, or a CSV file of traces (simulations.traces)
+    deadline: float = 1.5  # the fleet's latency deadline, in full-model latencies of the reference laptop-x86
     dropout: float = 0.1
     heartbeat_s: float = 1.0
     cpus_per_client: int = 1
-    expected_duration_s: float = 300.0  # length of the budget traces
     superlink_port: int = 9392
     control_port: int = 9393
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
@@ -49,7 +50,10 @@ class SimulationSettings:
             raise ValueError(f"--devices must be >= 1, got {self.devices}")
         if not 0 <= self.dropout <= 1:
             raise ValueError(f"--dropout must be in [0, 1], got {self.dropout}")
+        if not self.deadline > 0:
+            raise ValueError(f"--deadline must be > 0, got {self.deadline}")
         parse_mix(self.mix, list(load_profiles()))
+        check_traces(self.traces)
         # Every virtual node must have joined before round 1; the run's state lives in the run directory.
         self.run = self.run.replace(wait_for_nodes=self.devices, state_dir=str(self.run_dir / "state"))
 
@@ -64,9 +68,16 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     measured = calibrate(pack_checkpoint(model), (model.arch.in_channels, model.arch.image_size, model.arch.image_size))
     profiles = load_profiles()
     names = assign_profiles(parse_mix(settings.mix, list(profiles)), settings.devices, settings.run.seed)
-    fleet = build_fleet([profiles[n] for n in names], measured, settings.expected_duration_s, settings.run.seed,
-                        settings.dropout)
-    driver = FleetDriver(fleet, coordinator.endpoints.control_plane, settings.heartbeat_s)
+    chosen = [profiles[n] for n in names]
+    traces = fleet_traces(settings.traces, chosen, settings.run.num_rounds, settings.run.seed, settings.dropout)
+    fleet = build_fleet(chosen, measured, traces)
+
+    def completed_rounds() -> int:
+        assert coordinator.registry is not None
+        return len(coordinator.registry.list_rounds())
+
+    driver = FleetDriver(fleet, coordinator.endpoints.control_plane, completed_rounds,
+                         fleet_deadline_ms(measured, settings.deadline), settings.heartbeat_s)
     try:
         coordinator.start()
         driver.register()
@@ -89,6 +100,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
                   **{k: str(v) for k, v in asdict(settings).items() if k != "run"}},
         rounds=rounds,
         fleet=fleet_history,
+        profiles={device.name: device.profile.name for device in fleet},
         devices=settings.devices,
         wall_s=time.monotonic() - started,
         peak_rss_mb=coordinator.memory.peak_mb,

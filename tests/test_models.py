@@ -89,3 +89,21 @@ def test_slimmable_twin_matches_parameter_budget() -> None:
     for d in slim.densities:
         slim.set_density(d)
         assert slim(x).shape == (2, 10)
+
+
+def test_grow_from_makes_every_subnet_the_sparsest_one() -> None:
+    """A federated run starts with the bands above the sparsest prefix at zero: every subnet is one function."""
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.1", width=4).eval()
+    model.grow_from(0.1)
+    x = torch.randn(3, 1, 28, 28)
+    outputs = []
+    for d in model.densities:
+        model.set_density(d)
+        outputs.append(model(x))
+    for out in outputs[1:]:
+        torch.testing.assert_close(out, outputs[0])
+    for _, layer in model.sparse_layers():
+        assert (layer.weight * layer.mask(0.1) != 0).sum() == layer.mask(0.1).sum() > 0
+    with pytest.raises(ValueError, match="not one of"):
+        model.grow_from(0.3)

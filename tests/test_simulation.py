@@ -9,6 +9,7 @@ from conftest import pick_port
 from cli.fleet import app
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceStatus, Registry
+from simulations.report import densities_per_profile, profile_table
 from simulations.run import SimulationSettings, run_simulation
 from simulations.traces import assign_profiles, parse_mix
 
@@ -16,7 +17,8 @@ from simulations.traces import assign_profiles, parse_mix
 def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500)
     settings = SimulationSettings(
-        run, devices=100, run_dir=tmp_path / "run", superlink_port=pick_port(), control_port=pick_port(),
+        run, devices=100, mix="laptop-x86=50,pi4=50", run_dir=tmp_path / "run", superlink_port=pick_port(),
+        control_port=pick_port(),
     )  # fmt: skip
     seen = []
     metrics = run_simulation(settings, seen.append)
@@ -39,6 +41,12 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     assert saved["devices"] == 100 and saved["rounds"] == 2
     assert {row["density"] for row in saved["accuracy"]} == {0.1, 0.25, 0.5, 1.0}
     assert metrics["peak_rss_mb"] > 0
+    # profile-true budgets: against one deadline the reference laptop trains denser subnets than a Pi 4
+    profiles = saved["profiles"]
+    assert set(profiles) == {"laptop-x86", "pi4"} and sum(sum(c.values()) for c in profiles.values()) == 20
+    mean = {name: sum(float(d) * n for d, n in c.items()) / sum(c.values()) for name, c in profiles.items()}
+    assert mean["laptop-x86"] > mean["pi4"] and profiles["laptop-x86"].get("1.0", 0) > 0, profiles
+    assert "## Densities trained per profile" in (run_dir / "report.md").read_text()
     # bytes to a device shrink with its density
     down = {row["density"]: row["down"] for row in saved["bytes"]}
     assert sorted(down, key=down.get) == sorted(down)
@@ -49,6 +57,17 @@ def test_mix_is_exact_and_deterministic() -> None:
     names = assign_profiles(mix, 100, seed=1)
     assert (names.count("pi4"), names.count("jetson-nano"), names.count("phone")) == (40, 30, 30)
     assert names == assign_profiles(mix, 100, seed=1) != assign_profiles(mix, 100, seed=2)
+
+
+def test_densities_per_profile_count_who_trained() -> None:
+    rounds = [{"participants": {"sim-000": 1.0, "sim-001": 0.1}}, {"participants": {"sim-000": 0.25, "sim-001": 0.1}}]
+    profiles = {"sim-000": "laptop-x86", "sim-001": "pi4", "sim-002": "phone"}
+    per_profile = densities_per_profile(rounds, profiles)
+    assert per_profile == {"laptop-x86": {"1.0": 1, "0.25": 1}, "phone": {}, "pi4": {"0.1": 2}}
+    assert profile_table(per_profile) == (
+        ["profile", "d=1", "d=0.25", "d=0.1", "mean density"],
+        [["laptop-x86", "1", "1", "0", "0.625"], ["phone", "0", "0", "0", "-"], ["pi4", "0", "0", "2", "0.100"]],
+    )
 
 
 @pytest.mark.parametrize(
@@ -62,10 +81,21 @@ def test_mix_is_exact_and_deterministic() -> None:
         (["--densities", "1,0.5,0.5"], "repeat"),
         (["--model", "vgg"], "--model must be one of cnn"),
         (["--dataset", "imagenet"], "--dataset must be one of"),
+        (["--traces", "steddy"], "unknown trace family 'steddy'"),
+        (["--deadline", "0"], "--deadline must be > 0"),
     ],
 )
 def test_bad_simulation_input_is_a_clear_error(tmp_path, args, message) -> None:
     result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "run"), *args])
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_trace_file_is_a_clear_error(tmp_path) -> None:
+    traces = tmp_path / "traces.csv"
+    traces.write_text("trace,round,available,memory_share,battery,online\na,0,2,1,,1\n")
+    result = CliRunner().invoke(app, ["simulate", "--out", str(tmp_path / "run"), "--traces", str(traces)])
+    assert result.exit_code == 2, result.output
+    assert "traces.csv:2: available must be in (0, 1], got '2'" in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()

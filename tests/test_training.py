@@ -1,5 +1,7 @@
 """Joint training on a real Fashion-MNIST slice, BN recalibration, and training-config validation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -78,3 +80,31 @@ def test_training_a_density_the_model_lacks_is_rejected() -> None:
     model = create_model("cnn", "1,0.5", width=4)
     with pytest.raises(ValueError, match="0.25 is not one of"):
         train(model, [], TrainConfig(densities=(0.25,)))
+
+
+def test_anchor_loss_keeps_denser_subnets_near_the_sparsest_received(fmnist_slice) -> None:
+    """With distill, the dense subnet's predictions stay closer to the anchor (the sparsest subnet as received)
+    than without it, on the same data and steps."""
+    x = fmnist_slice.images[:256]
+    divergence = {}
+    for distill in (0.0, 0.9):
+        torch.manual_seed(0)
+        model = create_model("cnn", "1,0.1", width=8)
+        train(model, fmnist_slice.subset(range(64)).loader(32, shuffle=True, seed=0),
+              TrainConfig(epochs=2, recalibrate_batches=0, rerank_every=0))  # a common starting point
+        anchor = copy.deepcopy(model).eval()
+        anchor.set_density(0.1)
+        train(model, fmnist_slice.subset(range(512, 1024)).loader(32, shuffle=True, seed=0),
+              TrainConfig(epochs=2, lr=0.1, recalibrate_batches=0, rerank_every=0, distill=distill))
+        model.eval().set_density(1.0)
+        with torch.no_grad():
+            p, q = torch.log_softmax(anchor(x), 1), torch.log_softmax(model(x), 1)
+            divergence[distill] = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
+    assert divergence[0.9] < 0.7 * divergence[0.0], divergence
+
+
+def test_distill_weight_out_of_range_is_rejected() -> None:
+    model = create_model("cnn", "1,0.1", width=4)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28), torch.zeros(4).long()))
+    with pytest.raises(ValueError, match="distill must be in"):
+        train(model, loader, TrainConfig(distill=1.0))

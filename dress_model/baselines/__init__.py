@@ -1,1 +1,2 @@
-"""What DRESS is measured against, built from the same models and training step: pruned, slimmable."""
+"""What DRESS is measured against, built from the same models and training recipe: pruned, width-nested
+(slimmable, HeteroFL, FjORD)."""

@@ -1,0 +1,180 @@
+"""Federated DRESS against its peers on the same simulated fleet: accuracy per tier, bytes, device compute.
+
+    python benchmarks/federated.py                     # every method, IID and Dirichlet 0.3, seeds 0 and 1
+    python benchmarks/federated.py --methods dress,heterofl --seeds 0 --rounds 10   # a quick look
+
+Every method runs through `dress-fleet simulate`'s code (``simulations.run``): same devices, device mix, budget
+traces, data split, rounds, local epochs and examples; only ``--method`` changes (``contracts.methods``). A
+peer's tiers hold no more parameters than DRESS's subnet at the same density. ``fjord-kd`` is FjORD with
+self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0.
+
+Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last`` rounds' test accuracy (one
+round is noisy). fedavg-small serves every tier with its one small model; fedavg-capable serves only the densest
+tier. Writes ``federated.json`` (rows, per-round curves, bytes and device compute), ``federated.md`` (means over
+seeds) and ``federated-<partition>.png`` (accuracy per tier per method per round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from common import command, machine, markdown_table, write_json  # noqa: E402
+from contracts.methods import METHODS  # noqa: E402
+from contracts.settings import RunSettings  # noqa: E402
+from dress_model.checkpoint import atomic_write  # noqa: E402
+from simulations.run import SimulationSettings, run_simulation  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0)}  # benchmark name -> (method, distill override)
+ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable")
+
+
+def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, ...]) -> dict[float, float]:
+    """Accuracy a device of each tier gets from this method's model (what it can run)."""
+    if method == "fedavg-small":
+        (small,) = accuracy.values()
+        return {t: small for t in tiers}
+    return {t: accuracy[t] for t in tiers if t in accuracy}
+
+
+def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    method, distill = VARIANTS.get(name, (name, None))
+    run = RunSettings.defaults(
+        method=method, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
+        max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples,
+        **({"distill": distill} if distill is not None else {}),
+    )  # fmt: skip
+    settings = SimulationSettings(run, devices=args.devices, mix=args.mix, run_dir=args.run_dir / f"{name}-{partition.replace(':', '')}-{seed}")
+    print(f"== {name} {partition} seed {seed}", flush=True)
+    metrics = run_simulation(settings, lambda r: print(f"  round {r['round']}: {r['accuracy']}", flush=True))
+    rounds = metrics["per_round"]
+    tiers = run.density_list
+    curves = [{"round": r["round"], **{f"{t:g}": a for t, a in
+                                        tiers_served(name, {float(d): v for d, v in r["accuracy"].items()}, tiers).items()}}
+              for r in rounds]
+    last = rounds[-args.last:]
+    final = {t: statistics.fmean(tiers_served(name, {float(d): v for d, v in r["accuracy"].items()}, tiers)[t]
+                                 for r in last)
+             for t in tiers_served(name, {float(d): v for d, v in last[-1]["accuracy"].items()}, tiers)}
+    return {
+        "method": name, "partition": partition, "seed": seed, "final": final, "curves": curves,
+        "bytes_per_round": statistics.fmean(sum(map(sum, r["bytes_down"].values())) + sum(map(sum, r["bytes_up"].values()))
+                                            for r in rounds),
+        "device_compute_s_per_round": statistics.fmean(r["device_compute_s"] for r in rounds),
+        "device_rounds": {str(d): n for d, n in _device_rounds(rounds).items()},
+        "wall_s": metrics["wall_s"],
+    }
+
+
+def _device_rounds(rounds: list[dict[str, Any]]) -> dict[float, int]:
+    counts: dict[float, int] = {}
+    for r in rounds:
+        for density in r["participants"].values():
+            counts[float(density)] = counts.get(float(density), 0) + 1
+    return dict(sorted(counts.items(), reverse=True))
+
+
+def plot(path: Path, partition: str, runs: list[dict[str, Any]], tiers: tuple[float, ...]) -> None:
+    fig, axes = plt.subplots(1, len(tiers), figsize=(4 * len(tiers), 3.6), dpi=100, sharey=True)
+    for ax, tier in zip(axes, sorted(tiers, reverse=True)):
+        for name in dict.fromkeys(r["method"] for r in runs):
+            mine = [r for r in runs if r["method"] == name and r["partition"] == partition]
+            if not mine or f"{tier:g}" not in mine[0]["curves"][0]:
+                continue
+            xs = [c["round"] for c in mine[0]["curves"]]
+            ys = [statistics.fmean(r["curves"][i][f"{tier:g}"] for r in mine) for i in range(len(xs))]
+            ax.plot(xs, ys, label=name)
+        ax.set_title(f"tier {tier:g} — {partition}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy % (mean over seeds)")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...]) -> str:
+    lines = ["# Federated DRESS vs peers on one simulated fleet", "",
+             f"`{result['command']}`", "",
+             f"{result['settings']['devices']} devices ({result['settings']['mix']}), {result['settings']['rounds']} rounds, "
+             f"{result['settings']['fraction']:g} of the fleet per round, seeds {result['settings']['seeds']}; "
+             f"accuracy = mean of the last {result['settings']['last']} rounds, then mean over seeds.", ""]
+    columns = ["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)] + ["MB/round", "device s/round"]
+    for partition in result["settings"]["partitions"]:
+        table = []
+        for name in result["settings"]["methods"]:
+            rows = [r for r in result["rows"] if r["method"] == name and r["partition"] == partition]
+            runs = [r for r in result["runs"] if r["method"] == name and r["partition"] == partition]
+            if not rows:
+                continue
+            entry: dict[str, Any] = {"method": name}
+            for t in sorted(tiers, reverse=True):
+                values = [r["accuracy"] for r in rows if r["tier"] == t]
+                entry[f"d={t:g}"] = statistics.fmean(values) if values else "—"
+            entry["MB/round"] = statistics.fmean(r["bytes_per_round"] for r in runs) / 1e6
+            entry["device s/round"] = statistics.fmean(r["device_compute_s_per_round"] for r in runs)
+            table.append(entry)
+        lines += [f"## {partition}", "", markdown_table(table, columns), f"![curves](federated-{partition.replace(':', '')}.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(ALL), help=f"comma-separated, from {', '.join(ALL)}")
+    p.add_argument("--partitions", default="iid,dirichlet:0.3")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--mix", default=SimulationSettings.mix)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--fraction", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-examples", type=int, default=300)
+    p.add_argument("--eval-examples", type=int, default=2000)
+    p.add_argument("--last", type=int, default=3, help="rounds averaged into the final accuracy")
+    p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
+    args = p.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; expected some of {', '.join(ALL)}")
+    assert set(ALL) >= set(METHODS)
+    partitions = [x.strip() for x in args.partitions.split(",") if x.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    runs, rows = [], []
+    for partition in partitions:
+        for seed in seeds:
+            for name in methods:
+                run = run_one(name, partition, seed, args)
+                runs.append(run)
+                rows += [{"method": name, "partition": partition, "seed": seed, "tier": t, "accuracy": round(a, 2),
+                          "rounds": args.rounds} for t, a in run["final"].items()]
+                result = {
+                    "command": command(), "machine": machine(),
+                    "settings": {"methods": methods, "partitions": partitions, "seeds": seeds, "devices": args.devices,
+                                 "mix": args.mix, "rounds": args.rounds, "fraction": args.fraction,
+                                 "epochs": args.epochs, "max_examples": args.max_examples, "last": args.last},
+                    "rows": rows,
+                    "runs": [{k: v for k, v in r.items() if k != "final"} for r in runs],
+                }
+                write_json(args.out, result)  # after every run: a long benchmark stopped midway keeps what it did
+    tiers = RunSettings.defaults().density_list
+    for partition in partitions:
+        plot(args.out.with_name(f"federated-{partition.replace(':', '')}.png"), partition, runs, tiers)
+    text = summary_markdown(result, tiers)
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

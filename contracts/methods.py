@@ -1,0 +1,71 @@
+"""Which federated method a run trains: DRESS, or a peer it is judged against, on the same fleet and plumbing.
+
+A method decides three things the ServerApp and the ClientApp must agree on: the global model (DRESS's nested
+row-sparse backbone, or a width-nested twin with the same parameter count per tier), which level a device with
+a given tier trains, and how it trains it (``agent.client_app``). Everything else — devices, budgets, data
+split, rounds, local epochs, examples — is the run's, whatever the method.
+
+- ``dress``: every device trains its own density and every sparser one (nested row-sparse prefixes).
+- ``heterofl``: each device trains the width prefix of its tier; static BN, scaler (Diao et al. 2021).
+- ``fjord``: ordered dropout — each local step trains a width drawn up to the device's tier; with ``distill`` > 0
+  the device's widest subnet teaches the drawn one (FjORD-KD, Horváth et al. 2021).
+- ``fedavg-small``: every device trains the one dense model that fits the weakest tier.
+- ``fedavg-capable``: dense FedAvg of the full model, on only the devices whose tier is the densest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from dress_model.baselines.slimmable import width_twin
+from dress_model.models import DressModel
+
+METHODS = ("dress", "heterofl", "fjord", "fedavg-small", "fedavg-capable")
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    bn: str = "static"
+    scaler: bool = False
+    levels: str = "all"  # the model's levels: all tiers, or only the "weakest" / "densest"
+    sampled: bool = False  # FjORD: each step draws its width
+
+    def levels_of(self, tiers: tuple[float, ...]) -> tuple[float, ...]:
+        return {"all": tiers, "weakest": tiers[:1], "densest": tiers[-1:]}[self.levels]
+
+    def build(self, dress: DressModel) -> DressModel:
+        """The global model: ``dress`` itself, or its width-nested twin. ValueError for a tier it cannot build."""
+        if self.name == "dress":
+            return dress
+        return width_twin(dress, bn=self.bn, scaler=self.scaler, levels=self.levels_of(dress.densities))
+
+    def level_for(self, tier: float, levels: tuple[float, ...]) -> float | None:
+        """The level a device whose budget allows ``tier`` trains, or None when this method leaves it out."""
+        if self.levels == "weakest":
+            return levels[0]
+        if self.levels == "densest":
+            return levels[0] if math.isclose(tier, levels[0]) else None
+        for level in levels:
+            if math.isclose(tier, level):
+                return level
+        return None
+
+
+_METHODS = {
+    "dress": Method("dress"),
+    "heterofl": Method("heterofl", scaler=True),
+    "fjord": Method("fjord", sampled=True),
+    "fedavg-small": Method("fedavg-small", levels="weakest"),
+    "fedavg-capable": Method("fedavg-capable", levels="densest"),
+}
+assert tuple(_METHODS) == METHODS
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {', '.join(METHODS)}") from None
+
