@@ -51,6 +51,8 @@ def main() -> None:
         "server_s": round(sum(r["server_s"] for r in rounds), 1),
         "bytes": [{**row, "dense": dense, "down_vs_dense": round(row["down"] / dense, 3)} for row in metrics["bytes"]],
         "accuracy": metrics["accuracy"],
+        "profiles": metrics["profiles"],
+        "heartbeats": metrics["heartbeats"],
     }
     write_json(args.out, result)
     print(result)

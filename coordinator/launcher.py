@@ -65,6 +65,9 @@ def round_entry(record: RoundRecord) -> dict[str, Any]:
             **record.details}
 
 
+STATUS_EVERY_S = 20.0  # between checks of the run's status while rounds are still to come
+
+
 class Coordinator:
     def __init__(self, settings: RunSettings, endpoints: Endpoints, simulation: bool = False) -> None:
         self.state_dir = Path(settings.state_dir)
@@ -110,7 +113,10 @@ class Coordinator:
             seen = len(rounds)
             if not self.superlink.alive():
                 raise RuntimeError(f"the SuperLink exited during the run:\n{self.superlink.tail()}")
-            if time.monotonic() - last_check > 3:
+            # `flwr ls` is a whole Python process (about a CPU-second): ask as soon as every round is in, and
+            # otherwise only often enough to notice a run that failed midway.
+            due = seen >= self.settings.num_rounds or time.monotonic() - last_check > STATUS_EVERY_S
+            if due and time.monotonic() - last_check > 2:
                 last_check = time.monotonic()
                 status = fr.run_status(self.state_dir, run_id)
                 if status.startswith("finished"):

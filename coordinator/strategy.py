@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from contracts.messages import STATUS_QUERY, device_of, record_nbytes, subnet_record, train_message
 from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
+from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
@@ -93,6 +94,30 @@ class DressStrategy(Strategy):
         self.node_devices.update({node: name for name, node in learnt.items()})
         self.registry.bind_flower_nodes(learnt)
 
+    def sample(self, grid: Grid, devices: dict[str, DeviceInfo], count: int,
+               rng: random.Random) -> list[tuple[int, DeviceInfo, float]]:
+        """Up to ``count`` connected nodes whose device is online and trains under this method, uniformly.
+
+        The nodes are walked in a random order and only the unknown ones on the way are asked who they are, a
+        batch at a time: a 10,000-node fleet that trains 100 devices a round asks a few hundred nodes in round 1
+        instead of 10,000, and learns the rest as rounds go by."""
+        order = list(grid.get_node_ids())
+        rng.shuffle(order)
+        chosen: list[tuple[int, DeviceInfo, float]] = []
+        position = 0
+        while len(chosen) < count and position < len(order):
+            batch = order[position:position + 2 * (count - len(chosen))]
+            position += len(batch)
+            self.identify(grid, batch)
+            for node in batch:
+                info = devices.get(self.node_devices.get(node, ""))
+                if info is None or info.status != DeviceStatus.ONLINE:
+                    continue
+                level = self.level_for(info.current_density)
+                if level is not None and len(chosen) < count:
+                    chosen.append((node, info, level))
+        return chosen
+
     # -- train -------------------------------------------------------------------------------------------
 
     def configure_train(
@@ -100,22 +125,13 @@ class DressStrategy(Strategy):
     ) -> Iterable[Message]:
         stats = self.stats[server_round] = RoundStats(server_round)
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        self.identify(grid, grid.get_node_ids())
         self.registry.mark_offline(STALE_AFTER)
         devices = {d.name: d for d in self.registry.list_devices()}
-        candidates = []
-        for node, name in sorted(self.node_devices.items()):
-            info = devices.get(name)
-            if info is None or info.status != DeviceStatus.ONLINE:
-                continue
-            level = self.level_for(info.current_density)
-            if level is None:
-                log.debug("device %s (density %g) trains nothing under this method", name, info.current_density)
-                continue
-            candidates.append((node, info, level))
-        count = min(len(candidates), max(self.min_devices, math.ceil(self.fraction * len(candidates))))
-        chosen = random.Random(self.seed * 100_003 + server_round).sample(candidates, count)
-        log.info("round %d: %d of %d online devices", server_round, len(chosen), len(candidates))
+        eligible = sum(1 for d in devices.values()
+                       if d.status == DeviceStatus.ONLINE and self.level_for(d.current_density) is not None)
+        count = min(eligible, max(self.min_devices, math.ceil(self.fraction * eligible)))
+        chosen = self.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round))
+        log.info("round %d: %d of %d eligible online devices", server_round, len(chosen), eligible)
 
         payloads: dict[float, tuple[object, ArrayRecord]] = {}
         self.sent = {}

@@ -15,7 +15,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -78,6 +79,29 @@ def heartbeats(
     return beats
 
 
+@dataclass
+class HeartbeatStats:
+    """What the control plane made of the fleet's heartbeats: answered, lost, and how long each took."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    lost: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def record(self, latency_s: float) -> None:
+        self.latencies_s.append(latency_s)
+
+    def summary(self) -> dict[str, float]:
+        answered = sorted(self.latencies_s)
+        elapsed = time.perf_counter() - self.started
+
+        def pct(q: float) -> float:
+            return round(1000 * answered[min(len(answered) - 1, int(q * len(answered)))], 2) if answered else 0.0
+
+        return {"answered": len(answered), "lost": self.lost,
+                "per_s": round(len(answered) / elapsed, 1) if elapsed > 0 else 0.0,
+                "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+
+
 class FleetDriver:
     """Registers the virtual fleet, then heartbeats it from one thread until stopped.
 
@@ -93,8 +117,11 @@ class FleetDriver:
         deadline_ms: float,
         interval_s: float = 1.0,
         poll_s: float = 0.2,
+        in_flight: int = 64,
     ) -> None:
         self.fleet = fleet
+        self.in_flight = in_flight
+        self.stats = HeartbeatStats()
         self.deadline_ms = deadline_ms
         self.interval_s = interval_s
         self.poll_s = poll_s
@@ -107,19 +134,26 @@ class FleetDriver:
         self._last_beat = 0.0
 
     def register(self, timeout_s: float = 30.0) -> None:
+        """Register every device, ``in_flight`` at a time; a refused registration is an error."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
-        for device in self.fleet:
-            reply = self._stub.Register(
-                pb.RegisterRequest(
-                    name=device.name,
-                    profile=device.profile.name,
-                    calibration=[
-                        pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
-                        for p in device.calibration
-                    ],
-                )
-            )
+        pending: deque[tuple[VirtualDevice, grpc.Future]] = deque()
+
+        def settle(device: VirtualDevice, future: grpc.Future) -> None:
+            reply = future.result()
             device.device_id, device.density = reply.device_id, reply.density
+
+        for device in self.fleet:
+            request = pb.RegisterRequest(
+                name=device.name,
+                profile=device.profile.name,
+                calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+                             for p in device.calibration],
+            )
+            pending.append((device, self._stub.Register.future(request, timeout=timeout_s)))
+            if len(pending) >= self.in_flight:
+                settle(*pending.popleft())
+        while pending:
+            settle(*pending.popleft())
 
     @property
     def registered(self) -> list[int]:
@@ -132,17 +166,31 @@ class FleetDriver:
         self._thread.start()
 
     def tick(self, completed_rounds: int) -> None:
-        """One heartbeat from every device that is online at this round's point of its trace."""
+        """One heartbeat from every device that is online at this round's point of its trace.
+
+        Up to ``in_flight`` heartbeats travel at once, as independent devices' would; each one's latency and
+        every failure are counted (``stats``), so a report can say whether the control plane kept up."""
+        pending: deque[tuple[VirtualDevice, float, grpc.Future]] = deque()
         for device, budget in heartbeats(self.fleet, completed_rounds, self.deadline_ms):
             message = pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb)
             if budget.battery is not None:
                 message.battery = budget.battery
-            try:
-                reply = self._stub.Heartbeat(pb.HeartbeatRequest(device_id=device.device_id, budget=message), timeout=5)
-                device.density = reply.density
-            except grpc.RpcError as e:
-                log.warning("heartbeat of %s failed: %s", device.name, e.details())
+            request = pb.HeartbeatRequest(device_id=device.device_id, budget=message)
+            pending.append((device, time.perf_counter(), self._stub.Heartbeat.future(request, timeout=30)))
+            if len(pending) >= self.in_flight:
+                self._collect(pending.popleft())
+        while pending:
+            self._collect(pending.popleft())
         self._applied, self._last_beat = completed_rounds, time.monotonic()
+
+    def _collect(self, item: tuple[VirtualDevice, float, grpc.Future]) -> None:
+        device, sent, future = item
+        try:
+            device.density = future.result().density
+            self.stats.record(time.perf_counter() - sent)
+        except grpc.RpcError as e:
+            self.stats.lost += 1
+            log.warning("heartbeat of %s failed: %s", device.name, e.details())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ class RunSummary:
     devices: int
     wall_s: float
     peak_rss_mb: float
+    heartbeats: dict[str, float] = field(default_factory=dict)  # the control plane under the fleet (FleetDriver)
 
 
 def fleet_over_time(registry: Registry) -> list[dict[str, Any]]:
@@ -129,6 +130,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "per_round": rounds,
         "fleet": summary.fleet,
         "profiles": per_profile,
+        "heartbeats": summary.heartbeats,
     }
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     lines = [
@@ -137,6 +139,8 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         f"Finished {datetime.now().isoformat(timespec='seconds')}; wall {summary.wall_s:.0f} s; "
         f"peak RSS (all processes) {summary.peak_rss_mb:.0f} MB.",
         "",
+        *([f"Heartbeats: {h['answered']:,} answered ({h['per_s']:,.0f}/s), {h['lost']} lost, "
+           f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms.", ""] if (h := summary.heartbeats) else []),
         "Settings: " + ", ".join(f"`{k}={v}`" for k, v in summary.settings.items()),
         "",
         "## Final accuracy per density",

@@ -104,5 +104,6 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         devices=settings.devices,
         wall_s=time.monotonic() - started,
         peak_rss_mb=coordinator.memory.peak_mb,
+        heartbeats=driver.stats.summary(),
     )
     return write_report(settings.run_dir, summary)

@@ -33,6 +33,11 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
         assert [r.round for r in rounds] == [1, 2]
         assert all(len(r.participants) == 10 and r.bytes_sent > 0 and r.bytes_received > 0 for r in rounds)
         assert set(rounds[-1].metrics) == {0.1, 0.25, 0.5, 1.0}
+        # nodes are asked who they are only as sampling reaches them: 2 rounds of 10 need far fewer than 100
+        bound = [d for d in devices if d.flower_node_id is not None]
+        assert 10 <= len(bound) <= 60, len(bound)
+        trained = {p for r in rounds for p in r.participants}
+        assert trained <= {d.id for d in bound}
         assert {d.status for d in devices} == {DeviceStatus.OFFLINE}  # the virtual fleet left with the run
     run_dir = tmp_path / "run"
     for name in ("report.md", "metrics.json", "accuracy.png", "fleet.png", "bytes.png"):
@@ -41,6 +46,8 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     assert saved["devices"] == 100 and saved["rounds"] == 2
     assert {row["density"] for row in saved["accuracy"]} == {0.1, 0.25, 0.5, 1.0}
     assert metrics["peak_rss_mb"] > 0
+    beats = saved["heartbeats"]  # every device heartbeats at least at start and after each round, none lost
+    assert beats["answered"] >= 3 * 100 and beats["lost"] == 0 and 0 < beats["p50_ms"] <= beats["p99_ms"]
     # profile-true budgets: against one deadline the reference laptop trains denser subnets than a Pi 4
     profiles = saved["profiles"]
     assert set(profiles) == {"laptop-x86", "pi4"} and sum(sum(c.values()) for c in profiles.values()) == 20

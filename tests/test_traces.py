@@ -223,3 +223,26 @@ def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry
     finally:
         driver.stop()
         server.stop(grace=None).wait()
+
+
+def test_driver_heartbeats_many_devices_concurrently_and_counts_losses(registry: Registry, free_port: int) -> None:
+    architecture = pb.Architecture(model="cnn", densities=[1.0, 0.5, 0.25, 0.1], width=4, dataset="fashion-mnist")
+    server = serve(registry, "127.0.0.1", free_port, architecture, lambda density: b"")
+    trace = [TracePoint(1.0, 1.0, None, True)]
+    fleet = build_fleet([LAPTOP] * 150, MEASURED, [trace] * 150)
+    for i, device in enumerate(fleet):
+        device.name = f"sim-{i:05d}"
+    driver = FleetDriver(fleet, f"127.0.0.1:{free_port}", lambda: 0, fleet_deadline_ms(MEASURED, 1.5),
+                         interval_s=60.0, in_flight=16)
+    try:
+        driver.register(timeout_s=10)
+        driver.tick(0)
+        summary = driver.stats.summary()
+        assert summary["answered"] == 150 and summary["lost"] == 0
+        assert 0 < summary["p50_ms"] <= summary["p99_ms"] and summary["per_s"] > 0
+        server.stop(grace=None).wait()
+        driver.tick(0)  # nobody answers now: every heartbeat is lost, none is counted as answered
+        assert driver.stats.summary()["lost"] == 150 and driver.stats.summary()["answered"] == 150
+    finally:
+        driver.stop()
+        server.stop(grace=None).wait()
