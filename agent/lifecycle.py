@@ -56,10 +56,23 @@ class AgentConfig:
     serve_port: int = DEFAULT_SERVE_PORT
     supernode_port: int = DEFAULT_SUPERNODE_PORT
     node_config: dict[str, object] = field(default_factory=dict)  # partition-id, num-partitions, data-dir
-    heartbeat_interval: float = DEFAULT_INTERVAL_S
+    heartbeat_interval: float | None = None  # None: as often as the coordinator asks; never less often
     calibration_repeats: int = DEFAULT_REPEATS
     threads: int = 1
     connect_timeout: float = 5.0
+
+
+def heartbeat_interval(wanted: float | None, asked: float) -> float:
+    """The device's heartbeat period: its own wish, but never longer than the coordinator asks (a device silent
+    for several of the coordinator's periods counts as offline). An old coordinator that asks nothing (0)
+    leaves the agent's default."""
+    if asked <= 0:
+        return wanted or DEFAULT_INTERVAL_S
+    if wanted is not None and wanted > asked:
+        log.warning("heartbeat every %g s instead of %g s: the coordinator asks for at least every %g s",
+                    asked, wanted, asked)
+        return asked
+    return wanted or asked
 
 
 def connect_coordinator(address: str, timeout: float) -> grpc.Channel:
@@ -145,7 +158,8 @@ class Agent:
         self._running.callback(self.predict.stop)
         self.monitor = BudgetMonitor(stub, registration.device_id, c.budget, density=served.assigned_density,
                                      model_version=served.version, on_density=served.set_density,
-                                     on_model_version=updater, interval=c.heartbeat_interval)
+                                     on_model_version=updater,
+                                     interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s))
         self.monitor.start()
         self._running.callback(self.monitor.stop)
 

@@ -6,7 +6,8 @@
 Every method runs through `dress-fleet simulate`'s code (``simulations.run``): same devices, device mix, budget
 traces, data split, rounds, local epochs and examples; only ``--method`` changes (``contracts.methods``). A
 peer's tiers hold no more parameters than DRESS's subnet at the same density. ``fjord-kd`` is FjORD with
-self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0.
+self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0; ``dress-no-anchor`` is DRESS without
+its anchor loss (an ablation, not run by default).
 
 Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last`` rounds' test accuracy (one
 round is noisy). fedavg-small serves every tier with its one small model; fedavg-capable serves only the densest
@@ -33,8 +34,10 @@ from dress_model.checkpoint import atomic_write  # noqa: E402
 from simulations.run import SimulationSettings, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0)}  # benchmark name -> (method, distill override)
-ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable")
+# benchmark name -> (method, distill override); dress-no-anchor is the ablation of DRESS's anchor loss
+VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0), "dress-no-anchor": ("dress", 0.0)}
+ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor")
+DEFAULT = ALL[:-1]
 
 
 def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, ...]) -> dict[float, float]:
@@ -129,7 +132,7 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(ALL), help=f"comma-separated, from {', '.join(ALL)}")
+    p.add_argument("--methods", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(ALL)}")
     p.add_argument("--partitions", default="iid,dirichlet:0.3")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--devices", type=int, default=100)

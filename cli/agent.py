@@ -19,7 +19,6 @@ from rich.table import Table
 from agent.budget import BudgetSource, MachineBudget, TraceBudget
 from agent.calibration import DEFAULT_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
-from agent.monitor import DEFAULT_INTERVAL_S
 from cli.common import console, err, fail, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP
 from contracts.naming import check_name, default_name
@@ -96,8 +95,9 @@ def join_cmd(
     num_partitions: Annotated[int, typer.Option(min=1, help="Shards the training set is split into.")] = 1,
     state_dir: Annotated[Optional[Path], typer.Option(
         help="SuperNode home and logs (default: ./state/agent-<name>).")] = None,
-    heartbeat_interval: Annotated[float, typer.Option(min=0.05, help="Seconds between budget heartbeats.")]
-    = DEFAULT_INTERVAL_S,
+    heartbeat_interval: Annotated[Optional[float], typer.Option(
+        min=0.05, help="Seconds between budget heartbeats (default: as often as the coordinator asks; never "
+                       "less often).")] = None,
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset files for local training. " + DATA_DIR_HELP)]
     = None,
     calibration_repeats: Annotated[int, typer.Option(min=1, help="Timed passes per density.")] = DEFAULT_REPEATS,

@@ -61,6 +61,7 @@ LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate.")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
+HeartbeatOption = Annotated[float, typer.Option("--heartbeat-s", min=0.05, max=3600.0, help="Devices heartbeat at least this often (seconds); silent for 6 heartbeats, a device is offline. Raise it for very large fleets.")]
 MethodOption = Annotated[str, typer.Option(help=f"What the fleet trains: {', '.join(METHODS)} (DRESS or a peer on the same fleet, per-tier parameter counts matched).")]
 
 
@@ -87,6 +88,7 @@ def coordinator_start_cmd(
     method: MethodOption = DEFAULTS.method,
     rounds: RoundsOption = DEFAULTS.num_rounds,
     min_devices: Annotated[int, typer.Option(min=1, help="Devices that must join before round 1.")] = 2,
+    heartbeat_s: HeartbeatOption = DEFAULTS.heartbeat_s,
     fraction: FractionOption = DEFAULTS.fraction,
     densities: DensitiesOption = DEFAULTS.densities,
     model: ModelOption = DEFAULTS.model,
@@ -104,7 +106,7 @@ def coordinator_start_cmd(
     from coordinator.launcher import Coordinator, Endpoints
 
     settings = run_settings(
-        method=method, num_rounds=rounds, wait_for_nodes=min_devices, fraction=fraction, densities=densities, model=model,
+        method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
         width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, distill=distill,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
@@ -138,6 +140,7 @@ def coordinator_start_cmd(
 @app.command("simulate")
 def simulate_cmd(
     devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,
+    heartbeat_s: HeartbeatOption = DEFAULTS.heartbeat_s,
     method: MethodOption = DEFAULTS.method,
     rounds: RoundsOption = DEFAULTS.num_rounds,
     fraction: FractionOption = DEFAULTS.fraction,
@@ -163,7 +166,7 @@ def simulate_cmd(
 ) -> None:
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
-        method=method, num_rounds=rounds, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
+        method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
         width=width, densities=densities, epochs=epochs, lr=lr, distill=distill, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip

@@ -13,6 +13,7 @@ import functools
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 APP_CONFIG = APP_DIR / "pyproject.toml"
 
 RunConfig = dict[str, bool | int | float | str]
+STALE_HEARTBEATS = 6
 
 
 class SettingsError(ValueError):
@@ -56,6 +58,7 @@ class RunSettings:
     batch_size: int
     max_examples: int  # per device per round; 0 = its whole shard
     eval_examples: int  # test images the server evaluates each density on; 0 = all
+    heartbeat_s: float  # devices heartbeat at least this often (the control plane tells them)
     db_url: str  # registry URL; "" = SQLite in state_dir
     state_dir: str  # registry, checkpoints and Flower state
 
@@ -72,6 +75,7 @@ class RunSettings:
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
+            (0 < self.heartbeat_s <= 3600, "heartbeat-s", "a number of seconds in (0, 3600]"),
             (self.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
             (self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}"),
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),
@@ -85,6 +89,11 @@ class RunSettings:
             parse_partition(self.partition)
         except ValueError as e:
             raise SettingsError(f"run setting: {e}") from None
+
+    @property
+    def stale_after(self) -> timedelta:
+        """A device silent this long is offline and not sampled: several heartbeats lost, not one late."""
+        return timedelta(seconds=STALE_HEARTBEATS * self.heartbeat_s)
 
     @property
     def density_list(self) -> tuple[float, ...]:

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contracts.policy import Budget, CalibrationPoint, validate_calibration
+from contracts.settings import RunSettings
 from coordinator.registry import DeviceNotFoundError, InvalidInputError, Registry
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
@@ -48,8 +49,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     """Translates protobuf messages to registry calls and back; its only state is the download cap."""
 
     def __init__(self, registry: Registry, architecture: pb.Architecture, model_provider: ModelProvider,
-                 chunk_bytes: int, max_fetches: int):
+                 chunk_bytes: int, max_fetches: int, heartbeat_s: float):
         self._registry = registry
+        self._heartbeat_s = heartbeat_s
         self._architecture = architecture
         self._model_provider = model_provider
         self._chunk_bytes = chunk_bytes
@@ -74,7 +76,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                     + " (ask Describe for the architecture to calibrate)")
             assignment = self._registry.register_device(request.name, request.profile, calibration)
         return pb.RegisterResponse(device_id=assignment.device_id, density=assignment.density,
-                                   model_version=assignment.model_version or "", architecture=self._architecture)
+                                   model_version=assignment.model_version or "", architecture=self._architecture,
+                                   heartbeat_s=self._heartbeat_s)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         with _status_on_error(context):
@@ -84,7 +87,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             budget = Budget(b.latency_ms, b.memory_mb, b.battery if b.HasField("battery") else None)
             assignment = self._registry.heartbeat(request.device_id, budget)
         return pb.HeartbeatResponse(density=assignment.density, model_version=assignment.model_version or "",
-                                    changed=assignment.changed)
+                                    changed=assignment.changed, heartbeat_s=self._heartbeat_s)
 
     def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
         with _status_on_error(context):
@@ -122,12 +125,14 @@ def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_fetches: int | None = None,
+    heartbeat_s: float | None = None,
 ) -> grpc.Server:
     """Start the control plane (and the standard health service) on host:port; returns without blocking.
 
     Agents are idle between heartbeats, so `max_workers` bounds requests in flight, not agents.
     FetchModel streams hold a worker each for their duration: at most `max_fetches` (default half
-    the workers) run at once, further ones get RESOURCE_EXHAUSTED and retry.
+    the workers) run at once, further ones get RESOURCE_EXHAUSTED and retry. ``heartbeat_s`` is how often
+    devices are told to heartbeat (default: the run settings' default).
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="control-plane"),
@@ -138,7 +143,8 @@ def serve(
         ],
     )
     servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,
-                                    max_fetches or max(1, max_workers // 2))
+                                    max_fetches or max(1, max_workers // 2),
+                                    heartbeat_s or RunSettings.defaults().heartbeat_s)
     pb_grpc.add_ControlPlaneServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

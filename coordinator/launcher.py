@@ -86,7 +86,7 @@ class Coordinator:
         architecture = self.settings.architecture()
         self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)
         self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
-                            ModelStore(self.registry, build_model(architecture)))
+                            ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s)
         self.superlink = fr.start_superlink(
             self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation
         )

@@ -36,7 +36,6 @@ from dress_model.training import recalibrate_bn
 log = logging.getLogger(__name__)
 
 CALIBRATION_BATCHES = 8  # server-held batches that recompute each density's BN statistics after aggregation
-STALE_AFTER = timedelta(seconds=30)  # a device silent this long is offline and not sampled
 
 
 @dataclass
@@ -62,11 +61,13 @@ class DressStrategy(Strategy):
         fraction: float,
         min_devices: int,
         seed: int,
+        stale_after: timedelta,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
         self.calibration = calibration
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
+        self.stale_after = stale_after  # a device silent this long is offline and not sampled
         self.node_devices: dict[int, str] = {}
         self.sent: dict[int, tuple[int, float, object]] = {}  # node id -> (device id, level, what it was sent)
         self.stats: dict[int, RoundStats] = {}
@@ -125,7 +126,7 @@ class DressStrategy(Strategy):
     ) -> Iterable[Message]:
         stats = self.stats[server_round] = RoundStats(server_round)
         self.model.load_state_dict(arrays.to_torch_state_dict())
-        self.registry.mark_offline(STALE_AFTER)
+        self.registry.mark_offline(self.stale_after)
         devices = {d.name: d for d in self.registry.list_devices()}
         eligible = sum(1 for d in devices.values()
                        if d.status == DeviceStatus.ONLINE and self.level_for(d.current_density) is not None)

@@ -38,7 +38,6 @@ class SimulationSettings:
     traces: str = MIXED  # a trace family, or a CSV file of traces (simulations.traces)
     deadline: float = 1.5  # the fleet's latency deadline, in full-model latencies of the reference laptop-x86
     dropout: float = 0.1
-    heartbeat_s: float = 1.0
     cpus_per_client: int = 1
     superlink_port: int = 9392
     control_port: int = 9393
@@ -77,7 +76,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         return len(coordinator.registry.list_rounds())
 
     driver = FleetDriver(fleet, coordinator.endpoints.control_plane, completed_rounds,
-                         fleet_deadline_ms(measured, settings.deadline), settings.heartbeat_s)
+                         fleet_deadline_ms(measured, settings.deadline), settings.run.heartbeat_s)
     try:
         coordinator.start()
         driver.register()

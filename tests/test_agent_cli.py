@@ -23,6 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from agent.calibration import initial_model
+from agent.lifecycle import heartbeat_interval
+from agent.monitor import DEFAULT_INTERVAL_S
 from cli.agent import app
 from coordinator import control_plane
 from coordinator.registry import Registry
@@ -158,3 +160,13 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not _serving(predict)
     assert (tmp_path / "agent" / "logs" / "supernode-pi-test.log").is_file()  # under --state-dir, as printed
+
+
+@pytest.mark.parametrize("wanted,asked,expected", [
+    (None, 12.0, 12.0),  # the coordinator's period by default
+    (2.0, 12.0, 2.0),  # more often is the device's choice
+    (30.0, 12.0, 12.0),  # less often would look offline: capped
+    (None, 0.0, DEFAULT_INTERVAL_S),  # a coordinator that asks nothing
+])
+def test_heartbeat_period_never_exceeds_what_the_coordinator_asks(wanted, asked, expected) -> None:
+    assert heartbeat_interval(wanted, asked) == expected

@@ -24,6 +24,9 @@ ARCHITECTURE = pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0], wid
 CALIBRATION = [pb.CalibrationPoint(density=d, latency_ms=100 * d, memory_mb=800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
 
 
+HEARTBEAT_S = 7.5
+
+
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
     """Packed models on disk, one file per density (0.1 deliberately missing)."""
@@ -50,7 +53,7 @@ def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grp
         return path.read_bytes()
 
     server = serve(registry, "127.0.0.1", free_port, ARCHITECTURE, provider, max_workers=8,
-                   max_message_bytes=MAX_MESSAGE_BYTES, chunk_bytes=CHUNK_BYTES)
+                   max_message_bytes=MAX_MESSAGE_BYTES, chunk_bytes=CHUNK_BYTES, heartbeat_s=HEARTBEAT_S)
     with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
         yield channel
     server.stop(grace=None).wait()
@@ -91,6 +94,7 @@ def test_register_assigns_density_from_profile(stub: pb_grpc.ControlPlaneStub, r
     # phone's tightest typical budget is 30 ms / 128 MB: 0.1 is the densest that fits
     assert reply.density == 0.1 and reply.device_id > 0 and reply.model_version == ""
     assert reply.architecture == ARCHITECTURE  # what the device was registered to run
+    assert reply.heartbeat_s == HEARTBEAT_S  # and how often to report its budget
     again = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
     assert again.device_id == reply.device_id
     [device] = registry.list_devices()
@@ -122,6 +126,7 @@ def test_heartbeat_budget_change_changes_density_and_records_history(
     ]
     assert [(a.density, a.changed) for a in answers] == [(1.0, True), (1.0, False), (0.5, True), (0.25, True)]
     assert {a.model_version for a in answers} == {"v3"}
+    assert {a.heartbeat_s for a in answers} == {HEARTBEAT_S}
     assert registry.get_device(device_id).current_density == 0.25
     history = registry.device_history(device_id)
     assert [(h.density, h.reason) for h in history] == [

@@ -63,3 +63,9 @@ def test_cli_version_and_registry_errors(tmp_path) -> None:
     help_text = " ".join(runner.invoke(app, ["simulate", "--help"]).output.split())
     for name in ("pi4", "jetson-nano", "laptop-x86", "fashion-mnist", "cifar10", "resnet20", "--data-dir"):
         assert name in help_text
+
+
+def test_a_device_is_stale_after_six_heartbeats_and_the_period_is_checked() -> None:
+    assert RunSettings.defaults(heartbeat_s=10.0).stale_after.total_seconds() == 60.0
+    with pytest.raises(SettingsError, match="heartbeat-s must be a number of seconds in"):
+        RunSettings.defaults(heartbeat_s=0.0)

@@ -61,16 +61,18 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., profile: _Optional[str] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "density", "model_version", "architecture")
+    __slots__ = ("device_id", "density", "model_version", "architecture", "heartbeat_s")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     density: float
     model_version: str
     architecture: Architecture
-    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id", "budget")
@@ -81,14 +83,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, device_id: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("density", "model_version", "changed")
+    __slots__ = ("density", "model_version", "changed", "heartbeat_s")
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
     density: float
     model_version: str
     changed: bool
-    def __init__(self, density: _Optional[float] = ..., model_version: _Optional[str] = ..., changed: _Optional[bool] = ...) -> None: ...
+    heartbeat_s: float
+    def __init__(self, density: _Optional[float] = ..., model_version: _Optional[str] = ..., changed: _Optional[bool] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
     __slots__ = ("device_id", "density")
