@@ -18,6 +18,7 @@ seeds) and ``federated-<partition>.png`` (accuracy per tier per method per round
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,9 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...]) -> str:
     lines = ["# Federated DRESS vs peers on one simulated fleet", "",
              f"`{result['command']}`", "",
              f"{result['settings']['devices']} devices ({result['settings']['mix']}), {result['settings']['rounds']} rounds, "
-             f"{result['settings']['fraction']:g} of the fleet per round, seeds {result['settings']['seeds']}; "
-             f"accuracy = mean of the last {result['settings']['last']} rounds, then mean over seeds.", ""]
+             f"{result['settings']['fraction']:g} of the fleet per round, up to {result['settings']['max_examples']} "
+             f"examples per device per round; accuracy = mean of the last {result['settings']['last']} rounds, then "
+             "mean over the seeds each section lists.", ""]
     columns = ["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)] + ["MB/round", "device s/round"]
     for partition in result["settings"]["partitions"]:
         table = []
@@ -126,7 +128,10 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...]) -> str:
             entry["MB/round"] = statistics.fmean(r["bytes_per_round"] for r in runs) / 1e6
             entry["device s/round"] = statistics.fmean(r["device_compute_s_per_round"] for r in runs)
             table.append(entry)
-        lines += [f"## {partition}", "", markdown_table(table, columns), f"![curves](federated-{partition.replace(':', '')}.png)", ""]
+        seeds = sorted({r["seed"] for r in result["rows"] if r["partition"] == partition})
+        if not table:
+            continue
+        lines += [f"## {partition} (seeds {', '.join(map(str, seeds))})", "", markdown_table(table, columns), f"![curves](federated-{partition.replace(':', '')}.png)", ""]
     return "\n".join(lines)
 
 
@@ -145,7 +150,15 @@ def main() -> None:
     p.add_argument("--last", type=int, default=3, help="rounds averaged into the final accuracy")
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --out's JSON (same settings) and run only the missing ones")
+    p.add_argument("--report", action="store_true",
+                   help="only rewrite the markdown and plots from --out's JSON (e.g. of a run stopped midway)")
     args = p.parse_args()
+    if args.report:
+        result = json.loads(args.out.read_text())
+        write_report(args.out, result)
+        return
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL]
     if unknown:
@@ -155,9 +168,16 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     runs, rows = [], []
+    result: dict[str, Any] = {}
+    if args.resume and args.out.exists():
+        result = json.loads(args.out.read_text())
+        runs, rows = result["runs"], result["rows"]
+    done = {(r["method"], r["partition"], r["seed"]) for r in runs}
     for partition in partitions:
         for seed in seeds:
             for name in methods:
+                if (name, partition, seed) in done:
+                    continue
                 run = run_one(name, partition, seed, args)
                 runs.append(run)
                 rows += [{"method": name, "partition": partition, "seed": seed, "tier": t, "accuracy": round(a, 2),
@@ -171,13 +191,18 @@ def main() -> None:
                     "runs": [{k: v for k, v in r.items() if k != "final"} for r in runs],
                 }
                 write_json(args.out, result)  # after every run: a long benchmark stopped midway keeps what it did
-    tiers = RunSettings.defaults().density_list
-    for partition in partitions:
-        plot(args.out.with_name(f"federated-{partition.replace(':', '')}.png"), partition, runs, tiers)
-    text = summary_markdown(result, tiers)
-    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
-    print(text)
+    write_report(args.out, result)
 
+
+def write_report(out: Path, result: dict[str, Any]) -> None:
+    """federated.md and one plot per partition, from the JSON's rows and curves."""
+    tiers = RunSettings.defaults().density_list
+    for partition in result["settings"]["partitions"]:
+        if any(r["partition"] == partition for r in result["runs"]):
+            plot(out.with_name(f"federated-{partition.replace(':', '')}.png"), partition, result["runs"], tiers)
+    text = summary_markdown(result, tiers)
+    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
+    print(text)
 
 if __name__ == "__main__":
     main()
