@@ -151,7 +151,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
     p.add_argument("--resume", action="store_true",
-                   help="keep the runs already in --out's JSON (same settings) and run only the missing ones")
+                   help="keep the runs already in --out's JSON (same fleet and rounds) and run only the missing "
+                        "ones: how a stopped benchmark continues, or how an ablation joins the table")
     p.add_argument("--report", action="store_true",
                    help="only rewrite the markdown and plots from --out's JSON (e.g. of a run stopped midway)")
     args = p.parse_args()
@@ -182,9 +183,12 @@ def main() -> None:
                 runs.append(run)
                 rows += [{"method": name, "partition": partition, "seed": seed, "tier": t, "accuracy": round(a, 2),
                           "rounds": args.rounds} for t, a in run["final"].items()]
+                ran = [(r["method"], r["partition"], r["seed"]) for r in runs]
                 result = {
                     "command": command(), "machine": machine(),
-                    "settings": {"methods": methods, "partitions": partitions, "seeds": seeds, "devices": args.devices,
+                    "settings": {"methods": list(dict.fromkeys(m for m, _, _ in ran)),
+                                 "partitions": list(dict.fromkeys(p for _, p, _ in ran)),
+                                 "seeds": sorted({s for _, _, s in ran}), "devices": args.devices,
                                  "mix": args.mix, "rounds": args.rounds, "fraction": args.fraction,
                                  "epochs": args.epochs, "max_examples": args.max_examples, "last": args.last},
                     "rows": rows,
