@@ -170,9 +170,11 @@ def main() -> None:
 
     runs, rows = [], []
     result: dict[str, Any] = {}
+    previous_commands: list[str] = []
     if args.resume and args.out.exists():
         result = json.loads(args.out.read_text())
         runs, rows = result["runs"], result["rows"]
+        previous_commands = result["command"].split(" && ")
     done = {(r["method"], r["partition"], r["seed"]) for r in runs}
     for partition in partitions:
         for seed in seeds:
@@ -185,7 +187,7 @@ def main() -> None:
                           "rounds": args.rounds} for t, a in run["final"].items()]
                 ran = [(r["method"], r["partition"], r["seed"]) for r in runs]
                 result = {
-                    "command": command(), "machine": machine(),
+                    "command": " && ".join(dict.fromkeys([*previous_commands, command()])), "machine": machine(),
                     "settings": {"methods": list(dict.fromkeys(m for m, _, _ in ran)),
                                  "partitions": list(dict.fromkeys(p for _, p, _ in ran)),
                                  "seeds": sorted({s for _, _, s in ran}), "devices": args.devices,
