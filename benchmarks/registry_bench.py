@@ -142,7 +142,7 @@ def _no_model(density: float) -> bytes:
 
 
 @contextlib.contextmanager
-def _fresh_database(db: str, pg_url: str) -> Iterator[str]:
+def fresh_database(db: str, pg_url: str) -> Iterator[str]:
     """A URL for an empty database: a temp SQLite file, or a PostgreSQL schema dropped afterwards."""
     if db == "sqlite":
         with tempfile.TemporaryDirectory(prefix="registry-bench-") as tmp:
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"skipping postgresql: {why}", file=sys.stderr)
             continue
         for agents in args.agents:
-            with _fresh_database(db, args.pg_url) as url:
+            with fresh_database(db, args.pg_url) as url:
                 workers = args.sqlite_workers if db == "sqlite" else args.pg_workers
                 row = run_once(db, url, agents, args.seconds, args.max_heartbeats, workers, args.pool_size)
             print(json.dumps(row), file=sys.stderr)
