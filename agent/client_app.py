@@ -25,7 +25,7 @@ from contracts.methods import Method, get_method
 from contracts.naming import simulated_name
 from contracts.settings import RunSettings, build_run_model
 from dress_model.baselines.ordered_dropout import train_ordered_dropout
-from dress_model.baselines.slimmable import level_slices
+from dress_model.baselines.slimmable import load_prefixes, prefix_tensors
 from dress_model.data import ImageDataset, load_dataset
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
@@ -116,19 +116,13 @@ def train_peer(model: DressModel, received: dict[str, torch.Tensor], level: floa
                loader: DataLoader, config: TrainConfig, seed: int) -> tuple[dict[str, torch.Tensor], dict[float, float]]:
     """A peer method's device: load its level's prefixes into ``model``, train as the method does, return the
     trained prefixes (and the last losses). ValueError when the tensors are not the level's."""
-    slices = level_slices(model, level)
-    shapes = {k: tuple(t.shape) for k, t in received.items()}
-    expected = {k: tuple(model.state_dict()[k][where].shape) for k, where in slices.items()}
-    if shapes != expected:
-        raise ValueError(f"train message holds tensors {shapes}, expected the level-{level:g} prefixes {expected}")
-    state = model.state_dict()
-    with torch.no_grad():
-        for key, where in slices.items():
-            state[key][where].copy_(received[key])
+    try:
+        slices = load_prefixes(model, level, received)
+    except ValueError as e:
+        raise ValueError(f"train message {e}") from None
     if method.sampled:
         levels = tuple(d for d in model.densities if d <= level + 1e-9)
         losses = train_ordered_dropout(model, loader, dataclasses.replace(config, densities=levels), seed=seed)
     else:
         losses = train(model, loader, dataclasses.replace(config, densities=(level,)))
-    state = model.state_dict()
-    return {k: state[k][where].contiguous() for k, where in slices.items()}, losses
+    return prefix_tensors(model, slices), losses

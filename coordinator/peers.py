@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord
 from contracts.methods import Method
 from coordinator.aggregation import Update
 from coordinator.strategy import DressStrategy
-from dress_model.baselines.slimmable import level_slices
+from dress_model.baselines.slimmable import level_slices, prefix_tensors
 
 log = logging.getLogger(__name__)
 Slices = dict[str, tuple[slice, ...]]
@@ -37,8 +37,7 @@ class WidthStrategy(DressStrategy):
 
     def payload(self, level: float) -> tuple[Slices, ArrayRecord]:
         slices = level_slices(self.model, level)
-        state = self.model.state_dict()
-        return slices, ArrayRecord(torch_state_dict={k: state[k][s].contiguous() for k, s in slices.items()})
+        return slices, ArrayRecord(torch_state_dict=prefix_tensors(self.model, slices))
 
     @torch.no_grad()
     def absorb(self, updates: list[Update]) -> None:

@@ -175,6 +175,11 @@ class DensityBatchNorm(DensityAware, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
             return x
+        return self.normalize(x, self.weight.shape[1])
+
+    def normalize(self, x: torch.Tensor, channels: int) -> torch.Tensor:
+        """Batch norm of ``x`` with the active density's statistics and affine over the first ``channels``
+        features (all of them here; a width-nested subclass passes its active width)."""
         i = self.active_index
         a = i if self.affine == "per-density" else 0
         momentum = self.momentum
@@ -184,10 +189,10 @@ class DensityBatchNorm(DensityAware, nn.Module):
                 momentum = 1.0 / float(self.num_batches[i])
         return F.batch_norm(
             x,
-            self.running_mean[i],
-            self.running_var[i],
-            self.weight[a],
-            self.bias[a],
+            self.running_mean[i, :channels],
+            self.running_var[i, :channels],
+            self.weight[a, :channels],
+            self.bias[a, :channels],
             self.training,
             momentum if momentum is not None else 0.0,
             self.eps,

@@ -6,7 +6,7 @@ whole fleet serves one application deadline, set relative to the reference devic
 so a Pi 4 with all its CPU free still affords only what a Pi 4 can run in that time. One driver thread
 registers the devices over gRPC, then heartbeats every online device each interval and whenever a round
 completes, so the registry fills as in deployment; a device in an offline window of its trace stays silent
-(and, as a real one, is marked offline once the coordinator has not heard from it for 30 s).
+(and, as a real one, is marked offline once the coordinator has not heard from it for 6 heartbeat periods).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from collections import deque
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 
@@ -28,6 +29,7 @@ from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from simulations.traces import TracePoint, at
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -136,24 +138,20 @@ class FleetDriver:
     def register(self, timeout_s: float = 30.0) -> None:
         """Register every device, ``in_flight`` at a time; a refused registration is an error."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
-        pending: deque[tuple[VirtualDevice, grpc.Future]] = deque()
 
-        def settle(device: VirtualDevice, future: grpc.Future) -> None:
-            reply = future.result()
-            device.device_id, device.density = reply.device_id, reply.density
-
-        for device in self.fleet:
-            request = pb.RegisterRequest(
+        def call(device: VirtualDevice) -> grpc.Future:
+            return self._stub.Register.future(pb.RegisterRequest(
                 name=device.name,
                 profile=device.profile.name,
                 calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
                              for p in device.calibration],
-            )
-            pending.append((device, self._stub.Register.future(request, timeout=timeout_s)))
-            if len(pending) >= self.in_flight:
-                settle(*pending.popleft())
-        while pending:
-            settle(*pending.popleft())
+            ), timeout=timeout_s)
+
+        def settle(device: VirtualDevice, future: grpc.Future, sent: float) -> None:
+            reply = future.result()
+            device.device_id, device.density = reply.device_id, reply.density
+
+        self._concurrently(self.fleet, call, settle)
 
     @property
     def registered(self) -> list[int]:
@@ -170,27 +168,38 @@ class FleetDriver:
 
         Up to ``in_flight`` heartbeats travel at once, as independent devices' would; each one's latency and
         every failure are counted (``stats``), so a report can say whether the control plane kept up."""
-        pending: deque[tuple[VirtualDevice, float, grpc.Future]] = deque()
-        for device, budget in heartbeats(self.fleet, completed_rounds, self.deadline_ms):
+        def call(beat: tuple[VirtualDevice, Budget]) -> grpc.Future:
+            device, budget = beat
             message = pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb)
             if budget.battery is not None:
                 message.battery = budget.battery
-            request = pb.HeartbeatRequest(device_id=device.device_id, budget=message)
-            pending.append((device, time.perf_counter(), self._stub.Heartbeat.future(request, timeout=30)))
-            if len(pending) >= self.in_flight:
-                self._collect(pending.popleft())
-        while pending:
-            self._collect(pending.popleft())
+            return self._stub.Heartbeat.future(pb.HeartbeatRequest(device_id=device.device_id, budget=message),
+                                               timeout=30)
+
+        def settle(beat: tuple[VirtualDevice, Budget], future: grpc.Future, sent: float) -> None:
+            device = beat[0]
+            try:
+                device.density = future.result().density
+                self.stats.record(time.perf_counter() - sent)
+            except grpc.RpcError as e:
+                self.stats.lost += 1
+                log.warning("heartbeat of %s failed: %s", device.name, e.details())
+
+        self._concurrently(heartbeats(self.fleet, completed_rounds, self.deadline_ms), call, settle)
         self._applied, self._last_beat = completed_rounds, time.monotonic()
 
-    def _collect(self, item: tuple[VirtualDevice, float, grpc.Future]) -> None:
-        device, sent, future = item
-        try:
-            device.density = future.result().density
-            self.stats.record(time.perf_counter() - sent)
-        except grpc.RpcError as e:
-            self.stats.lost += 1
-            log.warning("heartbeat of %s failed: %s", device.name, e.details())
+    def _concurrently(self, items: list[T], call: Callable[[T], grpc.Future],
+                      settle: Callable[[T, grpc.Future, float], None]) -> None:
+        """``call`` for every item with at most ``in_flight`` answers outstanding; ``settle`` each answer in
+        order with the time its call was sent."""
+        pending: deque[tuple[T, grpc.Future, float]] = deque()
+        for item in items:
+            sent = time.perf_counter()
+            pending.append((item, call(item), sent))
+            if len(pending) >= self.in_flight:
+                settle(*pending.popleft())
+        while pending:
+            settle(*pending.popleft())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):

@@ -1,8 +1,8 @@
 """The run directory a simulation leaves: metrics.json, report.md and PNG plots.
 
-Everything comes from two sources the deployment also writes: the ServerApp's per-round log
-(``rounds.jsonl``) and the registry (rounds, devices and their density histories); the simulation adds which
-profile each virtual device has, so the report can show what each kind of device trained.
+Everything comes from what the deployment also writes, the registry: its rounds table (read by
+``Coordinator.rounds``) and its devices with their density histories. The simulation adds which profile each
+virtual device has, so the report can show what each kind of device trained.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dress_model.checkpoint import atomic_write  # noqa: E402
 @dataclass
 class RunSummary:
     settings: dict[str, Any]
-    rounds: list[dict[str, Any]]  # rounds.jsonl entries
+    rounds: list[dict[str, Any]]  # Coordinator.rounds() entries
     fleet: list[dict[str, Any]]  # per round: density -> device count, at the round's end
     profiles: dict[str, str]  # device name -> profile name
     devices: int

@@ -106,17 +106,10 @@ class SlimBatchNorm(Slim, DensityBatchNorm):
         self._init_slim(densities, slim_out=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i, c = self.active_index, x.shape[1]
-        a = i if self.affine == "per-density" else 0
+        c = x.shape[1]
         self.active_params = 2 * c
         self.active_shape = (c,)
-        momentum = self.momentum
-        if self.training:
-            self.num_batches[i] += 1
-            if momentum is None:  # cumulative average, used for recalibration
-                momentum = 1.0 / float(self.num_batches[i])
-        return F.batch_norm(x, self.running_mean[i, :c], self.running_var[i, :c], self.weight[a, :c],
-                            self.bias[a, :c], self.training, momentum if momentum is not None else 0.0, self.eps)
+        return self.normalize(x, c)
 
 
 class WidthFamily:
@@ -232,6 +225,27 @@ def level_slices(model: DressModel, density: float) -> dict[str, tuple[slice, ..
             slices[f"{name}.bias"] = prefix[:1]
     model.set_density(previous)
     model.train(was_training)
+    return slices
+
+
+def prefix_tensors(model: DressModel, slices: dict[str, tuple[slice, ...]]) -> dict[str, torch.Tensor]:
+    """Copies of the prefixes ``slices`` names (``level_slices``): what a level's payload or reply carries."""
+    state = model.state_dict()
+    return {key: state[key][where].contiguous() for key, where in slices.items()}
+
+
+@torch.no_grad()
+def load_prefixes(model: DressModel, level: float, tensors: dict[str, torch.Tensor]) -> dict[str, tuple[slice, ...]]:
+    """Write the ``level`` prefixes ``tensors`` holds into ``model`` and return their slices; ValueError unless
+    ``tensors`` holds exactly those prefixes, shaped so."""
+    slices = level_slices(model, level)
+    expected = {key: tuple(t.shape) for key, t in prefix_tensors(model, slices).items()}
+    got = {key: tuple(t.shape) for key, t in tensors.items()}
+    if got != expected:
+        raise ValueError(f"holds tensors {got}, expected the level-{level:g} prefixes {expected}")
+    state = model.state_dict()
+    for key, where in slices.items():
+        state[key][where].copy_(tensors[key])
     return slices
 
 
