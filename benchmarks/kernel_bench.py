@@ -36,7 +36,8 @@ from torch.utils import mkldnn as mkldnn_utils  # noqa: E402
 
 from benchmarks.common import command, machine, write_json  # noqa: E402
 from dress_model.kernels import kernel_isa, packed_conv2d, packed_linear  # noqa: E402
-from dress_model.kernels.reference import pack_banded  # noqa: E402
+from dress_model.packed import band_table, pack_rows, prefix_lengths  # noqa: E402
+from dress_model.sparsity import keep_count  # noqa: E402
 from dress_model.models import create_model  # noqa: E402
 from dress_model.packed import PackedModel, pack_checkpoint  # noqa: E402
 
@@ -147,7 +148,9 @@ def bench_layers(threads: int, quick: bool, console: Console | None = None) -> l
     for case, batches in [(c, (1, 32)) for c in LINEAR] + [(c, (1, 8)) for c in CONV]:
         weight = torch.randn(case.rows, case.cols, generator=gen) / math.sqrt(case.cols)
         order = torch.argsort(weight.abs(), dim=1, descending=True)  # magnitude importance, as DRESS ranks
-        values, indices, bands = pack_banded(weight, order, ascending)
+        ks = prefix_lengths(tuple(ascending), case.cols)  # production's packer and rounding rule
+        values, indices = pack_rows(weight, order, ks)
+        bands = band_table(ks, case.rows)
         for batch in batches:
             if case.op == "linear":
                 x = torch.randn(batch, case.cin, generator=gen)
@@ -156,7 +159,7 @@ def bench_layers(threads: int, quick: bool, console: Console | None = None) -> l
             dense = _dense_candidates(case, weight, x)
             for density in DENSITIES:
                 nb = ascending.index(density) + 1
-                k = min(case.cols, math.ceil(density * case.cols))
+                k = keep_count(density, case.cols)
                 keep = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, order[:, :k], True)
                 fns = {
                     "packed": _packed_candidate(case, x, values, indices, bands[:nb]),

@@ -22,7 +22,6 @@ import os
 import platform
 import random
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import psycopg  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from contracts.flower_processes import pick_port  # noqa: E402
 from contracts.settings import RunSettings  # noqa: E402
 from coordinator.control_plane import serve  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
@@ -131,12 +131,6 @@ def _agents_process(address: str, agents: int, seconds: float, max_heartbeats: i
 # -- server side (this process) -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _no_model(density: float) -> bytes:
     raise LookupError("the benchmark serves no model")
 
@@ -181,7 +175,7 @@ def run_once(db: str, url: str, agents: int, seconds: float, max_heartbeats: int
              pool_size: int) -> dict[str, Any]:
     """One server, `agents` agents in a child process, one fresh database; returns the run's row."""
     with Registry(url, pool_size=pool_size, max_overflow=0) as registry:
-        port = _free_port()
+        port = pick_port()
         server = serve(registry, "127.0.0.1", port, RunSettings.defaults().architecture(), _no_model,
                        max_workers=max_workers)
         try:

@@ -57,7 +57,8 @@ DatasetOption = Annotated[str, typer.Option(help=DATASET_HELP)]
 DataDirOption = Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)]
 PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid or dirichlet:ALPHA (non-IID by label).")]
 EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
-LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate.")]
+LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate (the first round's peak).")]
+LrDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's learning rate as a share of --lr, cosine over the rounds (1 = constant).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
@@ -98,6 +99,7 @@ def coordinator_start_cmd(
     partition: PartitionOption = DEFAULTS.partition,
     epochs: EpochsOption = DEFAULTS.epochs,
     lr: LrOption = DEFAULTS.lr,
+    lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     seed: SeedOption = DEFAULTS.seed,
@@ -107,7 +109,7 @@ def coordinator_start_cmd(
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, distill=distill,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, distill=distill,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port))
@@ -155,19 +157,20 @@ def simulate_cmd(
     densities: DensitiesOption = DEFAULTS.densities,
     epochs: EpochsOption = DEFAULTS.epochs,
     lr: LrOption = DEFAULTS.lr,
+    lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a few rounds (generated traces).")] = SimulationSettings.dropout,
     seed: SeedOption = DEFAULTS.seed,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL; default SQLite in the run directory.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
-    superlink_port: Annotated[int, typer.Option(help="Port of the simulation's SuperLink.")] = 9392,
-    control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane.")] = 9393,
+    superlink_port: Annotated[int, typer.Option(help="Port of the simulation's SuperLink; 0 = a free one.")] = 0,
+    control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane; 0 = a free one.")] = 0,
 ) -> None:
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, lr=lr, distill=distill, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, distill=distill, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +23,14 @@ from pathlib import Path
 from typing import IO
 
 log = logging.getLogger(__name__)
+
+
+def pick_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now on ``host`` (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
 
 def toml_value(value: object) -> str:
     if isinstance(value, bool):
@@ -47,14 +57,24 @@ def write_connection(state_dir: Path, name: str, address: str) -> None:
     (home / "config.toml").write_text(f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
 
 
+SIMULATED_FLEET_NICENESS = 10
+"""CPU priority of a simulation's SuperLink and everything it spawns (Ray workers training the virtual devices).
+
+In a real fleet the devices' training runs on the devices; simulated on one machine it would otherwise take the
+CPU from the control plane and the registry, and heartbeats would fall behind for a reason no deployment has."""
+
+
 class ManagedProcess:
     """A child process in its own process group, so stopping it also stops what it spawned."""
 
-    def __init__(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_path: Path) -> None:
+    def __init__(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_path: Path,
+                 niceness: int = 0) -> None:
         self.name = name
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")
+        if niceness and (nice := shutil.which("nice")):  # children inherit it; nice execs, so the pid is the same
+            cmd = [nice, "-n", str(niceness), *cmd]
         log.info("starting %s: %s", name, " ".join(cmd))
         self.proc = subprocess.Popen(
             list(cmd), env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
@@ -109,7 +129,8 @@ def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = Fa
     ]  # fmt: skip
     if simulation:
         cmd.append("--simulation")
-    proc = ManagedProcess("superlink", cmd, flower_env(state_dir), state_dir / "logs" / "superlink.log")
+    proc = ManagedProcess("superlink", cmd, flower_env(state_dir), state_dir / "logs" / "superlink.log",
+                          niceness=SIMULATED_FLEET_NICENESS if simulation else 0)
     wait_healthy(proc, f"http://{host}:{port}/health")
     write_connection(state_dir, "local", f"{host}:{port}")
     return proc

@@ -19,7 +19,7 @@ import torch
 
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import DressModel
-from dress_model.kernels.reference import dense_weight
+from dress_model.packed import unpack_rows
 
 
 @dataclass
@@ -53,8 +53,8 @@ def aggregate(model: DressModel, updates: list[Update]) -> None:
             if owner in sparse and field == "weight":
                 layer = u.sent.net.get_submodule(owner)
                 values = u.tensors[f"{owner}.values"]
-                w2d = dense_weight(values, layer.indices, layer.bands, layer.rows, layer.cols)
-                mask = dense_weight(torch.ones_like(values), layer.indices, layer.bands, layer.rows, layer.cols)
+                w2d = unpack_rows(values, layer.indices, layer.bands, layer.rows, layer.cols)
+                mask = unpack_rows(torch.ones_like(values), layer.indices, layer.bands, layer.rows, layer.cols)
                 total += u.num_examples * w2d.reshape(current.shape)
                 weight += u.num_examples * mask.reshape(current.shape)
                 continue

@@ -68,5 +68,6 @@ def round_details(stats: RoundStats) -> dict:
         "compute_s": max(stats.compute_s, default=0.0),  # the slowest device
         "device_compute_s": sum(stats.compute_s),  # all devices added up
         "server_s": stats.server_s,
+        "lr": stats.lr,
         "wall_s": time.perf_counter() - stats.started,
     }

@@ -59,7 +59,7 @@ def main(grid: Grid, context: Context) -> None:
     registry = Registry(settings.db_url or None, state_dir=state_dir)
     try:
         common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed,
-                      stale_after=settings.stale_after)
+                      stale_after=settings.stale_after, lr_at=settings.lr_at)
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))
         # Agents serve DRESS's packed subnets: a peer's rounds are recorded, its models are not published.

@@ -15,7 +15,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -49,6 +49,7 @@ class RoundStats:
     compute_s: list[float] = field(default_factory=list)  # per device: unpack, train, pack
     started: float = field(default_factory=time.perf_counter)
     server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
+    lr: float | None = None  # the learning rate the round's devices were sent
 
 
 class DressStrategy(Strategy):
@@ -62,12 +63,14 @@ class DressStrategy(Strategy):
         min_devices: int,
         seed: int,
         stale_after: timedelta,
+        lr_at: Callable[[int], float] | None = None,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
         self.calibration = calibration
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
         self.stale_after = stale_after  # a device silent this long is offline and not sampled
+        self.lr_at = lr_at  # the round's learning rate (RunSettings.lr_at); None = the train config's, every round
         self.node_devices: dict[int, str] = {}
         self.sent: dict[int, tuple[int, float, object]] = {}  # node id -> (device id, level, what it was sent)
         self.stats: dict[int, RoundStats] = {}
@@ -134,6 +137,9 @@ class DressStrategy(Strategy):
         chosen = self.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round))
         log.info("round %d: %d of %d eligible online devices", server_round, len(chosen), eligible)
 
+        if self.lr_at is not None:
+            config = ConfigRecord({**config, "lr": self.lr_at(server_round)})
+        stats.lr = float(config["lr"])
         payloads: dict[float, tuple[object, ArrayRecord]] = {}
         self.sent = {}
         messages = []

@@ -28,14 +28,18 @@ from torch import nn
 
 from dress_model import kernels
 from dress_model.checkpoint import atomic_write, dress_header
-from dress_model.kernels.reference import dense_weight
 from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
 from dress_model.sparsity import keep_count
 
 FORMAT = "dress-packed"
 VERSION = 1
-INT16_MAX_COLS = 32767
+INT16_MAX_COLS = 32767  # the widest row int16 column indices address; wider layers store int32
+
+
+def index_dtype_for(cols: int) -> torch.dtype:
+    """The index type a layer of ``cols`` columns is stored with: the one rule, for packer and loader alike."""
+    return torch.int16 if cols <= INT16_MAX_COLS else torch.int32
 
 
 class PackedFormatError(ValueError):
@@ -58,8 +62,7 @@ def band_table(ks: list[int], rows: int) -> torch.Tensor:
 
 def pack_rows(weight2d: torch.Tensor, order: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Banded (values, indices) of a [rows, cols] weight ranked by ``order``; see the module docstring."""
-    cols = weight2d.shape[1]
-    index_dtype = torch.int16 if cols <= INT16_MAX_COLS else torch.int32
+    index_dtype = index_dtype_for(weight2d.shape[1])
     values, indices, previous = [], [], 0
     for k in ks:
         idx = order[:, previous:k].long().sort(dim=1).values
@@ -67,6 +70,16 @@ def pack_rows(weight2d: torch.Tensor, order: torch.Tensor, ks: list[int]) -> tup
         indices.append(idx.reshape(-1))
         previous = k
     return torch.cat(values).float().contiguous(), torch.cat(indices).to(index_dtype).contiguous()
+
+
+def unpack_rows(values: torch.Tensor, indices: torch.Tensor, bands: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The [rows, cols] float32 weight the given bands hold, zeros elsewhere: ``pack_rows`` undone."""
+    w = torch.zeros(rows, cols, dtype=torch.float32)
+    for offset, width in bands.tolist():
+        if width:
+            block = slice(offset, offset + rows * width)
+            w.scatter_add_(1, indices[block].reshape(rows, width).long(), values[block].reshape(rows, width).float())
+    return w
 
 
 class PackedSparse(DensityAware, nn.Module):
@@ -86,9 +99,8 @@ class PackedSparse(DensityAware, nn.Module):
         ks = prefix_lengths(densities, self.cols)
         self.register_buffer("bands", band_table(ks, self.rows))
         n = self.rows * ks[-1]
-        index_dtype = torch.int16 if self.cols <= INT16_MAX_COLS else torch.int32
         self.register_buffer("values", torch.zeros(n, dtype=torch.float32))
-        self.register_buffer("indices", torch.zeros(n, dtype=index_dtype))
+        self.register_buffer("indices", torch.zeros(n, dtype=index_dtype_for(self.cols)))
         self.register_buffer("bias", None if layer.bias is None else torch.zeros(self.rows))
         self._norm: list[DensityBatchNorm] = []  # a list so the BN stays registered where the model put it
         self._views: list[torch.Tensor] = []
@@ -126,10 +138,13 @@ class PackedSparse(DensityAware, nn.Module):
         if self.is_conv:
             return kernels.packed_conv2d(
                 x, self.values, self.indices, self._views[i], self.rows, self.kernel_size,
-                self.stride, self.padding, bias=bias, scale=scale, shift=shift,
+                self.stride, self.padding, bias=bias, scale=scale, shift=shift, in_channels=self.in_channels,
             )  # fmt: skip
+        # The input's size is checked on every call (nanoseconds): the stored indices address the layer's
+        # columns, and a narrower input would have the kernel read past it.
         return kernels.packed_linear(
-            x, self.values, self.indices, self._views[i], self.rows, bias=bias, scale=scale, shift=shift
+            x, self.values, self.indices, self._views[i], self.rows, bias=bias, scale=scale, shift=shift,
+            in_features=self.cols,
         )
 
 
@@ -285,7 +300,7 @@ class PackedModel(nn.Module):
         state = dict(self.net.state_dict())
         for name, layer in self.packed_layers():
             rows, cols = layer.rows, layer.cols
-            weight = dense_weight(layer.values, layer.indices, layer.bands, rows, cols)
+            weight = unpack_rows(layer.values, layer.indices, layer.bands, rows, cols)
             stored = layer.indices.long()[: layer.values.numel()]
             per_row = [stored[o : o + rows * w].reshape(rows, w) for o, w in layer.bands.tolist()]
             head = torch.cat(per_row, dim=1) if per_row else torch.empty(rows, 0, dtype=torch.long)
@@ -306,7 +321,7 @@ def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str,
     if values is None or indices is None:
         raise PackedFormatError(f"{source}: layer {name} lacks its values/indices tensors")
     n = layer.entries(len(layer.densities) - 1)
-    want_idx = torch.int16 if layer.cols <= INT16_MAX_COLS else torch.int32
+    want_idx = index_dtype_for(layer.cols)
     if values.dtype != torch.float32 or values.shape != (n,):
         raise PackedFormatError(f"{source}: {name}.values must be float32 [{n}], got {values.dtype} {list(values.shape)}")
     if indices.dtype not in (torch.int16, torch.int32) or indices.shape != (n,):

@@ -40,6 +40,7 @@ class VirtualDevice:
     trace: list[TracePoint]
     device_id: int = 0
     density: float = 0.0
+    last_beat: float = 0.0  # perf_counter when its last heartbeat left; 0 = none since it was last offline
 
 
 def build_fleet(
@@ -83,9 +84,12 @@ def heartbeats(
 
 @dataclass
 class HeartbeatStats:
-    """What the control plane made of the fleet's heartbeats: answered, lost, and how long each took."""
+    """What the control plane made of the fleet's heartbeats: answered, lost, how long each took, and the gaps
+    between one online device's consecutive heartbeats — the control plane keeps up when no gap exceeds the
+    heartbeat period (a slow answer holds up the sweep, so the next heartbeats leave late)."""
 
     latencies_s: list[float] = field(default_factory=list)
+    gaps_s: list[float] = field(default_factory=list)
     lost: int = 0
     started: float = field(default_factory=time.perf_counter)
 
@@ -93,15 +97,16 @@ class HeartbeatStats:
         self.latencies_s.append(latency_s)
 
     def summary(self) -> dict[str, float]:
-        answered = sorted(self.latencies_s)
+        answered, gaps = sorted(self.latencies_s), sorted(self.gaps_s)
         elapsed = time.perf_counter() - self.started
-
-        def pct(q: float) -> float:
-            return round(1000 * answered[min(len(answered) - 1, int(q * len(answered)))], 2) if answered else 0.0
-
         return {"answered": len(answered), "lost": self.lost,
                 "per_s": round(len(answered) / elapsed, 1) if elapsed > 0 else 0.0,
-                "p50_ms": pct(0.50), "p99_ms": pct(0.99)}
+                "p50_ms": round(1000 * _quantile(answered, 0.50), 2), "p99_ms": round(1000 * _quantile(answered, 0.99), 2),
+                "p99_gap_s": round(_quantile(gaps, 0.99), 2), "max_gap_s": round(gaps[-1] if gaps else 0.0, 2)}
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
 class FleetDriver:
@@ -170,6 +175,10 @@ class FleetDriver:
         every failure are counted (``stats``), so a report can say whether the control plane kept up."""
         def call(beat: tuple[VirtualDevice, Budget]) -> grpc.Future:
             device, budget = beat
+            now = time.perf_counter()
+            if device.last_beat:
+                self.stats.gaps_s.append(now - device.last_beat)
+            device.last_beat = now
             message = pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb)
             if budget.battery is not None:
                 message.battery = budget.battery
@@ -185,8 +194,16 @@ class FleetDriver:
                 self.stats.lost += 1
                 log.warning("heartbeat of %s failed: %s", device.name, e.details())
 
-        self._concurrently(heartbeats(self.fleet, completed_rounds, self.deadline_ms), call, settle)
-        self._applied, self._last_beat = completed_rounds, time.monotonic()
+        started = time.monotonic()
+        beats = heartbeats(self.fleet, completed_rounds, self.deadline_ms)
+        online = {id(device) for device, _ in beats}
+        for device in self.fleet:
+            if id(device) not in online:  # silent by its trace: its next heartbeat starts a new series
+                device.last_beat = 0.0
+        self._concurrently(beats, call, settle)
+        # The period runs from the start of a sweep, so a device heartbeats every interval_s as long as a sweep
+        # of the fleet takes less than that.
+        self._applied, self._last_beat = completed_rounds, started
 
     def _concurrently(self, items: list[T], call: Callable[[T], grpc.Future],
                       settle: Callable[[T, grpc.Future, float], None]) -> None:

@@ -140,7 +140,9 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         f"peak RSS (all processes) {summary.peak_rss_mb:.0f} MB.",
         "",
         *([f"Heartbeats: {h['answered']:,} answered ({h['per_s']:,.0f}/s), {h['lost']} lost, "
-           f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms.", ""] if (h := summary.heartbeats) else []),
+           f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms; an online device's heartbeats came at most "
+           f"{h.get('max_gap_s', 0):g} s apart (p99 {h.get('p99_gap_s', 0):g} s).", ""]
+          if (h := summary.heartbeats) else []),
         "Settings: " + ", ".join(f"`{k}={v}`" for k, v in summary.settings.items()),
         "",
         "## Final accuracy per density",

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.calibration import calibrate
+from contracts.flower_processes import pick_port
 from contracts.profiles import load_profiles
 from contracts.settings import RunSettings, build_model
 from coordinator.launcher import Coordinator, Endpoints
@@ -39,8 +40,8 @@ class SimulationSettings:
     deadline: float = 1.5  # the fleet's latency deadline, in full-model latencies of the reference laptop-x86
     dropout: float = 0.1
     cpus_per_client: int = 1
-    superlink_port: int = 9392
-    control_port: int = 9393
+    superlink_port: int = 0  # 0 = a free port, so simulations side by side on one machine never collide
+    control_port: int = 0
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
 
     def __post_init__(self) -> None:
@@ -61,8 +62,8 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     state = Path(settings.run.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     started = time.monotonic()
-    coordinator = Coordinator(settings.run, Endpoints("127.0.0.1", settings.superlink_port, settings.control_port),
-                              simulation=True)
+    endpoints = Endpoints("127.0.0.1", settings.superlink_port or pick_port(), settings.control_port or pick_port())
+    coordinator = Coordinator(settings.run, endpoints, simulation=True)
     model = build_model(settings.run.architecture())
     measured = calibrate(pack_checkpoint(model), (model.arch.in_channels, model.arch.image_size, model.arch.image_size))
     profiles = load_profiles()
@@ -73,7 +74,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
 
     def completed_rounds() -> int:
         assert coordinator.registry is not None
-        return len(coordinator.registry.list_rounds())
+        return coordinator.registry.count_rounds()
 
     driver = FleetDriver(fleet, coordinator.endpoints.control_plane, completed_rounds,
                          fleet_deadline_ms(measured, settings.deadline), settings.run.heartbeat_s)

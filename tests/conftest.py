@@ -8,7 +8,6 @@ server cannot be reached; DRESS_TEST_PG_URL points them elsewhere.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
 
+from contracts.flower_processes import pick_port  # re-exported: tests import it from here
 from contracts.policy import CalibrationPoint
 from dress_model.sparsity import parse_densities
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -73,13 +73,6 @@ def db_url(request: pytest.FixtureRequest) -> str:
 def calibration() -> list[CalibrationPoint]:
     """A device whose cost scales with density: 100 ms / 800 MB dense, 10 ms / 80 MB at 0.1."""
     return [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
-
-
-def pick_port() -> int:
-    """A loopback port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

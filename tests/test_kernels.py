@@ -16,13 +16,10 @@ from dress_model.kernels import (
     set_kernel_isa,
     validate_indices,
 )
-from dress_model.kernels.reference import (
-    band_widths,
-    dense_weight,
-    pack_banded,
-    reference_conv2d,
-    reference_linear,
-)
+from dress_model.kernels.reference import reference_conv2d, reference_linear
+from dress_model.packed import band_table, prefix_lengths, unpack_rows
+from dress_model.sparsity import keep_count
+from kernel_cases import pack_layer
 
 _ORDER = ["generic", "avx2", "avx512"]
 ISAS = _ORDER[: _ORDER.index(_native.best_isa()) + 1]
@@ -41,7 +38,7 @@ def make_layer(rows: int, cols: int, densities, *, seed: int = 0, sort: bool = T
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     order = torch.argsort(torch.rand(rows, cols, generator=g), dim=1)
-    return w, order, pack_banded(w, order, densities, sort_within_band=sort, index_dtype=index_dtype)
+    return w, order, pack_layer(w, order, densities, sort=sort, index_dtype=index_dtype, generator=g)
 
 
 def masked(w: torch.Tensor, order: torch.Tensor, k: int) -> torch.Tensor:
@@ -63,7 +60,7 @@ def test_linear_every_prefix_matches_reference(isa, batch, rows, cols, densities
     for nb, d in enumerate(densities, start=1):
         y = packed_linear(x, values, indices, bands[:nb], rows, threads=2)
         close(y, reference_linear(x, values, indices, bands[:nb], rows), cols)
-        close(y, F.linear(x, masked(w, order, math.ceil(d * cols))), cols)
+        close(y, F.linear(x, masked(w, order, keep_count(d, cols))), cols)
 
 
 def test_linear_k1_and_full_row(isa):
@@ -170,7 +167,7 @@ def test_conv_every_prefix_matches_reference(isa, batch, C, H, W, rows, k, strid
     x = torch.randn(batch, C, H, W)
     for nb, d in enumerate(densities, start=1):
         y = packed_conv2d(x, values, indices, bands[:nb], rows, (k, k), stride, padding, threads=2)
-        ref = F.conv2d(x, masked(w, order, math.ceil(d * cols)).view(rows, C, k, k), stride=stride, padding=padding)
+        ref = F.conv2d(x, masked(w, order, keep_count(d, cols)).view(rows, C, k, k), stride=stride, padding=padding)
         close(y, ref, cols)
         close(y, reference_conv2d(x, values, indices, bands[:nb], rows, (k, k), stride, padding), cols)
 
@@ -189,7 +186,7 @@ def test_conv_fused_epilogue(isa, k, padding):
     w, order, (values, indices, bands) = make_layer(rows, C * k * k, [0.3, 1.0])
     x = torch.randn(2, C, 8, 8)
     scale, shift, bias = torch.rand(rows) + 0.5, torch.randn(rows), torch.randn(rows)
-    acc = F.conv2d(x, masked(w, order, math.ceil(0.3 * C * k * k)).view(rows, C, k, k), padding=padding)
+    acc = F.conv2d(x, masked(w, order, keep_count(0.3, C * k * k)).view(rows, C, k, k), padding=padding)
     y = packed_conv2d(x, values, indices, bands[:1], rows, k, 1, padding, scale=scale, shift=shift, relu=True)
     close(y, torch.relu(acc * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)), C * k * k)
     y = packed_conv2d(x, values, indices, bands[:1], rows, k, 1, padding, bias=bias)
@@ -208,9 +205,11 @@ def test_accepts_parameters_and_views():
 
 
 def test_pack_roundtrip_and_widths():
-    assert band_widths([0.1, 0.25, 0.5, 1.0], 10) == [1, 2, 2, 5]
+    assert prefix_lengths((0.1, 0.25, 0.5, 1.0), 10) == [1, 3, 5, 10]
+    assert prefix_lengths((0.14,), 50) == [7]  # k_d = ceil(d * cols), not pushed over by 0.14 * 50 = 7.000000000000001
+    assert band_table([1, 3, 5, 10], 4).tolist() == [[0, 1], [4, 2], [12, 2], [20, 5]]
     w, order, (values, indices, bands) = make_layer(4, 10, [0.1, 0.25, 0.5, 1.0])
-    assert torch.equal(dense_weight(values, indices, bands, 4, 10), w)
+    assert torch.equal(unpack_rows(values, indices, bands, 4, 10), w)
     assert bands.tolist() == [[0, 1], [4, 2], [12, 2], [20, 5]]
 
 

@@ -173,6 +173,7 @@ def test_rounds_and_model_versions(registry: Registry, calibration: list[Calibra
     with pytest.raises(InvalidInputError, match="at least one density"):
         registry.add_model_version("v3", "/x", [])
 
+    assert registry.count_rounds() == 0
     registry.record_round(1, {a: 0.25, b: 1.0}, {0.25: {"accuracy": 0.71}, 1.0: {"accuracy": 0.9}}, 1000, 2000)
     registry.record_round(2, {b: 1.0}, {1.0: {"loss": 0.3}}, 10, 20, model_version="v1")
     with pytest.raises(InvalidInputError, match="round 2 already recorded"):
@@ -180,6 +181,7 @@ def test_rounds_and_model_versions(registry: Registry, calibration: list[Calibra
     with pytest.raises(InvalidInputError, match="finite"):
         registry.record_round(3, {}, {1.0: {"loss": float("inf")}}, 0, 0)
     first, second = registry.list_rounds()
+    assert registry.count_rounds() == 2
     assert (first.round, first.participants, first.metrics, first.bytes_sent, first.bytes_received) == (
         1, {a: 0.25, b: 1.0}, {0.25: {"accuracy": 0.71}, 1.0: {"accuracy": 0.9}}, 1000, 2000)
     assert (first.model_version, second.model_version) == ("v2", "v1")

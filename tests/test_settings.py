@@ -69,3 +69,17 @@ def test_a_device_is_stale_after_six_heartbeats_and_the_period_is_checked() -> N
     assert RunSettings.defaults(heartbeat_s=10.0).stale_after.total_seconds() == 60.0
     with pytest.raises(SettingsError, match="heartbeat-s must be a number of seconds in"):
         RunSettings.defaults(heartbeat_s=0.0)
+
+
+def test_the_learning_rate_anneals_over_the_rounds_to_lr_decay() -> None:
+    settings = RunSettings.defaults(num_rounds=50, lr=0.08, lr_decay=0.1)
+    rates = [settings.lr_at(r) for r in range(1, 51)]
+    assert rates[0] == pytest.approx(0.08) and rates[-1] == pytest.approx(0.008)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never back up
+    assert rates[24] == pytest.approx(0.08 * (0.1 + 0.9 * 0.5), rel=0.05)  # cosine: about halfway at mid-run
+    assert RunSettings.defaults(num_rounds=1).lr_at(1) == RunSettings.defaults().lr  # a one-round run: lr itself
+    constant = RunSettings.defaults(num_rounds=9, lr_decay=1.0)
+    assert {constant.lr_at(r) for r in range(1, 10)} == {constant.lr}
+    for bad in (0.0, 1.5):
+        with pytest.raises(SettingsError, match="lr-decay must be a number in"):
+            RunSettings.defaults(lr_decay=bad)

@@ -15,14 +15,13 @@ from simulations.traces import assign_profiles, parse_mix
 
 
 def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
-    run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500)
-    settings = SimulationSettings(
-        run, devices=100, mix="laptop-x86=50,pi4=50", run_dir=tmp_path / "run", superlink_port=pick_port(),
-        control_port=pick_port(),
-    )  # fmt: skip
+    run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500, lr=0.04,
+                               lr_decay=0.25)
+    settings = SimulationSettings(run, devices=100, mix="laptop-x86=50,pi4=50", run_dir=tmp_path / "run")
     seen = []
     metrics = run_simulation(settings, seen.append)
     assert [r["round"] for r in seen] == [1, 2]
+    assert [r["lr"] for r in seen] == [pytest.approx(0.04), pytest.approx(0.01)]  # annealed across the rounds
     assert all(len(r["participants"]) == 10 for r in seen)
     with Registry(state_dir=tmp_path / "run" / "state") as registry:
         devices = registry.list_devices()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
@@ -225,24 +227,46 @@ def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry
         server.stop(grace=None).wait()
 
 
-def test_driver_heartbeats_many_devices_concurrently_and_counts_losses(registry: Registry, free_port: int) -> None:
+@contextlib.contextmanager
+def driven_fleet(registry: Registry, port: int, traces: list[list[TracePoint]],
+                 **driver_options: int) -> Iterator[tuple[FleetDriver, grpc.Server]]:
+    """A control plane on ``port`` and a registered virtual laptop per trace; both stopped afterwards."""
     architecture = pb.Architecture(model="cnn", densities=[1.0, 0.5, 0.25, 0.1], width=4, dataset="fashion-mnist")
-    server = serve(registry, "127.0.0.1", free_port, architecture, lambda density: b"")
-    trace = [TracePoint(1.0, 1.0, None, True)]
-    fleet = build_fleet([LAPTOP] * 150, MEASURED, [trace] * 150)
+    server = serve(registry, "127.0.0.1", port, architecture, lambda density: b"")
+    fleet = build_fleet([LAPTOP] * len(traces), MEASURED, traces)
     for i, device in enumerate(fleet):
         device.name = f"sim-{i:05d}"
-    driver = FleetDriver(fleet, f"127.0.0.1:{free_port}", lambda: 0, fleet_deadline_ms(MEASURED, 1.5),
-                         interval_s=60.0, in_flight=16)
+    driver = FleetDriver(fleet, f"127.0.0.1:{port}", lambda: 0, fleet_deadline_ms(MEASURED, 1.5), interval_s=60.0,
+                         **driver_options)
     try:
         driver.register(timeout_s=10)
+        yield driver, server
+    finally:
+        driver.stop()
+        server.stop(grace=None).wait()
+
+
+def test_driver_heartbeats_many_devices_concurrently_and_counts_losses(registry: Registry, free_port: int) -> None:
+    with driven_fleet(registry, free_port, [[TracePoint(1.0, 1.0, None, True)]] * 150, in_flight=16) as (driver, server):
         driver.tick(0)
         summary = driver.stats.summary()
         assert summary["answered"] == 150 and summary["lost"] == 0
         assert 0 < summary["p50_ms"] <= summary["p99_ms"] and summary["per_s"] > 0
+        assert summary["max_gap_s"] == 0  # a first heartbeat has no gap
+        before = time.perf_counter()
+        driver.tick(0)
+        assert len(driver.stats.gaps_s) == 150  # the second sweep: one gap per online device
+        assert 0 < driver.stats.summary()["max_gap_s"] <= time.perf_counter() - before + 5
         server.stop(grace=None).wait()
         driver.tick(0)  # nobody answers now: every heartbeat is lost, none is counted as answered
-        assert driver.stats.summary()["lost"] == 150 and driver.stats.summary()["answered"] == 150
-    finally:
-        driver.stop()
-        server.stop(grace=None).wait()
+        assert driver.stats.summary()["lost"] == 150 and driver.stats.summary()["answered"] == 300
+
+
+def test_a_device_back_from_its_offline_window_starts_a_new_gap_series(registry: Registry, free_port: int) -> None:
+    """Silence the trace asked for is not the control plane falling behind: no gap spans an offline window."""
+    on, off = TracePoint(1.0, 1.0, None, True), TracePoint(1.0, 1.0, None, False)
+    with driven_fleet(registry, free_port, [[on, off, on], [on, on, on]]) as (driver, _):
+        for completed in range(3):
+            driver.tick(completed)
+        assert driver.stats.summary()["answered"] == 5
+        assert len(driver.stats.gaps_s) == 2  # both from the device that never went offline

@@ -635,19 +635,23 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     lo[size_t(jj)] = l;
     hi[size_t(jj)] = last < 0 ? l : std::max(l, std::min(OW, last / sw + 1));
   }
-  // With stride 1 and plane rows exactly as wide as x's, a tap plane's interior is x's channel
-  // shifted by a constant: one block copy, then the padding columns are cleared.  Per-row
-  // copies cost a library call each (~40 us for a 128-channel 16x16 3x3 input here).
-  const bool block_copy = sw == 1 && VW == W;
+  // With stride 1 on both axes and plane rows exactly as wide as x's, a tap plane's interior is
+  // x's channel shifted by a constant: one block copy, then the padding columns are cleared.
+  // Per-row copies cost a library call each (~40 us for a 128-channel 16x16 3x3 input here).
+  // A row stride > 1 samples every sh-th source row, which no constant shift describes.
+  const bool block_copy = sh == 1 && sw == 1 && VW == W;
   auto prep_channel = [&](const float* src, float* dst) {
     std::fill(dst + kw * nph * PHh * VW, dst + cstride, 0.f);  // flat plane's rounding
     for (int64_t jj = 0; jj < kw; ++jj) {
       const int64_t l = lo[size_t(jj)], h = hi[size_t(jj)];
       for (int64_t pi = 0; pi < nph; ++pi) {
         float* pl = dst + (jj * nph + pi) * plane;
-        // Plane rows a with source row a*sh + pi - ph inside [0, H).
+        // Plane rows a with source row a*sh + pi - ph inside [0, H).  When even the last source
+        // row is above this phase (H - 1 + ph < pi), no row is: C++ division truncates towards
+        // zero, so the negative case is handled apart, as the columns' is.
         const int64_t a0 = std::min(PHh, std::max<int64_t>(0, (ph - pi + sh - 1) / sh));
-        const int64_t a1 = std::max(a0, std::min(PHh, (H - 1 + ph - pi) / sh + 1));
+        const int64_t last_row = H - 1 + ph - pi;
+        const int64_t a1 = last_row < 0 ? a0 : std::max(a0, std::min(PHh, last_row / sh + 1));
         std::fill(pl, pl + a0 * VW, 0.f);
         std::fill(pl + a1 * VW, pl + PHh * VW, 0.f);
         if (block_copy && a1 > a0) {

@@ -1,0 +1,38 @@
+"""Packed layers for the kernel tests, made by production's packer (dress_model.packed): one rounding rule."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dress_model.packed import band_table, pack_rows, prefix_lengths
+
+
+def pack_layer(
+    weight: torch.Tensor,
+    order: torch.Tensor,
+    densities: Sequence[float],
+    *,
+    sort: bool = True,
+    index_dtype: torch.dtype | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, bands) of ``weight`` ranked by ``order``, one band per density (ascending).
+
+    ``sort=False`` shuffles every row's pairs inside each band (the kernels accept any order there);
+    ``index_dtype`` overrides the packer's choice (int16 up to 32767 columns)."""
+    rows = weight.shape[0]
+    ks = prefix_lengths(tuple(densities), weight.shape[1])
+    values, indices = pack_rows(weight, order, ks)
+    bands = band_table(ks, rows)
+    if not sort:
+        values, indices = values.clone(), indices.clone()
+        for offset, width in bands.tolist():
+            for r in range(rows):
+                span = slice(offset + r * width, offset + (r + 1) * width)
+                p = torch.randperm(width, generator=generator)
+                values[span], indices[span] = values[span][p].clone(), indices[span][p].clone()
+    if index_dtype is not None:
+        indices = indices.to(index_dtype)
+    return values, indices, bands
