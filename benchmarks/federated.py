@@ -31,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from common import command, machine, markdown_table, write_json  # noqa: E402
+from contracts.flower_processes import stop_on_sigterm  # noqa: E402
 from contracts.methods import METHODS  # noqa: E402
 from contracts.settings import RunSettings  # noqa: E402
 from dress_model.checkpoint import atomic_write, load_checkpoint  # noqa: E402
@@ -223,6 +224,7 @@ def main() -> None:
     p.add_argument("--report", action="store_true",
                    help="only rewrite the markdown and plots from --out's JSON (e.g. of a run stopped midway)")
     args = p.parse_args()
+    stop_on_sigterm()  # a killed benchmark still stops its SuperLink and Ray
     if args.report:
         if not args.out.is_file():
             raise SystemExit(f"--report: no results at {args.out}; run the benchmark first or pass --out")

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from common import command, machine, write_json
+from contracts.flower_processes import stop_on_sigterm
 from contracts.settings import RunSettings, build_model
 from simulations.run import SimulationSettings, run_simulation
 
@@ -29,6 +30,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "fleet.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/fleet-bench"))
     args = p.parse_args()
+    stop_on_sigterm()  # a killed benchmark still stops its SuperLink and Ray
 
     run = RunSettings.defaults(num_rounds=args.rounds, fraction=args.fraction, max_examples=args.max_examples)
     settings = SimulationSettings(run, devices=args.devices, run_dir=args.run_dir)

@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import text
 
 from common import command, machine, markdown_table, write_json
+from contracts.flower_processes import stop_on_sigterm
 from contracts.settings import RunSettings
 from coordinator.registry.engine import make_engine
 from dress_model.checkpoint import atomic_write
@@ -39,6 +40,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/scale-bench"))
     args = p.parse_args()
+    stop_on_sigterm()  # a killed benchmark still stops its SuperLink and Ray
     results = []
     for db in args.db.split(","):
         with fresh_database(db, args.pg_url) as url:

@@ -7,7 +7,6 @@ Flower app's config (contracts.settings), so `--help` shows what a run does when
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -18,6 +17,7 @@ from rich.table import Table
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP, add_commands
 from cli.registry import db_app, devices_app
+from contracts.flower_processes import stop_on_sigterm
 from contracts.methods import METHODS
 from contracts.profiles import load_profiles
 from contracts.settings import RunSettings, SettingsError
@@ -75,10 +75,6 @@ def run_settings(**options: Any) -> RunSettings:
         raise fail(str(e).replace("run setting ", "--")) from None
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 @coordinator_app.command("start")
 def coordinator_start_cmd(
     host: Annotated[str, typer.Option(help="Address the SuperLink and control plane listen on.")] = "127.0.0.1",
@@ -113,7 +109,7 @@ def coordinator_start_cmd(
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port))
-    signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop gets the same orderly shutdown as Ctrl-C
+    stop_on_sigterm()  # a service manager's stop gets the same orderly shutdown as Ctrl-C
     try:
         coordinator.start()
         console.print(f"[bold]SuperLink[/]      {coordinator.endpoints.superlink}  (agents: --superlink)")
@@ -187,6 +183,7 @@ def simulate_cmd(
             progress.update(task, completed=entry["round"],
                             info=f"{len(entry['participants'])} devices, acc {accuracy_line(entry['accuracy'])}")
 
+        stop_on_sigterm()
         try:
             metrics = run_simulation(settings, on_round)
         except (RuntimeError, TimeoutError, DataError, ValueError) as e:

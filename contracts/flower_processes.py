@@ -7,6 +7,7 @@ we. Every process gets a FLWR_HOME inside our state directory, telemetry and upd
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
+
+import psutil
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +87,22 @@ class ManagedProcess:
         return self.proc.poll() is None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the whole group, wait, then SIGKILL what is left (Ray and SuperExec children included)."""
+        """SIGTERM the process and all it spawned, wait, then SIGKILL what is left.
+
+        "All it spawned" is its own group and every descendant outside it: SuperExec starts flwr-simulation (and
+        with it Ray) in a session of its own, which a signal to the group alone never reaches."""
         pgid = self.proc.pid  # start_new_session: the child leads its own group
+        descendants = _descendants(self.proc.pid)
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
+            for p in descendants:
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(sig)
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
                 self.proc.poll()  # reap the leader so it does not keep the group alive as a zombie
-                if not _group_alive(pgid):
+                if not _group_alive(pgid) and not any(map(_running, descendants)):
                     break
                 time.sleep(0.2)
             else:
@@ -108,6 +116,30 @@ class ManagedProcess:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a service manager's stop, `kill`) end this process as Ctrl-C does: by KeyboardInterrupt, so
+    every ``finally`` runs and the SuperLink, Ray and the rest are stopped, not left behind. Main thread only."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def _group_alive(pgid: int) -> bool:
