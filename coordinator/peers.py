@@ -39,6 +39,10 @@ class WidthStrategy(DressStrategy):
         slices = level_slices(self.model, level)
         return slices, ArrayRecord(torch_state_dict=prefix_tensors(self.model, slices))
 
+    def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        """A peer's device replies the very slices it was sent, trained."""
+        return record.to_torch_state_dict()
+
     @torch.no_grad()
     def absorb(self, updates: list[Update]) -> None:
         state = self.model.state_dict()

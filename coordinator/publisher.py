@@ -69,5 +69,6 @@ def round_details(stats: RoundStats) -> dict:
         "device_compute_s": sum(stats.compute_s),  # all devices added up
         "server_s": stats.server_s,
         "lr": stats.lr,
+        "rejected": stats.rejected,
         "wall_s": time.perf_counter() - stats.started,
     }

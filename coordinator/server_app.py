@@ -58,8 +58,10 @@ def main(grid: Grid, context: Context) -> None:
 
     registry = Registry(settings.db_url or None, state_dir=state_dir)
     try:
+        # A reply may claim no more examples than a device trains on per round (the whole split bounds a shard).
         common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed,
-                      stale_after=settings.stale_after, lr_at=settings.lr_at)
+                      stale_after=settings.stale_after, lr_at=settings.lr_at,
+                      max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))
         # Agents serve DRESS's packed subnets: a peer's rounds are recorded, its models are not published.

@@ -19,16 +19,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch.utils.data import DataLoader
 
-from contracts.messages import STATUS_QUERY, device_of, record_nbytes, subnet_record, train_message
+from contracts.messages import STATUS_QUERY, device_of, record_nbytes, subnet_record, train_message, upload_state
 from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
+from coordinator.validation import Expected, RejectedUpdate, check_reply, norm_outliers
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
 from dress_model.training import recalibrate_bn
@@ -50,6 +52,17 @@ class RoundStats:
     started: float = field(default_factory=time.perf_counter)
     server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
     lr: float | None = None  # the learning rate the round's devices were sent
+    rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one device was sent in a round, and so what its reply must look like."""
+
+    device_id: int
+    level: float
+    payload: object  # DRESS: the PackedModel (its indices place the reply); a peer: its level's slices
+    expected: Expected
 
 
 class DressStrategy(Strategy):
@@ -63,6 +76,7 @@ class DressStrategy(Strategy):
         min_devices: int,
         seed: int,
         stale_after: timedelta,
+        max_examples: int,
         lr_at: Callable[[int], float] | None = None,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
@@ -72,7 +86,8 @@ class DressStrategy(Strategy):
         self.stale_after = stale_after  # a device silent this long is offline and not sampled
         self.lr_at = lr_at  # the round's learning rate (RunSettings.lr_at); None = the train config's, every round
         self.node_devices: dict[int, str] = {}
-        self.sent: dict[int, tuple[int, float, object]] = {}  # node id -> (device id, level, what it was sent)
+        self.max_examples = max_examples  # the most examples a reply may claim to have trained on
+        self.sent: dict[int, Sent] = {}  # node id -> what its device was sent this round
         self.stats: dict[int, RoundStats] = {}
 
     def summary(self) -> None:
@@ -136,18 +151,24 @@ class DressStrategy(Strategy):
         count = min(eligible, max(self.min_devices, math.ceil(self.fraction * eligible)))
         chosen = self.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round))
         log.info("round %d: %d of %d eligible online devices", server_round, len(chosen), eligible)
+        return self.messages_for(server_round, chosen, config)
 
+    def messages_for(self, server_round: int, chosen: list[tuple[int, DeviceInfo, float]],
+                     config: ConfigRecord) -> list[Message]:
+        """One train message per chosen (node, device, level), and what each device's reply must look like."""
+        stats = self.stats[server_round]
         if self.lr_at is not None:
             config = ConfigRecord({**config, "lr": self.lr_at(server_round)})
         stats.lr = float(config["lr"])
-        payloads: dict[float, tuple[object, ArrayRecord]] = {}
+        payloads: dict[float, tuple[object, ArrayRecord, Expected]] = {}
         self.sent = {}
         messages = []
         for node, info, level in chosen:
             if level not in payloads:
-                payloads[level] = self.payload(level)
-            sent, record = payloads[level]
-            self.sent[node] = (info.id, level, sent)
+                sent, record = self.payload(level)
+                payloads[level] = sent, record, Expected(self.reply_template(sent, record), self.max_examples)
+            sent, record, expected = payloads[level]
+            self.sent[node] = Sent(info.id, level, sent, expected)
             stats.bytes_down.setdefault(level, []).append(record_nbytes(record))
             messages.append(train_message(node, record, config, server_round, level))
         return messages
@@ -157,26 +178,47 @@ class DressStrategy(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_start = time.perf_counter()
         stats = self.stats[server_round]
-        updates = []
+        accepted: dict[int, tuple[Update, int, float]] = {}  # node -> (update, bytes up, device compute s)
+        norms: dict[int, float] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error() or node not in self.sent:
                 log.warning("round %d: node %s dropped out (%s)", server_round, node,
                             reply.error if reply.has_error() else "unexpected")
                 continue
-            device_id, level, sent = self.sent[node]
-            arrays: ArrayRecord = reply.content["arrays"]
-            metrics: MetricRecord = reply.content["metrics"]
-            updates.append(Update(sent, arrays.to_torch_state_dict(), int(metrics["num-examples"])))
-            stats.participants[device_id] = (self.node_devices[node], level)
-            stats.bytes_up.setdefault(level, []).append(record_nbytes(arrays))
-            stats.compute_s.append(float(metrics["compute-s"]))
+            sent = self.sent[node]
+            try:  # everything in a reply is the device's say: checked, and no error in it may end the ServerApp
+                arrays: ArrayRecord = reply.content["arrays"]
+                metrics: MetricRecord = reply.content["metrics"]
+                tensors = arrays.to_torch_state_dict()
+                norms[node] = check_reply(sent.expected, tensors, metrics["num-examples"])
+                compute_s = float(metrics["compute-s"]) if "compute-s" in metrics else 0.0
+            except Exception as e:  # noqa: BLE001 - a malformed reply is dropped whatever broke reading it
+                self._reject(server_round, node, e if isinstance(e, RejectedUpdate) else f"malformed reply: {e!r}")
+                continue
+            accepted[node] = (Update(sent.payload, tensors, int(metrics["num-examples"])), record_nbytes(arrays),
+                              compute_s)
+        for node, reason in norm_outliers(norms).items():
+            self._reject(server_round, node, reason)
+            accepted.pop(node, None)
+        updates = []
+        for node, (update, nbytes, compute_s) in accepted.items():
+            sent = self.sent[node]
+            updates.append(update)
+            stats.participants[sent.device_id] = (self.node_devices[node], sent.level)
+            stats.bytes_up.setdefault(sent.level, []).append(nbytes)
+            stats.compute_s.append(compute_s)
         self.absorb(updates)
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
         stats.server_s = time.perf_counter() - server_start
         examples = sum(u.num_examples for u in updates)
         return (ArrayRecord(torch_state_dict=self.model.state_dict()),
                 MetricRecord({"participants": len(updates), "num-examples": examples}))
+
+    def _reject(self, server_round: int, node: int, reason: object) -> None:
+        name = self.node_devices.get(node, f"node {node}")
+        self.stats[server_round].rejected[name] = str(reason)
+        log.warning("round %d: the reply of %s does not count: %s", server_round, name, reason)
 
     # -- what differs between DRESS and its peers (coordinator.peers) ------------------------------------
 
@@ -191,6 +233,10 @@ class DressStrategy(Strategy):
         """What a device training ``level`` is sent: its packed subnet (kept to read its reply)."""
         packed = PackedModel.from_dress(self.model, max_density=level)
         return packed, subnet_record(packed)
+
+    def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The tensors a device's reply must hold (names, shapes, dtypes), as sent: DRESS's packed upload."""
+        return upload_state(sent)  # type: ignore[arg-type]
 
     def absorb(self, updates: list[Update]) -> None:
         """Fold the round's replies into the global model: aggregate, then re-rank every row."""

@@ -61,7 +61,7 @@ def test_counting_aggregation_averages_each_element_over_the_devices_that_held_i
     torch.manual_seed(0)
     model = build_run_model(settings("heterofl"))
     strategy = WidthStrategy(get_method("heterofl"), model, registry=None, calibration=None, fraction=1.0,
-                             stale_after=timedelta(seconds=30),
+                             stale_after=timedelta(seconds=30), max_examples=500,
                              min_devices=1, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     updates = []

@@ -1,0 +1,119 @@
+"""Replies are checked before they count: shapes, dtypes, finiteness, example counts and update size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from contracts.messages import train_config, upload_state
+from contracts.settings import RunSettings, build_run_model
+from coordinator.registry import Registry
+from coordinator.strategy import DressStrategy, RoundStats
+from coordinator.validation import Expected, RejectedUpdate, check_reply, norm_outliers
+
+SENT = {"conv.values": torch.ones(6), "conv.indices": torch.arange(6, dtype=torch.int16), "bn.mean": torch.zeros(2, 3)}
+EXPECTED = Expected(SENT, max_examples=500)
+
+
+def reply(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {**{k: v.clone() for k, v in SENT.items()}, **changes}
+
+
+def test_a_well_formed_reply_counts_and_its_update_norm_is_measured() -> None:
+    assert check_reply(EXPECTED, reply(**{"conv.values": torch.full((6,), 2.0)}), 300) == pytest.approx(6 ** 0.5)
+    assert check_reply(EXPECTED, reply(), 1.0) == 0.0  # Flower's metrics carry numbers as floats
+
+
+@pytest.mark.parametrize(("tensors", "examples", "reason"), [
+    (reply(**{"conv.values": torch.tensor([1.0, float("nan"), 1, 1, 1, 1])}), 10, "conv.values: not finite"),
+    (reply(**{"conv.values": torch.tensor([1.0, float("inf"), 1, 1, 1, 1])}), 10, "conv.values: not finite"),
+    (reply(**{"conv.values": torch.ones(5)}), 10, r"conv.values: torch.float32 \[5\], sent torch.float32 \[6\]"),
+    (reply(**{"conv.values": torch.ones(6, dtype=torch.float64)}), 10, "torch.float64"),
+    (reply(**{"bn.mean": torch.zeros(3, 2)}), 10, r"bn.mean: torch.float32 \[3, 2\]"),
+    ({k: v for k, v in reply().items() if k != "bn.mean"}, 10, r"missing \['bn.mean'\]"),
+    (reply(**{"extra": torch.zeros(1)}), 10, r"unexpected \['extra'\]"),
+    (reply(), 10**12, "num-examples 1000000000000 outside"),
+    (reply(), 0, "num-examples 0 outside"),
+    (reply(), -5, "outside"),
+    (reply(), 2.5, "must be an integer"),
+    (reply(), "10", "must be an integer"),
+    (reply(), True, "must be an integer"),
+])
+def test_bad_replies_are_rejected_with_the_reason(tensors: dict, examples: object, reason: str) -> None:
+    with pytest.raises(RejectedUpdate, match=reason):
+        check_reply(EXPECTED, tensors, examples)
+
+
+def test_an_update_far_above_the_rounds_median_is_an_outlier() -> None:
+    assert set(norm_outliers({1: 1.0, 2: 1.2, 3: 0.9, 4: 1e30})) == {4}
+    assert norm_outliers({1: 1.0, 2: 1.2, 3: 0.9, 4: 9.0}) == {}  # under 10x the median
+    assert norm_outliers({1: 1.0, 2: 1e30}) == {}  # two replies: no median to judge by
+    assert "over 10× the round's median" in norm_outliers({1: 1.0, 2: 1.0, 3: 50.0})[3]
+
+
+# -- the strategy: bad replies are dropped and recorded, the round goes on ---------------------------------
+
+
+@pytest.fixture
+def message_identity() -> Iterator[None]:
+    """The identity Flower gives a ServerApp process (run, task, node), so real messages can be built here."""
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+def test_bad_replies_are_dropped_and_recorded_while_good_ones_count(
+    sqlite_url: str, calibration: list, message_identity: None
+) -> None:
+    torch.manual_seed(0)
+    model = build_run_model(RunSettings.defaults(width=4))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28),
+                                                                        torch.randint(0, 10, (32,))), batch_size=16)
+    with Registry(sqlite_url) as registry:
+        names = ["good-1", "good-2", "good-3", "nan", "short", "huge", "liar", "no-arrays"]
+        for name in names:
+            registry.register_device(name, "pi4", calibration)
+        infos = [{d.name: d for d in registry.list_devices()}[name] for name in names]
+        strategy = DressStrategy(model, registry, loader, fraction=1.0, min_devices=1, seed=0,
+                                 stale_after=timedelta(seconds=30), max_examples=300)
+        strategy.stats[1] = RoundStats(1)
+        nodes = {100 + i: name for i, name in enumerate(names)}
+        strategy.node_devices = dict(nodes)
+        chosen = [(node, info, 0.1) for node, info in zip(nodes, infos)]
+        sent = strategy.messages_for(1, chosen, train_config(RunSettings.defaults()))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        replies = []
+        for message in sent:
+            name = nodes[message.metadata.dst_node_id]
+            tensors = {k: v + 0.01 if v.is_floating_point() else v
+                       for k, v in upload_state(strategy.sent[message.metadata.dst_node_id].payload).items()}
+            examples = 10**12 if name == "liar" else 100
+            first = next(k for k in tensors if k.endswith(".values"))
+            if name == "nan":
+                tensors[first] = tensors[first].clone().index_fill_(0, torch.tensor([0]), float("nan"))
+            elif name == "short":
+                tensors[first] = tensors[first][:-1].clone()
+            elif name == "huge":
+                tensors[first] = tensors[first] * 1e6
+            content = {"metrics": MetricRecord({"num-examples": examples, "compute-s": 0.5})}
+            if name != "no-arrays":
+                content["arrays"] = ArrayRecord(torch_state_dict=tensors)
+            TaskIdentity.node_id = message.metadata.dst_node_id
+            replies.append(Message(RecordDict(content), reply_to=message))
+        TaskIdentity.node_id = 1
+        arrays, metrics = strategy.aggregate_train(1, replies)
+    stats = strategy.stats[1]
+    assert metrics["participants"] == 3 and {name for name, _ in stats.participants.values()} == {"good-1", "good-2", "good-3"}
+    assert set(stats.rejected) == {"nan", "short", "huge", "liar", "no-arrays"}
+    assert "not finite" in stats.rejected["nan"] and "sent" in stats.rejected["short"]
+    assert "median" in stats.rejected["huge"] and "num-examples" in stats.rejected["liar"]
+    assert "malformed reply" in stats.rejected["no-arrays"]
+    after = arrays.to_torch_state_dict()
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert any(not torch.equal(after[k], before[k]) for k in before)  # the good replies moved the model
