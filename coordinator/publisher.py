@@ -23,6 +23,10 @@ from dress_model.training import evaluate
 
 log = logging.getLogger(__name__)
 
+COLLAPSE_SHARE = 0.5
+"""A round whose best subnet falls under this share of the last published one's is not published: agents keep
+serving the last good model (a poisoned or diverged round must not reach the fleet)."""
+
 
 class RoundPublisher:
     """``evaluate_fn`` for ``Strategy.start``: (round, arrays) -> accuracy per density, as a MetricRecord."""
@@ -32,6 +36,7 @@ class RoundPublisher:
         self.model, self.registry, self.test = model, registry, test
         self.checkpoint_dir = checkpoint_dir  # None: evaluate and record rounds, publish nothing
         self.stats = stats  # the strategy's, filled while the round trained
+        self.published_best: float | None = None  # best subnet accuracy of the last published version
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
@@ -41,11 +46,16 @@ class RoundPublisher:
         if server_round == 0:  # the initial model: nothing trained, nothing to publish
             return metrics
         version = None
-        if self.checkpoint_dir is not None:
+        stats = self.stats[server_round]
+        withheld = stats.withheld or self.withhold_reason(accuracy)
+        if withheld:
+            stats.withheld = withheld
+            log.warning("round %d: model not published: %s", server_round, withheld)
+        elif self.checkpoint_dir is not None:
             version = f"round-{server_round}"
             path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors", {"round": server_round})
             self.registry.add_model_version(version, str(path), self.model.densities)
-        stats = self.stats[server_round]
+            self.published_best = max(accuracy.values())
         stats.server_s += time.perf_counter() - start
         self.registry.record_round(
             server_round,
@@ -59,6 +69,16 @@ class RoundPublisher:
         return metrics
 
 
+    def withhold_reason(self, accuracy: Mapping[float, float]) -> str | None:
+        """Why this round's model must not reach the fleet, or None: not finite, or its accuracy collapsed."""
+        if not all(bool(t.isfinite().all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+            return "weights are not finite"
+        best = max(accuracy.values())
+        if self.published_best is not None and best < COLLAPSE_SHARE * self.published_best:
+            return f"accuracy collapsed: best subnet {best:.1f}% against {self.published_best:.1f}% last published"
+        return None
+
+
 def round_details(stats: RoundStats) -> dict:
     """The rounds table's JSON details: string keys (densities written as Python writes floats)."""
     return {
@@ -70,5 +90,6 @@ def round_details(stats: RoundStats) -> dict:
         "server_s": stats.server_s,
         "lr": stats.lr,
         "rejected": stats.rejected,
+        "withheld": stats.withheld,
         "wall_s": time.perf_counter() - stats.started,
     }

@@ -53,6 +53,7 @@ class RoundStats:
     server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
     lr: float | None = None  # the learning rate the round's devices were sent
     rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
+    withheld: str | None = None  # why the round's model was not published (the publisher), if it was not
 
 
 @dataclass(frozen=True)
@@ -208,8 +209,13 @@ class DressStrategy(Strategy):
             stats.participants[sent.device_id] = (self.node_devices[node], sent.level)
             stats.bytes_up.setdefault(sent.level, []).append(nbytes)
             stats.compute_s.append(compute_s)
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.absorb(updates)
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
+        if not all(bool(t.isfinite().all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+            self.model.load_state_dict(before)  # checked replies can still overflow together: keep the last model
+            stats.withheld = "the aggregate was not finite; the round was rolled back"
+            log.warning("round %d: %s", server_round, stats.withheld)
         stats.server_s = time.perf_counter() - server_start
         examples = sum(u.num_examples for u in updates)
         return (ArrayRecord(torch_state_dict=self.model.state_dict()),

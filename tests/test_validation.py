@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
@@ -12,6 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from contracts.messages import train_config, upload_state
 from contracts.settings import RunSettings, build_run_model
+from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
 from coordinator.strategy import DressStrategy, RoundStats
 from coordinator.validation import Expected, RejectedUpdate, check_reply, norm_outliers
@@ -68,52 +69,109 @@ def message_identity() -> Iterator[None]:
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def test_bad_replies_are_dropped_and_recorded_while_good_ones_count(
-    sqlite_url: str, calibration: list, message_identity: None
-) -> None:
+def run_round(sqlite_url: str, calibration: list, replies: dict[str, Callable[[dict], tuple[dict, object]]]):
+    """One aggregation of DRESS strategy over real Flower messages: each named device replies what its function
+    makes of the tensors it was sent (tensors, num-examples; None = no arrays at all)."""
     torch.manual_seed(0)
     model = build_run_model(RunSettings.defaults(width=4))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28),
                                                                         torch.randint(0, 10, (32,))), batch_size=16)
     with Registry(sqlite_url) as registry:
-        names = ["good-1", "good-2", "good-3", "nan", "short", "huge", "liar", "no-arrays"]
-        for name in names:
+        for name in replies:
             registry.register_device(name, "pi4", calibration)
-        infos = [{d.name: d for d in registry.list_devices()}[name] for name in names]
+        infos = {d.name: d for d in registry.list_devices()}
         strategy = DressStrategy(model, registry, loader, fraction=1.0, min_devices=1, seed=0,
                                  stale_after=timedelta(seconds=30), max_examples=300)
         strategy.stats[1] = RoundStats(1)
-        nodes = {100 + i: name for i, name in enumerate(names)}
+        nodes = {100 + i: name for i, name in enumerate(replies)}
         strategy.node_devices = dict(nodes)
-        chosen = [(node, info, 0.1) for node, info in zip(nodes, infos)]
-        sent = strategy.messages_for(1, chosen, train_config(RunSettings.defaults()))
+        sent = strategy.messages_for(1, [(node, infos[name], 0.1) for node, name in nodes.items()],
+                                     train_config(RunSettings.defaults()))
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        replies = []
+        answers = []
         for message in sent:
-            name = nodes[message.metadata.dst_node_id]
-            tensors = {k: v + 0.01 if v.is_floating_point() else v
-                       for k, v in upload_state(strategy.sent[message.metadata.dst_node_id].payload).items()}
-            examples = 10**12 if name == "liar" else 100
-            first = next(k for k in tensors if k.endswith(".values"))
-            if name == "nan":
-                tensors[first] = tensors[first].clone().index_fill_(0, torch.tensor([0]), float("nan"))
-            elif name == "short":
-                tensors[first] = tensors[first][:-1].clone()
-            elif name == "huge":
-                tensors[first] = tensors[first] * 1e6
+            node = message.metadata.dst_node_id
+            tensors, examples = replies[nodes[node]](upload_state(strategy.sent[node].payload))
             content = {"metrics": MetricRecord({"num-examples": examples, "compute-s": 0.5})}
-            if name != "no-arrays":
+            if tensors is not None:
                 content["arrays"] = ArrayRecord(torch_state_dict=tensors)
-            TaskIdentity.node_id = message.metadata.dst_node_id
-            replies.append(Message(RecordDict(content), reply_to=message))
+            TaskIdentity.node_id = node
+            answers.append(Message(RecordDict(content), reply_to=message))
         TaskIdentity.node_id = 1
-        arrays, metrics = strategy.aggregate_train(1, replies)
-    stats = strategy.stats[1]
+        arrays, metrics = strategy.aggregate_train(1, answers)
+    return strategy.stats[1], before, arrays.to_torch_state_dict(), metrics
+
+
+def nudged(tensors: dict) -> dict:
+    return {k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def first_values(tensors: dict) -> str:
+    return next(k for k in tensors if k.endswith(".values"))
+
+
+def with_first(tensors: dict, change: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    tensors = nudged(tensors)
+    tensors[first_values(tensors)] = change(tensors[first_values(tensors)])
+    return tensors
+
+
+def test_bad_replies_are_dropped_and_recorded_while_good_ones_count(
+    sqlite_url: str, calibration: list, message_identity: None
+) -> None:
+    honest = lambda t: (nudged(t), 100)  # noqa: E731
+    stats, before, after, metrics = run_round(sqlite_url, calibration, {
+        "good-1": honest, "good-2": honest, "good-3": honest,
+        "nan": lambda t: (with_first(t, lambda v: v.clone().index_fill_(0, torch.tensor([0]), float("nan"))), 100),
+        "short": lambda t: (with_first(t, lambda v: v[:-1].clone()), 100),
+        "huge": lambda t: (with_first(t, lambda v: v * 1e6), 100),
+        "liar": lambda t: (nudged(t), 10**12),
+        "no-arrays": lambda t: (None, 100),
+    })
     assert metrics["participants"] == 3 and {name for name, _ in stats.participants.values()} == {"good-1", "good-2", "good-3"}
     assert set(stats.rejected) == {"nan", "short", "huge", "liar", "no-arrays"}
     assert "not finite" in stats.rejected["nan"] and "sent" in stats.rejected["short"]
     assert "median" in stats.rejected["huge"] and "num-examples" in stats.rejected["liar"]
     assert "malformed reply" in stats.rejected["no-arrays"]
-    after = arrays.to_torch_state_dict()
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
-    assert any(not torch.equal(after[k], before[k]) for k in before)  # the good replies moved the model
+    assert any(not torch.equal(after[k], before[k]) for k in before) and stats.withheld is None
+
+
+def test_a_round_whose_aggregate_is_not_finite_is_rolled_back(sqlite_url: str, calibration: list,
+                                                              message_identity: None) -> None:
+    """Each reply passes its checks, together they overflow: the global model stays as it was."""
+    colluding = lambda t: ({k: v.clone().fill_(3e38) if v.is_floating_point() else v for k, v in t.items()}, 100)  # noqa: E731
+    stats, before, after, _ = run_round(sqlite_url, calibration, {f"c{i}": colluding for i in range(3)})
+    assert stats.withheld and "rolled back" in stats.withheld
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+# -- the publisher: a round that is not finite, or whose accuracy collapsed, never reaches the fleet --------
+
+
+def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = build_run_model(RunSettings.defaults(width=4))
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(256, 1, 28, 28)
+    model.eval()
+    model.set_density(1.0)
+    with torch.no_grad():
+        labels = model(images).argmax(1)  # a test set the round-1 model gets entirely right at d=1
+    test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=64)
+    stats = {r: RoundStats(r) for r in (1, 2, 3, 4)}
+    with Registry(sqlite_url) as registry:
+        publisher = RoundPublisher(model, registry, test, tmp_path / "checkpoints", stats)
+        publisher(1, ArrayRecord(torch_state_dict=good))
+        assert registry.current_model_version() == "round-1" and stats[1].withheld is None
+        poisoned = {k: v.clone().fill_(float("nan")) if v.is_floating_point() else v for k, v in good.items()}
+        publisher(2, ArrayRecord(torch_state_dict=poisoned))
+        assert registry.current_model_version() == "round-1" and stats[2].withheld == "weights are not finite"
+        torch.manual_seed(1)
+        other = build_run_model(RunSettings.defaults(width=4)).state_dict()  # another init: round 1's labels lost
+        publisher(3, ArrayRecord(torch_state_dict=other))
+        assert registry.current_model_version() == "round-1" and "accuracy collapsed" in stats[3].withheld
+        publisher(4, ArrayRecord(torch_state_dict=good))
+        assert registry.current_model_version() == "round-4"
+        withheld = {r.round: r.details["withheld"] for r in registry.list_rounds()}
+    assert withheld[1] is None and withheld[4] is None and withheld[2] and withheld[3]
