@@ -37,6 +37,11 @@ def _console(stderr: bool = False) -> Console:
     return Console(highlight=False, stderr=stderr)
 
 
+def shown(text: str) -> str:
+    """Text a remote party chose, safe to print: rich markup escaped, control and direction characters spelt out."""
+    return escape(text if text.isprintable() else ascii(text))
+
+
 def _fail(message: str) -> typer.Exit:
     _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(2)
@@ -83,7 +88,7 @@ def devices(ctx: typer.Context, db: DbOption = None, state_dir: StateDirOption =
     for column in ("id", "device", "profile", "status", "density", "budget", "last seen (UTC)"):
         table.add_column(column, justify="right" if column in ("id", "density") else "left")
     for d in rows:
-        table.add_row(str(d.id), d.name, d.profile, d.status.value, f"{d.current_density:g}",
+        table.add_row(str(d.id), shown(d.name), shown(d.profile), d.status.value, f"{d.current_density:g}",
                       _format_budget(d.last_budget), _format_time(d.last_seen))
     _console().print(table)
 
@@ -103,7 +108,7 @@ def show(
         except DeviceNotFoundError as e:
             raise _fail(str(e)) from e
     node = "not yet seen by a run" if device.flower_node_id is None else str(device.flower_node_id)
-    _console().print(f"{escape(device.name)} ({escape(device.profile)}), {device.status.value}, density "
+    _console().print(f"{shown(device.name)} ({shown(device.profile)}), {device.status.value}, density "
                      f"{device.current_density:g}; Flower node {node}; budget {_format_budget(device.last_budget)}")
     table = Table(title=f"device {device_id}: {len(history)} assignments")
     for column in ("when (UTC)", "density", "reason", "budget", "model"):

@@ -6,10 +6,13 @@ from pathlib import Path
 
 import pytest
 import typer
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import Registry
+from coordinator.registry.engine import make_engine
+from coordinator.registry.errors import InvalidInputError
 from cli.registry import db_app, devices_app
 
 app = typer.Typer()
@@ -78,3 +81,24 @@ def test_unusable_database_url_is_a_clear_error(command: list[str]) -> None:
     result = runner.invoke(app, [*command, "--db", "nosuchdb://x/y"])
     assert result.exit_code == 2
     assert "error: cannot" in result.output and "nosuchdb" in result.output
+
+
+@pytest.mark.parametrize("name", ["evil[/oops]", "a\x00b", "\x1b[31mred", "\u202egnp.exe", "x" * 129, " "])
+def test_a_name_with_markup_control_or_direction_characters_is_refused(tmp_path: Path, name: str,
+                                                                        calibration: list[CalibrationPoint]) -> None:
+    with Registry(state_dir=tmp_path) as registry, pytest.raises(InvalidInputError, match="a device name must be"):
+        registry.register_device(name, "pi4", calibration)
+
+
+def test_names_from_before_the_rule_print_spelt_out_not_raw(state_dir: Path) -> None:
+    """A registry written by an older version may hold such names: listing them must not break or mislead."""
+    engine = make_engine(f"sqlite:///{state_dir / 'registry.sqlite3'}")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE devices SET name = :name WHERE id = 1"), {"name": "evil[/oops]\x1b[2J\u202e"})
+    engine.dispose()
+    result = runner.invoke(app, ["devices", "--state-dir", str(state_dir)])
+    assert result.exit_code == 0, result.output
+    assert "evil[/oops]" in result.output and "\\x1b[2J\\u202e" in result.output
+    assert "\x1b" not in result.output and "\u202e" not in result.output
+    shown = runner.invoke(app, ["devices", "show", "1", "--state-dir", str(state_dir)])
+    assert shown.exit_code == 0 and "\\x1b" in shown.output

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contracts.naming import check_name
 from contracts.policy import DEFAULT_MARGIN, Budget, CalibrationPoint, choose_density, validate_calibration
 from contracts.profiles import UnknownProfileError, get_profile
 from coordinator.registry.engine import READ_ONLY, default_url, is_sqlite, make_engine
@@ -166,10 +167,8 @@ class Registry:
         The first density is what fits the profile's tightest typical budget: safe until the
         device's first heartbeat says what it can really afford.
         """
-        name = name.strip()
-        if not 0 < len(name) <= MAX_NAME_LENGTH:
-            raise InvalidInputError(f"device name must be 1-{MAX_NAME_LENGTH} characters")
         try:
+            check_name(name)  # it names files and rows operators read: no markup, control or direction characters
             spec = get_profile(profile)
             table = validate_calibration(calibration)
         except (UnknownProfileError, ValueError) as e:
