@@ -82,21 +82,20 @@ def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> d
         "device_compute_s_per_round": statistics.fmean(r["device_compute_s"] for r in rounds),
         "device_rounds": {str(d): n for d, n in _device_rounds(rounds).items()},
         "wall_s": metrics["wall_s"],
-        "full_test": full_test_accuracy(settings.run_dir, args.dataset),
+        "full_test": full_test_accuracy(settings.run_dir, args.dataset, len(curves)),
     }
 
 
-def full_test_accuracy(run_dir: Path, dataset: str) -> dict[str, float] | None:
-    """The last published model on the whole test split, per density: what compares with centralized training
+def full_test_accuracy(run_dir: Path, dataset: str, last_round: int) -> dict[str, float] | None:
+    """The run's last model on the whole test split, per density: what compares with centralized training
     (benchmarks/accuracy.py tests on the whole split; the per-round curves use --eval-examples). None for a
     method that publishes nothing (the peers) or a run directory that is gone."""
-    checkpoints = list((run_dir / "state" / "checkpoints").glob("round-*.safetensors"))
-    if not checkpoints:
+    checkpoint = run_dir / "state" / "checkpoints" / f"round-{last_round}.safetensors"
+    if not checkpoint.is_file():
         return None
-    latest = max(checkpoints, key=lambda p: int(p.stem.removeprefix("round-")))
-    model, _ = load_checkpoint(latest)
+    model, _ = load_checkpoint(checkpoint)
     accuracy = evaluate(model, load_dataset(dataset, "test").loader(512, shuffle=False))
-    return {"round": int(latest.stem.removeprefix("round-")), **{f"{d:g}": round(a, 2) for d, a in accuracy.items()}}
+    return {"round": last_round, **{f"{d:g}": round(a, 2) for d, a in accuracy.items()}}
 
 
 def rows_of(runs: list[dict[str, Any]], last: int) -> list[dict[str, Any]]:
@@ -233,7 +232,7 @@ def main() -> None:
         for run in result["runs"]:  # runs from before full_test existed: evaluate their last model if it is still there
             if run.get("full_test") is None:
                 run["full_test"] = full_test_accuracy(args.run_dir / run_name(run["method"], run["partition"], run["seed"]),
-                                                      result["settings"].get("dataset", "fashion-mnist"))
+                                                      result["settings"].get("dataset", "fashion-mnist"), run["rounds"])
         result["rows"] = rows_of(result["runs"], args.last)
         write_json(args.out, result)
         write_report(args.out, result)
