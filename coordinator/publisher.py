@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from coordinator.registry.repository import Registry
 from coordinator.strategy import RoundStats
+from coordinator.validation import all_finite
 from dress_model.checkpoint import save_checkpoint
 from dress_model.models import DressModel
 from dress_model.training import evaluate
@@ -68,10 +69,9 @@ class RoundPublisher:
         )
         return metrics
 
-
     def withhold_reason(self, accuracy: Mapping[float, float]) -> str | None:
         """Why this round's model must not reach the fleet, or None: not finite, or its accuracy collapsed."""
-        if not all(bool(t.isfinite().all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+        if not all_finite(self.model.state_dict().values()):
             return "weights are not finite"
         best = max(accuracy.values())
         if self.published_best is not None and best < COLLAPSE_SHARE * self.published_best:

@@ -30,7 +30,7 @@ from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
-from coordinator.validation import Expected, RejectedUpdate, check_reply, norm_outliers
+from coordinator.validation import Expected, RejectedUpdate, all_finite, check_reply, norm_outliers
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
 from dress_model.training import recalibrate_bn
@@ -212,7 +212,7 @@ class DressStrategy(Strategy):
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.absorb(updates)
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
-        if not all(bool(t.isfinite().all()) for t in self.model.state_dict().values() if t.is_floating_point()):
+        if not all_finite(self.model.state_dict().values()):
             self.model.load_state_dict(before)  # checked replies can still overflow together: keep the last model
             stats.withheld = "the aggregate was not finite; the round was rolled back"
             log.warning("round %d: %s", server_round, stats.withheld)

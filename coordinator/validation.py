@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +35,8 @@ class Expected:
 
 def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_examples: object) -> float:
     """The update's L2 norm (reply − sent over floating tensors) if the reply is well formed; RejectedUpdate else."""
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or num_examples != int(num_examples):
+    if (isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or not math.isfinite(num_examples)
+            or num_examples != int(num_examples)):
         raise RejectedUpdate(f"num-examples must be an integer, got {num_examples!r}")
     if not 1 <= int(num_examples) <= expected.max_examples:
         raise RejectedUpdate(f"num-examples {int(num_examples)} outside [1, {expected.max_examples}]")
@@ -52,6 +53,11 @@ def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_exa
                 raise RejectedUpdate(f"{key}: not finite")
             squared += float((theirs.double() - sent.double()).pow(2).sum())
     return math.sqrt(squared)  # finite: float32 values squared in float64 cannot overflow
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Every floating value finite: what a model must be to be kept (the strategy) or published (the publisher)."""
+    return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
 
 
 def norm_outliers(norms: Mapping[int, float], factor: float = NORM_FACTOR) -> dict[int, str]:

@@ -44,6 +44,8 @@ def test_a_well_formed_reply_counts_and_its_update_norm_is_measured() -> None:
     (reply(), 2.5, "must be an integer"),
     (reply(), "10", "must be an integer"),
     (reply(), True, "must be an integer"),
+    (reply(), float("inf"), "must be an integer"),
+    (reply(), float("nan"), "must be an integer"),
 ])
 def test_bad_replies_are_rejected_with_the_reason(tensors: dict, examples: object, reason: str) -> None:
     with pytest.raises(RejectedUpdate, match=reason):
