@@ -63,8 +63,8 @@ def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> d
     method, distill = VARIANTS.get(name, (name, None))
     run = RunSettings.defaults(
         method=method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
-        max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples, lr_decay=args.lr_decay,
-        **({"distill": distill} if distill is not None else {}),
+        max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples, lr=args.lr, lr_decay=args.lr_decay,
+        server_momentum=args.server_momentum, **({"distill": distill} if distill is not None else {}),
     )  # fmt: skip
     settings = SimulationSettings(run, devices=args.devices, mix=args.mix,
                                   run_dir=args.run_dir / run_name(name, partition, seed))
@@ -148,8 +148,8 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
     lines = [f"# Federated DRESS vs peers on one simulated fleet — {s.get('dataset', 'fashion-mnist')}", "",
              f"`{result['command']}`", "",
              f"{s['devices']} devices ({s['mix']}), {s['rounds']} rounds, {s['fraction']:g} of the fleet per round, "
-             f"{examples} per device per round, learning rate annealed to {s.get('lr_decay', 1.0):g}× its first "
-             f"round's (cosine; 1 = constant); accuracy = mean of the last {s['last']} rounds, then "
+             f"{examples} per device per round, learning rate {s.get('lr', 0.05):g} annealed to {s.get('lr_decay', 1.0):g}× its first "
+             f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}; accuracy = mean of the last {s['last']} rounds, then "
              "mean over the seeds each section lists.", ""]
     columns = ["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)] + ["MB/round", "device s/round"]
     for partition in result["settings"]["partitions"]:
@@ -209,8 +209,11 @@ def main() -> None:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-examples", type=int, default=300)
+    p.add_argument("--lr", type=float, default=RunSettings.defaults().lr, help="the devices' peak learning rate")
     p.add_argument("--lr-decay", type=float, default=RunSettings.defaults().lr_decay,
                    help="the last round's learning rate as a share of the first's (1 = constant)")
+    p.add_argument("--server-momentum", type=float, default=RunSettings.defaults().server_momentum,
+                   help="the server's momentum on each round's averaged update (FedAvgM; 0 = plain averaging)")
     p.add_argument("--eval-examples", type=int, default=2000)
     p.add_argument("--last", type=int, default=10,
                    help="rounds averaged into the final accuracy: on non-IID data the global model swings by several "
@@ -254,8 +257,8 @@ def main() -> None:
         previous_commands = result["command"].split(" && ")
         ours = {"dataset": args.dataset, "devices": args.devices, "mix": args.mix, "rounds": args.rounds,
                 "fraction": args.fraction, "epochs": args.epochs, "max_examples": args.max_examples,
-                "lr_decay": args.lr_decay}
-        before = {"dataset": "fashion-mnist", "lr_decay": 1.0}  # what runs from before these settings existed used
+                "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum}
+        before = {"dataset": "fashion-mnist", "lr": 0.05, "lr_decay": 1.0, "server_momentum": 0.0}  # what runs from before these settings existed used
         theirs = {k: result["settings"].get(k, before.get(k)) for k in ours}
         if ours != theirs:
             differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
@@ -276,7 +279,8 @@ def main() -> None:
                                  "seeds": sorted({s for _, _, s in ran}), "devices": args.devices,
                                  "mix": args.mix, "rounds": args.rounds, "fraction": args.fraction,
                                  "epochs": args.epochs, "max_examples": args.max_examples,
-                                 "lr_decay": args.lr_decay, "last": args.last},
+                                 "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum,
+                                 "last": args.last},
                     "rows": rows_of(runs, args.last),
                     "runs": runs,
                 }

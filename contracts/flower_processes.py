@@ -8,6 +8,7 @@ we. Every process gets a FLWR_HOME inside our state directory, telemetry and upd
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -33,6 +34,33 @@ def pick_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+class PortInUseError(RuntimeError):
+    """A port one of our processes must listen on is held by something else."""
+
+
+def require_free_port(host: str, port: int, what: str) -> None:
+    """Refuse to start ``what`` on a port something already listens on.
+
+    A health check alone would be answered by whatever holds the port (an old SuperLink left running), and
+    the new process would fail to bind behind it unnoticed. PortInUseError names the holder where it can."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        try:
+            s.bind((host, port))
+            return
+        except OSError as e:
+            reason = e.strerror
+    holder = ""
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections(kind="inet"):
+            if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
+                process = psutil.Process(conn.pid)
+                holder = f" (held by pid {conn.pid}, {' '.join(process.cmdline()[:3])})"
+                break
+    raise PortInUseError(f"cannot start the {what} on {host}:{port}: {reason}{holder}; stop what holds it or "
+                         "choose another port")
 
 
 def toml_value(value: object) -> str:
@@ -67,8 +95,36 @@ In a real fleet the devices' training runs on the devices; simulated on one mach
 CPU from the control plane and the registry, and heartbeats would fall behind for a reason no deployment has."""
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Linux: a function for the child, between fork and exec, that asks the kernel to SIGTERM it when the
+    thread that started it dies, even by kill -9 (prctl PR_SET_PDEATHSIG; it survives exec, so `nice` keeps
+    it). Resolved here, before any fork, so the child only makes one call. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def die_with_parent() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return die_with_parent
+
+
+_DIE_WITH_PARENT = _parent_death_signal()
+REAPER = Path(__file__).with_name("reaper.py")
+
+
 class ManagedProcess:
-    """A child process in its own process group, so stopping it also stops what it spawned."""
+    """A child process in its own process group, so stopping it also stops what it spawned.
+
+    It dies with us, and so does everything it spawns: the command runs under ``contracts/reaper.py``, which the
+    kernel sends SIGTERM if this process is killed (even by kill -9), and which then ends the whole tree below
+    it — the SuperLink or SuperNode, and Flower's simulation and Ray, which leave for sessions of their own —
+    instead of letting them train and publish on as a headless fleet. Start it from a thread that lives as long
+    as it should (the main thread): the kernel's signal follows the thread that started the process."""
 
     def __init__(self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_path: Path,
                  niceness: int = 0) -> None:
@@ -76,11 +132,13 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")
+        cmd = [sys.executable, str(REAPER), "--", *cmd]  # ends the whole tree with us (contracts/reaper.py)
         if niceness and (nice := shutil.which("nice")):  # children inherit it; nice execs, so the pid is the same
             cmd = [nice, "-n", str(niceness), *cmd]
         log.info("starting %s: %s", name, " ".join(cmd))
         self.proc = subprocess.Popen(
-            list(cmd), env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=_DIE_WITH_PARENT,  # noqa: PLW1509 - one prctl call, resolved before the fork
         )
 
     def alive(self) -> bool:
@@ -151,6 +209,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = False) -> ManagedProcess:
+    require_free_port(host, port, "SuperLink")
     cmd = [
         str(Path(sys.executable).parent / "flower-superlink"),
         "--insecure",
@@ -171,6 +230,7 @@ def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = Fa
 def start_supernode(
     state_dir: Path, superlink: str, port: int, node_config: Mapping[str, object], name: str
 ) -> ManagedProcess:
+    require_free_port("127.0.0.1", port, f"SuperNode of {name}")
     config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
     cmd = [
         str(Path(sys.executable).parent / "flower-supernode"),

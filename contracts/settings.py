@@ -56,6 +56,7 @@ class RunSettings:
     epochs: float  # local epochs per round
     lr: float
     lr_decay: float  # the last round's learning rate as a share of lr (cosine over the rounds; 1 = constant)
+    server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     batch_size: int
     max_examples: int  # per device per round; 0 = its whole shard
@@ -74,6 +75,7 @@ class RunSettings:
             (self.epochs > 0, "epochs", "a number > 0"),
             (self.lr >= 0, "lr", "a number >= 0"),
             (0 < self.lr_decay <= 1, "lr-decay", "a number in (0, 1]"),
+            (0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)"),
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),

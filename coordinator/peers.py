@@ -43,6 +43,9 @@ class WidthStrategy(DressStrategy):
         """A peer's device replies the very slices it was sent, trained."""
         return record.to_torch_state_dict()
 
+    def reorder(self) -> None:
+        """Width-nested levels are channel prefixes in a fixed order: nothing to re-rank."""
+
     @torch.no_grad()
     def absorb(self, updates: list[Update]) -> None:
         state = self.model.state_dict()

@@ -48,7 +48,7 @@ class RoundPublisher:
             return metrics
         version = None
         stats = self.stats[server_round]
-        withheld = stats.withheld or self.withhold_reason(accuracy)
+        withheld = stats.withheld or self.withhold_reason(stats, accuracy)
         if withheld:
             stats.withheld = withheld
             log.warning("round %d: model not published: %s", server_round, withheld)
@@ -69,8 +69,11 @@ class RoundPublisher:
         )
         return metrics
 
-    def withhold_reason(self, accuracy: Mapping[float, float]) -> str | None:
-        """Why this round's model must not reach the fleet, or None: not finite, or its accuracy collapsed."""
+    def withhold_reason(self, stats: RoundStats, accuracy: Mapping[float, float]) -> str | None:
+        """Why this round's model must not reach the fleet, or None: nobody trained it (a new version of the
+        same weights would only make every agent download them again), not finite, or its accuracy collapsed."""
+        if not stats.participants:
+            return "no device's update counted this round"
         if not all_finite(self.model.state_dict().values()):
             return "weights are not finite"
         best = max(accuracy.values())

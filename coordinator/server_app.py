@@ -61,6 +61,7 @@ def main(grid: Grid, context: Context) -> None:
         # A reply may claim no more examples than a device trains on per round (the whole split bounds a shard).
         common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed,
                       stale_after=settings.stale_after, lr_at=settings.lr_at,
+                      server_momentum=settings.server_momentum,
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))

@@ -79,6 +79,7 @@ class DressStrategy(Strategy):
         stale_after: timedelta,
         max_examples: int,
         lr_at: Callable[[int], float] | None = None,
+        server_momentum: float = 0.0,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
@@ -86,6 +87,8 @@ class DressStrategy(Strategy):
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
         self.stale_after = stale_after  # a device silent this long is offline and not sampled
         self.lr_at = lr_at  # the round's learning rate (RunSettings.lr_at); None = the train config's, every round
+        self.server_momentum = server_momentum
+        self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
         self.node_devices: dict[int, str] = {}
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
         self.sent: dict[int, Sent] = {}  # node id -> what its device was sent this round
@@ -211,9 +214,13 @@ class DressStrategy(Strategy):
             stats.compute_s.append(compute_s)
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.absorb(updates)
+        if updates:
+            self.server_step(before)
+        self.reorder()
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
         if not all_finite(self.model.state_dict().values()):
             self.model.load_state_dict(before)  # checked replies can still overflow together: keep the last model
+            self.velocity = {}
             stats.withheld = "the aggregate was not finite; the round was rolled back"
             log.warning("round %d: %s", server_round, stats.withheld)
         stats.server_s = time.perf_counter() - server_start
@@ -245,9 +252,31 @@ class DressStrategy(Strategy):
         return upload_state(sent)  # type: ignore[arg-type]
 
     def absorb(self, updates: list[Update]) -> None:
-        """Fold the round's replies into the global model: aggregate, then re-rank every row."""
+        """Fold the round's replies into the global model (``coordinator.aggregation``)."""
         aggregate(self.model, updates)
+
+    def reorder(self) -> None:
+        """After the weights moved: re-rank every row, so each subnet keeps its most important weights."""
         self.model.rerank()
+
+    # -- the server's own step, the same for every method ---------------------------------------------
+
+    @torch.no_grad()
+    def server_step(self, before: dict[str, torch.Tensor]) -> None:
+        """FedAvgM: step along a momentum of the rounds' aggregated updates instead of the last one alone.
+
+        A round's average of ten devices' few local steps is one small, low-noise step; with momentum ``m``
+        the server keeps going in the direction the rounds agree on, about 1/(1-m) times as far (Hsu et al.
+        2019). Parameters only: BN statistics are recomputed on server data after every round. The velocity
+        lives in this process; a restarted coordinator starts it from zero."""
+        if not self.server_momentum:
+            return
+        for name, param in self.model.named_parameters():
+            delta = param - before[name]
+            velocity = self.velocity.get(name)
+            velocity = delta if velocity is None else velocity.mul_(self.server_momentum).add_(delta)
+            self.velocity[name] = velocity
+            param.copy_(before[name] + velocity)
 
     # -- evaluation happens on the server (the publisher), every density, every round -------------------
 

@@ -36,6 +36,17 @@ class Architecture:
     width: int = 16
     bn_affine: Literal["per-density", "shared"] = "per-density"
 
+    def __post_init__(self) -> None:
+        """A stored architecture comes from a file someone else wrote: every field is checked before use."""
+        if parse_densities(self.densities) != tuple(self.densities):
+            raise ValueError(f"densities must be ascending, got {list(self.densities)}")
+        for name, low, high in _SIZE_LIMITS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"architecture {name} must be an integer in [{low}, {high}], got {value!r}")
+        if self.bn_affine not in ("per-density", "shared"):
+            raise ValueError(f"architecture bn_affine must be 'per-density' or 'shared', got {self.bn_affine!r}")
+
     def to_json(self) -> dict:
         return asdict(self)
 
@@ -46,8 +57,13 @@ class Architecture:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown architecture fields {sorted(unknown)}; expected {sorted(known)}")
+        if not isinstance(data.get("densities"), list):
+            raise ValueError(f"architecture densities must be a list of numbers, got {data.get('densities')!r}")
         return cls(**{**data, "densities": tuple(data["densities"])})
 
+
+# (field, lowest, highest): far beyond any edge model, small enough that a declared size cannot ask for terabytes.
+_SIZE_LIMITS = (("in_channels", 1, 64), ("num_classes", 1, 100_000), ("image_size", 4, 4096), ("width", 1, 4096))
 
 # Fields checkpoints of version 0.1 wrote with these values; they carry no information for a DRESS model.
 _LEGACY_FIELDS: dict[str, object] = {"family": "dress", "slim_widths": []}

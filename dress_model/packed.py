@@ -274,10 +274,17 @@ class PackedModel(nn.Module):
         header = dress_header(data, source, FORMAT, VERSION, PackedFormatError, "packed DRESS model")
         try:
             arch = Architecture.from_json(header["architecture"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise PackedFormatError(f"{source}: invalid architecture: {e}") from None
+        _check_declared_shapes(source, arch, data)  # before anything is allocated for what the header declares
+        try:
             packed = cls(arch)
             tensors = load_tensors(data)
         except (SafetensorError, ValueError, KeyError, TypeError) as e:
             raise PackedFormatError(f"{source}: invalid packed model: {e}") from None
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise PackedFormatError(f"{source}: {key} holds non-finite values (NaN or infinity)")
         for name, layer in packed.packed_layers():
             tensors[f"{name}.bands"] = layer.bands
             _check_layer(source, name, layer, tensors)
@@ -313,6 +320,33 @@ class PackedModel(nn.Module):
             state[f"{name}.order"] = torch.cat([head, tail], dim=1).to(torch.int32)
         model.load_state_dict(state, strict=True)
         return model
+
+
+def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None:
+    """Every tensor the architecture needs is in the file with exactly its shape, and nothing else is.
+
+    The architecture is built on the meta device (shapes, no memory), and the file's shapes come from its
+    safetensors header: a header declaring a huge model fails here, before a byte of it is allocated."""
+    with torch.device("meta"):
+        net = create_model(arch)
+    want = {key: tuple(t.shape) for key, t in net.state_dict().items()}
+    for name, layer in net.sparse_layers():
+        del want[f"{name}.weight"], want[f"{name}.order"]
+        want[f"{name}.values"] = want[f"{name}.indices"] = (layer.rows * keep_count(arch.densities[-1], layer.cols),)
+    try:
+        n = int.from_bytes(data[:8], "little")
+        table = json.loads(data[8 : 8 + n])
+        have = {key: tuple(int(x) for x in entry["shape"]) for key, entry in table.items() if key != "__metadata__"}
+    except (ValueError, KeyError, TypeError) as e:
+        raise PackedFormatError(f"{source}: unreadable tensor table: {e}") from None
+    if missing := sorted(set(want) - set(have)):
+        raise PackedFormatError(f"{source}: lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    if extra := sorted(set(have) - set(want)):
+        raise PackedFormatError(f"{source}: holds tensors the architecture has no place for: {extra[:5]}")
+    for key, shape in want.items():
+        if have[key] != shape:
+            raise PackedFormatError(f"{source}: {key} has shape {list(have[key])}, the declared architecture "
+                                    f"needs {list(shape)}")
 
 
 def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str, torch.Tensor]) -> None:

@@ -60,3 +60,48 @@ def test_no_updates_change_nothing() -> None:
     aggregate(model, [])
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+# -- the server's own step after aggregation (FedAvgM) -------------------------------------------------------
+
+
+def _server(momentum: float):
+    from datetime import timedelta
+
+    from coordinator.strategy import DressStrategy
+
+    model = create_model("cnn", "1,0.5,0.25,0.1", width=4)
+    strategy = DressStrategy(model, None, None, fraction=1.0, min_devices=1, seed=0,  # type: ignore[arg-type]
+                             stale_after=timedelta(seconds=30), max_examples=100, server_momentum=momentum)
+    return model, strategy
+
+
+def _round(model, strategy, delta: float) -> dict[str, torch.Tensor]:
+    """Aggregation moved every parameter and BN statistic by ``delta``; then the server takes its step."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(delta)
+    strategy.server_step(before)
+    return before
+
+
+def test_server_momentum_keeps_moving_along_the_rounds_updates() -> None:
+    model, strategy = _server(0.5)
+    _round(model, strategy, 1.0)  # first round: velocity = update
+    before = _round(model, strategy, 1.0)  # second: velocity = 0.5 * 1 + 1
+    after = model.state_dict()
+    assert torch.allclose(after["fc2.weight"] - before["fc2.weight"], torch.full_like(before["fc2.weight"], 1.5))
+    assert torch.allclose(after["bn1.weight"] - before["bn1.weight"], torch.full_like(before["bn1.weight"], 1.5))
+    # statistics are recomputed on server data every round: momentum never touches buffers
+    assert torch.allclose(after["bn1.running_mean"] - before["bn1.running_mean"], torch.ones_like(before["bn1.running_mean"]))
+    assert torch.equal(after["conv2.order"], before["conv2.order"])
+
+
+def test_without_server_momentum_the_aggregate_stands() -> None:
+    model, strategy = _server(0.0)
+    _round(model, strategy, 1.0)
+    before = _round(model, strategy, 1.0)
+    assert torch.allclose(model.state_dict()["fc2.weight"] - before["fc2.weight"], torch.ones_like(before["fc2.weight"]))
+    assert strategy.velocity == {}

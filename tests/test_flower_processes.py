@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from contracts.flower_processes import ManagedProcess
+from contracts.flower_processes import ManagedProcess, PortInUseError, require_free_port, start_superlink
 
 # The child leaves for a session of its own, as SuperExec's flwr-simulation does: a signal to the group misses it.
 SPAWNS_A_CHILD = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
@@ -56,18 +58,50 @@ finally:
 """
 
 
-def test_a_terminated_owner_stops_what_it_started(tmp_path: Path) -> None:
-    """`kill` of a coordinator, a simulation or a benchmark (SIGTERM) must not leave its SuperLink and Ray behind."""
+def _owner_of_a_tree(tmp_path: Path) -> tuple[subprocess.Popen, psutil.Process, list[psutil.Process]]:
+    """A process owning a ManagedProcess whose command started a child in a session of its own."""
     owner = subprocess.Popen([sys.executable, "-c", OWNER, str(tmp_path / "log")], stdout=subprocess.PIPE, text=True,
                              cwd=Path(__file__).resolve().parent.parent)
     managed = psutil.Process(int(owner.stdout.readline()))
     tree: list[psutil.Process] = []
     for _ in range(100):
         tree = managed.children(recursive=True)
-        if tree:
+        if len(tree) >= 2:  # the command and its child
             break
         time.sleep(0.05)
-    assert tree, "the managed process did not start its child"
+    assert len(tree) >= 2, "the managed process did not start its child"
+    return owner, managed, tree
+
+
+def _gone(managed: psutil.Process, tree: list[psutil.Process]) -> bool:
+    deadline = time.monotonic() + 20
+    while (_running(managed) or any(map(_running, tree))) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not _running(managed) and not any(map(_running, tree))
+
+
+def test_a_terminated_owner_stops_what_it_started(tmp_path: Path) -> None:
+    """`kill` of a coordinator, a simulation or a benchmark (SIGTERM) must not leave its SuperLink and Ray behind."""
+    owner, managed, tree = _owner_of_a_tree(tmp_path)
     owner.terminate()
     assert owner.wait(timeout=20) != 0
-    assert not _running(managed) and not any(map(_running, tree))
+    assert _gone(managed, tree)
+
+
+def test_a_killed_owner_takes_its_managed_process_along(tmp_path: Path) -> None:
+    """kill -9 of a coordinator or an agent runs no ``finally``: the kernel tells the reaper, which ends the tree."""
+    owner, managed, tree = _owner_of_a_tree(tmp_path)
+    owner.kill()
+    owner.wait(timeout=20)
+    assert _gone(managed, tree)
+
+
+def test_a_port_held_by_another_process_is_refused_with_its_holder(tmp_path: Path) -> None:
+    """An old SuperLink left running would answer the new one's health check: starting must fail instead."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"SuperLink on 127.0.0.1:{port}.*held by pid {os.getpid()}"):
+            start_superlink(tmp_path, "127.0.0.1", port)
+    require_free_port("127.0.0.1", port, "SuperLink")  # released: free again

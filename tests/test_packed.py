@@ -115,10 +115,21 @@ BAD = {
         "repeats a column",
     ),
     "wrong dtype": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")].double()), "float32"),
-    "short values": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")][:-1].clone()), r"float32 \["),
+    "short values": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")][:-1].clone()), "has shape"),
     "missing tensor": (lambda t, h: t.pop(_first_key(t, ".indices")), "lacks"),
-    "bn shape": (lambda t, h: t.__setitem__("bn1.running_mean", torch.zeros(2, 3)), "do not match"),
+    "extra tensor": (lambda t, h: t.__setitem__("spare", torch.zeros(3)), "no place for"),
+    "bn shape": (lambda t, h: t.__setitem__("bn1.running_mean", torch.zeros(2, 3)), "has shape"),
     "unknown architecture field": (lambda t, h: h["architecture"].update(depth=5), "unknown architecture fields"),
+    "NaN weight": (lambda t, h: t[_first_key(t, ".values")].__setitem__(3, float("nan")), "non-finite"),
+    "infinite BN scale": (lambda t, h: t["bn1.weight"].__setitem__((0, 0), float("inf")), "non-finite"),
+    "density above 1": (lambda t, h: h["architecture"].update(densities=[7.0]), r"in \(0, 1\]"),
+    "densities not a list": (lambda t, h: h["architecture"].update(densities="0.5"), "list of numbers"),
+    "descending densities": (lambda t, h: h["architecture"].update(densities=[1.0, 0.5, 0.25, 0.1]), "ascending"),
+    "width 0": (lambda t, h: h["architecture"].update(width=0), "width must be an integer"),
+    "width not an integer": (lambda t, h: h["architecture"].update(width=16.5), "width must be an integer"),
+    "huge image": (lambda t, h: h["architecture"].update(image_size=10**9), "image_size must be"),
+    # within every limit but not what the file holds: refused from the header, before allocating ~100 MB
+    "wider than the file": (lambda t, h: h["architecture"].update(width=1024), "has shape"),
 }
 
 

@@ -148,10 +148,10 @@ def test_a_round_whose_aggregate_is_not_finite_is_rolled_back(sqlite_url: str, c
     assert all(torch.equal(after[k], before[k]) for k in before)
 
 
-# -- the publisher: a round that is not finite, or whose accuracy collapsed, never reaches the fleet --------
+# -- the publisher: a round nobody trained, not finite, or whose accuracy collapsed never reaches the fleet -
 
 
-def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, tmp_path) -> None:
+def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, calibration: list, tmp_path) -> None:
     torch.manual_seed(0)
     model = build_run_model(RunSettings.defaults(width=4))
     good = {k: v.clone() for k, v in model.state_dict().items()}
@@ -161,8 +161,10 @@ def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, tmp_pat
     with torch.no_grad():
         labels = model(images).argmax(1)  # a test set the round-1 model gets entirely right at d=1
     test = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=64)
-    stats = {r: RoundStats(r) for r in (1, 2, 3, 4)}
     with Registry(sqlite_url) as registry:
+        pi = registry.register_device("pi", "pi4", calibration).device_id
+        stats = {r: RoundStats(r, participants={pi: ("pi", 0.1)}) for r in (1, 2, 3, 4)}
+        stats[5] = RoundStats(5)  # every device dropped out or was rejected
         publisher = RoundPublisher(model, registry, test, tmp_path / "checkpoints", stats)
         publisher(1, ArrayRecord(torch_state_dict=good))
         assert registry.current_model_version() == "round-1" and stats[1].withheld is None
@@ -175,5 +177,7 @@ def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, tmp_pat
         assert registry.current_model_version() == "round-1" and "accuracy collapsed" in stats[3].withheld
         publisher(4, ArrayRecord(torch_state_dict=good))
         assert registry.current_model_version() == "round-4"
+        publisher(5, ArrayRecord(torch_state_dict=good))
+        assert registry.current_model_version() == "round-4" and "no device" in stats[5].withheld
         withheld = {r.round: r.details["withheld"] for r in registry.list_rounds()}
-    assert withheld[1] is None and withheld[4] is None and withheld[2] and withheld[3]
+    assert withheld[1] is None and withheld[4] is None and withheld[2] and withheld[3] and withheld[5]
