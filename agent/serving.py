@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from contracts.checked_service import add_checked_servicer
 from dress_model.packed import PackedFormatError, PackedModel
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
@@ -239,7 +240,7 @@ def serve(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="agent-predict"),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
     )
-    agent_grpc.add_AgentServicer_to_server(AgentServicer(served, identity), server)
+    add_checked_servicer(AgentServicer(served, identity), server, agent_pb.DESCRIPTOR.services_by_name["Agent"])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

@@ -59,6 +59,7 @@ PartitionOption = Annotated[str, typer.Option(help="How the training split is sh
 EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
 LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate (the first round's peak).")]
 LrDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's learning rate as a share of --lr, cosine over the rounds (1 = constant).")]
+AggregationOption = Annotated[str, typer.Option(help="Per weight over the devices that trained it: mean (FedAvg), median or trimmed-mean:BETA (robust to a minority of lying devices; DRESS only).")]
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
@@ -98,6 +99,7 @@ def coordinator_start_cmd(
     lr: LrOption = DEFAULTS.lr,
     lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
+    aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     seed: SeedOption = DEFAULTS.seed,
@@ -107,7 +109,7 @@ def coordinator_start_cmd(
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, distill=distill,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port))
@@ -157,6 +159,7 @@ def simulate_cmd(
     lr: LrOption = DEFAULTS.lr,
     lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
+    aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a few rounds (generated traces).")] = SimulationSettings.dropout,
@@ -169,7 +172,7 @@ def simulate_cmd(
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, distill=distill, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip
     try:

@@ -33,6 +33,32 @@ RunConfig = dict[str, bool | int | float | str]
 STALE_HEARTBEATS = 6
 
 
+@dataclass(frozen=True)
+class Aggregation:
+    """How the server averages a weight over the devices that trained it (``coordinator.aggregation``)."""
+
+    name: str  # mean (examples-weighted, FedAvg), median, trimmed-mean (coordinate-wise, over the holders)
+    trim: float = 0.0  # trimmed-mean: the share of holders cut from each end
+
+    @classmethod
+    def parse(cls, spec: str) -> Aggregation:
+        """'mean', 'median' or 'trimmed-mean:BETA' with BETA in (0, 0.5)."""
+        name, _, arg = spec.partition(":")
+        if name in ("mean", "median") and not arg:
+            return cls(name)
+        if name == "trimmed-mean":
+            try:
+                trim = float(arg)
+            except ValueError:
+                trim = math.nan
+            if 0 < trim < 0.5:
+                return cls(name, trim)
+        raise ValueError(f"aggregation must be mean, median or trimmed-mean:BETA with BETA in (0, 0.5), got {spec!r}")
+
+
+MEAN = Aggregation("mean")
+
+
 class SettingsError(ValueError):
     """A run setting is missing, of the wrong type or out of range; the message names it and what is expected."""
 
@@ -56,6 +82,7 @@ class RunSettings:
     epochs: float  # local epochs per round
     lr: float
     lr_decay: float  # the last round's learning rate as a share of lr (cosine over the rounds; 1 = constant)
+    aggregation: str  # mean, median or trimmed-mean:BETA (Aggregation): robust ones resist lying devices
     server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     batch_size: int
@@ -92,6 +119,9 @@ class RunSettings:
             densities = parse_densities(self.densities) if self.densities else DEFAULT_DENSITIES
             object.__setattr__(self, "densities", format_densities(densities))
             parse_partition(self.partition)
+            if Aggregation.parse(self.aggregation) != MEAN and self.method != "dress":
+                raise ValueError(f"aggregation {self.aggregation} is DRESS's; {self.method} averages as it was "
+                                 "published (aggregation mean)")
         except ValueError as e:
             raise SettingsError(f"run setting: {e}") from None
 

@@ -12,12 +12,14 @@ barely moves; the bands drift apart and the densest subnet ends up the least acc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dress_model.layers import DensityBatchNorm
+from contracts.settings import MEAN, Aggregation
+from dress_model.layers import DensityBatchNorm, RowSparse
 from dress_model.models import DressModel
 from dress_model.packed import unpack_rows
 
@@ -33,45 +35,82 @@ class Update:
 
 
 @torch.no_grad()
-def aggregate(model: DressModel, updates: list[Update]) -> None:
+def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN) -> None:
     """Move ``model`` in place towards each weight's average over the devices that trained it (weights, biases,
-    per-density BN), by the share of the round's examples those devices hold."""
+    per-density BN), by the share of the round's examples those devices hold.
+
+    ``rule`` says which average: the examples-weighted mean (FedAvg), or, robust to a minority of devices
+    replying anything they like, the coordinate-wise median or trimmed mean over the devices that held the
+    weight (unweighted: a liar would otherwise claim many examples)."""
     updates = [u for u in updates if u.num_examples > 0]
     if not updates:
         return
     examples = float(sum(u.num_examples for u in updates))
-    n_all = len(model.densities)
     state = model.state_dict()
-    sparse = dict(model.sparse_layers())
     for key, current in state.items():
-        owner, _, field = key.rpartition(".")
-        if owner in sparse and field == "order":
-            continue
-        total = torch.zeros_like(current, dtype=torch.float64)
-        weight = torch.zeros_like(current, dtype=torch.float64)
-        for u in updates:
-            if owner in sparse and field == "weight":
-                layer = u.sent.net.get_submodule(owner)
-                values = u.tensors[f"{owner}.values"]
-                w2d = unpack_rows(values, layer.indices, layer.bands, layer.rows, layer.cols)
-                mask = unpack_rows(torch.ones_like(values), layer.indices, layer.bands, layer.rows, layer.cols)
-                total += u.num_examples * w2d.reshape(current.shape)
-                weight += u.num_examples * mask.reshape(current.shape)
-                continue
-            theirs = u.tensors.get(key)
-            if theirs is None:
-                continue
-            per_density = isinstance(model.get_submodule(owner), DensityBatchNorm) and current.shape[:1] == (n_all,)
-            if per_density and theirs.shape[0] < n_all:  # only the rows of the densities this device trained
-                rows = theirs.shape[0]
-                total[:rows] += u.num_examples * theirs.double()
-                weight[:rows] += u.num_examples
-            else:
-                total += u.num_examples * theirs.double()
-                weight += u.num_examples
         if not current.is_floating_point():
-            continue  # counters (BN num_batches) are bookkeeping, not learned
-        # old + (weight / examples) * (total / weight - old), written without dividing by zero
-        moved = current.double() + (total - weight * current.double()) / examples
+            continue  # row orders and BN counters are bookkeeping, not learned
+        old = current.double()
+        if rule.name == "mean":
+            total = torch.zeros_like(old)
+            weight = torch.zeros_like(old)
+            for value, held, n in _contributions(model, key, current, updates):
+                total += n * value * held
+                weight += n * held
+            average = total / weight.clamp_min(1e-300)
+        else:
+            parts = list(_contributions(model, key, current, updates))
+            if not parts:
+                continue
+            values = torch.stack([value for value, _, _ in parts])
+            held = torch.stack([h for _, h, _ in parts])
+            weight = sum(n * h for _, h, n in parts)
+            average = _robust(values, held, rule)
+        # old + (weight / examples) * (average - old): a weight nobody trained (weight 0) keeps its value
+        moved = torch.where(weight > 0, old + (weight / examples) * (average - old), old)
         current.copy_(moved.to(current.dtype))
     model.load_state_dict(state)
+
+
+def _contributions(model: DressModel, key: str, current: torch.Tensor,
+                   updates: list[Update]) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per device that sent ``key``: (its value in the global tensor's shape, float64; 1 where it trained the
+    element, else 0; its examples)."""
+    owner, _, field = key.rpartition(".")
+    module = model.get_submodule(owner)
+    n_all = len(model.densities)
+    for u in updates:
+        if isinstance(module, RowSparse) and field == "weight":
+            layer = u.sent.net.get_submodule(owner)
+            values = u.tensors[f"{owner}.values"]
+            w2d = unpack_rows(values, layer.indices, layer.bands, layer.rows, layer.cols)
+            mask = unpack_rows(torch.ones_like(values), layer.indices, layer.bands, layer.rows, layer.cols)
+            yield w2d.reshape(current.shape).double(), mask.reshape(current.shape).double(), u.num_examples
+            continue
+        theirs = u.tensors.get(key)
+        if theirs is None:
+            continue
+        held = torch.ones_like(current, dtype=torch.float64)
+        if isinstance(module, DensityBatchNorm) and current.shape[:1] == (n_all,) and theirs.shape[0] < n_all:
+            rows = theirs.shape[0]  # only the rows of the densities this device trained
+            value = torch.zeros_like(current, dtype=torch.float64)
+            value[:rows] = theirs.double()
+            held[rows:] = 0
+            yield value, held, u.num_examples
+        else:
+            yield theirs.double().reshape(current.shape), held, u.num_examples
+
+
+def _robust(values: torch.Tensor, held: torch.Tensor, rule: Aggregation) -> torch.Tensor:
+    """Coordinate-wise median or trimmed mean over the devices (dim 0) that held each element."""
+    count = held.sum(0)
+    ranked = torch.where(held > 0, values, torch.inf).sort(dim=0).values  # the holders first, ascending
+    rank = torch.arange(values.shape[0], dtype=torch.float64).reshape(-1, *([1] * (values.dim() - 1)))
+    if rule.name == "median":  # the middle one, or the mean of the middle two
+        low, high = torch.floor((count - 1) / 2), torch.ceil((count - 1) / 2)
+        keep = (rank == low) | (rank == high)
+    else:
+        cut = torch.floor(rule.trim * count)
+        keep = (rank >= cut) & (rank < count - cut)
+    kept = torch.where(keep, ranked, 0.0)
+    return kept.sum(0) / keep.sum(0).clamp_min(1)

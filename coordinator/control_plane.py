@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from contracts.checked_service import add_checked_servicer
 from contracts.policy import Budget, CalibrationPoint, validate_calibration
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceNotFoundError, InvalidInputError, Registry
@@ -145,7 +146,7 @@ def serve(
     servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,
                                     max_fetches or max(1, max_workers // 2),
                                     heartbeat_s or RunSettings.defaults().heartbeat_s)
-    pb_grpc.add_ControlPlaneServicer_to_server(servicer, server)
+    add_checked_servicer(servicer, server, pb.DESCRIPTOR.services_by_name["ControlPlane"])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):

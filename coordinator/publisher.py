@@ -33,20 +33,23 @@ class RoundPublisher:
     """``evaluate_fn`` for ``Strategy.start``: (round, arrays) -> accuracy per density, as a MetricRecord."""
 
     def __init__(self, model: DressModel, registry: Registry, test: DataLoader, checkpoint_dir: Path | None,
-                 stats: Mapping[int, RoundStats]) -> None:
+                 stats: Mapping[int, RoundStats], *, first_round: int = 1,
+                 published_best: float | None = None) -> None:
         self.model, self.registry, self.test = model, registry, test
         self.checkpoint_dir = checkpoint_dir  # None: evaluate and record rounds, publish nothing
         self.stats = stats  # the strategy's, filled while the round trained
-        self.published_best: float | None = None  # best subnet accuracy of the last published version
+        self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
+        self.published_best = published_best  # best subnet accuracy of the last published version
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
         self.model.load_state_dict(arrays.to_torch_state_dict())
         accuracy = evaluate(self.model, self.test)
         metrics = MetricRecord({f"accuracy-{d:g}": a for d, a in accuracy.items()})
-        if server_round == 0:  # the initial model: nothing trained, nothing to publish
+        if server_round == 0:  # the initial (or resumed) model: nothing trained, nothing to publish
             return metrics
-        version = None
+        server_round += self.offset
+        version, published = None, None
         stats = self.stats[server_round]
         withheld = stats.withheld or self.withhold_reason(stats, accuracy)
         if withheld:
@@ -55,8 +58,7 @@ class RoundPublisher:
         elif self.checkpoint_dir is not None:
             version = f"round-{server_round}"
             path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors", {"round": server_round})
-            self.registry.add_model_version(version, str(path), self.model.densities)
-            self.published_best = max(accuracy.values())
+            published = (str(path), self.model.densities)
         stats.server_s += time.perf_counter() - start
         self.registry.record_round(
             server_round,
@@ -66,7 +68,10 @@ class RoundPublisher:
             bytes_received=sum(map(sum, stats.bytes_up.values())),
             model_version=version,
             details=round_details(stats),
+            published=published,  # the version and its round in one transaction: a crash leaves both or neither
         )
+        if published:
+            self.published_best = max(accuracy.values())
         return metrics
 
     def withhold_reason(self, stats: RoundStats, accuracy: Mapping[float, float]) -> str | None:

@@ -17,12 +17,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from contracts.messages import train_config
 from contracts.methods import get_method
-from contracts.settings import RunSettings, build_run_model
+from contracts.settings import Aggregation, RunSettings, build_run_model
 from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
 from coordinator.registry.repository import Registry
 from coordinator.strategy import DressStrategy
+from dress_model.checkpoint import CheckpointError, load_checkpoint
 from dress_model.data import load_dataset
+from dress_model.models import DressModel
 
 log = logging.getLogger(__name__)
 app = ServerApp()
@@ -38,6 +40,32 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 300.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {count} nodes joined in {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def resume(registry: Registry, model: DressModel) -> tuple[int, float | None]:
+    """Continue where this state directory's run stopped: the rounds it recorded, and the best subnet accuracy of
+    the last published model, whose weights are loaded into ``model``. (0, None) for a fresh state directory.
+
+    A round is recorded and its model published in one transaction, so the last published checkpoint is the
+    model after the last recorded round, or after an earlier one when later rounds were withheld — and a
+    withheld round left the model where the published one was, or worse. ValueError when the checkpoint is of
+    another architecture than this run's settings (a state directory reused for a different model)."""
+    done, version = registry.last_round(), registry.current_model_version()
+    path = registry.model_checkpoint(version) if version else None
+    if not done or path is None:
+        return done, None
+    try:
+        saved, _ = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ValueError(f"cannot resume after round {done}: {e}") from None
+    if saved.arch != model.arch:
+        raise ValueError(f"cannot resume: {path} holds {saved.arch}, these settings build {model.arch}; "
+                         "use a new state directory for a different model")
+    model.load_state_dict(saved.state_dict())
+    best = max((max(m["accuracy"] for m in r.metrics.values()) for r in registry.list_rounds()
+                if r.model_version == version and not r.details.get("withheld")), default=None)
+    log.info("resuming after round %d from model version %s (%s)", done, version, path)
+    return done, best
 
 
 @app.main()
@@ -58,20 +86,28 @@ def main(grid: Grid, context: Context) -> None:
 
     registry = Registry(settings.db_url or None, state_dir=state_dir)
     try:
+        if not dress and registry.last_round():
+            raise ValueError(f"{state_dir} holds rounds already: a peer's run starts from a fresh state directory")
+        done, published_best = resume(registry, model) if dress else (0, None)
+        if done >= settings.num_rounds:
+            log.info("all %d rounds are done already (state in %s)", settings.num_rounds, state_dir)
+            return
         # A reply may claim no more examples than a device trains on per round (the whole split bounds a shard).
         common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed,
                       stale_after=settings.stale_after, lr_at=settings.lr_at,
-                      server_momentum=settings.server_momentum,
+                      server_momentum=settings.server_momentum, first_round=done + 1,
+                      aggregation=Aggregation.parse(settings.aggregation),
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))
         # Agents serve DRESS's packed subnets: a peer's rounds are recorded, its models are not published.
         publisher = RoundPublisher(model, registry, test.loader(512, shuffle=False),
-                                   state_dir / "checkpoints" if dress else None, strategy.stats)
+                                   state_dir / "checkpoints" if dress else None, strategy.stats,
+                                   first_round=done + 1, published_best=published_best)
         wait_for_nodes(grid, settings.wait_for_nodes)
         result = strategy.start(grid, ArrayRecord(torch_state_dict=model.state_dict()),
-                                num_rounds=settings.num_rounds, timeout=ROUND_TIMEOUT_S,
+                                num_rounds=settings.num_rounds - done, timeout=ROUND_TIMEOUT_S,
                                 train_config=train_config(settings), evaluate_fn=publisher)
-        log.info("run finished: %s", result.evaluate_metrics_serverapp.get(settings.num_rounds))
+        log.info("run finished: %s", result.evaluate_metrics_serverapp.get(settings.num_rounds - done))
     finally:
         registry.close()

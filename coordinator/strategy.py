@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from torch.utils.data import DataLoader
 
 from contracts.messages import STATUS_QUERY, device_of, record_nbytes, subnet_record, train_message, upload_state
+from contracts.settings import MEAN, Aggregation
 from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
@@ -80,6 +81,8 @@ class DressStrategy(Strategy):
         max_examples: int,
         lr_at: Callable[[int], float] | None = None,
         server_momentum: float = 0.0,
+        first_round: int = 1,
+        aggregation: Aggregation = MEAN,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
@@ -87,7 +90,9 @@ class DressStrategy(Strategy):
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
         self.stale_after = stale_after  # a device silent this long is offline and not sampled
         self.lr_at = lr_at  # the round's learning rate (RunSettings.lr_at); None = the train config's, every round
+        self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
         self.server_momentum = server_momentum
+        self.aggregation = aggregation
         self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
         self.node_devices: dict[int, str] = {}
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
@@ -146,6 +151,7 @@ class DressStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.offset
         stats = self.stats[server_round] = RoundStats(server_round)
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.registry.mark_offline(self.stale_after)
@@ -180,6 +186,7 @@ class DressStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
         server_start = time.perf_counter()
         stats = self.stats[server_round]
         accepted: dict[int, tuple[Update, int, float]] = {}  # node -> (update, bytes up, device compute s)
@@ -253,7 +260,7 @@ class DressStrategy(Strategy):
 
     def absorb(self, updates: list[Update]) -> None:
         """Fold the round's replies into the global model (``coordinator.aggregation``)."""
-        aggregate(self.model, updates)
+        aggregate(self.model, updates, self.aggregation)
 
     def reorder(self) -> None:
         """After the weights moved: re-rank every row, so each subnet keeps its most important weights."""

@@ -401,3 +401,12 @@ def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedMo
             coordinator.stop()
     monitor.stop()  # idempotent
     assert not any(t.name.startswith("budget-monitor") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("method", ["Predict", "Status"])
+def test_predict_and_status_refuse_bytes_that_are_not_protobuf(agent: AgentServer, method: str) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{agent.port}") as channel:
+        call = channel.unary_unary(f"/{SERVICE_NAME}/{method}")
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\xff\xff\xff\xff\x0f", timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,6 +1,7 @@
 """Aggregation: each weight moves towards its average over the devices that trained it, by their share of
 the round's examples (devices that did not hold it count as replying it unchanged)."""
 
+import pytest
 import torch
 
 from coordinator.aggregation import Update, aggregate
@@ -52,6 +53,30 @@ def test_per_density_bn_rows_average_only_over_devices_that_have_them() -> None:
     torch.testing.assert_close(rm[0], torch.full((8,), (10 * 1.0 + 30 * 5.0) / 40))
     torch.testing.assert_close(rm[1], before[1] + (30 / 40) * (5.0 - before[1]))
     torch.testing.assert_close(rm[2], before[2])  # density 1.0: nobody trained it
+
+
+def test_robust_rules_ignore_a_minority_of_liars_per_weight() -> None:
+    """Three devices train the sparsest prefix honestly (+1, +2, +3), one lies (+1000) about a million examples:
+    the median and the trimmed mean stay with the honest ones; weights only the liar held move its share."""
+    from contracts.settings import Aggregation
+
+    torch.manual_seed(0)
+    results = {}
+    for spec in ("mean", "median", "trimmed-mean:0.25"):
+        model = create_model("cnn", "1,0.5,0.1", width=4).eval()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        honest = [device_update(model, 0.1, delta, examples=100) for delta in (1.0, 2.0, 3.0)]
+        liar = device_update(model, 0.5, 1000.0, examples=100)
+        aggregate(model, [*honest, liar], Aggregation.parse(spec))
+        mask01 = model.conv2.mask(0.1).bool()
+        only_liar = model.conv2.mask(0.5).bool() & ~mask01
+        diff = model.state_dict()["conv2.weight"] - before["conv2.weight"]
+        results[spec] = diff[mask01].mean().item()
+        # a weight only the liar held moves by its share of the examples, whatever the rule (1 of 4 devices)
+        torch.testing.assert_close(diff[only_liar], torch.full_like(diff[only_liar], 1000.0 / 4))
+    assert results["mean"] == pytest.approx((1 + 2 + 3 + 1000) / 4)
+    assert results["median"] == pytest.approx(2.5)  # middle two of 1, 2, 3, 1000
+    assert results["trimmed-mean:0.25"] == pytest.approx(2.5)  # one cut from each end: mean of 2 and 3
 
 
 def test_no_updates_change_nothing() -> None:

@@ -280,3 +280,17 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
     finally:
         release.set()
         server.stop(grace=None).wait()
+
+
+@pytest.mark.parametrize("method", ["Describe", "Register", "Heartbeat", "FetchModel"])
+def test_a_request_that_is_not_protobuf_is_invalid_argument_without_an_error_log(
+    channel: grpc.Channel, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Garbage bytes from anyone must not fill the log with tracebacks (grpc logs an ERROR when it parses them)."""
+    path = f"/{SERVICE_NAME}/{method}"
+    call = (channel.unary_stream(path) if method == "FetchModel" else channel.unary_unary(path))
+    garbage = b"\xff\xff\xff\xff\x0f"  # a field key no message has, then a truncated varint
+    with caplog.at_level("DEBUG"):
+        code, details = _status(lambda: list(call(garbage, timeout=5)) if method == "FetchModel" else call(garbage, timeout=5))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in details
+    assert not [r for r in caplog.records if r.levelno >= 30]

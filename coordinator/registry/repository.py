@@ -99,6 +99,16 @@ def _budget(latency_ms: float | None, memory_mb: float | None, battery: float | 
     return None if latency_ms is None or memory_mb is None else Budget(latency_ms, memory_mb, battery)
 
 
+def _version_row(version: str, checkpoint_path: str, densities: Iterable[float]) -> dict[str, Any]:
+    """A model_versions row, checked."""
+    if not 0 < len(version) <= MAX_NAME_LENGTH:
+        raise InvalidInputError(f"model version must be 1-{MAX_NAME_LENGTH} characters")
+    packed = sorted({_check_density(d) for d in densities}, reverse=True)
+    if not packed:
+        raise InvalidInputError("a model version needs at least one density")
+    return {"version": version, "checkpoint_path": checkpoint_path, "densities": packed, "created_at": _now()}
+
+
 class Registry:
     """Devices, their budgets and density history, training rounds and model versions.
 
@@ -350,13 +360,18 @@ class Registry:
         bytes_received: int,
         model_version: str | None = None,
         details: Mapping[str, Any] | None = None,
+        published: tuple[str, Iterable[float]] | None = None,
     ) -> None:
         """Store one finished training round; `model_version` defaults to the current one.
 
         `details` (JSON) is what the live view and the report show besides: who trained by name, bytes per
-        density, timings."""
+        density, timings. ``published`` = (checkpoint path, densities) publishes ``model_version`` in the same
+        transaction: a crash leaves the round both recorded and published, or neither (a restart redoes it)."""
         if bytes_sent < 0 or bytes_received < 0:
             raise InvalidInputError("byte counts must be >= 0")
+        if published is not None and model_version is None:
+            raise InvalidInputError("publishing a round's model needs its model version")
+        version_row = None if published is None else _version_row(model_version, *published)  # type: ignore[arg-type]
         members = [{"device_id": int(d), "density": _check_density(x)} for d, x in participants.items()]
         per_density = {str(_check_density(d)): _check_metrics(m, f"round {round_number}") for d, m in metrics.items()}
         try:
@@ -365,12 +380,17 @@ class Registry:
                 unknown = sorted(ids - set(conn.scalars(select(Device.id).where(Device.id.in_(ids)))))
                 if unknown:
                     raise DeviceNotFoundError(f"round {round_number}: unregistered devices {unknown}")
+                if version_row is not None:
+                    conn.execute(insert(ModelVersion).values(**version_row))
                 conn.execute(insert(TrainingRound).values(
                     round=round_number, participants=members, metrics=per_density, bytes_sent=bytes_sent,
                     bytes_received=bytes_received, model_version=model_version or conn.scalar(_LATEST_VERSION),
                     recorded_at=_now(), details=dict(details or {})))
         except IntegrityError as e:
-            raise InvalidInputError(f"round {round_number} already recorded, or unknown model version") from e
+            raise InvalidInputError(f"round {round_number} already recorded, or model version {model_version!r} "
+                                    "unknown or (publishing) already existing") from e
+        if published is not None:
+            log.info("model version %s at densities %s", model_version, version_row["densities"])  # type: ignore[index]
 
     def list_rounds(self) -> list[RoundRecord]:
         with self._read() as s:
@@ -381,6 +401,11 @@ class Registry:
                 for r in s.scalars(select(TrainingRound).order_by(TrainingRound.round))
             ]
 
+    def last_round(self) -> int:
+        """The highest round recorded, 0 before the first: where a restarted coordinator continues from."""
+        with self._read() as s:
+            return s.scalar(select(func.max(TrainingRound.round))) or 0
+
     def count_rounds(self) -> int:
         """Rounds recorded so far: what a poller asks every fraction of a second, without reading them."""
         with self._read() as s:
@@ -388,18 +413,13 @@ class Registry:
 
     def add_model_version(self, version: str, checkpoint_path: str, densities: Iterable[float]) -> None:
         """Publish a new model version; heartbeats answer with it from now on."""
-        if not 0 < len(version) <= MAX_NAME_LENGTH:
-            raise InvalidInputError(f"model version must be 1-{MAX_NAME_LENGTH} characters")
-        packed = sorted({_check_density(d) for d in densities}, reverse=True)
-        if not packed:
-            raise InvalidInputError("a model version needs at least one density")
+        row = _version_row(version, checkpoint_path, densities)
         try:
             with self._write() as conn:
-                conn.execute(insert(ModelVersion).values(version=version, checkpoint_path=checkpoint_path,
-                                                         densities=packed, created_at=_now()))
+                conn.execute(insert(ModelVersion).values(**row))
         except IntegrityError as e:
             raise InvalidInputError(f"model version {version!r} already exists") from e
-        log.info("model version %s at densities %s", version, packed)
+        log.info("model version %s at densities %s", version, row["densities"])
 
     def current_model_version(self) -> str | None:
         with self._read() as s:
