@@ -38,6 +38,8 @@ class Architecture:
 
     def __post_init__(self) -> None:
         """A stored architecture comes from a file someone else wrote: every field is checked before use."""
+        if not isinstance(self.name, str) or self.name not in MODELS:
+            raise ValueError(f"unknown model {self.name!r}; expected one of {sorted(MODELS)}")
         if parse_densities(self.densities) != tuple(self.densities):
             raise ValueError(f"densities must be ascending, got {list(self.densities)}")
         for name, low, high in _SIZE_LIMITS:

@@ -1,0 +1,289 @@
+"""What a stranger's bytes and a poisoned device can do to the fleet: fuzzed packed files, fuzzed control-plane
+requests, poisoned replies in the real aggregation path. Seeded, bounded in count and time, loopback only.
+
+    python benchmarks/reliability.py                  # writes benchmarks/results/reliability.{json,md}
+    python benchmarks/reliability.py --packed 100 --grpc 100 --poisoned 20    # a short form (what the tests run)
+
+A *crash* is anything but the clear refusal each layer promises — ``PackedFormatError`` from the packed loader;
+a gRPC status other than UNKNOWN/INTERNAL from the control plane (an unhandled exception in a handler); a reply
+check (``RejectedUpdate``) in the aggregation — or taking longer than ``HANG_S``. Kill -9 faults, strangers and
+Byzantine devices are not measured here yet (see the issue notes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import struct
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from common import command, machine, markdown_table, write_json
+from contracts.flower_processes import pick_port
+from contracts.messages import train_config, upload_state
+from contracts.policy import CalibrationPoint
+from contracts.settings import RunSettings, build_run_model
+from coordinator.control_plane import SERVICE_NAME, serve
+from coordinator.registry import Registry
+from coordinator.strategy import DressStrategy, RoundStats
+from dress_model.checkpoint import atomic_write
+from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+
+RESULTS = Path(__file__).parent / "results"
+HANG_S = 5.0
+CALIBRATION = [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+
+
+# -- packed files ------------------------------------------------------------------------------------------------
+
+
+def _mutations(rng: random.Random, data: bytes) -> Callable[[], bytes]:
+    """One random way to spoil a packed file: its header's JSON edited, bytes flipped, cut, or garbage."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+
+    def with_header(edit: Callable[[dict], None]) -> bytes:
+        h = json.loads(json.dumps(header))
+        edit(h)
+        raw = json.dumps(h).encode()
+        return struct.pack("<Q", len(raw)) + raw + data[8 + n :]
+
+    def edit_architecture(h: dict) -> None:
+        arch = json.loads(h["__metadata__"]["dress"])
+        key = rng.choice(["width", "image_size", "in_channels", "num_classes", "densities", "name", "bn_affine"])
+        arch["architecture"][key] = rng.choice([0, -1, 7.0, 10**9, 2**31, "x", None, [], [7.0], [0.5, 0.1],
+                                                [float("nan")], 1024, 3.5, True])
+        h["__metadata__"]["dress"] = json.dumps(arch)
+
+    def edit_tensor(h: dict) -> None:
+        key = rng.choice([k for k in h if k != "__metadata__"])
+        field = rng.choice(["shape", "dtype", "data_offsets"])
+        h[key][field] = rng.choice([[0], [10**12], [-1], [3, 3], "F64", "I8", "BOOL", [0, 10**12], [5, 2], []])
+
+    def flip() -> bytes:
+        b = bytearray(data)
+        for _ in range(rng.randint(1, 16)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        return bytes(b)
+
+    choices: list[Callable[[], bytes]] = [
+        lambda: with_header(edit_architecture),
+        lambda: with_header(edit_tensor),
+        flip,
+        lambda: data[: rng.randrange(len(data))],
+        lambda: rng.randbytes(rng.randrange(1, 4096)),
+        lambda: struct.pack("<Q", rng.choice([0, 2**63, len(data)])) + data[8:],
+    ]
+    return rng.choice(choices)
+
+
+def _packed_model(seed: int) -> bytes:
+    """A small fleet model's packed bytes, seeded."""
+    torch.manual_seed(seed)
+    return pack_checkpoint(build_run_model(RunSettings.defaults(width=4))).to_bytes()
+
+
+def fuzz_packed(count: int, seed: int) -> dict[str, Any]:
+    """Load ``count`` spoilt packed files; whatever loads must also run every subnet."""
+    rng = random.Random(seed)
+    data = _packed_model(seed)
+    outcomes: Counter[str] = Counter()
+    crashes: list[str] = []
+    image = torch.randn(2, 1, 28, 28)
+    for _ in range(count):
+        spoilt = _mutations(rng, data)()
+        start = time.perf_counter()
+        try:
+            packed = PackedModel.from_bytes(spoilt, "fuzzed")
+            for density in packed.densities:
+                packed.set_density(density)
+                packed(image)
+            outcomes["loaded"] += 1
+        except PackedFormatError:
+            outcomes["refused"] += 1
+        except Exception as e:  # noqa: BLE001 - anything else is what this benchmark looks for
+            outcomes["crashed"] += 1
+            crashes.append(f"{type(e).__name__}: {e}"[:200])
+        if time.perf_counter() - start > HANG_S:
+            outcomes["hung"] += 1
+    return {"tried": count, "crashes": outcomes["crashed"] + outcomes["hung"], "refused": outcomes["refused"],
+            "loaded": outcomes["loaded"], "examples": crashes[:5]}
+
+
+# -- control-plane requests ----------------------------------------------------------------------------------------
+
+
+def _requests(rng: random.Random) -> list[tuple[str, bytes]]:
+    """Valid requests of every method, to mutate; device ids a stranger might guess."""
+    budget = pb.Budget(latency_ms=50, memory_mb=400, battery=0.5)
+    calibration = [pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+                   for p in CALIBRATION]
+    return [
+        ("Describe", pb.DescribeRequest().SerializeToString()),
+        ("Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=calibration).SerializeToString()),
+        ("Heartbeat", pb.HeartbeatRequest(device_id=rng.randint(0, 3), budget=budget).SerializeToString()),
+        ("FetchModel", pb.FetchModelRequest(device_id=1, density=0.5).SerializeToString()),
+    ]
+
+
+def fuzz_grpc(count: int, seed: int) -> dict[str, Any]:
+    """Send ``count`` spoilt requests to a real control plane; each must end in a status, none in a crash."""
+    rng = random.Random(seed)
+    payload = _packed_model(seed)
+    codes: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory() as tmp, Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:
+        registry.register_device("pi-kitchen", "pi4", CALIBRATION)
+        port = pick_port()
+        server = serve(registry, "127.0.0.1", port, pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0],
+                       width=4, dataset="fashion-mnist"), lambda density: payload, max_workers=4)
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                for _ in range(count):
+                    method, valid = rng.choice(_requests(rng))
+                    body = bytearray(valid if rng.random() < 0.7 else rng.randbytes(rng.randrange(0, 256)))
+                    for _ in range(rng.randint(0, 8)):
+                        if body:
+                            body[rng.randrange(len(body))] = rng.randrange(256)
+                    path = f"/{SERVICE_NAME}/{method}"
+                    call = channel.unary_stream(path) if method == "FetchModel" else channel.unary_unary(path)
+                    try:
+                        answer = call(bytes(body), timeout=HANG_S)
+                        if method == "FetchModel":
+                            list(answer)
+                        codes["OK"] += 1
+                    except grpc.RpcError as e:
+                        codes[e.code().name] += 1
+                alive = pb.DescribeResponse.FromString(channel.unary_unary(f"/{SERVICE_NAME}/Describe")(
+                    pb.DescribeRequest().SerializeToString(), timeout=HANG_S))
+        finally:
+            server.stop(grace=None).wait()
+    crashes = codes["UNKNOWN"] + codes["INTERNAL"] + codes["DEADLINE_EXCEEDED"]
+    return {"tried": count, "crashes": crashes, "codes": dict(sorted(codes.items())),
+            "still_serving": alive.architecture.model == "cnn"}
+
+
+# -- poisoned replies --------------------------------------------------------------------------------------------
+
+
+def _poisons() -> dict[str, Callable[[dict[str, torch.Tensor]], tuple[dict | None, object]]]:
+    """Every kind of bad reply a device can send: (tensors or None for no arrays, num-examples)."""
+    def first(t: dict) -> str:
+        return next(k for k in t if k.endswith(".values"))
+
+    def changed(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], tuple[dict, object]]:
+        return lambda t: ({**t, first(t): change(t[first(t)].clone())}, 100)
+
+    return {
+        "nan": changed(lambda v: v.index_fill_(0, torch.tensor([0]), float("nan"))),
+        "inf": changed(lambda v: v.index_fill_(0, torch.tensor([0]), float("inf"))),
+        "huge": changed(lambda v: v * 1e30),
+        "short": changed(lambda v: v[:-1]),
+        "long": changed(lambda v: torch.cat([v, v[:1]])),
+        "float64": changed(lambda v: v.double()),
+        "reshaped": changed(lambda v: v.reshape(1, -1)),
+        "missing tensor": lambda t: ({k: v for k, v in t.items() if k != first(t)}, 100),
+        "extra tensor": lambda t: ({**t, "evil": torch.zeros(3)}, 100),
+        "no arrays": lambda t: (None, 100),
+        "examples 1e12": lambda t: (t, 10**12),
+        "examples 0": lambda t: (t, 0),
+        "examples -1": lambda t: (t, -1),
+        "examples nan": lambda t: (t, float("nan")),
+        "examples missing": lambda t: (t, None),
+    }
+
+
+def poisoned(count: int, seed: int) -> dict[str, Any]:
+    """``count`` poisoned replies (every kind in turn), three honest ones per round, through the real strategy."""
+    torch.manual_seed(seed)
+    kinds = _poisons()
+    names = [list(kinds)[i % len(kinds)] for i in range(count)]
+    aggregated = crashes = 0
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # a ServerApp's message identity
+    try:
+        with tempfile.TemporaryDirectory() as tmp, Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:
+            model = build_run_model(RunSettings.defaults(width=4))
+            data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+            strategy = DressStrategy(model, registry, torch.utils.data.DataLoader(data, batch_size=16), fraction=1.0,
+                                     min_devices=1, seed=seed, stale_after=timedelta(seconds=30), max_examples=300)
+            for i in range(0, len(names), 5):  # five poisoned and three honest devices a round
+                devices = {f"honest-{j}": None for j in range(3)} | {f"poisoned-{i + k}": n for k, n in enumerate(names[i:i + 5])}
+                for name in devices:
+                    registry.register_device(name, "pi4", CALIBRATION)
+                infos = {d.name: d for d in registry.list_devices()}
+                round_number = i // 5 + 1
+                strategy.stats[round_number] = RoundStats(round_number)
+                nodes = {1000 * round_number + j: name for j, name in enumerate(devices)}
+                strategy.node_devices.update(nodes)
+                sent = strategy.messages_for(round_number, [(node, infos[name], 0.1) for node, name in nodes.items()],
+                                             train_config(RunSettings.defaults()))
+                replies = []
+                for message in sent:
+                    node = message.metadata.dst_node_id
+                    honest = {k: v + 0.01 if v.is_floating_point() else v
+                              for k, v in upload_state(strategy.sent[node].payload).items()}
+                    kind = devices[nodes[node]]
+                    tensors, examples = (honest, 100) if kind is None else kinds[kind](honest)
+                    metrics: dict[str, Any] = {"compute-s": 0.1}
+                    if examples is not None:
+                        metrics["num-examples"] = examples
+                    content: dict[str, Any] = {"metrics": MetricRecord(metrics)}
+                    if tensors is not None:
+                        content["arrays"] = ArrayRecord(torch_state_dict=tensors)
+                    TaskIdentity.node_id = node
+                    replies.append(Message(RecordDict(content), reply_to=message))
+                TaskIdentity.node_id = 1
+                try:
+                    strategy.aggregate_train(round_number, replies)
+                except Exception:  # noqa: BLE001 - the ServerApp would have ended
+                    crashes += 1
+                stats = strategy.stats[round_number]
+                aggregated += sum(1 for name, _ in stats.participants.values() if not name.startswith("honest"))
+                if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+                    crashes += 1
+    finally:
+        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    return {"tried": count, "aggregated": aggregated, "crashes": crashes, "kinds": sorted(kinds)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--packed", type=int, default=1000, help="fuzzed packed files")
+    p.add_argument("--grpc", type=int, default=1000, help="fuzzed control-plane requests")
+    p.add_argument("--poisoned", type=int, default=60, help="poisoned replies")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
+    args = p.parse_args()
+    result = {"command": command(), "machine": machine(), "seed": args.seed,
+              "poisoned": poisoned(args.poisoned, args.seed),
+              "fuzz": {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)}}
+    write_json(args.out, result)
+    rows = [{"probe": "poisoned replies", "tried": result["poisoned"]["tried"],
+             "aggregated": result["poisoned"]["aggregated"], "crashes": result["poisoned"]["crashes"]},
+            {"probe": "fuzzed packed files", "tried": result["fuzz"]["packed"]["tried"], "aggregated": "—",
+             "crashes": result["fuzz"]["packed"]["crashes"]},
+            {"probe": "fuzzed control-plane requests", "tried": result["fuzz"]["grpc"]["tried"], "aggregated": "—",
+             "crashes": result["fuzz"]["grpc"]["crashes"]}]
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(
+        f"# Reliability: strangers' bytes and poisoned devices\n\n`{result['command']}`\n\n"
+        + markdown_table(rows, ["probe", "tried", "aggregated", "crashes"])
+        + f"\nControl-plane answers to the fuzzed requests: {result['fuzz']['grpc']['codes']}. The OK ones include "
+        "requests a stranger should not get answered (registering, fetching a model by a guessed device id): "
+        "the control plane does not authenticate callers yet.\n"))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
