@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH) || $(PIP) install -q $(TORCH) --index-url https://download.pytorch.org/whl/cpu
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[simulation,dev]'  # everything: a device alone needs only the base install
 	touch $@
 
 # Fashion-MNIST ships as a Debian package; elsewhere pass --data-dir to the CLI.

@@ -7,6 +7,8 @@ function-local import counts as much as a top-level one.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,23 @@ def test_the_checker_sees_a_function_local_import(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from simulations.run import run_simulation\n    import coordinator.launcher\n")
     assert {"simulations", "coordinator"} <= imported_packages(source)
+
+
+# What only the coordinator or a simulation needs; a device's base install lacks it (pyproject extras).
+COORDINATOR_ONLY = ("sqlalchemy", "alembic", "psycopg", "ray", "matplotlib", "grpc_tools")
+AGENT_ONLY_IMPORTS = f"""
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {COORDINATOR_ONLY!r}:
+            raise ImportError(f"{{name}} is not in a device's install")
+sys.meta_path.insert(0, Missing())
+import agent.calibration, agent.client_app, agent.lifecycle, agent.monitor, agent.serving
+from cli.agent import main
+"""
+
+
+def test_the_agent_runs_on_the_base_install() -> None:
+    """`dress-agent` and the ClientApp import nothing of the coordinator's or the simulation's extras."""
+    done = subprocess.run([sys.executable, "-c", AGENT_ONLY_IMPORTS], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
