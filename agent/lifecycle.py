@@ -25,6 +25,7 @@ from agent.serving import AgentIdentity, AgentServer, ModelFetchError, ModelUpda
 from contracts.flower_processes import ManagedProcess, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
+from contracts.tls import CertificateError, channel_credentials, is_loopback
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -58,6 +59,7 @@ class AgentConfig:
     node_config: dict[str, object] = field(default_factory=dict)  # partition-id, num-partitions, data-dir
     heartbeat_interval: float | None = None  # None: as often as the coordinator asks; never less often
     calibration_repeats: int = DEFAULT_REPEATS
+    ca: Path | None = None  # the fleet CA: TLS to the coordinator and the SuperLink; None = plaintext (loopback only)
     threads: int = 1
     connect_timeout: float = 5.0
 
@@ -75,11 +77,23 @@ def heartbeat_interval(wanted: float | None, asked: float) -> float:
     return wanted or asked
 
 
-def connect_coordinator(address: str, timeout: float) -> grpc.Channel:
-    """A channel to a coordinator whose control plane answers its health check; AgentError otherwise."""
+def connect_coordinator(address: str, timeout: float, ca: Path | None = None) -> grpc.Channel:
+    """A channel to a coordinator whose control plane answers its health check; AgentError otherwise.
+
+    With ``ca`` the coordinator must present a certificate the fleet CA signed; without, plaintext is for a
+    coordinator on loopback only."""
     # gRPC backs off reconnecting up to 2 minutes by default; a restarted coordinator should hear from
     # its fleet within a few heartbeats instead.
-    channel = grpc.insecure_channel(address, options=[("grpc.max_reconnect_backoff_ms", 10_000)])
+    options = [("grpc.max_reconnect_backoff_ms", 10_000)]
+    if ca is not None:
+        try:
+            channel = grpc.secure_channel(address, channel_credentials(ca), options=options)
+        except CertificateError as e:
+            raise AgentError(str(e)) from None
+    elif is_loopback(address.rpartition(":")[0]):
+        channel = grpc.insecure_channel(address, options=options)
+    else:
+        raise AgentError(f"plaintext is for loopback only: reaching {address} needs the fleet's CA (--ca ca.pem)")
     try:
         answer = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=CONTROL_PLANE), timeout=timeout, wait_for_ready=True)
@@ -117,7 +131,10 @@ class Agent:
 
     def _start(self) -> None:
         c = self.config
-        channel = connect_coordinator(c.coordinator, c.connect_timeout)
+        if c.ca is None and not is_loopback(c.superlink.rpartition(":")[0]):
+            raise AgentError(f"plaintext is for loopback only: reaching the SuperLink at {c.superlink} needs the "
+                             "fleet's CA (--ca ca.pem)")
+        channel = connect_coordinator(c.coordinator, c.connect_timeout, c.ca)
         self._running.callback(channel.close)
         stub = pb_grpc.ControlPlaneStub(channel)
         try:
@@ -149,7 +166,7 @@ class Agent:
 
         node_config = {"device-id": c.name, "profile": c.profile.name, **c.node_config}
         self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
-                                         f"supernode-{c.name}")
+                                         f"supernode-{c.name}", root_ca=c.ca)
         self._running.callback(self.supernode.stop)
         try:
             self.predict = serve(served, self.identity, c.serve_host, c.serve_port)

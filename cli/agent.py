@@ -104,6 +104,7 @@ def join_cmd(
     threads: Annotated[int, typer.Option(min=1, help="Kernel threads for inference (and so for calibration): "
                                          "1 keeps batch-1 latency steady when other work shares the cores.")] = 1,
     connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the coordinator.")] = 5.0,
+    ca: Annotated[Optional[Path], typer.Option(help="The fleet's CA certificate (ca.pem): TLS to the coordinator and the SuperLink, required unless both are on loopback.")] = None,
 ) -> None:
     """Join the fleet: learn its model, calibrate, register, train through a Flower SuperNode, serve Predict."""
     try:
@@ -130,7 +131,7 @@ def join_cmd(
         name=name, profile=profile, coordinator=coordinator, superlink=superlink, budget=source,
         state_dir=state_dir or Path("state") / f"agent-{name}", serve_host=serve_host, serve_port=serve_port,
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
-        calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout))
+        calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout, ca=ca))
     with shutdown_requested() as stop:
         try:
             agent.start()

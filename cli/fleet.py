@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
@@ -103,8 +104,10 @@ def coordinator_start_cmd(
     distill: DistillOption = DEFAULTS.distill,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     seed: SeedOption = DEFAULTS.seed,
+    certs: Annotated[Optional[Path], typer.Option(help="Folder with the fleet's ca.pem, server.pem and server.key: TLS on the SuperLink and control plane (required beyond loopback; `dress-fleet certs init` makes a test fleet's).")] = None,
 ) -> None:
     """Start the SuperLink and control plane, wait for devices, and run federated DRESS; Ctrl-C stops everything."""
+    from contracts.tls import FleetCertificates
     from coordinator.launcher import Coordinator, Endpoints
 
     settings = run_settings(
@@ -112,7 +115,11 @@ def coordinator_start_cmd(
         width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
-    coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port))
+    try:
+        coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port),
+                                  certs=FleetCertificates(certs) if certs else None)
+    except ValueError as e:
+        raise fail(str(e)) from None
     stop_on_sigterm()  # a service manager's stop gets the same orderly shutdown as Ctrl-C
     try:
         coordinator.start()
@@ -137,6 +144,30 @@ def coordinator_start_cmd(
         raise fail(str(e)) from None
     finally:
         coordinator.stop()
+
+
+certs_app = typer.Typer(help="TLS certificates for a fleet.", no_args_is_help=True)
+app.add_typer(certs_app, name="certs")
+
+
+@certs_app.command("init")
+def certs_init_cmd(
+    dir: Annotated[Path, typer.Option("--dir", help="Folder to create them in (one fleet: one folder).")] = Path("certs"),
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="Name or IP devices reach the coordinator by; repeat for several (loopback is always included).")] = None,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Validity.")] = 365,
+) -> None:
+    """Make a test fleet's CA (ca.pem, ca.key) and the coordinator's certificate (server.pem, server.key).
+
+    Give the coordinator `--certs DIR`; copy ca.pem to every device (`dress-agent join --ca ca.pem`). Keep ca.key
+    off the network: whoever holds it can impersonate the coordinator."""
+    from contracts.tls import init_certificates
+
+    try:
+        made = init_certificates(dir, list(host or []), days)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    console.print(f"CA {made.ca} and server certificate {made.server_cert} for "
+                  f"{', '.join(escape(h) for h in (host or []) + ['localhost', '127.0.0.1', '::1'])}")
 
 
 @app.command("simulate")

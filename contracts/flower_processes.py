@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import IO
 
 import psutil
+
+from contracts.tls import FleetCertificates, https_context
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +85,17 @@ def flower_env(state_dir: Path) -> dict[str, str]:
     }
 
 
-def write_connection(state_dir: Path, name: str, address: str) -> None:
+def write_connection(state_dir: Path, name: str, address: str, root_ca: Path | None = None) -> None:
+    """The `flwr` CLI's connection to our SuperLink: verified against the fleet CA, or plaintext on loopback."""
     home = state_dir / "flwr"
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink.{name}]\naddress = "{address}"\ninsecure = true\n')
+    security = (f"root-certificates = {toml_value(str(root_ca.resolve()))}\n" if root_ca else "insecure = true\n")
+    (home / "config.toml").write_text(f'[superlink.{name}]\naddress = "{address}"\n{security}')
+
+
+def local_host(host: str) -> str:
+    """The address a process on this machine reaches a listener bound to ``host`` by."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::", "[::]") else host
 
 
 SIMULATED_FLEET_NICENESS = 10
@@ -208,11 +218,15 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = False) -> ManagedProcess:
+def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = False,
+                    certs: FleetCertificates | None = None) -> ManagedProcess:
+    """Flower's SuperLink on host:port: HTTPS with the fleet's certificates, or plaintext without them."""
     require_free_port(host, port, "SuperLink")
+    security = (["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.server_cert),
+                 "--ssl-keyfile", str(certs.server_key)] if certs else ["--insecure"])
     cmd = [
         str(Path(sys.executable).parent / "flower-superlink"),
-        "--insecure",
+        *security,
         "--disable-runtime-dependency-installation",
         "--host", host,
         "--port", str(port),
@@ -222,19 +236,23 @@ def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = Fa
         cmd.append("--simulation")
     proc = ManagedProcess("superlink", cmd, flower_env(state_dir), state_dir / "logs" / "superlink.log",
                           niceness=SIMULATED_FLEET_NICENESS if simulation else 0)
-    wait_healthy(proc, f"http://{host}:{port}/health")
-    write_connection(state_dir, "local", f"{host}:{port}")
+    here = local_host(host)
+    wait_healthy(proc, f"{'https' if certs else 'http'}://{here}:{port}/health",
+                 https_context(certs.ca) if certs else None)
+    write_connection(state_dir, "local", f"{here}:{port}", certs.ca if certs else None)
     return proc
 
 
 def start_supernode(
-    state_dir: Path, superlink: str, port: int, node_config: Mapping[str, object], name: str
+    state_dir: Path, superlink: str, port: int, node_config: Mapping[str, object], name: str,
+    root_ca: Path | None = None,
 ) -> ManagedProcess:
+    """A SuperNode that verifies the SuperLink against ``root_ca``, or talks plaintext without one."""
     require_free_port("127.0.0.1", port, f"SuperNode of {name}")
     config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
     cmd = [
         str(Path(sys.executable).parent / "flower-supernode"),
-        "--insecure",
+        *(["--root-certificates", str(root_ca.resolve())] if root_ca else ["--insecure"]),
         "--superlink", superlink,
         "--host", "127.0.0.1",
         "--port", str(port),
@@ -243,13 +261,14 @@ def start_supernode(
     return ManagedProcess(name, cmd, flower_env(state_dir), state_dir / "logs" / f"{name}.log")
 
 
-def wait_healthy(proc: ManagedProcess, url: str, timeout: float = 60.0) -> None:
+def wait_healthy(proc: ManagedProcess, url: str, context: ssl.SSLContext | None = None,
+                 timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             raise RuntimeError(f"{proc.name} exited during start-up:\n{proc.tail()}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):

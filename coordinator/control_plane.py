@@ -127,13 +127,14 @@ def serve(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_fetches: int | None = None,
     heartbeat_s: float | None = None,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> grpc.Server:
     """Start the control plane (and the standard health service) on host:port; returns without blocking.
 
     Agents are idle between heartbeats, so `max_workers` bounds requests in flight, not agents.
     FetchModel streams hold a worker each for their duration: at most `max_fetches` (default half
     the workers) run at once, further ones get RESOURCE_EXHAUSTED and retry. ``heartbeat_s`` is how often
-    devices are told to heartbeat (default: the run settings' default).
+    devices are told to heartbeat (default: the run settings' default). With ``credentials`` it serves TLS only.
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="control-plane"),
@@ -152,7 +153,8 @@ def serve(
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    if server.add_insecure_port(address) == 0:
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
         raise RuntimeError(f"control plane could not bind {address}")
     server.start()
     log.info("control plane serving %s on %s (registry %s)", SERVICE_NAME, address, registry.safe_url)

@@ -19,6 +19,7 @@ import psutil
 
 from contracts import flower_processes as fr
 from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
+from contracts.tls import CertificateError, FleetCertificates, is_loopback
 from coordinator.control_plane import serve
 from coordinator.model_store import ModelStore
 from coordinator.registry.records import RoundRecord
@@ -69,7 +70,14 @@ STATUS_EVERY_S = 20.0  # between checks of the run's status while rounds are sti
 
 
 class Coordinator:
-    def __init__(self, settings: RunSettings, endpoints: Endpoints, simulation: bool = False) -> None:
+    def __init__(self, settings: RunSettings, endpoints: Endpoints, simulation: bool = False,
+                 certs: FleetCertificates | None = None) -> None:
+        """``certs``: TLS on the control plane and the SuperLink. Without them both speak plaintext, which is
+        refused on any address but loopback (CertificateError)."""
+        if certs is None and not is_loopback(endpoints.host):
+            raise CertificateError(f"plaintext is for loopback only; serving {endpoints.host} needs the fleet's "
+                                   "certificates (--certs DIR; `dress-fleet certs init` makes a test fleet's)")
+        self.certs = certs.require_server() if certs else None
         self.state_dir = Path(settings.state_dir)
         self.settings = settings.replace(state_dir=str(self.state_dir.resolve()))
         self.endpoints = endpoints
@@ -86,9 +94,11 @@ class Coordinator:
         architecture = self.settings.architecture()
         self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)
         self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
-                            ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s)
+                            ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s,
+                            credentials=self.certs.server_credentials() if self.certs else None)
         self.superlink = fr.start_superlink(
-            self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation
+            self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation,
+            certs=self.certs,
         )
 
     def submit(self, federation_config: Mapping[str, object] | None = None) -> int:

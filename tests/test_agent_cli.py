@@ -170,3 +170,11 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
 ])
 def test_heartbeat_period_never_exceeds_what_the_coordinator_asks(wanted, asked, expected) -> None:
     assert heartbeat_interval(wanted, asked) == expected
+
+
+def test_plaintext_beyond_loopback_is_refused() -> None:
+    """Without the fleet's CA an agent talks to a coordinator or SuperLink on loopback only."""
+    for coordinator, superlink in (("10.9.9.9:9093", "127.0.0.1:9092"), ("127.0.0.1:9093", "10.9.9.9:9092")):
+        code, output = _run("join", "--device", "pi4", "--coordinator", coordinator, "--superlink", superlink,
+                            "--connect-timeout", "0.5", "--state-dir", "/tmp/never-created")
+        assert code != 0 and "plaintext is for loopback only" in output

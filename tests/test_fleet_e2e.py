@@ -47,6 +47,27 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def stop_all(processes: list[subprocess.Popen]) -> list[psutil.Process]:
+    """SIGTERM the agents, then the coordinator (the first), as an operator would; returns every descendant
+    they had, to check none outlives them."""
+    descendants = []
+    for p in processes:
+        try:
+            descendants += psutil.Process(p.pid).children(recursive=True)
+        except psutil.Error:
+            pass
+    for p in processes[1:] + processes[:1]:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in processes:
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            raise
+    return descendants
+
+
 def served_density(agent: str) -> float:
     """The density the agent's Predict runs right now (its Status RPC; polling a CLI would be too slow)."""
     with grpc.insecure_channel(agent) as channel:
@@ -138,21 +159,51 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
         for name, address in agents.items():  # Predict answers after training, through the CLI a person uses
             assert cli_predict(address) == (0.25 if name == "phone-1" else 1.0)
     finally:
-        descendants = []
-        for p in processes:
-            try:
-                descendants += psutil.Process(p.pid).children(recursive=True)
-            except psutil.Error:
-                pass
-        for p in processes[1:] + processes[:1]:  # agents first, then the coordinator
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in processes:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                raise
+        descendants = stop_all(processes)
     assert coordinator.returncode == 0, (tmp_path / "coordinator.log").read_text()[-3000:]
     _, alive = psutil.wait_procs(descendants, timeout=10)
     assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+
+
+def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) -> None:
+    """`certs init`, a coordinator with --certs and an agent with --ca: SuperLink, SuperNode, control plane and the
+    flwr CLI all on TLS, one round trained; a caller without the CA gets no answer from the control plane."""
+    certs = tmp_path / "certs"
+    made = subprocess.run([str(BIN / "dress-fleet"), "certs", "init", "--dir", str(certs)], capture_output=True,
+                          text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    superlink, control = pick_port(), pick_port()
+    state = tmp_path / "coordinator"
+    coordinator = spawn(
+        [str(BIN / "dress-fleet"), "coordinator", "start", "--superlink-port", str(superlink),
+         "--control-port", str(control), "--state-dir", str(state), "--rounds", "1", "--min-devices", "1",
+         "--fraction", "1", "--max-examples", "32", "--certs", str(certs)],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+    processes = [coordinator]
+    try:
+        credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
+        with grpc.secure_channel(f"127.0.0.1:{control}", credentials) as channel:
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+        with grpc.insecure_channel(f"127.0.0.1:{control}") as plain:  # a stranger speaking plaintext
+            try:
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
+                raise AssertionError("the TLS control plane answered a plaintext caller")
+            except grpc.RpcError as e:
+                assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        processes.append(spawn(
+            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--name", "pi-tls",
+             "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
+             "--ca", str(certs / "ca.pem"), "--serve-port", str(pick_port()), "--supernode-port", str(pick_port()),
+             "--state-dir", str(tmp_path / "pi-tls")],
+            tmp_path / "pi-tls.log",
+        ))  # fmt: skip
+        deadline = time.monotonic() + 240
+        while len(_rounds(state)) < 1:
+            assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-4000:]
+            assert processes[1].poll() is None, (tmp_path / "pi-tls.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
+            time.sleep(1)
+        assert len(_rounds(state)[0].participants) == 1  # the agent trained through its TLS SuperNode
+    finally:
+        stop_all(processes)
