@@ -19,7 +19,7 @@ from rich.table import Table
 from agent.budget import BudgetSource, MachineBudget, TraceBudget
 from agent.calibration import DEFAULT_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
-from cli.common import console, err, fail, version_option
+from cli.common import console, err, fail, safe_text, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP
 from contracts.naming import check_name, default_name
 from contracts.policy import CalibrationPoint
@@ -146,7 +146,7 @@ def join_cmd(
             if not clean:
                 sn = agent.supernode
                 err.print(f"[bold red]error:[/] the SuperNode exited (code {sn.proc.returncode}); "  # type: ignore[union-attr]
-                          f"its log {sn.log_path} ends:\n{escape(sn.tail())}")  # type: ignore[union-attr]
+                          f"its log {sn.log_path} ends:\n{safe_text(sn.tail())}")  # type: ignore[union-attr]
             console.print("shutting down: budget monitor, Predict server, SuperNode")
         finally:
             agent.stop()

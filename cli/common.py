@@ -13,9 +13,16 @@ console = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
+def safe_text(text: str) -> str:
+    """Text from a log or a remote party, safe to print: rich markup escaped, control and direction characters
+    (ANSI escapes, NUL, right-to-left overrides) spelt out as Python writes them, line breaks kept."""
+    return escape("".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text))
+
+
 def fail(message: str, code: int = 2) -> typer.Exit:
-    """Exit code 2 for bad input, 1 for an environment that does not cooperate (unreachable peers)."""
-    err.print(f"[bold red]error:[/] {escape(message)}")
+    """Exit code 2 for bad input, 1 for an environment that does not cooperate (unreachable peers). The message
+    may carry a process's log tail: printed as text, never as markup or terminal control."""
+    err.print(f"[bold red]error:[/] {safe_text(message)}")
     return typer.Exit(code)
 
 

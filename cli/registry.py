@@ -16,6 +16,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
+from cli.common import safe_text
 from contracts.policy import Budget
 from coordinator.registry.engine import SQLITE_FILENAME, default_url, is_sqlite
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
@@ -43,7 +44,7 @@ def shown(text: str) -> str:
 
 
 def _fail(message: str) -> typer.Exit:
-    _console(stderr=True).print(f"[bold red]error:[/] {escape(message)}")
+    _console(stderr=True).print(f"[bold red]error:[/] {safe_text(message)}")
     return typer.Exit(2)
 
 

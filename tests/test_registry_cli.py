@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from rich.console import Console
 from sqlalchemy import text
 from typer.testing import CliRunner
 
@@ -13,6 +14,7 @@ from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import Registry
 from coordinator.registry.engine import make_engine
 from coordinator.registry.errors import InvalidInputError
+from cli.common import safe_text
 from cli.registry import db_app, devices_app
 
 app = typer.Typer()
@@ -102,3 +104,14 @@ def test_names_from_before_the_rule_print_spelt_out_not_raw(state_dir: Path) -> 
     assert "\x1b" not in result.output and "\u202e" not in result.output
     shown = runner.invoke(app, ["devices", "show", "1", "--state-dir", str(state_dir)])
     assert shown.exit_code == 0 and "\\x1b" in shown.output
+
+
+def test_an_error_carrying_a_log_tail_prints_as_text_not_markup_or_terminal_control() -> None:
+    """A SuperLink log a stranger's run wrote into: markup, ANSI escapes and NUL must not reach the terminal raw."""
+    tail = "[/bold]oops [red]x[/red]\x1b[2J\x00\u202eevil\nnext line\ttab"
+    shown = safe_text(tail)
+    assert "\x1b" not in shown and "\x00" not in shown and "\u202e" not in shown
+    assert "\\x1b" in shown and "\\u202e" in shown and "\nnext line\ttab" in shown
+    console = Console(record=True, width=200)
+    console.print(shown)  # a MarkupError here is what crashed the coordinator before
+    assert "[/bold]oops [red]x[/red]" in console.export_text()
