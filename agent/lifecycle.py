@@ -147,11 +147,12 @@ class Agent:
             raise AgentError(f"coordinator at {c.coordinator} runs a model this agent cannot build: {e}") from None
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
         self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats)
+        request = pb.RegisterRequest(
+            name=c.name, profile=c.profile.name,
+            calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+                         for p in self.calibration])
         try:
-            registration = stub.Register(pb.RegisterRequest(
-                name=c.name, profile=c.profile.name,
-                calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
-                             for p in self.calibration]), timeout=c.connect_timeout)
+            registration = stub.Register(request, timeout=c.connect_timeout)
         except grpc.RpcError as e:
             raise AgentError(f"coordinator at {c.coordinator} refused registration: "
                              f"{e.code().name}: {e.details()}") from None
@@ -162,7 +163,13 @@ class Agent:
                 updater(registration.model_version)
             except ModelFetchError as e:
                 log.warning("serving the untrained initial model for now: %s", e)
-        self.identity = AgentIdentity(c.name, registration.device_id, c.profile.name)
+        self.identity = identity = AgentIdentity(c.name, registration.device_id, c.profile.name)
+
+        def register_again() -> int:
+            """The same registration, for a coordinator that forgot this device; the new id everywhere."""
+            device_id = stub.Register(request, timeout=c.connect_timeout).device_id
+            updater.device_id = identity.device_id = device_id
+            return device_id
 
         node_config = {"device-id": c.name, "profile": c.profile.name, **c.node_config}
         self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
@@ -176,7 +183,8 @@ class Agent:
         self.monitor = BudgetMonitor(stub, registration.device_id, c.budget, density=served.assigned_density,
                                      model_version=served.version, on_density=served.set_density,
                                      on_model_version=updater,
-                                     interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s))
+                                     interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
+                                     reregister=register_again)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
 

@@ -170,9 +170,9 @@ class ModelUpdater:
                  ", ".join(f"{d:g}" for d in fetched.packed.densities))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AgentIdentity:
-    """Who this agent is to the coordinator, for Status."""
+    """Who this agent is to the coordinator, for Status (its id changes if it has to register again)."""
 
     name: str
     device_id: int

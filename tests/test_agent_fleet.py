@@ -410,3 +410,25 @@ def test_predict_and_status_refuse_bytes_that_are_not_protobuf(agent: AgentServe
         with pytest.raises(grpc.RpcError) as caught:
             call(b"\xff\xff\xff\xff\x0f", timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_device_the_coordinator_forgot_registers_again_and_carries_on(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, served: ServedModel
+) -> None:
+    """A coordinator restarted on a fresh registry answers NOT_FOUND to the old id: the agent registers again."""
+    request = pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=[
+        pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb) for p in CALIBRATION])
+    registered: list[int] = []
+
+    def register_again() -> int:
+        registered.append(stub.Register(request, timeout=5).device_id)
+        return registered[-1]
+
+    monitor = _monitor(stub, 424242, served, TraceBudget([TracePoint(0, LOOSE)]),
+                       reregister=register_again)  # an id this registry never gave out
+    monitor.start()
+    try:
+        _until(lambda: bool(registered) and coordinator.registry.get_device(registered[0]).last_budget is not None, 10)
+    finally:
+        monitor.stop()
+    assert monitor.device_id == registered[0] != 424242 and monitor.failures == 0
