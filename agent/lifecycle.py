@@ -21,7 +21,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.budget import BudgetSource
 from agent.calibration import DEFAULT_REPEATS, calibrate, image_shape, initial_model
 from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
-from agent.serving import AgentIdentity, AgentServer, ModelFetchError, ModelUpdater, ServedModel, serve
+from agent.serving import (
+    AgentIdentity,
+    AgentServer,
+    LatencyModel,
+    ModelFetchError,
+    ModelUpdater,
+    ServedModel,
+    serve,
+)
 from contracts.flower_processes import ManagedProcess, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
@@ -156,7 +164,8 @@ class Agent:
         except grpc.RpcError as e:
             raise AgentError(f"coordinator at {c.coordinator} refused registration: "
                              f"{e.code().name}: {e.details()}") from None
-        self.served = served = ServedModel(packed, registration.density)
+        self.served = served = ServedModel(packed, registration.density, latency=LatencyModel(
+            {p.density: p.latency_ms for p in self.calibration}))  # per image: calibration times one image
         updater = ModelUpdater(served, stub, registration.device_id, fetch_density=max(packed.densities))
         if registration.model_version:
             try:

@@ -12,6 +12,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -35,12 +36,39 @@ MAX_REQUEST_BYTES = 16 * 1024 * 1024  # a full batch of CIFAR-sized float images
 MAX_MODEL_BYTES = 1 << 30  # a sanity bound on what a coordinator may announce, not a device limit
 DEFAULT_FETCH_TIMEOUT_S = 120.0
 DEFAULT_WORKERS = 4  # forward passes hold one lock; more threads would only queue
+LATENCY_SMOOTHING = 0.2  # weight of each measured pass in the latency model's moving average
 
 
 def runnable_density(densities: tuple[float, ...], assigned: float) -> float:
     """The densest stored subnet not denser than `assigned` (it must fit the budget), else the sparsest."""
     fitting = [d for d in densities if d <= assigned + 1e-9]
     return max(fitting) if fitting else min(densities)
+
+
+class LatencyModel:
+    """Expected milliseconds of a forward pass per density, learnt from what the device measures.
+
+    Starts from calibration (ms for one image, per density) and follows every measured pass with an
+    exponential moving average of its per-image cost, so load the calibration never saw (a foreground app,
+    thermal throttling) moves the predictions within a few requests."""
+
+    def __init__(self, per_image_ms: dict[float, float], smoothing: float = LATENCY_SMOOTHING) -> None:
+        self._per_image = dict(per_image_ms)
+        self._smoothing = smoothing
+
+    def expected_ms(self, density: float, batch: int) -> float | None:
+        per_image = self._per_image.get(density)
+        return None if per_image is None else per_image * batch
+
+    def observe(self, density: float, batch: int, measured_ms: float) -> None:
+        per_image = measured_ms / max(1, batch)
+        old = self._per_image.get(density)
+        self._per_image[density] = per_image if old is None else old + self._smoothing * (per_image - old)
+
+    def densest_within(self, densities: Iterable[float], batch: int, deadline_ms: float) -> float | None:
+        """The densest of ``densities`` expected to answer within ``deadline_ms``; None if none is."""
+        fitting = [d for d in densities if (ms := self.expected_ms(d, batch)) is not None and ms <= deadline_ms]
+        return max(fitting, default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +84,11 @@ class ServedState:
 class ServedModel:
     """The model Predict runs: density switches and version swaps are atomic with respect to requests."""
 
-    def __init__(self, packed: PackedModel, assigned_density: float, version: str = "") -> None:
+    def __init__(self, packed: PackedModel, assigned_density: float, version: str = "",
+                 latency: LatencyModel | None = None) -> None:
         self._lock = threading.Lock()
         self._packed, self._assigned, self._version = packed, assigned_density, version
+        self.latency = latency or LatencyModel({})  # what a request's deadline is judged by
         packed.set_density(runnable_density(packed.densities, assigned_density))
 
     @property
@@ -90,17 +120,33 @@ class ServedModel:
             packed.set_density(runnable_density(packed.densities, self._assigned))
             self._packed, self._version = packed, version
 
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-        """(logits, density, latency_ms) for a [N, C, H, W] batch; ValueError if it does not fit the model."""
+    def predict(self, x: torch.Tensor, deadline_ms: float = 0.0) -> tuple[torch.Tensor, float, float]:
+        """(logits, density, latency_ms) for a [N, C, H, W] batch; ValueError if it does not fit the model.
+
+        With a deadline the densest subnet up to the assigned one that the latency model expects to meet it
+        answers (the sparsest if none is expected to), for this request only: one store to switch, one back."""
+        if not (math.isfinite(deadline_ms) and deadline_ms >= 0):
+            raise ValueError(f"deadline_ms must be a finite number >= 0 (0: none), got {deadline_ms}")
         with self._lock:
             arch = self._packed.arch
             expected = (arch.in_channels, arch.image_size, arch.image_size)
             if tuple(x.shape[1:]) != expected:
                 raise ValueError(f"input shape {list(x.shape[1:])} does not match the model's "
                                  f"[C, H, W] = {list(expected)}")
-            start = time.perf_counter()
-            logits = self._packed(x)
-            return logits, self._packed.active_density, 1000 * (time.perf_counter() - start)
+            assigned = self._packed.active_density
+            density = assigned
+            if deadline_ms > 0:
+                allowed = [d for d in self._packed.densities if d <= assigned + 1e-9]
+                density = self.latency.densest_within(allowed, x.shape[0], deadline_ms) or min(allowed)
+            self._packed.set_density(density)
+            try:
+                start = time.perf_counter()
+                logits = self._packed(x)
+                latency_ms = 1000 * (time.perf_counter() - start)
+            finally:
+                self._packed.set_density(assigned)
+            self.latency.observe(density, x.shape[0], latency_ms)
+            return logits, density, latency_ms
 
 
 class ModelFetchError(RuntimeError):
@@ -204,7 +250,7 @@ class AgentServicer(agent_grpc.AgentServicer):
 
     def Predict(self, request: agent_pb.PredictRequest, context: grpc.ServicerContext) -> agent_pb.PredictResponse:
         try:
-            logits, density, latency_ms = self.served.predict(input_tensor(request))
+            logits, density, latency_ms = self.served.predict(input_tensor(request), request.deadline_ms)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return agent_pb.PredictResponse(logits=logits.reshape(-1).tolist(), shape=list(logits.shape),

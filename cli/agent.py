@@ -195,6 +195,7 @@ def predict_cmd(
     density_only: Annotated[bool, typer.Option(help="Print only the density that answered (for scripts).")]
     = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 10.0,
+    deadline_ms: Annotated[float, typer.Option(min=0.0, help="Answer within this many ms: the agent runs the densest subnet, up to its assignment, it expects to meet it (0: the assigned one).")] = 0.0,
 ) -> None:
     """Send one test image to a running agent; print its answer and the density that produced it."""
     try:
@@ -204,7 +205,8 @@ def predict_cmd(
     if index >= len(test_set):
         raise fail(f"--index must be below {len(test_set)}, got {index}")
     image = test_set.images[index]
-    request = agent_pb.PredictRequest(input=image.reshape(-1).tolist(), shape=list(image.shape))
+    request = agent_pb.PredictRequest(input=image.reshape(-1).tolist(), shape=list(image.shape),
+                                      deadline_ms=deadline_ms)
     answer = agent_call(agent, "Predict", lambda stub: stub.Predict(request, timeout=timeout))
     if density_only:
         print(f"{answer.density:g}")

@@ -27,6 +27,7 @@ from agent.serving import (
     SERVICE_NAME,
     AgentIdentity,
     AgentServer,
+    LatencyModel,
     ModelFetchError,
     ModelUpdater,
     ServedModel,
@@ -432,3 +433,44 @@ def test_a_device_the_coordinator_forgot_registers_again_and_carries_on(
     finally:
         monitor.stop()
     assert monitor.device_id == registered[0] != 424242 and monitor.failures == 0
+
+
+# -- a request's deadline, decided on the device ---------------------------------------------------------------
+
+
+def test_a_deadline_picks_the_densest_subnet_expected_to_meet_it_never_above_the_assignment(served) -> None:
+    x, _ = _image(batch=4)
+    served.latency = LatencyModel({1.0: 10.0, 0.5: 5.0, 0.25: 2.5, 0.1: 1.0})  # ms per image, as calibrated
+    served.set_density(0.5)
+    assert served.predict(x)[1] == 0.5  # no deadline: the assignment
+    served.latency = LatencyModel({1.0: 10.0, 0.5: 5.0, 0.25: 2.5, 0.1: 1.0})
+    assert served.predict(x, deadline_ms=11.0)[1] == 0.25  # 4 images: 0.5 needs 20 ms, 0.25 10 ms
+    served.latency = LatencyModel({1.0: 10.0, 0.5: 5.0, 0.25: 2.5, 0.1: 1.0})
+    assert served.predict(x, deadline_ms=1000.0)[1] == 0.5  # never above what the budget allows
+    served.latency = LatencyModel({1.0: 10.0, 0.5: 5.0, 0.25: 2.5, 0.1: 1.0})
+    assert served.predict(x, deadline_ms=0.5)[1] == 0.1  # none fits: the fastest answers
+    assert served.state().density == 0.5  # the request's switch was for that request only
+    logits, _, _ = served.predict(x, deadline_ms=11.0)
+    served.packed.set_density(0.25)
+    torch.testing.assert_close(logits, served.packed(x))  # it really ran the 0.25 subnet
+    served.set_density(0.5)
+    with pytest.raises(ValueError, match="deadline_ms"):
+        served.predict(x, deadline_ms=float("nan"))
+
+
+def test_the_latency_model_learns_from_measured_passes() -> None:
+    model = LatencyModel({1.0: 10.0}, smoothing=0.5)
+    model.observe(1.0, batch=2, measured_ms=60.0)  # 30 ms an image now: a foreground app took the CPU
+    assert model.expected_ms(1.0, 1) == 20.0
+    model.observe(0.5, batch=1, measured_ms=4.0)  # a density never calibrated is learnt from its first pass
+    assert model.expected_ms(0.5, 3) == 12.0 and model.expected_ms(0.25, 1) is None
+    assert model.densest_within([1.0, 0.5, 0.25], batch=1, deadline_ms=15.0) == 0.5
+
+
+def test_predict_over_grpc_honours_the_deadline(agent: AgentServer, agent_stub, served) -> None:
+    served.latency = LatencyModel({1.0: 1e6, 0.5: 1e6, 0.25: 1e6, 0.1: 1e-3})  # only 0.1 is fast enough
+    _, request = _image()
+    request.deadline_ms = 50.0
+    assert agent_stub.Predict(request, timeout=10).density == 0.1
+    request.deadline_ms = 0.0
+    assert agent_stub.Predict(request, timeout=10).density == 1.0

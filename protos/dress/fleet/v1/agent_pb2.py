@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/dress/fleet/v1/agent.proto\x12\x0e\x64ress.fleet.v1\".\n\x0ePredictRequest\x12\r\n\x05input\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\x05\"U\n\x0fPredictResponse\x12\x0e\n\x06logits\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\x0f\n\x07\x64\x65nsity\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x0f\n\rStatusRequest\"\x97\x01\n\x0eStatusResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\x03\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x04 \x01(\x01\x12\x18\n\x10\x61ssigned_density\x18\x05 \x01(\x01\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x11\n\tdensities\x18\x07 \x03(\x01\x32\x9c\x01\n\x05\x41gent\x12J\n\x07Predict\x12\x1e.dress.fleet.v1.PredictRequest\x1a\x1f.dress.fleet.v1.PredictResponse\x12G\n\x06Status\x12\x1d.dress.fleet.v1.StatusRequest\x1a\x1e.dress.fleet.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!protos/dress/fleet/v1/agent.proto\x12\x0e\x64ress.fleet.v1\"C\n\x0ePredictRequest\x12\r\n\x05input\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\x03 \x01(\x01\"U\n\x0fPredictResponse\x12\x0e\n\x06logits\x18\x01 \x03(\x02\x12\r\n\x05shape\x18\x02 \x03(\x05\x12\x0f\n\x07\x64\x65nsity\x18\x03 \x01(\x01\x12\x12\n\nlatency_ms\x18\x04 \x01(\x01\"\x0f\n\rStatusRequest\"\x97\x01\n\x0eStatusResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdevice_id\x18\x02 \x01(\x03\x12\x0f\n\x07profile\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x04 \x01(\x01\x12\x18\n\x10\x61ssigned_density\x18\x05 \x01(\x01\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x11\n\tdensities\x18\x07 \x03(\x01\x32\x9c\x01\n\x05\x41gent\x12J\n\x07Predict\x12\x1e.dress.fleet.v1.PredictRequest\x1a\x1f.dress.fleet.v1.PredictResponse\x12G\n\x06Status\x12\x1d.dress.fleet.v1.StatusRequest\x1a\x1e.dress.fleet.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.dress.fleet.v1.agent
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST']._serialized_start=53
-  _globals['_PREDICTREQUEST']._serialized_end=99
-  _globals['_PREDICTRESPONSE']._serialized_start=101
-  _globals['_PREDICTRESPONSE']._serialized_end=186
-  _globals['_STATUSREQUEST']._serialized_start=188
-  _globals['_STATUSREQUEST']._serialized_end=203
-  _globals['_STATUSRESPONSE']._serialized_start=206
-  _globals['_STATUSRESPONSE']._serialized_end=357
-  _globals['_AGENT']._serialized_start=360
-  _globals['_AGENT']._serialized_end=516
+  _globals['_PREDICTREQUEST']._serialized_end=120
+  _globals['_PREDICTRESPONSE']._serialized_start=122
+  _globals['_PREDICTRESPONSE']._serialized_end=207
+  _globals['_STATUSREQUEST']._serialized_start=209
+  _globals['_STATUSREQUEST']._serialized_end=224
+  _globals['_STATUSRESPONSE']._serialized_start=227
+  _globals['_STATUSRESPONSE']._serialized_end=378
+  _globals['_AGENT']._serialized_start=381
+  _globals['_AGENT']._serialized_end=537
 # @@protoc_insertion_point(module_scope)
