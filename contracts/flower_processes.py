@@ -8,7 +8,6 @@ we. Every process gets a FLWR_HOME inside our state directory, telemetry and upd
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -105,25 +104,6 @@ In a real fleet the devices' training runs on the devices; simulated on one mach
 CPU from the control plane and the registry, and heartbeats would fall behind for a reason no deployment has."""
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """Linux: a function for the child, between fork and exec, that asks the kernel to SIGTERM it when the
-    thread that started it dies, even by kill -9 (prctl PR_SET_PDEATHSIG; it survives exec, so `nice` keeps
-    it). Resolved here, before any fork, so the child only makes one call. None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-
-    def die_with_parent() -> None:
-        prctl(pr_set_pdeathsig, sigterm)
-
-    return die_with_parent
-
-
-_DIE_WITH_PARENT = _parent_death_signal()
 REAPER = Path(__file__).with_name("reaper.py")
 
 
@@ -142,13 +122,13 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")
-        cmd = [sys.executable, str(REAPER), "--", *cmd]  # ends the whole tree with us (contracts/reaper.py)
+        # ends the whole tree with us (contracts/reaper.py)
+        cmd = [sys.executable, str(REAPER), "--parent-pid", str(os.getpid()), "--", *cmd]
         if niceness and (nice := shutil.which("nice")):  # children inherit it; nice execs, so the pid is the same
             cmd = [nice, "-n", str(niceness), *cmd]
         log.info("starting %s: %s", name, " ".join(cmd))
         self.proc = subprocess.Popen(
-            list(cmd), env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_DIE_WITH_PARENT,  # noqa: PLW1509 - one prctl call, resolved before the fork
+            list(cmd), env=dict(env), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def alive(self) -> bool:

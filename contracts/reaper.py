@@ -1,13 +1,14 @@
 """Run one command so that it, and everything it ever spawns, ends when we end or our starter dies.
 
-    python reaper.py -- flower-superlink --insecure ...
+    python reaper.py --parent-pid PID -- flower-superlink --insecure ...
 
 Flower's processes do not all die with their parent: killed with kill -9, a coordinator's SuperLink got
-SIGTERM from the kernel (``ManagedProcess`` asks for it) and went, but ``flwr-simulation``, started by the
+SIGTERM from the kernel and went, but ``flwr-simulation``, started by the
 SuperLink's SuperExec in a session of its own, carried on with Ray and the virtual fleet, orphaned to init.
 This process sits between: it is a *child subreaper* (Linux), so whatever its descendants orphan is re-parented
-to it rather than to init, and on SIGTERM or SIGINT — which the kernel sends when our starter dies — or when
-the command exits, it terminates every remaining descendant, waits, and SIGKILLs what is left.
+to it rather than to init; it asks the kernel for SIGTERM when its starter dies (PR_SET_PDEATHSIG: set here,
+not between fork and exec in the starter, where a process running gRPC must not run Python); and on SIGTERM or
+SIGINT, or when the command exits, it terminates every remaining descendant, waits, and SIGKILLs what is left.
 
 Standard library and psutil only: it starts before, and must not depend on, anything of ours.
 """
@@ -23,6 +24,7 @@ import time
 
 import psutil
 
+PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 GRACE_S = 10.0  # between SIGTERM and SIGKILL for what is left
 
@@ -56,11 +58,16 @@ def _end_descendants() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "--" or len(argv) < 2:
-        print("usage: reaper.py -- COMMAND [ARGS...]", file=sys.stderr)
+    if len(argv) < 4 or argv[0] != "--parent-pid" or not argv[1].isdigit() or argv[2] != "--":
+        print("usage: reaper.py --parent-pid PID -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))  # the kernel tells us when our starter dies, even by kill -9
+    if os.getppid() != int(argv[1]):  # it died before we asked: nobody would tell us
+        return 1
+    argv = argv[2:]
     stopping = False
 
     def stop(signum: int, frame: object) -> None:
