@@ -28,7 +28,7 @@ HEARTBEAT_S = 0.5
 SWITCH_AT_S = 45.0  # when the phone's trace tightens its memory budget (after every agent is up)
 
 
-def wait_serving(address: str, timeout: float = 60.0) -> None:
+def wait_serving(address: str, timeout: float = 120.0) -> None:  # a loaded 2-core box starts slowly
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
