@@ -2,7 +2,10 @@
 
 One background thread, one heartbeat per interval. The coordinator being briefly away (restart, network
 blip) must not take inference down with it: failed heartbeats are logged and retried with backoff while
-the agent keeps serving its last assignment.
+the agent keeps serving. Given its calibration, the agent also decides on its own, at every tick and before
+asking anyone: it serves the densest subnet its live budget allows (the same policy the coordinator runs),
+never above the coordinator's answer — so a load spike moves it at once, and with the coordinator
+unreachable adaptation goes on.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from agent.budget import BudgetSource
+from contracts.policy import CalibrationPoint, choose_density, validate_calibration
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -26,11 +30,6 @@ DEFAULT_MAX_BACKOFF_S = 60.0
 # Codes that say "try again later"; anything else is logged as an error, but retried all the same.
 TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
                        grpc.StatusCode.RESOURCE_EXHAUSTED})
-
-
-def _budget_message(source: BudgetSource) -> pb.Budget:
-    budget = source.current()
-    return pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery)
 
 
 class BudgetMonitor:
@@ -56,13 +55,17 @@ class BudgetMonitor:
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT_S,
         max_backoff: float = DEFAULT_MAX_BACKOFF_S,
         reregister: Callable[[], int] | None = None,
+        calibration: Sequence[CalibrationPoint] | None = None,
     ) -> None:
         if interval <= 0 or rpc_timeout <= 0:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
         self.stub, self.device_id, self.source = stub, device_id, source
         self.interval, self.rpc_timeout = interval, rpc_timeout
         self.max_backoff = max(max_backoff, interval)
-        self.density, self.model_version = density, model_version
+        self.density, self.model_version = density, model_version  # the coordinator's last answer
+        self._table = validate_calibration(calibration) if calibration else None
+        self.local: float | None = None  # what the live budget allows, by this device's own calibration
+        self.served = density  # what on_density was last given: min(coordinator's, local)
         self.failures = 0  # consecutive failed heartbeats
         self._on_density, self._on_model_version = on_density, on_model_version
         self._reregister = reregister  # registers the device again and returns its new id
@@ -82,14 +85,17 @@ class BudgetMonitor:
     def heartbeat_now(self) -> pb.HeartbeatResponse:
         """One heartbeat, acted on; raises grpc.RpcError if the coordinator does not answer."""
         with self._beat_lock:
+            budget = self.source.current()
+            if self._table is not None:  # decided here first: the network may be down
+                self.local = choose_density(self._table, budget, self.local)
+                self._serve()
             answer = self.stub.Heartbeat(
-                pb.HeartbeatRequest(device_id=self.device_id, budget=_budget_message(self.source)),
+                pb.HeartbeatRequest(device_id=self.device_id, budget=pb.Budget(
+                    latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery)),
                 timeout=self.rpc_timeout,
             )
-            if answer.density != self.density:
-                log.info("density %g -> %g", self.density, answer.density)
-                self._on_density(answer.density)
-                self.density = answer.density
+            self.density = answer.density
+            self._serve()
             if answer.model_version and answer.model_version != self.model_version:
                 try:
                     self._on_model_version(answer.model_version)
@@ -98,6 +104,15 @@ class BudgetMonitor:
                     log.warning("cannot serve model version %r yet (%s); retrying at the next heartbeat",
                                 answer.model_version, e)
             return answer
+
+    def _serve(self) -> None:
+        """Hand the served model min(coordinator's answer, local choice) when that changed."""
+        target = self.density if self.local is None else min(self.density, self.local)
+        if target != self.served:
+            log.info("density %g -> %g (coordinator %g, local %s)", self.served, target, self.density,
+                     "-" if self.local is None else f"{self.local:g}")
+            self._on_density(target)
+            self.served = target
 
     def _register_again(self) -> None:
         """The coordinator no longer knows this device (its registry was reset or restored): register again

@@ -474,3 +474,34 @@ def test_predict_over_grpc_honours_the_deadline(agent: AgentServer, agent_stub, 
     assert agent_stub.Predict(request, timeout=10).density == 0.1
     request.deadline_ms = 0.0
     assert agent_stub.Predict(request, timeout=10).density == 1.0
+
+
+def test_with_the_coordinator_unreachable_the_device_still_adapts_to_its_budget(served: ServedModel) -> None:
+    """The agent decides from its own calibration before asking: a load spike moves it at once, and it keeps
+    doing so while no coordinator answers (here: nothing listens on the port)."""
+    clock = Clock()
+    with grpc.insecure_channel(f"127.0.0.1:{pick_port()}") as channel:
+        monitor = _monitor(pb_grpc.ControlPlaneStub(channel), 1, served,
+                           TraceBudget([TracePoint(0, LOOSE), TracePoint(10, TIGHT), TracePoint(20, LOOSE)], clock),
+                           calibration=CALIBRATION, rpc_timeout=0.2)
+        monitor.start()
+        try:
+            _until(lambda: monitor.failures >= 1, timeout=5)
+            assert served.state().density == 1.0
+            clock.now = 10
+            _until(lambda: served.state().density == 0.25, timeout=5)  # TIGHT: 0.25 is the densest that fits
+            clock.now = 20
+            _until(lambda: served.state().density == 1.0, timeout=5)
+        finally:
+            monitor.stop()
+    assert monitor.density == 1.0  # the coordinator's last word never changed: only the device's own did
+
+
+def test_the_device_never_serves_above_the_coordinators_answer(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+) -> None:
+    cheap = [CalibrationPoint(d, 1.0, 1.0) for d in (1.0, 0.5, 0.25, 0.1)]  # locally everything fits
+    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]), calibration=cheap)
+    monitor.heartbeat_now()
+    assert monitor.local == 1.0 and monitor.density == 0.25  # the coordinator judges by the registered table
+    assert served.state().density == 0.25
