@@ -193,7 +193,8 @@ class Agent:
                                      model_version=served.version, on_density=served.set_density,
                                      on_model_version=updater,
                                      interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
-                                     reregister=register_again, calibration=self.calibration)
+                                     reregister=register_again, calibration=self.calibration,
+                                     usage=served.usage)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
 

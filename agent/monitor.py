@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from agent.budget import BudgetSource
+from agent.serving import UsageLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
@@ -56,6 +57,7 @@ class BudgetMonitor:
         max_backoff: float = DEFAULT_MAX_BACKOFF_S,
         reregister: Callable[[], int] | None = None,
         calibration: Sequence[CalibrationPoint] | None = None,
+        usage: UsageLedger | None = None,
     ) -> None:
         if interval <= 0 or rpc_timeout <= 0:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
@@ -66,6 +68,7 @@ class BudgetMonitor:
         self._table = validate_calibration(calibration) if calibration else None
         self.local: float | None = None  # what the live budget allows, by this device's own calibration
         self.served = density  # what on_density was last given: min(coordinator's, local)
+        self.usage = usage  # what Predict ran, reported with each heartbeat
         self.failures = 0  # consecutive failed heartbeats
         self._on_density, self._on_model_version = on_density, on_model_version
         self._reregister = reregister  # registers the device again and returns its new id
@@ -89,11 +92,18 @@ class BudgetMonitor:
             if self._table is not None:  # decided here first: the network may be down
                 self.local = choose_density(self._table, budget, self.local)
                 self._serve()
-            answer = self.stub.Heartbeat(
-                pb.HeartbeatRequest(device_id=self.device_id, budget=pb.Budget(
-                    latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery)),
-                timeout=self.rpc_timeout,
-            )
+            ran = self.usage.take() if self.usage is not None else {}
+            try:
+                answer = self.stub.Heartbeat(
+                    pb.HeartbeatRequest(device_id=self.device_id, budget=pb.Budget(
+                        latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery),
+                        served=[pb.DensityUse(density=d, requests=r, busy_ms=ms) for d, (r, ms) in ran.items()]),
+                    timeout=self.rpc_timeout,
+                )
+            except Exception:
+                if self.usage is not None:
+                    self.usage.put_back(ran)  # not heard: report it with the next heartbeat
+                raise
             self.density = answer.density
             self._serve()
             if answer.model_version and answer.model_version != self.model_version:

@@ -71,6 +71,30 @@ class LatencyModel:
         return max(fitting, default=None)
 
 
+class UsageLedger:
+    """What Predict ran per density since the coordinator last heard of it: (requests, busy ms).
+
+    The heartbeat takes it; if the heartbeat fails it puts it back, so nothing is counted twice or lost."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._usage: dict[float, tuple[int, float]] = {}
+
+    def add(self, density: float, requests: int, busy_ms: float) -> None:
+        with self._lock:
+            old_requests, old_ms = self._usage.get(density, (0, 0.0))
+            self._usage[density] = (old_requests + requests, old_ms + busy_ms)
+
+    def take(self) -> dict[float, tuple[int, float]]:
+        with self._lock:
+            usage, self._usage = self._usage, {}
+            return usage
+
+    def put_back(self, usage: dict[float, tuple[int, float]]) -> None:
+        for density, (requests, busy_ms) in usage.items():
+            self.add(density, requests, busy_ms)
+
+
 @dataclass(frozen=True, slots=True)
 class ServedState:
     """What is served, read in one go so a concurrent swap cannot mix two models' answers."""
@@ -89,6 +113,7 @@ class ServedModel:
         self._lock = threading.Lock()
         self._packed, self._assigned, self._version = packed, assigned_density, version
         self.latency = latency or LatencyModel({})  # what a request's deadline is judged by
+        self.usage = UsageLedger()  # what ran, for the heartbeat
         packed.set_density(runnable_density(packed.densities, assigned_density))
 
     @property
@@ -146,6 +171,7 @@ class ServedModel:
             finally:
                 self._packed.set_density(assigned)
             self.latency.observe(density, x.shape[0], latency_ms)
+            self.usage.add(density, 1, latency_ms)
             return logits, density, latency_ms
 
 

@@ -106,6 +106,7 @@ def show(
         try:
             device = registry.get_device(device_id)
             history = registry.device_history(device_id)
+            served = registry.served_totals(device_id)
         except DeviceNotFoundError as e:
             raise _fail(str(e)) from e
     node = "not yet seen by a run" if device.flower_node_id is None else str(device.flower_node_id)
@@ -118,6 +119,15 @@ def show(
         table.add_row(_format_time(a.assigned_at), f"{a.density:g}", a.reason.value, _format_budget(a.budget),
                       a.model_version or "-")
     _console().print(table)
+    if served:
+        ran = Table(title=f"device {device_id}: what its Predict ran, as reported with its heartbeats")
+        for column in ("density", "requests", "busy ms", "ms per request"):
+            ran.add_column(column, justify="right")
+        for density, (requests, busy_ms) in served.items():
+            ran.add_row(f"{density:g}", f"{requests:,}", f"{busy_ms:,.1f}", f"{busy_ms / max(1, requests):.2f}")
+        _console().print(ran)
+    else:
+        _console().print("Predict has not reported answering any request yet.")
 
 
 @devices_app.command("assign")

@@ -86,7 +86,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 raise InvalidInputError("heartbeat has no budget")
             b = request.budget
             budget = Budget(b.latency_ms, b.memory_mb, b.battery if b.HasField("battery") else None)
-            assignment = self._registry.heartbeat(request.device_id, budget)
+            served = {u.density: (u.requests, u.busy_ms) for u in request.served}
+            if len(served) != len(request.served):
+                raise InvalidInputError("heartbeat lists a density it served more than once")
+            assignment = self._registry.heartbeat(request.device_id, budget, served)
         return pb.HeartbeatResponse(density=assignment.density, model_version=assignment.model_version or "",
                                     changed=assignment.changed, heartbeat_s=self._heartbeat_s)
 

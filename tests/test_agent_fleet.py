@@ -505,3 +505,27 @@ def test_the_device_never_serves_above_the_coordinators_answer(
     monitor.heartbeat_now()
     assert monitor.local == 1.0 and monitor.density == 0.25  # the coordinator judges by the registered table
     assert served.state().density == 0.25
+
+
+def test_what_predict_ran_reaches_the_registry_with_the_next_heartbeat(
+    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+) -> None:
+    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, LOOSE)]), usage=served.usage)
+    x, _ = _image(batch=2)
+    for _ in range(3):
+        served.predict(x)
+    monitor.heartbeat_now()
+    [(density, (requests, busy_ms))] = coordinator.registry.served_totals(device_id).items()
+    assert density == served.state().density and requests == 3 and busy_ms > 0
+    monitor.heartbeat_now()  # nothing ran since: nothing new is reported
+    assert coordinator.registry.served_totals(device_id)[density][0] == 3
+
+
+def test_usage_a_failed_heartbeat_did_not_deliver_is_reported_later(served: ServedModel) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{pick_port()}") as channel:  # nobody listens
+        monitor = _monitor(pb_grpc.ControlPlaneStub(channel), 1, served, TraceBudget([TracePoint(0, LOOSE)]),
+                           usage=served.usage, rpc_timeout=0.2)
+        served.predict(_image()[0])
+        with pytest.raises(grpc.RpcError):
+            monitor.heartbeat_now()
+    assert [requests for requests, _ in served.usage.take().values()] == [1]

@@ -29,7 +29,8 @@ def state_dir(tmp_path: Path, calibration: list[CalibrationPoint]) -> Path:
     with Registry(state_dir=state) as registry:
         pi = registry.register_device("pi-kitchen", "pi4", calibration).device_id
         registry.add_model_version("v7", "/ckpt/v7", [1.0, 0.5])
-        registry.heartbeat(pi, Budget(60, 500, 0.5))
+        registry.heartbeat(pi, Budget(60, 500, 0.5), {0.5: (3, 6.0), 0.25: (1, 1.0)})
+        registry.heartbeat(pi, Budget(60, 500, 0.5), {0.5: (2, 5.0)})  # what Predict ran between heartbeats
         registry.register_device("phone-anna", "phone", calibration)
     return state
 
@@ -60,6 +61,17 @@ def test_devices_show_prints_the_assignment_history(state_dir: Path) -> None:
     assert "0.5" in rows[1] and "budget_change" in rows[1] and "60 ms" in rows[1] and "v7" in rows[1]
     # the group's options work too
     assert runner.invoke(app, ["devices", "--state-dir", str(state_dir), "show", "1"]).output == result.output
+    [ran] = [line.split("│") for line in result.output.splitlines() if "11.0" in line]
+    assert [cell.strip() for cell in ran[1:5]] == ["0.5", "5", "11.0", "2.20"]  # 3 + 2 requests, 6 + 5 ms
+
+
+def test_a_device_reports_what_it_served_checked(state_dir: Path, calibration: list[CalibrationPoint]) -> None:
+    with Registry(state_dir=state_dir) as registry:
+        assert registry.served_totals(1) == {0.5: (5, 11.0), 0.25: (1, 1.0)}
+        assert registry.served_totals(2) == {}
+        for bad in ({7.0: (1, 1.0)}, {0.5: (-1, 1.0)}, {0.5: (1, float("nan"))}, {0.5: (10**12, 1.0)}):
+            with pytest.raises(InvalidInputError, match="served"):
+                registry.heartbeat(1, Budget(60, 500), bad)
 
 
 def test_devices_show_unknown_id_fails(state_dir: Path) -> None:
@@ -72,10 +84,10 @@ def test_db_upgrade_creates_then_keeps_the_schema(tmp_path: Path) -> None:
     state = tmp_path / "fresh"
     first = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
     assert first.exit_code == 0, first.output
-    assert "revision 0002 (was empty)" in first.output
+    assert "revision 0003 (was empty)" in first.output
     assert (state / "registry.sqlite3").exists()
     again = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
-    assert "revision 0002 (was 0002)" in again.output
+    assert "revision 0003 (was 0003)" in again.output
 
 
 @pytest.mark.parametrize("command", [["devices"], ["devices", "show", "1"], ["db", "upgrade"]])

@@ -125,6 +125,8 @@ class BudgetReport(Base):
     battery: Mapped[float | None] = mapped_column(Float)
     assigned_density: Mapped[float] = mapped_column(Float)
     reported_at: Mapped[datetime]
+    # what Predict ran since the device's previous heartbeat: {"density": [requests, busy_ms]}; None = nothing
+    served: Mapped[dict[str, list[float]] | None] = mapped_column(JSON)
 
 
 class DensityAssignment(Base):

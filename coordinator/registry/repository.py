@@ -85,6 +85,25 @@ def _check_metrics(metrics: Mapping[str, float], what: str) -> dict[str, float]:
     return {name: float(value) for name, value in metrics.items()}
 
 
+MAX_SERVED_REQUESTS = 10**9  # per density between two heartbeats: far above any device, below any overflow
+
+
+def _check_served(served: Mapping[float, tuple[int, float]]) -> dict[str, list[float]]:
+    """What a device says it served, checked: densities in (0, 1], counts and busy time finite, >= 0, bounded."""
+    if len(served) > MAX_METRICS:
+        raise InvalidInputError(f"served lists {len(served)} densities; at most {MAX_METRICS}")
+    usage = {}
+    for density, (requests, busy_ms) in served.items():
+        _check_density(density, "served density")
+        if not (isinstance(requests, int) and 0 <= requests <= MAX_SERVED_REQUESTS):
+            raise InvalidInputError(f"served requests at density {density:g} must be 0..{MAX_SERVED_REQUESTS}, "
+                                    f"got {requests!r}")
+        if not (math.isfinite(busy_ms) and 0 <= busy_ms <= 1e12):
+            raise InvalidInputError(f"served busy_ms at density {density:g} must be finite and >= 0, got {busy_ms}")
+        usage[str(density)] = [requests, float(busy_ms)]
+    return usage
+
+
 def _calibrated(calibration: list[dict[str, float]]) -> list[float]:
     return [point["density"] for point in calibration]
 
@@ -215,14 +234,17 @@ class Registry:
         log.info("registered device %s (%s) as id %d at density %g", name, fields["profile"], device_id, density)
         return Assignment(device_id, density, changed, version)
 
-    def heartbeat(self, device_id: int, budget: Budget) -> Assignment:
+    def heartbeat(self, device_id: int, budget: Budget,
+                  served: Mapping[float, tuple[int, float]] | None = None) -> Assignment:
         """Record the budget and answer with the density that fits it (see policy.choose_density).
 
         Every heartbeat's budget is stored with the density it was given; a density change also adds
         an assignment row pointing at that budget. All in one transaction under the device's row lock.
-        The device row itself is only written when its density or status changes.
+        The device row itself is only written when its density or status changes. ``served`` (density ->
+        requests, busy ms) is what the device's Predict ran since its last heartbeat, stored with the budget.
         """
         now = _now()
+        usage = _check_served(served) if served else None
         with self._write() as conn:
             row = conn.execute(_LOCK_DEVICE, {"device_id": device_id}).one_or_none()
             if row is None:
@@ -232,7 +254,7 @@ class Registry:
             density = choose_density(table, budget, current, self.margin)
             budget_id = conn.execute(_INSERT_BUDGET, {
                 "device_id": device_id, "latency_ms": budget.latency_ms, "memory_mb": budget.memory_mb,
-                "battery": budget.battery, "assigned_density": density, "reported_at": now,
+                "battery": budget.battery, "assigned_density": density, "reported_at": now, "served": usage,
             }).scalar_one()
             changed = density != current
             if changed:
@@ -331,6 +353,17 @@ class Registry:
                            max(d.registered_at, reported_at or d.registered_at), _budget(latency, memory, battery))
                 for d, latency, memory, battery, reported_at in s.execute(query)
             ]
+
+    def served_totals(self, device_id: int) -> dict[float, tuple[int, float]]:
+        """Everything the device reported its Predict ran, per density: (requests, busy ms), summed."""
+        totals: dict[float, list[float]] = {}
+        with self._read() as s:
+            for usage in s.scalars(select(BudgetReport.served).where(BudgetReport.device_id == device_id)):
+                for density, (requests, busy_ms) in (usage or {}).items():
+                    entry = totals.setdefault(float(density), [0, 0.0])
+                    entry[0] += int(requests)
+                    entry[1] += float(busy_ms)
+        return {d: (int(r), ms) for d, (r, ms) in sorted(totals.items(), reverse=True)}
 
     def device_history(self, device_id: int) -> list[AssignmentRecord]:
         """The device's density assignments, oldest first."""

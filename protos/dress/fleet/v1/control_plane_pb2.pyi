@@ -75,12 +75,24 @@ class RegisterResponse(_message.Message):
     def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("device_id", "budget")
+    __slots__ = ("device_id", "budget", "served")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SERVED_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     budget: Budget
-    def __init__(self, device_id: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    served: _containers.RepeatedCompositeFieldContainer[DensityUse]
+    def __init__(self, device_id: _Optional[int] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., served: _Optional[_Iterable[_Union[DensityUse, _Mapping]]] = ...) -> None: ...
+
+class DensityUse(_message.Message):
+    __slots__ = ("density", "requests", "busy_ms")
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    density: float
+    requests: int
+    busy_ms: float
+    def __init__(self, density: _Optional[float] = ..., requests: _Optional[int] = ..., busy_ms: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("density", "model_version", "changed", "heartbeat_s")
