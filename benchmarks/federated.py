@@ -42,9 +42,11 @@ from simulations.run import SimulationSettings, run_simulation  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 CENTRALIZED = RESULTS / "accuracy.json"  # centralized DRESS training on the whole training split
 # benchmark name -> (method, distill override); dress-no-anchor is the ablation of DRESS's anchor loss
-VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0), "dress-no-anchor": ("dress", 0.0)}
-ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor")
-DEFAULT = ALL[:-1]
+VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0), "dress-no-anchor": ("dress", 0.0),
+            "dress-anchor-0.25": ("dress", 0.25)}
+ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor",
+       "dress-anchor-0.25")
+DEFAULT = ALL[:-2]  # the ablations (anchor off, anchor at half weight) join with --methods ... --resume
 
 
 def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, ...]) -> dict[float, float]:
