@@ -6,8 +6,9 @@
 Every method runs through `dress-fleet simulate`'s code (``simulations.run``): same devices, device mix, budget
 traces, data split, rounds, local epochs and examples; only ``--method`` changes (``contracts.methods``). A
 peer's tiers hold no more parameters than DRESS's subnet at the same density. ``fjord-kd`` is FjORD with
-self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0; ``dress-no-anchor`` is DRESS without
-its anchor loss (an ablation, not run by default).
+self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0. Ablations of DRESS's anchor loss, not
+run by default: ``dress-no-anchor`` (off), ``dress-anchor-0.25`` (half weight, constant), ``dress-anchor-constant``
+(full weight in every round; ``dress`` anneals it to 0 over the rounds, ``distill-decay``).
 
 Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last`` rounds' test accuracy: with
 10 devices a round on Dirichlet-0.3 shards the global model swings by several points from one round to the next,
@@ -41,12 +42,15 @@ from simulations.run import SimulationSettings, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CENTRALIZED = RESULTS / "accuracy.json"  # centralized DRESS training on the whole training split
-# benchmark name -> (method, distill override); dress-no-anchor is the ablation of DRESS's anchor loss
-VARIANTS = {"fjord-kd": ("fjord", None), "fjord": ("fjord", 0.0), "dress-no-anchor": ("dress", 0.0),
-            "dress-anchor-0.25": ("dress", 0.25)}
+# name -> (method, run-setting changes)
+VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
+    "fjord-kd": ("fjord", {}), "fjord": ("fjord", {"distill": 0.0}), "dress-no-anchor": ("dress", {"distill": 0.0}),
+    "dress-anchor-0.25": ("dress", {"distill": 0.25, "distill_decay": 1.0}),
+    "dress-anchor-constant": ("dress", {"distill_decay": 1.0}),
+}
 ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor",
-       "dress-anchor-0.25")
-DEFAULT = ALL[:-2]  # the ablations (anchor off, anchor at half weight) join with --methods ... --resume
+       "dress-anchor-0.25", "dress-anchor-constant")
+DEFAULT = ALL[:-3]  # the anchor ablations join with --methods ... --resume
 
 
 def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, ...]) -> dict[float, float]:
@@ -62,11 +66,11 @@ def run_name(method: str, partition: str, seed: int) -> str:
 
 
 def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
-    method, distill = VARIANTS.get(name, (name, None))
+    method, changes = VARIANTS.get(name, (name, {}))
     run = RunSettings.defaults(
         method=method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
         max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples, lr=args.lr, lr_decay=args.lr_decay,
-        server_momentum=args.server_momentum, **({"distill": distill} if distill is not None else {}),
+        server_momentum=args.server_momentum, **changes,
     )  # fmt: skip
     settings = SimulationSettings(run, devices=args.devices, mix=args.mix,
                                   run_dir=args.run_dir / run_name(name, partition, seed))
@@ -153,6 +157,10 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
              f"{examples} per device per round, learning rate {s.get('lr', 0.05):g} annealed to {s.get('lr_decay', 1.0):g}× its first "
              f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}; accuracy = mean of the last {s['last']} rounds, then "
              "mean over the seeds each section lists.", ""]
+    variants = [f"{name} = {VARIANTS[name][0]} with {', '.join(f'{k} {v:g}' for k, v in VARIANTS[name][1].items())}"
+                for name in result["settings"]["methods"] if VARIANTS.get(name, ("", {}))[1]]
+    if variants:
+        lines += ["Variants: " + "; ".join(variants) + ".", ""]
     columns = ["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)] + ["MB/round", "device s/round"]
     for partition in result["settings"]["partitions"]:
         table = []

@@ -63,6 +63,7 @@ LrDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last r
 AggregationOption = Annotated[str, typer.Option(help="Per weight over the devices that trained it: mean (FedAvg), median or trimmed-mean:BETA (robust to a minority of lying devices; DRESS only).")]
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
+DistillDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's anchor weight as a share of --distill, cosine over the rounds (1 = constant).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
 HeartbeatOption = Annotated[float, typer.Option("--heartbeat-s", min=0.05, max=3600.0, help="Devices heartbeat at least this often (seconds); silent for 6 heartbeats, a device is offline. Raise it for very large fleets.")]
@@ -102,6 +103,7 @@ def coordinator_start_cmd(
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
     aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
+    distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     seed: SeedOption = DEFAULTS.seed,
     certs: Annotated[Optional[Path], typer.Option(help="Folder with the fleet's ca.pem, server.pem and server.key: TLS on the SuperLink and control plane (required beyond loopback; `dress-fleet certs init` makes a test fleet's).")] = None,
@@ -112,7 +114,7 @@ def coordinator_start_cmd(
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill, distill_decay=distill_decay,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     try:
@@ -192,6 +194,7 @@ def simulate_cmd(
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
     aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
+    distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a few rounds (generated traces).")] = SimulationSettings.dropout,
     seed: SeedOption = DEFAULTS.seed,
@@ -203,7 +206,7 @@ def simulate_cmd(
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, aggregation=aggregation, distill=distill, distill_decay=distill_decay, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip
     try:

@@ -85,6 +85,7 @@ class RunSettings:
     aggregation: str  # mean, median or trimmed-mean:BETA (Aggregation): robust ones resist lying devices
     server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
+    distill_decay: float  # the last round's anchor weight as a share of distill (cosine like lr; 1 = constant); DRESS
     batch_size: int
     max_examples: int  # per device per round; 0 = its whole shard
     eval_examples: int  # test images the server evaluates each density on; 0 = all
@@ -104,6 +105,7 @@ class RunSettings:
             (0 < self.lr_decay <= 1, "lr-decay", "a number in (0, 1]"),
             (0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)"),
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
+            (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
@@ -136,8 +138,20 @@ class RunSettings:
         Devices sent a constant rate keep the global model as noisy as one round's local steps make it (the
         federated benchmark stalled about 3 points under centralized training); centralized training anneals
         its rate, and so does this, across rounds (each device still runs its own one-cycle within a round)."""
+        return self.lr * self._cosine(server_round, self.lr_decay)
+
+    def distill_at(self, server_round: int) -> float:
+        """The anchor-loss weight of a round: cosine from ``distill`` to ``distill × distill_decay``.
+
+        Early on the bands above the sparsest subnet hold little the fleet agreed on, and the anchor keeps the
+        few devices that train them from pulling them their own way; late in a run they are trained, and
+        the anchor would only hold the densest subnet at the sparsest one's accuracy."""
+        return self.distill * self._cosine(server_round, self.distill_decay)
+
+    def _cosine(self, server_round: int, final_share: float) -> float:
+        """1 in round 1, ``final_share`` in the last round, cosine in between."""
         progress = min(1.0, max(0.0, (server_round - 1) / max(1, self.num_rounds - 1)))
-        return self.lr * (self.lr_decay + (1 - self.lr_decay) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return final_share + (1 - final_share) * 0.5 * (1 + math.cos(math.pi * progress))
 
     @property
     def density_list(self) -> tuple[float, ...]:

@@ -94,7 +94,10 @@ def main(grid: Grid, context: Context) -> None:
             return
         # A reply may claim no more examples than a device trains on per round (the whole split bounds a shard).
         common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed,
-                      stale_after=settings.stale_after, lr_at=settings.lr_at,
+                      stale_after=settings.stale_after,
+                      # the round's rate; DRESS's anchor weight anneals too (a peer's KD weight is as published)
+                      round_config=lambda r: {"lr": settings.lr_at(r),
+                                              **({"distill": settings.distill_at(r)} if dress else {})},
                       server_momentum=settings.server_momentum, first_round=done + 1,
                       aggregation=Aggregation.parse(settings.aggregation),
                       max_examples=settings.max_examples or len(train_set))

@@ -79,7 +79,7 @@ class DressStrategy(Strategy):
         seed: int,
         stale_after: timedelta,
         max_examples: int,
-        lr_at: Callable[[int], float] | None = None,
+        round_config: Callable[[int], dict[str, float]] | None = None,
         server_momentum: float = 0.0,
         first_round: int = 1,
         aggregation: Aggregation = MEAN,
@@ -89,7 +89,7 @@ class DressStrategy(Strategy):
         self.calibration = calibration
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
         self.stale_after = stale_after  # a device silent this long is offline and not sampled
-        self.lr_at = lr_at  # the round's learning rate (RunSettings.lr_at); None = the train config's, every round
+        self.round_config = round_config  # what changes per round (lr, anchor weight); None = the train config's
         self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
         self.server_momentum = server_momentum
         self.aggregation = aggregation
@@ -167,8 +167,8 @@ class DressStrategy(Strategy):
                      config: ConfigRecord) -> list[Message]:
         """One train message per chosen (node, device, level), and what each device's reply must look like."""
         stats = self.stats[server_round]
-        if self.lr_at is not None:
-            config = ConfigRecord({**config, "lr": self.lr_at(server_round)})
+        if self.round_config is not None:
+            config = ConfigRecord({**config, **self.round_config(server_round)})
         stats.lr = float(config["lr"])
         payloads: dict[float, tuple[object, ArrayRecord, Expected]] = {}
         self.sent = {}

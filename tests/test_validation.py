@@ -181,3 +181,22 @@ def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, calibra
         assert registry.current_model_version() == "round-4" and "no device" in stats[5].withheld
         withheld = {r.round: r.details["withheld"] for r in registry.list_rounds()}
     assert withheld[1] is None and withheld[4] is None and withheld[2] and withheld[3] and withheld[5]
+
+
+def test_each_round_sends_its_own_learning_rate_and_anchor_weight(sqlite_url: str, calibration: list,
+                                                                  message_identity: None) -> None:
+    settings = RunSettings.defaults(width=4, num_rounds=10, distill_decay=0.0)
+    model = build_run_model(settings)
+    with Registry(sqlite_url) as registry:
+        registry.register_device("pi", "pi4", calibration)
+        [info] = registry.list_devices()
+        strategy = DressStrategy(model, registry, None, fraction=1.0, min_devices=1, seed=0,  # type: ignore[arg-type]
+                                 stale_after=timedelta(seconds=30), max_examples=300,
+                                 round_config=lambda r: {"lr": settings.lr_at(r), "distill": settings.distill_at(r)})
+        for round_number in (1, 10):
+            strategy.stats[round_number] = RoundStats(round_number)
+            [message] = strategy.messages_for(round_number, [(100, info, 0.1)], train_config(settings))
+            config = message.content["config"]
+            assert config["lr"] == pytest.approx(settings.lr_at(round_number))
+            assert config["distill"] == pytest.approx(settings.distill_at(round_number))
+    assert settings.distill_at(10) == 0.0 < settings.distill_at(1)
