@@ -3,7 +3,8 @@ train through a Flower SuperNode, heartbeat; then stop in reverse.
 
 Each step needs the one before it: the coordinator must answer before seconds go into calibration; the
 architecture comes from the coordinator (Describe) so the agent never declares its own; calibration goes
-with registration; the first density comes back from registration.
+with registration; the first density comes back from registration. Every call proves the device: its first
+registration spends the operator's one-time enrollment token for a credential kept under --state-dir.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from agent.serving import (
     ServedModel,
     serve,
 )
+from contracts.credentials import StoredCredential, with_bearer
 from contracts.flower_processes import ManagedProcess, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
@@ -55,12 +57,12 @@ class AgentError(RuntimeError):
 
 @dataclass
 class AgentConfig:
-    name: str
+    name: str | None  # None: the name the enrollment token or stored credential is for
     profile: Profile
     coordinator: str  # control plane HOST:PORT
     superlink: str  # Flower fleet API HOST:PORT
     budget: BudgetSource
-    state_dir: Path  # SuperNode home and logs
+    state_dir: Path  # SuperNode home, logs and the device's credential
     serve_host: str = "127.0.0.1"
     serve_port: int = DEFAULT_SERVE_PORT
     supernode_port: int = DEFAULT_SUPERNODE_PORT
@@ -70,6 +72,7 @@ class AgentConfig:
     ca: Path | None = None  # the fleet CA: TLS to the coordinator and the SuperLink; None = plaintext (loopback only)
     threads: int = 1
     connect_timeout: float = 5.0
+    token: str | None = None  # one-time enrollment token; None: the credential stored under state_dir
 
 
 def heartbeat_interval(wanted: float | None, asked: float) -> float:
@@ -144,7 +147,8 @@ class Agent:
                              "fleet's CA (--ca ca.pem)")
         channel = connect_coordinator(c.coordinator, c.connect_timeout, c.ca)
         self._running.callback(channel.close)
-        stub = pb_grpc.ControlPlaneStub(channel)
+        secret = [self._secret()]  # the token until registration answers the credential
+        stub = pb_grpc.ControlPlaneStub(with_bearer(channel, lambda: secret[0]))
         try:
             described = stub.Describe(pb.DescribeRequest(), timeout=c.connect_timeout)
             packed = initial_model(described.architecture)
@@ -156,7 +160,7 @@ class Agent:
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
         self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats)
         request = pb.RegisterRequest(
-            name=c.name, profile=c.profile.name,
+            name=c.name or "", profile=c.profile.name,
             calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
                          for p in self.calibration])
         try:
@@ -164,6 +168,12 @@ class Agent:
         except grpc.RpcError as e:
             raise AgentError(f"coordinator at {c.coordinator} refused registration: "
                              f"{e.code().name}: {e.details()}") from None
+        name = registration.name or c.name or ""
+        if registration.credential:  # the token is spent: from now on the device proves itself with this
+            StoredCredential(name, registration.device_id, registration.credential, c.coordinator).save(c.state_dir)
+            secret[0] = registration.credential
+            log.info("enrolled as %s (device %d); credential stored in %s", name, registration.device_id,
+                     c.state_dir)
         self.served = served = ServedModel(packed, registration.density, latency=LatencyModel(
             {p.density: p.latency_ms for p in self.calibration}))  # per image: calibration times one image
         updater = ModelUpdater(served, stub, registration.device_id, fetch_density=max(packed.densities))
@@ -172,17 +182,11 @@ class Agent:
                 updater(registration.model_version)
             except ModelFetchError as e:
                 log.warning("serving the untrained initial model for now: %s", e)
-        self.identity = identity = AgentIdentity(c.name, registration.device_id, c.profile.name)
+        self.identity = AgentIdentity(name, registration.device_id, c.profile.name)
 
-        def register_again() -> int:
-            """The same registration, for a coordinator that forgot this device; the new id everywhere."""
-            device_id = stub.Register(request, timeout=c.connect_timeout).device_id
-            updater.device_id = identity.device_id = device_id
-            return device_id
-
-        node_config = {"device-id": c.name, "profile": c.profile.name, **c.node_config}
+        node_config = {"device-id": name, "profile": c.profile.name, **c.node_config}
         self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
-                                         f"supernode-{c.name}", root_ca=c.ca)
+                                         f"supernode-{name}", root_ca=c.ca)
         self._running.callback(self.supernode.stop)
         try:
             self.predict = serve(served, self.identity, c.serve_host, c.serve_port)
@@ -193,10 +197,31 @@ class Agent:
                                      model_version=served.version, on_density=served.set_density,
                                      on_model_version=updater,
                                      interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
-                                     reregister=register_again, calibration=self.calibration,
+                                     calibration=self.calibration,
                                      usage=served.usage)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
+
+    def _secret(self) -> str:
+        """What proves this device at its first call: the enrollment token when one is given (a first join,
+        or a re-enrollment), else the credential an earlier join stored; AgentError when there is neither."""
+        c = self.config
+        if c.token:
+            return c.token
+        try:
+            stored = StoredCredential.load(c.state_dir)
+        except ValueError as e:
+            raise AgentError(str(e)) from None
+        if stored is None:
+            raise AgentError(f"this device is not enrolled (no credential in {c.state_dir}): on the coordinator run "
+                             "`dress-fleet devices enroll NAME` and pass its token here with --token")
+        if stored.coordinator != c.coordinator:
+            raise AgentError(f"the credential in {c.state_dir} is for the coordinator at {stored.coordinator}, not "
+                             f"{c.coordinator}: enroll with this one (--token) or use another --state-dir")
+        if c.name and stored.name != c.name:
+            raise AgentError(f"the credential in {c.state_dir} is device {stored.name!r}'s, not {c.name!r}: drop "
+                             "--name, or enroll this name (--token) under another --state-dir")
+        return stored.credential
 
     def wait(self, stop: threading.Event) -> bool:
         """Block until `stop` is set (True) or the SuperNode dies (False): without it the device cannot train."""

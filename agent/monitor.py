@@ -55,7 +55,6 @@ class BudgetMonitor:
         interval: float = DEFAULT_INTERVAL_S,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT_S,
         max_backoff: float = DEFAULT_MAX_BACKOFF_S,
-        reregister: Callable[[], int] | None = None,
         calibration: Sequence[CalibrationPoint] | None = None,
         usage: UsageLedger | None = None,
     ) -> None:
@@ -71,7 +70,6 @@ class BudgetMonitor:
         self.usage = usage  # what Predict ran, reported with each heartbeat
         self.failures = 0  # consecutive failed heartbeats
         self._on_density, self._on_model_version = on_density, on_model_version
-        self._reregister = reregister  # registers the device again and returns its new id
         self._beat_lock = threading.Lock()  # heartbeat_now() from a test and the thread never interleave
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"budget-monitor-{device_id}", daemon=True)
@@ -124,18 +122,6 @@ class BudgetMonitor:
             self._on_density(target)
             self.served = target
 
-    def _register_again(self) -> None:
-        """The coordinator no longer knows this device (its registry was reset or restored): register again
-        and carry on under the new id, as an operator restarting the agent would have."""
-        assert self._reregister is not None
-        try:
-            self.device_id = self._reregister()
-        except Exception as e:  # noqa: BLE001 - unreachable or refusing now: the next heartbeat tries again
-            log.warning("the coordinator forgot this device and registering again failed (%s); retrying", e)
-            return
-        self.failures = 0
-        log.info("the coordinator forgot this device; registered again as id %d", self.device_id)
-
     def next_delay(self) -> float:
         """The interval while healthy; after failures, exponential backoff with jitter so a fleet does not
         reconnect to a restarted coordinator in lockstep."""
@@ -153,10 +139,6 @@ class BudgetMonitor:
                 self.failures = 0
             except grpc.RpcError as e:
                 self.failures += 1
-                if e.code() == grpc.StatusCode.NOT_FOUND and self._reregister is not None:
-                    self._register_again()
-                    delay = 0.0 if not self.failures else self.next_delay()
-                    continue
                 level = logging.WARNING if e.code() in TRANSIENT else logging.ERROR
                 log.log(level, "heartbeat failed (%s: %s); retrying", e.code().name, e.details())
             except Exception:  # e.g. a budget reading the coordinator's Budget refuses: try the next one

@@ -41,6 +41,7 @@ import psycopg  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+from contracts.credentials import bearer  # noqa: E402
 from contracts.flower_processes import pick_port  # noqa: E402
 from contracts.settings import RunSettings  # noqa: E402
 from coordinator.control_plane import serve  # noqa: E402
@@ -71,7 +72,7 @@ class _Window:
         self.deadline = 0.0
 
 
-async def _agent(index: int, address: str, window: _Window, max_heartbeats: int,
+async def _agent(index: int, address: str, token: str, window: _Window, max_heartbeats: int,
                  ready: asyncio.Queue[int]) -> tuple[int, list[Ack], list[float], int]:
     """One device: register, wait for the start, heartbeat back to back; returns its acks and latencies."""
     rng = random.Random(index)
@@ -81,7 +82,9 @@ async def _agent(index: int, address: str, window: _Window, max_heartbeats: int,
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ControlPlaneStub(channel)
         reply = await stub.Register(pb.RegisterRequest(
-            name=f"bench-{index}", profile=PROFILES[index % len(PROFILES)], calibration=calibration))
+            name=f"bench-{index}", profile=PROFILES[index % len(PROFILES)], calibration=calibration),
+            metadata=bearer(token))
+        credential = bearer(reply.credential)
         ready.put_nowait(index)
         await window.started.wait()
         acks: list[Ack] = []
@@ -96,7 +99,7 @@ async def _agent(index: int, address: str, window: _Window, max_heartbeats: int,
                 latency_ms=latency_ms, memory_mb=memory_mb, battery=battery))
             sent = time.perf_counter()
             try:
-                answer = await stub.Heartbeat(request, timeout=30)
+                answer = await stub.Heartbeat(request, timeout=30, metadata=credential)
             except grpc.aio.AioRpcError as e:
                 log.warning("agent %d: %s %s", index, e.code(), e.details())
                 errors += 1
@@ -106,9 +109,11 @@ async def _agent(index: int, address: str, window: _Window, max_heartbeats: int,
         return reply.device_id, acks, latencies, errors
 
 
-async def _drive(address: str, agents: int, seconds: float, max_heartbeats: int) -> dict[str, Any]:
+async def _drive(address: str, tokens: list[str], seconds: float, max_heartbeats: int) -> dict[str, Any]:
+    agents = len(tokens)
     window, ready = _Window(), asyncio.Queue[int]()
-    tasks = [asyncio.create_task(_agent(i, address, window, max_heartbeats, ready)) for i in range(agents)]
+    tasks = [asyncio.create_task(_agent(i, address, token, window, max_heartbeats, ready))
+             for i, token in enumerate(tokens)]
     for _ in range(agents):
         await asyncio.wait_for(ready.get(), timeout=60)
     began = time.monotonic()
@@ -118,9 +123,9 @@ async def _drive(address: str, agents: int, seconds: float, max_heartbeats: int)
     return {"elapsed": time.monotonic() - began, "results": results}
 
 
-def _agents_process(address: str, agents: int, seconds: float, max_heartbeats: int, pipe: Connection) -> None:
+def _agents_process(address: str, tokens: list[str], seconds: float, max_heartbeats: int, pipe: Connection) -> None:
     try:
-        pipe.send(asyncio.run(_drive(address, agents, seconds, max_heartbeats)))
+        pipe.send(asyncio.run(_drive(address, tokens, seconds, max_heartbeats)))
     except BaseException as e:  # report, so the parent fails with the cause instead of waiting
         pipe.send({"error": repr(e)})
         raise
@@ -182,7 +187,9 @@ def run_once(db: str, url: str, agents: int, seconds: float, max_heartbeats: int
             ctx = multiprocessing.get_context("spawn")  # never fork a process that runs gRPC threads
             receiver, sender = ctx.Pipe(duplex=False)
             process = ctx.Process(target=_agents_process,
-                                  args=(f"127.0.0.1:{port}", agents, seconds, max_heartbeats, sender))
+                                  args=(f"127.0.0.1:{port}", list(registry.enroll(
+                                      [f"bench-{i}" for i in range(agents)]).values()), seconds, max_heartbeats,
+                                      sender))
             process.start()
             sender.close()
             if not receiver.poll(seconds + 120):

@@ -6,8 +6,10 @@ requests, poisoned replies in the real aggregation path. Seeded, bounded in coun
 
 A *crash* is anything but the clear refusal each layer promises — ``PackedFormatError`` from the packed loader;
 a gRPC status other than UNKNOWN/INTERNAL from the control plane (an unhandled exception in a handler); a reply
-check (``RejectedUpdate``) in the aggregation — or taking longer than ``HANG_S``. Kill -9 faults, strangers and
-Byzantine devices are not measured here yet (see the issue notes).
+check (``RejectedUpdate``) in the aggregation — or taking longer than ``HANG_S``. *Strangers* call the control
+plane without a credential, with forged, spent or expired secrets, or as another device; each must be refused
+(UNAUTHENTICATED or PERMISSION_DENIED) and change nothing. Kill -9 faults, strangers at the SuperLink and at
+Predict, and Byzantine devices are not measured here yet (see the issue notes).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import command, machine, markdown_table, write_json
+from contracts.credentials import bearer
 from contracts.flower_processes import pick_port
 from contracts.messages import train_config, upload_state
 from contracts.policy import CalibrationPoint
@@ -134,22 +137,39 @@ def _requests(rng: random.Random) -> list[tuple[str, bytes]]:
         ("Describe", pb.DescribeRequest().SerializeToString()),
         ("Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=calibration).SerializeToString()),
         ("Heartbeat", pb.HeartbeatRequest(device_id=rng.randint(0, 3), budget=budget).SerializeToString()),
-        ("FetchModel", pb.FetchModelRequest(device_id=1, density=0.5).SerializeToString()),
+        ("FetchModel", pb.FetchModelRequest(device_id=rng.randint(0, 3), density=0.5).SerializeToString()),
     ]
 
 
+def _control_plane(registry: Registry, payload: bytes) -> tuple[grpc.Server, str]:
+    port = pick_port()
+    server = serve(registry, "127.0.0.1", port, pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0],
+                   width=4, dataset="fashion-mnist"), lambda density: payload, max_workers=4)
+    return server, f"127.0.0.1:{port}"
+
+
+def _enrolled(channel: grpc.Channel, registry: Registry, name: str) -> tuple[int, str]:
+    """A device registered the way an agent does: (its id, its credential)."""
+    token = registry.enroll([name])[name]
+    calibration = [pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+                   for p in CALIBRATION]
+    reply = pb.RegisterResponse.FromString(channel.unary_unary(f"/{SERVICE_NAME}/Register")(
+        pb.RegisterRequest(profile="pi4", calibration=calibration).SerializeToString(), metadata=bearer(token),
+        timeout=HANG_S))
+    return reply.device_id, reply.credential
+
+
 def fuzz_grpc(count: int, seed: int) -> dict[str, Any]:
-    """Send ``count`` spoilt requests to a real control plane; each must end in a status, none in a crash."""
+    """Send ``count`` spoilt requests to a real control plane, half of them with a real device's credential (so
+    they reach the handlers); each must end in a status, none in a crash."""
     rng = random.Random(seed)
     payload = _packed_model(seed)
     codes: Counter[str] = Counter()
     with tempfile.TemporaryDirectory() as tmp, Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:
-        registry.register_device("pi-kitchen", "pi4", CALIBRATION)
-        port = pick_port()
-        server = serve(registry, "127.0.0.1", port, pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0],
-                       width=4, dataset="fashion-mnist"), lambda density: payload, max_workers=4)
+        server, address = _control_plane(registry, payload)
         try:
-            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with grpc.insecure_channel(address) as channel:
+                _, credential = _enrolled(channel, registry, "pi-kitchen")
                 for _ in range(count):
                     method, valid = rng.choice(_requests(rng))
                     body = bytearray(valid if rng.random() < 0.7 else rng.randbytes(rng.randrange(0, 256)))
@@ -158,20 +178,84 @@ def fuzz_grpc(count: int, seed: int) -> dict[str, Any]:
                             body[rng.randrange(len(body))] = rng.randrange(256)
                     path = f"/{SERVICE_NAME}/{method}"
                     call = channel.unary_stream(path) if method == "FetchModel" else channel.unary_unary(path)
+                    metadata = bearer(credential) if rng.random() < 0.5 else None
                     try:
-                        answer = call(bytes(body), timeout=HANG_S)
+                        answer = call(bytes(body), timeout=HANG_S, metadata=metadata)
                         if method == "FetchModel":
                             list(answer)
                         codes["OK"] += 1
                     except grpc.RpcError as e:
                         codes[e.code().name] += 1
                 alive = pb.DescribeResponse.FromString(channel.unary_unary(f"/{SERVICE_NAME}/Describe")(
-                    pb.DescribeRequest().SerializeToString(), timeout=HANG_S))
+                    pb.DescribeRequest().SerializeToString(), timeout=HANG_S, metadata=bearer(credential)))
         finally:
             server.stop(grace=None).wait()
     crashes = codes["UNKNOWN"] + codes["INTERNAL"] + codes["DEADLINE_EXCEEDED"]
     return {"tried": count, "crashes": crashes, "codes": dict(sorted(codes.items())),
             "still_serving": alive.architecture.model == "cnn"}
+
+
+STRANGERS = ("no credential", "forged credential", "forged token", "spent token", "expired token",
+             "another device's id", "another device's name")
+
+
+def strangers(count: int, seed: int) -> dict[str, Any]:
+    """``count`` calls by strangers (each kind in ``STRANGERS`` in turn, on a random method) to a real control plane
+    where a victim device is registered; refused = UNAUTHENTICATED or PERMISSION_DENIED with the victim's row,
+    history and the device list unchanged."""
+    rng = random.Random(seed)
+    refused, codes = 0, Counter[str]()
+    with tempfile.TemporaryDirectory() as tmp, Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:
+        server, address = _control_plane(registry, _packed_model(seed))
+        try:
+            with grpc.insecure_channel(address) as channel:
+                victim, _ = _enrolled(channel, registry, "pi-kitchen")
+                _, mallory = _enrolled(channel, registry, "mallory")
+                spent = registry.enroll(["spent"])["spent"]
+                as_pi4 = pb.RegisterRequest(profile="pi4", calibration=[pb.CalibrationPoint(
+                    density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb) for p in CALIBRATION])
+                channel.unary_unary(f"/{SERVICE_NAME}/Register")(as_pi4.SerializeToString(),
+                                                                  metadata=bearer(spent), timeout=HANG_S)
+                expired = registry.enroll(["late"], ttl=timedelta(microseconds=1))["late"]
+                presented = {"no credential": None, "forged credential": "dfd_" + rng.randbytes(32).hex(),
+                           "forged token": "dfe_" + rng.randbytes(32).hex(), "spent token": spent,
+                           "expired token": expired, "another device's id": mallory,
+                           "another device's name": mallory}
+                before = (registry.list_devices(), registry.device_history(victim))
+                for i in range(count):
+                    kind = STRANGERS[i % len(STRANGERS)]
+                    if kind == "another device's name":
+                        method, body = "Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4",
+                                                                      calibration=as_pi4.calibration)
+                    else:
+                        method, body = rng.choice([
+                            ("Describe", pb.DescribeRequest()),
+                            ("Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4",
+                                                            calibration=as_pi4.calibration)),
+                            ("Heartbeat", pb.HeartbeatRequest(device_id=victim, budget=pb.Budget(
+                                latency_ms=1, memory_mb=1))),
+                            ("FetchModel", pb.FetchModelRequest(device_id=victim, density=1.0))])
+                        if kind == "another device's id" and method in ("Describe", "Register"):
+                            method, body = "Heartbeat", pb.HeartbeatRequest(device_id=victim, budget=pb.Budget(
+                                latency_ms=1, memory_mb=1))
+                    path = f"/{SERVICE_NAME}/{method}"
+                    call = channel.unary_stream(path) if method == "FetchModel" else channel.unary_unary(path)
+                    secret = presented[kind]
+                    try:
+                        answer = call(body.SerializeToString(), timeout=HANG_S,
+                                      metadata=bearer(secret) if secret else None)
+                        if method == "FetchModel":
+                            list(answer)
+                        codes["OK"] += 1
+                    except grpc.RpcError as e:
+                        codes[e.code().name] += 1
+                        if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED) and \
+                                (registry.list_devices(), registry.device_history(victim)) == before:
+                            refused += 1
+        finally:
+            server.stop(grace=None).wait()
+    return {"tried": count, "refused": refused, "where": ["control-plane"], "kinds": list(STRANGERS),
+            "codes": dict(sorted(codes.items()))}
 
 
 # -- poisoned replies --------------------------------------------------------------------------------------------
@@ -263,11 +347,12 @@ def main() -> None:
     p.add_argument("--packed", type=int, default=1000, help="fuzzed packed files")
     p.add_argument("--grpc", type=int, default=1000, help="fuzzed control-plane requests")
     p.add_argument("--poisoned", type=int, default=60, help="poisoned replies")
+    p.add_argument("--strangers", type=int, default=210, help="strangers' calls to the control plane")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
     args = p.parse_args()
     result = {"command": command(), "machine": machine(), "seed": args.seed,
-              "poisoned": poisoned(args.poisoned, args.seed),
+              "poisoned": poisoned(args.poisoned, args.seed), "strangers": strangers(args.strangers, args.seed),
               "fuzz": {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)}}
     write_json(args.out, result)
     rows = [{"probe": "poisoned replies", "tried": result["poisoned"]["tried"],
@@ -275,13 +360,16 @@ def main() -> None:
             {"probe": "fuzzed packed files", "tried": result["fuzz"]["packed"]["tried"], "aggregated": "—",
              "crashes": result["fuzz"]["packed"]["crashes"]},
             {"probe": "fuzzed control-plane requests", "tried": result["fuzz"]["grpc"]["tried"], "aggregated": "—",
-             "crashes": result["fuzz"]["grpc"]["crashes"]}]
+             "crashes": result["fuzz"]["grpc"]["crashes"]},
+            {"probe": "strangers at the control plane", "tried": result["strangers"]["tried"], "aggregated": "—",
+             "crashes": result["strangers"]["tried"] - result["strangers"]["refused"]}]
     atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(
         f"# Reliability: strangers' bytes and poisoned devices\n\n`{result['command']}`\n\n"
         + markdown_table(rows, ["probe", "tried", "aggregated", "crashes"])
-        + f"\nControl-plane answers to the fuzzed requests: {result['fuzz']['grpc']['codes']}. The OK ones include "
-        "requests a stranger should not get answered (registering, fetching a model by a guessed device id): "
-        "the control plane does not authenticate callers yet.\n"))
+        + f"\nFor strangers, *crashes* counts calls not refused. Control-plane answers to the fuzzed requests (half "
+        f"of them carrying a real device's credential): {result['fuzz']['grpc']['codes']}; to the strangers "
+        f"({', '.join(STRANGERS)}): {result['strangers']['codes']}. Strangers at the SuperLink and at Predict are "
+        "not tried yet.\n"))
     print(json.dumps(result, indent=2))
 
 

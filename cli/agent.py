@@ -21,7 +21,7 @@ from agent.calibration import DEFAULT_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
 from cli.common import console, err, fail, safe_text, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP
-from contracts.naming import check_name, default_name
+from contracts.naming import check_name
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile, UnknownProfileError, get_profile, load_profiles
 from dress_model.data import DataError, load_dataset
@@ -81,7 +81,12 @@ def join_cmd(
     device: Annotated[str, typer.Option(help=f"Device profile: one of {', '.join(load_profiles())}.")],
     coordinator: Annotated[str, typer.Option(help="Coordinator control plane, HOST:PORT.")],
     superlink: Annotated[str, typer.Option(help="Flower SuperLink Fleet API, HOST:PORT.")],
-    name: Annotated[Optional[str], typer.Option(help="Unique device name (default: <hostname>-<profile>).")] = None,
+    token: Annotated[Optional[str], typer.Option(
+        envvar="DRESS_ENROLLMENT_TOKEN",
+        help="One-time enrollment token from `dress-fleet devices enroll NAME` on the coordinator, for the first "
+             "join (or to re-enroll); later joins use the credential it bought, stored in --state-dir.")] = None,
+    name: Annotated[Optional[str], typer.Option(
+        help="The device's name (default: the one it was enrolled under).")] = None,
     budget_trace: Annotated[Optional[Path], typer.Option(
         help="Replay budgets from a CSV (t_s,latency_ms,memory_mb[,battery]) or JSON trace instead of "
         "reading this machine's load and memory.")] = None,
@@ -94,7 +99,8 @@ def join_cmd(
     partition_id: Annotated[int, typer.Option(min=0, help="This device's training shard.")] = 0,
     num_partitions: Annotated[int, typer.Option(min=1, help="Shards the training set is split into.")] = 1,
     state_dir: Annotated[Optional[Path], typer.Option(
-        help="SuperNode home and logs (default: ./state/agent-<name>).")] = None,
+        help="SuperNode home, logs and the device's credential (default: ./state/agent-<name or profile>).")]
+    = None,
     heartbeat_interval: Annotated[Optional[float], typer.Option(
         min=0.05, help="Seconds between budget heartbeats (default: as often as the coordinator asks; never "
                        "less often).")] = None,
@@ -111,9 +117,9 @@ def join_cmd(
         profile = get_profile(device)
     except UnknownProfileError as e:
         raise fail(str(e)) from None
-    name = name or default_name(device)
     try:
-        check_name(name)
+        if name is not None:
+            check_name(name)
     except ValueError as e:
         raise fail(f"--name: {e}") from None
     coordinator, superlink = parse_address(coordinator, "--coordinator"), parse_address(superlink, "--superlink")
@@ -129,7 +135,7 @@ def join_cmd(
                    **({"data-dir": str(data_dir)} if data_dir else {})}
     agent = Agent(AgentConfig(
         name=name, profile=profile, coordinator=coordinator, superlink=superlink, budget=source,
-        state_dir=state_dir or Path("state") / f"agent-{name}", serve_host=serve_host, serve_port=serve_port,
+        state_dir=state_dir or Path("state") / f"agent-{name or device}", token=token, serve_host=serve_host, serve_port=serve_port,
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
         calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout, ca=ca))
     with shutdown_requested() as stop:
@@ -140,6 +146,7 @@ def join_cmd(
         try:
             console.print(calibration_table(agent.calibration))
             console.print(where_table(agent, budget_trace))
+            name = agent.identity.name  # type: ignore[union-attr]
             console.print(f"[bold green]dress-agent {escape(name)} ready[/]: Predict on "
                           f"{serve_host}:{agent.predict.port}; Ctrl-C to leave")  # type: ignore[union-attr]
             clean = agent.wait(stop)
@@ -152,7 +159,7 @@ def join_cmd(
             agent.stop()
     if not clean:
         raise typer.Exit(1)
-    console.print(f"dress-agent {escape(name)} stopped")
+    console.print(f"dress-agent {escape(agent.identity.name if agent.identity else '')} stopped")
 
 
 def where_table(agent: Agent, trace: Path | None) -> Table:

@@ -5,7 +5,7 @@ Mounted into cli/fleet.py's app with add_typer (devices_app as "devices", db_app
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from cli.common import safe_text
+from contracts.naming import NAME_RULE
 from contracts.policy import Budget
 from coordinator.registry.engine import SQLITE_FILENAME, default_url, is_sqlite
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
@@ -29,8 +30,8 @@ StateDirOption = Annotated[
     Path | None, typer.Option("--state-dir", help="where the default SQLite registry lives (default: ./state)")
 ]
 
-devices_app = typer.Typer(help="List registered devices; `show ID` for one device's density history; "
-                          "`assign ID DENSITY` to set one by hand.")
+devices_app = typer.Typer(help="List registered devices; `enroll NAME` to let a new device join; `show ID` for "
+                          "one device's density history; `assign ID DENSITY` to set one by hand.")
 db_app = typer.Typer(help="The registry database.", no_args_is_help=True)
 
 
@@ -48,13 +49,16 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _open(ctx: typer.Context, db: str | None, state_dir: Path | None) -> Registry:
-    """The registry named here or on the group: `devices --db URL show 3` and `devices show 3 --db URL` both work."""
+def _open(ctx: typer.Context, db: str | None, state_dir: Path | None, create: bool = False) -> Registry:
+    """The registry named here or on the group: `devices --db URL show 3` and `devices show 3 --db URL` both work.
+    Only ``create`` makes a new one (enrolling before the coordinator's first start)."""
     group_db, group_state_dir = ctx.obj if isinstance(ctx.obj, tuple) else (None, None)
     url = db or group_db
     if url is None:
         folder = state_dir or group_state_dir or DEFAULT_STATE_DIR
-        if not (folder / SQLITE_FILENAME).exists():  # reading must not create an empty registry
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not (folder / SQLITE_FILENAME).exists():  # reading must not create an empty registry
             raise _fail(f"no registry in {folder} (--state-dir); a coordinator or simulation creates "
                         f"{SQLITE_FILENAME} there, or pass --db URL")
         url = default_url(folder)
@@ -92,6 +96,38 @@ def devices(ctx: typer.Context, db: DbOption = None, state_dir: StateDirOption =
         table.add_row(str(d.id), shown(d.name), shown(d.profile), d.status.value, f"{d.current_density:g}",
                       _format_budget(d.last_budget), _format_time(d.last_seen))
     _console().print(table)
+
+
+@devices_app.command("enroll")
+def enroll(
+    ctx: typer.Context,
+    names: Annotated[list[str], typer.Argument(help="device names, one token each (" + NAME_RULE + ")")],
+    expires_in: Annotated[float, typer.Option(min=0.01, help="hours each token stays valid")] = 24.0,
+    token_only: Annotated[bool, typer.Option(help="print only the tokens, one per line (for scripts)")] = False,
+    db: DbOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Issue a one-time enrollment token per device name; `dress-agent join --token TOKEN` spends it.
+
+    The token is shown only now (the registry keeps a digest). Enrolling a registered name lets a replacement
+    device take it over: its first join revokes the old device's credential."""
+    with _open(ctx, db, state_dir, create=True) as registry:
+        try:
+            tokens = registry.enroll(names, timedelta(hours=expires_in))
+        except InvalidInputError as e:
+            raise _fail(str(e)) from e
+    if token_only:
+        for token in tokens.values():
+            typer.echo(token)
+        return
+    table = Table(title=f"{len(tokens)} enrollment tokens, valid {expires_in:g} h, shown once")
+    table.add_column("device")
+    table.add_column("token")
+    for name, token in tokens.items():
+        table.add_row(shown(name), token)
+    _console().print(table)
+    _console().print("On each device: dress-agent join --device PROFILE --coordinator HOST:PORT --superlink "
+                     "HOST:PORT --token TOKEN (or DRESS_ENROLLMENT_TOKEN=TOKEN)")
 
 
 @devices_app.command("show")

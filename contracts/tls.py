@@ -84,7 +84,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """Write a key readable by its owner only, at no moment otherwise, and whole or not at all."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
     try:
@@ -137,7 +137,7 @@ def init_certificates(directory: Path, hosts: list[str], days: int = VALID_DAYS)
     for path, key in ((directory / CA_KEY, ca_key), (certs.server_key, server_key)):
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
-        _write_private(path, pem)
+        write_private(path, pem)
     for path, cert in ((certs.ca, ca_cert), (certs.server_cert, server_cert)):
         atomic_write(path, lambda tmp, cert=cert: tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM)))
     return certs

@@ -2,6 +2,8 @@
 
 Each RPC is one registry call, hence one database transaction: a rejected request changes nothing.
 Bad input is answered with the gRPC status code that says whose fault it is, and a message saying what.
+Every call must prove who makes it (contracts/credentials.py): a device acts only as itself, and a stranger
+learns nothing, not even the architecture.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,9 +20,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contracts.checked_service import add_checked_servicer
+from contracts.credentials import digest, presented_secret
 from contracts.policy import Budget, CalibrationPoint, validate_calibration
 from contracts.settings import RunSettings
-from coordinator.registry import DeviceNotFoundError, InvalidInputError, Registry
+from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -30,6 +34,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlPlane"].full_name
 DEFAULT_MAX_WORKERS = 16
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024  # control messages are tiny; anything bigger is a bug or abuse
 DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC clients' default 4 MiB receive limit
+# A device's credential is looked up once per this many seconds, not on every heartbeat; a re-enrolled
+# device's old credential is therefore refused at most this long after the new one is issued.
+CREDENTIAL_CACHE_S = 30.0
 
 # Packed model bytes for a density; raises LookupError when there is no model at that density.
 ModelProvider = Callable[[float], bytes]
@@ -42,16 +49,64 @@ def _status_on_error(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except DeviceNotFoundError as e:
         context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+    except EnrollmentError as e:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
     except ValueError as e:  # InvalidInputError, and Budget/CalibrationPoint refusing to be built
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
+class Authenticator:
+    """Who a call's bearer secret proves the caller is; device credentials are remembered for a while (the
+    heartbeat path runs a thousand times a second), enrollment tokens never (each is good for one Register)."""
+
+    def __init__(self, registry: Registry, cache_s: float = CREDENTIAL_CACHE_S, max_cached: int = 1 << 17) -> None:
+        self._registry = registry
+        self._cache_s = cache_s
+        self._max_cached = max_cached
+        self._known: dict[str, tuple[Principal, float]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, context: grpc.ServicerContext) -> tuple[Principal, str]:
+        """The caller and the secret it presented; aborts UNAUTHENTICATED when there is none or it proves nobody."""
+        secret = presented_secret(context.invocation_metadata())
+        if secret is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "no credential: every call needs 'authorization: "
+                          "Bearer <device credential or enrollment token>' (dress-fleet devices enroll NAME)")
+        key, now = digest(secret), time.monotonic()
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None and known[1] > now:
+            return known[0], secret
+        principal = self._registry.authenticate(secret)
+        if principal is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "the credential or enrollment token is unknown, spent or "
+                          "expired: enroll the device again (dress-fleet devices enroll NAME)")
+        if principal.device_id is not None:
+            with self._lock:
+                if len(self._known) >= self._max_cached:
+                    self._known.clear()
+                self._known[key] = (principal, now + self._cache_s)
+        return principal, secret
+
+
+def _own_device(principal: Principal, claimed: int, context: grpc.ServicerContext) -> int:
+    """The caller's device id; PERMISSION_DENIED for a token holder or a device claiming another's id."""
+    if principal.device_id is None:
+        context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                      "an enrollment token only describes and registers: register first to get a credential")
+    if claimed not in (0, principal.device_id):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                      f"device {principal.device_id} cannot act as device {claimed}")
+    return principal.device_id
+
+
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
-    """Translates protobuf messages to registry calls and back; its only state is the download cap."""
+    """Translates protobuf messages to registry calls and back, as the caller its credential proves."""
 
     def __init__(self, registry: Registry, architecture: pb.Architecture, model_provider: ModelProvider,
                  chunk_bytes: int, max_fetches: int, heartbeat_s: float):
         self._registry = registry
+        self._caller = Authenticator(registry)
         self._heartbeat_s = heartbeat_s
         self._architecture = architecture
         self._model_provider = model_provider
@@ -61,11 +116,17 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
+        self._caller(context)
         with _status_on_error(context):
             version = self._registry.current_model_version() or ""
         return pb.DescribeResponse(architecture=self._architecture, model_version=version)
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
+        caller, secret = self._caller(context)
+        if request.name and request.name != caller.name:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"the credential or token is for device {caller.name!r}, not {request.name!r}")
+        credential = ""
         with _status_on_error(context):
             calibration = validate_calibration(
                 CalibrationPoint(p.density, p.latency_ms, p.memory_mb) for p in request.calibration)
@@ -75,12 +136,17 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                     "calibration must measure exactly the fleet's densities " + ", ".join(f"{d:g}" for d in served)
                     + "; got " + (", ".join(f"{d:g}" for d in measured) or "none")
                     + " (ask Describe for the architecture to calibrate)")
-            assignment = self._registry.register_device(request.name, request.profile, calibration)
+            if caller.device_id is None:  # the first registration spends the enrollment token
+                assignment, credential = self._registry.enroll_device(secret, caller.name, request.profile,
+                                                                      calibration)
+            else:
+                assignment = self._registry.register_device(caller.name, request.profile, calibration)
         return pb.RegisterResponse(device_id=assignment.device_id, density=assignment.density,
                                    model_version=assignment.model_version or "", architecture=self._architecture,
-                                   heartbeat_s=self._heartbeat_s)
+                                   heartbeat_s=self._heartbeat_s, credential=credential, name=caller.name)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
+        device_id = _own_device(self._caller(context)[0], request.device_id, context)
         with _status_on_error(context):
             if not request.HasField("budget"):
                 raise InvalidInputError("heartbeat has no budget")
@@ -89,16 +155,17 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             served = {u.density: (u.requests, u.busy_ms) for u in request.served}
             if len(served) != len(request.served):
                 raise InvalidInputError("heartbeat lists a density it served more than once")
-            assignment = self._registry.heartbeat(request.device_id, budget, served)
+            assignment = self._registry.heartbeat(device_id, budget, served)
         return pb.HeartbeatResponse(density=assignment.density, model_version=assignment.model_version or "",
                                     changed=assignment.changed, heartbeat_s=self._heartbeat_s)
 
     def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        device_id = _own_device(self._caller(context)[0], request.device_id, context)
         with _status_on_error(context):
-            calibrated = self._registry.calibrated_densities(request.device_id)
+            calibrated = self._registry.calibrated_densities(device_id)
             if request.density not in calibrated:
                 raise InvalidInputError(
-                    f"device {request.device_id} is not calibrated at density {request.density:g}; calibrated: "
+                    f"device {device_id} is not calibrated at density {request.density:g}; calibrated: "
                     + ", ".join(f"{d:g}" for d in calibrated))
             version = self._registry.current_model_version() or ""
         if not self._fetch_slots.acquire(blocking=False):

@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
 
+from contracts.credentials import bearer
 from contracts.naming import simulated_name
 from contracts.policy import Budget, CalibrationPoint
 from contracts.profiles import Profile
@@ -39,6 +40,7 @@ class VirtualDevice:
     calibration: list[CalibrationPoint]
     trace: list[TracePoint]
     device_id: int = 0
+    credential: str = ""  # what its enrollment token bought at registration
     density: float = 0.0
     last_beat: float = 0.0  # perf_counter when its last heartbeat left; 0 = none since it was last offline
 
@@ -140,8 +142,9 @@ class FleetDriver:
         self._applied = -1  # completed-round count whose trace point was last heartbeated
         self._last_beat = 0.0
 
-    def register(self, timeout_s: float = 30.0) -> None:
-        """Register every device, ``in_flight`` at a time; a refused registration is an error."""
+    def register(self, tokens: Mapping[str, str], timeout_s: float = 30.0) -> None:
+        """Register every device with its enrollment token (``tokens``: name -> token), ``in_flight`` at a time,
+        as real agents join; a refused registration is an error."""
         grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
 
         def call(device: VirtualDevice) -> grpc.Future:
@@ -150,11 +153,11 @@ class FleetDriver:
                 profile=device.profile.name,
                 calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
                              for p in device.calibration],
-            ), timeout=timeout_s)
+            ), timeout=timeout_s, metadata=bearer(tokens[device.name]))
 
         def settle(device: VirtualDevice, future: grpc.Future, sent: float) -> None:
             reply = future.result()
-            device.device_id, device.density = reply.device_id, reply.density
+            device.device_id, device.density, device.credential = reply.device_id, reply.density, reply.credential
 
         self._concurrently(self.fleet, call, settle)
 
@@ -183,7 +186,7 @@ class FleetDriver:
             if budget.battery is not None:
                 message.battery = budget.battery
             return self._stub.Heartbeat.future(pb.HeartbeatRequest(device_id=device.device_id, budget=message),
-                                               timeout=30)
+                                               timeout=30, metadata=bearer(device.credential))
 
         def settle(beat: tuple[VirtualDevice, Budget], future: grpc.Future, sent: float) -> None:
             device = beat[0]

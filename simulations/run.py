@@ -80,7 +80,8 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
                          fleet_deadline_ms(measured, settings.deadline), settings.run.heartbeat_s)
     try:
         coordinator.start()
-        driver.register()
+        assert coordinator.registry is not None
+        driver.register(coordinator.registry.enroll([device.name for device in fleet]))
         driver.start()
         run_id = coordinator.submit(
             # Ray wants a whole CPU count here; a float such as 1.0 fails the run.

@@ -11,15 +11,19 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import psycopg
 import pytest
 from sqlalchemy.engine import URL, make_url
 
+from contracts.credentials import with_bearer
 from contracts.flower_processes import pick_port  # re-exported: tests import it from here
 from contracts.policy import CalibrationPoint
 from dress_model.sparsity import parse_densities
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
 PG_URL = os.environ.get("DRESS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -89,3 +93,26 @@ def port_factory() -> Callable[[], int]:
 def architecture(model: str, densities: str, dataset: str, width: int) -> pb.Architecture:
     """The wire form of a fleet's model, as a coordinator's Describe answers it."""
     return pb.Architecture(model=model, densities=parse_densities(densities), width=width, dataset=dataset)
+
+
+class DeviceStub:
+    """A device's view of the control plane: it presents its enrollment token until Register answers its
+    credential, then that credential, as an agent does (contracts.credentials.with_bearer)."""
+
+    def __init__(self, channel: grpc.Channel, secret: str | None) -> None:
+        self.secret = secret
+        self._stub = pb_grpc.ControlPlaneStub(with_bearer(channel, lambda: self.secret))
+
+    def Register(self, request: pb.RegisterRequest, **kwargs: Any) -> pb.RegisterResponse:  # noqa: N802 (gRPC name)
+        reply = self._stub.Register(request, **kwargs)
+        if reply.credential:
+            self.secret = reply.credential
+        return reply
+
+    def __getattr__(self, method: str) -> Any:
+        return getattr(self._stub, method)
+
+
+def enrolled(channel: grpc.Channel, registry: Any, name: str) -> DeviceStub:
+    """A new device ``name``, enrolled by the operator and holding its token, not yet registered."""
+    return DeviceStub(channel, registry.enroll([name])[name])

@@ -23,9 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
 from agent.calibration import initial_model
-from agent.lifecycle import heartbeat_interval
+from agent.lifecycle import Agent, AgentConfig, AgentError, heartbeat_interval
 from agent.monitor import DEFAULT_INTERVAL_S
 from cli.agent import app
+from contracts.credentials import CREDENTIAL_FILE, StoredCredential
+from contracts.profiles import get_profile
 from coordinator import control_plane
 from coordinator.registry import Registry
 
@@ -120,11 +122,12 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
     tmp_path: Path, coordinator: tuple[str, Registry]
 ) -> None:
     address, registry = coordinator
+    token = registry.enroll(["pi-test"])["pi-test"]
     trace = tmp_path / "trace.csv"  # 100 MB: every subnet fits (the densest needs ~1.3 MB); 0.5 MB: up to 0.25
     trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n2,1000,0.5\n")
     predict = f"127.0.0.1:{pick_port()}"
     agent = subprocess.Popen(
-        [str(DRESS_AGENT), "join", "--device", "pi4", "--name", "pi-test", "--coordinator", address,
+        [str(DRESS_AGENT), "join", "--device", "pi4", "--token", token, "--coordinator", address,
          "--superlink", f"127.0.0.1:{pick_port()}", "--serve-port", predict.rpartition(":")[2],
          "--supernode-port", str(pick_port()), "--budget-trace", str(trace), "--heartbeat-interval", "0.2",
          "--state-dir", str(tmp_path / "agent"), "--calibration-repeats", "5", "--partition-id", "1",
@@ -160,6 +163,43 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not _serving(predict)
     assert (tmp_path / "agent" / "logs" / "supernode-pi-test.log").is_file()  # under --state-dir, as printed
+    stored = StoredCredential.load(tmp_path / "agent")  # the token bought a credential, kept for the next join
+    assert stored is not None and stored.name == "pi-test" and stored.coordinator == address
+    assert (tmp_path / "agent" / CREDENTIAL_FILE).stat().st_mode & 0o777 == 0o600
+    assert registry.authenticate(stored.credential) is not None and registry.authenticate(token) is None
+
+
+def test_join_without_enrollment_says_how_to_enroll(tmp_path: Path, coordinator: tuple[str, Registry]) -> None:
+    code, output = _join("--device", "pi4", "--state-dir", str(tmp_path / "agent"), coordinator=coordinator[0])
+    assert code == 1 and "this device is not enrolled" in output and "dress-fleet devices enroll NAME" in output
+
+
+def test_a_stranger_token_is_refused(tmp_path: Path, coordinator: tuple[str, Registry]) -> None:
+    code, output = _join("--device", "pi4", "--token", "dfe_guessed", "--calibration-repeats", "1",
+                         "--state-dir", str(tmp_path / "agent"), coordinator=coordinator[0])
+    assert code == 1 and "UNAUTHENTICATED" in output and coordinator[1].list_devices() == []
+    assert not (tmp_path / "agent" / CREDENTIAL_FILE).exists()
+
+
+def _secret(state_dir: Path, **config: object) -> str:
+    settings: dict = {"name": None, "coordinator": "127.0.0.1:1", "token": None, **config}
+    return Agent(AgentConfig(profile=get_profile("pi4"), superlink="127.0.0.1:2", budget=None,  # type: ignore[arg-type]
+                             state_dir=state_dir, **settings))._secret()
+
+
+def test_a_restart_proves_itself_with_the_stored_credential(tmp_path: Path) -> None:
+    with pytest.raises(AgentError, match="not enrolled"):
+        _secret(tmp_path)
+    StoredCredential("pi-a", 7, "dfd_secret", "127.0.0.1:1").save(tmp_path)
+    assert _secret(tmp_path) == _secret(tmp_path, name="pi-a") == "dfd_secret"
+    with pytest.raises(AgentError, match="is for the coordinator at 127.0.0.1:1, not 127.0.0.1:2"):
+        _secret(tmp_path, coordinator="127.0.0.1:2")  # never shown to another coordinator
+    with pytest.raises(AgentError, match="is device 'pi-a''s, not 'pi-b'"):
+        _secret(tmp_path, name="pi-b")
+    assert _secret(tmp_path, token="dfe_new") == "dfe_new"  # a token re-enrolls, whatever is stored
+    (tmp_path / CREDENTIAL_FILE).write_text("{not json")
+    with pytest.raises(AgentError, match="is not a device credential"):
+        _secret(tmp_path)
 
 
 @pytest.mark.parametrize("wanted,asked,expected", [

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import architecture, pick_port
+from conftest import DeviceStub, architecture, enrolled, pick_port
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -104,14 +104,21 @@ def coordinator(tmp_path: Path) -> Iterator[Coordinator]:
 
 
 @pytest.fixture
-def stub(coordinator: Coordinator) -> Iterator[pb_grpc.ControlPlaneStub]:
+def stub(coordinator: Coordinator) -> Iterator[DeviceStub]:
+    """Device pi-kitchen's view of the control plane: enrolled, registered once ``device_id`` is asked for."""
     with grpc.insecure_channel(coordinator.address) as channel:
-        yield pb_grpc.ControlPlaneStub(channel)
+        yield enrolled(channel, coordinator.registry, "pi-kitchen")
+
+
+def _register(stub: DeviceStub) -> int:
+    return stub.Register(pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=[
+        pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+        for p in CALIBRATION]), timeout=5).device_id
 
 
 @pytest.fixture
-def device_id(coordinator: Coordinator) -> int:
-    return coordinator.registry.register_device("pi-kitchen", "pi4", CALIBRATION).device_id
+def device_id(stub: DeviceStub) -> int:
+    return _register(stub)
 
 
 @pytest.fixture
@@ -205,7 +212,7 @@ def test_health_and_status(agent: AgentServer, agent_stub: agent_grpc.AgentStub,
 
 
 def test_new_version_is_fetched_verified_and_swapped_atomically(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel,
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel,
     agent_stub: agent_grpc.AgentStub,
 ) -> None:
     served.set_density(0.5)
@@ -227,7 +234,7 @@ def test_new_version_is_fetched_verified_and_swapped_atomically(
 
 
 def test_fetch_at_a_lower_density_stores_only_the_subnets_up_to_it(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int
+    coordinator: Coordinator, stub: DeviceStub, device_id: int
 ) -> None:
     coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
     fetched = fetch_model(stub, device_id, 0.25)
@@ -236,7 +243,7 @@ def test_fetch_at_a_lower_density_stores_only_the_subnets_up_to_it(
 
 
 def test_failed_fetches_leave_the_served_model_alone(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     before = served.packed
     updater = ModelUpdater(served, stub, device_id, fetch_density=1.0)
@@ -310,7 +317,7 @@ class Clock:
         return self.now
 
 
-def _monitor(stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel, trace: TraceBudget,
+def _monitor(stub: DeviceStub, device_id: int, served: ServedModel, trace: TraceBudget,
              interval: float = 0.05, **kwargs: object) -> BudgetMonitor:
     return BudgetMonitor(stub, device_id, trace, density=served.assigned_density, model_version=served.version,
                          on_density=served.set_density,
@@ -319,7 +326,7 @@ def _monitor(stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
 
 
 def test_budget_changes_move_the_served_density_and_the_registry_row(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     registry, clock = coordinator.registry, Clock()
     served.set_density(registry.get_device(device_id).current_density)  # as `join` does with Register's answer
@@ -352,7 +359,7 @@ def test_budget_changes_move_the_served_density_and_the_registry_row(
 
 
 def test_monitor_swaps_in_a_published_version(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
     monitor.heartbeat_now()
@@ -364,7 +371,7 @@ def test_monitor_swaps_in_a_published_version(
 
 
 def test_monitor_retries_a_failing_model_download_at_the_next_heartbeat(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     coordinator.registry.add_model_version("v1", "/models/v1", [1.0])  # announced, but not downloadable yet
     monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
@@ -376,12 +383,16 @@ def test_monitor_retries_a_failing_model_download_at_the_next_heartbeat(
 
 
 def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedModel) -> None:
-    coordinator = Coordinator(tmp_path, pick_port())  # registry ready, control plane not started yet
-    device_id = coordinator.registry.register_device("pi-kitchen", "pi4", CALIBRATION).device_id
+    coordinator = Coordinator(tmp_path, pick_port())
+    coordinator.start()
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = enrolled(channel, coordinator.registry, "pi-kitchen")
+        device_id = _register(stub)
+    coordinator.server.stop(grace=None).wait()  # type: ignore[union-attr]  # the registry stays, the plane goes
     fast_reconnect = [("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconnect_backoff_ms", 50),
                       ("grpc.max_reconnect_backoff_ms", 100)]
     with grpc.insecure_channel(coordinator.address, options=fast_reconnect) as channel:
-        stub = pb_grpc.ControlPlaneStub(channel)
+        stub = DeviceStub(channel, stub.secret)
         monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]), interval=0.02,
                            rpc_timeout=0.5, max_backoff=0.1)
         with pytest.raises(grpc.RpcError) as caught:
@@ -411,28 +422,6 @@ def test_predict_and_status_refuse_bytes_that_are_not_protobuf(agent: AgentServe
         with pytest.raises(grpc.RpcError) as caught:
             call(b"\xff\xff\xff\xff\x0f", timeout=5)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-
-
-def test_a_device_the_coordinator_forgot_registers_again_and_carries_on(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, served: ServedModel
-) -> None:
-    """A coordinator restarted on a fresh registry answers NOT_FOUND to the old id: the agent registers again."""
-    request = pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=[
-        pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb) for p in CALIBRATION])
-    registered: list[int] = []
-
-    def register_again() -> int:
-        registered.append(stub.Register(request, timeout=5).device_id)
-        return registered[-1]
-
-    monitor = _monitor(stub, 424242, served, TraceBudget([TracePoint(0, LOOSE)]),
-                       reregister=register_again)  # an id this registry never gave out
-    monitor.start()
-    try:
-        _until(lambda: bool(registered) and coordinator.registry.get_device(registered[0]).last_budget is not None, 10)
-    finally:
-        monitor.stop()
-    assert monitor.device_id == registered[0] != 424242 and monitor.failures == 0
 
 
 # -- a request's deadline, decided on the device ---------------------------------------------------------------
@@ -498,7 +487,7 @@ def test_with_the_coordinator_unreachable_the_device_still_adapts_to_its_budget(
 
 
 def test_the_device_never_serves_above_the_coordinators_answer(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     cheap = [CalibrationPoint(d, 1.0, 1.0) for d in (1.0, 0.5, 0.25, 0.1)]  # locally everything fits
     monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]), calibration=cheap)
@@ -508,7 +497,7 @@ def test_the_device_never_serves_above_the_coordinators_answer(
 
 
 def test_what_predict_ran_reaches_the_registry_with_the_next_heartbeat(
-    coordinator: Coordinator, stub: pb_grpc.ControlPlaneStub, device_id: int, served: ServedModel
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, LOOSE)]), usage=served.usage)
     x, _ = _image(batch=2)

@@ -1,4 +1,4 @@
-"""Control plane over real gRPC on loopback: the happy paths, and every bad input's status code."""
+"""Control plane over real gRPC on loopback: the happy paths, every bad input's status code, and strangers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from conftest import DeviceStub, enrolled
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import AssignmentReason, Registry
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -60,12 +61,18 @@ def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grp
 
 
 @pytest.fixture
-def stub(channel: grpc.Channel) -> pb_grpc.ControlPlaneStub:
-    return pb_grpc.ControlPlaneStub(channel)
+def enroll(channel: grpc.Channel, registry: Registry) -> Callable[[str], DeviceStub]:
+    return lambda name: enrolled(channel, registry, name)
 
 
 @pytest.fixture
-def device_id(stub: pb_grpc.ControlPlaneStub) -> int:
+def stub(enroll: Callable[[str], DeviceStub]) -> DeviceStub:
+    """Device pi-kitchen, enrolled (token in hand) and, once ``device_id`` is asked for, registered."""
+    return enroll("pi-kitchen")
+
+
+@pytest.fixture
+def device_id(stub: DeviceStub) -> int:
     return stub.Register(pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=CALIBRATION)).device_id
 
 
@@ -89,7 +96,8 @@ def test_health_service_reports_serving(channel: grpc.Channel) -> None:
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_register_assigns_density_from_profile(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
+def test_register_assigns_density_from_profile(enroll: Callable[[str], DeviceStub], registry: Registry) -> None:
+    stub = enroll("phone-1")
     reply = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
     # phone's tightest typical budget is 30 ms / 128 MB: 0.1 is the densest that fits
     assert reply.density == 0.1 and reply.device_id > 0 and reply.model_version == ""
@@ -101,15 +109,16 @@ def test_register_assigns_density_from_profile(stub: pb_grpc.ControlPlaneStub, r
     assert device.name == "phone-1"
 
 
-def test_describe_names_the_fleets_architecture(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
+def test_describe_names_the_fleets_architecture(stub: DeviceStub, registry: Registry) -> None:
     assert stub.Describe(pb.DescribeRequest()).architecture == ARCHITECTURE
     registry.add_model_version("v1", "/ckpt/v1", [1.0, 0.5, 0.25, 0.1])
     assert stub.Describe(pb.DescribeRequest()).model_version == "v1"
 
 
 @pytest.mark.parametrize("densities", [(1.0, 0.5), (1.0, 0.5, 0.25, 0.2)])
-def test_calibration_for_another_architecture_is_refused(stub: pb_grpc.ControlPlaneStub, registry: Registry,
+def test_calibration_for_another_architecture_is_refused(enroll: Callable[[str], DeviceStub], registry: Registry,
                                                          densities: tuple[float, ...]) -> None:
+    stub = enroll("x")
     points = [pb.CalibrationPoint(density=d, latency_ms=10 * d, memory_mb=10 * d) for d in densities]
     code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="x", profile="pi4", calibration=points)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "Describe" in details
@@ -117,7 +126,7 @@ def test_calibration_for_another_architecture_is_refused(stub: pb_grpc.ControlPl
 
 
 def test_heartbeat_budget_change_changes_density_and_records_history(
-    stub: pb_grpc.ControlPlaneStub, registry: Registry, device_id: int
+    stub: DeviceStub, registry: Registry, device_id: int
 ) -> None:
     registry.add_model_version("v3", "/ckpt/v3.safetensors", [1.0, 0.5, 0.25, 0.1])
     answers = [
@@ -140,7 +149,7 @@ def test_heartbeat_budget_change_changes_density_and_records_history(
     assert history[1].model_version == "v3"
 
 
-def test_fetch_model_streams_the_file_in_chunks(stub: pb_grpc.ControlPlaneStub, device_id: int,
+def test_fetch_model_streams_the_file_in_chunks(stub: DeviceStub, device_id: int,
                                                 model_dir: Path, registry: Registry) -> None:
     registry.add_model_version("v1", "/ckpt/v1", [1.0, 0.5])
     expected = (model_dir / "model-1.bin").read_bytes()
@@ -157,21 +166,6 @@ def test_fetch_model_streams_the_file_in_chunks(stub: pb_grpc.ControlPlaneStub, 
 
 
 @pytest.mark.parametrize(
-    ("method", "request_for"),
-    [
-        ("Heartbeat", lambda: pb.HeartbeatRequest(device_id=999, budget=_budget(50, 500))),
-        ("FetchModel", lambda: pb.FetchModelRequest(device_id=999, density=0.5)),
-    ],
-)
-def test_unknown_device_is_not_found(stub: pb_grpc.ControlPlaneStub, device_id: int, method: str,
-                                     request_for: Callable[[], object]) -> None:
-    rpc = getattr(stub, method)
-    code, details = _status(lambda: list(rpc(request_for())) if method == "FetchModel" else rpc(request_for()))
-    assert code == grpc.StatusCode.NOT_FOUND
-    assert "device 999 is not registered" in details
-
-
-@pytest.mark.parametrize(
     ("budget", "message"),
     [
         (_budget(-1, 500), "latency_ms"),
@@ -183,7 +177,7 @@ def test_unknown_device_is_not_found(stub: pb_grpc.ControlPlaneStub, device_id: 
         (None, "no budget"),
     ],
 )
-def test_budget_out_of_range_is_invalid_argument(stub: pb_grpc.ControlPlaneStub, registry: Registry,
+def test_budget_out_of_range_is_invalid_argument(stub: DeviceStub, registry: Registry,
                                                  device_id: int, budget: pb.Budget | None, message: str) -> None:
     code, details = _status(lambda: stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id, budget=budget)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -202,8 +196,9 @@ def test_budget_out_of_range_is_invalid_argument(stub: pb_grpc.ControlPlaneStub,
         ([pb.CalibrationPoint(density=0.5, latency_ms=3, memory_mb=-1)], "memory_mb"),
     ],
 )
-def test_malformed_calibration_is_invalid_argument(stub: pb_grpc.ControlPlaneStub, registry: Registry,
+def test_malformed_calibration_is_invalid_argument(enroll: Callable[[str], DeviceStub], registry: Registry,
                                                    calibration: list[pb.CalibrationPoint], message: str) -> None:
+    stub = enroll("pi")
     code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="pi", profile="pi4",
                                                                      calibration=calibration)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -211,8 +206,9 @@ def test_malformed_calibration_is_invalid_argument(stub: pb_grpc.ControlPlaneStu
     assert registry.list_devices() == []
 
 
-def test_unknown_profile_is_invalid_argument_listing_profiles(stub: pb_grpc.ControlPlaneStub,
+def test_unknown_profile_is_invalid_argument_listing_profiles(enroll: Callable[[str], DeviceStub],
                                                               registry: Registry) -> None:
+    stub = enroll("x")
     code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="x", profile="pi3",
                                                                      calibration=CALIBRATION)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
@@ -220,14 +216,15 @@ def test_unknown_profile_is_invalid_argument_listing_profiles(stub: pb_grpc.Cont
     assert registry.list_devices() == []
 
 
-@pytest.mark.parametrize("name", ["", "   ", "x" * 129])
-def test_bad_device_name_is_invalid_argument(stub: pb_grpc.ControlPlaneStub, name: str) -> None:
-    code, details = _status(lambda: stub.Register(pb.RegisterRequest(name=name, profile="pi4",
-                                                                     calibration=CALIBRATION)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "name" in details
+@pytest.mark.parametrize("name", ["   ", "x" * 129, "evil[/oops]", "a\x00b"])
+def test_a_bad_device_name_cannot_be_enrolled(registry: Registry, name: str) -> None:
+    with pytest.raises(ValueError, match="device name"):
+        registry.enroll([name])
+    assert registry.list_devices() == []
 
 
-def test_oversized_message_is_resource_exhausted(stub: pb_grpc.ControlPlaneStub, registry: Registry) -> None:
+def test_oversized_message_is_resource_exhausted(enroll: Callable[[str], DeviceStub], registry: Registry) -> None:
+    stub = enroll("big")
     huge = pb.RegisterRequest(name="big", profile="pi4", calibration=CALIBRATION * 1000)
     assert huge.ByteSize() > MAX_MESSAGE_BYTES
     code, details = _status(lambda: stub.Register(huge))
@@ -236,14 +233,14 @@ def test_oversized_message_is_resource_exhausted(stub: pb_grpc.ControlPlaneStub,
     assert registry.list_devices() == []
 
 
-def test_fetch_model_at_uncalibrated_density_is_invalid_argument(stub: pb_grpc.ControlPlaneStub,
+def test_fetch_model_at_uncalibrated_density_is_invalid_argument(stub: DeviceStub,
                                                                  device_id: int) -> None:
     code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.3))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "not calibrated at density 0.3; calibrated: 1, 0.5, 0.25, 0.1" in details
 
 
-def test_fetch_model_not_packed_is_not_found(stub: pb_grpc.ControlPlaneStub, device_id: int) -> None:
+def test_fetch_model_not_packed_is_not_found(stub: DeviceStub, device_id: int) -> None:
     code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.1))))
     assert code == grpc.StatusCode.NOT_FOUND
     assert "no packed model at density 0.1" in details
@@ -261,7 +258,7 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
     server = serve(registry, "127.0.0.1", free_port, ARCHITECTURE, slow_provider, max_workers=4, max_fetches=1)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
-            stub = pb_grpc.ControlPlaneStub(channel)
+            stub = enrolled(channel, registry, "pi")
             device = stub.Register(pb.RegisterRequest(name="pi", profile="pi4", calibration=CALIBRATION)).device_id
             request = pb.FetchModelRequest(device_id=device, density=0.5)
             results: list[bytes] = []
@@ -294,3 +291,95 @@ def test_a_request_that_is_not_protobuf_is_invalid_argument_without_an_error_log
         code, details = _status(lambda: list(call(garbage, timeout=5)) if method == "FetchModel" else call(garbage, timeout=5))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in details
     assert not [r for r in caplog.records if r.levelno >= 30]
+
+
+# -- strangers ---------------------------------------------------------------------------------------------
+
+CALLS: dict[str, Callable[[pb_grpc.ControlPlaneStub, int], object]] = {
+    "Describe": lambda stub, device: stub.Describe(pb.DescribeRequest(), timeout=5),
+    "Register": lambda stub, device: stub.Register(
+        pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=CALIBRATION), timeout=5),
+    "Heartbeat": lambda stub, device: stub.Heartbeat(
+        pb.HeartbeatRequest(device_id=device, budget=_budget(500, 5000)), timeout=5),
+    "FetchModel": lambda stub, device: list(stub.FetchModel(pb.FetchModelRequest(device_id=device, density=1.0),
+                                                            timeout=5)),
+}
+
+
+@pytest.mark.parametrize("method", list(CALLS))
+@pytest.mark.parametrize("secret", [None, "", "dfd_forged", "dfe_forged", "not-even-a-prefix", "x" * 500])
+def test_a_stranger_is_unauthenticated_and_changes_nothing(channel: grpc.Channel, registry: Registry,
+                                                           device_id: int, method: str, secret: str | None) -> None:
+    before = registry.list_devices()
+    code, details = _status(lambda: CALLS[method](DeviceStub(channel, secret), device_id))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "enroll" in details
+    assert registry.list_devices() == before and registry.device_history(device_id)[-1].budget is None
+
+
+def test_an_enrollment_token_registers_once(channel: grpc.Channel, registry: Registry) -> None:
+    token = registry.enroll(["pi-kitchen"])["pi-kitchen"]
+    first = DeviceStub(channel, token)
+    reply = first.Register(pb.RegisterRequest(profile="pi4", calibration=CALIBRATION))  # no name: the token's
+    assert reply.name == "pi-kitchen" and reply.credential.startswith("dfd_") and first.secret == reply.credential
+    code, _ = _status(lambda: DeviceStub(channel, token).Register(
+        pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=CALIBRATION)))
+    assert code == grpc.StatusCode.UNAUTHENTICATED  # spent: a second device cannot take the name with it
+    again = first.Register(pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=CALIBRATION))
+    assert again.device_id == reply.device_id and again.credential == ""  # a restart: same id, no new secret
+
+
+def test_a_token_only_describes_and_registers_as_its_name(enroll: Callable[[str], DeviceStub],
+                                                          registry: Registry) -> None:
+    stub = enroll("pi-kitchen")
+    assert stub.Describe(pb.DescribeRequest()).architecture == ARCHITECTURE
+    code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="pi-garage", profile="pi4",
+                                                                     calibration=CALIBRATION)))
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "pi-kitchen" in details
+    for method in ("Heartbeat", "FetchModel"):
+        code, details = _status(lambda: CALLS[method](stub, 0))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "register first" in details
+    assert registry.list_devices() == []
+
+
+def test_an_expired_token_is_refused(channel: grpc.Channel, registry: Registry) -> None:
+    from datetime import timedelta
+    token = registry.enroll(["pi-kitchen"], ttl=timedelta(microseconds=1))["pi-kitchen"]
+    code, _ = _status(lambda: CALLS["Register"](DeviceStub(channel, token), 0))
+    assert code == grpc.StatusCode.UNAUTHENTICATED and registry.list_devices() == []
+
+
+def test_a_device_acts_only_as_itself(enroll: Callable[[str], DeviceStub], stub: DeviceStub, device_id: int,
+                                      registry: Registry) -> None:
+    mallory = enroll("mallory")
+    mallory.Register(pb.RegisterRequest(name="mallory", profile="laptop-x86", calibration=CALIBRATION))
+    victim = registry.get_device(device_id)
+    for method in ("Heartbeat", "FetchModel"):
+        code, details = _status(lambda: CALLS[method](mallory, device_id))
+        assert code == grpc.StatusCode.PERMISSION_DENIED and f"as device {device_id}" in details
+    code, details = _status(lambda: CALLS["Register"](mallory, 0))  # re-register under the victim's name
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "'mallory', not 'pi-kitchen'" in details
+    assert registry.get_device(device_id) == victim and len(registry.device_history(device_id)) == 1
+    # the victim itself carries on; 0 stands for "myself"
+    assert stub.Heartbeat(pb.HeartbeatRequest(device_id=0, budget=_budget(500, 5000))).density == 1.0
+
+
+def test_re_enrolling_a_name_revokes_the_old_credential(channel: grpc.Channel, stub: DeviceStub, device_id: int,
+                                                        registry: Registry) -> None:
+    old = stub.secret
+    assert old is not None and registry.authenticate(old) is not None
+    replacement = enrolled(channel, registry, "pi-kitchen")
+    reply = replacement.Register(pb.RegisterRequest(profile="pi4", calibration=CALIBRATION))
+    assert reply.device_id == device_id and reply.credential != old  # same device, new holder
+    assert registry.authenticate(old) is None
+
+
+def test_ids_are_not_sequential_and_secrets_are_stored_only_as_digests(
+    enroll: Callable[[str], DeviceStub], registry: Registry, sqlite_url: str
+) -> None:
+    stubs = [enroll(f"pi-{i}") for i in range(6)]
+    tokens = [s.secret for s in stubs]
+    ids = [s.Register(pb.RegisterRequest(profile="pi4", calibration=CALIBRATION)).device_id for s in stubs]
+    assert len(set(ids)) == 6 and sorted(ids) != list(range(min(ids), min(ids) + 6))
+    stored = Path(sqlite_url.removeprefix("sqlite:///")).read_bytes()
+    for secret in [*tokens, *(s.secret for s in stubs)]:
+        assert secret is not None and secret.encode() not in stored

@@ -89,6 +89,14 @@ def _rounds(state: Path) -> list:
         return registry.list_rounds()
 
 
+def enroll(state: Path, name: str) -> str:
+    """The operator's step before a device joins: a one-time token from `dress-fleet devices enroll`."""
+    made = subprocess.run([str(BIN / "dress-fleet"), "devices", "enroll", name, "--token-only", "--state-dir",
+                           str(state)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    return made.stdout.strip()
+
+
 def test_coordinator_and_three_agents(tmp_path: Path) -> None:
     superlink, control = pick_port(), pick_port()
     state = tmp_path / "coordinator"
@@ -110,7 +118,7 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             trace.write_text("\n".join(rows) + "\n")
             predict = f"127.0.0.1:{pick_port()}"
             processes.append(spawn(
-                [str(BIN / "dress-agent"), "join", "--device", profile, "--name", name,
+                [str(BIN / "dress-agent"), "join", "--device", profile, "--token", enroll(state, name),
                  "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
                  "--serve-port", predict.rpartition(":")[2], "--supernode-port", str(pick_port()),
                  "--partition-id", str(i), "--num-partitions", "3",
@@ -192,7 +200,7 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
             except grpc.RpcError as e:
                 assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         processes.append(spawn(
-            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--name", "pi-tls",
+            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--token", enroll(state, "pi-tls"),
              "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
              "--ca", str(certs / "ca.pem"), "--serve-port", str(pick_port()), "--supernode-port", str(pick_port()),
              "--state-dir", str(tmp_path / "pi-tls")],

@@ -35,6 +35,12 @@ def state_dir(tmp_path: Path, calibration: list[CalibrationPoint]) -> Path:
     return state
 
 
+def _id(state: Path, name: str) -> int:
+    """Device ids are random: look one up by name, as an operator reads it off `devices`."""
+    with Registry(state_dir=state) as registry:
+        return next(d.id for d in registry.list_devices() if d.name == name)
+
+
 def test_devices_lists_the_fleet(state_dir: Path) -> None:
     result = runner.invoke(app, ["devices", "--state-dir", str(state_dir)])
     assert result.exit_code == 0, result.output
@@ -53,25 +59,27 @@ def test_devices_accepts_a_database_url(state_dir: Path) -> None:
 
 
 def test_devices_show_prints_the_assignment_history(state_dir: Path) -> None:
-    result = runner.invoke(app, ["devices", "show", "1", "--state-dir", str(state_dir)])
+    pi = str(_id(state_dir, "pi-kitchen"))
+    result = runner.invoke(app, ["devices", "show", pi, "--state-dir", str(state_dir)])
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if "registration" in line or "budget_change" in line]
     assert len(rows) == 2
     assert "0.25" in rows[0] and "registration" in rows[0]
     assert "0.5" in rows[1] and "budget_change" in rows[1] and "60 ms" in rows[1] and "v7" in rows[1]
     # the group's options work too
-    assert runner.invoke(app, ["devices", "--state-dir", str(state_dir), "show", "1"]).output == result.output
+    assert runner.invoke(app, ["devices", "--state-dir", str(state_dir), "show", pi]).output == result.output
     [ran] = [line.split("│") for line in result.output.splitlines() if "11.0" in line]
     assert [cell.strip() for cell in ran[1:5]] == ["0.5", "5", "11.0", "2.20"]  # 3 + 2 requests, 6 + 5 ms
 
 
 def test_a_device_reports_what_it_served_checked(state_dir: Path, calibration: list[CalibrationPoint]) -> None:
+    pi, phone = _id(state_dir, "pi-kitchen"), _id(state_dir, "phone-anna")
     with Registry(state_dir=state_dir) as registry:
-        assert registry.served_totals(1) == {0.5: (5, 11.0), 0.25: (1, 1.0)}
-        assert registry.served_totals(2) == {}
+        assert registry.served_totals(pi) == {0.5: (5, 11.0), 0.25: (1, 1.0)}
+        assert registry.served_totals(phone) == {}
         for bad in ({7.0: (1, 1.0)}, {0.5: (-1, 1.0)}, {0.5: (1, float("nan"))}, {0.5: (10**12, 1.0)}):
             with pytest.raises(InvalidInputError, match="served"):
-                registry.heartbeat(1, Budget(60, 500), bad)
+                registry.heartbeat(pi, Budget(60, 500), bad)
 
 
 def test_devices_show_unknown_id_fails(state_dir: Path) -> None:
@@ -84,10 +92,10 @@ def test_db_upgrade_creates_then_keeps_the_schema(tmp_path: Path) -> None:
     state = tmp_path / "fresh"
     first = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
     assert first.exit_code == 0, first.output
-    assert "revision 0003 (was empty)" in first.output
+    assert "revision 0004 (was empty)" in first.output
     assert (state / "registry.sqlite3").exists()
     again = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
-    assert "revision 0003 (was 0003)" in again.output
+    assert "revision 0004 (was 0004)" in again.output
 
 
 @pytest.mark.parametrize("command", [["devices"], ["devices", "show", "1"], ["db", "upgrade"]])
@@ -106,15 +114,17 @@ def test_a_name_with_markup_control_or_direction_characters_is_refused(tmp_path:
 
 def test_names_from_before_the_rule_print_spelt_out_not_raw(state_dir: Path) -> None:
     """A registry written by an older version may hold such names: listing them must not break or mislead."""
+    pi = str(_id(state_dir, "pi-kitchen"))
     engine = make_engine(f"sqlite:///{state_dir / 'registry.sqlite3'}")
     with engine.begin() as conn:
-        conn.execute(text("UPDATE devices SET name = :name WHERE id = 1"), {"name": "evil[/oops]\x1b[2J\u202e"})
+        conn.execute(text("UPDATE devices SET name = :name WHERE id = :id"),
+                     {"name": "evil[/oops]\x1b[2J\u202e", "id": int(pi)})
     engine.dispose()
     result = runner.invoke(app, ["devices", "--state-dir", str(state_dir)])
     assert result.exit_code == 0, result.output
     assert "evil[/oops]" in result.output and "\\x1b[2J\\u202e" in result.output
     assert "\x1b" not in result.output and "\u202e" not in result.output
-    shown = runner.invoke(app, ["devices", "show", "1", "--state-dir", str(state_dir)])
+    shown = runner.invoke(app, ["devices", "show", pi, "--state-dir", str(state_dir)])
     assert shown.exit_code == 0 and "\\x1b" in shown.output
 
 
@@ -127,3 +137,21 @@ def test_an_error_carrying_a_log_tail_prints_as_text_not_markup_or_terminal_cont
     console = Console(record=True, width=200)
     console.print(shown)  # a MarkupError here is what crashed the coordinator before
     assert "[/bold]oops [red]x[/red]" in console.export_text()
+
+
+def test_enroll_issues_one_time_tokens_shown_once(tmp_path: Path, calibration: list[CalibrationPoint]) -> None:
+    state = tmp_path / "new"  # enrolling may come before the coordinator's first start
+    result = runner.invoke(app, ["devices", "enroll", "pi-1", "pi-2", "--state-dir", str(state)])
+    assert result.exit_code == 0, result.output
+    assert "2 enrollment tokens, valid 24 h, shown once" in result.output and "dress-agent join" in result.output
+    quiet = runner.invoke(app, ["devices", "enroll", "pi-3", "--token-only", "--expires-in", "1", "--state-dir",
+                                str(state)])
+    [token] = quiet.output.split()
+    assert token.startswith("dfe_")
+    with Registry(state_dir=state) as registry:
+        principal = registry.authenticate(token)
+        assert principal is not None and (principal.name, principal.device_id) == ("pi-3", None)
+        registry.enroll_device(token, "", "pi4", calibration)
+        assert registry.authenticate(token) is None  # spent
+    bad = runner.invoke(app, ["devices", "enroll", "evil[/oops]", "--state-dir", str(state)])
+    assert bad.exit_code == 2 and "a device name must be" in bad.output

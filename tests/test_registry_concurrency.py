@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from conftest import DeviceStub
 from contracts.settings import RunSettings
 from sqlalchemy import create_engine, select
 
@@ -18,7 +19,7 @@ from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import AssignmentReason, Registry
 from coordinator.registry.models import BudgetReport, DensityAssignment
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
-from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
 
 AGENTS = 100
 HEARTBEATS_PER_AGENT = 10
@@ -35,11 +36,11 @@ def _rows(url: str, *columns: object) -> list[tuple]:
         engine.dispose()
 
 
-def _agent(address: str, index: int, start: threading.Barrier) -> list[Ack]:
+def _agent(address: str, index: int, token: str, start: threading.Barrier) -> list[Ack]:
     """A device: register, wait for the others, heartbeat with a budget that crosses density boundaries."""
     rng = random.Random(index)
     with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.ControlPlaneStub(channel)
+        stub = DeviceStub(channel, token)
         device_id = stub.Register(pb.RegisterRequest(name=f"agent-{index}", profile="phone",
                                                      calibration=CALIBRATION)).device_id
         start.wait(timeout=30)
@@ -77,7 +78,9 @@ def test_hundred_agents_lose_no_heartbeat(db_url: str, free_port: int) -> None:
         try:
             start = threading.Barrier(AGENTS)
             with ThreadPoolExecutor(AGENTS) as pool:
-                futures = [pool.submit(_agent, f"127.0.0.1:{free_port}", i, start) for i in range(AGENTS)]
+                tokens = registry.enroll([f"agent-{i}" for i in range(AGENTS)])
+                futures = [pool.submit(_agent, f"127.0.0.1:{free_port}", i, tokens[f"agent-{i}"], start)
+                           for i in range(AGENTS)]
                 acks = [ack for f in futures for ack in f.result(timeout=60)]
         finally:
             server.stop(grace=None).wait()

@@ -28,3 +28,9 @@ def test_poisoned_replies_of_every_kind_are_never_aggregated() -> None:
     result = reliability.poisoned(15, seed=1)  # each kind once
     assert result == {**result, "aggregated": 0, "crashes": 0}
     assert len(result["kinds"]) == 15
+
+
+def test_strangers_of_every_kind_are_refused_by_the_control_plane() -> None:
+    result = reliability.strangers(28, seed=1)  # each kind four times
+    assert result["refused"] == result["tried"] == 28, result["codes"]
+    assert set(result["codes"]) <= {"UNAUTHENTICATED", "PERMISSION_DENIED"}

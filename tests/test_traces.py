@@ -214,7 +214,7 @@ def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry
     driver = FleetDriver([device], f"127.0.0.1:{free_port}", lambda: completed[0],
                          fleet_deadline_ms(MEASURED, 1.5), interval_s=60.0, poll_s=0.05)
     try:
-        driver.register(timeout_s=10)
+        driver.register(registry.enroll([device.name]), timeout_s=10)
         driver.start()
         assert registry.get_device(device.device_id).current_density == 1.0  # point 0, before round 1
         completed[0] = 1
@@ -239,7 +239,7 @@ def driven_fleet(registry: Registry, port: int, traces: list[list[TracePoint]],
     driver = FleetDriver(fleet, f"127.0.0.1:{port}", lambda: 0, fleet_deadline_ms(MEASURED, 1.5), interval_s=60.0,
                          **driver_options)
     try:
-        driver.register(timeout_s=10)
+        driver.register(registry.enroll([d.name for d in fleet]), timeout_s=10)
         yield driver, server
     finally:
         driver.stop()

@@ -1,9 +1,9 @@
 """Device registry: devices, budgets, density history, training rounds and model versions in SQL."""
 
-from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
+from coordinator.registry.errors import DeviceNotFoundError, EnrollmentError, InvalidInputError
 from coordinator.registry.migrate import upgrade
 from coordinator.registry.models import AssignmentReason, DeviceStatus
-from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo, RoundRecord
+from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo, Principal, RoundRecord
 from coordinator.registry.repository import Registry
 
 __all__ = [
@@ -13,7 +13,9 @@ __all__ = [
     "DeviceInfo",
     "DeviceNotFoundError",
     "DeviceStatus",
+    "EnrollmentError",
     "InvalidInputError",
+    "Principal",
     "Registry",
     "RoundRecord",
     "upgrade",

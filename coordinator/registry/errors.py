@@ -7,3 +7,7 @@ class DeviceNotFoundError(LookupError):
 
 class InvalidInputError(ValueError):
     """The caller sent something the registry must not store (bad budget, calibration, profile, density)."""
+
+
+class EnrollmentError(PermissionError):
+    """An enrollment token that cannot be spent (unknown, spent, expired, or issued for another name)."""

@@ -101,15 +101,31 @@ class Device(Base):
 
     __tablename__ = "devices"
 
-    id: Mapped[int] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(primary_key=True)  # random, not sequential: see repository.new_device_id
     name: Mapped[str] = mapped_column(String(128), unique=True)
     profile: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of the secret the device proves itself with (contracts.credentials); None: never enrolled
+    credential_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
     flower_node_id: Mapped[int | None] = mapped_column(Uint64)  # learnt by the ServerApp's status query
     status: Mapped[DeviceStatus] = mapped_column(_str_enum(DeviceStatus, "device_status"))
     calibration: Mapped[list[Any]]  # [{density, latency_ms, memory_mb}], densest first
     current_density: Mapped[float] = mapped_column(Float)
     first_seen: Mapped[datetime]
     registered_at: Mapped[datetime]  # latest (re-)registration
+
+
+class Enrollment(Base):
+    """A one-time token an operator issued for a device name; the device's first Register spends it."""
+
+    __tablename__ = "enrollments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id", ondelete="SET NULL"))
 
 
 class BudgetReport(Base):

@@ -21,6 +21,14 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
+class Principal:
+    """Who a presented secret proves the caller is: an enrolled device, or the holder of an unspent token."""
+
+    name: str
+    device_id: int | None  # None: an enrollment token, good for Describe and the one Register that spends it
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceInfo:
     id: int
     name: str

@@ -9,21 +9,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from contracts.credentials import CREDENTIAL_PREFIX, TOKEN_PREFIX, digest, new_secret
 from contracts.naming import check_name
 from contracts.policy import DEFAULT_MARGIN, Budget, CalibrationPoint, choose_density, validate_calibration
 from contracts.profiles import UnknownProfileError, get_profile
 from coordinator.registry.engine import READ_ONLY, default_url, is_sqlite, make_engine
-from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
+from coordinator.registry.errors import DeviceNotFoundError, EnrollmentError, InvalidInputError
 from coordinator.registry.migrate import upgrade
 from coordinator.registry.models import (
     AssignmentReason,
@@ -31,14 +33,18 @@ from coordinator.registry.models import (
     DensityAssignment,
     Device,
     DeviceStatus,
+    Enrollment,
     ModelVersion,
     TrainingRound,
 )
-from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo, RoundRecord
+from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo, Principal, RoundRecord
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_NAME_LENGTH = 128
+DEVICE_ID_LIMIT = 2**31  # devices.id is a 32-bit INTEGER on PostgreSQL
+DEFAULT_ENROLLMENT_TTL = timedelta(hours=24)
 MAX_METRICS = 256
 _EXPLICIT_REASONS = (AssignmentReason.OPERATOR, AssignmentReason.TRAINING_ASSIGNMENT)
 _LATEST_VERSION = select(ModelVersion.version).order_by(ModelVersion.id.desc()).limit(1)
@@ -118,6 +124,12 @@ def _budget(latency_ms: float | None, memory_mb: float | None, battery: float | 
     return None if latency_ms is None or memory_mb is None else Budget(latency_ms, memory_mb, battery)
 
 
+def new_device_id() -> int:
+    """A random id: one device's id says nothing about another's. Ids are not secrets (they show in tables and
+    logs); every call proves its device by credential, so a guessed id gives nothing."""
+    return secrets.randbelow(DEVICE_ID_LIMIT - 1) + 1
+
+
 def _version_row(version: str, checkpoint_path: str, densities: Iterable[float]) -> dict[str, Any]:
     """A model_versions row, checked."""
     if not 0 < len(version) <= MAX_NAME_LENGTH:
@@ -194,8 +206,83 @@ class Registry:
         """Register a device, or re-register one by name (an agent restart); returns its first density.
 
         The first density is what fits the profile's tightest typical budget: safe until the
-        device's first heartbeat says what it can really afford.
+        device's first heartbeat says what it can really afford. Whoever calls this vouches for the caller
+        being device ``name`` (the control plane: its credential); a new device comes in by ``enroll_device``.
         """
+        fields = self._registration(name, profile, calibration)
+        return self._retry_insert(lambda conn: self._upsert_device(conn, name, fields))
+
+    def enroll_device(
+        self,
+        token: str,
+        name: str,
+        profile: str,
+        calibration: Iterable[CalibrationPoint],
+    ) -> tuple[Assignment, str]:
+        """Spend an enrollment token: register the device it names (an empty ``name`` takes the token's) and
+        answer its new credential, the only copy there will be; a device already under that name is
+        re-enrolled and its old credential stops working. One transaction: the token is spent if and only if
+        the device is registered with the new credential."""
+        now = _now()
+
+        def spend(conn: Connection) -> tuple[Assignment, str]:
+            row = conn.execute(select(Enrollment.id, Enrollment.name, Enrollment.expires_at, Enrollment.used_at)
+                               .where(Enrollment.token_sha256 == digest(token)).with_for_update()).one_or_none()
+            if row is None or row.used_at is not None or row.expires_at <= now:
+                raise EnrollmentError("the enrollment token is unknown, spent or expired: ask the operator for "
+                                      "a new one (dress-fleet devices enroll NAME)")
+            if name and name != row.name:
+                raise EnrollmentError(f"the enrollment token is for device {row.name!r}, not {name!r}")
+            credential = new_secret(CREDENTIAL_PREFIX)
+            fields = {**self._registration(row.name, profile, calibration), "credential_sha256": digest(credential)}
+            assignment = self._upsert_device(conn, row.name, fields)
+            conn.execute(update(Enrollment).where(Enrollment.id == row.id)
+                         .values(used_at=now, device_id=assignment.device_id))
+            return assignment, credential
+
+        assignment, credential = self._retry_insert(spend)
+        log.info("enrolled device id %d", assignment.device_id)
+        return assignment, credential
+
+    def enroll(self, names: Iterable[str], ttl: timedelta = DEFAULT_ENROLLMENT_TTL) -> dict[str, str]:
+        """A one-time token per device name, valid for ``ttl``, in one transaction; only digests are stored.
+
+        A token lets its holder register once as that name (``enroll_device``); enrolling a name that is
+        already registered lets a replacement device take it over."""
+        names = list(dict.fromkeys(names))
+        try:
+            for name in names:
+                check_name(name)
+        except ValueError as e:
+            raise InvalidInputError(str(e)) from e
+        if ttl <= timedelta(0):
+            raise InvalidInputError(f"an enrollment must stay valid for a positive time, got {ttl}")
+        now = _now()
+        tokens = {name: new_secret(TOKEN_PREFIX) for name in names}
+        if tokens:
+            with self._write() as conn:
+                conn.execute(insert(Enrollment), [
+                    {"name": name, "token_sha256": digest(token), "created_at": now, "expires_at": now + ttl}
+                    for name, token in tokens.items()])
+        return tokens
+
+    def authenticate(self, secret: str) -> Principal | None:
+        """Who ``secret`` proves the caller is: the device whose credential it is, the name of an unspent and
+        unexpired enrollment token, or None."""
+        key = digest(secret)
+        with self._read() as s:
+            if secret.startswith(CREDENTIAL_PREFIX):
+                row = s.execute(select(Device.id, Device.name).where(Device.credential_sha256 == key)).one_or_none()
+                return None if row is None else Principal(row.name, row.id)
+            if secret.startswith(TOKEN_PREFIX):
+                name = s.scalar(select(Enrollment.name).where(
+                    Enrollment.token_sha256 == key, Enrollment.used_at.is_(None), Enrollment.expires_at > _now()))
+                return None if name is None else Principal(name, None)
+        return None
+
+    @staticmethod
+    def _registration(name: str, profile: str, calibration: Iterable[CalibrationPoint]) -> dict[str, Any]:
+        """A device row's registration fields, checked; the first density from the profile's tightest budget."""
         try:
             check_name(name)  # it names files and rows operators read: no markup, control or direction characters
             spec = get_profile(profile)
@@ -203,34 +290,42 @@ class Registry:
         except (UnknownProfileError, ValueError) as e:
             raise InvalidInputError(str(e)) from e
         density = choose_density(table, Budget(spec.budget_latency_ms.low, spec.budget_memory_mb.low))
-        fields = {"profile": profile, "status": DeviceStatus.ONLINE,
-                  "calibration": [{"density": p.density, "latency_ms": p.latency_ms, "memory_mb": p.memory_mb}
-                                  for p in table],
-                  "current_density": density}
-        try:
-            return self._upsert_device(name, fields)
-        except IntegrityError:  # a concurrent first registration of the same name won the insert
-            return self._upsert_device(name, fields)
+        return {"profile": profile, "status": DeviceStatus.ONLINE,
+                "calibration": [{"density": p.density, "latency_ms": p.latency_ms, "memory_mb": p.memory_mb}
+                                for p in table],
+                "current_density": density}
 
-    def _upsert_device(self, name: str, fields: dict[str, Any]) -> Assignment:
+    def _retry_insert(self, change: Callable[[Connection], T]) -> T:
+        """``change(conn)`` in one write transaction, once more if a concurrent insert (same name, or the same
+        random id) won the race."""
+        for attempt in range(3):
+            try:
+                with self._write() as conn:
+                    return change(conn)
+            except IntegrityError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _upsert_device(self, conn: Connection, name: str, fields: dict[str, Any]) -> Assignment:
         now, density = _now(), fields["current_density"]
-        with self._write() as conn:
-            row = conn.execute(
-                select(Device.id, Device.current_density).where(Device.name == name).with_for_update()
-            ).one_or_none()
-            version = conn.scalar(_LATEST_VERSION)
-            if row is None:
-                device_id = conn.execute(
-                    insert(Device).values(name=name, first_seen=now, registered_at=now, **fields).returning(Device.id)
-                ).scalar_one()
-                changed = True
-            else:
-                device_id, changed = row.id, row.current_density != density
-                conn.execute(update(Device).where(Device.id == device_id).values(registered_at=now, **fields))
-            if changed:
-                conn.execute(insert(DensityAssignment).values(
-                    device_id=device_id, density=density, reason=AssignmentReason.REGISTRATION,
-                    model_version=version, assigned_at=now))
+        row = conn.execute(
+            select(Device.id, Device.current_density).where(Device.name == name).with_for_update()
+        ).one_or_none()
+        version = conn.scalar(_LATEST_VERSION)
+        if row is None:
+            device_id = conn.execute(
+                insert(Device).values(id=new_device_id(), name=name, first_seen=now, registered_at=now, **fields)
+                .returning(Device.id)
+            ).scalar_one()
+            changed = True
+        else:
+            device_id, changed = row.id, row.current_density != density
+            conn.execute(update(Device).where(Device.id == device_id).values(registered_at=now, **fields))
+        if changed:
+            conn.execute(insert(DensityAssignment).values(
+                device_id=device_id, density=density, reason=AssignmentReason.REGISTRATION,
+                model_version=version, assigned_at=now))
         log.info("registered device %s (%s) as id %d at density %g", name, fields["profile"], device_id, density)
         return Assignment(device_id, density, changed, version)
 
@@ -338,12 +433,12 @@ class Registry:
         return found[0]
 
     def list_devices(self, device_id: int | None = None) -> list[DeviceInfo]:
-        """Every device (or just `device_id`) with its latest reported budget, by id."""
+        """Every device (or just `device_id`) with its latest reported budget, by name."""
         query = (
             select(Device, BudgetReport.latency_ms, BudgetReport.memory_mb, BudgetReport.battery,
                    BudgetReport.reported_at)
             .outerjoin(BudgetReport, BudgetReport.id == _LATEST_BUDGET_ID)
-            .order_by(Device.id)
+            .order_by(Device.name)
         )
         if device_id is not None:
             query = query.where(Device.id == device_id)

@@ -61,18 +61,22 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., profile: _Optional[str] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "density", "model_version", "architecture", "heartbeat_s")
+    __slots__ = ("device_id", "density", "model_version", "architecture", "heartbeat_s", "credential", "name")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_S_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     density: float
     model_version: str
     architecture: Architecture
     heartbeat_s: float
-    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
+    credential: str
+    name: str
+    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., heartbeat_s: _Optional[float] = ..., credential: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("device_id", "budget", "served")

@@ -67,7 +67,8 @@ class ControlPlaneServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Register(self, request, context):
-        """Register (or re-register after a restart, by name) a device; answers its id and first density.
+        """Register a device: with its enrollment token the first time (answers its credential), with its credential
+        after a restart. Answers its id and first density.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
