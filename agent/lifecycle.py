@@ -31,7 +31,7 @@ from agent.serving import (
     ServedModel,
     serve,
 )
-from contracts.credentials import StoredCredential, with_bearer
+from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.flower_processes import ManagedProcess, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
@@ -159,8 +159,12 @@ class Agent:
             raise AgentError(f"coordinator at {c.coordinator} runs a model this agent cannot build: {e}") from None
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
         self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats)
+        try:
+            key_file, public_key = supernode_key(c.state_dir)
+        except ValueError as e:
+            raise AgentError(str(e)) from None
         request = pb.RegisterRequest(
-            name=c.name or "", profile=c.profile.name,
+            name=c.name or "", profile=c.profile.name, supernode_public_key=public_key,
             calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
                          for p in self.calibration])
         try:
@@ -186,7 +190,7 @@ class Agent:
 
         node_config = {"device-id": name, "profile": c.profile.name, **c.node_config}
         self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
-                                         f"supernode-{name}", root_ca=c.ca)
+                                         f"supernode-{name}", root_ca=c.ca, auth_key=key_file)
         self._running.callback(self.supernode.stop)
         try:
             self.predict = serve(served, self.identity, c.serve_host, c.serve_port)

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from contracts.tls import write_private
 
@@ -25,6 +27,8 @@ METADATA_KEY = "authorization"
 SCHEME = "Bearer "
 TOKEN_PREFIX, CREDENTIAL_PREFIX = "dfe_", "dfd_"  # enrollment token, device credential: telling them apart in logs
 CREDENTIAL_FILE = "credential.json"
+SUPERNODE_KEY_FILE = "supernode.key"  # the device's SuperNode key pair (OpenSSH), made once per --state-dir
+MAX_PUBLIC_KEY_LENGTH = 1024
 MAX_SECRET_LENGTH = 128
 
 
@@ -86,6 +90,39 @@ class _CallDetails(grpc.ClientCallDetails):
 def with_bearer(channel: grpc.Channel, secret: Callable[[], str | None]) -> grpc.Channel:
     """``channel`` with ``secret()`` attached to every call made through it."""
     return grpc.intercept_channel(channel, _BearerInterceptor(secret))
+
+
+def supernode_key(state_dir: Path) -> tuple[Path, str]:
+    """The device's SuperNode private key file and its public key (one OpenSSH line), made on first use.
+
+    The coordinator registers the public key with its SuperLink when the device enrolls (Flower's SuperNode
+    authentication): the private key never leaves the device, and only a registered key's holder can connect."""
+    path = state_dir / SUPERNODE_KEY_FILE
+    if not path.is_file():
+        key = ec.generate_private_key(ec.SECP384R1())
+        state_dir.mkdir(parents=True, exist_ok=True)
+        write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                              serialization.NoEncryption()))
+    try:
+        private = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} is not a SuperNode key ({e}); delete it and enroll again with --token") from e
+    public = private.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return path, public.decode()
+
+
+def check_public_key(text: str) -> str:
+    """An OpenSSH EC public key on a NIST curve (what Flower's SuperLink registers), or ValueError saying why."""
+    if not 0 < len(text) <= MAX_PUBLIC_KEY_LENGTH:
+        raise ValueError(f"a SuperNode public key is one OpenSSH line of at most {MAX_PUBLIC_KEY_LENGTH} characters")
+    try:
+        key = serialization.load_ssh_public_key(text.encode())
+    except (ValueError, TypeError, UnicodeError) as e:
+        raise ValueError(f"the SuperNode public key is not an OpenSSH public key ({e})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1",
+                                                                                 "secp521r1"):
+        raise ValueError("the SuperNode public key must be an EC key on a NIST curve (P-256, P-384 or P-521)")
+    return text
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -200,10 +201,13 @@ def _group_alive(pgid: int) -> bool:
 
 def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = False,
                     certs: FleetCertificates | None = None) -> ManagedProcess:
-    """Flower's SuperLink on host:port: HTTPS with the fleet's certificates, or plaintext without them."""
+    """Flower's SuperLink on host:port: HTTPS with the fleet's certificates, or plaintext without them.
+
+    With certificates it also admits only SuperNodes whose public keys were registered (Flower's
+    ``--enable-supernode-auth``, which needs TLS): the coordinator registers each device's key at enrollment."""
     require_free_port(host, port, "SuperLink")
     security = (["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.server_cert),
-                 "--ssl-keyfile", str(certs.server_key)] if certs else ["--insecure"])
+                 "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth"] if certs else ["--insecure"])
     cmd = [
         str(Path(sys.executable).parent / "flower-superlink"),
         *security,
@@ -225,14 +229,18 @@ def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = Fa
 
 def start_supernode(
     state_dir: Path, superlink: str, port: int, node_config: Mapping[str, object], name: str,
-    root_ca: Path | None = None,
+    root_ca: Path | None = None, auth_key: Path | None = None,
 ) -> ManagedProcess:
-    """A SuperNode that verifies the SuperLink against ``root_ca``, or talks plaintext without one."""
+    """A SuperNode that verifies the SuperLink against ``root_ca``, or talks plaintext without one; with
+    ``auth_key`` (TLS only) it proves itself with that private key, which its coordinator registered."""
     require_free_port("127.0.0.1", port, f"SuperNode of {name}")
     config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
+    security = ["--root-certificates", str(root_ca.resolve())] if root_ca else ["--insecure"]
+    if root_ca and auth_key:
+        security += ["--auth-supernode-private-key", str(auth_key.resolve())]
     cmd = [
         str(Path(sys.executable).parent / "flower-supernode"),
-        *(["--root-certificates", str(root_ca.resolve())] if root_ca else ["--insecure"]),
+        *security,
         "--superlink", superlink,
         "--host", "127.0.0.1",
         "--port", str(port),
@@ -269,6 +277,19 @@ def flwr(state_dir: Path, *args: str, timeout: float = 120.0) -> dict:
     if not answer.get("success", True):
         raise RuntimeError(f"`flwr {' '.join(args)}` failed: {answer.get('error-message', answer)}")
     return answer
+
+
+def register_supernode(state_dir: Path, public_key: str, name: str) -> int:
+    """Register a SuperNode's public key (OpenSSH) with our SuperLink (`flwr supernode register`); its node id."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "supernode.pub"
+        path.write_text(public_key + "\n")
+        return int(flwr(state_dir, "supernode", "register", str(path), "local", "--name", name)["node-id"])
+
+
+def unregister_supernode(state_dir: Path, node_id: int) -> None:
+    """Remove a SuperNode's key from our SuperLink: it can no longer connect (a re-enrolled device's old key)."""
+    flwr(state_dir, "supernode", "unregister", str(node_id), "local")
 
 
 def submit_run(

@@ -90,6 +90,7 @@ class RunSettings:
     max_examples: int  # per device per round; 0 = its whole shard
     eval_examples: int  # test images the server evaluates each density on; 0 = all
     heartbeat_s: float  # devices heartbeat at least this often (the control plane tells them)
+    node_auth: bool  # the SuperLink admits only SuperNodes the coordinator registered at enrollment (TLS fleets)
     db_url: str  # registry URL; "" = SQLite in state_dir
     state_dir: str  # registry, checkpoints and Flower state
 
@@ -201,7 +202,7 @@ def build_run_model(settings: RunSettings) -> DressModel:
     return get_method(settings.method).build(build_model(settings.architecture()))
 
 
-_TYPES: dict[str, type] = {"int": int, "float": float, "str": str}
+_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 def _key(name: str) -> str:
@@ -216,6 +217,10 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
     """TOML and Flower keep 1 and 1.0 apart; a float setting accepts an integer, nothing else converts."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise SettingsError(f"run setting {key} must be true or false, got {value!r}")
+        return value
     if not isinstance(value, kind) or isinstance(value, bool):
         raise SettingsError(f"run setting {key} must be {kind.__name__}, got {value!r}")
     return value

@@ -20,10 +20,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contracts.checked_service import add_checked_servicer
-from contracts.credentials import digest, presented_secret
+from contracts.credentials import check_public_key, digest, presented_secret
 from contracts.policy import Budget, CalibrationPoint, validate_calibration
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
+from coordinator.supernodes import KeyChange, SupernodeKeys
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -104,8 +105,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     """Translates protobuf messages to registry calls and back, as the caller its credential proves."""
 
     def __init__(self, registry: Registry, architecture: pb.Architecture, model_provider: ModelProvider,
-                 chunk_bytes: int, max_fetches: int, heartbeat_s: float):
+                 chunk_bytes: int, max_fetches: int, heartbeat_s: float, supernodes: SupernodeKeys | None = None):
         self._registry = registry
+        self._supernodes = supernodes  # a TLS fleet: SuperNode keys registered with the SuperLink
         self._caller = Authenticator(registry)
         self._heartbeat_s = heartbeat_s
         self._architecture = architecture
@@ -127,7 +129,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the credential or token is for device {caller.name!r}, not {request.name!r}")
         credential = ""
-        with _status_on_error(context):
+        change = self._supernode_key(caller, request.supernode_public_key, context)
+        supernode = None if change is None else (change.key_sha256, change.node_id)
+        with self._undo_on_error(change), _status_on_error(context):
             calibration = validate_calibration(
                 CalibrationPoint(p.density, p.latency_ms, p.memory_mb) for p in request.calibration)
             measured, served = sorted(p.density for p in calibration), sorted(self._architecture.densities)
@@ -138,12 +142,36 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                     + " (ask Describe for the architecture to calibrate)")
             if caller.device_id is None:  # the first registration spends the enrollment token
                 assignment, credential = self._registry.enroll_device(secret, caller.name, request.profile,
-                                                                      calibration)
+                                                                      calibration, supernode)
             else:
-                assignment = self._registry.register_device(caller.name, request.profile, calibration)
+                assignment = self._registry.register_device(caller.name, request.profile, calibration, supernode)
         return pb.RegisterResponse(device_id=assignment.device_id, density=assignment.density,
                                    model_version=assignment.model_version or "", architecture=self._architecture,
                                    heartbeat_s=self._heartbeat_s, credential=credential, name=caller.name)
+
+    def _supernode_key(self, caller: Principal, public_key: str, context: grpc.ServicerContext) -> KeyChange | None:
+        """A TLS fleet: the caller's SuperNode key registered with the SuperLink (None: it already was)."""
+        if self._supernodes is None:
+            return None
+        try:
+            return self._supernodes.prepare(caller.name, check_public_key(public_key))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this fleet authenticates SuperNodes: {e}")
+        except RuntimeError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the SuperLink refused the SuperNode key: {e}")
+        raise AssertionError("unreachable")
+
+    @contextlib.contextmanager
+    def _undo_on_error(self, change: KeyChange | None) -> Iterator[None]:
+        """A key registered for a registration that then failed is unregistered; a replaced one once it succeeded."""
+        try:
+            yield
+        except BaseException:
+            if change is not None:
+                self._supernodes.abort(change)  # type: ignore[union-attr]
+            raise
+        if change is not None:
+            self._supernodes.commit(change)  # type: ignore[union-attr]
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
         device_id = _own_device(self._caller(context)[0], request.device_id, context)
@@ -198,13 +226,15 @@ def serve(
     max_fetches: int | None = None,
     heartbeat_s: float | None = None,
     credentials: grpc.ServerCredentials | None = None,
+    supernodes: SupernodeKeys | None = None,
 ) -> grpc.Server:
     """Start the control plane (and the standard health service) on host:port; returns without blocking.
 
     Agents are idle between heartbeats, so `max_workers` bounds requests in flight, not agents.
     FetchModel streams hold a worker each for their duration: at most `max_fetches` (default half
     the workers) run at once, further ones get RESOURCE_EXHAUSTED and retry. ``heartbeat_s`` is how often
-    devices are told to heartbeat (default: the run settings' default). With ``credentials`` it serves TLS only.
+    devices are told to heartbeat (default: the run settings' default). With ``credentials`` it serves TLS only;
+    with ``supernodes`` every registration also registers the device's SuperNode key with the SuperLink.
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="control-plane"),
@@ -216,7 +246,7 @@ def serve(
     )
     servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,
                                     max_fetches or max(1, max_workers // 2),
-                                    heartbeat_s or RunSettings.defaults().heartbeat_s)
+                                    heartbeat_s or RunSettings.defaults().heartbeat_s, supernodes)
     add_checked_servicer(servicer, server, pb.DESCRIPTOR.services_by_name["ControlPlane"])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -24,6 +24,7 @@ from coordinator.control_plane import serve
 from coordinator.model_store import ModelStore
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
+from coordinator.supernodes import SupernodeKeys
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ class Coordinator:
                                    "certificates (--certs DIR; `dress-fleet certs init` makes a test fleet's)")
         self.certs = certs.require_server() if certs else None
         self.state_dir = Path(settings.state_dir)
-        self.settings = settings.replace(state_dir=str(self.state_dir.resolve()))
+        # TLS: only SuperNodes whose keys the control plane registered connect (Flower needs TLS for that)
+        self.settings = settings.replace(state_dir=str(self.state_dir.resolve()), node_auth=certs is not None)
         self.endpoints = endpoints
         self.simulation = simulation
         self.memory = ProcessTreeMemory()
@@ -88,18 +90,20 @@ class Coordinator:
         self.superlink: fr.ManagedProcess | None = None
 
     def start(self) -> None:
-        """Registry and control plane first (agents register before they join Flower), then the SuperLink."""
+        """Registry, SuperLink, then the control plane: a device's registration may register its SuperNode key
+        with the SuperLink, and it joins Flower only after registering."""
         build_run_model(self.settings)  # a method that cannot build a tier fails here, before any process starts
         self.state_dir.mkdir(parents=True, exist_ok=True)
         architecture = self.settings.architecture()
         self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)
-        self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
-                            ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s,
-                            credentials=self.certs.server_credentials() if self.certs else None)
         self.superlink = fr.start_superlink(
             self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation,
             certs=self.certs,
         )
+        self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
+                            ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s,
+                            credentials=self.certs.server_credentials() if self.certs else None,
+                            supernodes=SupernodeKeys(self.registry, self.state_dir) if self.settings.node_auth else None)
 
     def submit(self, federation_config: Mapping[str, object] | None = None) -> int:
         """`flwr run` of the app (this repository) with every run setting; returns Flower's run id."""

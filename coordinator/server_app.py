@@ -98,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
                       # the round's rate; DRESS's anchor weight anneals too (a peer's KD weight is as published)
                       round_config=lambda r: {"lr": settings.lr_at(r),
                                               **({"distill": settings.distill_at(r)} if dress else {})},
-                      server_momentum=settings.server_momentum, first_round=done + 1,
+                      server_momentum=settings.server_momentum, first_round=done + 1, node_auth=settings.node_auth,
                       aggregation=Aggregation.parse(settings.aggregation),
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress

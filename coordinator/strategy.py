@@ -81,6 +81,7 @@ class DressStrategy(Strategy):
         max_examples: int,
         round_config: Callable[[int], dict[str, float]] | None = None,
         server_momentum: float = 0.0,
+        node_auth: bool = False,
         first_round: int = 1,
         aggregation: Aggregation = MEAN,
     ) -> None:
@@ -95,6 +96,7 @@ class DressStrategy(Strategy):
         self.aggregation = aggregation
         self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
         self.node_devices: dict[int, str] = {}
+        self.node_auth = node_auth  # nodes are known by their registered keys (the registry), not by their word
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
         self.sent: dict[int, Sent] = {}  # node id -> what its device was sent this round
         self.stats: dict[int, RoundStats] = {}
@@ -106,8 +108,15 @@ class DressStrategy(Strategy):
     # -- which device is which node ------------------------------------------------------------------
 
     def identify(self, grid: Grid, node_ids: Iterable[int]) -> None:
+        """Which device each node is: with SuperNode authentication, the one whose registered key the node holds
+        (what the coordinator recorded when it registered the key); otherwise what the node answers a status
+        query, which is the device's word (plaintext fleets are loopback-only)."""
         unknown = [n for n in node_ids if n not in self.node_devices]
         if not unknown:
+            return
+        if self.node_auth:
+            keyed = {d.flower_node_id: d.name for d in self.registry.list_devices() if d.flower_node_id is not None}
+            self.node_devices.update({n: keyed[n] for n in unknown if n in keyed})
             return
         queries = [Message(RecordDict(), dst_node_id=n, message_type=STATUS_QUERY) for n in unknown]
         learnt = {}

@@ -18,9 +18,13 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import pick_port
+import pytest
+from conftest import DeviceStub, pick_port
+from contracts.credentials import supernode_key
+from contracts.flower_processes import flwr
 from coordinator.registry import Registry
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_pb_grpc
 
 BIN = Path(sys.executable).parent
@@ -43,7 +47,7 @@ def wait_serving(address: str, timeout: float = 120.0) -> None:  # a loaded 2-co
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
@@ -193,6 +197,17 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
         credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes())
         with grpc.secure_channel(f"127.0.0.1:{control}", credentials) as channel:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=60, wait_for_ready=True)
+            token = enroll(state, "pi-tls")
+            stub = DeviceStub(channel, token)
+            request = pb.RegisterRequest(profile="pi4", calibration=[
+                pb.CalibrationPoint(density=d, latency_ms=10 * d, memory_mb=100 * d) for d in (1.0, 0.5, 0.25, 0.1)])
+            for bad_key, message in (("", "OpenSSH line"), ("ssh-rsa AAAA", "not an OpenSSH public key")):
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.Register(pb.RegisterRequest(supernode_public_key=bad_key, calibration=request.calibration,
+                                                     profile="pi4"), timeout=30)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+                assert "this fleet authenticates SuperNodes" in caught.value.details() and message in \
+                    caught.value.details()
         with grpc.insecure_channel(f"127.0.0.1:{control}") as plain:  # a stranger speaking plaintext
             try:
                 health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
@@ -200,7 +215,7 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
             except grpc.RpcError as e:
                 assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         processes.append(spawn(
-            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--token", enroll(state, "pi-tls"),
+            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--token", token,  # unspent by the refusals
              "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
              "--ca", str(certs / "ca.pem"), "--serve-port", str(pick_port()), "--supernode-port", str(pick_port()),
              "--state-dir", str(tmp_path / "pi-tls")],
@@ -213,5 +228,25 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
             assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
             time.sleep(1)
         assert len(_rounds(state)[0].participants) == 1  # the agent trained through its TLS SuperNode
+        with Registry(state_dir=state) as registry:
+            [device] = registry.list_devices()
+        assert device.flower_node_id is not None  # bound when its SuperNode key was registered, not by its word
+
+        # Strangers' SuperNodes, one with a key nobody registered and one with none, are not admitted.
+        supernode_key(tmp_path / "stranger")  # a valid key pair the coordinator never registered
+        for name, key in (("stranger-keyed", [str(tmp_path / "stranger" / "supernode.key")]), ("stranger-bare", [])):
+            processes.append(spawn(
+                [str(BIN / "flower-supernode"), "--root-certificates", str(certs / "ca.pem"),
+                 "--superlink", f"127.0.0.1:{superlink}", "--port", str(pick_port()),
+                 "--node-config", f'device-id="{device.name}"',
+                 *(["--auth-supernode-private-key", *key] if key else [])],
+                tmp_path / f"{name}.log",
+            ))  # fmt: skip
+        time.sleep(8)
+        nodes = flwr(state, "supernode", "ls", "local")["nodes"]
+        assert [int(n["node-id"]) for n in nodes] == [device.flower_node_id], nodes
+        for name in ("stranger-keyed", "stranger-bare"):  # Flower's own refusal, in each stranger's log
+            log = (tmp_path / f"{name}.log").read_text()
+            assert "could not establish a connection to the SuperLink" in log, log[-2000:]
     finally:
         stop_all(processes)

@@ -106,7 +106,9 @@ class Device(Base):
     profile: Mapped[str] = mapped_column(String(64))
     # SHA-256 of the secret the device proves itself with (contracts.credentials); None: never enrolled
     credential_sha256: Mapped[str | None] = mapped_column(String(64), unique=True)
-    flower_node_id: Mapped[int | None] = mapped_column(Uint64)  # learnt by the ServerApp's status query
+    # a TLS fleet: the node its registered SuperNode key connects as; else learnt by the ServerApp's status query
+    flower_node_id: Mapped[int | None] = mapped_column(Uint64)
+    supernode_key_sha256: Mapped[str | None] = mapped_column(String(64))  # the key registered with the SuperLink
     status: Mapped[DeviceStatus] = mapped_column(_str_enum(DeviceStatus, "device_status"))
     calibration: Mapped[list[Any]]  # [{density, latency_ms, memory_mb}], densest first
     current_density: Mapped[float] = mapped_column(Float)

@@ -124,6 +124,15 @@ def _budget(latency_ms: float | None, memory_mb: float | None, battery: float | 
     return None if latency_ms is None or memory_mb is None else Budget(latency_ms, memory_mb, battery)
 
 
+def _supernode_fields(supernode: tuple[str, int] | None) -> dict[str, Any]:
+    if supernode is None:
+        return {}
+    key_sha256, node_id = supernode
+    if not 0 <= node_id < 1 << 64:
+        raise InvalidInputError(f"Flower node id must be a uint64, got {node_id}")
+    return {"supernode_key_sha256": key_sha256, "flower_node_id": node_id}
+
+
 def new_device_id() -> int:
     """A random id: one device's id says nothing about another's. Ids are not secrets (they show in tables and
     logs); every call proves its device by credential, so a guessed id gives nothing."""
@@ -202,14 +211,16 @@ class Registry:
         name: str,
         profile: str,
         calibration: Iterable[CalibrationPoint],
+        supernode: tuple[str, int] | None = None,
     ) -> Assignment:
         """Register a device, or re-register one by name (an agent restart); returns its first density.
 
         The first density is what fits the profile's tightest typical budget: safe until the
         device's first heartbeat says what it can really afford. Whoever calls this vouches for the caller
         being device ``name`` (the control plane: its credential); a new device comes in by ``enroll_device``.
+        ``supernode`` = (key digest, Flower node id): the SuperNode key the coordinator registered for it.
         """
-        fields = self._registration(name, profile, calibration)
+        fields = {**self._registration(name, profile, calibration), **_supernode_fields(supernode)}
         return self._retry_insert(lambda conn: self._upsert_device(conn, name, fields))
 
     def enroll_device(
@@ -218,6 +229,7 @@ class Registry:
         name: str,
         profile: str,
         calibration: Iterable[CalibrationPoint],
+        supernode: tuple[str, int] | None = None,
     ) -> tuple[Assignment, str]:
         """Spend an enrollment token: register the device it names (an empty ``name`` takes the token's) and
         answer its new credential, the only copy there will be; a device already under that name is
@@ -234,7 +246,8 @@ class Registry:
             if name and name != row.name:
                 raise EnrollmentError(f"the enrollment token is for device {row.name!r}, not {name!r}")
             credential = new_secret(CREDENTIAL_PREFIX)
-            fields = {**self._registration(row.name, profile, calibration), "credential_sha256": digest(credential)}
+            fields = {**self._registration(row.name, profile, calibration), "credential_sha256": digest(credential),
+                      **_supernode_fields(supernode)}
             assignment = self._upsert_device(conn, row.name, fields)
             conn.execute(update(Enrollment).where(Enrollment.id == row.id)
                          .values(used_at=now, device_id=assignment.device_id))
@@ -265,6 +278,13 @@ class Registry:
                     {"name": name, "token_sha256": digest(token), "created_at": now, "expires_at": now + ttl}
                     for name, token in tokens.items()])
         return tokens
+
+    def supernode_of(self, name: str) -> tuple[str | None, int | None]:
+        """The digest of the SuperNode key registered for device ``name`` and its Flower node id (None, None)."""
+        with self._read() as s:
+            row = s.execute(select(Device.supernode_key_sha256, Device.flower_node_id)
+                            .where(Device.name == name)).one_or_none()
+        return (None, None) if row is None else (row[0], row[1])
 
     def authenticate(self, secret: str) -> Principal | None:
         """Who ``secret`` proves the caller is: the device whose credential it is, the name of an unspent and

@@ -1,4 +1,4 @@
-"""Enrollment: one-time tokens per device name, and the digest of each device's credential.
+"""Enrollment: one-time tokens per device name, the digest of each device's credential and SuperNode key.
 
 Revision ID: 0004
 Revises: 0003
@@ -21,6 +21,7 @@ TIMESTAMP = sa.DateTime(timezone=True)
 def upgrade() -> None:
     with op.batch_alter_table("devices") as batch:
         batch.add_column(sa.Column("credential_sha256", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("supernode_key_sha256", sa.String(64), nullable=True))
         batch.create_unique_constraint("uq_devices_credential_sha256", ["credential_sha256"])
     op.create_table(
         "enrollments",
@@ -44,4 +45,5 @@ def downgrade() -> None:
     op.drop_table("enrollments")
     with op.batch_alter_table("devices") as batch:
         batch.drop_constraint("uq_devices_credential_sha256", type_="unique")
+        batch.drop_column("supernode_key_sha256")
         batch.drop_column("credential_sha256")

@@ -51,14 +51,16 @@ class DescribeResponse(_message.Message):
     def __init__(self, architecture: _Optional[_Union[Architecture, _Mapping]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("name", "profile", "calibration")
+    __slots__ = ("name", "profile", "calibration", "supernode_public_key")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    SUPERNODE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     name: str
     profile: str
     calibration: _containers.RepeatedCompositeFieldContainer[CalibrationPoint]
-    def __init__(self, name: _Optional[str] = ..., profile: _Optional[str] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ...) -> None: ...
+    supernode_public_key: str
+    def __init__(self, name: _Optional[str] = ..., profile: _Optional[str] = ..., calibration: _Optional[_Iterable[_Union[CalibrationPoint, _Mapping]]] = ..., supernode_public_key: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("device_id", "density", "model_version", "architecture", "heartbeat_s", "credential", "name")
