@@ -35,7 +35,7 @@ from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.flower_processes import ManagedProcess, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
-from contracts.tls import CertificateError, channel_credentials, is_loopback
+from contracts.tls import CertificateError, channel_credentials, is_loopback, mutual_server_credentials
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -73,6 +73,8 @@ class AgentConfig:
     threads: int = 1
     connect_timeout: float = 5.0
     token: str | None = None  # one-time enrollment token; None: the credential stored under state_dir
+    predict_cert: Path | None = None  # the Predict listener's certificate and key (with ``ca``): mutual TLS
+    predict_key: Path | None = None
 
 
 def heartbeat_interval(wanted: float | None, asked: float) -> float:
@@ -142,6 +144,7 @@ class Agent:
 
     def _start(self) -> None:
         c = self.config
+        predict_credentials = self._predict_credentials()
         if c.ca is None and not is_loopback(c.superlink.rpartition(":")[0]):
             raise AgentError(f"plaintext is for loopback only: reaching the SuperLink at {c.superlink} needs the "
                              "fleet's CA (--ca ca.pem)")
@@ -193,7 +196,7 @@ class Agent:
                                          f"supernode-{name}", root_ca=c.ca, auth_key=key_file)
         self._running.callback(self.supernode.stop)
         try:
-            self.predict = serve(served, self.identity, c.serve_host, c.serve_port)
+            self.predict = serve(served, self.identity, c.serve_host, c.serve_port, credentials=predict_credentials)
         except RuntimeError as e:  # the port is taken
             raise AgentError(str(e)) from None
         self._running.callback(self.predict.stop)
@@ -205,6 +208,21 @@ class Agent:
                                      usage=served.usage)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
+
+    def _predict_credentials(self) -> grpc.ServerCredentials | None:
+        """Mutual TLS for Predict and Status when certificates are given; plaintext on loopback only."""
+        c = self.config
+        if c.predict_cert is None and c.predict_key is None:
+            if is_loopback(c.serve_host):
+                return None
+            raise AgentError(f"Predict on {c.serve_host} needs TLS with client certificates: --predict-cert, "
+                             "--predict-key (`dress-fleet certs issue NAME --host HOST`) and --ca", code=2)
+        if c.predict_cert is None or c.predict_key is None or c.ca is None:
+            raise AgentError("Predict over TLS needs all of --predict-cert, --predict-key and --ca", code=2)
+        try:
+            return mutual_server_credentials(c.ca, c.predict_cert, c.predict_key)
+        except CertificateError as e:
+            raise AgentError(str(e), code=2) from None
 
     def _secret(self) -> str:
         """What proves this device at its first call: the enrollment token when one is given (a first join,

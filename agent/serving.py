@@ -305,9 +305,13 @@ class AgentServer:
 
 
 def serve(
-    served: ServedModel, identity: AgentIdentity, host: str, port: int, max_workers: int = DEFAULT_WORKERS
+    served: ServedModel, identity: AgentIdentity, host: str, port: int, max_workers: int = DEFAULT_WORKERS,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> AgentServer:
-    """Start Agent (and the standard health service, SERVING from the start) on host:port; non-blocking."""
+    """Start Agent (and the standard health service, SERVING from the start) on host:port; non-blocking.
+
+    With ``credentials`` (contracts.tls.mutual_server_credentials) it serves TLS only and answers only callers
+    whose client certificate the fleet CA signed; without, plaintext, which the agent allows on loopback only."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="agent-predict"),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
@@ -316,7 +320,7 @@ def serve(
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise RuntimeError(f"agent could not bind {address}")
     server.start()

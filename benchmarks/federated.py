@@ -156,12 +156,13 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
              f"{s['devices']} devices ({s['mix']}), {s['rounds']} rounds, {s['fraction']:g} of the fleet per round, "
              f"{examples} per device per round, learning rate {s.get('lr', 0.05):g} annealed to {s.get('lr_decay', 1.0):g}× its first "
              f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}; accuracy = mean of the last {s['last']} rounds, then "
-             "mean over the seeds each section lists.", ""]
+             "mean over the method's seeds (its row says which).", ""]
     variants = [f"{name} = {VARIANTS[name][0]} with {', '.join(f'{k} {v:g}' for k, v in VARIANTS[name][1].items())}"
                 for name in result["settings"]["methods"] if VARIANTS.get(name, ("", {}))[1]]
     if variants:
         lines += ["Variants: " + "; ".join(variants) + ".", ""]
-    columns = ["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)] + ["MB/round", "device s/round"]
+    columns = (["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)]
+               + ["MB/round", "device s/round", "seeds"])
     for partition in result["settings"]["partitions"]:
         table = []
         for name in result["settings"]["methods"]:
@@ -175,6 +176,7 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
                 entry[f"d={t:g}"] = statistics.fmean(values) if values else "—"
             entry["MB/round"] = statistics.fmean(r["bytes_per_round"] for r in runs) / 1e6
             entry["device s/round"] = statistics.fmean(r["device_compute_s_per_round"] for r in runs)
+            entry["seeds"] = ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))
             table.append(entry)
         seeds = sorted({r["seed"] for r in result["rows"] if r["partition"] == partition})
         if not table:

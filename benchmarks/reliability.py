@@ -1,15 +1,17 @@
-"""What a stranger's bytes and a poisoned device can do to the fleet: fuzzed packed files, fuzzed control-plane
-requests, poisoned replies in the real aggregation path. Seeded, bounded in count and time, loopback only.
+"""What strangers, crashes and poisoned devices can do to the fleet: fuzzed packed files, fuzzed control-plane
+requests, strangers at every listener, poisoned replies in the real aggregation path, kill -9 during rounds.
+Seeded, bounded in count and time, loopback only.
 
     python benchmarks/reliability.py                  # writes benchmarks/results/reliability.{json,md}
-    python benchmarks/reliability.py --packed 100 --grpc 100 --poisoned 20    # a short form (what the tests run)
+    python benchmarks/reliability.py --packed 100 --grpc 100 --poisoned 20 --faults 0   # a short form
 
 A *crash* is anything but the clear refusal each layer promises — ``PackedFormatError`` from the packed loader;
 a gRPC status other than UNKNOWN/INTERNAL from the control plane (an unhandled exception in a handler); a reply
 check (``RejectedUpdate``) in the aggregation — or taking longer than ``HANG_S``. *Strangers* call the control
-plane without a credential, with forged, spent or expired secrets, or as another device; each must be refused
-(UNAUTHENTICATED or PERMISSION_DENIED) and change nothing. Kill -9 faults, strangers at the SuperLink and at
-Predict, and Byzantine devices are not measured here yet (see the issue notes).
+plane without a credential, with forged, spent or expired secrets, or as another device (each must be refused,
+UNAUTHENTICATED or PERMISSION_DENIED, and change nothing); call an agent's Predict on mutual TLS without the
+fleet's client certificate; or connect SuperNodes whose keys nobody registered. *Faults* (benchmarks/faults.py)
+kill agents and the coordinator at random during rounds. Byzantine devices are not measured here yet.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import random
 import struct
+import subprocess
 import tempfile
 import time
 from collections import Counter
@@ -32,8 +35,12 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import command, machine, markdown_table, write_json
-from contracts.credentials import bearer
-from contracts.flower_processes import pick_port
+from faults import run_faults
+from agent.serving import AgentIdentity, ServedModel
+from agent.serving import serve as serve_agent
+from contracts.credentials import bearer, supernode_key
+from contracts.flower_processes import flwr, pick_port, start_superlink, start_supernode
+from contracts.tls import init_certificates, issue_certificate, mutual_server_credentials
 from contracts.messages import train_config, upload_state
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings, build_run_model
@@ -42,6 +49,8 @@ from coordinator.registry import Registry
 from coordinator.strategy import DressStrategy, RoundStats
 from dress_model.checkpoint import atomic_write
 from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
+from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 RESULTS = Path(__file__).parent / "results"
@@ -199,7 +208,84 @@ STRANGERS = ("no credential", "forged credential", "forged token", "spent token"
              "another device's id", "another device's name")
 
 
-def strangers(count: int, seed: int) -> dict[str, Any]:
+def strangers(count: int, seed: int, superlink_tries: int = 4) -> dict[str, Any]:
+    """Strangers at every listener: the control plane (``count`` calls), an agent's Predict over mutual TLS
+    (``count`` calls) and a TLS SuperLink with SuperNode authentication (``superlink_tries`` SuperNodes)."""
+    parts = {"control-plane": control_plane_strangers(count, seed), "predict": predict_strangers(count, seed),
+             "superlink": superlink_strangers(superlink_tries)}
+    return {"tried": sum(p["tried"] for p in parts.values()), "refused": sum(p["refused"] for p in parts.values()),
+            "where": parts}
+
+
+PREDICT_STRANGERS = ("plaintext", "no client certificate", "another CA's client", "a server certificate as client")
+
+
+def predict_strangers(count: int, seed: int) -> dict[str, Any]:
+    """``count`` Status calls to an agent's Predict listener on mutual TLS by callers without the fleet's client
+    certificate; refused = no answer (the TLS handshake fails: UNAVAILABLE)."""
+    codes: Counter[str] = Counter()
+    refused = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fleet, other = Path(tmp) / "fleet", Path(tmp) / "other"
+        init_certificates(fleet, [])
+        init_certificates(other, [])
+        cert, key = issue_certificate(fleet, "agent", [], client=False)
+        foreign_cert, foreign_key = issue_certificate(other, "app", [], client=True)
+        ca = (fleet / "ca.pem").read_bytes()
+        served = ServedModel(PackedModel.from_bytes(_packed_model(seed)), 1.0)
+        server = serve_agent(served, AgentIdentity("pi-kitchen", 7, "pi4"), "127.0.0.1", 0,
+                             credentials=mutual_server_credentials(fleet / "ca.pem", cert, key))
+        address = f"127.0.0.1:{server.port}"
+        kinds = {
+            "plaintext": lambda: grpc.insecure_channel(address),
+            "no client certificate": lambda: grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)),
+            "another CA's client": lambda: grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                ca, foreign_key.read_bytes(), foreign_cert.read_bytes())),
+            "a server certificate as client": lambda: grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                ca, key.read_bytes(), cert.read_bytes())),
+        }
+        try:
+            for i in range(count):
+                with kinds[PREDICT_STRANGERS[i % len(PREDICT_STRANGERS)]]() as channel:
+                    try:
+                        agent_grpc.AgentStub(channel).Status(agent_pb.StatusRequest(), timeout=HANG_S)
+                        codes["OK"] += 1
+                    except grpc.RpcError as e:
+                        codes[e.code().name] += 1
+                        refused += e.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            server.stop(grace=0)
+    return {"tried": count, "refused": refused, "kinds": list(PREDICT_STRANGERS), "codes": dict(sorted(codes.items()))}
+
+
+def superlink_strangers(tries: int) -> dict[str, Any]:
+    """SuperNodes with a key nobody registered, and with none, against a TLS SuperLink with SuperNode
+    authentication; refused = Flower turns it away (it never appears among the SuperLink's nodes)."""
+    refused = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        certs = init_certificates(root / "certs", [])
+        port = pick_port()
+        superlink = start_superlink(root / "link", "127.0.0.1", port, certs=certs)
+        try:
+            for i in range(tries):
+                key_file, _ = supernode_key(root / f"stranger-{i}")
+                node = start_supernode(root / f"stranger-{i}", f"127.0.0.1:{port}", pick_port(), {}, f"stranger-{i}",
+                                       root_ca=certs.ca, auth_key=key_file if i % 2 == 0 else None)
+                try:
+                    node.proc.wait(timeout=60)  # Flower's SuperNode exits when the SuperLink turns it away
+                except subprocess.TimeoutExpired:
+                    pass
+                finally:
+                    node.stop()
+                admitted = flwr(root / "link", "supernode", "ls", "local")["nodes"]
+                refused += "could not establish a connection" in node.tail() and not admitted
+        finally:
+            superlink.stop()
+    return {"tried": tries, "refused": refused, "kinds": ["unregistered key", "no key"]}
+
+
+def control_plane_strangers(count: int, seed: int) -> dict[str, Any]:
     """``count`` calls by strangers (each kind in ``STRANGERS`` in turn, on a random method) to a real control plane
     where a victim device is registered; refused = UNAUTHENTICATED or PERMISSION_DENIED with the victim's row,
     history and the device list unchanged."""
@@ -254,8 +340,7 @@ def strangers(count: int, seed: int) -> dict[str, Any]:
                             refused += 1
         finally:
             server.stop(grace=None).wait()
-    return {"tried": count, "refused": refused, "where": ["control-plane"], "kinds": list(STRANGERS),
-            "codes": dict(sorted(codes.items()))}
+    return {"tried": count, "refused": refused, "kinds": list(STRANGERS), "codes": dict(sorted(codes.items()))}
 
 
 # -- poisoned replies --------------------------------------------------------------------------------------------
@@ -347,12 +432,15 @@ def main() -> None:
     p.add_argument("--packed", type=int, default=1000, help="fuzzed packed files")
     p.add_argument("--grpc", type=int, default=1000, help="fuzzed control-plane requests")
     p.add_argument("--poisoned", type=int, default=60, help="poisoned replies")
-    p.add_argument("--strangers", type=int, default=210, help="strangers' calls to the control plane")
+    p.add_argument("--strangers", type=int, default=210, help="strangers' calls to the control plane and Predict")
+    p.add_argument("--faults", type=int, default=20, help="kill -9 of agents and the coordinator during rounds "
+                   "(benchmarks/faults.py); 0 = skip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
     args = p.parse_args()
     result = {"command": command(), "machine": machine(), "seed": args.seed,
               "poisoned": poisoned(args.poisoned, args.seed), "strangers": strangers(args.strangers, args.seed),
+              **({"faults": run_faults(args.faults, seed=args.seed)} if args.faults else {}),
               "fuzz": {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)}}
     write_json(args.out, result)
     rows = [{"probe": "poisoned replies", "tried": result["poisoned"]["tried"],
@@ -361,15 +449,21 @@ def main() -> None:
              "crashes": result["fuzz"]["packed"]["crashes"]},
             {"probe": "fuzzed control-plane requests", "tried": result["fuzz"]["grpc"]["tried"], "aggregated": "—",
              "crashes": result["fuzz"]["grpc"]["crashes"]},
-            {"probe": "strangers at the control plane", "tried": result["strangers"]["tried"], "aggregated": "—",
-             "crashes": result["strangers"]["tried"] - result["strangers"]["refused"]}]
+            *({"probe": f"strangers: {where}", "tried": part["tried"], "aggregated": "—",
+               "crashes": part["tried"] - part["refused"]} for where, part in result["strangers"]["where"].items()),
+            *([{"probe": f"kill -9 during rounds ({result['faults']['agents']} agents, coordinator; "
+                         f"{result['faults']['rounds']} rounds)", "tried": result["faults"]["kills"],
+                "aggregated": "—", "crashes": f"run completed: {bool(result['faults']['runs_completed'])}, lost "
+                                             f"{result['faults']['lost']}, orphans {result['faults']['orphans']}"}]
+              if "faults" in result else [])]
     atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(
         f"# Reliability: strangers' bytes and poisoned devices\n\n`{result['command']}`\n\n"
         + markdown_table(rows, ["probe", "tried", "aggregated", "crashes"])
-        + f"\nFor strangers, *crashes* counts calls not refused. Control-plane answers to the fuzzed requests (half "
+        + f"\nFor strangers, *crashes* counts those not refused. Control-plane answers to the fuzzed requests (half "
         f"of them carrying a real device's credential): {result['fuzz']['grpc']['codes']}; to the strangers "
-        f"({', '.join(STRANGERS)}): {result['strangers']['codes']}. Strangers at the SuperLink and at Predict are "
-        "not tried yet.\n"))
+        f"({', '.join(STRANGERS)}): {result['strangers']['where']['control-plane']['codes']}. Predict on mutual TLS "
+        f"({', '.join(PREDICT_STRANGERS)}): {result['strangers']['where']['predict']['codes']}. SuperLink with "
+        "SuperNode authentication: SuperNodes with an unregistered key and with none.\n"))
     print(json.dumps(result, indent=2))
 
 

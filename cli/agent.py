@@ -24,6 +24,7 @@ from cli.method import DATA_DIR_HELP, DATASET_HELP
 from contracts.naming import check_name
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile, UnknownProfileError, get_profile, load_profiles
+from contracts.tls import CertificateError, client_credentials
 from dress_model.data import DataError, load_dataset
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
@@ -111,6 +112,8 @@ def join_cmd(
                                          "1 keeps batch-1 latency steady when other work shares the cores.")] = 1,
     connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the coordinator.")] = 5.0,
     ca: Annotated[Optional[Path], typer.Option(help="The fleet's CA certificate (ca.pem): TLS to the coordinator and the SuperLink, required unless both are on loopback.")] = None,
+    predict_cert: Annotated[Optional[Path], typer.Option(help="Certificate of the Predict listener (`dress-fleet certs issue NAME --host HOST`): with --predict-key and --ca, Predict and Status serve TLS and answer only callers with a client certificate of the fleet; required unless --serve-host is loopback.")] = None,
+    predict_key: Annotated[Optional[Path], typer.Option(help="The Predict certificate's private key.")] = None,
 ) -> None:
     """Join the fleet: learn its model, calibrate, register, train through a Flower SuperNode, serve Predict."""
     try:
@@ -137,7 +140,8 @@ def join_cmd(
         name=name, profile=profile, coordinator=coordinator, superlink=superlink, budget=source,
         state_dir=state_dir or Path("state") / f"agent-{name or device}", token=token, serve_host=serve_host, serve_port=serve_port,
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
-        calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout, ca=ca))
+        calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout, ca=ca,
+        predict_cert=predict_cert, predict_key=predict_key))
     with shutdown_requested() as stop:
         try:
             agent.start()
@@ -182,8 +186,26 @@ def where_table(agent: Agent, trace: Path | None) -> Table:
     return table
 
 
-def agent_call(address: str, what: str, call: Callable[[agent_grpc.AgentStub], T]) -> T:
-    with grpc.insecure_channel(parse_address(address, "--agent")) as channel:
+CaOption = Annotated[Optional[Path], typer.Option(help="The fleet's CA (ca.pem), for an agent serving TLS.")]
+CertOption = Annotated[Optional[Path], typer.Option(
+    help="Your client certificate (`dress-fleet certs issue NAME --client`), for an agent serving TLS.")]
+KeyOption = Annotated[Optional[Path], typer.Option(help="Your client certificate's private key.")]
+
+
+def agent_call(address: str, what: str, call: Callable[[agent_grpc.AgentStub], T], ca: Path | None = None,
+               cert: Path | None = None, key: Path | None = None) -> T:
+    """One call to an agent: plaintext, or mutual TLS with the fleet CA and a client certificate."""
+    address = parse_address(address, "--agent")
+    if (ca, cert, key) == (None, None, None):
+        channel = grpc.insecure_channel(address)
+    elif None in (ca, cert, key):
+        raise fail("TLS to an agent needs all of --ca, --cert and --key")
+    else:
+        try:
+            channel = grpc.secure_channel(address, client_credentials(ca, cert, key))  # type: ignore[arg-type]
+        except CertificateError as e:
+            raise fail(str(e)) from None
+    with channel:
         try:
             return call(agent_grpc.AgentStub(channel))
         except grpc.RpcError as e:
@@ -203,6 +225,9 @@ def predict_cmd(
     = False,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 10.0,
     deadline_ms: Annotated[float, typer.Option(min=0.0, help="Answer within this many ms: the agent runs the densest subnet, up to its assignment, it expects to meet it (0: the assigned one).")] = 0.0,
+    ca: CaOption = None,
+    cert: CertOption = None,
+    key: KeyOption = None,
 ) -> None:
     """Send one test image to a running agent; print its answer and the density that produced it."""
     try:
@@ -214,7 +239,7 @@ def predict_cmd(
     image = test_set.images[index]
     request = agent_pb.PredictRequest(input=image.reshape(-1).tolist(), shape=list(image.shape),
                                       deadline_ms=deadline_ms)
-    answer = agent_call(agent, "Predict", lambda stub: stub.Predict(request, timeout=timeout))
+    answer = agent_call(agent, "Predict", lambda stub: stub.Predict(request, timeout=timeout), ca, cert, key)
     if density_only:
         print(f"{answer.density:g}")
         return
@@ -230,9 +255,13 @@ def predict_cmd(
 def status_cmd(
     agent: Annotated[str, typer.Option(help="A running agent's Predict address, HOST:PORT.")],
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the answer.")] = 10.0,
+    ca: CaOption = None,
+    cert: CertOption = None,
+    key: KeyOption = None,
 ) -> None:
     """Show what a running agent serves: device, density (assigned and running), model version."""
-    s = agent_call(agent, "Status", lambda stub: stub.Status(agent_pb.StatusRequest(), timeout=timeout))
+    s = agent_call(agent, "Status", lambda stub: stub.Status(agent_pb.StatusRequest(), timeout=timeout), ca, cert,
+                   key)
     console.print(f"{s.name} ({s.profile}), device id {s.device_id}: density {s.density:g} "
                   f"(assigned {s.assigned_density:g}); model version {s.model_version or 'none (untrained)'}; "
                   f"stored densities {', '.join(f'{d:g}' for d in s.densities)}")

@@ -172,6 +172,30 @@ def certs_init_cmd(
                   f"{', '.join(escape(h) for h in (host or []) + ['localhost', '127.0.0.1', '::1'])}")
 
 
+@certs_app.command("issue")
+def certs_issue_cmd(
+    name: Annotated[str, typer.Argument(help="What it is for: names the files NAME.pem and NAME.key.")],
+    dir: Annotated[Path, typer.Option("--dir", help="The fleet's folder from `certs init` (holds ca.key).")] = Path("certs"),
+    host: Annotated[Optional[list[str]], typer.Option("--host", help="A server certificate: name or IP callers reach the agent by; repeat for several (loopback is always included).")] = None,
+    client: Annotated[bool, typer.Option("--client", help="A client certificate: a caller's credential for agents' Predict and Status.")] = False,
+    days: Annotated[int, typer.Option(min=1, max=3650, help="Validity.")] = 365,
+) -> None:
+    """Issue a certificate the fleet CA signs: an agent's Predict listener (`dress-agent join --predict-cert
+    NAME.pem --predict-key NAME.key`), or with --client a caller's (`dress-agent predict --cert NAME.pem --key
+    NAME.key --ca ca.pem`)."""
+    from contracts.naming import check_name
+    from contracts.tls import issue_certificate
+
+    try:
+        check_name(name)
+        cert, key = issue_certificate(dir, name, list(host or []), client, days)
+    except (ValueError, OSError) as e:
+        raise fail(str(e)) from None
+    what = "client certificate" if client else ("server certificate for "
+                                               + ", ".join(escape(h) for h in (host or []) + ["loopback"]))
+    console.print(f"{what}: {cert} and {key} (keep the key on the machine that uses it)")
+
+
 @app.command("simulate")
 def simulate_cmd(
     devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,

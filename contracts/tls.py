@@ -117,27 +117,79 @@ def init_certificates(directory: Path, hosts: list[str], days: int = VALID_DAYS)
                                      key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    names: list[x509.GeneralName] = []
-    for host in dict.fromkeys([*hosts, *LOOPBACK]):
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
-        except ValueError:
-            names.append(x509.DNSName(host))
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0] if hosts else "localhost")]))
-        .issuer_name(ca_name).public_key(server_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    for path, key in ((directory / CA_KEY, ca_key), (certs.server_key, server_key)):
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        write_private(path, pem)
-    for path, cert in ((certs.ca, ca_cert), (certs.server_cert, server_cert)):
-        atomic_write(path, lambda tmp, cert=cert: tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM)))
+    write_private(directory / CA_KEY, _key_pem(ca_key))
+    atomic_write(certs.ca, lambda tmp: tmp.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM)))
+    _issue(ca_key, ca_cert, hosts[0] if hosts else "localhost", hosts, False, days, certs.server_cert,
+           certs.server_key)
     return certs
+
+
+def issue_certificate(directory: Path, name: str, hosts: list[str], client: bool,
+                      days: int = VALID_DAYS) -> tuple[Path, Path]:
+    """A certificate the fleet CA in ``directory`` signs: ``<name>.pem`` and ``<name>.key`` (0600) beside it.
+
+    A server certificate (an agent's Predict listener) names ``hosts`` (loopback always included); a client one
+    (``client``) is a caller's credential for Predict and Status. CertificateError without the CA's key."""
+    ca_cert_path, ca_key_path = directory / CA_CERT, directory / CA_KEY
+    if not (ca_cert_path.is_file() and ca_key_path.is_file()):
+        raise CertificateError(f"{directory} lacks {CA_CERT} and {CA_KEY}: issue certificates where "
+                               "`dress-fleet certs init` made the fleet's CA")
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}.key"
+    if name in ("ca", "server") or cert_path.exists():
+        raise CertificateError(f"{cert_path} exists already: choose another name")
+    ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise CertificateError(f"{ca_key_path} is not the EC key `certs init` makes")
+    _issue(ca_key, ca_cert, name, hosts, client, days, cert_path, key_path)
+    return cert_path, key_path
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common_name: str, hosts: list[str],
+           client: bool, days: int, cert_path: Path, key_path: Path) -> None:
+    """Sign a server certificate for ``hosts`` (+ loopback) or a client certificate, and write it and its key."""
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client
+                                              else ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+    )
+    if not client:
+        names: list[x509.GeneralName] = []
+        for host in dict.fromkeys([*hosts, *LOOPBACK]):
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    write_private(key_path, _key_pem(key))
+    atomic_write(cert_path, lambda tmp: tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM)))
+
+
+def mutual_server_credentials(ca: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
+    """TLS that also demands a client certificate the fleet CA signed: Predict beyond loopback."""
+    for path in (ca, cert, key):
+        if not path.is_file():
+            raise CertificateError(f"{path} does not exist (`dress-fleet certs issue NAME` makes a certificate)")
+    return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())], root_certificates=ca.read_bytes(),
+                                       require_client_auth=True)
+
+
+def client_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
+    """A caller of an agent's Predict: verifies the agent against the fleet CA and proves itself with its own."""
+    for path in (ca, cert, key):
+        if not path.is_file():
+            raise CertificateError(f"{path} does not exist (`dress-fleet certs issue NAME --client` makes one)")
+    return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes(), private_key=key.read_bytes(),
+                                        certificate_chain=cert.read_bytes())

@@ -208,6 +208,11 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
                 assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
                 assert "this fleet authenticates SuperNodes" in caught.value.details() and message in \
                     caught.value.details()
+        for issue in (["pi-tls"], ["app", "--client"]):  # the agent's Predict certificate, a caller's
+            made = subprocess.run([str(BIN / "dress-fleet"), "certs", "issue", *issue, "--dir", str(certs)],
+                                  capture_output=True, text=True)
+            assert made.returncode == 0, made.stdout + made.stderr
+        predict_port = pick_port()
         with grpc.insecure_channel(f"127.0.0.1:{control}") as plain:  # a stranger speaking plaintext
             try:
                 health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
@@ -217,7 +222,9 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
         processes.append(spawn(
             [str(BIN / "dress-agent"), "join", "--device", "pi4", "--token", token,  # unspent by the refusals
              "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
-             "--ca", str(certs / "ca.pem"), "--serve-port", str(pick_port()), "--supernode-port", str(pick_port()),
+             "--ca", str(certs / "ca.pem"), "--serve-port", str(predict_port), "--supernode-port", str(pick_port()),
+             "--serve-host", "0.0.0.0", "--predict-cert", str(certs / "pi-tls.pem"),
+             "--predict-key", str(certs / "pi-tls.key"),
              "--state-dir", str(tmp_path / "pi-tls")],
             tmp_path / "pi-tls.log",
         ))  # fmt: skip
@@ -228,6 +235,13 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
             assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
             time.sleep(1)
         assert len(_rounds(state)[0].participants) == 1  # the agent trained through its TLS SuperNode
+        # Predict beyond loopback: mutual TLS, the fleet's client certificate or nothing
+        client = ["--ca", str(certs / "ca.pem"), "--cert", str(certs / "app.pem"), "--key", str(certs / "app.key")]
+        for extra, ok in ((client, True), ([], False), (client[:2], False)):
+            status = subprocess.run([str(BIN / "dress-agent"), "status", "--agent", f"127.0.0.1:{predict_port}",
+                                     "--timeout", "5", *extra], capture_output=True, text=True)
+            assert (status.returncode == 0) == ok, status.stdout + status.stderr
+            assert ("pi-tls (pi4)" in status.stdout) == ok
         with Registry(state_dir=state) as registry:
             [device] = registry.list_devices()
         assert device.flower_node_id is not None  # bound when its SuperNode key was registered, not by its word

@@ -30,7 +30,9 @@ def test_poisoned_replies_of_every_kind_are_never_aggregated() -> None:
     assert len(result["kinds"]) == 15
 
 
-def test_strangers_of_every_kind_are_refused_by_the_control_plane() -> None:
-    result = reliability.strangers(28, seed=1)  # each kind four times
+def test_strangers_of_every_kind_are_refused_by_the_control_plane_and_predict() -> None:
+    result = reliability.control_plane_strangers(28, seed=1)  # each kind four times
     assert result["refused"] == result["tried"] == 28, result["codes"]
     assert set(result["codes"]) <= {"UNAUTHENTICATED", "PERMISSION_DENIED"}
+    result = reliability.predict_strangers(8, seed=1)  # each kind twice
+    assert result["refused"] == result["tried"] == 8, result["codes"]

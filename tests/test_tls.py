@@ -10,7 +10,24 @@ import pytest
 from cryptography import x509
 
 from contracts.settings import RunSettings
-from contracts.tls import CertificateError, FleetCertificates, init_certificates, is_loopback
+import grpc
+from conftest import architecture
+
+from agent.calibration import initial_model
+from agent.lifecycle import Agent, AgentConfig, AgentError
+from agent.serving import AgentIdentity, AgentServer, ServedModel, serve
+from contracts.profiles import get_profile
+from contracts.tls import (
+    CertificateError,
+    FleetCertificates,
+    client_credentials,
+    init_certificates,
+    is_loopback,
+    issue_certificate,
+    mutual_server_credentials,
+)
+from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from coordinator.launcher import Coordinator, Endpoints
 
 
@@ -44,3 +61,64 @@ def test_plaintext_beyond_loopback_and_missing_files_are_refused(tmp_path: Path)
         Coordinator(settings, Endpoints("0.0.0.0"), certs=FleetCertificates(tmp_path / "none"))
     Coordinator(settings, Endpoints("127.0.0.1"))  # loopback may speak plaintext
     assert is_loopback("::1") and is_loopback("localhost") and not is_loopback("10.0.0.1")
+
+
+def _predict_server(tmp_path: Path, credentials) -> tuple[AgentServer, ServedModel]:
+    served = ServedModel(initial_model(architecture("cnn", "1,0.5", "fashion-mnist", 4)), 1.0)
+    return serve(served, AgentIdentity("pi-kitchen", 7, "pi4"), "127.0.0.1", 0, credentials=credentials), served
+
+
+def _status(channel: grpc.Channel) -> agent_pb.StatusResponse:
+    return agent_grpc.AgentStub(channel).Status(agent_pb.StatusRequest(), timeout=5)
+
+
+def test_predict_over_mutual_tls_answers_only_the_fleets_clients(tmp_path: Path) -> None:
+    fleet, other = tmp_path / "fleet", tmp_path / "other"
+    init_certificates(fleet, [])
+    init_certificates(other, [])
+    cert, key = issue_certificate(fleet, "pi-kitchen", ["pi.local"], client=False)
+    app_cert, app_key = issue_certificate(fleet, "app", [], client=True)
+    stranger_cert, stranger_key = issue_certificate(other, "app", [], client=True)
+    assert (key.stat().st_mode & 0o777) == 0o600
+    issued = x509.load_pem_x509_certificate(app_cert.read_bytes())
+    assert issued.issuer == x509.load_pem_x509_certificate((fleet / "ca.pem").read_bytes()).subject
+    server, _ = _predict_server(tmp_path, mutual_server_credentials(fleet / "ca.pem", cert, key))
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with grpc.secure_channel(address, client_credentials(fleet / "ca.pem", app_cert, app_key)) as channel:
+            assert _status(channel).name == "pi-kitchen"
+        strangers = {
+            "plaintext": grpc.insecure_channel(address),
+            "no client certificate": grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                (fleet / "ca.pem").read_bytes())),
+            "another CA's client": grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                (fleet / "ca.pem").read_bytes(), stranger_key.read_bytes(), stranger_cert.read_bytes())),
+            "a server certificate as client": grpc.secure_channel(address, grpc.ssl_channel_credentials(
+                (fleet / "ca.pem").read_bytes(), key.read_bytes(), cert.read_bytes())),
+        }
+        for what, channel in strangers.items():
+            with channel, pytest.raises(grpc.RpcError) as caught:
+                _status(channel)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, what
+    finally:
+        server.stop(grace=0)
+
+
+def test_issuing_needs_the_fleet_ca_and_a_new_name(tmp_path: Path) -> None:
+    with pytest.raises(CertificateError, match="lacks ca.pem and ca.key"):
+        issue_certificate(tmp_path, "pi", [], client=False)
+    init_certificates(tmp_path, [])
+    issue_certificate(tmp_path, "pi", [], client=False)
+    for name in ("pi", "server", "ca"):
+        with pytest.raises(CertificateError, match="exists already"):
+            issue_certificate(tmp_path, name, [], client=True)
+
+
+def test_an_agent_serving_beyond_loopback_without_certificates_is_refused(tmp_path: Path) -> None:
+    base = {"name": None, "profile": get_profile("pi4"), "coordinator": "127.0.0.1:1", "superlink": "127.0.0.1:2",
+            "budget": None, "state_dir": tmp_path}
+    with pytest.raises(AgentError, match="Predict on 0.0.0.0 needs TLS with client certificates"):
+        Agent(AgentConfig(**base, serve_host="0.0.0.0"))._predict_credentials()
+    with pytest.raises(AgentError, match="needs all of --predict-cert, --predict-key and --ca"):
+        Agent(AgentConfig(**base, serve_host="0.0.0.0", predict_cert=tmp_path / "x.pem"))._predict_credentials()
+    assert Agent(AgentConfig(**base))._predict_credentials() is None  # loopback: plaintext is fine
