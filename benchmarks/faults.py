@@ -23,11 +23,14 @@ from typing import Any
 
 import psutil
 
+from contracts.credentials import CREDENTIAL_FILE
 from contracts.flower_processes import pick_port
 from coordinator.registry import Registry
 
 BIN = Path(sys.executable).parent
-READY_S = 120.0  # a restarted process is given this long before the next kill
+# A killed member's children get SIGTERM from contracts/reaper.py and are SIGKILLed by it 10 s later if still
+# there; one alive after this long is an orphan.
+ORPHAN_AFTER_S = 20.0
 
 
 @dataclass
@@ -37,13 +40,16 @@ class Member:
     name: str
     cmd: list[str]
     log: Path
+    until: Path | None = None  # while this file is missing (an agent's stored credential), start with ``first``
+    first: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
     restarts: int = 0
 
     def start(self) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLWR_TELEMETRY_ENABLED": "0",
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.proc = subprocess.Popen(self.cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
+        cmd = self.cmd + (self.first if self.until is not None and not self.until.exists() else [])
+        self.proc = subprocess.Popen(cmd, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
 
     def kill(self) -> list[psutil.Process]:
@@ -127,14 +133,12 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
                     "--superlink", f"127.0.0.1:{superlink}", "--serve-port", str(pick_port()),
                     "--supernode-port", str(pick_port()), "--partition-id", str(i), "--num-partitions", str(agents),
                     "--state-dir", str(root / name), "--calibration-repeats", "3", "--connect-timeout", "60"]
-            member = Member(name, [*base, "--token", token], root / f"{name}.log")
-            fleet.append(member)
+            # the token until the agent has stored the credential it buys, then that credential
+            fleet.append(Member(name, base, root / f"{name}.log", root / name / CREDENTIAL_FILE, ["--token", token]))
         started = time.monotonic()
         try:
             for member in fleet:
                 member.start()
-            for member in fleet[1:]:  # from now on they prove themselves with the stored credential
-                member.cmd = member.cmd[:-2]
             while outcome.kills < kills and _rounds(state) < rounds:
                 time.sleep(rng.uniform(4.0, 12.0))
                 if time.monotonic() - started > timeout_s:
@@ -146,13 +150,17 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
                 done = _rounds(state)
                 children = victim.kill()
                 outcome.kills += 1
-                time.sleep(3.0)  # the reaper's grace period
+                killed_at = time.monotonic()
+                while _alive(children) and time.monotonic() - killed_at < ORPHAN_AFTER_S:
+                    time.sleep(0.1)
+                gone_s = time.monotonic() - killed_at  # its children ended gracefully (SIGTERM) within this
                 left = _alive(children)
                 outcome.orphans += len(left)
                 for p in left:
                     p.kill()
-                outcome.timeline.append({"t_s": round(time.monotonic() - started, 1), "killed": victim.name,
-                                         "rounds_done": done, "orphans": len(left)})
+                outcome.timeline.append({"t_s": round(killed_at - started, 1), "killed": victim.name,
+                                         "rounds_done": done, "children": len(children),
+                                         "children_gone_s": round(gone_s, 1), "orphans": len(left)})
                 victim.start()
                 victim.restarts += 1
             # the coordinator exits by itself after its last round
