@@ -179,17 +179,19 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certificate, common
 
 def mutual_server_credentials(ca: Path, cert: Path, key: Path) -> grpc.ServerCredentials:
     """TLS that also demands a client certificate the fleet CA signed: Predict beyond loopback."""
-    for path in (ca, cert, key):
-        if not path.is_file():
-            raise CertificateError(f"{path} does not exist (`dress-fleet certs issue NAME` makes a certificate)")
+    _require((ca, cert, key), "`dress-fleet certs issue NAME` makes a certificate")
     return grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())], root_certificates=ca.read_bytes(),
                                        require_client_auth=True)
 
 
 def client_credentials(ca: Path, cert: Path, key: Path) -> grpc.ChannelCredentials:
     """A caller of an agent's Predict: verifies the agent against the fleet CA and proves itself with its own."""
-    for path in (ca, cert, key):
-        if not path.is_file():
-            raise CertificateError(f"{path} does not exist (`dress-fleet certs issue NAME --client` makes one)")
+    _require((ca, cert, key), "`dress-fleet certs issue NAME --client` makes one")
     return grpc.ssl_channel_credentials(root_certificates=ca.read_bytes(), private_key=key.read_bytes(),
                                         certificate_chain=cert.read_bytes())
+
+
+def _require(paths: tuple[Path, ...], hint: str) -> None:
+    for path in paths:
+        if not path.is_file():
+            raise CertificateError(f"{path} does not exist ({hint})")

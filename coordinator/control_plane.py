@@ -129,9 +129,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"the credential or token is for device {caller.name!r}, not {request.name!r}")
         credential = ""
-        change = self._supernode_key(caller, request.supernode_public_key, context)
-        supernode = None if change is None else (change.key_sha256, change.node_id)
-        with self._undo_on_error(change), _status_on_error(context):
+        with _status_on_error(context):  # checked before a SuperNode key costs the SuperLink a registration
             calibration = validate_calibration(
                 CalibrationPoint(p.density, p.latency_ms, p.memory_mb) for p in request.calibration)
             measured, served = sorted(p.density for p in calibration), sorted(self._architecture.densities)
@@ -140,6 +138,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                     "calibration must measure exactly the fleet's densities " + ", ".join(f"{d:g}" for d in served)
                     + "; got " + (", ".join(f"{d:g}" for d in measured) or "none")
                     + " (ask Describe for the architecture to calibrate)")
+        change = self._supernode_key(caller, request.supernode_public_key, context)
+        supernode = None if change is None else (change.key_sha256, change.node_id)
+        with self._undo_on_error(change), _status_on_error(context):
             if caller.device_id is None:  # the first registration spends the enrollment token
                 assignment, credential = self._registry.enroll_device(secret, caller.name, request.profile,
                                                                       calibration, supernode)
