@@ -11,7 +11,8 @@ check (``RejectedUpdate``) in the aggregation — or taking longer than ``HANG_S
 plane without a credential, with forged, spent or expired secrets, or as another device (each must be refused,
 UNAUTHENTICATED or PERMISSION_DENIED, and change nothing); call an agent's Predict on mutual TLS without the
 fleet's client certificate; or connect SuperNodes whose keys nobody registered. *Faults* (benchmarks/faults.py)
-kill agents and the coordinator at random during rounds. Byzantine devices are not measured here yet.
+kill agents and the coordinator at random during rounds. *Byzantine* devices (benchmarks/byzantine.py) reply the
+reverse of their honest update in a simulated fleet; robust aggregation must keep accuracy near the clean run's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import command, machine, markdown_table, write_json
+from byzantine import run_byzantine
 from faults import run_faults
 from agent.serving import AgentIdentity, ServedModel
 from agent.serving import serve as serve_agent
@@ -427,6 +429,54 @@ def poisoned(count: int, seed: int) -> dict[str, Any]:
     return {"tried": count, "aggregated": aggregated, "crashes": crashes, "kinds": sorted(kinds)}
 
 
+def report(result: dict[str, Any]) -> str:
+    """reliability.md: a row per probe measured, then what the refusals were and the Byzantine runs."""
+    rows = []
+    if "poisoned" in result:
+        rows.append({"probe": "poisoned replies", "tried": result["poisoned"]["tried"],
+                     "aggregated": result["poisoned"]["aggregated"], "crashes": result["poisoned"]["crashes"]})
+    if "fuzz" in result:
+        rows += [{"probe": "fuzzed packed files", "tried": result["fuzz"]["packed"]["tried"], "aggregated": "—",
+                  "crashes": result["fuzz"]["packed"]["crashes"]},
+                 {"probe": "fuzzed control-plane requests", "tried": result["fuzz"]["grpc"]["tried"],
+                  "aggregated": "—", "crashes": result["fuzz"]["grpc"]["crashes"]}]
+    if "strangers" in result:
+        rows += [{"probe": f"strangers: {where}", "tried": part["tried"], "aggregated": "—",
+                  "crashes": part["tried"] - part["refused"]} for where, part in result["strangers"]["where"].items()]
+    if "faults" in result:
+        f = result["faults"]
+        rows.append({"probe": f"kill -9 during rounds ({f['agents']} agents, coordinator; {f['rounds']} rounds)",
+                     "tried": f["kills"], "aggregated": "—", "crashes": f"run completed: {bool(f['runs_completed'])}, "
+                                                                       f"lost {f['lost']}, orphans {f['orphans']}"})
+    text = (f"# Reliability: strangers' bytes and poisoned devices\n\n`{result['command']}`\n\n"
+            + markdown_table(rows, ["probe", "tried", "aggregated", "crashes"])
+            + "\nFor strangers, *crashes* counts those not refused.")
+    if "fuzz" in result:
+        text += (" Control-plane answers to the fuzzed requests (half of them carrying a real device's credential): "
+                 f"{result['fuzz']['grpc']['codes']}.")
+    if "strangers" in result:
+        where = result["strangers"]["where"]
+        text += (f" To the strangers ({', '.join(STRANGERS)}): {where['control-plane']['codes']}. Predict on mutual "
+                 f"TLS ({', '.join(PREDICT_STRANGERS)}): {where['predict']['codes']}. SuperLink with SuperNode "
+                 "authentication: SuperNodes with an unregistered key and with none.")
+    text += "\n"
+    if "byzantine" in result:
+        b = result["byzantine"]
+        tiers = list(b["clean_accuracy"])
+        runs = [{"run": run, **{f"d={t}": accuracy[t] for t in tiers}} for run, accuracy in (
+            ("clean, mean", b["clean_accuracy"]), (f"{b['liars']} liars, mean (no defence)", b["undefended_accuracy"]),
+            (f"{b['liars']} liars, {b['aggregation']}", b["accuracy"]))]
+        text += (f"\n## Byzantine devices\n\n{b['liars']} of {b['devices']} devices ({b['fraction']:.0%}) reply "
+                 f"{b['attack']} of their honest update; {b['partition']}, {b['rounds']} rounds, accuracy per tier = "
+                 f"mean of the last {b['last']} rounds, mean over seeds {', '.join(map(str, b['seeds']))}. Worst "
+                 f"tier's gap to the clean run with {b['aggregation']}: {b['worst_gap']:.2f} pt.\n\n"
+                 + markdown_table(runs, ["run", *(f"d={t}" for t in tiers)]))
+    return text
+
+
+PARTS = ("poisoned", "strangers", "faults", "fuzz", "byzantine")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--packed", type=int, default=1000, help="fuzzed packed files")
@@ -435,35 +485,33 @@ def main() -> None:
     p.add_argument("--strangers", type=int, default=210, help="strangers' calls to the control plane and Predict")
     p.add_argument("--faults", type=int, default=20, help="kill -9 of agents and the coordinator during rounds "
                    "(benchmarks/faults.py); 0 = skip")
+    p.add_argument("--byzantine", type=int, default=30, help="rounds of each run with and without Byzantine devices "
+                   "(benchmarks/byzantine.py: 100 devices, three runs of this many rounds per seed); 0 = skip")
+    p.add_argument("--byzantine-seeds", default="0,1")
+    p.add_argument("--only", default=",".join(PARTS),
+                   help=f"comma-separated parts to measure, from {', '.join(PARTS)}; the others are kept from --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS / "reliability.json")
     args = p.parse_args()
-    result = {"command": command(), "machine": machine(), "seed": args.seed,
-              "poisoned": poisoned(args.poisoned, args.seed), "strangers": strangers(args.strangers, args.seed),
-              **({"faults": run_faults(args.faults, seed=args.seed)} if args.faults else {}),
-              "fuzz": {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)}}
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    if unknown := sorted(set(only) - set(PARTS)):
+        raise SystemExit(f"--only: unknown part(s) {unknown}; expected some of {', '.join(PARTS)}")
+    measure: dict[str, Callable[[], Any]] = {
+        "poisoned": lambda: poisoned(args.poisoned, args.seed),
+        "strangers": lambda: strangers(args.strangers, args.seed),
+        "faults": lambda: run_faults(args.faults, seed=args.seed) if args.faults else None,
+        "fuzz": lambda: {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)},
+        "byzantine": lambda: run_byzantine(seeds=tuple(int(s) for s in args.byzantine_seeds.split(",")),
+                                           rounds=args.byzantine) if args.byzantine else None,
+    }
+    kept = json.loads(args.out.read_text()) if set(only) != set(PARTS) and args.out.is_file() else {}
+    result = {"command": " && ".join(dict.fromkeys([*filter(None, kept.get("command", "").split(" && ")), command()])),
+              "machine": machine(), "seed": args.seed, **{k: kept[k] for k in PARTS if k in kept and k not in only}}
+    for part in only:
+        if (value := measure[part]()) is not None:
+            result[part] = value
     write_json(args.out, result)
-    rows = [{"probe": "poisoned replies", "tried": result["poisoned"]["tried"],
-             "aggregated": result["poisoned"]["aggregated"], "crashes": result["poisoned"]["crashes"]},
-            {"probe": "fuzzed packed files", "tried": result["fuzz"]["packed"]["tried"], "aggregated": "—",
-             "crashes": result["fuzz"]["packed"]["crashes"]},
-            {"probe": "fuzzed control-plane requests", "tried": result["fuzz"]["grpc"]["tried"], "aggregated": "—",
-             "crashes": result["fuzz"]["grpc"]["crashes"]},
-            *({"probe": f"strangers: {where}", "tried": part["tried"], "aggregated": "—",
-               "crashes": part["tried"] - part["refused"]} for where, part in result["strangers"]["where"].items()),
-            *([{"probe": f"kill -9 during rounds ({result['faults']['agents']} agents, coordinator; "
-                         f"{result['faults']['rounds']} rounds)", "tried": result["faults"]["kills"],
-                "aggregated": "—", "crashes": f"run completed: {bool(result['faults']['runs_completed'])}, lost "
-                                             f"{result['faults']['lost']}, orphans {result['faults']['orphans']}"}]
-              if "faults" in result else [])]
-    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(
-        f"# Reliability: strangers' bytes and poisoned devices\n\n`{result['command']}`\n\n"
-        + markdown_table(rows, ["probe", "tried", "aggregated", "crashes"])
-        + f"\nFor strangers, *crashes* counts those not refused. Control-plane answers to the fuzzed requests (half "
-        f"of them carrying a real device's credential): {result['fuzz']['grpc']['codes']}; to the strangers "
-        f"({', '.join(STRANGERS)}): {result['strangers']['where']['control-plane']['codes']}. Predict on mutual TLS "
-        f"({', '.join(PREDICT_STRANGERS)}): {result['strangers']['where']['predict']['codes']}. SuperLink with "
-        "SuperNode authentication: SuperNodes with an unregistered key and with none.\n"))
+    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(report(result)))
     print(json.dumps(result, indent=2))
 
 

@@ -105,9 +105,10 @@ class Coordinator:
                             credentials=self.certs.server_credentials() if self.certs else None,
                             supernodes=SupernodeKeys(self.registry, self.state_dir) if self.settings.node_auth else None)
 
-    def submit(self, federation_config: Mapping[str, object] | None = None) -> int:
-        """`flwr run` of the app (this repository) with every run setting; returns Flower's run id."""
-        return fr.submit_run(self.state_dir, APP_DIR, self.settings.to_run_config(), federation_config)
+    def submit(self, federation_config: Mapping[str, object] | None = None, app_dir: Path = APP_DIR) -> int:
+        """`flwr run` of the app with every run setting; returns Flower's run id. ``app_dir``: this repository's
+        app, or one built on it (benchmarks/byzantine.py submits one whose ClientApp lies on some devices)."""
+        return fr.submit_run(self.state_dir, app_dir, self.settings.to_run_config(), federation_config)
 
     def rounds(self) -> list[dict[str, Any]]:
         """Every round the ServerApp recorded so far, from the registry's rounds table."""

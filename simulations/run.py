@@ -18,7 +18,7 @@ from typing import Any
 from agent.calibration import calibrate
 from contracts.flower_processes import pick_port
 from contracts.profiles import load_profiles
-from contracts.settings import RunSettings, build_model
+from contracts.settings import APP_DIR, RunSettings, build_model
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
@@ -58,7 +58,9 @@ class SimulationSettings:
         self.run = self.run.replace(wait_for_nodes=self.devices, state_dir=str(self.run_dir / "state"))
 
 
-def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, Any]], None] | None = None,
+                   app_dir: Path = APP_DIR) -> dict[str, Any]:
+    """Run the fleet to the end of its rounds and write its report; ``app_dir`` as ``Coordinator.submit``'s."""
     state = Path(settings.run.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     started = time.monotonic()
@@ -85,7 +87,8 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         driver.start()
         run_id = coordinator.submit(
             # Ray wants a whole CPU count here; a float such as 1.0 fails the run.
-            {"num-supernodes": settings.devices, "client-resources-num-cpus": int(settings.cpus_per_client)}
+            {"num-supernodes": settings.devices, "client-resources-num-cpus": int(settings.cpus_per_client)},
+            app_dir,
         )
         coordinator.follow(run_id, on_round)
         assert coordinator.registry is not None
