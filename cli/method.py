@@ -125,15 +125,18 @@ def pack_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="A model.safetensors written by `dress-fleet train`.")],
     out: Annotated[Path, typer.Argument(help="Where to write the packed model.")],
     max_density: Annotated[Optional[float], typer.Option(help="Store only the subnets up to this density.")] = None,
+    half: Annotated[bool, typer.Option("--half", help="Store the weights as float16: about 40% fewer bytes to "
+                                       "send and store; computed in float32 after loading "
+                                       "(benchmarks/results/half.md gives the accuracy change).")] = False,
 ) -> None:
     """Write the packed row-sparse form that devices store, download and execute."""
     try:
         net, _ = load_checkpoint(checkpoint)
         packed = pack_checkpoint(net, max_density)
+        packed.save(out, half)
     except (CheckpointError, ValueError) as e:
         raise fail(str(e)) from None
-    packed.save(out)
-    table = Table(title=f"{out}")
+    table = Table(title=f"{out}: {out.stat().st_size:,} bytes{' (float16)' if half else ''}; held in memory per subnet:")
     for column in ("density", "bytes", "vs dense fp32"):
         table.add_column(column, justify="right")
     dense = 4 * net.subnet_params(net.densities[-1])

@@ -63,7 +63,10 @@ class RowSparse(DensityAware):
         self._init_density(densities)
         rows = self.weight.shape[0]
         cols = self.weight[0].numel()
-        self.register_buffer("order", torch.arange(cols, dtype=torch.int32).repeat(rows, 1))
+        # On the meta device (shapes only: a packed file's check) arange would import torch's symbolic shapes
+        # (seconds on a small device); an empty order has the shape and nothing to rank.
+        self.register_buffer("order", torch.empty(rows, cols, dtype=torch.int32) if self.weight.is_meta
+                             else torch.arange(cols, dtype=torch.int32).repeat(rows, 1))
         self._masks: dict[int, torch.Tensor] = {}
         self.rerank()
 
@@ -84,6 +87,8 @@ class RowSparse(DensityAware):
     @torch.no_grad()
     def rerank(self, importance: Importance = magnitude) -> None:
         """Re-sample the per-row order from the current weights (the paper's row-based re-sampling)."""
+        if self.weight.is_meta:
+            return
         self.order.copy_(row_order(self.weight2d(), importance).to(torch.int32))
         self._masks.clear()
 

@@ -10,6 +10,12 @@ nothing is copied or allocated. Inside a band, indices are sorted ascending for 
 The same file is what is stored on a device, shipped by the coordinator and executed by the kernel:
 safetensors tensors + a JSON header (format, version, architecture, densities); BN statistics per density
 travel as tensors and are folded into the kernel's per-row scale/shift at load time.
+
+Full density at dense cost: when a layer's top band completes every row (k_n = cols, i.e. the model is stored
+up to d=1), the file omits that band's indices — they are the columns the earlier bands miss, ascending, and
+the loader rebuilds them — and that subnet runs as a dense layer (F.conv2d / F.linear on the weight rebuilt
+at load, BN folded in), which is faster than any sparse kernel at 100 % density. A file may also carry its
+float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -33,7 +40,7 @@ from dress_model.models import Architecture, DressModel, create_model
 from dress_model.sparsity import keep_count
 
 FORMAT = "dress-packed"
-VERSION = 1
+VERSION = 2  # 2: a full top band travels without indices; float tensors may be float16
 INT16_MAX_COLS = 32767  # the widest row int16 column indices address; wider layers store int32
 
 
@@ -72,6 +79,13 @@ def pack_rows(weight2d: torch.Tensor, order: torch.Tensor, ks: list[int]) -> tup
     return torch.cat(values).float().contiguous(), torch.cat(indices).to(index_dtype).contiguous()
 
 
+def top_band_indices(head: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The columns of each row that ``head`` ([rows, k] in-range, distinct per row) lacks, ascending: the
+    indices of a top band that completes every row, which a file does not store."""
+    rest = torch.ones(rows, cols, dtype=torch.bool).scatter_(1, head.long(), False)
+    return torch.arange(cols).expand(rows, cols)[rest].reshape(rows, cols - head.shape[1])
+
+
 def unpack_rows(values: torch.Tensor, indices: torch.Tensor, bands: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The [rows, cols] float32 weight the given bands hold, zeros elsewhere: ``pack_rows`` undone."""
     w = torch.zeros(rows, cols, dtype=torch.float32)
@@ -97,6 +111,7 @@ class PackedSparse(DensityAware, nn.Module):
         else:
             self.in_channels = layer.cols
         ks = prefix_lengths(densities, self.cols)
+        self.full_top = ks[-1] == self.cols  # the top band completes every row: no stored indices, run dense
         self.register_buffer("bands", band_table(ks, self.rows))
         n = self.rows * ks[-1]
         self.register_buffer("values", torch.zeros(n, dtype=torch.float32))
@@ -105,11 +120,19 @@ class PackedSparse(DensityAware, nn.Module):
         self._norm: list[DensityBatchNorm] = []  # a list so the BN stays registered where the model put it
         self._views: list[torch.Tensor] = []
         self._epilogue: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        self._dense: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the full top band's dense layer
 
     def entries(self, index: int) -> int:
         """Stored entries the subnet at density index ``index`` reads: rows * k_index."""
         offset, width = self.bands[index].tolist()
         return offset + self.rows * width
+
+    def stored_indices(self) -> int:
+        """Indices a file holds for this layer: all but a full top band's (``top_band_indices``)."""
+        n = len(self.densities)
+        if not self.full_top:
+            return self.entries(n - 1)
+        return self.entries(n - 2) if n > 1 else 0
 
     def fuse(self, norm: DensityBatchNorm) -> None:
         """Fold ``norm`` into this layer's epilogue; the BN module itself then passes its input through."""
@@ -129,9 +152,21 @@ class PackedSparse(DensityAware, nn.Module):
             if self.bias is not None:
                 shift = shift + scale * self.bias
             self._epilogue.append((scale.contiguous(), shift.contiguous()))
+        self._dense = None
+        if self.full_top:  # the top subnet as a dense layer, its BN folded into weight and bias
+            weight = unpack_rows(self.values, self.indices, self.bands, self.rows, self.cols)
+            scale, shift = self._epilogue[-1]
+            if scale is not None:
+                weight, bias = weight * scale[:, None], shift
+            else:
+                bias = self.bias
+            shape = (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
+            self._dense = (weight.reshape(shape).contiguous(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         i = self.active_index
+        if self._dense is not None and i == len(self._epilogue) - 1:
+            return self._forward_dense(x)
         scale, shift = self._epilogue[i]
         bias = self.bias if scale is None else None
         x = x.contiguous()
@@ -146,6 +181,16 @@ class PackedSparse(DensityAware, nn.Module):
             x, self.values, self.indices, self._views[i], self.rows, bias=bias, scale=scale, shift=shift,
             in_features=self.cols,
         )
+
+    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._dense  # type: ignore[misc]
+        width = self.in_channels
+        if x.dim() < 2 or x.shape[1 if self.is_conv else -1] != width:  # the packed path's error, not torch's
+            raise ValueError(f"input must have {width} {'channels' if self.is_conv else 'features'}, "
+                             f"got shape {list(x.shape)}")
+        if self.is_conv:
+            return F.conv2d(x, weight, bias, self.stride, self.padding)
+        return F.linear(x, weight, bias)
 
 
 def _fusable(model: DressModel) -> Iterator[tuple[str, str]]:
@@ -218,6 +263,8 @@ class PackedModel(nn.Module):
             if isinstance(module, PackedSparse):
                 if field in ("values", "indices"):
                     total += module.entries(index) * t.element_size()
+                    if field == "values" and module.full_top and index == n - 1:  # and its dense layer
+                        total += t.numel() * t.element_size()
                 elif field != "bands":  # the band table is derived from the header, never stored
                     total += t.numel() * t.element_size()
             elif isinstance(module, DensityBatchNorm) and t.dim() >= 1 and t.shape[0] == n:
@@ -255,9 +302,9 @@ class PackedModel(nn.Module):
         packed._finalize()
         return packed
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, half: bool = False) -> Path:
         path = Path(path)
-        data = self.to_bytes()
+        data = self.to_bytes(half)
         atomic_write(path, lambda tmp: tmp.write_bytes(data))
         return path
 
@@ -283,10 +330,16 @@ class PackedModel(nn.Module):
         except (SafetensorError, ValueError, KeyError, TypeError) as e:
             raise PackedFormatError(f"{source}: invalid packed model: {e}") from None
         for key, tensor in tensors.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise PackedFormatError(f"{source}: {key} holds non-finite values (NaN or infinity)")
+            if tensor.is_floating_point():
+                if tensor.dtype not in (torch.float32, torch.float16):
+                    raise PackedFormatError(f"{source}: {key} is {tensor.dtype}; floats travel as float32 or float16")
+                tensors[key] = tensor = tensor.float()  # computed in float32 whatever it travelled as
+                if not bool(torch.isfinite(tensor).all()):
+                    raise PackedFormatError(f"{source}: {key} holds non-finite values (NaN or infinity)")
         for name, layer in packed.packed_layers():
             tensors[f"{name}.bands"] = layer.bands
+            if layer.full_top:
+                tensors[f"{name}.indices"] = _with_top_band(source, name, layer, tensors[f"{name}.indices"])
             _check_layer(source, name, layer, tensors)
         try:
             packed.net.load_state_dict(tensors, strict=True)
@@ -295,9 +348,19 @@ class PackedModel(nn.Module):
         packed._finalize()
         return packed
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, half: bool = False) -> bytes:
+        """The file: every tensor but the band tables and a full top band's indices; ``half``: floats as
+        float16 (ValueError for a value float16 cannot hold)."""
         header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
         tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
+        for name, layer in self.packed_layers():
+            tensors[f"{name}.indices"] = layer.indices[: layer.stored_indices()].contiguous()
+        if half:
+            for key, t in tensors.items():
+                if t.is_floating_point():
+                    if t.numel() and float(t.abs().max()) > torch.finfo(torch.float16).max:
+                        raise ValueError(f"{key} holds values beyond float16's range; store this model in float32")
+                    tensors[key] = t.half()
         return save_tensors(tensors, metadata={"dress": json.dumps(header)})
 
     @torch.no_grad()
@@ -311,8 +374,7 @@ class PackedModel(nn.Module):
             stored = layer.indices.long()[: layer.values.numel()]
             per_row = [stored[o : o + rows * w].reshape(rows, w) for o, w in layer.bands.tolist()]
             head = torch.cat(per_row, dim=1) if per_row else torch.empty(rows, 0, dtype=torch.long)
-            rest = torch.ones(rows, cols, dtype=torch.bool).scatter_(1, head, False)
-            tail = torch.arange(cols).expand(rows, cols)[rest].reshape(rows, cols - head.shape[1])
+            tail = top_band_indices(head, rows, cols)
             target: RowSparse = model.get_submodule(name)  # type: ignore[assignment]
             for key in ("values", "indices", "bands"):
                 del state[f"{name}.{key}"]
@@ -332,7 +394,10 @@ def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None
     want = {key: tuple(t.shape) for key, t in net.state_dict().items()}
     for name, layer in net.sparse_layers():
         del want[f"{name}.weight"], want[f"{name}.order"]
-        want[f"{name}.values"] = want[f"{name}.indices"] = (layer.rows * keep_count(arch.densities[-1], layer.cols),)
+        ks = prefix_lengths(arch.densities, layer.cols)
+        want[f"{name}.values"] = (layer.rows * ks[-1],)
+        below_full_top = ks[-2] if len(ks) > 1 else 0  # a full top band's indices are not stored
+        want[f"{name}.indices"] = (layer.rows * (below_full_top if ks[-1] == layer.cols else ks[-1]),)
     try:
         n = int.from_bytes(data[:8], "little")
         table = json.loads(data[8 : 8 + n])
@@ -347,6 +412,23 @@ def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None
         if have[key] != shape:
             raise PackedFormatError(f"{source}: {key} has shape {list(have[key])}, the declared architecture "
                                     f"needs {list(shape)}")
+
+
+def _with_top_band(source: str, name: str, layer: PackedSparse, head: torch.Tensor) -> torch.Tensor:
+    """A full-top layer's stored indices (its lower bands) checked, then completed by the top band's."""
+    if head.dtype not in (torch.int16, torch.int32) or head.dim() != 1:
+        raise PackedFormatError(f"{source}: {name}.indices must be 1-D int16/int32, got {head.dtype} {list(head.shape)}")
+    lower = layer.bands[:-1]
+    try:
+        kernels.validate_indices(head, lower, layer.rows, layer.cols)
+    except ValueError as e:
+        raise PackedFormatError(f"{source}: {name}: {e}") from None
+    per_row = [head[o : o + layer.rows * w].reshape(layer.rows, w) for o, w in lower.tolist()]
+    known = torch.cat(per_row, dim=1) if per_row else head.new_zeros(layer.rows, 0)
+    if known.numel() and (known.long().sort(dim=1).values.diff(dim=1) == 0).any():
+        raise PackedFormatError(f"{source}: {name} repeats a column within a row (each weight must appear once)")
+    top = top_band_indices(known, layer.rows, layer.cols).to(head.dtype).reshape(-1)
+    return torch.cat([head, top])
 
 
 def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str, torch.Tensor]) -> None:

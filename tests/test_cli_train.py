@@ -25,6 +25,12 @@ def test_train_then_evaluate(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     for r in metrics["densities"]:
         assert f"{r['accuracy']:.2f}" in result.output  # evaluate reproduces the training-time numbers
+    for flags, name in (([], "m.packed"), (["--half"], "m16.packed")):
+        result = runner.invoke(app, ["pack", str(out / "model.safetensors"), str(out / name), *flags])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(app, ["infer", str(out / name), "--density", "0.25", "--batch", "4"])
+        assert result.exit_code == 0 and "density 0.25" in result.output, result.output
+    assert (out / "m16.packed").stat().st_size < 0.7 * (out / "m.packed").stat().st_size
 
 
 @pytest.mark.parametrize(

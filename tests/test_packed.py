@@ -92,6 +92,49 @@ def test_to_dress_round_trip_keeps_every_subnet() -> None:
             torch.testing.assert_close(rebuilt(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_a_full_top_band_travels_without_indices_and_runs_dense() -> None:
+    """Stored up to d=1, each layer's file holds indices only for the bands below the top (the top band's are
+    the columns they miss); the loaded model has every index back, and d=1 runs as a dense layer."""
+    model = trained_like("cnn", 1, 28)
+    packed = pack_checkpoint(model)
+    tensors = load_tensors(packed.to_bytes())
+    loaded = PackedModel.from_bytes(packed.to_bytes())
+    for (name, layer), (_, back) in zip(packed.packed_layers(), loaded.packed_layers()):
+        assert layer.full_top and tensors[f"{name}.indices"].numel() == layer.entries(len(layer.densities) - 2)
+        assert torch.equal(back.indices, layer.indices) and torch.equal(back.values, layer.values)
+        assert back._dense is not None
+    partial = pack_checkpoint(model, max_density=0.5)
+    for name, layer in partial.packed_layers():
+        assert not layer.full_top and load_tensors(partial.to_bytes())[f"{name}.indices"].numel() == layer.indices.numel()
+    x = torch.randn(3, 1, 28, 28)
+    model.set_density(1.0)
+    loaded.set_density(1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-4)
+    _, conv = next((n, m) for n, m in loaded.packed_layers() if m.is_conv)
+    with pytest.raises(ValueError, match="channels"):  # the dense path checks its input as the kernel does
+        conv(torch.randn(1, conv.in_channels + 1, 8, 8))
+
+
+def test_half_precision_files_are_smaller_and_computed_in_float32() -> None:
+    model = trained_like("resnet8", 3, 32)
+    packed = pack_checkpoint(model)
+    full, half = packed.to_bytes(), packed.to_bytes(half=True)
+    assert len(half) < 0.7 * len(full)
+    loaded = PackedModel.from_bytes(half)
+    assert all(t.dtype == torch.float32 for t in loaded.net.state_dict().values() if t.is_floating_point())
+    x = torch.randn(2, 3, 32, 32)
+    for d in model.densities:
+        packed.set_density(d)
+        loaded.set_density(d)
+        reference = packed(x)
+        assert (loaded(x) - reference).abs().max() <= 1e-2 * reference.abs().max()
+    name, layer = next(packed.packed_layers())
+    layer.values[0] = 1e6
+    with pytest.raises(ValueError, match=f"{name}.values holds values beyond float16"):
+        packed.to_bytes(half=True)
+
+
 def _tamper(data: bytes, edit) -> bytes:
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + n])["__metadata__"]
@@ -113,6 +156,10 @@ BAD = {
     "duplicate column": (
         lambda t, h: t[_first_key(t, ".indices")].__setitem__(1, t[_first_key(t, ".indices")][0]),
         "repeats a column",
+    ),
+    "top band's indices stored": (
+        lambda t, h: t.__setitem__(_first_key(t, ".indices"), torch.cat([t[_first_key(t, ".indices")]] * 2)),
+        "has shape",
     ),
     "wrong dtype": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")].double()), "float32"),
     "short values": (lambda t, h: t.__setitem__(_first_key(t, ".values"), t[_first_key(t, ".values")][:-1].clone()), "has shape"),
