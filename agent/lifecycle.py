@@ -75,6 +75,7 @@ class AgentConfig:
     token: str | None = None  # one-time enrollment token; None: the credential stored under state_dir
     predict_cert: Path | None = None  # the Predict listener's certificate and key (with ``ca``): mutual TLS
     predict_key: Path | None = None
+    fetch_float16: bool = False  # download models as float16 (fewer bytes; computed in float32)
 
 
 def heartbeat_interval(wanted: float | None, asked: float) -> float:
@@ -183,7 +184,8 @@ class Agent:
                      c.state_dir)
         self.served = served = ServedModel(packed, registration.density, latency=LatencyModel(
             {p.density: p.latency_ms for p in self.calibration}))  # per image: calibration times one image
-        updater = ModelUpdater(served, stub, registration.device_id, fetch_density=max(packed.densities))
+        updater = ModelUpdater(served, stub, registration.device_id, fetch_density=max(packed.densities),
+                               half=c.fetch_float16)
         if registration.model_version:
             try:
                 updater(registration.model_version)

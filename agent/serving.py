@@ -187,13 +187,16 @@ class FetchedModel:
 
 
 def fetch_model(
-    stub: pb_grpc.ControlPlaneStub, device_id: int, density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S
+    stub: pb_grpc.ControlPlaneStub, device_id: int, density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S,
+    half: bool = False,
 ) -> FetchedModel:
-    """Download the packed model at `density` over FetchModel, checking order, size and sha256 before use."""
+    """Download the packed model at `density` over FetchModel, checking order, size and sha256 before use;
+    ``half``: as float16 (fewer bytes, computed in float32)."""
     data = bytearray()
     first: pb.ModelChunk | None = None
     try:
-        for chunk in stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=density), timeout=timeout):
+        for chunk in stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=density, float16=half),
+                                    timeout=timeout):
             if first is None:
                 first = chunk
                 if chunk.total_size > MAX_MODEL_BYTES:
@@ -229,14 +232,14 @@ class ModelUpdater:
     """
 
     def __init__(self, served: ServedModel, stub: pb_grpc.ControlPlaneStub, device_id: int,
-                 fetch_density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S) -> None:
+                 fetch_density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False) -> None:
         self.served, self.stub, self.device_id = served, stub, device_id
-        self.fetch_density, self.timeout = fetch_density, timeout
+        self.fetch_density, self.timeout, self.half = fetch_density, timeout, half
 
     def __call__(self, version: str) -> None:
         if version == self.served.version:
             return
-        fetched = fetch_model(self.stub, self.device_id, self.fetch_density, self.timeout)
+        fetched = fetch_model(self.stub, self.device_id, self.fetch_density, self.timeout, self.half)
         self.served.swap(fetched.packed, fetched.version)
         log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
                  ", ".join(f"{d:g}" for d in fetched.packed.densities))

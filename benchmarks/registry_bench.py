@@ -136,7 +136,7 @@ def _agents_process(address: str, tokens: list[str], seconds: float, max_heartbe
 # -- server side (this process) -------------------------------------------------------------------------
 
 
-def _no_model(density: float) -> bytes:
+def _no_model(density: float, half: bool) -> bytes:
     raise LookupError("the benchmark serves no model")
 
 

@@ -155,7 +155,7 @@ def _requests(rng: random.Random) -> list[tuple[str, bytes]]:
 def _control_plane(registry: Registry, payload: bytes) -> tuple[grpc.Server, str]:
     port = pick_port()
     server = serve(registry, "127.0.0.1", port, pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0],
-                   width=4, dataset="fashion-mnist"), lambda density: payload, max_workers=4)
+                   width=4, dataset="fashion-mnist"), lambda density, half: payload, max_workers=4)
     return server, f"127.0.0.1:{port}"
 
 

@@ -114,6 +114,9 @@ def join_cmd(
     ca: Annotated[Optional[Path], typer.Option(help="The fleet's CA certificate (ca.pem): TLS to the coordinator and the SuperLink, required unless both are on loopback.")] = None,
     predict_cert: Annotated[Optional[Path], typer.Option(help="Certificate of the Predict listener (`dress-fleet certs issue NAME --host HOST`): with --predict-key and --ca, Predict and Status serve TLS and answer only callers with a client certificate of the fleet; required unless --serve-host is loopback.")] = None,
     predict_key: Annotated[Optional[Path], typer.Option(help="The Predict certificate's private key.")] = None,
+    fetch_float16: Annotated[bool, typer.Option("--fetch-float16", help="Download each published model with its "
+                             "weights as float16: about 40% fewer bytes, computed in float32 (accuracy change in "
+                             "benchmarks/results/half.md).")] = False,
 ) -> None:
     """Join the fleet: learn its model, calibrate, register, train through a Flower SuperNode, serve Predict."""
     try:
@@ -141,7 +144,7 @@ def join_cmd(
         state_dir=state_dir or Path("state") / f"agent-{name or device}", token=token, serve_host=serve_host, serve_port=serve_port,
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
         calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout, ca=ca,
-        predict_cert=predict_cert, predict_key=predict_key))
+        predict_cert=predict_cert, predict_key=predict_key, fetch_float16=fetch_float16))
     with shutdown_requested() as stop:
         try:
             agent.start()

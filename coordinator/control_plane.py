@@ -40,7 +40,7 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC clients' default 4 MiB rece
 CREDENTIAL_CACHE_S = 30.0
 
 # Packed model bytes for a density; raises LookupError when there is no model at that density.
-ModelProvider = Callable[[float], bytes]
+ModelProvider = Callable[[float, bool], bytes]  # (density, float16) -> packed file
 
 
 @contextlib.contextmanager
@@ -201,7 +201,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many model downloads in progress; retry later")
         try:
             try:
-                payload = self._model_provider(request.density)
+                payload = self._model_provider(request.density, request.float16)
             except LookupError as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no packed model at density {request.density:g}: {e}")
             digest = hashlib.sha256(payload).hexdigest()

@@ -16,20 +16,20 @@ from dress_model.packed import pack_checkpoint
 
 
 class ModelStore:
-    """A ``ModelProvider`` for ``coordinator.control_plane.serve``: density -> packed bytes."""
+    """A ``ModelProvider`` for ``coordinator.control_plane.serve``: (density, float16) -> packed bytes."""
 
     def __init__(self, registry: Registry, initial: DressModel) -> None:
         self.registry = registry
         self.initial = initial  # served until the first round publishes a version
         self._lock = threading.Lock()
 
-    def __call__(self, density: float) -> bytes:
+    def __call__(self, density: float, half: bool = False) -> bytes:
         version = self.registry.current_model_version() or ""
         with self._lock:
-            return self._packed(version, density)
+            return self._packed(version, density, half)
 
     @functools.lru_cache(maxsize=8)
-    def _packed(self, version: str, density: float) -> bytes:
+    def _packed(self, version: str, density: float, half: bool) -> bytes:
         model = self.initial
         if version:
             path = self.registry.model_checkpoint(version)
@@ -38,4 +38,4 @@ class ModelStore:
             model, _ = load_checkpoint(path)
         if not any(abs(d - density) < 1e-9 for d in model.densities):
             raise LookupError(f"no subnet at density {density:g}; the model has {list(model.densities)}")
-        return pack_checkpoint(model, max_density=density).to_bytes()
+        return pack_checkpoint(model, max_density=density).to_bytes(half)

@@ -74,10 +74,10 @@ class Coordinator:
         self.model: PackedModel | None = None
         self.server: grpc.Server | None = None
 
-    def provide(self, density: float) -> bytes:
+    def provide(self, density: float, half: bool = False) -> bytes:
         if self.model is None:
             raise LookupError("nothing published")
-        return PackedModel.from_dress(self.model.to_dress().eval(), max_density=density).to_bytes()
+        return PackedModel.from_dress(self.model.to_dress().eval(), max_density=density).to_bytes(half)
 
     def publish(self, version: str, model: PackedModel) -> None:
         self.model = model  # before the registry announces it, so a fetch never sees the version without it
@@ -87,7 +87,7 @@ class Coordinator:
         # looked up per request, so a test can swap in another provider
         self.server = control_plane.serve(self.registry, "127.0.0.1", self.port,
                                           architecture("cnn", DENSITIES, "fashion-mnist", 8),
-                                          lambda d: self.provide(d), max_workers=4)
+                                          lambda d, half: self.provide(d, half), max_workers=4)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -242,6 +242,22 @@ def test_fetch_at_a_lower_density_stores_only_the_subnets_up_to_it(
     assert fetched.nbytes == len(coordinator.provide(0.25))
 
 
+def test_a_float16_download_is_smaller_and_serves_in_float32(
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
+) -> None:
+    coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
+    full, half = fetch_model(stub, device_id, 1.0), fetch_model(stub, device_id, 1.0, half=True)
+    assert half.nbytes < 0.7 * full.nbytes
+    assert all(t.dtype == torch.float32 for t in half.packed.net.state_dict().values() if t.is_floating_point())
+    x = torch.randn(2, 1, 28, 28)
+    for d in full.packed.densities:
+        full.packed.set_density(d)
+        half.packed.set_density(d)
+        torch.testing.assert_close(half.packed(x), full.packed(x), rtol=0.02, atol=0.02)
+    ModelUpdater(served, stub, device_id, fetch_density=1.0, half=True)("v1")
+    assert served.version == "v1"
+
+
 def test_failed_fetches_leave_the_served_model_alone(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
@@ -251,7 +267,7 @@ def test_failed_fetches_leave_the_served_model_alone(
         updater("v1")
     with pytest.raises(ModelFetchError, match="INVALID_ARGUMENT: device .* is not calibrated at density 0.3"):
         fetch_model(stub, device_id, 0.3)
-    coordinator.provide = lambda density: b"not a model"  # type: ignore[method-assign]
+    coordinator.provide = lambda density, half: b"not a model"  # type: ignore[method-assign]
     with pytest.raises(ModelFetchError, match="is not a packed DRESS model"):
         updater("v1")
     assert served.packed is before and served.version == ""

@@ -47,7 +47,7 @@ def registry(sqlite_url: str) -> Iterator[Registry]:
 
 @pytest.fixture
 def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grpc.Channel]:
-    def provider(density: float) -> bytes:
+    def provider(density: float, half: bool) -> bytes:
         path = model_dir / f"model-{density:g}.bin"
         if not path.exists():
             raise LookupError(f"{path.name} not packed yet")
@@ -250,7 +250,7 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
     """With one download slot, a second FetchModel is refused while the first streams, then works."""
     entered, release = threading.Event(), threading.Event()
 
-    def slow_provider(density: float) -> bytes:
+    def slow_provider(density: float, half: bool) -> bytes:
         entered.set()
         release.wait(timeout=10)
         return b"weights" * 1000

@@ -113,12 +113,14 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, density: _Optional[float] = ..., model_version: _Optional[str] = ..., changed: _Optional[bool] = ..., heartbeat_s: _Optional[float] = ...) -> None: ...
 
 class FetchModelRequest(_message.Message):
-    __slots__ = ("device_id", "density")
+    __slots__ = ("device_id", "density", "float16")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     DENSITY_FIELD_NUMBER: _ClassVar[int]
+    FLOAT16_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     density: float
-    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ...) -> None: ...
+    float16: bool
+    def __init__(self, device_id: _Optional[int] = ..., density: _Optional[float] = ..., float16: _Optional[bool] = ...) -> None: ...
 
 class ModelChunk(_message.Message):
     __slots__ = ("data", "offset", "total_size", "sha256", "model_version", "density")
