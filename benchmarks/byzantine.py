@@ -2,8 +2,8 @@
 
 Each run goes through `dress-fleet simulate`'s code (``simulations.run``). The attacked runs submit an app built
 on this one whose ClientApp (benchmarks/byzantine_client.py) lies on ``fraction`` of the devices, chosen by seed:
-it trains honestly, then replies ``sent - scale * update``, at a norm the server's outlier check lets through
-(scale < 3). The clean run has no liars and the fleet's default aggregation (the examples-weighted mean).
+it trains honestly, then replies ``sent - scale * update`` (scale 2.5 by default: no reply of it was rejected by
+the server's norm check, coordinator.validation.NORM_FACTOR times the round's median). The clean run has no liars and the fleet's default aggregation (the examples-weighted mean).
 Accuracy per tier is the mean of the last ``last`` rounds, then the mean over seeds.
 
     python benchmarks/reliability.py --only byzantine      # writes the "byzantine" key of reliability.json

@@ -2,7 +2,7 @@
 
 A liar trains honestly, then replies the reverse of its update scaled by ``scale`` (``sent - scale * (trained -
 sent)`` on every learned tensor): the strongest direction a device can push the model in, at a norm the server's
-outlier check (3x the round's median) lets through when ``scale`` is below 3. Its metrics are the honest ones.
+outlier check (coordinator.validation.NORM_FACTOR x the round's median) lets through. Its metrics are honest.
 Which devices lie and how is read from ``byzantine.json`` beside this file (the benchmark writes both into the
 app it submits).
 """
