@@ -48,35 +48,46 @@ def _last_mean(per_round: list[dict[str, Any]], last: int) -> dict[str, float]:
     return {f"{float(t):g}": round(statistics.fmean(r["accuracy"][t] for r in tail), 2) for t in tiers}
 
 
+RUNS = ("clean", "clean-robust", "attacked", "attacked-robust")
+"""clean: no liars, the mean; clean-robust: no liars, the robust rule (what the defence costs by itself);
+attacked: liars, the mean (no defence); attacked-robust: liars, the robust rule."""
+
+
 def run_byzantine(fraction: float = 0.1, scale: float = 2.5, robust: str = "trimmed-mean:0.2",
                   seeds: tuple[int, ...] = (0, 1), devices: int = 100, rounds: int = 30, last: int = 10,
-                  partition: str = "iid", run_dir: Path = Path("runs/byzantine")) -> dict[str, Any]:
-    """Per seed: the clean run (mean), then the attacked runs with the mean (no defence) and with ``robust``.
-    ``accuracy`` is the attacked run with ``robust``; ``clean_accuracy`` the clean run; both per tier."""
+                  partition: str = "iid", run_dir: Path = Path("runs/byzantine"), runs: tuple[str, ...] = RUNS,
+                  kept: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Per seed, each of ``runs`` (``RUNS``); ``kept``: runs measured before, kept unless run again.
+    ``accuracy`` is attacked-robust, ``clean_accuracy`` clean, per tier."""
+    if unknown := sorted(set(runs) - set(RUNS)):
+        raise ValueError(f"unknown Byzantine run(s) {unknown}; expected some of {', '.join(RUNS)}")
     liars = round(fraction * devices)
-    runs: list[dict[str, Any]] = []
+    measured = [r for r in kept or [] if (r["run"], r["seed"]) not in {(n, s) for n in runs for s in seeds}]
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             app = app_with_liars(Path(tmp) / f"app-{seed}", devices, liars, scale, seed)
-            for name, aggregation, attacked in (("clean", "mean", False), ("attacked", "mean", True),
-                                                ("attacked", robust, True)):
+            for name in runs:
+                aggregation = robust if name.endswith("robust") else "mean"
                 run = RunSettings.defaults(num_rounds=rounds, partition=partition, seed=seed, max_examples=300,
                                            eval_examples=5000, aggregation=aggregation)
-                label = f"{name}-{aggregation.replace(':', '')}-{seed}"
-                settings = SimulationSettings(run, devices=devices, run_dir=run_dir / label)
-                print(f"== byzantine: {label}", flush=True)
-                metrics = (run_simulation(settings, app_dir=app) if attacked else run_simulation(settings))
+                settings = SimulationSettings(run, devices=devices, run_dir=run_dir / f"{name}-{seed}")
+                print(f"== byzantine: {name} ({aggregation}), seed {seed}", flush=True)
+                metrics = (run_simulation(settings, app_dir=app) if name.startswith("attacked")
+                           else run_simulation(settings))
                 rejected = sum(len(r.get("rejected", {})) for r in metrics["per_round"])
-                runs.append({"run": name, "aggregation": aggregation, "seed": seed, "rounds": len(metrics["per_round"]),
-                             "accuracy": _last_mean(metrics["per_round"], last), "rejected_replies": rejected,
-                             "wall_s": round(metrics["wall_s"], 1)})
+                measured.append({"run": name, "aggregation": aggregation, "seed": seed,
+                                 "rounds": len(metrics["per_round"]), "accuracy": _last_mean(metrics["per_round"], last),
+                                 "rejected_replies": rejected, "wall_s": round(metrics["wall_s"], 1)})
 
-    def mean_of(name: str, aggregation: str) -> dict[str, float]:
-        chosen = [r["accuracy"] for r in runs if r["run"] == name and r["aggregation"] == aggregation]
-        return {t: round(statistics.fmean(a[t] for a in chosen), 2) for t in chosen[0]}
+    def mean_of(name: str) -> dict[str, float] | None:
+        chosen = [r["accuracy"] for r in measured if r["run"] == name]
+        return {t: round(statistics.fmean(a[t] for a in chosen), 2) for t in chosen[0]} if chosen else None
 
-    clean, defended, undefended = mean_of("clean", "mean"), mean_of("attacked", robust), mean_of("attacked", "mean")
+    clean, defended = mean_of("clean"), mean_of("attacked-robust")
     return {"fraction": fraction, "liars": liars, "devices": devices, "attack": f"sign flip x{scale:g}",
-            "aggregation": robust, "partition": partition, "rounds": rounds, "last": last, "seeds": list(seeds),
-            "accuracy": defended, "clean_accuracy": clean, "undefended_accuracy": undefended,
-            "worst_gap": round(max(clean[t] - defended[t] for t in clean), 2), "runs": runs}
+            "aggregation": f"{robust}, each update clipped to its level's median norm", "partition": partition,
+            "rounds": rounds, "last": last, "seeds": sorted({r["seed"] for r in measured}),
+            "accuracy": defended, "clean_accuracy": clean, "undefended_accuracy": mean_of("attacked"),
+            "clean_robust_accuracy": mean_of("clean-robust"),
+            "worst_gap": round(max(clean[t] - defended[t] for t in clean), 2) if clean and defended else None,
+            "runs": measured}

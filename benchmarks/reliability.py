@@ -36,6 +36,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common import command, machine, markdown_table, write_json
+from byzantine import RUNS as BYZANTINE_RUNS
 from byzantine import run_byzantine
 from faults import run_faults
 from agent.serving import AgentIdentity, ServedModel
@@ -463,13 +464,15 @@ def report(result: dict[str, Any]) -> str:
     if "byzantine" in result:
         b = result["byzantine"]
         tiers = list(b["clean_accuracy"])
-        runs = [{"run": run, **{f"d={t}": accuracy[t] for t in tiers}} for run, accuracy in (
-            ("clean, mean", b["clean_accuracy"]), (f"{b['liars']} liars, mean (no defence)", b["undefended_accuracy"]),
-            (f"{b['liars']} liars, {b['aggregation']}", b["accuracy"]))]
+        named = (("clean, mean", b["clean_accuracy"]), (f"clean, {b['aggregation']}", b.get("clean_robust_accuracy")),
+                 (f"{b['liars']} liars, mean (no defence)", b["undefended_accuracy"]),
+                 (f"{b['liars']} liars, {b['aggregation']}", b["accuracy"]))
+        runs = [{"run": run, **{f"d={t}": accuracy[t] for t in tiers}} for run, accuracy in named if accuracy]
+        gap = "—" if b["worst_gap"] is None else f"{b['worst_gap']:.2f} pt"
         text += (f"\n## Byzantine devices\n\n{b['liars']} of {b['devices']} devices ({b['fraction']:.0%}) reply "
                  f"{b['attack']} of their honest update; {b['partition']}, {b['rounds']} rounds, accuracy per tier = "
                  f"mean of the last {b['last']} rounds, mean over seeds {', '.join(map(str, b['seeds']))}. Worst "
-                 f"tier's gap to the clean run with {b['aggregation']}: {b['worst_gap']:.2f} pt.\n\n"
+                 f"tier's gap between the clean run (mean) and the attacked one with {b['aggregation']}: {gap}.\n\n"
                  + markdown_table(runs, ["run", *(f"d={t}" for t in tiers)]))
     return text
 
@@ -488,6 +491,8 @@ def main() -> None:
     p.add_argument("--byzantine", type=int, default=30, help="rounds of each run with and without Byzantine devices "
                    "(benchmarks/byzantine.py: 100 devices, three runs of this many rounds per seed); 0 = skip")
     p.add_argument("--byzantine-seeds", default="0,1")
+    p.add_argument("--byzantine-runs", default=",".join(BYZANTINE_RUNS),
+                   help="which runs per seed (benchmarks/byzantine.py RUNS); the others are kept from --out")
     p.add_argument("--only", default=",".join(PARTS),
                    help=f"comma-separated parts to measure, from {', '.join(PARTS)}; the others are kept from --out")
     p.add_argument("--seed", type=int, default=0)
@@ -501,8 +506,10 @@ def main() -> None:
         "strangers": lambda: strangers(args.strangers, args.seed),
         "faults": lambda: run_faults(args.faults, seed=args.seed) if args.faults else None,
         "fuzz": lambda: {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)},
-        "byzantine": lambda: run_byzantine(seeds=tuple(int(s) for s in args.byzantine_seeds.split(",")),
-                                           rounds=args.byzantine) if args.byzantine else None,
+        "byzantine": lambda: run_byzantine(
+            seeds=tuple(int(s) for s in args.byzantine_seeds.split(",")), rounds=args.byzantine,
+            runs=tuple(r.strip() for r in args.byzantine_runs.split(",") if r.strip()),
+            kept=kept.get("byzantine", {}).get("runs")) if args.byzantine else None,
     }
     kept = json.loads(args.out.read_text()) if set(only) != set(PARTS) and args.out.is_file() else {}
     result = {"command": " && ".join(dict.fromkeys([*filter(None, kept.get("command", "").split(" && ")), command()])),
