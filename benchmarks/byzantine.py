@@ -85,7 +85,7 @@ def run_byzantine(fraction: float = 0.1, scale: float = 2.5, robust: str = "trim
 
     clean, defended = mean_of("clean"), mean_of("attacked-robust")
     return {"fraction": fraction, "liars": liars, "devices": devices, "attack": f"sign flip x{scale:g}",
-            "aggregation": f"{robust}, each update clipped to its level's median norm", "partition": partition,
+            "aggregation": robust, "partition": partition,
             "rounds": rounds, "last": last, "seeds": sorted({r["seed"] for r in measured}),
             "accuracy": defended, "clean_accuracy": clean, "undefended_accuracy": mean_of("attacked"),
             "clean_robust_accuracy": mean_of("clean-robust"),

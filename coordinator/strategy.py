@@ -31,7 +31,7 @@ from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
-from coordinator.validation import Expected, RejectedUpdate, all_finite, check_reply, clip_to_level_median, norm_outliers
+from coordinator.validation import Expected, RejectedUpdate, all_finite, check_reply, norm_outliers
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
 from dress_model.training import recalibrate_bn
@@ -221,9 +221,6 @@ class DressStrategy(Strategy):
         for node, reason in norm_outliers(norms).items():
             self._reject(server_round, node, reason)
             accepted.pop(node, None)
-        if self.aggregation.name != "mean":  # robust: no update counts for more than a typical one of its level
-            clip_to_level_median({n: (norms[n], self.sent[n].expected.tensors, u.tensors) for n, (u, _, _) in accepted.items()},
-                                 {n: self.sent[n].level for n in accepted})
         updates = []
         for node, (update, nbytes, compute_s) in accepted.items():
             sent = self.sent[node]

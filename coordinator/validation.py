@@ -4,8 +4,7 @@ A reply holds the tensors the device trained and how many examples it trained on
 exactly the tensors it was sent, with the same shapes and dtypes, every value finite, an example count between
 1 and what the server allows a device per round, and an update (reply − sent) not far larger than the round's
 typical one. A reply that fails is dropped with its reason (recorded with the round); no reply can raise out of
-the aggregation and end the ServerApp. Under robust aggregation an update larger than its level's median is
-also scaled down to it (``clip_to_level_median``) before the median or trimmed mean.
+the aggregation and end the ServerApp.
 """
 
 from __future__ import annotations
@@ -69,29 +68,3 @@ def norm_outliers(norms: Mapping[int, float], factor: float = NORM_FACTOR) -> di
     limit = factor * median
     return {key: f"update norm {norm:.3g} over {factor:g}× the round's median {median:.3g}"
             for key, norm in norms.items() if median > 0 and norm > limit}
-
-
-def clip_to_level_median(updates: Mapping[int, tuple[float, Mapping[str, torch.Tensor], dict[str, torch.Tensor]]],
-                         levels: Mapping[int, float]) -> dict[int, float]:
-    """Scale every update (reply − sent) whose norm is above the median of the round's updates at the same level
-    down to that median, in place in each reply; returns the factor applied per key (1 = untouched).
-
-    ``updates``: key -> (update norm, sent tensors, reply tensors). A liar's update is then no larger than a
-    typical honest one of its level, whatever it claims; the levels are compared apart because a device training
-    more weights has a larger honest update. A level with fewer than 3 replies has no median worth trusting and
-    is left alone."""
-    factors: dict[int, float] = {}
-    for level in set(levels.values()):
-        keys = [k for k in updates if levels[k] == level]
-        if len(keys) < MIN_FOR_MEDIAN:
-            continue
-        median = statistics.median(updates[k][0] for k in keys)
-        for k in keys:
-            norm, sent, reply = updates[k]
-            if norm <= median or norm == 0:
-                continue
-            factors[k] = median / norm
-            for key, value in reply.items():
-                if value.is_floating_point():
-                    reply[key] = (sent[key].double() + factors[k] * (value.double() - sent[key].double())).to(value.dtype)
-    return factors
