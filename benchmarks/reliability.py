@@ -489,7 +489,7 @@ def main() -> None:
     p.add_argument("--faults", type=int, default=20, help="kill -9 of agents and the coordinator during rounds "
                    "(benchmarks/faults.py); 0 = skip")
     p.add_argument("--byzantine", type=int, default=30, help="rounds of each run with and without Byzantine devices "
-                   "(benchmarks/byzantine.py: 100 devices, three runs of this many rounds per seed); 0 = skip")
+                   "(benchmarks/byzantine.py: 100 devices, each of --byzantine-runs per seed); 0 = skip")
     p.add_argument("--byzantine-seeds", default="0,1")
     p.add_argument("--byzantine-runs", default=",".join(BYZANTINE_RUNS),
                    help="which runs per seed (benchmarks/byzantine.py RUNS); the others are kept from --out")
@@ -501,17 +501,22 @@ def main() -> None:
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     if unknown := sorted(set(only) - set(PARTS)):
         raise SystemExit(f"--only: unknown part(s) {unknown}; expected some of {', '.join(PARTS)}")
+    byzantine_runs = tuple(r.strip() for r in args.byzantine_runs.split(",") if r.strip())
+    if unknown := sorted(set(byzantine_runs) - set(BYZANTINE_RUNS)):
+        raise SystemExit(f"--byzantine-runs: unknown run(s) {unknown}; expected some of {', '.join(BYZANTINE_RUNS)}")
+    try:
+        byzantine_seeds = tuple(int(s) for s in args.byzantine_seeds.split(","))
+    except ValueError:
+        raise SystemExit(f"--byzantine-seeds: comma-separated integers expected, got {args.byzantine_seeds!r}") from None
+    kept = json.loads(args.out.read_text()) if set(only) != set(PARTS) and args.out.is_file() else {}
     measure: dict[str, Callable[[], Any]] = {
         "poisoned": lambda: poisoned(args.poisoned, args.seed),
         "strangers": lambda: strangers(args.strangers, args.seed),
         "faults": lambda: run_faults(args.faults, seed=args.seed) if args.faults else None,
         "fuzz": lambda: {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)},
-        "byzantine": lambda: run_byzantine(
-            seeds=tuple(int(s) for s in args.byzantine_seeds.split(",")), rounds=args.byzantine,
-            runs=tuple(r.strip() for r in args.byzantine_runs.split(",") if r.strip()),
-            kept=kept.get("byzantine", {}).get("runs")) if args.byzantine else None,
+        "byzantine": lambda: run_byzantine(seeds=byzantine_seeds, rounds=args.byzantine, runs=byzantine_runs,
+                                           kept=kept.get("byzantine", {}).get("runs")) if args.byzantine else None,
     }
-    kept = json.loads(args.out.read_text()) if set(only) != set(PARTS) and args.out.is_file() else {}
     result = {"command": " && ".join(dict.fromkeys([*filter(None, kept.get("command", "").split(" && ")), command()])),
               "machine": machine(), "seed": args.seed, **{k: kept[k] for k in PARTS if k in kept and k not in only}}
     for part in only:

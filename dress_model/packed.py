@@ -79,6 +79,20 @@ def pack_rows(weight2d: torch.Tensor, order: torch.Tensor, ks: list[int]) -> tup
     return torch.cat(values).float().contiguous(), torch.cat(indices).to(index_dtype).contiguous()
 
 
+def stored_index_count(ks: list[int], rows: int, cols: int) -> int:
+    """Indices a file holds for a layer of prefix lengths ``ks``: all, except a top band that completes every
+    row (k_n = cols), whose indices the loader rebuilds (``top_band_indices``)."""
+    if ks[-1] != cols:
+        return rows * ks[-1]
+    return rows * ks[-2] if len(ks) > 1 else 0
+
+
+def band_columns(indices: torch.Tensor, bands: torch.Tensor, rows: int) -> torch.Tensor:
+    """[rows, k] int64: each row's columns over the given bands, band after band."""
+    blocks = [indices[o : o + rows * w].long().reshape(rows, w) for o, w in bands.tolist()]
+    return torch.cat(blocks, dim=1) if blocks else torch.empty(rows, 0, dtype=torch.long)
+
+
 def top_band_indices(head: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The columns of each row that ``head`` ([rows, k] in-range, distinct per row) lacks, ascending: the
     indices of a top band that completes every row, which a file does not store."""
@@ -112,6 +126,7 @@ class PackedSparse(DensityAware, nn.Module):
             self.in_channels = layer.cols
         ks = prefix_lengths(densities, self.cols)
         self.full_top = ks[-1] == self.cols  # the top band completes every row: no stored indices, run dense
+        self.stored_indices = stored_index_count(ks, self.rows, self.cols)
         self.register_buffer("bands", band_table(ks, self.rows))
         n = self.rows * ks[-1]
         self.register_buffer("values", torch.zeros(n, dtype=torch.float32))
@@ -126,13 +141,6 @@ class PackedSparse(DensityAware, nn.Module):
         """Stored entries the subnet at density index ``index`` reads: rows * k_index."""
         offset, width = self.bands[index].tolist()
         return offset + self.rows * width
-
-    def stored_indices(self) -> int:
-        """Indices a file holds for this layer: all but a full top band's (``top_band_indices``)."""
-        n = len(self.densities)
-        if not self.full_top:
-            return self.entries(n - 1)
-        return self.entries(n - 2) if n > 1 else 0
 
     def fuse(self, norm: DensityBatchNorm) -> None:
         """Fold ``norm`` into this layer's epilogue; the BN module itself then passes its input through."""
@@ -354,7 +362,7 @@ class PackedModel(nn.Module):
         header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
         tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
         for name, layer in self.packed_layers():
-            tensors[f"{name}.indices"] = layer.indices[: layer.stored_indices()].contiguous()
+            tensors[f"{name}.indices"] = layer.indices[: layer.stored_indices].contiguous()
         if half:
             for key, t in tensors.items():
                 if t.is_floating_point():
@@ -371,9 +379,7 @@ class PackedModel(nn.Module):
         for name, layer in self.packed_layers():
             rows, cols = layer.rows, layer.cols
             weight = unpack_rows(layer.values, layer.indices, layer.bands, rows, cols)
-            stored = layer.indices.long()[: layer.values.numel()]
-            per_row = [stored[o : o + rows * w].reshape(rows, w) for o, w in layer.bands.tolist()]
-            head = torch.cat(per_row, dim=1) if per_row else torch.empty(rows, 0, dtype=torch.long)
+            head = band_columns(layer.indices, layer.bands, rows)
             tail = top_band_indices(head, rows, cols)
             target: RowSparse = model.get_submodule(name)  # type: ignore[assignment]
             for key in ("values", "indices", "bands"):
@@ -396,8 +402,7 @@ def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None
         del want[f"{name}.weight"], want[f"{name}.order"]
         ks = prefix_lengths(arch.densities, layer.cols)
         want[f"{name}.values"] = (layer.rows * ks[-1],)
-        below_full_top = ks[-2] if len(ks) > 1 else 0  # a full top band's indices are not stored
-        want[f"{name}.indices"] = (layer.rows * (below_full_top if ks[-1] == layer.cols else ks[-1]),)
+        want[f"{name}.indices"] = (stored_index_count(ks, layer.rows, layer.cols),)
     try:
         n = int.from_bytes(data[:8], "little")
         table = json.loads(data[8 : 8 + n])
@@ -416,17 +421,7 @@ def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None
 
 def _with_top_band(source: str, name: str, layer: PackedSparse, head: torch.Tensor) -> torch.Tensor:
     """A full-top layer's stored indices (its lower bands) checked, then completed by the top band's."""
-    if head.dtype not in (torch.int16, torch.int32) or head.dim() != 1:
-        raise PackedFormatError(f"{source}: {name}.indices must be 1-D int16/int32, got {head.dtype} {list(head.shape)}")
-    lower = layer.bands[:-1]
-    try:
-        kernels.validate_indices(head, lower, layer.rows, layer.cols)
-    except ValueError as e:
-        raise PackedFormatError(f"{source}: {name}: {e}") from None
-    per_row = [head[o : o + layer.rows * w].reshape(layer.rows, w) for o, w in lower.tolist()]
-    known = torch.cat(per_row, dim=1) if per_row else head.new_zeros(layer.rows, 0)
-    if known.numel() and (known.long().sort(dim=1).values.diff(dim=1) == 0).any():
-        raise PackedFormatError(f"{source}: {name} repeats a column within a row (each weight must appear once)")
+    known = _checked_columns(source, name, head, layer.bands[:-1], layer.rows, layer.cols)
     top = top_band_indices(known, layer.rows, layer.cols).to(head.dtype).reshape(-1)
     return torch.cat([head, top])
 
@@ -444,15 +439,22 @@ def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str,
         raise PackedFormatError(f"{source}: {name}.indices must be int16/int32 [{n}], got {indices.dtype} {list(indices.shape)}")
     if indices.dtype == torch.int16 and want_idx == torch.int32:
         raise PackedFormatError(f"{source}: {name} has {layer.cols} columns, too many for int16 indices")
+    _checked_columns(source, name, indices, layer.bands, layer.rows, layer.cols)
+
+
+def _checked_columns(source: str, name: str, indices: torch.Tensor, bands: torch.Tensor, rows: int,
+                     cols: int) -> torch.Tensor:
+    """``band_columns`` of indices that stay inside the buffer and [0, cols) and name each column of a row
+    at most once; PackedFormatError otherwise."""
     try:
-        kernels.validate_indices(indices, layer.bands, layer.rows, layer.cols)
+        kernels.validate_indices(indices, bands, rows, cols)
     except ValueError as e:
         raise PackedFormatError(f"{source}: {name}: {e}") from None
-    rows = indices.long()
-    per_row = torch.cat([rows[o : o + layer.rows * w].reshape(layer.rows, w) for o, w in layer.bands.tolist()], dim=1)
-    sorted_rows = per_row.sort(dim=1).values
-    if (sorted_rows[:, 1:] == sorted_rows[:, :-1]).any():
+    columns = band_columns(indices, bands, rows)
+    ordered = columns.sort(dim=1).values
+    if (ordered[:, 1:] == ordered[:, :-1]).any():
         raise PackedFormatError(f"{source}: {name} repeats a column within a row (each weight must appear once)")
+    return columns
 
 
 def pack_checkpoint(model: DressModel, max_density: float | None = None) -> PackedModel:
