@@ -21,17 +21,23 @@ def _db_url() -> str:
 
 
 def _run(connection: Connection) -> None:
-    context.configure(
-        connection=connection,
-        target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",  # SQLite can only ALTER by copying tables
-        compare_type=True,
-    )
-    with context.begin_transaction():
+    """Every step and the version reads in one transaction, begun here, before alembic looks at anything.
+
+    Alembic treats SQLite as non-transactional DDL and would commit after each revision; a second
+    process could then read the version between two of them and apply the same revision again. An
+    outer transaction (BEGIN IMMEDIATE on SQLite, so the write lock is taken up front) makes alembic
+    run inside it and the whole upgrade atomic.
+    """
+    with connection.begin():
         if connection.dialect.name == "postgresql":
             # Processes opening a fresh database at once: the others wait here, then find it at head.
-            # (On SQLite our engine's BEGIN IMMEDIATE already serialises them.)
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(hashtext('dress-fleet registry migrations'))")
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",  # SQLite can only ALTER by copying tables
+            compare_type=True,
+        )
         context.run_migrations()
 
 
