@@ -2,8 +2,10 @@
 
 A train message carries the device's subnet in the packed format (one uint8 array: the same bytes a device
 stores and executes) and the round's training knobs; the data settings come from the run config. The device
-jointly trains every density at or below its own with the weighted loss on its local partition, keeping the
-masks it was sent, and replies with the trained packed values (no indices: the server holds them).
+jointly trains every density at or below its own with the weighted loss on its local partition, through the
+packed format itself (no dense weight, mask or order is built: the subnets are prefixes of the same value
+buffers, which the optimizer updates in place), and replies with the trained packed values (no indices: the
+server holds them).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from dress_model.baselines.ordered_dropout import train_ordered_dropout
 from dress_model.baselines.slimmable import load_prefixes, prefix_tensors
 from dress_model.data import ImageDataset, load_dataset
 from dress_model.models import DressModel
-from dress_model.packed import PackedModel
 from dress_model.partition import parse_partition
 from dress_model.training import TrainConfig, train
 
@@ -94,9 +95,8 @@ def train_subnet(msg: Message, context: Context) -> Message:
     level = float(config["level"])
     if settings.method == "dress":
         packed = subnet_from_record(msg.content["arrays"])
-        model = packed.to_dress()
-        losses = train(model, loader, train_config_of(config))
-        trained = upload_record(PackedModel.from_dress(model.eval()))
+        losses = train(packed, loader, train_config_of(config))
+        trained = upload_record(packed.eval())
     else:
         tensors, losses = train_peer(copy.deepcopy(_peer_model(settings)), msg.content["arrays"].to_torch_state_dict(),
                                      level, get_method(settings.method), loader, train_config_of(config),

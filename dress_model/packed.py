@@ -16,6 +16,11 @@ up to d=1), the file omits that band's indices — they are the columns the earl
 the loader rebuilds them — and that subnet runs as a dense layer (F.conv2d / F.linear on the weight rebuilt
 at load, BN folded in), which is faster than any sparse kernel at 100 % density. A file may also carry its
 float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32.
+
+Training runs on the same buffers: in training mode a layer computes through the differentiable packed ops
+(``dress_model.kernels.autograd``) with ``values`` as its parameter and its BN unfolded (batch statistics),
+so a device trains its subnet without ever building a dense weight, mask or order; switching back to
+inference re-folds BN into the kernels' epilogue.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from safetensors.torch import save as save_tensors
 from torch import nn
 
 from dress_model import kernels
+from dress_model.kernels import autograd as packed_ops
 from dress_model.checkpoint import atomic_write, dress_header
 from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
@@ -129,9 +135,11 @@ class PackedSparse(DensityAware, nn.Module):
         self.stored_indices = stored_index_count(ks, self.rows, self.cols)
         self.register_buffer("bands", band_table(ks, self.rows))
         n = self.rows * ks[-1]
-        self.register_buffer("values", torch.zeros(n, dtype=torch.float32))
+        # Parameters, so training updates the packed values in place; they require grad only in training
+        # mode (PackedModel.train), so inference and in-place edits never meet autograd.
+        self.values = nn.Parameter(torch.zeros(n, dtype=torch.float32), requires_grad=False)
         self.register_buffer("indices", torch.zeros(n, dtype=index_dtype_for(self.cols)))
-        self.register_buffer("bias", None if layer.bias is None else torch.zeros(self.rows))
+        self.bias = None if layer.bias is None else nn.Parameter(torch.zeros(self.rows), requires_grad=False)
         self._norm: list[DensityBatchNorm] = []  # a list so the BN stays registered where the model put it
         self._views: list[torch.Tensor] = []
         self._epilogue: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
@@ -173,6 +181,8 @@ class PackedSparse(DensityAware, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         i = self.active_index
+        if self.training:
+            return self._forward_train(x, i)
         if self._dense is not None and i == len(self._epilogue) - 1:
             return self._forward_dense(x)
         scale, shift = self._epilogue[i]
@@ -189,6 +199,16 @@ class PackedSparse(DensityAware, nn.Module):
             x, self.values, self.indices, self._views[i], self.rows, bias=bias, scale=scale, shift=shift,
             in_features=self.cols,
         )
+
+    def _forward_train(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The subnet's first ``i + 1`` bands, differentiable w.r.t. x, values and bias; BN follows unfolded."""
+        bands = self.bands[: i + 1]
+        if self.is_conv:
+            y = packed_ops.conv2d(x, self.values, self.indices, bands, self.rows, self.kernel_size, self.stride,
+                                  self.padding)
+            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
+        y = packed_ops.linear(x, self.values, self.indices, bands, self.rows)
+        return y if self.bias is None else y + self.bias
 
     def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self._dense  # type: ignore[misc]
@@ -234,7 +254,7 @@ class PackedModel(nn.Module):
             packed: PackedSparse = self.net.get_submodule(layer_name)  # type: ignore[assignment]
             packed.fuse(self.net.get_submodule(norm_name))  # type: ignore[arg-type]
         self.net.link_density()
-        self.net.eval()
+        nn.Module.train(self, False)  # inference until train() is called; nothing to re-fold yet
 
     @property
     def densities(self) -> tuple[float, ...]:
@@ -248,7 +268,27 @@ class PackedModel(nn.Module):
         """Switch subnet: every layer reads a shorter or longer prefix of the same buffers."""
         self.net.set_density(density)
 
+    def density_index(self, density: float) -> int:
+        return self.net.density_index(density)
+
+    def train(self, mode: bool = True) -> PackedModel:
+        """Training mode: layers compute through the differentiable packed ops and BN normalises with batch
+        statistics; back to inference, BN is folded into the kernels again with the trained values."""
+        was_training = self.training
+        super().train(mode)
+        for _, layer in self.packed_layers():
+            for norm in layer._norm:
+                norm.folded = not mode
+            for p in (layer.values, layer.bias):
+                if p is not None:
+                    p.requires_grad_(mode)
+        if was_training and not mode:
+            self._finalize()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return self.net(x)
         with torch.inference_mode():
             return self.net(x)
 

@@ -3,6 +3,9 @@
 Each step runs forward+backward once per density on the same batch and steps on the weighted sum of
 their losses; gradients of all subnets land in the one shared set of weights. The per-row importance order
 is re-ranked on a schedule so the sparse prefixes follow the weights as they move.
+
+The model is either a ``DressModel`` (dense weights under masks: centralized training, where rows re-rank)
+or a ``PackedModel`` (the packed values themselves, masks fixed as packed: what a device trains).
 """
 
 from __future__ import annotations
@@ -19,9 +22,12 @@ from torch.utils.data import DataLoader
 
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import DressModel
+from dress_model.packed import PackedModel
 from dress_model.sparsity import get_importance
 
 log = logging.getLogger(__name__)
+
+Trainable = DressModel | PackedModel
 
 StepCallback = Callable[[int, int, dict[float, float]], None]
 """Called after every step with (step, total_steps, loss per density)."""
@@ -54,13 +60,13 @@ class TrainConfig:
 
 
 def joint_step(
-    model: DressModel,
+    model: Trainable,
     x: torch.Tensor,
     y: torch.Tensor,
     densities: Sequence[float],
     weights: Sequence[float],
     optimizer: torch.optim.Optimizer,
-    anchor: DressModel | None = None,
+    anchor: Trainable | None = None,
     distill: float = 0.0,
 ) -> dict[float, float]:
     """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet.
@@ -88,7 +94,7 @@ def joint_step(
     return losses
 
 
-def frozen_anchor(model: DressModel, density: float) -> DressModel:
+def frozen_anchor(model: Trainable, density: float) -> Trainable:
     """A frozen copy of ``model``'s ``density`` subnet as it is now, in inference mode (its BN statistics)."""
     anchor = copy.deepcopy(model).eval()
     anchor.set_density(density)
@@ -110,7 +116,7 @@ def make_optimizer(
 
 
 def train(
-    model: DressModel,
+    model: Trainable,
     loader: DataLoader,
     config: TrainConfig,
     on_step: StepCallback | None = None,
@@ -127,6 +133,8 @@ def train(
         model.density_index(d)  # fail early on a density the model lacks
     if not 0 <= config.distill < 1:
         raise ValueError(f"distill must be in [0, 1), got {config.distill}")
+    if config.rerank_every and isinstance(model, PackedModel):
+        raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
     weights = config.weights_for(densities)
     importance = get_importance(config.importance)
@@ -151,7 +159,7 @@ def train(
 
 
 @torch.no_grad()
-def recalibrate_bn(model: DressModel, loader: DataLoader, batches: int, densities: Sequence[float]) -> None:
+def recalibrate_bn(model: Trainable, loader: DataLoader, batches: int, densities: Sequence[float]) -> None:
     """Recompute each density's BN running statistics with the final weights (cumulative average)."""
     norms = [m for m in model.modules() if isinstance(m, DensityBatchNorm)]
     model.train()
@@ -173,7 +181,7 @@ def recalibrate_bn(model: DressModel, loader: DataLoader, batches: int, densitie
 
 
 @torch.no_grad()
-def evaluate(model: DressModel, loader: DataLoader, densities: Sequence[float] | None = None) -> dict[float, float]:
+def evaluate(model: Trainable, loader: DataLoader, densities: Sequence[float] | None = None) -> dict[float, float]:
     """Top-1 accuracy (percent) of every subnet on the same data."""
     model.eval()
     result: dict[float, float] = {}

@@ -21,7 +21,9 @@ from sqlalchemy.engine import URL, make_url
 from contracts.credentials import with_bearer
 from contracts.flower_processes import pick_port  # re-exported: tests import it from here
 from contracts.policy import CalibrationPoint
+from dress_model.kernels import set_kernel_isa
 from dress_model.sparsity import parse_densities
+from kernel_cases import ISAS
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -116,3 +118,11 @@ class DeviceStub:
 def enrolled(channel: grpc.Channel, registry: Any, name: str) -> DeviceStub:
     """A new device ``name``, enrolled by the operator and holding its token, not yet registered."""
     return DeviceStub(channel, registry.enroll([name])[name])
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a kernel test once per compiled ISA variant (the dispatcher normally picks the best)."""
+    set_kernel_isa(request.param)
+    yield request.param
+    set_kernel_isa()

@@ -16,12 +16,16 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dress_model.kernels import _native, packed_conv2d, packed_linear, set_kernel_isa
+from dress_model.kernels import (
+    packed_conv2d,
+    packed_conv2d_backward,
+    packed_linear,
+    packed_linear_backward,
+    set_kernel_isa,
+)
 from dress_model.packed import prefix_lengths
-from kernel_cases import pack_layer
+from kernel_cases import ISAS, pack_layer
 
-_ORDER = ["generic", "avx2", "avx512"]
-ISAS = _ORDER[: _ORDER.index(_native.best_isa()) + 1]
 # The same 150 cases on every run (CI stays deterministic); DRESS_PROPERTY_EXAMPLES=2000 hunts wider, at random.
 HUNT = int(os.environ.get("DRESS_PROPERTY_EXAMPLES", "0"))
 EXAMPLES = settings(max_examples=HUNT or 150, deadline=None, derandomize=not HUNT)
@@ -108,3 +112,54 @@ def test_packed_linear_equals_linear_on_the_masked_weight(case: dict) -> None:
     finally:
         set_kernel_isa()
     assert_close(y, F.linear(x, masked(layer)), layer["k"])
+
+
+def _values_grad_of(dense_grad: torch.Tensor, layer: dict, rows: int) -> torch.Tensor:
+    """dL/dvalues from dL/dW of the masked dense layer: W's gradient at each stored position read, 0 elsewhere."""
+    grad = torch.zeros(layer["values"].shape[0], dtype=torch.float64)
+    for offset, width in layer["bands"].tolist():
+        cols = layer["indices"][offset : offset + rows * width].long().reshape(rows, width)
+        grad[offset : offset + rows * width] = dense_grad.reshape(rows, -1).gather(1, cols).reshape(-1)
+    return grad
+
+
+@EXAMPLES
+@given(conv_cases())
+def test_packed_conv2d_backward_equals_autograd_of_the_masked_conv2d(case: dict) -> None:
+    layer, (kh, kw), rows = case["layer"], case["kernel"], case["rows"]
+    batch, channels, h, w = case["shape"]
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(case["shape"], generator=g, dtype=torch.float64, requires_grad=True)
+    weight = masked(layer).view(rows, channels, kh, kw).requires_grad_()
+    ref = F.conv2d(x, weight, stride=case["stride"], padding=case["padding"])
+    grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    ref.backward(grad_out)
+    set_kernel_isa(case["isa"])
+    try:
+        gx, gv = packed_conv2d_backward(grad_out.float(), x.detach().float(), layer["values"].float(),
+                                        layer["indices"], layer["bands"], rows, case["kernel"], case["stride"],
+                                        case["padding"], threads=case["threads"], check_indices=True)
+    finally:
+        set_kernel_isa()
+    assert_close(gx, x.grad, rows * layer["k"])
+    assert_close(gv, _values_grad_of(weight.grad, layer, rows), batch * ref.shape[2] * ref.shape[3])
+
+
+@EXAMPLES
+@given(linear_cases())
+def test_packed_linear_backward_equals_autograd_of_the_masked_linear(case: dict) -> None:
+    layer, rows = case["layer"], case["rows"]
+    g = torch.Generator().manual_seed(case["seed"])
+    x = torch.randn(case["batch"], case["cols"], generator=g, dtype=torch.float64, requires_grad=True)
+    weight = masked(layer).requires_grad_()
+    grad_out = torch.randn(case["batch"], rows, generator=g, dtype=torch.float64)
+    F.linear(x, weight).backward(grad_out)
+    set_kernel_isa(case["isa"])
+    try:
+        gx, gv = packed_linear_backward(grad_out.float(), x.detach().float(), layer["values"].float(),
+                                        layer["indices"], layer["bands"], rows, threads=case["threads"],
+                                        check_indices=True)
+    finally:
+        set_kernel_isa()
+    assert_close(gx, x.grad, rows * layer["k"])
+    assert_close(gv, _values_grad_of(weight.grad, layer, rows), case["batch"])

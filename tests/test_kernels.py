@@ -21,16 +21,7 @@ from dress_model.packed import band_table, prefix_lengths, unpack_rows
 from dress_model.sparsity import keep_count
 from kernel_cases import pack_layer
 
-_ORDER = ["generic", "avx2", "avx512"]
-ISAS = _ORDER[: _ORDER.index(_native.best_isa()) + 1]
 
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    """Runs a test once per compiled ISA variant (the dispatcher normally picks the best)."""
-    set_kernel_isa(request.param)
-    yield request.param
-    set_kernel_isa()
 
 
 def make_layer(rows: int, cols: int, densities, *, seed: int = 0, sort: bool = True, index_dtype=None):

@@ -22,7 +22,10 @@ import torch
 
 from dress_model.kernels import _packed_sparse as _native
 
-__all__ = ["packed_linear", "packed_conv2d", "validate_indices", "kernel_isa", "set_kernel_isa"]
+__all__ = [
+    "packed_linear", "packed_conv2d", "packed_linear_backward", "packed_conv2d_backward", "validate_indices",
+    "kernel_isa", "set_kernel_isa",
+]
 
 
 _F32 = torch.float32
@@ -135,6 +138,26 @@ def _pair(v: int | tuple[int, int], name: str) -> tuple[int, int]:
     return p  # type: ignore[return-value]
 
 
+Pair = tuple[int, int]
+
+
+def _conv_geometry(x: object, kernel_size: int | Pair, stride: int | Pair, padding: int | Pair) -> tuple[
+        Pair, Pair, Pair, Pair]:
+    """(kernel, stride, padding, output size) of a conv on ``x``, a float32 [B, C, H, W] tensor; ValueError else."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D [batch, channels, H, W] tensor, got {getattr(x, 'shape', type(x))}")
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
+    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
+        raise ValueError(f"kernel_size/stride must be >= 1 and padding >= 0, got {kernel_size}, {stride}, {padding}")
+    h, w = x.shape[2], x.shape[3]
+    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {h}x{w} with padding {ph},{pw} is smaller than the {kh}x{kw} kernel")
+    if not _ok(x, _F32):
+        raise _reject(x, "x", (_F32,))
+    return (kh, kw), (sh, sw), (ph, pw), (oh, ow)
+
+
 def packed_conv2d(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -157,24 +180,89 @@ def packed_conv2d(
 
     Columns are c*kh*kw + i*kw + j (weight.view(out, -1) order); dilation 1, groups 1.
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D [batch, channels, H, W] tensor, got {getattr(x, 'shape', type(x))}")
-    if in_channels is not None and x.shape[1] != in_channels:
+    if in_channels is not None and isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != in_channels:
         raise ValueError(f"x has {x.shape[1]} channels, layer expects {in_channels}")
-    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size, "kernel_size"), _pair(stride, "stride"), _pair(padding, "padding")
-    if min(kh, kw, sh, sw) < 1 or min(ph, pw) < 0:
-        raise ValueError(f"kernel_size/stride must be >= 1 and padding >= 0, got {kernel_size}, {stride}, {padding}")
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = _conv_geometry(x, kernel_size, stride, padding)
     b, c, h, w = x.shape
-    oh, ow = (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(f"input {h}x{w} with padding {ph},{pw} is smaller than the {kh}x{kw} kernel")
-    if not _ok(x, _F32):
-        raise _reject(x, "x", (_F32,))
     s, t = _epilogue(rows, bias, scale, shift)
     out = torch.empty(b, rows, oh, ow, dtype=torch.float32)
     _native.conv2d(x.data_ptr(), b, c, h, w, *_packed(values, indices, bands), rows, kh, kw, sh, sw, ph, pw, s, t,
                    relu, _threads(threads), check_indices, out.data_ptr(), oh, ow)
     return out
+
+
+def _grad_buffers(x: torch.Tensor, values: torch.Tensor, input_grad: bool, values_grad: bool) -> tuple[
+        torch.Tensor | None, torch.Tensor | None]:
+    """The gradients to fill: the input's (written whole) and the values' (zeros outside the bands read)."""
+    gx = torch.empty_like(x) if input_grad else None
+    gv = torch.zeros_like(values) if values_grad else None
+    return gx, gv
+
+
+def _checked_grad_out(grad_out: object, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(grad_out, torch.Tensor) or tuple(grad_out.shape) != shape:
+        raise ValueError(f"grad_out must have the output's shape {list(shape)}, got {getattr(grad_out, 'shape', type(grad_out))}")
+    if not _ok(grad_out, _F32):
+        raise _reject(grad_out, "grad_out", (_F32,))
+    return grad_out
+
+
+def packed_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bands: torch.Tensor,
+    rows: int,
+    *,
+    input_grad: bool = True,
+    values_grad: bool = True,
+    threads: int | None = None,
+    check_indices: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of y = x @ W_bands^T (no epilogue) w.r.t. x and ``values``, from dL/dy [batch, rows].
+
+    The values' gradient has ``values``' shape and is non-zero only inside the bands passed: the sparse
+    subnet's own weights, never a dense [rows, cols] matrix."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D [batch, in_features] tensor, got {getattr(x, 'shape', type(x))}")
+    if not _ok(x, _F32):
+        raise _reject(x, "x", (_F32,))
+    grad_out = _checked_grad_out(grad_out, (x.shape[0], rows))
+    packed = _packed(values, indices, bands)
+    gx, gv = _grad_buffers(x, values, input_grad, values_grad)
+    _native.linear_backward(x.data_ptr(), x.shape[0], x.shape[1], grad_out.data_ptr(), *packed, rows,
+                            _threads(threads), check_indices, 0 if gx is None else gx.data_ptr(),
+                            0 if gv is None else gv.data_ptr())
+    return gx, gv
+
+
+def packed_conv2d_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bands: torch.Tensor,
+    rows: int,
+    kernel_size: int | tuple[int, int],
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    *,
+    input_grad: bool = True,
+    values_grad: bool = True,
+    threads: int | None = None,
+    check_indices: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of `packed_conv2d` (no epilogue) w.r.t. x and ``values``, from dL/dy [batch, rows, OH, OW]."""
+    (kh, kw), (sh, sw), (ph, pw), (oh, ow) = _conv_geometry(x, kernel_size, stride, padding)
+    b, c, h, w = x.shape
+    grad_out = _checked_grad_out(grad_out, (b, rows, oh, ow))
+    packed = _packed(values, indices, bands)
+    gx, gv = _grad_buffers(x, values, input_grad, values_grad)
+    _native.conv2d_backward(x.data_ptr(), b, c, h, w, grad_out.data_ptr(), *packed, rows, kh, kw, sh, sw, ph, pw,
+                            _threads(threads), check_indices, 0 if gx is None else gx.data_ptr(),
+                            0 if gv is None else gv.data_ptr(), oh, ow)
+    return gx, gv
 
 
 def validate_indices(indices: torch.Tensor, bands: torch.Tensor, rows: int, cols: int, threads: int | None = None) -> None:

@@ -241,6 +241,69 @@ DRESS_INLINE void dot_range(const Job& j, int64_t t0, int64_t t1) {
   }
 }
 
+// ---------------------------------------------------------------- backward (training)
+//
+// With the forward's operand X ([cols, N]: x^T for linear, the tap planes for conv) and the output
+// gradient G laid out like the forward's output tile ([rows, ldg], zeros in padding columns):
+//   dvalues[e] = <G[r, :], X[c_e, :]>    (only at stored positions: a sampled dense-dense product)
+//   dX[c_e, :] += values[e] * G[r, :]    (the transposed bands, scattered onto the operand's rows)
+// over the columns [n0, n1) (whole vectors).  dX of the operand then maps back to the layer's input
+// (a transpose for linear, Taps::unprep for conv).
+struct GradJob {
+  const float* vals = nullptr;
+  const void* idx = nullptr;
+  const Band* bands = nullptr;
+  int nb = 0;
+  int64_t rows = 0;
+  const int32_t* lut = nullptr;  // column -> offset (conv); null: off(c) = c * ldx
+  int64_t ldx = 0;
+  const float* x = nullptr;      // forward operand; read only when dv is set
+  float* dx = nullptr;           // its gradient, accumulated; null: not wanted
+  const float* g = nullptr;      // output gradient [rows, ldg]
+  int64_t ldg = 0;
+  float* dv = nullptr;           // values' gradient, accumulated; null: not wanted
+};
+
+using GradFn = void (*)(const GradJob&, int64_t, int64_t);
+
+template <class V, class I>
+DRESS_INLINE void grad_range(const GradJob& j, int64_t n0, int64_t n1) {
+  constexpr int VL = int(sizeof(V) / sizeof(float));
+  const I* idx = static_cast<const I*>(j.idx);
+  for (int b = 0; b < j.nb; ++b) {
+    const int64_t w = j.bands[b].width, off = j.bands[b].off;
+    for (int64_t r = 0; r < j.rows; ++r) {
+      const float* g = j.g + r * j.ldg;
+      for (int64_t k = 0; k < w; ++k) {
+        const int64_t e = off + r * w + k, c = idx[e];
+        const int64_t base = j.lut ? int64_t(j.lut[c]) : c * j.ldx;
+        if (j.dv) {  // two chains: one FMA's latency would otherwise bound the loop
+          const float* xp = j.x + base;
+          V a0{}, a1{};
+          int64_t n = n0;
+          for (; n + 2 * VL <= n1; n += 2 * VL) {
+            a0 += loadu<V>(g + n) * loadu<V>(xp + n);
+            a1 += loadu<V>(g + n + VL) * loadu<V>(xp + n + VL);
+          }
+          if (n < n1) a0 += loadu<V>(g + n) * loadu<V>(xp + n);
+          a0 += a1;
+          float sum = 0.f;
+          for (int l = 0; l < VL; ++l) sum += a0[l];
+          j.dv[e] += sum;
+        }
+        if (j.dx) {
+          float* dp = j.dx + base;
+          const float v = j.vals[e];
+          for (int64_t n = n0; n < n1; n += VL) {
+            const V d = loadu<V>(dp + n) + v * loadu<V>(g + n);
+            std::memcpy(dp + n, &d, sizeof(V));
+          }
+        }
+      }
+    }
+  }
+}
+
 #define DRESS_DEFINE_ISA(SFX, ATTR)                                         \
   template <class V, int R, int NV, class I, bool LUT>                      \
   ATTR void spmm_##SFX(const Job& j, int64_t a, int64_t b) {                \
@@ -249,6 +312,10 @@ DRESS_INLINE void dot_range(const Job& j, int64_t t0, int64_t t1) {
   template <class I>                                                        \
   ATTR void dot_##SFX(const Job& j, int64_t a, int64_t b) {                 \
     dot_range<I>(j, a, b);                                                  \
+  }                                                                         \
+  template <class V, class I>                                               \
+  ATTR void grad_##SFX(const GradJob& j, int64_t a, int64_t b) {            \
+    grad_range<V, I>(j, a, b);                                              \
   }
 
 DRESS_DEFINE_ISA(generic, )
@@ -340,6 +407,22 @@ RangeFn dot_fn(int isa) {
 #endif
   (void)isa;
   return &dot_generic<I>;
+}
+
+// The backward's routine for vectors of `vl` floats (pick_vl's choice for this ISA).
+template <class I>
+GradFn grad_fn_for(int isa, int vl) {
+#if DRESS_X86
+  if (isa == kAvx512) return vl == 16 ? &grad_avx512<v16f, I> : vl == 8 ? &grad_avx512<v8f, I> : &grad_avx512<v4f, I>;
+  if (isa == kAvx2) return vl == 8 ? &grad_avx2<v8f, I> : &grad_avx2<v4f, I>;
+#endif
+  (void)isa;
+  (void)vl;
+  return &grad_generic<v4f, I>;
+}
+
+GradFn grad_fn(int isa, bool idx32, int vl) {
+  return idx32 ? grad_fn_for<int32_t>(isa, vl) : grad_fn_for<int16_t>(isa, vl);
 }
 
 Plan choose_spmm(int isa, bool idx32, bool lut, int vl, int64_t n) {
@@ -434,6 +517,24 @@ void check_threads(const char* op, int threads) {
   if (threads < 1) fail(op, "threads must be >= 1, got " + std::to_string(threads));
 }
 
+// A conv's arguments: geometry, the packed buffers against its C * kh * kw columns, and the output size.
+Packed check_conv(const char* op, uintptr_t values, int64_t nvals, uintptr_t indices, int64_t nidx, bool idx32,
+                  uintptr_t bands, int64_t nb, int64_t rows, int64_t C, int64_t H, int64_t W, int64_t kh, int64_t kw,
+                  int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads, bool check_indices, int64_t out_h,
+                  int64_t out_w) {
+  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0)
+    fail(op, "kernel_size and stride must be >= 1 and padding >= 0");
+  const int64_t cols = C * kh * kw;
+  const Packed p = check_packed(op, values, nvals, indices, nidx, idx32, bands, nb, rows, cols);
+  check_threads(op, threads);
+  const int64_t OH = (H + 2 * ph - kh) / sh + 1, OW = (W + 2 * pw - kw) / sw + 1;
+  if (H + 2 * ph < kh || W + 2 * pw < kw || OH != out_h || OW != out_w)
+    fail(op, "output must be " + std::to_string(OH) + "x" + std::to_string(OW) + " for input " +
+                 std::to_string(H) + "x" + std::to_string(W));
+  if (check_indices) check_index_range(op, p, rows, cols, threads);
+  return p;
+}
+
 Job base_job(const Packed& p, int64_t rows, uintptr_t scale, uintptr_t shift, bool relu,
              uintptr_t out) {
   Job j;
@@ -512,6 +613,117 @@ int64_t line_align(int rows_per_item, int64_t items_per_row_block) {
   return blocks * items_per_row_block;
 }
 
+// ---------------------------------------------------------------- tap planes (conv input layout)
+//
+// For kernel column jj and row phase pi of the stride, plane[a][b] = xpad[a*sh + pi][b*sw + jj], rows
+// padded to VW floats.  Tap (c, i, jj) then reads the contiguous run plane(c, jj, i % sh) + (i / sh) * VW
+// + [oh * VW + ow] (its `lut` offset), so a conv is a dense [cols, OH * VW] operand for the row kernel;
+// columns ow >= OW are computed and dropped.  The forward prepares planes from x (`prep`); the backward
+// also folds a gradient w.r.t. the planes back onto x (`unprep`, prep's adjoint).
+struct Taps {
+  int64_t H, W, kh, kw, sh, sw, ph, pw, OH, OW, VW, nph, PHh, plane, cstride;
+  std::vector<int64_t> lo, hi;  // plane columns [lo[jj], hi[jj]) read source columns inside [0, W)
+  bool block_copy;
+
+  // `plane` = 0: PHh * VW floats per plane; the forward's flat 1x1 layout passes its own.
+  Taps(int64_t H_, int64_t W_, int64_t kh_, int64_t kw_, int64_t sh_, int64_t sw_, int64_t ph_, int64_t pw_,
+       int64_t VW_, int64_t plane_)
+      : H(H_), W(W_), kh(kh_), kw(kw_), sh(sh_), sw(sw_), ph(ph_), pw(pw_),
+        OH((H_ + 2 * ph_ - kh_) / sh_ + 1), OW((W_ + 2 * pw_ - kw_) / sw_ + 1), VW(VW_),
+        nph(std::min(sh_, kh_)), PHh(OH + (kh_ - 1) / sh_), plane(plane_ ? plane_ : PHh * VW_),
+        cstride(kw_ * nph * plane), lo(size_t(kw_)), hi(size_t(kw_)),
+        // With stride 1 on both axes and plane rows exactly as wide as x's, a tap plane's interior is
+        // x's channel shifted by a constant: one block copy, then the padding columns are cleared.
+        // Per-row copies cost a library call each (~40 us for a 128-channel 16x16 3x3 input here).
+        // A row stride > 1 samples every sh-th source row, which no constant shift describes.
+        block_copy(sh_ == 1 && sw_ == 1 && VW_ == W_) {
+    for (int64_t jj = 0; jj < kw; ++jj) {
+      const int64_t l = std::min(OW, std::max<int64_t>(0, (pw - jj + sw - 1) / sw));
+      const int64_t last = W - 1 + pw - jj;
+      lo[size_t(jj)] = l;
+      hi[size_t(jj)] = last < 0 ? l : std::max(l, std::min(OW, last / sw + 1));
+    }
+  }
+
+  // Plane rows [a0, a1) of phase pi have their source row a*sh + pi - ph inside [0, H).  When even the
+  // last source row is above this phase (H - 1 + ph < pi), no row is: C++ division truncates towards
+  // zero, so the negative case is handled apart, as the columns' is.
+  void rows_of(int64_t pi, int64_t& a0, int64_t& a1) const {
+    a0 = std::min(PHh, std::max<int64_t>(0, (ph - pi + sh - 1) / sh));
+    const int64_t last_row = H - 1 + ph - pi;
+    a1 = last_row < 0 ? a0 : std::max(a0, std::min(PHh, last_row / sh + 1));
+  }
+
+  // Tap offsets of the C * kh * kw columns inside one image's planes.
+  std::unique_ptr<int32_t[]> lut(int64_t C) const {
+    const int64_t taps = kh * kw;
+    std::unique_ptr<int32_t[]> t(new int32_t[size_t(C * taps)]);
+    for (int64_t i = 0; i < kh; ++i)
+      for (int64_t jj = 0; jj < kw; ++jj) t[size_t(i * kw + jj)] = int32_t((jj * nph + i % sh) * plane + (i / sh) * VW);
+    for (int64_t c = 1; c < C; ++c)
+      for (int64_t k = 0; k < taps; ++k) t[size_t(c * taps + k)] = int32_t(c * cstride) + t[size_t(k)];
+    return t;
+  }
+
+  // One channel's planes from its [H, W] source.
+  void prep(const float* src, float* dst) const {
+    std::fill(dst + kw * nph * PHh * VW, dst + cstride, 0.f);  // flat plane's rounding
+    for (int64_t jj = 0; jj < kw; ++jj) {
+      const int64_t l = lo[size_t(jj)], h = hi[size_t(jj)];
+      for (int64_t pi = 0; pi < nph; ++pi) {
+        float* pl = dst + (jj * nph + pi) * plane;
+        int64_t a0, a1;
+        rows_of(pi, a0, a1);
+        std::fill(pl, pl + a0 * VW, 0.f);
+        std::fill(pl + a1 * VW, pl + PHh * VW, 0.f);
+        if (block_copy && a1 > a0) {
+          // pl[a*VW + b] = src[(a - ph)*W + b + jj - pw], clipped to the channel.
+          const int64_t shift = jj - pw - ph * W;
+          const int64_t p0 = std::max(a0 * VW, -shift), p1 = std::min(a1 * VW, H * W - shift);
+          std::copy(src + p0 + shift, src + p1 + shift, pl + p0);
+          std::fill(pl + a0 * VW, pl + p0, 0.f);
+          std::fill(pl + p1, pl + a1 * VW, 0.f);
+          // Column-wise: a strided loop stays inline where a row-wise one becomes memset calls.
+          for (int64_t b = 0; b < VW; ++b)
+            if (b < l || b >= h)
+              for (int64_t a = a0; a < a1; ++a) pl[a * VW + b] = 0.f;
+          continue;
+        }
+        for (int64_t a = a0; a < a1; ++a) {
+          float* __restrict drow = pl + a * VW;
+          const float* __restrict r = src + (a * sh + pi - ph) * W + jj - pw;  // r[b * sw], b in [l, h)
+          std::fill(drow, drow + l, 0.f);
+          if (sw == 1)
+            std::copy(r + l, r + h, drow + l);
+          else
+            for (int64_t b = l; b < h; ++b) drow[b] = r[b * sw];
+          std::fill(drow + h, drow + VW, 0.f);
+        }
+      }
+    }
+  }
+
+  // prep's adjoint: src[source of every copied plane entry] += that entry (padding entries drop out).
+  void unprep(const float* dst, float* src) const {
+    for (int64_t jj = 0; jj < kw; ++jj) {
+      const int64_t l = lo[size_t(jj)], h = hi[size_t(jj)];
+      for (int64_t pi = 0; pi < nph; ++pi) {
+        const float* pl = dst + (jj * nph + pi) * plane;
+        int64_t a0, a1;
+        rows_of(pi, a0, a1);
+        for (int64_t a = a0; a < a1; ++a) {
+          const float* __restrict drow = pl + a * VW;
+          float* __restrict r = src + (a * sh + pi - ph) * W + jj - pw;
+          if (sw == 1)
+            for (int64_t b = l; b < h; ++b) r[b] += drow[b];
+          else
+            for (int64_t b = l; b < h; ++b) r[b * sw] += drow[b];
+        }
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------- ops
 
 void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
@@ -566,33 +778,23 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
             int64_t pw, uintptr_t scale, uintptr_t shift, bool relu, int threads,
             bool check_indices, uintptr_t out, int64_t out_h, int64_t out_w) {
   const char* op = "packed_conv2d";
-  if (kh < 1 || kw < 1 || sh < 1 || sw < 1 || ph < 0 || pw < 0)
-    fail(op, "kernel_size and stride must be >= 1 and padding >= 0");
-  const int64_t cols = C * kh * kw;
-  const Packed p = check_packed(op, values, nvals, indices, nidx, idx32, bands, nb, rows, cols);
-  check_threads(op, threads);
-  const int64_t OH = (H + 2 * ph - kh) / sh + 1, OW = (W + 2 * pw - kw) / sw + 1;
-  if (H + 2 * ph < kh || W + 2 * pw < kw || OH != out_h || OW != out_w)
-    fail(op, "output must be " + std::to_string(OH) + "x" + std::to_string(OW) + " for input " +
-                 std::to_string(H) + "x" + std::to_string(W));
-  if (check_indices) check_index_range(op, p, rows, cols, threads);
+  const Packed p = check_conv(op, values, nvals, indices, nidx, idx32, bands, nb, rows, C, H, W, kh, kw, sh, sw,
+                              ph, pw, threads, check_indices, out_h, out_w);
+  const int64_t OH = out_h, OW = out_w;
 
-  // Tap planes: for kernel column jj and row phase pi, plane[a][b] = xpad[a*sh + pi][b*sw + jj]
-  // with rows padded to VW (a whole number of vectors).  Tap (c, i, jj) then reads the
-  // contiguous, vector-aligned run plane(c, jj, i % sh) + (i / sh) * VW + [oh * VW + ow], so
-  // the kernel sees a dense [cols, OH * VW] operand; columns ow >= OW are computed and dropped.
-  // A stride-1 1x1 conv has no shifted taps: one unpadded plane per channel (VW = OW), whose
-  // stride is rounded to whole vectors only to keep channel starts aligned.
+  // Tap planes (see Taps).  A stride-1 1x1 conv has no shifted taps: one unpadded plane per channel
+  // (VW = OW), whose stride is rounded to whole vectors only to keep channel starts aligned.
   const int isa = g_isa.load();
   const bool pointwise = kh == 1 && kw == 1, flat = pointwise && sh == 1 && sw == 1;
   const int vl = pick_vl(isa, flat ? OH * OW : OW);
-  const int64_t VW = flat ? OW : round_up(OW, vl), nph = std::min(sh, kh), PHh = OH + (kh - 1) / sh;
-  const int64_t N = OH * VW, plane = flat ? round_up(N, vl) : PHh * VW;
+  const int64_t VW = flat ? OW : round_up(OW, vl);
+  const Taps taps(H, W, kh, kw, sh, sw, ph, pw, VW, flat ? round_up(OH * VW, vl) : 0);
+  const int64_t N = OH * VW;
   const Plan plan = choose_spmm(isa, p.idx32, !pointwise, vl, N);
   const int64_t CH = plan.cols_per_tile;
   // x itself qualifies when no padding is needed and every tile stays inside it.
   const bool in_place = flat && ph == 0 && pw == 0 && N % CH == 0;
-  const int64_t cstride = kw * nph * plane, img_stride = C * cstride;
+  const int64_t cstride = taps.cstride, img_stride = C * cstride;
   if (img_stride + round_up(N, CH) > std::numeric_limits<int32_t>::max())
     fail(op, "input too large for 32-bit tap offsets");
 
@@ -608,12 +810,7 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
 
   std::unique_ptr<int32_t[]> lut;
   if (!pointwise) {
-    lut.reset(new int32_t[size_t(cols)]);
-    const int64_t taps = kh * kw;
-    for (int64_t i = 0; i < kh; ++i)
-      for (int64_t jj = 0; jj < kw; ++jj) lut[size_t(i * kw + jj)] = int32_t((jj * nph + i % sh) * plane + (i / sh) * VW);
-    for (int64_t c = 1; c < C; ++c)
-      for (int64_t t = 0; t < taps; ++t) lut[size_t(c * taps + t)] = int32_t(c * cstride) + lut[size_t(t)];
+    lut = taps.lut(C);
     j.lut = lut.get();
   }
   const float* xs = ptr<const float>(x);
@@ -626,60 +823,6 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     run(team, B * tiles, align, plan.fn, j, [](Job&, int) {});
     return;
   }
-  // Plane columns [lo[jj], hi[jj]) read source columns b*sw + jj - pw inside [0, W); the
-  // rest is padding.
-  std::vector<int64_t> lo(static_cast<size_t>(kw)), hi(static_cast<size_t>(kw));
-  for (int64_t jj = 0; jj < kw; ++jj) {
-    const int64_t l = std::min(OW, std::max<int64_t>(0, (pw - jj + sw - 1) / sw));
-    const int64_t last = W - 1 + pw - jj;
-    lo[size_t(jj)] = l;
-    hi[size_t(jj)] = last < 0 ? l : std::max(l, std::min(OW, last / sw + 1));
-  }
-  // With stride 1 on both axes and plane rows exactly as wide as x's, a tap plane's interior is
-  // x's channel shifted by a constant: one block copy, then the padding columns are cleared.
-  // Per-row copies cost a library call each (~40 us for a 128-channel 16x16 3x3 input here).
-  // A row stride > 1 samples every sh-th source row, which no constant shift describes.
-  const bool block_copy = sh == 1 && sw == 1 && VW == W;
-  auto prep_channel = [&](const float* src, float* dst) {
-    std::fill(dst + kw * nph * PHh * VW, dst + cstride, 0.f);  // flat plane's rounding
-    for (int64_t jj = 0; jj < kw; ++jj) {
-      const int64_t l = lo[size_t(jj)], h = hi[size_t(jj)];
-      for (int64_t pi = 0; pi < nph; ++pi) {
-        float* pl = dst + (jj * nph + pi) * plane;
-        // Plane rows a with source row a*sh + pi - ph inside [0, H).  When even the last source
-        // row is above this phase (H - 1 + ph < pi), no row is: C++ division truncates towards
-        // zero, so the negative case is handled apart, as the columns' is.
-        const int64_t a0 = std::min(PHh, std::max<int64_t>(0, (ph - pi + sh - 1) / sh));
-        const int64_t last_row = H - 1 + ph - pi;
-        const int64_t a1 = last_row < 0 ? a0 : std::max(a0, std::min(PHh, last_row / sh + 1));
-        std::fill(pl, pl + a0 * VW, 0.f);
-        std::fill(pl + a1 * VW, pl + PHh * VW, 0.f);
-        if (block_copy && a1 > a0) {
-          // pl[a*VW + b] = src[(a - ph)*W + b + jj - pw], clipped to the channel.
-          const int64_t shift = jj - pw - ph * W;
-          const int64_t p0 = std::max(a0 * VW, -shift), p1 = std::min(a1 * VW, H * W - shift);
-          std::copy(src + p0 + shift, src + p1 + shift, pl + p0);
-          std::fill(pl + a0 * VW, pl + p0, 0.f);
-          std::fill(pl + p1, pl + a1 * VW, 0.f);
-          // Column-wise: a strided loop stays inline where a row-wise one becomes memset calls.
-          for (int64_t b = 0; b < VW; ++b)
-            if (b < l || b >= h)
-              for (int64_t a = a0; a < a1; ++a) pl[a * VW + b] = 0.f;
-          continue;
-        }
-        for (int64_t a = a0; a < a1; ++a) {
-          float* __restrict drow = pl + a * VW;
-          const float* __restrict r = src + (a * sh + pi - ph) * W + jj - pw;  // r[b * sw], b in [l, h)
-          std::fill(drow, drow + l, 0.f);
-          if (sw == 1)
-            std::copy(r + l, r + h, drow + l);
-          else
-            for (int64_t b = l; b < h; ++b) drow[b] = r[b * sw];
-          std::fill(drow + h, drow + VW, 0.f);
-        }
-      }
-    }
-  };
   // Tail: the last tile of an image may read up to a tile past its planes.
   const int64_t tail = round_up(N, CH);
   if (B < team) {
@@ -690,7 +833,7 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     run(team, B * tiles, align, plan.fn, j, [&](Job& mine, int t) {
       float* pp = buf.get() + t * slice;
       std::fill(pp + B * img_stride, pp + B * img_stride + tail, 0.f);
-      for (int64_t bc = 0; bc < B * C; ++bc) prep_channel(xs + bc * H * W, pp + bc * cstride);
+      for (int64_t bc = 0; bc < B * C; ++bc) taps.prep(xs + bc * H * W, pp + bc * cstride);
       mine.x = pp;
     });
     return;
@@ -709,11 +852,173 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     ji.images = 1;
     ji.x = mine;
     for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < B;) {
-      for (int64_t c = 0; c < C; ++c) prep_channel(xs + (b * C + c) * H * W, mine + c * cstride);
+      for (int64_t c = 0; c < C; ++c) taps.prep(xs + (b * C + c) * H * W, mine + c * cstride);
       ji.out = j.out + b * rows * OH * OW;
       plan.fn(ji, 0, tiles);
     }
   }
+}
+
+// ---------------------------------------------------------------- backward ops
+//
+// Gradients of the forward without epilogue (training applies BN, bias and ReLU in torch): the values'
+// gradient only at stored positions of the bands passed, the input's through the transposed bands.  Every
+// thread needs every stored entry, so threads split the columns (linear) or the images (conv); all but
+// the first accumulate the values' gradient in a private buffer, summed at the end.
+
+int team_threads() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+// Entries [0, extent) of the buffers cover every band passed.
+int64_t band_extent(const Packed& p, int64_t rows) {
+  int64_t extent = 0;
+  for (const Band& b : p.bands) extent = std::max(extent, b.off + rows * b.width);
+  return extent;
+}
+
+Buffer zeroed_floats(int64_t n) {
+  Buffer b = aligned_floats(n);
+  std::fill(b.get(), b.get() + std::max<int64_t>(n, 1), 0.f);
+  return b;
+}
+
+void add_parts(float* dv, const float* parts, int count, int64_t extent) {
+  for (int t = 0; t < count; ++t)
+    for (int64_t e = 0; e < extent; ++e) dv[e] += parts[t * extent + e];
+}
+
+// src [n, m] row-major -> dst [m, ld], columns n..ld zero.
+void transpose_padded(const float* src, int64_t n, int64_t m, int64_t ld, float* dst) {
+  constexpr int64_t CB = 64;
+  for (int64_t c0 = 0; c0 < m; c0 += CB) {
+    const int64_t c1 = std::min(m, c0 + CB);
+    for (int64_t b = 0; b < n; ++b)
+      for (int64_t c = c0; c < c1; ++c) dst[c * ld + b] = src[b * m + c];
+    for (int64_t c = c0; c < c1; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.f);
+  }
+}
+
+void linear_backward(uintptr_t x, int64_t B, int64_t in, uintptr_t grad_out, uintptr_t values, int64_t nvals,
+                     uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands, int64_t nb, int64_t rows,
+                     int threads, bool check_indices, uintptr_t grad_x, uintptr_t grad_values) {
+  const char* op = "packed_linear_backward";
+  const Packed p = check_packed(op, values, nvals, indices, nidx, idx32, bands, nb, rows, in);
+  check_threads(op, threads);
+  if (check_indices) check_index_range(op, p, rows, in, threads);
+  float* gx = ptr<float>(grad_x);
+  float* gv = ptr<float>(grad_values);
+  py::gil_scoped_release nogil;
+  if (gx) std::fill(gx, gx + B * in, 0.f);
+  if (B == 0 || rows == 0 || (!gx && !gv)) return;
+  const int isa = g_isa.load();
+  const int vl = pick_vl(isa, B);
+  const int64_t ldx = round_up(B, vl), nv = ldx / vl, extent = band_extent(p, rows);
+  // x, the output gradient and the input gradient transposed to [*, ldx]: every stored entry then works
+  // on one contiguous batch vector, as in the forward.
+  const Buffer xt = gv ? aligned_floats(in * ldx) : Buffer();
+  const Buffer gt = aligned_floats(rows * ldx);
+  const Buffer dxt = gx ? zeroed_floats(in * ldx) : Buffer();
+  if (gv) transpose_padded(ptr<const float>(x), B, in, ldx, xt.get());
+  transpose_padded(ptr<const float>(grad_out), B, rows, ldx, gt.get());
+  GradJob j;
+  j.vals = p.vals;
+  j.idx = p.idx;
+  j.bands = p.bands.data();
+  j.nb = int(p.bands.size());
+  j.rows = rows;
+  j.ldx = ldx;
+  j.x = xt.get();
+  j.dx = dxt.get();
+  j.g = gt.get();
+  j.ldg = ldx;
+  j.dv = gv;
+  const GradFn fn = grad_fn(isa, p.idx32, vl);
+  const int team = int(std::min<int64_t>(nv, team_for(threads, rows * p.width_sum * nv * (gx && gv ? 2 : 1))));
+  const Buffer parts = gv && team > 1 ? zeroed_floats((team - 1) * extent) : Buffer();
+#pragma omp parallel num_threads(team) if (team > 1)
+  for (int t = thread_id(); t < team; t += team_threads()) {  // chunk t: vectors [nv*t/team, nv*(t+1)/team)
+    GradJob mine = j;
+    if (gv && t > 0) mine.dv = parts.get() + (t - 1) * extent;
+    fn(mine, nv * t / team * vl, nv * (t + 1) / team * vl);
+  }
+  if (parts) add_parts(gv, parts.get(), team - 1, extent);
+  if (gx)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = 0; c < in; ++c) gx[b * in + c] = dxt[size_t(c * ldx + b)];
+}
+
+void conv2d_backward(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t grad_out,
+                     uintptr_t values, int64_t nvals, uintptr_t indices, int64_t nidx, bool idx32,
+                     uintptr_t bands, int64_t nb, int64_t rows, int64_t kh, int64_t kw, int64_t sh, int64_t sw,
+                     int64_t ph, int64_t pw, int threads, bool check_indices, uintptr_t grad_x,
+                     uintptr_t grad_values, int64_t out_h, int64_t out_w) {
+  const char* op = "packed_conv2d_backward";
+  const Packed p = check_conv(op, values, nvals, indices, nidx, idx32, bands, nb, rows, C, H, W, kh, kw, sh, sw,
+                              ph, pw, threads, check_indices, out_h, out_w);
+  const int64_t OH = out_h, OW = out_w;
+  float* gx = ptr<float>(grad_x);
+  float* gv = ptr<float>(grad_values);
+  const int isa = g_isa.load();
+  const int vl = pick_vl(isa, OW);
+  const Taps taps(H, W, kh, kw, sh, sw, ph, pw, round_up(OW, vl), 0);
+  const int64_t VW = taps.VW, N = OH * VW, img_stride = C * taps.cstride, extent = band_extent(p, rows);
+  if (img_stride + N > std::numeric_limits<int32_t>::max()) fail(op, "input too large for 32-bit tap offsets");
+  py::gil_scoped_release nogil;
+  if (gx) std::fill(gx, gx + B * C * H * W, 0.f);
+  if (B == 0 || rows == 0 || (!gx && !gv)) return;
+  const std::unique_ptr<int32_t[]> lut = taps.lut(C);
+  GradJob j;
+  j.vals = p.vals;
+  j.idx = p.idx;
+  j.bands = p.bands.data();
+  j.nb = int(p.bands.size());
+  j.rows = rows;
+  j.lut = lut.get();
+  j.ldg = N;
+  const GradFn fn = grad_fn(isa, p.idx32, vl);
+  const int team = int(std::min<int64_t>(B, team_for(threads, B * rows * p.width_sum * (N / vl))));
+  // Per thread: the image's planes (for dv), their gradient (for dx) and the output gradient in the
+  // forward's [rows, OH * VW] layout, zeros in the columns past OW.
+  const int64_t planes = gv ? img_stride : 0, dplanes = gx ? img_stride : 0;
+  const int64_t slice = round_up(planes, 16) + round_up(dplanes, 16) + round_up(rows * N, 16);
+  const Buffer scratch = aligned_floats(team * slice);
+  const Buffer parts = gv && team > 1 ? zeroed_floats((team - 1) * extent) : Buffer();
+  const float* xs = ptr<const float>(x);
+  const float* go = ptr<const float>(grad_out);
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(team) if (team > 1)
+  {
+    const int t = thread_id();
+    float* base = scratch.get() + t * slice;
+    GradJob mine = j;
+    float* planes_of_b = base;
+    mine.x = base;
+    mine.dx = gx ? base + round_up(planes, 16) : nullptr;
+    float* g = base + round_up(planes, 16) + round_up(dplanes, 16);
+    mine.g = g;
+    mine.dv = !gv ? nullptr : t == 0 ? gv : parts.get() + (t - 1) * extent;
+    for (int64_t b; (b = next.fetch_add(1, std::memory_order_relaxed)) < B;) {
+      if (gv)
+        for (int64_t c = 0; c < C; ++c) taps.prep(xs + (b * C + c) * H * W, planes_of_b + c * taps.cstride);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t oy = 0; oy < OH; ++oy) {
+          const float* src = go + ((b * rows + r) * OH + oy) * OW;
+          float* dst = g + r * N + oy * VW;
+          std::copy(src, src + OW, dst);
+          std::fill(dst + OW, dst + VW, 0.f);
+        }
+      if (gx) std::fill(mine.dx, mine.dx + img_stride, 0.f);
+      fn(mine, 0, N);
+      if (gx)
+        for (int64_t c = 0; c < C; ++c) taps.unprep(mine.dx + c * taps.cstride, gx + (b * C + c) * H * W);
+    }
+  }
+  if (parts) add_parts(gv, parts.get(), team - 1, extent);
 }
 
 void validate_indices(uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands, int64_t nb,
@@ -743,6 +1048,8 @@ PYBIND11_MODULE(_packed_sparse, m) {
   m.doc() = "Packed nested row-sparse (DRESS banded layout) CPU kernels; use dress_model.kernels";
   m.def("linear", &linear);
   m.def("conv2d", &conv2d);
+  m.def("linear_backward", &linear_backward);
+  m.def("conv2d_backward", &conv2d_backward);
   m.def("validate_indices", &validate_indices);
   m.def("set_isa", &set_isa, py::arg("name"));
   m.def("isa", [] { return std::string(isa_name(g_isa.load())); });
