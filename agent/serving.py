@@ -46,24 +46,34 @@ def runnable_density(densities: tuple[float, ...], assigned: float) -> float:
 
 
 class LatencyModel:
-    """Expected milliseconds of a forward pass per density, learnt from what the device measures.
+    """Expected milliseconds of a forward pass per density: the device's calibrated cost per image times one
+    slowdown factor that every measured pass updates, whichever density ran.
 
-    Starts from calibration (ms for one image, per density) and follows every measured pass with an
-    exponential moving average of its per-image cost, so load the calibration never saw (a foreground app,
-    thermal throttling) moves the predictions within a few requests."""
+    One shared factor, because load (a foreground app, thermal throttling) slows every subnet alike: a pass of
+    a sparse subnet under load also says the dense one would be late, and once the load is gone the sparse
+    passes bring the factor back down, so the denser subnets nobody ran meanwhile become eligible again (a
+    per-density average would keep the dense subnet's last slow reading forever). The factor rises at once to
+    a slower pass's ratio — a sudden spike costs at most one late answer — and decays towards faster ones by
+    ``smoothing`` per pass."""
 
     def __init__(self, per_image_ms: dict[float, float], smoothing: float = LATENCY_SMOOTHING) -> None:
-        self._per_image = dict(per_image_ms)
+        self._per_image = {d: ms for d, ms in per_image_ms.items() if ms > 0}
         self._smoothing = smoothing
+        self.slowdown = 1.0
 
     def expected_ms(self, density: float, batch: int) -> float | None:
         per_image = self._per_image.get(density)
-        return None if per_image is None else per_image * batch
+        return None if per_image is None else per_image * batch * self.slowdown
 
     def observe(self, density: float, batch: int, measured_ms: float) -> None:
         per_image = measured_ms / max(1, batch)
-        old = self._per_image.get(density)
-        self._per_image[density] = per_image if old is None else old + self._smoothing * (per_image - old)
+        base = self._per_image.get(density)
+        if base is None:  # never calibrated: its cost is what it took, at today's slowdown
+            if per_image > 0:
+                self._per_image[density] = per_image / self.slowdown
+            return
+        ratio = per_image / base
+        self.slowdown = ratio if ratio > self.slowdown else self.slowdown + self._smoothing * (ratio - self.slowdown)
 
     def densest_within(self, densities: Iterable[float], batch: int, deadline_ms: float) -> float | None:
         """The densest of ``densities`` expected to answer within ``deadline_ms``; None if none is."""

@@ -6,7 +6,10 @@ import json
 import os
 import platform
 import shlex
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +51,29 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         cells = [f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def median_us(
+    fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int, block: int = 5
+) -> dict[str, float]:
+    """Median microseconds per call over rounds in which every candidate runs a short block of calls.
+
+    Rounds alternate the candidates so a CPU shared with other work slows them alike; within a block
+    the first call is not recorded, as it mostly pays for refilling caches the other candidates used.
+    """
+    for fn in fns.values():
+        fn()
+    start = time.perf_counter()
+    for fn in fns.values():
+        fn()
+    per_round = (time.perf_counter() - start) * (block + 1)
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            fn()
+            for _ in range(block):
+                t = time.perf_counter()
+                fn()
+                samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(s) * 1e6 for name, s in samples.items()}

@@ -34,7 +34,7 @@ from rich.table import Table  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils import mkldnn as mkldnn_utils  # noqa: E402
 
-from benchmarks.common import command, machine, write_json  # noqa: E402
+from benchmarks.common import command, machine, median_us, write_json  # noqa: E402
 from dress_model.kernels import kernel_isa, packed_conv2d, packed_linear  # noqa: E402
 from dress_model.packed import band_table, pack_rows, prefix_lengths  # noqa: E402
 from dress_model.sparsity import keep_count  # noqa: E402
@@ -64,32 +64,6 @@ class LayerCase:
 
 LINEAR = [LayerCase("linear", 512, 512), LayerCase("linear", 1024, 1024), LayerCase("linear", 4096, 1024)]
 CONV = [LayerCase("conv1x1", 256, 256, 1, 8, 0), LayerCase("conv3x3", 128, 128, 3, 16, 1)]
-
-
-def median_us(
-    fns: dict[str, Callable[[], object]], budget_s: float, min_rounds: int, max_rounds: int, block: int = 5
-) -> dict[str, float]:
-    """Median microseconds per call over rounds in which every candidate runs a short block of calls.
-
-    Rounds alternate the candidates so a CPU shared with other work slows them alike; within a block
-    the first call is not recorded, as it mostly pays for refilling caches the other candidates used.
-    """
-    for fn in fns.values():
-        fn()
-    start = time.perf_counter()
-    for fn in fns.values():
-        fn()
-    per_round = (time.perf_counter() - start) * (block + 1)
-    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            for _ in range(block):
-                t = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - t)
-    return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
 
 
 def _packed_candidate(

@@ -282,6 +282,8 @@ class PackedModel(nn.Module):
             for p in (layer.values, layer.bias):
                 if p is not None:
                     p.requires_grad_(mode)
+            if mode:
+                layer._dense = None  # the inference-only dense copy of a full top band: rebuilt on eval
         if was_training and not mode:
             self._finalize()
         return self

@@ -455,6 +455,7 @@ def test_a_deadline_picks_the_densest_subnet_expected_to_meet_it_never_above_the
     served.latency = LatencyModel({1.0: 10.0, 0.5: 5.0, 0.25: 2.5, 0.1: 1.0})
     assert served.predict(x, deadline_ms=0.5)[1] == 0.1  # none fits: the fastest answers
     assert served.state().density == 0.5  # the request's switch was for that request only
+    served.latency = LatencyModel({1.0: 10.0, 0.5: 5.0, 0.25: 2.5, 0.1: 1.0})  # (the real passes were faster)
     logits, _, _ = served.predict(x, deadline_ms=11.0)
     served.packed.set_density(0.25)
     torch.testing.assert_close(logits, served.packed(x))  # it really ran the 0.25 subnet
@@ -463,13 +464,17 @@ def test_a_deadline_picks_the_densest_subnet_expected_to_meet_it_never_above_the
         served.predict(x, deadline_ms=float("nan"))
 
 
-def test_the_latency_model_learns_from_measured_passes() -> None:
-    model = LatencyModel({1.0: 10.0}, smoothing=0.5)
-    model.observe(1.0, batch=2, measured_ms=60.0)  # 30 ms an image now: a foreground app took the CPU
+def test_the_latency_model_learns_one_slowdown_from_every_measured_pass() -> None:
+    model = LatencyModel({1.0: 10.0, 0.5: 5.0}, smoothing=0.5)
+    model.observe(1.0, batch=2, measured_ms=60.0)  # 30 ms an image: a foreground app took the CPU
+    assert model.expected_ms(1.0, 1) == 30.0 and model.expected_ms(0.5, 1) == 15.0  # at once, for every density
+    assert model.densest_within([1.0, 0.5], batch=1, deadline_ms=20.0) == 0.5
+    model.observe(0.5, batch=1, measured_ms=5.0)  # the load is gone: the sparse pass brings the dense one back
     assert model.expected_ms(1.0, 1) == 20.0
-    model.observe(0.5, batch=1, measured_ms=4.0)  # a density never calibrated is learnt from its first pass
-    assert model.expected_ms(0.5, 3) == 12.0 and model.expected_ms(0.25, 1) is None
-    assert model.densest_within([1.0, 0.5, 0.25], batch=1, deadline_ms=15.0) == 0.5
+    model.observe(0.5, batch=1, measured_ms=5.0)
+    assert model.expected_ms(1.0, 1) == 15.0 and model.densest_within([1.0, 0.5], 1, 20.0) == 1.0
+    model.observe(0.25, batch=1, measured_ms=3.0)  # a density never calibrated is learnt from its first pass
+    assert model.expected_ms(0.25, 2) == 6.0 and model.expected_ms(0.1, 1) is None  # 2 ms an image, x 1.5
 
 
 def test_predict_over_grpc_honours_the_deadline(agent: AgentServer, agent_stub, served) -> None:

@@ -1,0 +1,177 @@
+"""What a device pays to train its subnet: a step through the packed format vs dense masked training.
+
+    python benchmarks/device.py --json benchmarks/results/device.json
+    python benchmarks/device.py --quick            # fewer rounds (~2 minutes)
+
+``training`` rows, per model (the fleet's cnn on 1x28x28, resnet20 on 3x32x32) and density: one step at batch
+32 (forward, backward, Nesterov SGD) of the subnet at that density, as the ClientApp runs it (a PackedModel
+packed up to the density, trained in place) and as devices trained before (the same subnet as a dense model
+under its mask, ``PackedModel.to_dress``). Times are medians over rounds that alternate the two paths in one
+process (``step_ms`` / ``dense_step_ms``). ``state_mb``: the bytes training holds for the model — parameters,
+their gradients, the optimizer's state, buffers (indices, or the dense path's row order) and cached masks.
+``peak_mb``: the peak resident memory during three steps above the idle process that holds the model
+(activations included), each measured in a fresh process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+import psutil  # noqa: E402
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import track  # noqa: E402
+
+from benchmarks.common import command, machine, markdown_table, median_us, write_json  # noqa: E402
+from dress_model.kernels import kernel_isa  # noqa: E402
+from dress_model.layers import RowSparse  # noqa: E402
+from dress_model.models import create_model  # noqa: E402
+from dress_model.packed import PackedModel  # noqa: E402
+from dress_model.training import TrainConfig, Trainable, joint_step, make_optimizer  # noqa: E402
+
+MODELS = {"cnn": (1, 28), "resnet20": (3, 32)}  # name -> (channels, image size)
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+BATCH = 32
+PATHS = ("packed", "dense")
+
+
+def _subnet(name: str, density: float, path: str) -> Trainable:
+    """The subnet at ``density`` of a model with magnitude-ranked random weights, as ``path`` trains it."""
+    channels, size = MODELS[name]
+    torch.manual_seed(0)
+    model = create_model(name, (0.1, 0.25, 0.5, 1.0), in_channels=channels, image_size=size)
+    model.rerank()
+    packed = PackedModel.from_dress(copy.deepcopy(model).eval(), max_density=density)
+    return packed if path == "packed" else packed.to_dress()
+
+
+def _stepper(model: Trainable, density: float) -> tuple[Any, torch.optim.Optimizer]:
+    channels, size = model.arch.in_channels, model.arch.image_size
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(BATCH, channels, size, size, generator=g), torch.randint(0, 10, (BATCH,), generator=g)
+    optimizer, _ = make_optimizer(model, TrainConfig(densities=(density,)), total_steps=1_000_000)
+    return lambda: joint_step(model, x, y, (density,), (1.0,), optimizer), optimizer
+
+
+def state_bytes(model: Trainable, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor training keeps for the model, each storage counted once."""
+    tensors: list[torch.Tensor] = []
+    for p in model.parameters():
+        tensors.append(p)
+        if p.grad is not None:
+            tensors.append(p.grad)
+    for state in optimizer.state.values():
+        tensors.extend(t for t in state.values() if isinstance(t, torch.Tensor))
+    tensors.extend(model.buffers())
+    tensors.extend(m for layer in model.modules() if isinstance(layer, RowSparse) for m in layer._masks.values())
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(seen.values())
+
+
+def peak_above_idle(name: str, density: float, path: str, steps: int = 3) -> float:
+    """MB of resident memory above the idle process during ``steps`` training steps (run in this process)."""
+    model = _subnet(name, density, path)
+    step, _ = _stepper(model, density)
+    process = psutil.Process()
+    idle = process.memory_info().rss
+    peak, done = idle, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    for _ in range(steps):
+        step()
+    done.set()
+    sampler.join()
+    return (max(peak, process.memory_info().rss) - idle) / 2**20
+
+
+def _peak_in_fresh_process(name: str, density: float, path: str, threads: int) -> float:
+    """A new interpreter per measurement: freed memory kept by the allocator would hide the next peak."""
+    out = subprocess.run([sys.executable, __file__, "--peak-of", name, str(density), path, "--threads", str(threads)],
+                         capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def bench_training(threads: int, quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    cases = [(name, d) for name in MODELS for d in DENSITIES]
+    for name, density in track(cases, description="training steps"):
+        models = {path: _subnet(name, density, path) for path in PATHS}
+        steppers = {path: _stepper(models[path], density) for path in PATHS}
+        times = median_us({path: steppers[path][0] for path in PATHS}, 3.0 if quick else 15.0, 3, 200, block=2)
+        state = {path: state_bytes(models[path], steppers[path][1]) / 2**20 for path in PATHS}
+        peak = {path: _peak_in_fresh_process(name, density, path, threads) for path in PATHS}
+        rows.append({"model": name, "density": density, "step_ms": round(times["packed"] / 1e3, 2),
+                     "dense_step_ms": round(times["dense"] / 1e3, 2), "state_mb": round(state["packed"], 3),
+                     "dense_state_mb": round(state["dense"], 3), "peak_mb": round(peak["packed"], 1),
+                     "dense_peak_mb": round(peak["dense"], 1)})
+    return rows
+
+
+def markdown(result: dict[str, Any]) -> str:
+    rows = [r | {"speedup": round(r["dense_step_ms"] / r["step_ms"], 2),
+                 "state ratio": round(r["state_mb"] / r["dense_state_mb"], 2)} for r in result["training"]]
+    columns = ["model", "density", "step_ms", "dense_step_ms", "speedup", "state_mb", "dense_state_mb",
+               "state ratio", "peak_mb", "dense_peak_mb"]
+    return (f"# On the device: training through the packed format\n\n`{result['command']}`\n\n"
+            f"{result['machine']['cpu']}, {result['machine']['threads']} threads, kernel ISA "
+            f"{result['machine']['kernel_isa']}. One training step at batch {BATCH} of the subnet at each density: "
+            f"packed (what the ClientApp runs) vs the same subnet as a dense model under its mask, alternated in "
+            f"one process (medians). State: parameters, gradients, optimizer state, buffers and masks. Peak: "
+            f"resident memory above the idle process during three steps, in a fresh process each.\n\n"
+            + markdown_table(rows, columns))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
+    parser.add_argument("--json", type=Path, help="write the results here (atomically), and a .md beside it")
+    parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "DENSITY", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    if args.peak_of:
+        name, density, path = args.peak_of
+        print(json.dumps({"peak_mb": peak_above_idle(name, float(density), path)}))
+        return
+    console = Console()
+    load_before = os.getloadavg()
+    training = bench_training(args.threads, args.quick)
+    info = machine() | {"kernel_isa": kernel_isa(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    for r in training:
+        console.print(f"{r['model']} d={r['density']:g}: step {r['step_ms']} ms packed vs {r['dense_step_ms']} ms "
+                      f"dense masked ({r['dense_step_ms'] / r['step_ms']:.2f}x); state {r['state_mb']:.2f} vs "
+                      f"{r['dense_state_mb']:.2f} MB; peak {r['peak_mb']} vs {r['dense_peak_mb']} MB")
+    if args.json:
+        result = {"command": command(), "machine": info, "training": training}
+        write_json(args.json, result)
+        args.json.with_suffix(".md").write_text(markdown(result))
+        console.print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
