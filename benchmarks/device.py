@@ -1,7 +1,14 @@
-"""What a device pays to train its subnet: a step through the packed format vs dense masked training.
+"""On the device: what training its subnet costs, and how well each density policy meets deadlines.
 
     python benchmarks/device.py --json benchmarks/results/device.json
-    python benchmarks/device.py --quick            # fewer rounds (~2 minutes)
+    python benchmarks/device.py --quick                       # fewer rounds and samples
+    python benchmarks/device.py --parts adaptation --model runs/demo/state/checkpoints/round-40.safetensors \
+        --json benchmarks/results/device.json                 # re-measure one part, keep the other
+
+``adaptation`` rows (see benchmarks/adaptation.py): per budget trace and policy, the share of requests that
+missed their deadline, the accuracy of the subnets that answered, and the 99th percentile response time. The
+model is ``--model`` (a DRESS checkpoint or packed file; by default a ``--train-model`` trained here for
+``--train-epochs`` on Fashion-MNIST), and the deadline is ``--deadline-factor`` times its full model's median idle latency.
 
 ``training`` rows, per model (the fleet's cnn on 1x28x28, resnet20 on 3x32x32) and density: one step at batch
 32 (forward, backward, Nesterov SGD) of the subnet at that density, as the ClientApp runs it (a PackedModel
@@ -33,14 +40,18 @@ if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
-from rich.progress import track  # noqa: E402
+from rich.progress import Progress, track  # noqa: E402
 
+from benchmarks import adaptation  # noqa: E402
 from benchmarks.common import command, machine, markdown_table, median_us, write_json  # noqa: E402
+from dress_model.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from dress_model.data import load_dataset  # noqa: E402
 from dress_model.kernels import kernel_isa  # noqa: E402
 from dress_model.layers import RowSparse  # noqa: E402
+from dress_model.models import MODELS as MODEL_NAMES  # noqa: E402
 from dress_model.models import create_model  # noqa: E402
-from dress_model.packed import PackedModel  # noqa: E402
-from dress_model.training import TrainConfig, Trainable, joint_step, make_optimizer  # noqa: E402
+from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint  # noqa: E402
+from dress_model.training import TrainConfig, Trainable, joint_step, make_optimizer, train  # noqa: E402
 
 MODELS = {"cnn": (1, 28), "resnet20": (3, 32)}  # name -> (channels, image size)
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
@@ -130,44 +141,120 @@ def bench_training(threads: int, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def served_model(path: Path | None, name: str, epochs: float, console: Console) -> PackedModel:
+    """The model whose subnets answer the requests: a DRESS checkpoint or packed file, else one trained here."""
+    if path is not None:
+        try:
+            return PackedModel.load(path)
+        except PackedFormatError:
+            try:
+                return pack_checkpoint(load_checkpoint(path)[0])
+            except CheckpointError as e:
+                raise SystemExit(f"--model {path}: neither a packed model nor a DRESS checkpoint ({e})") from None
+    torch.manual_seed(0)
+    model = create_model(name, (0.1, 0.25, 0.5, 1.0))
+    loader = load_dataset("fashion-mnist", "train").loader(64, shuffle=True)
+    with Progress(console=console) as progress:
+        task = progress.add_task(f"training a {name} on Fashion-MNIST to serve (--model skips this)",
+                                 total=max(1, round(epochs * len(loader))))
+        train(model, loader, TrainConfig(epochs=epochs), on_step=lambda step, *_: progress.update(task, completed=step))
+    return pack_checkpoint(model)
+
+
+def bench_adaptation(packed: PackedModel, samples: int, deadline_factor: float, seed: int,
+                     console: Console) -> dict[str, Any]:
+    test = load_dataset("fashion-mnist" if packed.arch.in_channels == 1 else "cifar10", "test")
+    with console.status("measuring") as status:
+        measured = adaptation.measure(packed, test, samples, lambda what: status.update(f"measuring {what}"))
+    deadline = deadline_factor * measured.median_ms(0, max(measured.densities))
+    rows = adaptation.run(measured, deadline, seed)
+    return {"deadline_ms": round(deadline, 3), "trace_s": adaptation.TRACE_S, "interval_ms": adaptation.INTERVAL_MS,
+            "latency_ms": {str(load): {f"{d:g}": round(measured.median_ms(load, d), 3) for d in measured.densities}
+                           for load in adaptation.LOADS},
+            "reload_ms": {str(load): {f"{d:g}": round(ms, 2) for d, ms in r.items()}
+                          for load, r in measured.reload_ms.items()},
+            "subnet_accuracy": {f"{d:g}": round(100.0 * float(c.mean()), 2) for d, c in measured.correct.items()},
+            "rows": rows}
+
+
 def markdown(result: dict[str, Any]) -> str:
-    rows = [r | {"speedup": round(r["dense_step_ms"] / r["step_ms"], 2),
-                 "state ratio": round(r["state_mb"] / r["dense_state_mb"], 2)} for r in result["training"]]
-    columns = ["model", "density", "step_ms", "dense_step_ms", "speedup", "state_mb", "dense_state_mb",
-               "state ratio", "peak_mb", "dense_peak_mb"]
-    return (f"# On the device: training through the packed format\n\n`{result['command']}`\n\n"
-            f"{result['machine']['cpu']}, {result['machine']['threads']} threads, kernel ISA "
-            f"{result['machine']['kernel_isa']}. One training step at batch {BATCH} of the subnet at each density: "
-            f"packed (what the ClientApp runs) vs the same subnet as a dense model under its mask, alternated in "
-            f"one process (medians). State: parameters, gradients, optimizer state, buffers and masks. Peak: "
-            f"resident memory above the idle process during three steps, in a fresh process each.\n\n"
-            + markdown_table(rows, columns))
+    text = (f"# On the device\n\n`{result['command']}`\n\n{result['machine']['cpu']}, "
+            f"{result['machine']['threads']} threads, kernel ISA {result['machine']['kernel_isa']}.\n\n")
+    if "training" in result:
+        rows = [r | {"speedup": round(r["dense_step_ms"] / r["step_ms"], 2),
+                     "state ratio": round(r["state_mb"] / r["dense_state_mb"], 2)} for r in result["training"]]
+        columns = ["model", "density", "step_ms", "dense_step_ms", "speedup", "state_mb", "dense_state_mb",
+                   "state ratio", "peak_mb", "dense_peak_mb"]
+        text += (f"## Training through the packed format\n\nOne training step at batch {BATCH} of the subnet at each "
+                 f"density: packed (what the ClientApp runs) vs the same subnet as a dense model under its mask, "
+                 f"alternated in one process (medians). State: parameters, gradients, optimizer state, buffers and "
+                 f"masks. Peak: resident memory above the idle process during three steps, in a fresh process "
+                 f"each.\n\n" + markdown_table(rows, columns) + "\n")
+    if "adaptation" in result:
+        a = result["adaptation"]
+        text += (f"## Density per request under a changing budget\n\nDeadline {a['deadline_ms']} ms, one request every "
+                 f"{a['interval_ms']:g} ms for {a['trace_s']:g} s per trace (see benchmarks/adaptation.py). Subnet "
+                 f"accuracy on the test images: {a['subnet_accuracy']}. Median batch-1 latency (ms) per number of "
+                 f"busy background processes: {a['latency_ms']}; loading a stored pruned model: {a['reload_ms']} "
+                 f"ms.\n\n" + markdown_table(a["rows"], ["trace", "policy", "miss_rate", "accuracy", "p99_ms"]))
+    return text
+
+
+PARTS = ("training", "adaptation")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer rounds per measurement")
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and latency samples")
     parser.add_argument("--threads", type=int, default=2, help="torch and kernel threads (default 2)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated, from {', '.join(PARTS)}; the others are kept from --json")
+    parser.add_argument("--model", type=Path, help="adaptation: the served model (checkpoint or packed file)")
+    parser.add_argument("--train-model", default="resnet20", help="adaptation without --model: what to train "
+                        "(default resnet20: at batch 1 its subnets' latencies differ enough to matter)")
+    parser.add_argument("--train-epochs", type=float, default=0.25, help="adaptation without --model (default 0.25)")
+    parser.add_argument("--deadline-factor", type=float, default=2.0,
+                        help="adaptation: the deadline as a multiple of the full model's idle latency (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="adaptation: traces and latency draws (default 0)")
     parser.add_argument("--json", type=Path, help="write the results here (atomically), and a .md beside it")
     parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "DENSITY", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    parts = [p for p in args.parts.split(",") if p]
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not parts or set(parts) - set(PARTS):
+        parser.error(f"--parts must name some of {', '.join(PARTS)}, got {args.parts!r}")
+    if args.train_model not in MODEL_NAMES:
+        parser.error(f"--train-model must be one of {', '.join(sorted(MODEL_NAMES))}, got {args.train_model!r}")
+    if args.deadline_factor <= 0 or args.train_epochs <= 0:
+        parser.error("--deadline-factor and --train-epochs must be > 0")
     torch.set_num_threads(args.threads)
     if args.peak_of:
         name, density, path = args.peak_of
         print(json.dumps({"peak_mb": peak_above_idle(name, float(density), path)}))
         return
     console = Console()
+    kept = json.loads(args.json.read_text()) if args.json and args.json.exists() else {}
+    result: dict[str, Any] = {k: kept[k] for k in PARTS if k in kept and k not in parts}
     load_before = os.getloadavg()
-    training = bench_training(args.threads, args.quick)
+    if "training" in parts:
+        result["training"] = bench_training(args.threads, args.quick)
+        for r in result["training"]:
+            console.print(f"{r['model']} d={r['density']:g}: step {r['step_ms']} ms packed vs {r['dense_step_ms']} ms "
+                          f"dense masked ({r['dense_step_ms'] / r['step_ms']:.2f}x); state {r['state_mb']:.2f} vs "
+                          f"{r['dense_state_mb']:.2f} MB; peak {r['peak_mb']} vs {r['dense_peak_mb']} MB")
+    if "adaptation" in parts:
+        packed = served_model(args.model, args.train_model, args.train_epochs, console)
+        result["adaptation"] = bench_adaptation(packed, 60 if args.quick else 300, args.deadline_factor, args.seed,
+                                                console)
+        for r in result["adaptation"]["rows"]:
+            console.print(f"{r['trace']:>13} {r['policy']:>15}: {r['miss_rate']:5.2f}% late, accuracy "
+                          f"{r['accuracy']:.2f}%, p99 {r['p99_ms']} ms")
     info = machine() | {"kernel_isa": kernel_isa(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
-    for r in training:
-        console.print(f"{r['model']} d={r['density']:g}: step {r['step_ms']} ms packed vs {r['dense_step_ms']} ms "
-                      f"dense masked ({r['dense_step_ms'] / r['step_ms']:.2f}x); state {r['state_mb']:.2f} vs "
-                      f"{r['dense_state_mb']:.2f} MB; peak {r['peak_mb']} vs {r['dense_peak_mb']} MB")
     if args.json:
-        result = {"command": command(), "machine": info, "training": training}
+        previous = kept.get("command", "")
+        joined = command() if not previous or set(parts) == set(PARTS) else f"{previous} && {command()}"
+        result = {"command": joined, "machine": info, **result}
         write_json(args.json, result)
         args.json.with_suffix(".md").write_text(markdown(result))
         console.print(f"wrote {args.json}")
