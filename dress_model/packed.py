@@ -15,7 +15,9 @@ Full density at dense cost: when a layer's top band completes every row (k_n = c
 up to d=1), the file omits that band's indices — they are the columns the earlier bands miss, ascending, and
 the loader rebuilds them — and that subnet runs as a dense layer (F.conv2d / F.linear on the weight rebuilt
 at load, BN folded in), which is faster than any sparse kernel at 100 % density. A file may also carry its
-float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32.
+float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32. Stored indices travel
+bit-packed, ``index_bits(cols)`` bits each (10 for a 576-column row instead of int16's 16), and are unpacked
+to the kernels' int16/int32 at load.
 
 Training runs on the same buffers: in training mode a layer computes through the differentiable packed ops
 (``dress_model.kernels.autograd``) with ``values`` as its parameter and its BN unfolded (batch statistics),
@@ -31,6 +33,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
@@ -46,7 +49,7 @@ from dress_model.models import Architecture, DressModel, create_model
 from dress_model.sparsity import keep_count
 
 FORMAT = "dress-packed"
-VERSION = 2  # 2: a full top band travels without indices; float tensors may be float16
+VERSION = 3  # 2: a full top band travels without indices, floats may be float16; 3: indices bit-packed
 INT16_MAX_COLS = 32767  # the widest row int16 column indices address; wider layers store int32
 
 
@@ -91,6 +94,29 @@ def stored_index_count(ks: list[int], rows: int, cols: int) -> int:
     if ks[-1] != cols:
         return rows * ks[-1]
     return rows * ks[-2] if len(ks) > 1 else 0
+
+
+def index_bits(cols: int) -> int:
+    """Bits a stored column index of a ``cols``-column row takes: enough for ``cols - 1``."""
+    return max(1, (cols - 1).bit_length())
+
+
+def packed_index_bytes(count: int, bits: int) -> int:
+    return (count * bits + 7) // 8
+
+
+def pack_index_bits(indices: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 [packed_index_bytes]: each index's ``bits`` low bits, little-endian, one after the other."""
+    a = indices.numpy().astype(np.uint32)
+    bit_matrix = ((a[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
+
+
+def unpack_index_bits(data: torch.Tensor, count: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """``pack_index_bits`` undone: ``count`` indices as ``dtype`` (range checks are the loader's)."""
+    bit_matrix = np.unpackbits(data.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
+    values = (bit_matrix.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1, dtype=np.int32)
+    return torch.from_numpy(values).to(dtype)
 
 
 def band_columns(indices: torch.Tensor, bands: torch.Tensor, rows: int) -> torch.Tensor:
@@ -388,6 +414,11 @@ class PackedModel(nn.Module):
                     raise PackedFormatError(f"{source}: {key} holds non-finite values (NaN or infinity)")
         for name, layer in packed.packed_layers():
             tensors[f"{name}.bands"] = layer.bands
+            stored = tensors[f"{name}.indices"]
+            if stored.dtype != torch.uint8:
+                raise PackedFormatError(f"{source}: {name}.indices must be bit-packed uint8, got {stored.dtype}")
+            tensors[f"{name}.indices"] = unpack_index_bits(stored, layer.stored_indices, index_bits(layer.cols),
+                                                           index_dtype_for(layer.cols))
             if layer.full_top:
                 tensors[f"{name}.indices"] = _with_top_band(source, name, layer, tensors[f"{name}.indices"])
             _check_layer(source, name, layer, tensors)
@@ -404,7 +435,7 @@ class PackedModel(nn.Module):
         header = {"format": FORMAT, "version": VERSION, "architecture": self.arch.to_json()}
         tensors = {k: v.contiguous() for k, v in self.net.state_dict().items() if not k.endswith(".bands")}
         for name, layer in self.packed_layers():
-            tensors[f"{name}.indices"] = layer.indices[: layer.stored_indices].contiguous()
+            tensors[f"{name}.indices"] = pack_index_bits(layer.indices[: layer.stored_indices], index_bits(layer.cols))
         if half:
             for key, t in tensors.items():
                 if t.is_floating_point():
@@ -444,7 +475,8 @@ def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None
         del want[f"{name}.weight"], want[f"{name}.order"]
         ks = prefix_lengths(arch.densities, layer.cols)
         want[f"{name}.values"] = (layer.rows * ks[-1],)
-        want[f"{name}.indices"] = (stored_index_count(ks, layer.rows, layer.cols),)
+        want[f"{name}.indices"] = (packed_index_bytes(stored_index_count(ks, layer.rows, layer.cols),
+                                                      index_bits(layer.cols)),)
     try:
         n = int.from_bytes(data[:8], "little")
         table = json.loads(data[8 : 8 + n])

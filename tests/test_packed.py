@@ -7,8 +7,16 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from dress_model.models import create_model
-from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
+from dress_model.models import Architecture, create_model
+from dress_model.packed import (
+    PackedFormatError,
+    PackedModel,
+    index_bits,
+    pack_checkpoint,
+    pack_index_bits,
+    packed_index_bytes,
+    unpack_index_bits,
+)
 
 DENS = "1,0.5,0.25,0.1"
 
@@ -100,12 +108,14 @@ def test_a_full_top_band_travels_without_indices_and_runs_dense() -> None:
     tensors = load_tensors(packed.to_bytes())
     loaded = PackedModel.from_bytes(packed.to_bytes())
     for (name, layer), (_, back) in zip(packed.packed_layers(), loaded.packed_layers()):
-        assert layer.full_top and tensors[f"{name}.indices"].numel() == layer.entries(len(layer.densities) - 2)
+        stored = packed_index_bytes(layer.entries(len(layer.densities) - 2), index_bits(layer.cols))
+        assert layer.full_top and tensors[f"{name}.indices"].numel() == stored
         assert torch.equal(back.indices, layer.indices) and torch.equal(back.values, layer.values)
         assert back._dense is not None
     partial = pack_checkpoint(model, max_density=0.5)
     for name, layer in partial.packed_layers():
-        assert not layer.full_top and load_tensors(partial.to_bytes())[f"{name}.indices"].numel() == layer.indices.numel()
+        stored = packed_index_bytes(layer.indices.numel(), index_bits(layer.cols))
+        assert not layer.full_top and load_tensors(partial.to_bytes())[f"{name}.indices"].numel() == stored
     x = torch.randn(3, 1, 28, 28)
     model.set_density(1.0)
     loaded.set_density(1.0)
@@ -148,14 +158,24 @@ def _first_key(tensors, suffix):
     return next(k for k in sorted(tensors) if k.endswith(suffix))
 
 
+def _edit_index(tensors, header, position, value) -> None:
+    """Set the first layer's stored index ``position`` to ``value(indices, bits)``, re-packing the bits."""
+    key = _first_key(tensors, ".indices")
+    layer = PackedModel(Architecture.from_json(header["architecture"])).net.get_submodule(key.rpartition(".")[0])
+    bits = index_bits(layer.cols)
+    indices = unpack_index_bits(tensors[key], layer.stored_indices, bits, torch.int32)
+    indices[position] = value(indices, bits)
+    tensors[key] = pack_index_bits(indices, bits)
+
+
 BAD = {
     "version": (lambda t, h: h.update(version=99), "version 99"),
     "format": (lambda t, h: h.update(format="other"), "expected 'dress-packed'"),
-    "index out of range": (lambda t, h: t[_first_key(t, ".indices")].__setitem__(0, 30000), "range"),
-    "negative index": (lambda t, h: t[_first_key(t, ".indices")].__setitem__(0, -1), "range"),
-    "duplicate column": (
-        lambda t, h: t[_first_key(t, ".indices")].__setitem__(1, t[_first_key(t, ".indices")][0]),
-        "repeats a column",
+    "index out of range": (lambda t, h: _edit_index(t, h, 0, lambda idx, bits: 2**bits - 1), "range"),
+    "duplicate column": (lambda t, h: _edit_index(t, h, 1, lambda idx, bits: idx[0]), "repeats a column"),
+    "indices not bit-packed": (
+        lambda t, h: t.__setitem__(_first_key(t, ".indices"), t[_first_key(t, ".indices")].to(torch.int16)),
+        "bit-packed uint8",
     ),
     "top band's indices stored": (
         lambda t, h: t.__setitem__(_first_key(t, ".indices"), torch.cat([t[_first_key(t, ".indices")]] * 2)),
@@ -196,3 +216,13 @@ def test_truncated_and_missing_files_are_refused(tmp_path) -> None:
         PackedModel.from_bytes(b"\xff" * 16)
     with pytest.raises(PackedFormatError, match="does not exist"):
         PackedModel.load(tmp_path / "missing.packed")
+
+
+@pytest.mark.parametrize("cols", [1, 2, 3, 144, 256, 257, 576, 32767, 40000])
+def test_indices_travel_bit_packed_with_just_enough_bits(cols: int) -> None:
+    bits = index_bits(cols)
+    assert 2 ** bits >= cols and (bits == 1 or 2 ** (bits - 1) < cols)
+    indices = torch.randint(0, cols, (1001,), generator=torch.Generator().manual_seed(cols))
+    data = pack_index_bits(indices, bits)
+    assert data.dtype == torch.uint8 and data.numel() == packed_index_bytes(1001, bits) == -(-1001 * bits // 8)
+    assert torch.equal(unpack_index_bits(data, 1001, bits, torch.int32), indices.int())
