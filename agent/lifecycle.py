@@ -31,6 +31,7 @@ from agent.serving import (
     ServedModel,
     serve,
 )
+from contracts import calibration_wire
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.flower_processes import ManagedProcess, start_supernode
 from contracts.policy import CalibrationPoint
@@ -169,8 +170,7 @@ class Agent:
             raise AgentError(str(e)) from None
         request = pb.RegisterRequest(
             name=c.name or "", profile=c.profile.name, supernode_public_key=public_key,
-            calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
-                         for p in self.calibration])
+            calibration=calibration_wire.to_proto(self.calibration))
         try:
             registration = stub.Register(request, timeout=c.connect_timeout)
         except grpc.RpcError as e:

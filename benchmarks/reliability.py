@@ -41,6 +41,7 @@ from byzantine import run_byzantine
 from faults import run_faults
 from agent.serving import AgentIdentity, ServedModel
 from agent.serving import serve as serve_agent
+from contracts import calibration_wire
 from contracts.credentials import bearer, supernode_key
 from contracts.flower_processes import flwr, pick_port, start_superlink, start_supernode
 from contracts.tls import init_certificates, issue_certificate, mutual_server_credentials
@@ -143,8 +144,7 @@ def fuzz_packed(count: int, seed: int) -> dict[str, Any]:
 def _requests(rng: random.Random) -> list[tuple[str, bytes]]:
     """Valid requests of every method, to mutate; device ids a stranger might guess."""
     budget = pb.Budget(latency_ms=50, memory_mb=400, battery=0.5)
-    calibration = [pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
-                   for p in CALIBRATION]
+    calibration = calibration_wire.to_proto(CALIBRATION)
     return [
         ("Describe", pb.DescribeRequest().SerializeToString()),
         ("Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=calibration).SerializeToString()),
@@ -163,8 +163,7 @@ def _control_plane(registry: Registry, payload: bytes) -> tuple[grpc.Server, str
 def _enrolled(channel: grpc.Channel, registry: Registry, name: str) -> tuple[int, str]:
     """A device registered the way an agent does: (its id, its credential)."""
     token = registry.enroll([name])[name]
-    calibration = [pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
-                   for p in CALIBRATION]
+    calibration = calibration_wire.to_proto(CALIBRATION)
     reply = pb.RegisterResponse.FromString(channel.unary_unary(f"/{SERVICE_NAME}/Register")(
         pb.RegisterRequest(profile="pi4", calibration=calibration).SerializeToString(), metadata=bearer(token),
         timeout=HANG_S))
@@ -301,8 +300,7 @@ def control_plane_strangers(count: int, seed: int) -> dict[str, Any]:
                 victim, _ = _enrolled(channel, registry, "pi-kitchen")
                 _, mallory = _enrolled(channel, registry, "mallory")
                 spent = registry.enroll(["spent"])["spent"]
-                as_pi4 = pb.RegisterRequest(profile="pi4", calibration=[pb.CalibrationPoint(
-                    density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb) for p in CALIBRATION])
+                as_pi4 = pb.RegisterRequest(profile="pi4", calibration=calibration_wire.to_proto(CALIBRATION))
                 channel.unary_unary(f"/{SERVICE_NAME}/Register")(as_pi4.SerializeToString(),
                                                                   metadata=bearer(spent), timeout=HANG_S)
                 expired = registry.enroll(["late"], ttl=timedelta(microseconds=1))["late"]

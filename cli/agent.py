@@ -58,10 +58,12 @@ def budget_source(profile: Profile, trace: Path | None) -> BudgetSource:
 
 def calibration_table(points: list[CalibrationPoint]) -> Table:
     table = Table(title="calibration on this machine")
-    for column in ("density", "latency ms (median, batch 1)", "memory MB"):
+    for column in ("density", "latency ms (median, batch 1)", "memory MB", "training step ms (batch 32)",
+                   "training MB"):
         table.add_column(column, justify="right")
     for p in points:
-        table.add_row(f"{p.density:g}", f"{p.latency_ms:.3f}", f"{p.memory_mb:.2f}")
+        table.add_row(f"{p.density:g}", f"{p.latency_ms:.3f}", f"{p.memory_mb:.2f}", f"{p.train_ms:.1f}",
+                      f"{p.train_memory_mb:.1f}")
     return table
 
 

@@ -44,12 +44,23 @@ class CalibrationPoint:
     density: float
     latency_ms: float
     memory_mb: float
+    train_ms: float = 0.0  # one training step at the calibration batch; 0: not measured
+    train_memory_mb: float = 0.0  # training state plus activations of that step; 0: not measured
 
     def __post_init__(self) -> None:
         _finite_in(self.density, "calibration density", 0.0, 1.0, low_open=True)
         where = f"at density {self.density:g}"
         _finite_in(self.latency_ms, f"calibration latency_ms {where}", 0.0, MAX_LATENCY_MS, low_open=False)
         _finite_in(self.memory_mb, f"calibration memory_mb {where}", 0.0, MAX_MEMORY_MB, low_open=False)
+        _finite_in(self.train_ms, f"calibration train_ms {where}", 0.0, MAX_LATENCY_MS, low_open=False)
+        _finite_in(self.train_memory_mb, f"calibration train_memory_mb {where}", 0.0, MAX_MEMORY_MB, low_open=False)
+
+    def trains_within(self, memory_mb: float, step_seconds: float | None) -> bool:
+        """True if training at this density fits ``memory_mb`` and, when given, a step takes at most
+        ``step_seconds``; an unmeasured cost fits."""
+        if self.train_memory_mb > memory_mb:
+            return False
+        return step_seconds is None or self.train_ms / 1000 <= step_seconds
 
     def fits(self, budget: Budget, margin: float = 0.0) -> bool:
         """True if this subnet's cost, inflated by `margin`, stays within the budget."""
@@ -68,6 +79,19 @@ def validate_calibration(points: Iterable[CalibrationPoint]) -> tuple[Calibratio
         if denser.density == sparser.density:
             raise ValueError(f"calibration lists density {denser.density:g} more than once")
     return table
+
+
+def training_density(
+    calibration: Sequence[CalibrationPoint], serving: float, memory_mb: float | None, steps: int | None,
+    seconds: float,
+) -> float | None:
+    """The densest calibrated density at or below ``serving`` whose training fits the device: the step's
+    memory within ``memory_mb`` (its last reported budget; None: unknown) and ``steps`` steps within
+    ``seconds``. None when not even the sparsest fits: the device sits this round out."""
+    memory = math.inf if memory_mb is None else memory_mb
+    per_step = None if not steps else seconds / steps
+    fitting = [p.density for p in calibration if p.density <= serving + 1e-9 and p.trains_within(memory, per_step)]
+    return max(fitting, default=None)
 
 
 def choose_density(

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from contracts import calibration_wire
 from contracts.checked_service import add_checked_servicer
 from contracts.credentials import check_public_key, digest, presented_secret
-from contracts.policy import Budget, CalibrationPoint, validate_calibration
+from contracts.policy import Budget, validate_calibration
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
 from coordinator.supernodes import KeyChange, SupernodeKeys
@@ -130,8 +131,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                           f"the credential or token is for device {caller.name!r}, not {request.name!r}")
         credential = ""
         with _status_on_error(context):  # checked before a SuperNode key costs the SuperLink a registration
-            calibration = validate_calibration(
-                CalibrationPoint(p.density, p.latency_ms, p.memory_mb) for p in request.calibration)
+            calibration = validate_calibration(calibration_wire.from_proto(request.calibration))
             measured, served = sorted(p.density for p in calibration), sorted(self._architecture.densities)
             if measured != served:
                 raise InvalidInputError(

@@ -99,7 +99,7 @@ def main(grid: Grid, context: Context) -> None:
                       round_config=lambda r: {"lr": settings.lr_at(r),
                                               **({"distill": settings.distill_at(r)} if dress else {})},
                       server_momentum=settings.server_momentum, first_round=done + 1, node_auth=settings.node_auth,
-                      aggregation=Aggregation.parse(settings.aggregation),
+                      aggregation=Aggregation.parse(settings.aggregation), round_timeout_s=ROUND_TIMEOUT_S,
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from torch.utils.data import DataLoader
 
 from contracts.messages import STATUS_QUERY, device_of, record_nbytes, subnet_record, train_message, upload_state
+from contracts.policy import training_density
 from contracts.settings import MEAN, Aggregation
 from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
@@ -84,6 +85,7 @@ class DressStrategy(Strategy):
         node_auth: bool = False,
         first_round: int = 1,
         aggregation: Aggregation = MEAN,
+        round_timeout_s: float | None = None,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
@@ -98,6 +100,8 @@ class DressStrategy(Strategy):
         self.node_devices: dict[int, str] = {}
         self.node_auth = node_auth  # nodes are known by their registered keys (the registry), not by their word
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
+        self.round_timeout_s = round_timeout_s  # a device's training must fit it (its calibrated step time)
+        self.train_steps: int | None = None  # the most steps a device takes this round (configure_train)
         self.sent: dict[int, Sent] = {}  # node id -> what its device was sent this round
         self.stats: dict[int, RoundStats] = {}
 
@@ -150,7 +154,7 @@ class DressStrategy(Strategy):
                 info = devices.get(self.node_devices.get(node, ""))
                 if info is None or info.status != DeviceStatus.ONLINE:
                     continue
-                level = self.level_for(info.current_density)
+                level = self.training_level(info)
                 if level is not None and len(chosen) < count:
                     chosen.append((node, info, level))
         return chosen
@@ -163,10 +167,11 @@ class DressStrategy(Strategy):
         server_round += self.offset
         stats = self.stats[server_round] = RoundStats(server_round)
         self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.train_steps = math.ceil(float(config["epochs"]) * self.max_examples / int(config["batch-size"]))
         self.registry.mark_offline(self.stale_after)
         devices = {d.name: d for d in self.registry.list_devices()}
         eligible = sum(1 for d in devices.values()
-                       if d.status == DeviceStatus.ONLINE and self.level_for(d.current_density) is not None)
+                       if d.status == DeviceStatus.ONLINE and self.training_level(d) is not None)
         count = min(eligible, max(self.min_devices, math.ceil(self.fraction * eligible)))
         chosen = self.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round))
         log.info("round %d: %d of %d eligible online devices", server_round, len(chosen), eligible)
@@ -248,6 +253,18 @@ class DressStrategy(Strategy):
         name = self.node_devices.get(node, f"node {node}")
         self.stats[server_round].rejected[name] = str(reason)
         log.warning("round %d: the reply of %s does not count: %s", server_round, name, reason)
+
+    def training_level(self, info: DeviceInfo) -> float | None:
+        """What the device trains this round: the densest density at or below its assignment whose training
+        fits it — its calibrated step's memory within its last budget, the round's steps within the round's
+        timeout — as this method's level; None leaves it out of the round. A device that measured no training
+        cost trains at its assignment."""
+        tier: float | None = info.current_density
+        if info.calibration:
+            memory = info.last_budget.memory_mb if info.last_budget is not None else None
+            tier = training_density(info.calibration, info.current_density, memory, self.train_steps,
+                                    self.round_timeout_s or math.inf)
+        return None if tier is None else self.level_for(tier)
 
     # -- what differs between DRESS and its peers (coordinator.peers) ------------------------------------
 

@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import grpc
 
+from contracts import calibration_wire
 from contracts.credentials import bearer
 from contracts.naming import simulated_name
 from contracts.policy import Budget, CalibrationPoint
@@ -52,7 +53,8 @@ def build_fleet(
     fleet = []
     for i, (profile, trace) in enumerate(zip(profiles, traces, strict=True)):
         slow = 1.0 / profile.relative_speed
-        calibration = [CalibrationPoint(p.density, p.latency_ms * slow, p.memory_mb) for p in measured]
+        calibration = [CalibrationPoint(p.density, p.latency_ms * slow, p.memory_mb, p.train_ms * slow,
+                                        p.train_memory_mb) for p in measured]
         fleet.append(VirtualDevice(simulated_name(i), profile, calibration, trace))
     return fleet
 
@@ -151,8 +153,7 @@ class FleetDriver:
             return self._stub.Register.future(pb.RegisterRequest(
                 name=device.name,
                 profile=device.profile.name,
-                calibration=[pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
-                             for p in device.calibration],
+                calibration=calibration_wire.to_proto(device.calibration),
             ), timeout=timeout_s, metadata=bearer(tokens[device.name]))
 
         def settle(device: VirtualDevice, future: grpc.Future, sent: float) -> None:

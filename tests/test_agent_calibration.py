@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from agent.calibration import activation_bytes, calibrate, image_shape, initial_model
+from agent.calibration import activation_bytes, calibrate, image_shape, initial_model, training_costs
 from conftest import architecture
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
@@ -35,6 +35,21 @@ def test_calibration_covers_every_density_and_sparser_is_cheaper() -> None:
     assert memory == sorted(memory, reverse=True) and len(set(memory)) == len(memory)
     activations = activation_bytes(packed, torch.zeros(1, 1, 28, 28))
     assert by_density[1.0].memory_mb == pytest.approx((packed.nbytes(1.0) + activations) / 2**20)
+    # training: a step at batch 32 through the packed format costs more than a batch-1 pass, and holds more
+    assert all(p.train_ms > p.latency_ms and p.train_memory_mb > p.memory_mb for p in points)
+    training = [p.train_memory_mb for p in points]
+    assert training == sorted(training, reverse=True)
+    assert by_density[0.1].train_ms < by_density[1.0].train_ms * 1.5  # weakly, as above
+
+
+def test_training_costs_leave_the_served_model_untouched() -> None:
+    packed = initial_model(architecture("cnn", "1,0.25", "fashion-mnist", 8))
+    before = {k: v.clone() for k, v in packed.net.state_dict().items()}
+    costs = training_costs(packed, image_shape(packed), repeats=1, batch=4)
+    assert set(costs) == {1.0, 0.25} and not packed.training
+    assert all(torch.equal(before[k], v) for k, v in packed.net.state_dict().items())
+    points = calibrate(packed, image_shape(packed), repeats=1, train_repeats=0)
+    assert all(p.train_ms == 0 and p.train_memory_mb == 0 for p in points)  # not measured
 
 
 def test_activation_peak_covers_the_largest_layer() -> None:

@@ -165,8 +165,12 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             assert history[-1].density == 0.25 and history[-1].budget is not None
             rounds = registry.list_rounds()
             assert [r.round for r in rounds] == [1, 2]
-            assert all(len(r.participants) == 3 for r in rounds)
-            assert all(set(r.details["participants"]) == set(agents) for r in rounds)  # by name, for the live view
+            # By name, for the live view. Once the phone reports 0.5 MB, no training step fits it (its calibration
+            # measured what one holds): it serves 0.25 but sits rounds out; before that it trained d=1.
+            for r in rounds:
+                trained = r.details["participants"]
+                assert set(agents) - {"phone-1"} <= set(trained) <= set(agents)
+                assert trained.get("phone-1", 1.0) == 1.0 and len(r.participants) == len(trained)
             assert all(d.flower_node_id is not None for d in devices.values())  # learnt by the status query
         for name, address in agents.items():  # Predict answers after training, through the CLI a person uses
             assert cli_predict(address) == (0.25 if name == "phone-1" else 1.0)

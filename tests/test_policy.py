@@ -12,6 +12,7 @@ from contracts.policy import (
     Budget,
     CalibrationPoint,
     choose_density,
+    training_density,
     validate_calibration,
 )
 from contracts.profiles import UnknownProfileError, get_profile, load_profiles
@@ -110,6 +111,36 @@ def test_malformed_calibration_tables(points: list[CalibrationPoint], message: s
 def test_malformed_calibration_points(density: float, latency_ms: float, memory_mb: float, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         CalibrationPoint(density, latency_ms, memory_mb)
+
+
+# training a step: 1.0: 400 ms / 1000 MB, 0.5: 200 / 500, 0.25: 100 / 250, 0.1: 40 / 100
+TRAINING = validate_calibration(CalibrationPoint(d, 100 * d, 800 * d, 400 * d, 1000 * d) for d in (0.1, 0.25, 0.5, 1.0))
+
+
+@pytest.mark.parametrize(
+    ("serving", "memory_mb", "steps", "seconds", "expected"),
+    [
+        (1.0, None, None, 60.0, 1.0),  # nothing binds: the assignment
+        (0.5, 8000, 10, 60.0, 0.5),  # never above the assignment
+        (1.0, 600, None, 60.0, 0.5),  # the step's memory binds
+        (1.0, 8000, 100, 30.0, 0.5),  # 100 steps in 30 s: 300 ms a step at most
+        (1.0, 8000, 100, 3.0, None),  # not even the sparsest trains in time: out of this round
+        (0.25, 99, None, 60.0, None),
+    ],
+)
+def test_training_density_fits_memory_and_the_round(serving: float, memory_mb: float | None, steps: int | None,
+                                                    seconds: float, expected: float | None) -> None:
+    assert training_density(TRAINING, serving, memory_mb, steps, seconds) == expected
+
+
+def test_unmeasured_training_cost_fits_anything() -> None:
+    assert training_density(TABLE, 1.0, 1.0, 10**6, 1e-6) == 1.0
+
+
+@pytest.mark.parametrize(("field", "value"), [("train_ms", -1.0), ("train_ms", math.nan), ("train_memory_mb", -2.0)])
+def test_malformed_training_costs(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        CalibrationPoint(0.5, 1.0, 1.0, **{field: value})
 
 
 @pytest.mark.parametrize(

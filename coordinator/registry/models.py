@@ -110,7 +110,7 @@ class Device(Base):
     flower_node_id: Mapped[int | None] = mapped_column(Uint64)
     supernode_key_sha256: Mapped[str | None] = mapped_column(String(64))  # the key registered with the SuperLink
     status: Mapped[DeviceStatus] = mapped_column(_str_enum(DeviceStatus, "device_status"))
-    calibration: Mapped[list[Any]]  # [{density, latency_ms, memory_mb}], densest first
+    calibration: Mapped[list[Any]]  # [{density, latency_ms, memory_mb, train_ms, train_memory_mb}], densest first
     current_density: Mapped[float] = mapped_column(Float)
     first_seen: Mapped[datetime]
     registered_at: Mapped[datetime]  # latest (re-)registration

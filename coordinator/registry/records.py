@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from contracts.policy import Budget
+from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry.models import AssignmentReason, DeviceStatus
 
 
@@ -39,6 +39,7 @@ class DeviceInfo:
     first_seen: datetime
     last_seen: datetime  # latest heartbeat or (re-)registration
     last_budget: Budget | None
+    calibration: tuple[CalibrationPoint, ...] = ()  # as registered, densest first
 
 
 @dataclass(frozen=True, slots=True)

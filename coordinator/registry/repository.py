@@ -7,6 +7,7 @@ reading its current density, so concurrent heartbeats for one device never lose 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import secrets
@@ -311,8 +312,7 @@ class Registry:
             raise InvalidInputError(str(e)) from e
         density = choose_density(table, Budget(spec.budget_latency_ms.low, spec.budget_memory_mb.low))
         return {"profile": profile, "status": DeviceStatus.ONLINE,
-                "calibration": [{"density": p.density, "latency_ms": p.latency_ms, "memory_mb": p.memory_mb}
-                                for p in table],
+                "calibration": [dataclasses.asdict(p) for p in table],
                 "current_density": density}
 
     def _retry_insert(self, change: Callable[[Connection], T]) -> T:
@@ -465,7 +465,8 @@ class Registry:
         with self._read() as s:
             return [
                 DeviceInfo(d.id, d.name, d.profile, d.flower_node_id, d.status, d.current_density, d.first_seen,
-                           max(d.registered_at, reported_at or d.registered_at), _budget(latency, memory, battery))
+                           max(d.registered_at, reported_at or d.registered_at), _budget(latency, memory, battery),
+                           tuple(CalibrationPoint(**point) for point in d.calibration))
                 for d, latency, memory, battery, reported_at in s.execute(query)
             ]
 

@@ -7,14 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class CalibrationPoint(_message.Message):
-    __slots__ = ("density", "latency_ms", "memory_mb")
+    __slots__ = ("density", "latency_ms", "memory_mb", "train_ms", "train_memory_mb")
     DENSITY_FIELD_NUMBER: _ClassVar[int]
     LATENCY_MS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_MS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     density: float
     latency_ms: float
     memory_mb: float
-    def __init__(self, density: _Optional[float] = ..., latency_ms: _Optional[float] = ..., memory_mb: _Optional[float] = ...) -> None: ...
+    train_ms: float
+    train_memory_mb: float
+    def __init__(self, density: _Optional[float] = ..., latency_ms: _Optional[float] = ..., memory_mb: _Optional[float] = ..., train_ms: _Optional[float] = ..., train_memory_mb: _Optional[float] = ...) -> None: ...
 
 class Budget(_message.Message):
     __slots__ = ("latency_ms", "memory_mb", "battery")
