@@ -20,7 +20,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.budget import BudgetSource
-from agent.calibration import DEFAULT_REPEATS, calibrate, image_shape, initial_model
+from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS, calibrate, image_shape, initial_model
 from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
 from agent.serving import (
     AgentIdentity,
@@ -70,6 +70,7 @@ class AgentConfig:
     node_config: dict[str, object] = field(default_factory=dict)  # partition-id, num-partitions, data-dir
     heartbeat_interval: float | None = None  # None: as often as the coordinator asks; never less often
     calibration_repeats: int = DEFAULT_REPEATS
+    training_calibration_steps: int = DEFAULT_TRAIN_REPEATS  # 0: training cost not measured
     ca: Path | None = None  # the fleet CA: TLS to the coordinator and the SuperLink; None = plaintext (loopback only)
     threads: int = 1
     connect_timeout: float = 5.0
@@ -163,7 +164,8 @@ class Agent:
         except ValueError as e:
             raise AgentError(f"coordinator at {c.coordinator} runs a model this agent cannot build: {e}") from None
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
-        self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats)
+        self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats,
+                                     train_repeats=c.training_calibration_steps)
         try:
             key_file, public_key = supernode_key(c.state_dir)
         except ValueError as e:

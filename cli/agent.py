@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from agent.budget import BudgetSource, MachineBudget, TraceBudget
-from agent.calibration import DEFAULT_REPEATS
+from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
 from cli.common import console, err, fail, safe_text, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP
@@ -110,6 +110,10 @@ def join_cmd(
     data_dir: Annotated[Optional[Path], typer.Option(help="Dataset files for local training. " + DATA_DIR_HELP)]
     = None,
     calibration_repeats: Annotated[int, typer.Option(min=1, help="Timed passes per density.")] = DEFAULT_REPEATS,
+    training_calibration_steps: Annotated[int, typer.Option(min=0, help="Timed training steps (batch 32) per "
+                                          "density, so the coordinator trains this device at a density whose "
+                                          "step fits it; 0 skips them (training is then assumed to fit).")]
+    = DEFAULT_TRAIN_REPEATS,
     threads: Annotated[int, typer.Option(min=1, help="Kernel threads for inference (and so for calibration): "
                                          "1 keeps batch-1 latency steady when other work shares the cores.")] = 1,
     connect_timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the coordinator.")] = 5.0,
@@ -145,7 +149,8 @@ def join_cmd(
         name=name, profile=profile, coordinator=coordinator, superlink=superlink, budget=source,
         state_dir=state_dir or Path("state") / f"agent-{name or device}", token=token, serve_host=serve_host, serve_port=serve_port,
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
-        calibration_repeats=calibration_repeats, threads=threads, connect_timeout=connect_timeout, ca=ca,
+        calibration_repeats=calibration_repeats, training_calibration_steps=training_calibration_steps,
+        threads=threads, connect_timeout=connect_timeout, ca=ca,
         predict_cert=predict_cert, predict_key=predict_key, fetch_float16=fetch_float16))
     with shutdown_requested() as stop:
         try:
