@@ -70,7 +70,7 @@ def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> d
     run = RunSettings.defaults(
         method=method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
         max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples, lr=args.lr, lr_decay=args.lr_decay,
-        server_momentum=args.server_momentum, **changes,
+        server_momentum=args.server_momentum, server_average=args.server_average, **changes,
     )  # fmt: skip
     settings = SimulationSettings(run, devices=args.devices, mix=args.mix,
                                   run_dir=args.run_dir / run_name(name, partition, seed))
@@ -155,7 +155,7 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
              f"`{result['command']}`", "",
              f"{s['devices']} devices ({s['mix']}), {s['rounds']} rounds, {s['fraction']:g} of the fleet per round, "
              f"{examples} per device per round, learning rate {s.get('lr', 0.05):g} annealed to {s.get('lr_decay', 1.0):g}× its first "
-             f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}; accuracy = mean of the last {s['last']} rounds, then "
+             f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}, published model averaged over rounds with weight {s.get('server_average', 0.0):g} on the previous one; accuracy = mean of the last {s['last']} rounds, then "
              "mean over the method's seeds (its row says which).", ""]
     variants = [f"{name} = {VARIANTS[name][0]} with {', '.join(f'{k} {v:g}' for k, v in VARIANTS[name][1].items())}"
                 for name in result["settings"]["methods"] if VARIANTS.get(name, ("", {}))[1]]
@@ -226,6 +226,8 @@ def main() -> None:
                    help="the last round's learning rate as a share of the first's (1 = constant)")
     p.add_argument("--server-momentum", type=float, default=RunSettings.defaults().server_momentum,
                    help="the server's momentum on each round's averaged update (FedAvgM; 0 = plain averaging)")
+    p.add_argument("--server-average", type=float, default=RunSettings.defaults().server_average,
+                   help="the published model's exponential average over rounds: the previous one's share (0 = off)")
     p.add_argument("--eval-examples", type=int, default=2000)
     p.add_argument("--last", type=int, default=10,
                    help="rounds averaged into the final accuracy: on non-IID data the global model swings by several "
@@ -269,8 +271,10 @@ def main() -> None:
         previous_commands = result["command"].split(" && ")
         ours = {"dataset": args.dataset, "devices": args.devices, "mix": args.mix, "rounds": args.rounds,
                 "fraction": args.fraction, "epochs": args.epochs, "max_examples": args.max_examples,
-                "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum}
-        before = {"dataset": "fashion-mnist", "lr": 0.05, "lr_decay": 1.0, "server_momentum": 0.0}  # what runs from before these settings existed used
+                "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum,
+                "server_average": args.server_average}
+        before = {"dataset": "fashion-mnist", "lr": 0.05, "lr_decay": 1.0, "server_momentum": 0.0,
+                  "server_average": 0.0}  # what runs from before these settings existed used
         theirs = {k: result["settings"].get(k, before.get(k)) for k in ours}
         if ours != theirs:
             differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
@@ -292,7 +296,7 @@ def main() -> None:
                                  "mix": args.mix, "rounds": args.rounds, "fraction": args.fraction,
                                  "epochs": args.epochs, "max_examples": args.max_examples,
                                  "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum,
-                                 "last": args.last},
+                                 "server_average": args.server_average, "last": args.last},
                     "rows": rows_of(runs, args.last),
                     "runs": runs,
                 }

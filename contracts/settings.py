@@ -84,6 +84,7 @@ class RunSettings:
     lr_decay: float  # the last round's learning rate as a share of lr (cosine over the rounds; 1 = constant)
     aggregation: str  # mean, median or trimmed-mean:BETA (Aggregation): robust ones resist lying devices
     server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
+    server_average: float  # published model = this share of the previous one + the rest of the round's (0 = off)
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     distill_decay: float  # the last round's anchor weight as a share of distill (cosine like lr; 1 = constant); DRESS
     batch_size: int
@@ -105,6 +106,7 @@ class RunSettings:
             (self.lr >= 0, "lr", "a number >= 0"),
             (0 < self.lr_decay <= 1, "lr-decay", "a number in (0, 1]"),
             (0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)"),
+            (0 <= self.server_average < 1, "server-average", "a number in [0, 1)"),
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),

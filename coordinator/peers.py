@@ -19,6 +19,7 @@ from contracts.methods import Method
 from coordinator.aggregation import Update
 from coordinator.strategy import DressStrategy
 from dress_model.baselines.slimmable import level_slices, prefix_tensors
+from dress_model.models import DressModel
 
 log = logging.getLogger(__name__)
 Slices = dict[str, tuple[slice, ...]]
@@ -43,7 +44,7 @@ class WidthStrategy(DressStrategy):
         """A peer's device replies the very slices it was sent, trained."""
         return record.to_torch_state_dict()
 
-    def reorder(self) -> None:
+    def reorder(self, model: DressModel | None = None) -> None:
         """Width-nested levels are channel prefixes in a fixed order: nothing to re-rank."""
 
     @torch.no_grad()

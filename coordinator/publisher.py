@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, MetricRecord
 from torch.utils.data import DataLoader
 
@@ -34,8 +35,10 @@ class RoundPublisher:
 
     def __init__(self, model: DressModel, registry: Registry, test: DataLoader, checkpoint_dir: Path | None,
                  stats: Mapping[int, RoundStats], *, first_round: int = 1,
-                 published_best: float | None = None) -> None:
+                 published_best: float | None = None,
+                 published_state: Callable[[], Mapping[str, torch.Tensor] | None] = lambda: None) -> None:
         self.model, self.registry, self.test = model, registry, test
+        self.published_state = published_state  # the strategy's averaged model, when it keeps one
         self.checkpoint_dir = checkpoint_dir  # None: evaluate and record rounds, publish nothing
         self.stats = stats  # the strategy's, filled while the round trained
         self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
@@ -43,7 +46,9 @@ class RoundPublisher:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
-        self.model.load_state_dict(arrays.to_torch_state_dict())
+        averaged = self.published_state() if server_round > 0 else None
+        # The strategy's next configure_train loads the round's own arrays back into this shared model.
+        self.model.load_state_dict(arrays.to_torch_state_dict() if averaged is None else averaged)
         accuracy = evaluate(self.model, self.test)
         metrics = MetricRecord({f"accuracy-{d:g}": a for d, a in accuracy.items()})
         if server_round == 0:  # the initial (or resumed) model: nothing trained, nothing to publish

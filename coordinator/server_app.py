@@ -100,13 +100,15 @@ def main(grid: Grid, context: Context) -> None:
                                               **({"distill": settings.distill_at(r)} if dress else {})},
                       server_momentum=settings.server_momentum, first_round=done + 1, node_auth=settings.node_auth,
                       aggregation=Aggregation.parse(settings.aggregation), round_timeout_s=ROUND_TIMEOUT_S,
+                      server_average=settings.server_average,
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))
         # Agents serve DRESS's packed subnets: a peer's rounds are recorded, its models are not published.
         publisher = RoundPublisher(model, registry, test.loader(512, shuffle=False),
                                    state_dir / "checkpoints" if dress else None, strategy.stats,
-                                   first_round=done + 1, published_best=published_best)
+                                   first_round=done + 1, published_best=published_best,
+                                   published_state=strategy.published_state)
         wait_for_nodes(grid, settings.wait_for_nodes)
         result = strategy.start(grid, ArrayRecord(torch_state_dict=model.state_dict()),
                                 num_rounds=settings.num_rounds - done, timeout=ROUND_TIMEOUT_S,

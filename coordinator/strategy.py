@@ -11,6 +11,7 @@ publishing happen in Flower's evaluation hook (``coordinator.publisher``).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -86,6 +87,7 @@ class DressStrategy(Strategy):
         first_round: int = 1,
         aggregation: Aggregation = MEAN,
         round_timeout_s: float | None = None,
+        server_average: float = 0.0,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
@@ -97,6 +99,8 @@ class DressStrategy(Strategy):
         self.server_momentum = server_momentum
         self.aggregation = aggregation
         self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
+        self.server_average = server_average
+        self.average: DressModel | None = None  # what is published when server_average > 0 (update_average)
         self.node_devices: dict[int, str] = {}
         self.node_auth = node_auth  # nodes are known by their registered keys (the registry), not by their word
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
@@ -244,6 +248,7 @@ class DressStrategy(Strategy):
             self.velocity = {}
             stats.withheld = "the aggregate was not finite; the round was rolled back"
             log.warning("round %d: %s", server_round, stats.withheld)
+        self.update_average()
         stats.server_s = time.perf_counter() - server_start
         examples = sum(u.num_examples for u in updates)
         return (ArrayRecord(torch_state_dict=self.model.state_dict()),
@@ -288,9 +293,9 @@ class DressStrategy(Strategy):
         """Fold the round's replies into the global model (``coordinator.aggregation``)."""
         aggregate(self.model, updates, self.aggregation)
 
-    def reorder(self) -> None:
+    def reorder(self, model: DressModel | None = None) -> None:
         """After the weights moved: re-rank every row, so each subnet keeps its most important weights."""
-        self.model.rerank()
+        (model or self.model).rerank()
 
     # -- the server's own step, the same for every method ---------------------------------------------
 
@@ -310,6 +315,30 @@ class DressStrategy(Strategy):
             velocity = delta if velocity is None else velocity.mul_(self.server_momentum).add_(delta)
             self.velocity[name] = velocity
             param.copy_(before[name] + velocity)
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """The published model: an exponential average of the rounds' global models (Polyak averaging).
+
+        A weight in a band above the sparsest moves each round by the two or three capable devices that
+        trained it, each pulling it towards its own data; averaged over rounds it reflects many more of them
+        (on Dirichlet-0.3 shards the published densest subnet gained ~0.6 pt and stopped trailing the sparsest,
+        benchmarks/results/federated-average.md). Training continues from the round's own model; the average's
+        rows are re-ranked and its BN recalibrated like the round's. A resumed run restarts both from the last
+        published model."""
+        if not self.server_average:
+            return
+        if self.average is None:
+            self.average = copy.deepcopy(self.model)
+            return
+        for averaged, current in zip(self.average.parameters(), self.model.parameters(), strict=True):
+            averaged.mul_(self.server_average).add_(current, alpha=1 - self.server_average)
+        self.reorder(self.average)
+        recalibrate_bn(self.average, self.calibration, CALIBRATION_BATCHES, self.average.densities)
+
+    def published_state(self) -> dict[str, torch.Tensor] | None:
+        """What the publisher evaluates and publishes instead of the round's model; None: the round's model."""
+        return None if self.average is None else self.average.state_dict()
 
     # -- evaluation happens on the server (the publisher), every density, every round -------------------
 

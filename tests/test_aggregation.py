@@ -90,14 +90,18 @@ def test_no_updates_change_nothing() -> None:
 # -- the server's own step after aggregation (FedAvgM) -------------------------------------------------------
 
 
-def _server(momentum: float):
+def _server(momentum: float, average: float = 0.0):
     from datetime import timedelta
+
+    from torch.utils.data import DataLoader, TensorDataset
 
     from coordinator.strategy import DressStrategy
 
     model = create_model("cnn", "1,0.5,0.25,0.1", width=4)
-    strategy = DressStrategy(model, None, None, fraction=1.0, min_devices=1, seed=0,  # type: ignore[arg-type]
-                             stale_after=timedelta(seconds=30), max_examples=100, server_momentum=momentum)
+    calibration = DataLoader(TensorDataset(torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)), batch_size=8)
+    strategy = DressStrategy(model, None, calibration, fraction=1.0, min_devices=1, seed=0,  # type: ignore[arg-type]
+                             stale_after=timedelta(seconds=30), max_examples=100, server_momentum=momentum,
+                             server_average=average)
     return model, strategy
 
 
@@ -130,3 +134,25 @@ def test_without_server_momentum_the_aggregate_stands() -> None:
     before = _round(model, strategy, 1.0)
     assert torch.allclose(model.state_dict()["fc2.weight"] - before["fc2.weight"], torch.ones_like(before["fc2.weight"]))
     assert strategy.velocity == {}
+
+
+def test_the_published_model_is_an_average_of_the_rounds_models() -> None:
+    model, strategy = _server(0.0, average=0.75)
+    assert strategy.published_state() is None  # nothing averaged before the first round
+    strategy.update_average()  # round 1: the average starts as the round's model
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(strategy.published_state()["fc2.weight"], first["fc2.weight"])
+    _round(model, strategy, 4.0)
+    strategy.update_average()
+    published = strategy.published_state()
+    assert torch.allclose(published["fc2.weight"], first["fc2.weight"] + 1.0)  # 0.75 * old + 0.25 * (old + 4)
+    assert torch.allclose(model.state_dict()["fc2.weight"], first["fc2.weight"] + 4.0)  # training goes on from its own
+    # its rows are ranked by its own weights, its BN statistics measured with them
+    from dress_model.sparsity import magnitude, row_order
+
+    for _, layer in strategy.average.sparse_layers():
+        assert torch.equal(layer.order, row_order(layer.weight2d(), magnitude).to(torch.int32))
+    assert not torch.equal(published["bn1.running_mean"], model.state_dict()["bn1.running_mean"])
+    _, off = _server(0.0, average=0.0)
+    off.update_average()
+    assert off.published_state() is None
