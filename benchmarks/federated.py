@@ -8,7 +8,8 @@ traces, data split, rounds, local epochs and examples; only ``--method`` changes
 peer's tiers hold no more parameters than DRESS's subnet at the same density. ``fjord-kd`` is FjORD with
 self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0. Ablations of DRESS's anchor loss, not
 run by default: ``dress-no-anchor`` (off), ``dress-anchor-0.25`` (half weight, constant), ``dress-anchor-constant``
-(full weight in every round; ``dress`` anneals it to 0 over the rounds, ``distill-decay``).
+(full weight in every round; ``dress`` anneals it to 0 over the rounds, ``distill-decay``); and of the
+server's average over rounds: ``dress-no-average`` publishes each round's model as it is.
 
 Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last`` rounds' test accuracy: with
 10 devices a round on Dirichlet-0.3 shards the global model swings by several points from one round to the next,
@@ -47,10 +48,11 @@ VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
     "fjord-kd": ("fjord", {}), "fjord": ("fjord", {"distill": 0.0}), "dress-no-anchor": ("dress", {"distill": 0.0}),
     "dress-anchor-0.25": ("dress", {"distill": 0.25, "distill_decay": 1.0}),
     "dress-anchor-constant": ("dress", {"distill_decay": 1.0}),
+    "dress-no-average": ("dress", {"server_average": 0.0}),
 }
 ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor",
-       "dress-anchor-0.25", "dress-anchor-constant")
-DEFAULT = ALL[:-3]  # the anchor ablations join with --methods ... --resume
+       "dress-anchor-0.25", "dress-anchor-constant", "dress-no-average")
+DEFAULT = ALL[:6]  # the ablations join with --methods ... --resume
 
 
 def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, ...]) -> dict[float, float]:
