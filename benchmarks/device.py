@@ -161,14 +161,19 @@ def served_model(path: Path | None, name: str, epochs: float, console: Console) 
     return pack_checkpoint(model)
 
 
-def bench_adaptation(packed: PackedModel, samples: int, deadline_factor: float, seed: int,
+def bench_adaptation(packed: PackedModel, samples: int, deadline_factor: float, seed: int, threads: int,
                      console: Console) -> dict[str, Any]:
     test = load_dataset("fashion-mnist" if packed.arch.in_channels == 1 else "cifar10", "test")
-    with console.status("measuring") as status:
-        measured = adaptation.measure(packed, test, samples, lambda what: status.update(f"measuring {what}"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # as the agent serves
+    try:
+        with console.status("measuring") as status:
+            measured = adaptation.measure(packed, test, samples, lambda what: status.update(f"measuring {what}"))
+    finally:
+        torch.set_num_threads(before)
     deadline = deadline_factor * measured.median_ms(0, max(measured.densities))
     rows = adaptation.run(measured, deadline, seed)
-    return {"deadline_ms": round(deadline, 3), "trace_s": adaptation.TRACE_S, "interval_ms": adaptation.INTERVAL_MS,
+    return {"deadline_ms": round(deadline, 3), "serve_threads": threads, "trace_s": adaptation.TRACE_S, "interval_ms": adaptation.INTERVAL_MS,
             "latency_ms": {str(load): {f"{d:g}": round(measured.median_ms(load, d), 3) for d in measured.densities}
                            for load in adaptation.LOADS},
             "reload_ms": {str(load): {f"{d:g}": round(ms, 2) for d, ms in r.items()}
@@ -192,7 +197,8 @@ def markdown(result: dict[str, Any]) -> str:
                  f"each.\n\n" + markdown_table(rows, columns) + "\n")
     if "adaptation" in result:
         a = result["adaptation"]
-        text += (f"## Density per request under a changing budget\n\nDeadline {a['deadline_ms']} ms, one request every "
+        text += (f"## Density per request under a changing budget\n\nDeadline {a['deadline_ms']} ms, "
+                 f"{a.get('serve_threads', 1)} serving thread(s), one request every "
                  f"{a['interval_ms']:g} ms for {a['trace_s']:g} s per trace (see benchmarks/adaptation.py). Subnet "
                  f"accuracy on the test images: {a['subnet_accuracy']}. Median batch-1 latency (ms) per number of "
                  f"busy background processes: {a['latency_ms']}; loading a stored pruned model: {a['reload_ms']} "
@@ -216,12 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--deadline-factor", type=float, default=2.0,
                         help="adaptation: the deadline as a multiple of the full model's idle latency (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="adaptation: traces and latency draws (default 0)")
+    parser.add_argument("--serve-threads", type=int, default=1, help="adaptation: threads a forward pass runs on "
+                        "(default 1, as `dress-agent join` serves: latency stays steady when other work shares "
+                        "the cores)")
     parser.add_argument("--json", type=Path, help="write the results here (atomically), and a .md beside it")
     parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "DENSITY", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     parts = [p for p in args.parts.split(",") if p]
-    if args.threads < 1:
-        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.threads < 1 or args.serve_threads < 1:
+        parser.error(f"--threads and --serve-threads must be >= 1, got {args.threads} and {args.serve_threads}")
     if not parts or set(parts) - set(PARTS):
         parser.error(f"--parts must name some of {', '.join(PARTS)}, got {args.parts!r}")
     if args.train_model not in MODEL_NAMES:
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     if "adaptation" in parts:
         packed = served_model(args.model, args.train_model, args.train_epochs, console)
         result["adaptation"] = bench_adaptation(packed, 60 if args.quick else 300, args.deadline_factor, args.seed,
-                                                console)
+                                                args.serve_threads, console)
         for r in result["adaptation"]["rows"]:
             console.print(f"{r['trace']:>13} {r['policy']:>15}: {r['miss_rate']:5.2f}% late, accuracy "
                           f"{r['accuracy']:.2f}%, p99 {r['p99_ms']} ms")

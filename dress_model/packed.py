@@ -170,6 +170,7 @@ class PackedSparse(DensityAware, nn.Module):
         self._views: list[torch.Tensor] = []
         self._epilogue: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
         self._dense: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the full top band's dense layer
+        self._placement: torch.Tensor | None = None  # training a full top band: values index per dense weight
 
     def entries(self, index: int) -> int:
         """Stored entries the subnet at density index ``index`` reads: rows * k_index."""
@@ -227,7 +228,21 @@ class PackedSparse(DensityAware, nn.Module):
         )
 
     def _forward_train(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The subnet's first ``i + 1`` bands, differentiable w.r.t. x, values and bias; BN follows unfolded."""
+        """The subnet's first ``i + 1`` bands, differentiable w.r.t. x, values and bias; BN follows unfolded.
+
+        A full top band holds every weight of the layer, permuted: that subnet trains as a dense layer on the
+        values gathered into place (the gradient scatters back onto them), as fast as dense training and no
+        larger than the values themselves; the sparser subnets train through the packed kernels."""
+        if self.full_top and i == len(self.densities) - 1:
+            if self._placement is None:  # for each dense position, the stored entry that holds its weight
+                rows = torch.cat([torch.arange(self.rows).repeat_interleave(w) for _, w in self.bands.tolist()])
+                at = rows * self.cols + self.indices.long()  # entry e's dense position, entries in stored order
+                self._placement = torch.empty_like(at).scatter_(0, at, torch.arange(at.numel()))
+            shape = (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
+            weight = self.values[self._placement].view(shape)
+            if self.is_conv:
+                return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+            return F.linear(x, weight, self.bias)
         bands = self.bands[: i + 1]
         if self.is_conv:
             y = packed_ops.conv2d(x, self.values, self.indices, bands, self.rows, self.kernel_size, self.stride,
@@ -310,6 +325,8 @@ class PackedModel(nn.Module):
                     p.requires_grad_(mode)
             if mode:
                 layer._dense = None  # the inference-only dense copy of a full top band: rebuilt on eval
+            else:
+                layer._placement = None  # training-only
         if was_training and not mode:
             self._finalize()
         return self
