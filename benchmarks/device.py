@@ -15,7 +15,8 @@ model is ``--model`` (a DRESS checkpoint or packed file; by default a ``--train-
 packed up to the density, trained in place) and as devices trained before (the same subnet as a dense model
 under its mask, ``PackedModel.to_dress``). Times are medians over rounds that alternate the two paths in one
 process (``step_ms`` / ``dense_step_ms``). ``state_mb``: the bytes training holds for the model — parameters,
-their gradients, the optimizer's state, buffers (indices, or the dense path's row order) and cached masks.
+their gradients, the optimizer's state, buffers (indices, or the dense path's row order), cached masks, and a
+full top band's gather index (packed d=1 trains densely on the values gathered into place).
 ``peak_mb``: the peak resident memory during three steps above the idle process that holds the model
 (activations included), each measured in a fresh process.
 """
@@ -50,7 +51,7 @@ from dress_model.kernels import kernel_isa  # noqa: E402
 from dress_model.layers import RowSparse  # noqa: E402
 from dress_model.models import MODELS as MODEL_NAMES  # noqa: E402
 from dress_model.models import create_model  # noqa: E402
-from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint  # noqa: E402
+from dress_model.packed import PackedFormatError, PackedModel, PackedSparse, pack_checkpoint  # noqa: E402
 from dress_model.training import TrainConfig, Trainable, joint_step, make_optimizer, train  # noqa: E402
 
 MODELS = {"cnn": (1, 28), "resnet20": (3, 32)}  # name -> (channels, image size)
@@ -88,6 +89,8 @@ def state_bytes(model: Trainable, optimizer: torch.optim.Optimizer) -> int:
         tensors.extend(t for t in state.values() if isinstance(t, torch.Tensor))
     tensors.extend(model.buffers())
     tensors.extend(m for layer in model.modules() if isinstance(layer, RowSparse) for m in layer._masks.values())
+    tensors.extend(layer._placement for layer in model.modules()  # a full top band's gather index
+                   if isinstance(layer, PackedSparse) and layer._placement is not None)
     seen: dict[int, int] = {}
     for t in tensors:
         storage = t.untyped_storage()

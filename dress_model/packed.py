@@ -237,7 +237,8 @@ class PackedSparse(DensityAware, nn.Module):
             if self._placement is None:  # for each dense position, the stored entry that holds its weight
                 rows = torch.cat([torch.arange(self.rows).repeat_interleave(w) for _, w in self.bands.tolist()])
                 at = rows * self.cols + self.indices.long()  # entry e's dense position, entries in stored order
-                self._placement = torch.empty_like(at).scatter_(0, at, torch.arange(at.numel()))
+                self._placement = torch.empty(at.numel(), dtype=torch.int32).scatter_(  # as large as the values
+                    0, at, torch.arange(at.numel(), dtype=torch.int32))
             shape = (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
             weight = self.values[self._placement].view(shape)
             if self.is_conv:
