@@ -1,0 +1,40 @@
+"""The density-policy replay of benchmarks/device.py: each policy reacts to load as it should."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from adaptation import Measured, replay  # noqa: E402
+
+DENSITIES = (0.1, 0.25, 0.5, 1.0)
+# ms per pass: idle, one and two busy processes; the dense subnet is the one that slows past the deadline
+LATENCY = {0: {0.1: 1.0, 0.25: 1.5, 0.5: 2.0, 1.0: 3.0}, 1: {0.1: 1.5, 0.25: 2.0, 0.5: 3.0, 1.0: 6.0},
+           2: {0.1: 2.0, 0.25: 3.0, 0.5: 6.0, 1.0: 12.0}}
+MEASURED = Measured(
+    latency={load: {d: np.full(50, ms) for d, ms in row.items()} for load, row in LATENCY.items()},
+    reload_ms={load: {d: 40.0 for d in DENSITIES} for load in LATENCY},
+    correct={d: np.arange(100) < 100 * acc for d, acc in zip(DENSITIES, (0.70, 0.80, 0.85, 0.90))},
+)
+
+
+def test_under_steady_load_only_the_policies_that_adapt_meet_the_deadline() -> None:
+    steady = lambda now: 1  # noqa: E731
+    dense = replay(MEASURED, steady, "static-dense", deadline_ms=4.0, seed=0)
+    local = replay(MEASURED, steady, "dress-local", deadline_ms=4.0, seed=0)
+    assert dense["miss_rate"] == 100.0 and dense["accuracy"] == 90.0
+    assert local["miss_rate"] <= 0.1 and local["accuracy"] >= 84.9  # d=0.5: 3 ms, after at most one late pass
+    assert replay(MEASURED, steady, "static-smallest", 4.0, 0) == {"miss_rate": 0.0, "accuracy": 70.0, "p99_ms": 1.5}
+
+
+def test_a_burst_costs_the_heartbeat_policy_until_its_next_heartbeat_and_the_local_one_a_single_pass() -> None:
+    burst = lambda now: 2 if 12.0 <= now < 22.0 else 0  # noqa: E731  (heartbeats at 10, 15, 20 s)
+    coordinator = replay(MEASURED, burst, "coordinator", deadline_ms=4.0, seed=0)
+    local = replay(MEASURED, burst, "dress-local", deadline_ms=4.0, seed=0)
+    reload = replay(MEASURED, burst, "reload-pruned", deadline_ms=4.0, seed=0)
+    assert local["miss_rate"] < 0.1 < coordinator["miss_rate"]  # the burst starts between two heartbeats
+    assert reload["miss_rate"] > 0  # requests wait behind the 40 ms load of the pruned model
+    assert local["accuracy"] > replay(MEASURED, burst, "static-smallest", 4.0, 0)["accuracy"]
