@@ -11,6 +11,7 @@ the median of all recorded calls (see `median_us`).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -327,11 +328,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds per measurement (< 1 minute)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every candidate (default 2)")
     parser.add_argument("--json", type=Path, help="write the results here (atomically)")
+    parser.add_argument("--only-storage", action="store_true",
+                        help="re-measure only switching, reloading and bytes; keep the layer and model timings "
+                             "from --json")
     args = parser.parse_args(argv)
     console = Console(width=max(Console().width, 110))  # the table is ~100 columns; do not fold it when piped
     load_before = os.getloadavg()
-    layers = bench_layers(args.threads, args.quick, console)
-    whole = bench_model(args.threads, args.quick)
+    kept: dict[str, Any] = {}
+    if args.only_storage:
+        if not (args.json and args.json.exists()):
+            parser.error("--only-storage keeps the other results from --json, which must exist")
+        kept = json.loads(args.json.read_text())
+    layers = kept["layers"] if kept else bench_layers(args.threads, args.quick, console)
+    whole = kept["model"] if kept else bench_model(args.threads, args.quick)
     with tempfile.TemporaryDirectory() as tmp:
         storage = bench_switch_and_bytes(Path(tmp))
     info = machine() | {"kernel_isa": kernel_isa(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
@@ -345,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     console.print(f"threads={args.threads} kernel ISA={info['kernel_isa']} cpu={info['cpu']} "
                   f"load average before/after: {load_before[0]:.1f}/{info['loadavg_after'][0]:.1f}")  # fmt: skip
     if args.json:
-        result = {"command": command(), "machine": info, "layers": layers, "model": whole, **storage}
+        joined = f"{kept['command']} && {command()}" if kept else command()
+        machines = {"machine": kept["machine"], "storage_machine": info} if kept else {"machine": info}
+        result = {"command": joined, **machines, "layers": layers, "model": whole, **storage}
         write_json(args.json, result)
         args.json.with_suffix(".md").write_text(markdown(result))
         console.print(f"wrote {args.json}")
