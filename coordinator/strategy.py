@@ -322,10 +322,10 @@ class DressStrategy(Strategy):
 
         A weight in a band above the sparsest moves each round by the two or three capable devices that
         trained it, each pulling it towards its own data; averaged over rounds it reflects many more of them
-        (on Dirichlet-0.3 shards the published densest subnet gained ~0.6 pt and stopped trailing the sparsest,
-        benchmarks/results/federated-average.md). Training continues from the round's own model; the average's
-        rows are re-ranked and its BN recalibrated like the round's. A resumed run restarts both from the last
-        published model."""
+        (on Dirichlet-0.3 shards the densest subnet's accuracy rose by ~1.8 pt and its gap to the sparsest
+        fell from 2.1 to 0.7 pt, benchmarks/results/federated-average.md). Training continues from the
+        round's own model; the average's rows are re-ranked and its BN recalibrated like the round's. A
+        resumed run restarts both from the last published model."""
         if not self.server_average:
             return
         if self.average is None:
