@@ -15,8 +15,8 @@ Full density at dense cost: when a layer's top band completes every row (k_n = c
 up to d=1), the file omits that band's indices — they are the columns the earlier bands miss, ascending, and
 the loader rebuilds them — and that subnet runs as a dense layer (F.conv2d / F.linear on the weight rebuilt
 at load, BN folded in), which is faster than any sparse kernel at 100 % density. A file may also carry its
-float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32. Stored indices travel
-bit-packed, ``index_bits(cols)`` bits each (10 for a 576-column row instead of int16's 16), and are unpacked
+float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32.
+Stored indices travel bit-packed, ``index_bits(cols)`` bits each (10 for a 576-column row instead of int16's 16), and are unpacked
 to the kernels' int16/int32 at load.
 
 Training runs on the same buffers: in training mode a layer computes through the differentiable packed ops
@@ -172,6 +172,11 @@ class PackedSparse(DensityAware, nn.Module):
         self._dense: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the full top band's dense layer
         self._placement: torch.Tensor | None = None  # training a full top band: values index per dense weight
 
+    @property
+    def dense_shape(self) -> tuple[int, ...]:
+        """The layer's weight shape as torch's dense conv / linear takes it."""
+        return (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
+
     def entries(self, index: int) -> int:
         """Stored entries the subnet at density index ``index`` reads: rows * k_index."""
         offset, width = self.bands[index].tolist()
@@ -203,8 +208,7 @@ class PackedSparse(DensityAware, nn.Module):
                 weight, bias = weight * scale[:, None], shift
             else:
                 bias = self.bias
-            shape = (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
-            self._dense = (weight.reshape(shape).contiguous(), bias)
+            self._dense = (weight.reshape(self.dense_shape).contiguous(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         i = self.active_index
@@ -239,8 +243,7 @@ class PackedSparse(DensityAware, nn.Module):
                 at = rows * self.cols + self.indices.long()  # entry e's dense position, entries in stored order
                 self._placement = torch.empty(at.numel(), dtype=torch.int32).scatter_(  # as large as the values
                     0, at, torch.arange(at.numel(), dtype=torch.int32))
-            shape = (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
-            weight = self.values[self._placement].view(shape)
+            weight = self.values[self._placement].view(self.dense_shape)
             if self.is_conv:
                 return F.conv2d(x, weight, self.bias, self.stride, self.padding)
             return F.linear(x, weight, self.bias)
