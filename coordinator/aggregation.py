@@ -109,8 +109,9 @@ def _robust(values: torch.Tensor, held: torch.Tensor, rule: Aggregation) -> torc
     if rule.name == "median":  # the middle one, or the mean of the middle two
         low, high = torch.floor((count - 1) / 2), torch.ceil((count - 1) / 2)
         keep = (rank == low) | (rank == high)
-    else:
-        cut = torch.floor(rule.trim * count)
+    else:  # at least the share ``trim`` from each end (rounded up: of the three devices that trained an upper
+        # band, one is cut from each end), while at least one holder stays
+        cut = torch.minimum(torch.ceil(rule.trim * count - 1e-9), torch.floor((count - 1) / 2)).clamp_min(0)
         keep = (rank >= cut) & (rank < count - cut)
     kept = torch.where(keep, ranked, 0.0)
     return kept.sum(0) / keep.sum(0).clamp_min(1)

@@ -79,6 +79,22 @@ def test_robust_rules_ignore_a_minority_of_liars_per_weight() -> None:
     assert results["trimmed-mean:0.25"] == pytest.approx(2.5)  # one cut from each end: mean of 2 and 3
 
 
+def test_trimmed_mean_cuts_a_liar_among_the_few_devices_of_an_upper_band() -> None:
+    """An upper band is trained by two or three capable devices a round: 20% of three rounds up to one cut from
+    each end, so a liar among them is cut there too (rounding down would cut nobody)."""
+    from contracts.settings import Aggregation
+
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.1", width=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sparse = [device_update(model, 0.1, 0.0, examples=100) for _ in range(7)]
+    capable = [device_update(model, 0.5, delta, examples=100) for delta in (1.0, 2.0, 1000.0)]
+    aggregate(model, [*sparse, *capable], Aggregation.parse("trimmed-mean:0.2"))
+    upper = model.conv2.mask(0.5).bool() & ~model.conv2.mask(0.1).bool()
+    diff = (model.state_dict()["conv2.weight"] - before["conv2.weight"])[upper]
+    torch.testing.assert_close(diff, torch.full_like(diff, 2.0 * 300 / 1000))  # the middle one, its 3/10 share
+
+
 def test_no_updates_change_nothing() -> None:
     model = create_model("cnn", "1,0.5", width=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
