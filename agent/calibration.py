@@ -50,7 +50,7 @@ def _output_bytes(packed: PackedModel, x: torch.Tensor) -> list[int]:
 
     handles = [m.register_forward_hook(hook) for m in packed.net.modules() if not list(m.children())]
     try:
-        packed(x)
+        packed.forward_layers(x)  # layer by layer, so every layer's hook sees its tensors
     finally:
         for handle in handles:
             handle.remove()

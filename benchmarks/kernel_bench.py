@@ -232,7 +232,8 @@ def _dense_model_candidates(name: str, channels: int, size: int, x: torch.Tensor
 
 
 def bench_model(threads: int, quick: bool) -> list[dict[str, Any]]:
-    """Whole model at batch 1: the packed runtime per density vs the best of three dense torch paths."""
+    """Whole model at batch 1: the packed runtime per density (what ``packed(x)`` runs: the compiled native
+    forward where there is one; and the per-layer path it replaced) vs the best of three dense torch paths."""
     torch.set_num_threads(threads)
     rows = []
     for name, channels, size in (("resnet20", 3, 32), ("cnn", 1, 28)):
@@ -242,9 +243,11 @@ def bench_model(threads: int, quick: bool) -> list[dict[str, Any]]:
         dense = _dense_model_candidates(name, channels, size, x)
         for density in MODEL_DENSITIES:
             packed.set_density(density)
-            times = median_us({"packed": lambda: packed(x), **dense}, 1.0 if quick else 4.0, 5, 400)
+            times = median_us({"packed": lambda: packed(x), "layers": lambda: packed.forward_layers(x), **dense},
+                              1.0 if quick else 4.0, 5, 400)
             best = min(dense, key=times.__getitem__)
             rows.append({"model": name, "density": density, "packed_ms": round(times["packed"] / 1000, 4),
+                         "packed_layers_ms": round(times["layers"] / 1000, 4),  # the per-layer Python path
                          "dense_ms": round(times[best] / 1000, 4), "dense_path": best,
                          "dense_paths_ms": {k: round(times[k] / 1000, 4) for k in dense}})  # fmt: skip
     return rows
@@ -307,10 +310,14 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['dense_best_us']:.1f} | {r['csr_us']:.1f} | {r['dense_best_us'] / r['packed_us']:.2f} | "
                      f"{r['csr_us'] / r['packed_us']:.2f} |")  # fmt: skip
     lines += ["", "Whole model: the dense side is the fastest of torch eager, channels-last and TorchScript frozen for "
-              "inference (oneDNN-prepacked convolutions), each a plain dense torch model of the same shapes.", "",
-              "| model (batch 1) | density | packed ms | dense ms (fastest path) | x dense |", "|---|---|---|---|---|"]
+              "inference (oneDNN-prepacked convolutions), each a plain dense torch model of the same shapes. "
+              "Packed: what `packed(x)` runs (one native call per batch where the subnet compiles, "
+              "dress_model/native_forward.py); per-layer: the Python layer-by-layer path.", "",
+              "| model (batch 1) | density | packed ms | per-layer ms | dense ms (fastest path) | x dense |",
+              "|---|---|---|---|---|---|"]
     for r in result["model"]:
-        lines.append(f"| {r['model']} | {r['density']:g} | {r['packed_ms']:.3f} | {r['dense_ms']:.3f} "
+        layers = f"{r['packed_layers_ms']:.3f}" if "packed_layers_ms" in r else "—"
+        lines.append(f"| {r['model']} | {r['density']:g} | {r['packed_ms']:.3f} | {layers} | {r['dense_ms']:.3f} "
                      f"({r.get('dense_path', 'eager')}) | {r['dense_ms'] / r['packed_ms']:.2f} |")
     lines += ["", f"Density switch: {result['switch_us']} µs. Loading a separately stored pruned model: "
               f"{result['reload_ms']} ms.", "", "Packed file (a full top band's indices are not stored) vs the dense "

@@ -46,6 +46,7 @@ from dress_model.kernels import autograd as packed_ops
 from dress_model.checkpoint import atomic_write, dress_header
 from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
+from dress_model.native_forward import Compiled, compile_forward, freeze_dense
 from dress_model.sparsity import keep_count
 
 FORMAT = "dress-packed"
@@ -299,6 +300,7 @@ class PackedModel(nn.Module):
             packed: PackedSparse = self.net.get_submodule(layer_name)  # type: ignore[assignment]
             packed.fuse(self.net.get_submodule(norm_name))  # type: ignore[arg-type]
         self.net.link_density()
+        self._native: dict[int, Compiled | None] = {}  # density index -> its compiled forward (forward)
         nn.Module.train(self, False)  # inference until train() is called; nothing to re-fold yet
 
     @property
@@ -336,6 +338,38 @@ class PackedModel(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference runs the active subnet's compiled forward (``native_forward``) in one native call
+        where it can, else layer by layer; training always layer by layer (autograd)."""
+        if self.training:
+            return self.net(x)
+        index = self.net._cell.index
+        if index not in self._native:
+            self._native[index] = self._compile(index)
+        native = self._native[index]
+        if native is not None and native.accepts(x):
+            with torch.inference_mode():
+                return native(x)
+        return self.forward_layers(x)
+
+    def _compile(self, index: int) -> Compiled | None:
+        """The subnet's compiled forward: the full top subnet dense and frozen (oneDNN), a sparser one as one
+        native program; None where neither applies (it runs layer by layer)."""
+        shape = (self.arch.in_channels, self.arch.image_size, self.arch.image_size)
+        top = index == len(self.densities) - 1
+        if top and all(layer.full_top for _, layer in self.packed_layers()):
+            dense = self.to_dress().eval()
+            return freeze_dense(dense, shape)
+        return compile_forward(self.net, index, shape)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Copies compile their own forwards: a compiled one points into this model's buffers."""
+        state = self.__dict__.copy()
+        state["_native"] = {}
+        return state
+
+    def forward_layers(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer by layer, in the current mode: training, and the reference the compiled forward is tested
+        against (also what forward hooks on the layers see)."""
         if self.training:
             return self.net(x)
         with torch.inference_mode():
@@ -348,6 +382,7 @@ class PackedModel(nn.Module):
     def _finalize(self) -> None:
         for _, layer in self.packed_layers():
             layer.finalize()
+        self._native = {}  # compiled forwards point at the epilogues just replaced: compile again on use
 
     def nbytes(self, density: float | None = None) -> int:
         """Tensor bytes a device holds to run every subnet up to ``density`` (default: all stored ones)."""

@@ -24,7 +24,7 @@ from dress_model.kernels import _packed_sparse as _native
 
 __all__ = [
     "packed_linear", "packed_conv2d", "packed_linear_backward", "packed_conv2d_backward", "validate_indices",
-    "kernel_isa", "set_kernel_isa",
+    "kernel_isa", "set_kernel_isa", "run_plan",
 ]
 
 
@@ -263,6 +263,17 @@ def packed_conv2d_backward(
                             _threads(threads), check_indices, 0 if gx is None else gx.data_ptr(),
                             0 if gv is None else gv.data_ptr(), oh, ow)
     return gx, gv
+
+
+def run_plan(records: torch.Tensor, slots: torch.Tensor, batch: int, threads: int | None = None) -> None:
+    """Run a compiled forward (``dress_model.native_forward``): int64 ``records`` [ops, 24] over ``slots``
+    [n, 2] (data pointer, capacity in floats); the native side checks every record against the slots'
+    capacities before it runs anything."""
+    _check(records, "records", (torch.int64,))
+    _check(slots, "slots", (torch.int64,))
+    if records.dim() != 2 or records.shape[1] != 24 or slots.numel() % 2:
+        raise ValueError(f"records must be [ops, 24] and slots [n, 2], got {list(records.shape)}, {list(slots.shape)}")
+    _native.run_plan(records.data_ptr(), records.shape[0], slots.data_ptr(), slots.numel() // 2, batch, _threads(threads))
 
 
 def validate_indices(indices: torch.Tensor, bands: torch.Tensor, rows: int, cols: int, threads: int | None = None) -> None:

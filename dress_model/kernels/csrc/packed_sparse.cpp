@@ -531,6 +531,11 @@ Packed check_conv(const char* op, uintptr_t values, int64_t nvals, uintptr_t ind
   if (H + 2 * ph < kh || W + 2 * pw < kw || OH != out_h || OW != out_w)
     fail(op, "output must be " + std::to_string(OH) + "x" + std::to_string(OW) + " for input " +
                  std::to_string(H) + "x" + std::to_string(W));
+  // The tap planes (Taps) of one image must be addressable with 32-bit offsets, at the widest vector rows
+  // any ISA pads them to, and its tile tail.
+  const int64_t vw = round_up(OW, 16), plane = (OH + (kh - 1) / sh) * vw;
+  if (C * kw * std::min(sh, kh) * plane + OH * vw + 1024 > std::numeric_limits<int32_t>::max())
+    fail(op, "input too large for 32-bit tap offsets");
   if (check_indices) check_index_range(op, p, rows, cols, threads);
   return p;
 }
@@ -726,6 +731,8 @@ struct Taps {
 
 // ---------------------------------------------------------------- ops
 
+void linear_compute(const Packed& p, Job j, const float* xs, int64_t B, int64_t in, int threads);
+
 void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
             uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands, int64_t nb,
             int64_t rows, uintptr_t scale, uintptr_t shift, bool relu, int threads,
@@ -734,13 +741,17 @@ void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
   const Packed p = check_packed(op, values, nvals, indices, nidx, idx32, bands, nb, rows, in);
   check_threads(op, threads);
   if (check_indices) check_index_range(op, p, rows, in, threads);
-  Job j = base_job(p, rows, scale, shift, relu, out);
+  py::gil_scoped_release nogil;
+  linear_compute(p, base_job(p, rows, scale, shift, relu, out), ptr<const float>(x), B, in, threads);
+}
+
+// The forward itself, on checked arguments (the GIL may be released).
+void linear_compute(const Packed& p, Job j, const float* xs, int64_t B, int64_t in, int threads) {
+  const int64_t rows = j.rows;
   j.n = B;
   j.batch_major = true;
   if (B == 0 || rows == 0) return;
-  const float* xs = ptr<const float>(x);
   const int isa = g_isa.load();
-  py::gil_scoped_release nogil;
   if (B == 1) {
     j.x = xs;
     run(team_for(threads, rows * p.width_sum), (rows + kDotRows - 1) / kDotRows, line_align(kDotRows, 1),
@@ -772,6 +783,9 @@ void linear(uintptr_t x, int64_t B, int64_t in, uintptr_t values, int64_t nvals,
   });
 }
 
+void conv2d_compute(const Packed& p, Job j, const float* xs, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                    int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads);
+
 void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t values,
             int64_t nvals, uintptr_t indices, int64_t nidx, bool idx32, uintptr_t bands,
             int64_t nb, int64_t rows, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph,
@@ -780,7 +794,16 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
   const char* op = "packed_conv2d";
   const Packed p = check_conv(op, values, nvals, indices, nidx, idx32, bands, nb, rows, C, H, W, kh, kw, sh, sw,
                               ph, pw, threads, check_indices, out_h, out_w);
-  const int64_t OH = out_h, OW = out_w;
+  py::gil_scoped_release nogil;
+  conv2d_compute(p, base_job(p, rows, scale, shift, relu, out), ptr<const float>(x), B, C, H, W, kh, kw, sh, sw, ph,
+                 pw, threads);
+}
+
+// The forward itself, on checked arguments (check_conv: the tap offsets fit in 32 bits; the GIL may be released).
+void conv2d_compute(const Packed& p, Job j, const float* xs, int64_t B, int64_t C, int64_t H, int64_t W, int64_t kh,
+                    int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw, int threads) {
+  const int64_t rows = j.rows;
+  const int64_t OH = (H + 2 * ph - kh) / sh + 1, OW = (W + 2 * pw - kw) / sw + 1;
 
   // Tap planes (see Taps).  A stride-1 1x1 conv has no shifted taps: one unpadded plane per channel
   // (VW = OW), whose stride is rounded to whole vectors only to keep channel starts aligned.
@@ -795,10 +818,6 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
   // x itself qualifies when no padding is needed and every tile stays inside it.
   const bool in_place = flat && ph == 0 && pw == 0 && N % CH == 0;
   const int64_t cstride = taps.cstride, img_stride = C * cstride;
-  if (img_stride + round_up(N, CH) > std::numeric_limits<int32_t>::max())
-    fail(op, "input too large for 32-bit tap offsets");
-
-  Job j = base_job(p, rows, scale, shift, relu, out);
   j.n = N;
   j.images = B;
   j.vw = VW;
@@ -813,11 +832,9 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
     lut = taps.lut(C);
     j.lut = lut.get();
   }
-  const float* xs = ptr<const float>(x);
   const int64_t nnc = (N + CH - 1) / CH, tiles = (rows + plan.rows_per_tile - 1) / plan.rows_per_tile * nnc;
   const int64_t align = line_align(plan.rows_per_tile, nnc);
   const int team = team_for(threads, B * rows * p.width_sum * (round_up(N, CH) / vl));
-  py::gil_scoped_release nogil;
   if (in_place) {
     j.x = xs;
     run(team, B * tiles, align, plan.fn, j, [](Job&, int) {});
@@ -855,6 +872,144 @@ void conv2d(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, uintptr_t v
       for (int64_t c = 0; c < C; ++c) taps.prep(xs + (b * C + c) * H * W, mine + c * cstride);
       ji.out = j.out + b * rows * OH * OW;
       plan.fn(ji, 0, tiles);
+    }
+  }
+}
+
+// ---------------------------------------------------------------- whole-network plans
+//
+// A plan is a subnet's forward as a program of fixed-size int64 records, run in one call per batch: no
+// Python and no allocation between layers.  Every record reads and writes numbered slots (activation
+// buffers the caller allocates once per batch size; slot 0 is the input); all records are checked before
+// anything runs, sizes against the slots' capacities included, so no program can make an op read or
+// write outside its buffers.  Record fields (kPlanFields int64 each):
+//   [0] op  [1] input slot  [2] output slot  [3] second input slot (add) or -1
+//   conv / linear: [4] values [5] nvals [6] indices [7] nidx [8] idx32 [9] bands [10] nb [11] rows
+//   all:           [12] C (linear: in features; add: floats per image) [13] H [14] W
+//   conv / pool:   [15] kh [16] kw [17] sh [18] sw [19] ph [20] pw
+//   conv / linear: [21] scale [22] shift (pointers, 0 = none)   all: [23] relu
+enum PlanOp : int64_t { kPlanConv = 0, kPlanLinear = 1, kPlanMaxPool = 2, kPlanMeanPool = 3, kPlanAdd = 4 };
+constexpr int64_t kPlanFields = 24;
+
+struct PlanStep {
+  const int64_t* f;
+  Packed p;
+  int64_t in_size, out_size;  // floats per image
+};
+
+void max_pool(const float* x, float* y, int64_t planes, int64_t H, int64_t W, int64_t kh, int64_t kw, int64_t sh,
+              int64_t sw, int threads) {
+  const int64_t OH = (H - kh) / sh + 1, OW = (W - kw) / sw + 1;
+#pragma omp parallel for num_threads(team_for(threads, planes * OH * OW * kh * kw)) schedule(static)
+  for (int64_t c = 0; c < planes; ++c) {
+    const float* xc = x + c * H * W;
+    float* yc = y + c * OH * OW;
+    for (int64_t a = 0; a < OH; ++a)
+      for (int64_t b = 0; b < OW; ++b) {
+        float m = xc[a * sh * W + b * sw];
+        for (int64_t i = 0; i < kh; ++i)
+          for (int64_t k = 0; k < kw; ++k) m = std::max(m, xc[(a * sh + i) * W + b * sw + k]);
+        yc[a * OW + b] = m;
+      }
+  }
+}
+
+void run_plan(uintptr_t program, int64_t nops, uintptr_t slots, int64_t nslots, int64_t B, int threads) {
+  const char* op = "native plan";
+  check_threads(op, threads);
+  if (nops < 0 || nslots < 1 || B < 0) fail(op, "empty program or no slots");
+  const int64_t* prog = ptr<const int64_t>(program);
+  const int64_t* slot = ptr<const int64_t>(slots);  // per slot: data pointer, capacity in floats
+  std::vector<PlanStep> steps(static_cast<size_t>(nops));
+  auto in_slot = [&](int64_t s, int64_t i) {
+    if (s < 0 || s >= nslots) fail(op, "record " + std::to_string(i) + " names slot " + std::to_string(s));
+    return s;
+  };
+  for (int64_t i = 0; i < nops; ++i) {
+    const int64_t* f = prog + i * kPlanFields;
+    PlanStep& st = steps[size_t(i)];
+    st.f = f;
+    in_slot(f[1], i);
+    in_slot(f[2], i);
+    const int64_t C = f[12], H = f[13], W = f[14];
+    if (C < 0 || H < 0 || W < 0) fail(op, "record " + std::to_string(i) + " has a negative size");
+    switch (f[0]) {
+      case kPlanConv: {
+        const int64_t OH = (H + 2 * f[19] - f[15]) / std::max<int64_t>(1, f[17]) + 1;
+        const int64_t OW = (W + 2 * f[20] - f[16]) / std::max<int64_t>(1, f[18]) + 1;
+        st.p = check_conv(op, uintptr_t(f[4]), f[5], uintptr_t(f[6]), f[7], f[8] != 0, uintptr_t(f[9]), f[10],
+                          f[11], C, H, W, f[15], f[16], f[17], f[18], f[19], f[20], threads, false, OH, OW);
+        st.in_size = C * H * W;
+        st.out_size = f[11] * OH * OW;
+        break;
+      }
+      case kPlanLinear:
+        st.p = check_packed(op, uintptr_t(f[4]), f[5], uintptr_t(f[6]), f[7], f[8] != 0, uintptr_t(f[9]), f[10],
+                            f[11], C);
+        st.in_size = C;
+        st.out_size = f[11];
+        break;
+      case kPlanMaxPool:
+        if (f[15] < 1 || f[16] < 1 || f[17] < 1 || f[18] < 1 || H < f[15] || W < f[16])
+          fail(op, "record " + std::to_string(i) + ": pooling window outside its input");
+        st.in_size = C * H * W;
+        st.out_size = C * ((H - f[15]) / f[17] + 1) * ((W - f[16]) / f[18] + 1);
+        break;
+      case kPlanMeanPool:
+        st.in_size = C * H * W;
+        st.out_size = C;
+        break;
+      case kPlanAdd:
+        in_slot(f[3], i);
+        st.in_size = st.out_size = C;
+        if (B * C > slot[2 * f[3] + 1]) fail(op, "record " + std::to_string(i) + " reads past its second slot");
+        break;
+      default:
+        fail(op, "record " + std::to_string(i) + " has unknown op " + std::to_string(f[0]));
+    }
+    if (B * st.in_size > slot[2 * f[1] + 1] || B * st.out_size > slot[2 * f[2] + 1])
+      fail(op, "record " + std::to_string(i) + " reads or writes past its slots");
+    if (f[1] == f[2] && f[0] != kPlanAdd) fail(op, "record " + std::to_string(i) + " writes over its own input");
+  }
+  py::gil_scoped_release nogil;
+  for (const PlanStep& st : steps) {
+    const int64_t* f = st.f;
+    const float* x = reinterpret_cast<const float*>(slot[2 * f[1]]);
+    float* y = reinterpret_cast<float*>(slot[2 * f[2]]);
+    const bool relu = f[23] != 0;
+    switch (f[0]) {
+      case kPlanConv: {
+        Job j = base_job(st.p, f[11], uintptr_t(f[21]), uintptr_t(f[22]), relu, uintptr_t(y));
+        conv2d_compute(st.p, j, x, B, f[12], f[13], f[14], f[15], f[16], f[17], f[18], f[19], f[20], threads);
+        break;
+      }
+      case kPlanLinear:
+        linear_compute(st.p, base_job(st.p, f[11], uintptr_t(f[21]), uintptr_t(f[22]), relu, uintptr_t(y)), x, B,
+                       f[12], threads);
+        break;
+      case kPlanMaxPool:
+        max_pool(x, y, B * f[12], f[13], f[14], f[15], f[16], f[17], f[18], threads);
+        break;
+      case kPlanMeanPool: {
+        const int64_t hw = f[13] * f[14];
+        const float inv = hw ? 1.f / float(hw) : 0.f;
+        for (int64_t c = 0; c < B * f[12]; ++c) {
+          float acc = 0.f;
+          for (int64_t k = 0; k < hw; ++k) acc += x[c * hw + k];
+          y[c] = acc * inv;
+        }
+        break;
+      }
+      case kPlanAdd: {
+        const float* z = reinterpret_cast<const float*>(slot[2 * f[3]]);
+        const int64_t n = B * f[12];
+#pragma omp parallel for num_threads(team_for(threads, n)) schedule(static)
+        for (int64_t k = 0; k < n; ++k) {
+          const float v = x[k] + z[k];
+          y[k] = relu ? std::max(v, 0.f) : v;
+        }
+        break;
+      }
     }
   }
 }
@@ -967,7 +1122,6 @@ void conv2d_backward(uintptr_t x, int64_t B, int64_t C, int64_t H, int64_t W, ui
   const int vl = pick_vl(isa, OW);
   const Taps taps(H, W, kh, kw, sh, sw, ph, pw, round_up(OW, vl), 0);
   const int64_t VW = taps.VW, N = OH * VW, img_stride = C * taps.cstride, extent = band_extent(p, rows);
-  if (img_stride + N > std::numeric_limits<int32_t>::max()) fail(op, "input too large for 32-bit tap offsets");
   py::gil_scoped_release nogil;
   if (gx) std::fill(gx, gx + B * C * H * W, 0.f);
   if (B == 0 || rows == 0 || (!gx && !gv)) return;
@@ -1051,6 +1205,7 @@ PYBIND11_MODULE(_packed_sparse, m) {
   m.def("linear_backward", &linear_backward);
   m.def("conv2d_backward", &conv2d_backward);
   m.def("validate_indices", &validate_indices);
+  m.def("run_plan", &run_plan);
   m.def("set_isa", &set_isa, py::arg("name"));
   m.def("isa", [] { return std::string(isa_name(g_isa.load())); });
   m.def("best_isa", [] { return std::string(isa_name(g_best_isa)); });
