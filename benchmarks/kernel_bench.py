@@ -159,6 +159,7 @@ def bench_layers(threads: int, quick: bool, console: Console | None = None) -> l
 
 
 MODEL_DENSITIES = (0.05, 0.1, 0.25, 0.5, 1.0)
+PARTS = ("layers", "model", "storage")  # what one run measures (--parts)
 
 
 def _trained_like(name: str, channels: int, size: int):
@@ -335,21 +336,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds per measurement (< 1 minute)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every candidate (default 2)")
     parser.add_argument("--json", type=Path, help="write the results here (atomically)")
-    parser.add_argument("--only-storage", action="store_true",
-                        help="re-measure only switching, reloading and bytes; keep the layer and model timings "
-                             "from --json")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"what to measure, comma-separated from {', '.join(PARTS)}; the parts left out are "
+                             "kept from --json (each part's machine is recorded with it)")
     args = parser.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    if unknown := sorted(set(parts) - set(PARTS)) or not parts:
+        parser.error(f"--parts: expected some of {', '.join(PARTS)}, got {args.parts!r} ({unknown or 'nothing'})")
     console = Console(width=max(Console().width, 110))  # the table is ~100 columns; do not fold it when piped
     load_before = os.getloadavg()
     kept: dict[str, Any] = {}
-    if args.only_storage:
+    if set(parts) != set(PARTS):
         if not (args.json and args.json.exists()):
-            parser.error("--only-storage keeps the other results from --json, which must exist")
+            parser.error("--parts without every part keeps the others from --json, which must exist")
         kept = json.loads(args.json.read_text())
-    layers = kept["layers"] if kept else bench_layers(args.threads, args.quick, console)
-    whole = kept["model"] if kept else bench_model(args.threads, args.quick)
-    with tempfile.TemporaryDirectory() as tmp:
-        storage = bench_switch_and_bytes(Path(tmp))
+    layers = bench_layers(args.threads, args.quick, console) if "layers" in parts else kept["layers"]
+    whole = bench_model(args.threads, args.quick) if "model" in parts else kept["model"]
+    if "storage" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            storage = bench_switch_and_bytes(Path(tmp))
+    else:
+        storage = {k: kept[k] for k in ("switch_us", "reload_ms", "bytes", "bytes_max_density")}
     info = machine() | {"kernel_isa": kernel_isa(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     console.print(layers_table(layers))
     for r in whole:
@@ -362,8 +369,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"load average before/after: {load_before[0]:.1f}/{info['loadavg_after'][0]:.1f}")  # fmt: skip
     if args.json:
         joined = f"{kept['command']} && {command()}" if kept else command()
-        machines = {"machine": kept["machine"], "storage_machine": info} if kept else {"machine": info}
-        result = {"command": joined, **machines, "layers": layers, "model": whole, **storage}
+        machines = {f"{part}_machine": info if part in parts else kept.get(f"{part}_machine", kept["machine"])
+                    for part in PARTS}
+        result = {"command": joined, "machine": info, **machines, "layers": layers, "model": whole, **storage}
         write_json(args.json, result)
         args.json.with_suffix(".md").write_text(markdown(result))
         console.print(f"wrote {args.json}")
