@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +34,16 @@ CONV, LINEAR, MAX_POOL, MEAN_POOL, ADD = 0, 1, 2, 3, 4  # record ops (kernels/cs
 FIELDS = 24  # int64 fields per record (kernels/csrc: kPlanFields)
 INPUT, OUTPUT = 0, 1  # the input's and the output's slots; scratch slots follow
 KEEP_SCRATCH_FLOATS = 4 << 20  # scratch kept between calls up to 16 MB
+SMALL_BATCH = 4  # batches up to this size run with the tuned thread count (NativeForward.tune_threads)
+
+
+def median_seconds(fn: Callable[[], object], rounds: int) -> float:
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 @dataclass
@@ -162,6 +174,21 @@ class NativeForward(Compiled):
         self.out_size = program.values[result].size
         self._scratch: tuple[int, list[torch.Tensor]] | None = None  # (batch, buffers)
         self._lock = threading.Lock()  # the scratch buffers are one forward's at a time
+        self.small_batch_threads: int | None = None  # tune_threads; None: torch's thread count
+
+    def tune_threads(self, rounds: int = 15) -> None:
+        """Pick the thread count for small batches by timing batch 1 both ways. Waking a second core costs
+        microseconds per layer, which the smallest subnets' layers do not win back; larger ones do."""
+        most = torch.get_num_threads()
+        if most < 2:
+            return
+        x = torch.zeros(1, *self.in_shape)
+        times = {}
+        for threads in (1, most):
+            self.small_batch_threads = threads
+            self(x)
+            times[threads] = median_seconds(lambda: self(x), rounds)
+        self.small_batch_threads = min(times, key=times.__getitem__)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -176,7 +203,8 @@ class NativeForward(Compiled):
                 self._scratch = (batch, scratch) if batch * sum(self.sizes) <= KEEP_SCRATCH_FLOATS else None
             buffers = [x, out, *scratch]
             slots = torch.tensor([v for t in buffers for v in (t.data_ptr(), t.numel())], dtype=torch.int64)
-            kernels.run_plan(self.records, slots, batch)
+            threads = self.small_batch_threads if batch <= SMALL_BATCH else None
+            kernels.run_plan(self.records, slots, batch, threads)
         return out
 
 
