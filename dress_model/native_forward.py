@@ -239,6 +239,38 @@ def freeze_dense(dense: nn.Module, in_shape: tuple[int, ...]) -> FrozenDense | N
     return FrozenDense(module, in_shape)
 
 
+class FullDensity(Compiled):
+    """The full top subnet (every weight in place) three ways: its native program (the top band packed like
+    the others), the dense network frozen (oneDNN), its dense layers one by one. Each was timed once at batch
+    1 and the fastest runs small batches: on a small model one native call beats torch's per-op overhead, on
+    a larger one oneDNN's dense kernels win. Large batches run dense, where oneDNN's blocked kernels do."""
+
+    def __init__(self, ways: dict[str, Callable[[torch.Tensor], torch.Tensor]], small: str, large: str,
+                 in_shape: tuple[int, ...]) -> None:
+        super().__init__(in_shape)
+        self.ways, self.small, self.large = ways, small, large
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ways[self.small if x.shape[0] <= SMALL_BATCH else self.large](x)
+
+
+def choose_full_density(native: NativeForward | None, frozen: FrozenDense | None,
+                        layers: Callable[[torch.Tensor], torch.Tensor], in_shape: tuple[int, ...],
+                        rounds: int = 15) -> FullDensity:
+    ways: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"layers": layers}
+    if native is not None:
+        ways["native"] = native
+    if frozen is not None:
+        ways["frozen"] = frozen
+    x = torch.zeros(1, *in_shape)
+    times = {}
+    for name, way in ways.items():
+        way(x)
+        times[name] = median_seconds(lambda: way(x), rounds)  # noqa: B023 - called before the next iteration
+    return FullDensity(ways, min(times, key=times.__getitem__), "frozen" if frozen is not None else "layers",
+                       in_shape)
+
+
 # -- what the native compiler knows: the models of dress_model.models, walked as their forward does -------
 
 
@@ -272,8 +304,6 @@ def _apply(p: _Program, src: int, layer: nn.Module, norm: DensityBatchNorm | Non
     op = CONV if is_conv else LINEAR
     geometry = _geometry(layer) if is_conv else (0, 0, 0, 0, 0, 0)
     if isinstance(layer, PackedSparse):
-        if layer._dense is not None and index == len(layer._epilogue) - 1:
-            raise _Unsupported("a full top band runs densely")
         if (norm is not None) != bool(layer._norm) or (norm is not None and layer._norm[0] is not norm):
             raise _Unsupported("a BN that is not the layer's folded one")
         scale, shift = layer._epilogue[index]

@@ -46,7 +46,7 @@ from dress_model.kernels import autograd as packed_ops
 from dress_model.checkpoint import atomic_write, dress_header
 from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
-from dress_model.native_forward import Compiled, compile_forward, freeze_dense, median_seconds
+from dress_model.native_forward import Compiled, choose_full_density, compile_forward, freeze_dense
 from dress_model.sparsity import keep_count
 
 FORMAT = "dress-packed"
@@ -352,23 +352,16 @@ class PackedModel(nn.Module):
         return self.forward_layers(x)
 
     def _compile(self, index: int) -> Compiled | None:
-        """The subnet's compiled forward: a sparse one as one native program (its small-batch thread count
-        timed), the full top subnet dense and frozen (oneDNN) where that beats running its dense layers one
-        by one (timed: on a small model torch's eager layers can be faster); None: layer by layer."""
+        """The subnet's compiled forward: one native program (its small-batch thread count timed); for the
+        full top subnet of a model stored up to d=1, the fastest at batch 1 of that program, the dense
+        network frozen (oneDNN) and its dense layers one by one (``FullDensity``). None: layer by layer."""
         shape = (self.arch.in_channels, self.arch.image_size, self.arch.image_size)
-        top = index == len(self.densities) - 1
-        if not (top and all(layer.full_top for _, layer in self.packed_layers())):
-            native = compile_forward(self.net, index, shape)
-            if native is not None:
-                native.tune_threads()
+        native = compile_forward(self.net, index, shape)
+        if native is not None:
+            native.tune_threads()
+        if index < len(self.densities) - 1 or not all(layer.full_top for _, layer in self.packed_layers()):
             return native
-        frozen = freeze_dense(self.to_dress().eval(), shape)
-        if frozen is None:
-            return None
-        x = torch.zeros(1, *shape)
-        frozen(x)
-        self.forward_layers(x)
-        return frozen if median_seconds(lambda: frozen(x), 15) < median_seconds(lambda: self.forward_layers(x), 15) else None
+        return choose_full_density(native, freeze_dense(self.to_dress().eval(), shape), self.forward_layers, shape)
 
     def __getstate__(self) -> dict[str, object]:
         """Copies compile their own forwards: a compiled one points into this model's buffers."""

@@ -7,7 +7,7 @@ import torch
 
 from dress_model import kernels
 from dress_model.models import create_model
-from dress_model.native_forward import FIELDS, FrozenDense, NativeForward
+from dress_model.native_forward import FIELDS, FullDensity, NativeForward
 from dress_model.packed import PackedModel
 
 SHAPES = {"cnn": (1, 28), "resnet8": (3, 32), "resnet20": (3, 32)}
@@ -42,10 +42,12 @@ def test_every_subnet_computes_what_the_layer_path_computes(name: str, isa: str)
             assert reference.abs().max() > 1e-3  # a real signal, not zeros agreeing with zeros
             torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
         compiled = packed._native[packed.density_index(density)]
-        # every sparse subnet runs in one native call; the full top subnet dense, frozen (oneDNN) or layer by
-        # layer, whichever was faster when it compiled
+        # every sparse subnet runs in one native call; the full top subnet whichever way was fastest when it
+        # compiled (tested each way below)
         if density == 1.0:
-            assert compiled is None or isinstance(compiled, FrozenDense)
+            assert isinstance(compiled, FullDensity) and set(compiled.ways) == {"native", "frozen", "layers"}
+            for way in compiled.ways.values():
+                torch.testing.assert_close(way(x), packed.forward_layers(x), rtol=1e-4, atol=1e-5)
         else:
             assert isinstance(compiled, NativeForward) and compiled.small_batch_threads in (None, 1, torch.get_num_threads())
 
