@@ -250,6 +250,7 @@ class ModelUpdater:
         if version == self.served.version:
             return
         fetched = fetch_model(self.stub, self.device_id, self.fetch_density, self.timeout, self.half)
+        fetched.packed.compile()  # before it serves: no request pays for compiling its density
         self.served.swap(fetched.packed, fetched.version)
         log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
                  ", ".join(f"{d:g}" for d in fetched.packed.densities))

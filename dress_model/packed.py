@@ -351,6 +351,19 @@ class PackedModel(nn.Module):
                 return native(x)
         return self.forward_layers(x)
 
+    def compile(self) -> PackedModel:
+        """Compile every density's forward now rather than on its first use (a full top subnet takes about a
+        second to freeze): what an agent does before a new model takes requests."""
+        active = self.net._cell.index
+        try:
+            for index in range(len(self.densities)):
+                if index not in self._native:
+                    self.net._cell.index = index  # the per-layer way is timed at its own density
+                    self._native[index] = self._compile(index)
+        finally:
+            self.net._cell.index = active
+        return self
+
     def _compile(self, index: int) -> Compiled | None:
         """The subnet's compiled forward: one native program (its small-batch thread count timed); for the
         full top subnet of a model stored up to d=1, the fastest at batch 1 of that program, the dense

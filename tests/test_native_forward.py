@@ -161,3 +161,14 @@ def test_the_tuned_thread_count_changes_the_time_not_the_answer() -> None:
         compiled.small_batch_threads = threads
         outs.append(packed(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_compile_prepares_every_density_before_the_first_request() -> None:
+    packed = packed_model("cnn")
+    packed.set_density(0.25)
+    packed.compile()
+    assert set(packed._native) == set(range(len(packed.densities))) and packed.active_density == 0.25
+    x = torch.randn(1, 1, 28, 28)
+    for density in packed.densities:
+        packed.set_density(density)
+        torch.testing.assert_close(packed(x), packed.forward_layers(x), rtol=1e-4, atol=1e-5)
