@@ -9,7 +9,8 @@ peer's tiers hold no more parameters than DRESS's subnet at the same density. ``
 self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0. Ablations of DRESS's anchor loss, not
 run by default: ``dress-no-anchor`` (off), ``dress-anchor-0.25`` (half weight, constant), ``dress-anchor-constant``
 (full weight in every round; ``dress`` anneals it to 0 over the rounds, ``distill-decay``); and of the
-server's average over rounds: ``dress-no-average`` publishes each round's model as it is.
+server's average over rounds: ``dress-no-average`` publishes each round's model as it is; and of its damping:
+``dress-undamped`` moves each weight all the way to its trainers' average.
 
 Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last`` rounds' test accuracy: with
 10 devices a round on Dirichlet-0.3 shards the global model swings by several points from one round to the next,
@@ -44,14 +45,15 @@ from simulations.run import SimulationSettings, run_simulation  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 CENTRALIZED = RESULTS / "accuracy.json"  # centralized DRESS training on the whole training split
 # name -> (method, run-setting changes)
-VARIANTS: dict[str, tuple[str, dict[str, float]]] = {
+VARIANTS: dict[str, tuple[str, dict[str, float | bool]]] = {
     "fjord-kd": ("fjord", {}), "fjord": ("fjord", {"distill": 0.0}), "dress-no-anchor": ("dress", {"distill": 0.0}),
     "dress-anchor-0.25": ("dress", {"distill": 0.25, "distill_decay": 1.0}),
     "dress-anchor-constant": ("dress", {"distill_decay": 1.0}),
     "dress-no-average": ("dress", {"server_average": 0.0}),
+    "dress-undamped": ("dress", {"damped": False}),
 }
 ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor",
-       "dress-anchor-0.25", "dress-anchor-constant", "dress-no-average")
+       "dress-anchor-0.25", "dress-anchor-constant", "dress-no-average", "dress-undamped")
 DEFAULT = ALL[:6]  # the ablations join with --methods ... --resume
 
 

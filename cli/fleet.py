@@ -61,6 +61,7 @@ EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per ro
 LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate (the first round's peak).")]
 LrDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's learning rate as a share of --lr, cosine over the rounds (1 = constant).")]
 AggregationOption = Annotated[str, typer.Option(help="Per weight over the devices that trained it: mean (FedAvg), median or trimmed-mean:BETA (robust to a minority of lying devices; DRESS only).")]
+DampedOption = Annotated[bool, typer.Option("--damped/--undamped", help="DRESS: a weight moves towards its trainers' average by their share of the round's examples (--damped), or all the way (--undamped, HeteroFL's counting).")]
 ServerAverageOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="The published (evaluated, served) model is an exponential average of the rounds' models: this share of the previous one (0 = each round's model as it is). Averages out the few devices that train the densest bands each round.")]
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
@@ -103,6 +104,7 @@ def coordinator_start_cmd(
     lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
     server_average: ServerAverageOption = DEFAULTS.server_average,
+    damped: DampedOption = DEFAULTS.damped,
     aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
     distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
@@ -116,7 +118,7 @@ def coordinator_start_cmd(
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, aggregation=aggregation, distill=distill, distill_decay=distill_decay,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     try:
@@ -219,6 +221,7 @@ def simulate_cmd(
     lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
     server_average: ServerAverageOption = DEFAULTS.server_average,
+    damped: DampedOption = DEFAULTS.damped,
     aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
     distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
@@ -233,7 +236,7 @@ def simulate_cmd(
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, aggregation=aggregation, distill=distill, distill_decay=distill_decay, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip
     try:

@@ -85,6 +85,7 @@ class RunSettings:
     aggregation: str  # mean, median or trimmed-mean:BETA (Aggregation): robust ones resist lying devices
     server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
     server_average: float  # published model = this share of the previous one + the rest of the round's (0 = off)
+    damped: bool  # DRESS: a weight moves by the share of the round's examples that trained it; False: to their average
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     distill_decay: float  # the last round's anchor weight as a share of distill (cosine like lr; 1 = constant); DRESS
     batch_size: int

@@ -35,13 +35,16 @@ class Update:
 
 
 @torch.no_grad()
-def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN) -> None:
+def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN, damped: bool = True) -> None:
     """Move ``model`` in place towards each weight's average over the devices that trained it (weights, biases,
     per-density BN), by the share of the round's examples those devices hold.
 
     ``rule`` says which average: the examples-weighted mean (FedAvg), or, robust to a minority of devices
     replying anything they like, the coordinate-wise median or trimmed mean over the devices that held the
-    weight (unweighted: a liar would otherwise claim many examples)."""
+    weight (unweighted: a liar would otherwise claim many examples). ``damped`` False moves each weight all the
+    way to that average (HeteroFL's counting): with the server's average over rounds smoothing out the few
+    devices that train the upper bands, every tier of both partitions gained 0.1-0.7 pt on seeds 0-1 in one
+    measurement; the default stays damped until the benchmark has run it on every seed."""
     updates = [u for u in updates if u.num_examples > 0]
     if not updates:
         return
@@ -67,7 +70,8 @@ def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN
             weight = sum(n * h for _, h, n in parts)
             average = _robust(values, held, rule)
         # old + (weight / examples) * (average - old): a weight nobody trained (weight 0) keeps its value
-        moved = torch.where(weight > 0, old + (weight / examples) * (average - old), old)
+        share = weight / examples if damped else (weight > 0).double()
+        moved = torch.where(weight > 0, old + share * (average - old), old)
         current.copy_(moved.to(current.dtype))
     model.load_state_dict(state)
 

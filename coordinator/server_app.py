@@ -100,7 +100,7 @@ def main(grid: Grid, context: Context) -> None:
                                               **({"distill": settings.distill_at(r)} if dress else {})},
                       server_momentum=settings.server_momentum, first_round=done + 1, node_auth=settings.node_auth,
                       aggregation=Aggregation.parse(settings.aggregation), round_timeout_s=ROUND_TIMEOUT_S,
-                      server_average=settings.server_average,
+                      server_average=settings.server_average, damped=settings.damped,
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))

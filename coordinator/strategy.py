@@ -88,6 +88,7 @@ class DressStrategy(Strategy):
         aggregation: Aggregation = MEAN,
         round_timeout_s: float | None = None,
         server_average: float = 0.0,
+        damped: bool = True,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
@@ -100,6 +101,7 @@ class DressStrategy(Strategy):
         self.aggregation = aggregation
         self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
         self.server_average = server_average
+        self.damped = damped  # aggregation: by the trainers' share of the round's examples, or all the way
         self.average: DressModel | None = None  # what is published when server_average > 0 (update_average)
         self.node_devices: dict[int, str] = {}
         self.node_auth = node_auth  # nodes are known by their registered keys (the registry), not by their word
@@ -291,7 +293,7 @@ class DressStrategy(Strategy):
 
     def absorb(self, updates: list[Update]) -> None:
         """Fold the round's replies into the global model (``coordinator.aggregation``)."""
-        aggregate(self.model, updates, self.aggregation)
+        aggregate(self.model, updates, self.aggregation, damped=self.damped)
 
     def reorder(self, model: DressModel | None = None) -> None:
         """After the weights moved: re-rank every row, so each subnet keeps its most important weights."""

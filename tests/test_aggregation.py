@@ -172,3 +172,17 @@ def test_the_published_model_is_an_average_of_the_rounds_models() -> None:
     _, off = _server(0.0, average=0.0)
     off.update_average()
     assert off.published_state() is None
+
+
+def test_undamped_aggregation_moves_each_weight_all_the_way_to_its_trainers_average() -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.1", width=4).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    aggregate(model, [device_update(model, 0.1, 1.0, examples=300), device_update(model, 0.5, 4.0, examples=100)],
+              damped=False)
+    diff = model.state_dict()["conv2.weight"] - before["conv2.weight"]
+    m01, m05 = model.conv2.mask(0.1).bool(), model.conv2.mask(0.5).bool()
+    torch.testing.assert_close(diff[m01], torch.full_like(diff[m01], (300 * 1.0 + 100 * 4.0) / 400))
+    only_dense = m05 & ~m01
+    torch.testing.assert_close(diff[only_dense], torch.full_like(diff[only_dense], 4.0))  # not 4 * 100/400
+    assert torch.all(diff[~m05] == 0)
