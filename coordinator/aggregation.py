@@ -44,7 +44,8 @@ def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN
     weight (unweighted: a liar would otherwise claim many examples). ``damped`` False moves each weight all the
     way to that average (HeteroFL's counting): with the server's average over rounds smoothing out the few
     devices that train the upper bands, every tier of both partitions gained 0.1-0.7 pt on seeds 0-1 in one
-    measurement; the default stays damped until the benchmark has run it on every seed."""
+    measurement, in the simulated fleet of before the compiled forwards (faster sparse subnets since moved
+    simulated devices to denser tiers); the default stays damped until it is measured side by side again."""
     updates = [u for u in updates if u.num_examples > 0]
     if not updates:
         return
