@@ -5,9 +5,10 @@ from the model's Python ``forward``, torch's ReLU, pooling and adds between them
 Python and allocation. A ``NativeForward`` is the same computation as a program of records the native side runs
 back to back: packed conv / linear with the folded BN and ReLU, the dense stem and head as one-band packed
 layers, max and mean pooling, residual add + ReLU; activations live in scratch buffers allocated once per
-batch size. The per-layer path stays the reference it is tested against (tests/test_native_forward.py), and
-runs whatever the compiler does not take: training, a subnet whose full top band runs densely through
-oneDNN (faster than any packed kernel there), and models it does not know.
+batch size. The full top subnet of a model stored up to d=1 is also frozen dense (oneDNN), and whichever of
+its ways was fastest at batch 1 serves it (``FullDensity``). The per-layer path stays the reference these are
+tested against (tests/test_native_forward.py), and runs whatever the compiler does not take: training, inputs
+a program was not compiled for, and models it does not know.
 
 Switching density stays one store: each density index has its own program, compiled on first use.
 """
@@ -30,14 +31,16 @@ from dress_model.models import CifarResNet, SmallCNN
 
 log = logging.getLogger(__name__)
 
-CONV, LINEAR, MAX_POOL, MEAN_POOL, ADD = 0, 1, 2, 3, 4  # record ops (kernels/csrc: PlanOp)
-FIELDS = 24  # int64 fields per record (kernels/csrc: kPlanFields)
+CONV, LINEAR, MAX_POOL, MEAN_POOL, ADD = (kernels.PLAN_OPS[k] for k in ("conv", "linear", "max_pool", "mean_pool", "add"))
+FIELDS = kernels.PLAN_FIELDS  # int64 fields per record
 INPUT, OUTPUT = 0, 1  # the input's and the output's slots; scratch slots follow
 KEEP_SCRATCH_FLOATS = 4 << 20  # scratch kept between calls up to 16 MB
 SMALL_BATCH = 4  # batches up to this size run with the tuned thread count (NativeForward.tune_threads)
 
 
 def median_seconds(fn: Callable[[], object], rounds: int) -> float:
+    """Median of ``rounds`` timed calls after one untimed warm-up call."""
+    fn()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
@@ -186,7 +189,6 @@ class NativeForward(Compiled):
         times = {}
         for threads in (1, most):
             self.small_batch_threads = threads
-            self(x)
             times[threads] = median_seconds(lambda: self(x), rounds)
         self.small_batch_threads = min(times, key=times.__getitem__)
 
@@ -209,9 +211,9 @@ class NativeForward(Compiled):
 
 
 class FrozenDense(Compiled):
-    """The full top subnet, every weight in place: dense execution is the fastest there is, so it runs as a
-    frozen TorchScript module optimised for inference (BN folded into the convolutions, oneDNN-prepacked
-    weights: what the dense baseline runs), compiled once from the model's dense copy."""
+    """The full top subnet, every weight in place, as a frozen TorchScript module optimised for inference (BN
+    folded into the convolutions, oneDNN-prepacked weights: what the dense baseline runs), compiled once from
+    the model's dense copy."""
 
     def __init__(self, module: torch.jit.ScriptModule, in_shape: tuple[int, ...]) -> None:
         super().__init__(in_shape)
@@ -265,7 +267,6 @@ def choose_full_density(native: NativeForward | None, frozen: FrozenDense | None
     x = torch.zeros(1, *in_shape)
     times = {}
     for name, way in ways.items():
-        way(x)
         times[name] = median_seconds(lambda: way(x), rounds)  # noqa: B023 - called before the next iteration
     return FullDensity(ways, min(times, key=times.__getitem__), "frozen" if frozen is not None else "layers",
                        in_shape)
@@ -309,8 +310,6 @@ def _apply(p: _Program, src: int, layer: nn.Module, norm: DensityBatchNorm | Non
         scale, shift = layer._epilogue[index]
         if scale is None:
             shift = layer.bias
-        if layer.is_conv:
-            geometry = (*layer.kernel_size, *layer.stride, *layer.padding)
         return p.layer(op, src, layer.values, layer.indices, layer._views[index], layer.rows, scale, shift, relu,
                        geometry)
     if not isinstance(layer, (nn.Conv2d, nn.Linear)) or (is_conv and (layer.groups != 1 or layer.dilation != (1, 1))):

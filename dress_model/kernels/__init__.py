@@ -24,8 +24,11 @@ from dress_model.kernels import _packed_sparse as _native
 
 __all__ = [
     "packed_linear", "packed_conv2d", "packed_linear_backward", "packed_conv2d_backward", "validate_indices",
-    "kernel_isa", "set_kernel_isa", "run_plan",
+    "kernel_isa", "set_kernel_isa", "run_plan", "PLAN_FIELDS", "PLAN_OPS",
 ]
+
+PLAN_FIELDS: int = _native.plan_fields  # int64 fields per record of a compiled forward (run_plan)
+PLAN_OPS: dict[str, int] = dict(_native.plan_ops)  # a record's op code by name
 
 
 _F32 = torch.float32
@@ -266,13 +269,14 @@ def packed_conv2d_backward(
 
 
 def run_plan(records: torch.Tensor, slots: torch.Tensor, batch: int, threads: int | None = None) -> None:
-    """Run a compiled forward (``dress_model.native_forward``): int64 ``records`` [ops, 24] over ``slots``
+    """Run a compiled forward (``dress_model.native_forward``): int64 ``records`` [ops, PLAN_FIELDS] over ``slots``
     [n, 2] (data pointer, capacity in floats); the native side checks every record against the slots'
     capacities before it runs anything."""
     _check(records, "records", (torch.int64,))
     _check(slots, "slots", (torch.int64,))
-    if records.dim() != 2 or records.shape[1] != 24 or slots.numel() % 2:
-        raise ValueError(f"records must be [ops, 24] and slots [n, 2], got {list(records.shape)}, {list(slots.shape)}")
+    if records.dim() != 2 or records.shape[1] != PLAN_FIELDS or slots.numel() % 2:
+        raise ValueError(f"records must be [ops, {PLAN_FIELDS}] and slots [n, 2], got {list(records.shape)}, "
+                         f"{list(slots.shape)}")
     _native.run_plan(records.data_ptr(), records.shape[0], slots.data_ptr(), slots.numel() // 2, batch, _threads(threads))
 
 

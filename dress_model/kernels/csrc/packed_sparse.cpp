@@ -1206,6 +1206,14 @@ PYBIND11_MODULE(_packed_sparse, m) {
   m.def("conv2d_backward", &conv2d_backward);
   m.def("validate_indices", &validate_indices);
   m.def("run_plan", &run_plan);
+  m.attr("plan_fields") = kPlanFields;
+  py::dict ops;
+  ops["conv"] = int64_t(kPlanConv);
+  ops["linear"] = int64_t(kPlanLinear);
+  ops["max_pool"] = int64_t(kPlanMaxPool);
+  ops["mean_pool"] = int64_t(kPlanMeanPool);
+  ops["add"] = int64_t(kPlanAdd);
+  m.attr("plan_ops") = ops;
   m.def("set_isa", &set_isa, py::arg("name"));
   m.def("isa", [] { return std::string(isa_name(g_isa.load())); });
   m.def("best_isa", [] { return std::string(isa_name(g_best_isa)); });
