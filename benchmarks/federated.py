@@ -18,11 +18,17 @@ and a three-round mean still ranked the tiers by luck. fedavg-small serves every
 tier. Writes ``federated.json`` (rows, per-round curves, bytes and device compute), ``federated.md`` (means over
 seeds) and ``federated-<partition>.png`` (accuracy per tier per method per round); another ``--out`` names its
 markdown and plots after itself.
+
+Every run builds its fleet from one calibration (the model's cost per density on this machine), measured once
+when the benchmark starts, or read from ``--calibration``, and kept in the JSON: timings move with the machine's
+load, and with them the tiers devices can afford, so runs calibrated one by one would not share a fleet. A
+resumed benchmark reuses the JSON's.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -36,11 +42,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import command, machine, markdown_table, write_json  # noqa: E402
 from contracts.flower_processes import stop_on_sigterm  # noqa: E402
 from contracts.methods import METHODS  # noqa: E402
+from contracts.policy import CalibrationPoint  # noqa: E402
 from contracts.settings import RunSettings  # noqa: E402
 from dress_model.checkpoint import atomic_write, load_checkpoint  # noqa: E402
 from dress_model.data import load_dataset  # noqa: E402
 from dress_model.training import evaluate  # noqa: E402
-from simulations.run import SimulationSettings, run_simulation  # noqa: E402
+from simulations.fleet import read_calibration, write_calibration  # noqa: E402
+from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CENTRALIZED = RESULTS / "accuracy.json"  # centralized DRESS training on the whole training split
@@ -69,7 +77,7 @@ def run_name(method: str, partition: str, seed: int) -> str:
     return f"{method}-{partition.replace(':', '')}-{seed}"
 
 
-def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_one(name: str, partition: str, seed: int, args: argparse.Namespace, calibration: Path) -> dict[str, Any]:
     method, changes = VARIANTS.get(name, (name, {}))
     run = RunSettings.defaults(
         method=method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
@@ -77,7 +85,7 @@ def run_one(name: str, partition: str, seed: int, args: argparse.Namespace) -> d
         server_momentum=args.server_momentum, server_average=args.server_average, **changes,
     )  # fmt: skip
     settings = SimulationSettings(run, devices=args.devices, mix=args.mix,
-                                  run_dir=args.run_dir / run_name(name, partition, seed))
+                                  run_dir=args.run_dir / run_name(name, partition, seed), calibration=calibration)
     print(f"== {name} {partition} seed {seed}", flush=True)
     metrics = run_simulation(settings, lambda r: print(f"  round {r['round']}: {r['accuracy']}", flush=True))
     rounds = metrics["per_round"]
@@ -241,6 +249,9 @@ def main() -> None:
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --out's JSON (same fleet and rounds) and run only the missing "
                         "ones: how a stopped benchmark continues, or how an ablation joins the table")
+    p.add_argument("--calibration", type=Path,
+                   help="a calibration.json (a simulation's run directory holds one) every run's fleet is built from; "
+                        "default: measured once now, or the resumed JSON's")
     p.add_argument("--report", action="store_true",
                    help="only rewrite the markdown and plots from --out's JSON (e.g. of a run stopped midway)")
     args = p.parse_args()
@@ -283,13 +294,16 @@ def main() -> None:
         if ours != theirs:
             differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
             raise SystemExit(f"--resume: {args.out} was run with other settings (theirs, ours): {differ}")
+    points = fleet_calibration(args, result.get("calibration"))
+    calibration = args.run_dir / "calibration.json"
+    write_calibration(calibration, RunSettings.defaults(dataset=args.dataset).model_label, points)
     done = {(r["method"], r["partition"], r["seed"]) for r in runs}
     for partition in partitions:
         for seed in seeds:
             for name in methods:
                 if (name, partition, seed) in done:
                     continue
-                run = run_one(name, partition, seed, args)
+                run = run_one(name, partition, seed, args, calibration)
                 runs.append(run)
                 ran = [(r["method"], r["partition"], r["seed"]) for r in runs]
                 result = {
@@ -301,11 +315,28 @@ def main() -> None:
                                  "epochs": args.epochs, "max_examples": args.max_examples,
                                  "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum,
                                  "server_average": args.server_average, "last": args.last},
+                    "calibration": [dataclasses.asdict(p) for p in points],
                     "rows": rows_of(runs, args.last),
                     "runs": runs,
                 }
                 write_json(args.out, result)  # after every run: a long benchmark stopped midway keeps what it did
     write_report(args.out, result)
+
+
+def fleet_calibration(args: argparse.Namespace, resumed: list[dict[str, float]] | None) -> list[CalibrationPoint]:
+    """The one calibration every run's fleet is built from: ``--calibration``'s, the resumed JSON's, or measured
+    now. A resumed JSON's runs were built from its own, so another ``--calibration`` is refused."""
+    run = RunSettings.defaults(dataset=args.dataset)
+    try:
+        given = read_calibration(args.calibration, run.model_label, run.density_list) if args.calibration else None
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if resumed is not None:
+        stored = [CalibrationPoint(**p) for p in resumed]
+        if given is not None and given != stored:
+            raise SystemExit(f"--resume: {args.out}'s runs were built from another calibration than {args.calibration}")
+        return stored
+    return given or measure_calibration(run)
 
 
 def write_report(out: Path, result: dict[str, Any]) -> None:

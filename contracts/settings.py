@@ -166,6 +166,11 @@ class RunSettings:
         """What the coordinator tells agents they run (Describe, RegisterResponse)."""
         return pb.Architecture(model=self.model, densities=self.density_list, width=self.width, dataset=self.dataset)
 
+    @property
+    def model_label(self) -> str:
+        """Which network this is, in words: what a saved calibration must have been measured on."""
+        return f"{self.model} width {self.width} on {self.dataset}"
+
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
 

@@ -11,12 +11,15 @@ completes, so the registry fills as in deployment; a device in an offline window
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -26,6 +29,7 @@ from contracts.credentials import bearer
 from contracts.naming import simulated_name
 from contracts.policy import Budget, CalibrationPoint
 from contracts.profiles import Profile
+from dress_model.checkpoint import atomic_write
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from simulations.traces import TracePoint, at
@@ -44,6 +48,34 @@ class VirtualDevice:
     credential: str = ""  # what its enrollment token bought at registration
     density: float = 0.0
     last_beat: float = 0.0  # perf_counter when its last heartbeat left; 0 = none since it was last offline
+
+
+def write_calibration(path: Path, model: str, measured: Sequence[CalibrationPoint]) -> None:
+    """Save the calibration a fleet was built from, and of which ``model`` (``RunSettings.model_label``):
+    ``simulate --calibration`` rebuilds the same fleet from it."""
+    text = json.dumps({"model": model, "calibration": [dataclasses.asdict(p) for p in measured]}, indent=2)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_calibration(path: Path, model: str, densities: Sequence[float]) -> list[CalibrationPoint]:
+    """A calibration saved by ``write_calibration`` (a simulation's ``calibration.json``), checked: of the same
+    ``model``, one point per density. ValueError names what is wrong."""
+    try:
+        saved = json.loads(path.read_text())
+        points = [CalibrationPoint(**point) for point in saved["calibration"]]
+        measured_on = str(saved["model"])
+    except OSError as e:
+        raise ValueError(f"--calibration {path}: cannot read it ({e.strerror or e})") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--calibration {path}: expected a simulation's calibration.json ({{\"model\", "
+                         f"\"calibration\": [{{\"density\", \"latency_ms\", \"memory_mb\", \"train_ms\", "
+                         f"\"train_memory_mb\"}}, ...]}}): {e}") from None
+    if measured_on != model:
+        raise ValueError(f"--calibration {path}: measured on {measured_on}, but this run trains {model}")
+    have, want = sorted(p.density for p in points), sorted(densities)
+    if len(have) != len(want) or any(abs(a - b) > 1e-9 for a, b in zip(have, want)):
+        raise ValueError(f"--calibration {path}: measured densities {have}, but the model has {want}")
+    return sorted(points, key=lambda p: p.density, reverse=True)
 
 
 def build_fleet(

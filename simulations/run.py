@@ -17,12 +17,13 @@ from typing import Any
 
 from agent.calibration import calibrate
 from contracts.flower_processes import pick_port
+from contracts.policy import CalibrationPoint
 from contracts.profiles import load_profiles
 from contracts.settings import APP_DIR, RunSettings, build_model
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
-from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms
+from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms, read_calibration, write_calibration
 from simulations.report import RunSummary, fleet_over_time, write_report
 from simulations.traces import MIXED, assign_profiles, check_traces, fleet_traces, parse_mix
 
@@ -43,6 +44,7 @@ class SimulationSettings:
     superlink_port: int = 0  # 0 = a free port, so simulations side by side on one machine never collide
     control_port: int = 0
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
+    calibration: Path | None = None  # a saved calibration.json: the same fleet as that run; None = measure now
 
     def __post_init__(self) -> None:
         """Everything checkable before a process starts: a bad flag must not cost a half-started fleet."""
@@ -54,8 +56,16 @@ class SimulationSettings:
             raise ValueError(f"--deadline must be > 0, got {self.deadline}")
         parse_mix(self.mix, list(load_profiles()))
         check_traces(self.traces)
+        if self.calibration is not None:
+            read_calibration(self.calibration, self.run.model_label, self.run.density_list)
         # Every virtual node must have joined before round 1; the run's state lives in the run directory.
         self.run = self.run.replace(wait_for_nodes=self.devices, state_dir=str(self.run_dir / "state"))
+
+
+def measure_calibration(run: RunSettings) -> list[CalibrationPoint]:
+    """The run's packed model timed on this machine (the reference laptop-x86), as an agent calibrates."""
+    model = build_model(run.architecture())
+    return calibrate(pack_checkpoint(model), (model.arch.in_channels, model.arch.image_size, model.arch.image_size))
 
 
 def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -66,8 +76,10 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     started = time.monotonic()
     endpoints = Endpoints("127.0.0.1", settings.superlink_port or pick_port(), settings.control_port or pick_port())
     coordinator = Coordinator(settings.run, endpoints, simulation=True)
-    model = build_model(settings.run.architecture())
-    measured = calibrate(pack_checkpoint(model), (model.arch.in_channels, model.arch.image_size, model.arch.image_size))
+    measured = (read_calibration(settings.calibration, settings.run.model_label, settings.run.density_list) if settings.calibration else
+                measure_calibration(settings.run))
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    write_calibration(settings.run_dir / "calibration.json", settings.run.model_label, measured)  # what this fleet was built from
     profiles = load_profiles()
     names = assign_profiles(parse_mix(settings.mix, list(profiles)), settings.devices, settings.run.seed)
     chosen = [profiles[n] for n in names]

@@ -7,8 +7,10 @@ from typer.testing import CliRunner
 
 from conftest import pick_port
 from cli.fleet import app
+from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceStatus, Registry
+from simulations.fleet import read_calibration, write_calibration
 from simulations.report import densities_per_profile, profile_table
 from simulations.run import SimulationSettings, run_simulation
 from simulations.traces import assign_profiles, parse_mix
@@ -17,7 +19,11 @@ from simulations.traces import assign_profiles, parse_mix
 def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500, lr=0.04,
                                lr_decay=0.25)
-    settings = SimulationSettings(run, devices=100, mix="laptop-x86=50,pi4=50", run_dir=tmp_path / "run")
+    # a saved calibration (as a run writes it) builds the fleet instead of timing the model now
+    saved_calibration = tmp_path / "calibration.json"
+    write_calibration(saved_calibration, run.model_label, MEASURED)
+    settings = SimulationSettings(run, devices=100, mix="laptop-x86=50,pi4=50", run_dir=tmp_path / "run",
+                                  calibration=saved_calibration)
     seen = []
     metrics = run_simulation(settings, seen.append)
     assert [r["round"] for r in seen] == [1, 2]
@@ -38,7 +44,13 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
         trained = {p for r in rounds for p in r.participants}
         assert trained <= {d.id for d in bound}
         assert {d.status for d in devices} == {DeviceStatus.OFFLINE}  # the virtual fleet left with the run
+        # each device registered the saved costs scaled by its profile's speed (laptop-x86 1, pi4 0.08)
+        laptop = next(d for d in devices if d.profile == "laptop-x86")
+        pi4 = next(d for d in devices if d.profile == "pi4")
+        assert list(laptop.calibration) == MEASURED
+        assert [p.latency_ms for p in pi4.calibration] == pytest.approx([p.latency_ms / 0.08 for p in MEASURED])
     run_dir = tmp_path / "run"
+    assert read_calibration(run_dir / "calibration.json", run.model_label, run.density_list) == MEASURED
     for name in ("report.md", "metrics.json", "accuracy.png", "fleet.png", "bytes.png"):
         assert (run_dir / name).stat().st_size > 0, name
     saved = json.loads((run_dir / "metrics.json").read_text())
@@ -56,6 +68,27 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     # bytes to a device shrink with its density
     down = {row["density"]: row["down"] for row in saved["bytes"]}
     assert sorted(down, key=down.get) == sorted(down)
+
+
+MEASURED = [CalibrationPoint(1.0, 0.40, 0.5, 8.0, 6.0), CalibrationPoint(0.5, 0.25, 0.3, 5.0, 4.0),
+            CalibrationPoint(0.25, 0.15, 0.2, 3.5, 3.0), CalibrationPoint(0.1, 0.10, 0.1, 2.5, 2.5)]
+
+
+def test_a_saved_calibration_must_be_of_the_run_model_and_densities(tmp_path) -> None:
+    path = tmp_path / "calibration.json"
+    run = RunSettings.defaults()
+    write_calibration(path, run.model_label, MEASURED)
+    assert read_calibration(path, run.model_label, run.density_list) == MEASURED
+    wider = run.replace(width=32)
+    with pytest.raises(ValueError, match="measured on cnn width 16 on fashion-mnist, but this run trains cnn width 32"):
+        read_calibration(path, wider.model_label, wider.density_list)
+    with pytest.raises(ValueError, match=r"measured densities \[0.1, 0.25, 0.5, 1.0\], but the model has \[0.5, 1.0\]"):
+        read_calibration(path, run.model_label, (0.5, 1.0))
+    path.write_text('{"model": "cnn width 16 on fashion-mnist", "calibration": [{"density": 2}]}')
+    with pytest.raises(ValueError, match="expected a simulation's calibration.json"):
+        read_calibration(path, run.model_label, run.density_list)
+    with pytest.raises(ValueError, match="cannot read it"):
+        read_calibration(tmp_path / "missing.json", run.model_label, run.density_list)
 
 
 def test_mix_is_exact_and_deterministic() -> None:
@@ -89,6 +122,7 @@ def test_densities_per_profile_count_who_trained() -> None:
         (["--dataset", "imagenet"], "--dataset must be one of"),
         (["--traces", "steddy"], "unknown trace family 'steddy'"),
         (["--deadline", "0"], "--deadline must be > 0"),
+        (["--calibration", "missing.json"], "--calibration missing.json: cannot read it"),
     ],
 )
 def test_bad_simulation_input_is_a_clear_error(tmp_path, args, message) -> None:
