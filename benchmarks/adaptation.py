@@ -2,7 +2,10 @@
 
 Measured for real on this machine (``measure``):
 - every subnet's batch-1 forward latency with 0, 1 and 2 busy background processes (what a foreground app
-  does to a phone's cores), the densities interleaved so a burst of outside load lands on all of them alike;
+  does to a phone's cores), the densities interleaved so a burst of outside load lands on all of them alike,
+  one pass per request interval: between requests a server sleeps, and the scheduler lets a waking sleeper
+  run ahead of busy processes; passes timed back to back make the timing loop a busy process itself, preempted
+  like the background ones, with a tail the replayed stream would not see;
 - the time to load a separately stored pruned model of each density, under each load;
 - which test images each subnet classifies correctly.
 
@@ -96,10 +99,13 @@ def measure(packed: PackedModel, test: ImageDataset, samples: int, progress: Cal
             progress(f"latency with {load} busy background process(es)")
             times: dict[float, list[float]] = {d: [] for d in densities}
             with background_load(load):
+                due = time.perf_counter()
                 for i in range(samples + 5):
                     x = images[i % len(test)].unsqueeze(0)
                     for d in densities:
                         packed.set_density(d)
+                        due += INTERVAL_MS / 1000  # one pass per request interval, as the replayed stream
+                        time.sleep(max(0.0, due - time.perf_counter()))
                         start = time.perf_counter()
                         packed(x)
                         if i >= 5:  # warm-up passes are not recorded
