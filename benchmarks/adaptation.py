@@ -22,8 +22,9 @@ Policies:
   cost, but only every heartbeat).
 - ``reload-pruned``: the same choice at every load change, made at once, but each change loads a separately
   stored pruned model, and requests wait for the load.
-- ``dress-local``: the agent's own ``LatencyModel`` (calibrated at idle, learning one slowdown from each pass),
-  per request the densest subnet it expects to meet the deadline — what ``ServedModel.predict`` does.
+- ``dress-local``: the agent's own ``LatencyModel`` (calibrated at idle; the median slowdown and the longest
+  extra wait of its last passes), per request the densest subnet it expects to meet the deadline — what
+  ``ServedModel.predict`` does.
 """
 
 from __future__ import annotations

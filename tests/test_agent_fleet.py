@@ -465,16 +465,34 @@ def test_a_deadline_picks_the_densest_subnet_expected_to_meet_it_never_above_the
 
 
 def test_the_latency_model_learns_one_slowdown_from_every_measured_pass() -> None:
-    model = LatencyModel({1.0: 10.0, 0.5: 5.0}, smoothing=0.5)
-    model.observe(1.0, batch=2, measured_ms=60.0)  # 30 ms an image: a foreground app took the CPU
+    model = LatencyModel({1.0: 10.0, 0.5: 5.0}, window=3)
+    model.observe(1.0, batch=2, measured_ms=60.0)  # 30 ms an image: throttled, or a foreground app took the CPU
     assert model.expected_ms(1.0, 1) == 30.0 and model.expected_ms(0.5, 1) == 15.0  # at once, for every density
     assert model.densest_within([1.0, 0.5], batch=1, deadline_ms=20.0) == 0.5
-    model.observe(0.5, batch=1, measured_ms=5.0)  # the load is gone: the sparse pass brings the dense one back
-    assert model.expected_ms(1.0, 1) == 20.0
+    model.observe(0.5, batch=1, measured_ms=5.0)  # the load is gone: the sparse passes bring the dense one back
+    assert model.expected_ms(1.0, 1) == 20.0  # the median of 3x and 1x
     model.observe(0.5, batch=1, measured_ms=5.0)
-    assert model.expected_ms(1.0, 1) == 15.0 and model.densest_within([1.0, 0.5], 1, 20.0) == 1.0
+    assert model.expected_ms(1.0, 1) == 10.0 and model.densest_within([1.0, 0.5], 1, 20.0) == 1.0
     model.observe(0.25, batch=1, measured_ms=3.0)  # a density never calibrated is learnt from its first pass
-    assert model.expected_ms(0.25, 2) == 6.0 and model.expected_ms(0.1, 1) is None  # 2 ms an image, x 1.5
+    assert model.expected_ms(0.25, 2) == 6.0 and model.expected_ms(0.1, 1) is None
+    with pytest.raises(ValueError, match="window"):
+        LatencyModel({1.0: 10.0}, window=0)
+
+
+def test_a_preempted_pass_keeps_the_slack_it_needed_for_a_window() -> None:
+    """A busy process beside the agent preempts it now and then: the wait leaves the median alone but lands
+    on any subnet, so until it leaves the window only subnets with that much slack answer."""
+    model = LatencyModel({1.0: 10.0, 0.1: 1.0}, window=5)
+    for _ in range(4):
+        model.observe(0.1, batch=1, measured_ms=1.0)
+    model.observe(0.1, batch=1, measured_ms=9.0)  # preempted for 8 ms
+    assert model.slowdown == 1.0 and model.wait_ms == 8.0
+    assert model.expected_ms(1.0, 1) == 18.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 0.1
+    for _ in range(4):
+        model.observe(0.1, batch=1, measured_ms=1.0)
+    assert model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 0.1  # still in the window
+    model.observe(0.1, batch=1, measured_ms=1.0)
+    assert model.wait_ms == 0.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 1.0
 
 
 def test_predict_over_grpc_honours_the_deadline(agent: AgentServer, agent_stub, served) -> None:
