@@ -169,12 +169,19 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
              f"{examples} per device per round, learning rate {s.get('lr', 0.05):g} annealed to {s.get('lr_decay', 1.0):g}× its first "
              f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}, published model averaged over rounds with weight {s.get('server_average', 0.0):g} on the previous one; accuracy = mean of the last {s['last']} rounds, then "
              "mean over the method's seeds (its row says which).", ""]
+    if "calibration" in result:  # every run's fleet was built from it
+        points = sorted(result["calibration"], key=lambda p: -p["density"])
+        lines += ["Every run's fleet was built from one calibration (this machine = laptop-x86; the other profiles "
+                  "scale it by their speed), per density, ms of a batch-1 answer / of a training step: "
+                  + ", ".join(f"d={p['density']:g} {p['latency_ms']:.3f} / {p['train_ms']:.1f}" for p in points)
+                  + ". Device-rounds: how many device-rounds trained each tier over a run (d=1 / 0.5 / 0.25 / 0.1), "
+                  "mean over seeds.", ""]
     variants = [f"{name} = {VARIANTS[name][0]} with {', '.join(f'{k} {v:g}' for k, v in VARIANTS[name][1].items())}"
                 for name in result["settings"]["methods"] if VARIANTS.get(name, ("", {}))[1]]
     if variants:
         lines += ["Variants: " + "; ".join(variants) + ".", ""]
     columns = (["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)]
-               + ["MB/round", "device s/round", "seeds"])
+               + ["MB/round", "device s/round", "device-rounds", "seeds"])
     for partition in result["settings"]["partitions"]:
         table = []
         for name in result["settings"]["methods"]:
@@ -188,6 +195,9 @@ def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path
                 entry[f"d={t:g}"] = statistics.fmean(values) if values else "—"
             entry["MB/round"] = statistics.fmean(r["bytes_per_round"] for r in runs) / 1e6
             entry["device s/round"] = statistics.fmean(r["device_compute_s_per_round"] for r in runs)
+            entry["device-rounds"] = " / ".join(
+                f"{statistics.fmean(r['device_rounds'].get(str(t), 0) for r in runs):.0f}"
+                for t in sorted(tiers, reverse=True))
             entry["seeds"] = ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))
             table.append(entry)
         seeds = sorted({r["seed"] for r in result["rows"] if r["partition"] == partition})
