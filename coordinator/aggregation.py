@@ -46,7 +46,9 @@ def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN
     devices that train the upper bands, every tier of both partitions gained 0.1-0.7 pt on seeds 0-1 in one
     measurement, in the simulated fleet of before the compiled forwards (faster sparse subnets since moved
     simulated devices to denser tiers), while in today's fleet it lost 0.1-0.6 pt per tier to damped on
-    Dirichlet seeds 0-1: the default stays damped."""
+    Dirichlet seeds 0-1: the default stays damped. Nor did a step in between pay: moving each set of weights
+    with the same holders by 1 - noise/signal of their average (James-Stein; at least the damped share) scored
+    86.14 / 86.12 / 86.23 / 85.90 on IID seeds 0-1, against damped's 86.42 / 86.45 / 86.41 / 86.00."""
     updates = [u for u in updates if u.num_examples > 0]
     if not updates:
         return
