@@ -304,9 +304,10 @@ def main() -> None:
         if ours != theirs:
             differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
             raise SystemExit(f"--resume: {args.out} was run with other settings (theirs, ours): {differ}")
-    points = fleet_calibration(args, result.get("calibration"))
+    reference = RunSettings.defaults(dataset=args.dataset)  # the model every run's fleet is calibrated on
+    points = fleet_calibration(args, reference, result.get("calibration"))
     calibration = args.run_dir / "calibration.json"
-    write_calibration(calibration, RunSettings.defaults(dataset=args.dataset).model_label, points)
+    write_calibration(calibration, reference.model_label, points)
     done = {(r["method"], r["partition"], r["seed"]) for r in runs}
     for partition in partitions:
         for seed in seeds:
@@ -333,10 +334,11 @@ def main() -> None:
     write_report(args.out, result)
 
 
-def fleet_calibration(args: argparse.Namespace, resumed: list[dict[str, float]] | None) -> list[CalibrationPoint]:
-    """The one calibration every run's fleet is built from: ``--calibration``'s, the resumed JSON's, or measured
-    now. A resumed JSON's runs were built from its own, so another ``--calibration`` is refused."""
-    run = RunSettings.defaults(dataset=args.dataset)
+def fleet_calibration(args: argparse.Namespace, run: RunSettings,
+                      resumed: list[dict[str, float]] | None) -> list[CalibrationPoint]:
+    """The one calibration of ``run``'s model every run's fleet is built from: ``--calibration``'s, the resumed
+    JSON's, or measured now. A resumed JSON's runs were built from its own, so another ``--calibration`` is
+    refused."""
     try:
         given = read_calibration(args.calibration, run.model_label, run.density_list) if args.calibration else None
     except ValueError as e:
