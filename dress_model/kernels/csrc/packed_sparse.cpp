@@ -266,42 +266,63 @@ struct GradJob {
 
 using GradFn = void (*)(const GradJob&, int64_t, int64_t);
 
-template <class V, class I>
-DRESS_INLINE void grad_range(const GradJob& j, int64_t n0, int64_t n1) {
+// K stored entries of one row at a time over the columns [n0, n1): the row's output gradient is loaded
+// once per vector for all K (loading it again for each entry doubled the memory traffic), and the K
+// accumulators are independent chains.  Each entry still streams its whole run of X and dX, which the
+// hardware prefetchers follow (short per-entry runs measured slower).
+template <class V, int K, class I, bool DV, bool DX>
+DRESS_INLINE void grad_entries(const GradJob& j, const float* g, int64_t e, int64_t n0, int64_t n1) {
   constexpr int VL = int(sizeof(V) / sizeof(float));
   const I* idx = static_cast<const I*>(j.idx);
+  const float* xp[K];
+  float* dp[K];
+  float val[K];
+  V acc[K];
+  for (int k = 0; k < K; ++k) {
+    const int64_t c = idx[e + k], base = j.lut ? int64_t(j.lut[c]) : c * j.ldx;
+    xp[k] = j.x + base;
+    dp[k] = j.dx + base;
+    val[k] = j.vals[e + k];
+    acc[k] = V{};
+  }
+  for (int64_t n = n0; n < n1; n += VL) {
+    const V gv = loadu<V>(g + n);
+    for (int k = 0; k < K; ++k) {
+      if (DV) acc[k] += gv * loadu<V>(xp[k] + n);
+      if (DX) {
+        const V d = loadu<V>(dp[k] + n) + val[k] * gv;
+        std::memcpy(dp[k] + n, &d, sizeof(V));
+      }
+    }
+  }
+  if (DV)
+    for (int k = 0; k < K; ++k) {
+      float sum = 0.f;
+      for (int l = 0; l < VL; ++l) sum += acc[k][l];
+      j.dv[e + k] += sum;
+    }
+}
+
+template <class V, class I, bool DV, bool DX>
+DRESS_INLINE void grad_rows(const GradJob& j, int64_t n0, int64_t n1) {
+  constexpr int K = 4;
   for (int b = 0; b < j.nb; ++b) {
     const int64_t w = j.bands[b].width, off = j.bands[b].off;
     for (int64_t r = 0; r < j.rows; ++r) {
       const float* g = j.g + r * j.ldg;
-      for (int64_t k = 0; k < w; ++k) {
-        const int64_t e = off + r * w + k, c = idx[e];
-        const int64_t base = j.lut ? int64_t(j.lut[c]) : c * j.ldx;
-        if (j.dv) {  // two chains: one FMA's latency would otherwise bound the loop
-          const float* xp = j.x + base;
-          V a0{}, a1{};
-          int64_t n = n0;
-          for (; n + 2 * VL <= n1; n += 2 * VL) {
-            a0 += loadu<V>(g + n) * loadu<V>(xp + n);
-            a1 += loadu<V>(g + n + VL) * loadu<V>(xp + n + VL);
-          }
-          if (n < n1) a0 += loadu<V>(g + n) * loadu<V>(xp + n);
-          a0 += a1;
-          float sum = 0.f;
-          for (int l = 0; l < VL; ++l) sum += a0[l];
-          j.dv[e] += sum;
-        }
-        if (j.dx) {
-          float* dp = j.dx + base;
-          const float v = j.vals[e];
-          for (int64_t n = n0; n < n1; n += VL) {
-            const V d = loadu<V>(dp + n) + v * loadu<V>(g + n);
-            std::memcpy(dp + n, &d, sizeof(V));
-          }
-        }
-      }
+      const int64_t e0 = off + r * w, e1 = e0 + w;
+      int64_t e = e0;
+      for (; e + K <= e1; e += K) grad_entries<V, K, I, DV, DX>(j, g, e, n0, n1);
+      for (; e < e1; ++e) grad_entries<V, 1, I, DV, DX>(j, g, e, n0, n1);
     }
   }
+}
+
+template <class V, class I>
+DRESS_INLINE void grad_range(const GradJob& j, int64_t n0, int64_t n1) {
+  if (j.dv && j.dx) grad_rows<V, I, true, true>(j, n0, n1);
+  else if (j.dv) grad_rows<V, I, true, false>(j, n0, n1);
+  else if (j.dx) grad_rows<V, I, false, true>(j, n0, n1);
 }
 
 #define DRESS_DEFINE_ISA(SFX, ATTR)                                         \
