@@ -305,7 +305,7 @@ def main() -> None:
             differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
             raise SystemExit(f"--resume: {args.out} was run with other settings (theirs, ours): {differ}")
     reference = RunSettings.defaults(dataset=args.dataset)  # the model every run's fleet is calibrated on
-    points = fleet_calibration(args, reference, result.get("calibration"))
+    points = fleet_calibration(args, reference, result.get("calibration"), len(runs))
     calibration = args.run_dir / "calibration.json"
     write_calibration(calibration, reference.model_label, points)
     done = {(r["method"], r["partition"], r["seed"]) for r in runs}
@@ -334,11 +334,11 @@ def main() -> None:
     write_report(args.out, result)
 
 
-def fleet_calibration(args: argparse.Namespace, run: RunSettings,
-                      resumed: list[dict[str, float]] | None) -> list[CalibrationPoint]:
+def fleet_calibration(args: argparse.Namespace, run: RunSettings, resumed: list[dict[str, float]] | None,
+                      earlier_runs: int) -> list[CalibrationPoint]:
     """The one calibration of ``run``'s model every run's fleet is built from: ``--calibration``'s, the resumed
     JSON's, or measured now. A resumed JSON's runs were built from its own, so another ``--calibration`` is
-    refused."""
+    refused, and so is resuming runs that kept none (each timed the model itself: no one fleet to add to)."""
     try:
         given = read_calibration(args.calibration, run.model_label, run.density_list) if args.calibration else None
     except ValueError as e:
@@ -348,6 +348,9 @@ def fleet_calibration(args: argparse.Namespace, run: RunSettings,
         if given is not None and given != stored:
             raise SystemExit(f"--resume: {args.out}'s runs were built from another calibration than {args.calibration}")
         return stored
+    if earlier_runs:
+        raise SystemExit(f"--resume: {args.out}'s {earlier_runs} runs kept no calibration (each timed the model "
+                         f"itself), so new runs would not share their fleet; write to another --out")
     return given or measure_calibration(run)
 
 

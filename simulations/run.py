@@ -45,6 +45,7 @@ class SimulationSettings:
     control_port: int = 0
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
     calibration: Path | None = None  # a saved calibration.json: the same fleet as that run; None = measure now
+    saved: list[CalibrationPoint] | None = field(init=False, default=None, repr=False)  # what ``calibration`` holds
 
     def __post_init__(self) -> None:
         """Everything checkable before a process starts: a bad flag must not cost a half-started fleet."""
@@ -56,8 +57,8 @@ class SimulationSettings:
             raise ValueError(f"--deadline must be > 0, got {self.deadline}")
         parse_mix(self.mix, list(load_profiles()))
         check_traces(self.traces)
-        if self.calibration is not None:
-            read_calibration(self.calibration, self.run.model_label, self.run.density_list)
+        if self.calibration is not None:  # read once, here: the file checked is the fleet built
+            self.saved = read_calibration(self.calibration, self.run.model_label, self.run.density_list)
         # Every virtual node must have joined before round 1; the run's state lives in the run directory.
         self.run = self.run.replace(wait_for_nodes=self.devices, state_dir=str(self.run_dir / "state"))
 
@@ -76,8 +77,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     started = time.monotonic()
     endpoints = Endpoints("127.0.0.1", settings.superlink_port or pick_port(), settings.control_port or pick_port())
     coordinator = Coordinator(settings.run, endpoints, simulation=True)
-    measured = (read_calibration(settings.calibration, settings.run.model_label, settings.run.density_list) if settings.calibration else
-                measure_calibration(settings.run))
+    measured = settings.saved or measure_calibration(settings.run)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     write_calibration(settings.run_dir / "calibration.json", settings.run.model_label, measured)  # what this fleet was built from
     profiles = load_profiles()
@@ -113,7 +113,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         coordinator.stop()
     summary = RunSummary(
         settings={**{k: str(v) for k, v in settings.run.to_run_config().items()},
-                  **{k: str(v) for k, v in asdict(settings).items() if k != "run"}},
+                  **{k: str(v) for k, v in asdict(settings).items() if k not in ("run", "saved")}},
         rounds=rounds,
         fleet=fleet_history,
         profiles={device.name: device.profile.name for device in fleet},
