@@ -22,9 +22,8 @@ Policies:
   cost, but only every heartbeat).
 - ``reload-pruned``: the same choice at every load change, made at once, but each change loads a separately
   stored pruned model, and requests wait for the load.
-- ``dress-local``: the agent's own ``LatencyModel`` (calibrated at idle; the slowdown all but its miss budget of
-  its last passes stayed within), per request the densest subnet it expects to meet the deadline — what
-  ``ServedModel.predict`` does.
+- ``dress-local``: the agent's own ``LatencyModel`` (calibrated at idle; the largest slowdown of its last
+  passes), per request the densest subnet it expects to meet the deadline — what ``ServedModel.predict`` does.
 """
 
 from __future__ import annotations

@@ -469,7 +469,7 @@ def test_the_latency_model_learns_one_slowdown_from_every_measured_pass() -> Non
     model.observe(1.0, batch=2, measured_ms=60.0)  # 30 ms an image: throttled, or a foreground app took the CPU
     assert model.expected_ms(1.0, 1) == 30.0 and model.expected_ms(0.5, 1) == 15.0  # at once, for every density
     assert model.densest_within([1.0, 0.5], batch=1, deadline_ms=20.0) == 0.5
-    for _ in range(2):  # the load is gone: the sparse passes bring the dense one back, once the slow one has left
+    for _ in range(2):  # the load is gone: the sparse passes bring the dense one back once the slow one has left
         model.observe(0.5, batch=1, measured_ms=5.0)
         assert model.expected_ms(1.0, 1) == 30.0
     model.observe(0.5, batch=1, measured_ms=5.0)
@@ -480,24 +480,19 @@ def test_the_latency_model_learns_one_slowdown_from_every_measured_pass() -> Non
         LatencyModel({1.0: 10.0}, window=0)
 
 
-def test_the_latency_model_leaves_its_miss_budget_of_slow_passes_uncovered() -> None:
-    """Covering every slow pass would keep a lone preemption's slowdown for a whole window: the model covers
-    all but ``miss_budget`` of the window's passes, so one slow pass in 100 is ignored and a second is not."""
-    model = LatencyModel({1.0: 10.0, 0.1: 1.0}, window=100, miss_budget=0.01)
-    for _ in range(50):
+def test_a_slow_pass_keeps_its_slowdown_for_a_window() -> None:
+    """A busy process beside the agent slows a pass now and then; until that pass leaves the window only
+    subnets with that much slack answer, whichever density the slow pass was."""
+    model = LatencyModel({1.0: 10.0, 0.1: 1.0}, window=5)
+    for _ in range(4):
         model.observe(0.1, batch=1, measured_ms=1.0)
-    model.observe(0.1, batch=1, measured_ms=3.0)  # 3x slower, before the window is full: covered
-    assert model.slowdown == 3.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 0.1
-    for _ in range(49):
+    model.observe(0.1, batch=1, measured_ms=3.0)  # 3x slower
+    assert model.expected_ms(1.0, 1) == 30.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 0.1
+    for _ in range(4):
         model.observe(0.1, batch=1, measured_ms=1.0)
-    assert model.slowdown == 1.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 1.0  # 1 in 100
-    model.observe(1.0, batch=1, measured_ms=20.0)  # a second slow pass in the window: the smaller one is covered
-    assert model.slowdown == 2.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 0.1
-    for _ in range(100):  # both leave the window
-        model.observe(0.1, batch=1, measured_ms=1.0)
-    assert model.slowdown == 1.0
-    with pytest.raises(ValueError, match="miss budget"):
-        LatencyModel({1.0: 10.0}, miss_budget=1.0)
+    assert model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 0.1  # still in the window
+    model.observe(0.1, batch=1, measured_ms=1.0)
+    assert model.slowdown == 1.0 and model.densest_within([1.0, 0.1], 1, deadline_ms=15.0) == 1.0
 
 
 def test_predict_over_grpc_honours_the_deadline(agent: AgentServer, agent_stub, served) -> None:
