@@ -28,6 +28,7 @@ Policies:
 
 from __future__ import annotations
 
+import base64
 import statistics
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +83,26 @@ class Measured:
     def median_ms(self, load: int, density: float) -> float:
         return float(np.median(self.latency[load][density]))
 
+    def to_json(self) -> dict[str, Any]:
+        """Everything the replay draws from, so that a policy can be replayed later without measuring again."""
+        return {"latency_ms": {str(load): {f"{d:g}": [float(ms) for ms in samples] for d, samples in row.items()}
+                               for load, row in self.latency.items()},
+                "reload_ms": {str(load): {f"{d:g}": ms for d, ms in row.items()} for load, row in self.reload_ms.items()},
+                "images": len(next(iter(self.correct.values()))),
+                "correct": {f"{d:g}": base64.b64encode(np.packbits(c)).decode() for d, c in self.correct.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measured:
+        """What ``to_json`` wrote; a KeyError or ValueError names a file that is not such samples."""
+        images = int(data["images"])
+        return cls(
+            latency={int(load): {float(d): np.array(samples, dtype=float) for d, samples in row.items()}
+                     for load, row in data["latency_ms"].items()},
+            reload_ms={int(load): {float(d): float(ms) for d, ms in row.items()} for load, row in data["reload_ms"].items()},
+            correct={float(d): np.unpackbits(np.frombuffer(base64.b64decode(bits), dtype=np.uint8))[:images].astype(bool)
+                     for d, bits in data["correct"].items()},
+        )
+
 
 def measure(packed: PackedModel, test: ImageDataset, samples: int, progress: Callable[[str], None]) -> Measured:
     densities = tuple(sorted(packed.densities))
@@ -109,7 +131,7 @@ def measure(packed: PackedModel, test: ImageDataset, samples: int, progress: Cal
                         start = time.perf_counter()
                         packed(x)
                         if i >= 5:  # warm-up passes are not recorded
-                            times[d].append(1000 * (time.perf_counter() - start))
+                            times[d].append(round(1000 * (time.perf_counter() - start), 4))  # as kept: to_json
                 reloads = {d: [] for d in densities}
                 for _ in range(5):
                     for d in densities:

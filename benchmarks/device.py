@@ -4,6 +4,8 @@
     python benchmarks/device.py --quick                       # fewer rounds and samples
     python benchmarks/device.py --parts adaptation --model runs/demo/state/checkpoints/round-40.safetensors \
         --json benchmarks/results/device.json                 # re-measure one part, keep the other
+    python benchmarks/device.py --parts adaptation --replay benchmarks/results/device.json --json /tmp/device.json
+                                                              # today's policies on the kept latency samples
 
 ``adaptation`` rows (see benchmarks/adaptation.py): per budget trace and policy, the share of requests that
 missed their deadline, the accuracy of the subnets that answered, and the 99th percentile response time. The
@@ -182,16 +184,28 @@ def served_model(path: Path | None, name: str, epochs: float, console: Console) 
     return pack_checkpoint(model)
 
 
-def bench_adaptation(packed: PackedModel, samples: int, deadline_factor: float, seed: int, threads: int,
-                     console: Console) -> dict[str, Any]:
+def measure_adaptation(packed: PackedModel, samples: int, threads: int, console: Console) -> adaptation.Measured:
     test = load_dataset("fashion-mnist" if packed.arch.in_channels == 1 else "cifar10", "test")
     before = torch.get_num_threads()
     torch.set_num_threads(threads)  # as the agent serves
     try:
         with console.status("measuring") as status:
-            measured = adaptation.measure(packed, test, samples, lambda what: status.update(f"measuring {what}"))
+            return adaptation.measure(packed, test, samples, lambda what: status.update(f"measuring {what}"))
     finally:
         torch.set_num_threads(before)
+
+
+def saved_measurement(path: Path) -> tuple[adaptation.Measured, int]:
+    """The latency samples (and serving threads) an earlier run of this benchmark kept in its JSON."""
+    try:
+        saved = json.loads(path.read_text())["adaptation"]
+        return adaptation.Measured.from_json(saved["samples"]), int(saved["serve_threads"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"--replay {path}: expected a device.json whose adaptation kept its samples "
+                         f"(written by this benchmark since they are kept), got {type(e).__name__}: {e}") from None
+
+
+def adaptation_result(measured: adaptation.Measured, deadline_factor: float, seed: int, threads: int) -> dict[str, Any]:
     deadline = deadline_factor * measured.median_ms(0, max(measured.densities))
     rows = adaptation.run(measured, deadline, seed)
     return {"deadline_ms": round(deadline, 3), "serve_threads": threads, "trace_s": adaptation.TRACE_S, "interval_ms": adaptation.INTERVAL_MS,
@@ -200,7 +214,8 @@ def bench_adaptation(packed: PackedModel, samples: int, deadline_factor: float, 
             "reload_ms": {str(load): {f"{d:g}": round(ms, 2) for d, ms in r.items()}
                           for load, r in measured.reload_ms.items()},
             "subnet_accuracy": {f"{d:g}": round(100.0 * float(c.mean()), 2) for d, c in measured.correct.items()},
-            "rows": rows}
+            "rows": rows,
+            "samples": measured.to_json()}  # what the rows were replayed from: `--replay` judges another policy on it
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -249,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--serve-threads", type=int, default=1, help="adaptation: threads a forward pass runs on "
                         "(default 1, as `dress-agent join` serves: latency stays steady when other work shares "
                         "the cores)")
+    parser.add_argument("--replay", type=Path, metavar="JSON", help="adaptation: replay the latency samples a "
+                        "device.json written by this benchmark kept, with today's policies, instead of measuring "
+                        "(judges a change to the agent's latency model on the same measurement)")
     parser.add_argument("--json", type=Path, help="write the results here (atomically), and a .md beside it")
     parser.add_argument("--peak-of", nargs=3, metavar=("MODEL", "DENSITY", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -277,9 +295,13 @@ def main(argv: list[str] | None = None) -> None:
                           f"dense masked ({r['dense_step_ms'] / r['step_ms']:.2f}x); state {r['state_mb']:.2f} vs "
                           f"{r['dense_state_mb']:.2f} MB; peak {r['peak_mb']} vs {r['dense_peak_mb']} MB")
     if "adaptation" in parts:
-        packed = served_model(args.model, args.train_model, args.train_epochs, console)
-        result["adaptation"] = bench_adaptation(packed, 60 if args.quick else 300, args.deadline_factor, args.seed,
-                                                args.serve_threads, console)
+        if args.replay:
+            measured, serve_threads = saved_measurement(args.replay)
+        else:
+            packed = served_model(args.model, args.train_model, args.train_epochs, console)
+            measured, serve_threads = measure_adaptation(packed, 60 if args.quick else 300, args.serve_threads,
+                                                         console), args.serve_threads
+        result["adaptation"] = adaptation_result(measured, args.deadline_factor, args.seed, serve_threads)
         for r in result["adaptation"]["rows"]:
             console.print(f"{r['trace']:>13} {r['policy']:>15}: {r['miss_rate']:5.2f}% late, accuracy "
                           f"{r['accuracy']:.2f}%, p99 {r['p99_ms']} ms")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import json
+
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from adaptation import INTERVAL_MS, TRACE_S, Measured, replay  # noqa: E402
+from adaptation import INTERVAL_MS, TRACE_S, Measured, replay, run  # noqa: E402
 from agent.serving import LATENCY_WINDOW  # noqa: E402
 
 DENSITIES = (0.1, 0.25, 0.5, 1.0)
@@ -43,3 +45,19 @@ def test_a_burst_costs_the_heartbeat_policy_until_its_next_heartbeat_and_the_loc
     assert local["miss_rate"] < coordinator["miss_rate"] / 10  # the burst starts between two heartbeats
     assert reload["miss_rate"] > 0  # requests wait behind the 40 ms load of the pruned model
     assert local["accuracy"] > replay(MEASURED, burst, "static-smallest", 4.0, 0)["accuracy"]
+
+
+def test_a_kept_measurement_replays_to_the_same_rows() -> None:
+    """device.json keeps the samples its rows were replayed from, so a changed policy can be judged on them."""
+    rng = np.random.default_rng(0)
+    measured = Measured(
+        latency={load: {d: rng.gamma(2.0, ms / 2, 40).round(4) for d, ms in row.items()} for load, row in LATENCY.items()},
+        reload_ms=MEASURED.reload_ms,
+        correct={d: rng.random(1001) < acc for d, acc in zip(DENSITIES, (0.70, 0.80, 0.85, 0.90))},  # not whole bytes
+    )
+    kept = Measured.from_json(json.loads(json.dumps(measured.to_json())))
+    for d in DENSITIES:
+        np.testing.assert_array_equal(kept.correct[d], measured.correct[d])
+        for load in LATENCY:
+            np.testing.assert_array_equal(kept.latency[load][d], measured.latency[load][d])
+    assert run(kept, 4.0, seed=1) == run(measured, 4.0, seed=1)
