@@ -299,8 +299,8 @@ def main(argv: list[str] | None = None) -> None:
             measured, serve_threads = saved_measurement(args.replay)
         else:
             packed = served_model(args.model, args.train_model, args.train_epochs, console)
-            measured, serve_threads = measure_adaptation(packed, 60 if args.quick else 300, args.serve_threads,
-                                                         console), args.serve_threads
+            serve_threads = args.serve_threads
+            measured = measure_adaptation(packed, 60 if args.quick else 300, serve_threads, console)
         result["adaptation"] = adaptation_result(measured, args.deadline_factor, args.seed, serve_threads)
         for r in result["adaptation"]["rows"]:
             console.print(f"{r['trace']:>13} {r['policy']:>15}: {r['miss_rate']:5.2f}% late, accuracy "
