@@ -9,7 +9,17 @@ DEMO_OUT ?= runs/demo
 
 .PHONY: setup demo train test bench-accuracy clean
 
-setup: $(VENV)/.installed $(FMNIST)
+NGINX  := /usr/sbin/nginx
+
+setup: $(VENV)/.installed $(FMNIST) $(NGINX)
+
+# A Debian package, installed with sudo where we are not root; `apt-get update` only when the lists lack it.
+define apt_install
+	@if command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(1) || { $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(1); }; \
+	else echo "$(2)" >&2; exit 1; fi
+endef
 
 # torch first, CPU build: a local wheel where the machine has one, else PyTorch's CPU index.
 $(VENV)/.installed: pyproject.toml
@@ -21,10 +31,12 @@ $(VENV)/.installed: pyproject.toml
 
 # Fashion-MNIST ships as a Debian package; elsewhere pass --data-dir to the CLI.
 $(FMNIST):
-	@if command -v apt-get >/dev/null; then \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get install -y -q dataset-fashion-mnist || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q dataset-fashion-mnist; }; \
-	else echo "Fashion-MNIST not found at $(FMNIST); install Debian's dataset-fashion-mnist or use --data-dir" >&2; exit 1; fi
+	$(call apt_install,dataset-fashion-mnist,Fashion-MNIST not found at $(FMNIST); install Debian's dataset-fashion-mnist or use --data-dir)
+
+# A TLS coordinator exposes only Flower's Fleet API, through nginx (coordinator/fleet_proxy.py); its
+# service is not started: the coordinator runs its own nginx.
+$(NGINX):
+	$(call apt_install,nginx,no nginx at $(NGINX): install it (a TLS coordinator's SuperLink is reached through it))
 
 # The main job: a 100-device heterogeneous fleet trains DRESS federatedly on Flower's simulation engine.
 demo: setup

@@ -21,6 +21,7 @@ from contracts import flower_processes as fr
 from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
 from contracts.tls import CertificateError, FleetCertificates, is_loopback
 from coordinator.control_plane import serve
+from coordinator.fleet_proxy import FleetProxy, nginx_binary
 from coordinator.model_store import ModelStore
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
@@ -88,18 +89,24 @@ class Coordinator:
         self.registry: Registry | None = None
         self.server: grpc.Server | None = None
         self.superlink: fr.ManagedProcess | None = None
+        self.proxy: fr.ManagedProcess | None = None
 
     def start(self) -> None:
-        """Registry, SuperLink, then the control plane: a device's registration may register its SuperNode key
-        with the SuperLink, and it joins Flower only after registering."""
+        """Registry, SuperLink (behind the fleet proxy on TLS), then the control plane: a device's registration
+        may register its SuperNode key with the SuperLink, and it joins Flower only after registering."""
         build_run_model(self.settings)  # a method that cannot build a tier fails here, before any process starts
         self.state_dir.mkdir(parents=True, exist_ok=True)
         architecture = self.settings.architecture()
         self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)
-        self.superlink = fr.start_superlink(
-            self.state_dir, self.endpoints.host, self.endpoints.superlink_port, simulation=self.simulation,
-            certs=self.certs,
-        )
+        if self.certs is None:  # plaintext: loopback only (checked in __init__), so the SuperLink itself listens
+            self.superlink = fr.start_superlink(self.state_dir, self.endpoints.host, self.endpoints.superlink_port,
+                                                simulation=self.simulation)
+        else:  # devices reach only the Fleet API, through nginx; run/stop/ls/register stay on loopback
+            proxy = FleetProxy(self.endpoints.host, self.endpoints.superlink_port, fr.pick_port(), self.certs)
+            nginx_binary()  # ProxyUnavailableError, saying how to install one, before anything starts
+            self.superlink = fr.start_superlink(self.state_dir, "127.0.0.1", proxy.upstream_port,
+                                                simulation=self.simulation, certs=self.certs)
+            self.proxy = proxy.start(self.state_dir)
         self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
                             ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s,
                             credentials=self.certs.server_credentials() if self.certs else None,
@@ -146,6 +153,9 @@ class Coordinator:
             time.sleep(1.0)
 
     def stop(self) -> None:
+        if self.proxy is not None:  # devices first: nothing reaches a SuperLink that is going
+            self.proxy.stop()
+            self.proxy = None
         if self.superlink is not None:
             time.sleep(1)  # let flwr-serverapp / flwr-simulation and Ray wind down before their parent goes
             self.superlink.stop()
