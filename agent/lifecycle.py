@@ -166,18 +166,7 @@ class Agent:
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
         self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats,
                                      train_repeats=c.training_calibration_steps)
-        try:
-            key_file, public_key = supernode_key(c.state_dir)
-        except ValueError as e:
-            raise AgentError(str(e)) from None
-        request = pb.RegisterRequest(
-            name=c.name or "", profile=c.profile.name, supernode_public_key=public_key,
-            calibration=calibration_wire.to_proto(self.calibration))
-        try:
-            registration = stub.Register(request, timeout=c.connect_timeout)
-        except grpc.RpcError as e:
-            raise AgentError(f"coordinator at {c.coordinator} refused registration: "
-                             f"{e.code().name}: {e.details()}") from None
+        key_file, registration = self._register(stub)
         name = registration.name or c.name or ""
         if registration.credential:  # the token is spent: from now on the device proves itself with this
             StoredCredential(name, registration.device_id, registration.credential, c.coordinator).save(c.state_dir)
@@ -212,6 +201,29 @@ class Agent:
                                      usage=served.usage)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
+
+    def _register(self, stub: pb_grpc.ControlPlaneStub) -> tuple[Path, pb.RegisterResponse]:
+        """Register with the coordinator: the SuperNode key file and the answer. A key the SuperLink retired
+        (ALREADY_EXISTS: an operator removed it, or an earlier registration was undone) is replaced once."""
+        c = self.config
+        for renew in (False, True):
+            try:
+                key_file, public_key = supernode_key(c.state_dir, renew=renew)
+            except ValueError as e:
+                raise AgentError(str(e)) from None
+            request = pb.RegisterRequest(
+                name=c.name or "", profile=c.profile.name, supernode_public_key=public_key,
+                calibration=calibration_wire.to_proto(self.calibration))
+            try:
+                return key_file, stub.Register(request, timeout=c.connect_timeout)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS and not renew:
+                    log.warning("the coordinator's SuperLink retired this device's SuperNode key (%s); making a "
+                                "new one", e.details())
+                    continue
+                raise AgentError(f"coordinator at {c.coordinator} refused registration: "
+                                 f"{e.code().name}: {e.details()}") from None
+        raise AssertionError("unreachable")
 
     def _predict_credentials(self) -> grpc.ServerCredentials | None:
         """Mutual TLS for Predict and Status when certificates are given; plaintext on loopback only."""

@@ -92,13 +92,14 @@ def with_bearer(channel: grpc.Channel, secret: Callable[[], str | None]) -> grpc
     return grpc.intercept_channel(channel, _BearerInterceptor(secret))
 
 
-def supernode_key(state_dir: Path) -> tuple[Path, str]:
-    """The device's SuperNode private key file and its public key (one OpenSSH line), made on first use.
+def supernode_key(state_dir: Path, renew: bool = False) -> tuple[Path, str]:
+    """The device's SuperNode private key file and its public key (one OpenSSH line), made on first use, and
+    made anew with ``renew`` (the SuperLink retired the old one: it never registers a removed key again).
 
     The coordinator registers the public key with its SuperLink when the device enrolls (Flower's SuperNode
     authentication): the private key never leaves the device, and only a registered key's holder can connect."""
     path = state_dir / SUPERNODE_KEY_FILE
-    if not path.is_file():
+    if renew or not path.is_file():
         key = ec.generate_private_key(ec.SECP384R1())
         state_dir.mkdir(parents=True, exist_ok=True)
         write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,

@@ -287,6 +287,15 @@ def register_supernode(state_dir: Path, public_key: str, name: str) -> int:
         return int(flwr(state_dir, "supernode", "register", str(path), "local", "--name", name)["node-id"])
 
 
+def supernode_status(state_dir: Path, node_id: int) -> str | None:
+    """What our SuperLink says of a node (`flwr supernode ls`): 'registered', 'online', 'offline',
+    'unregistered', ...; None when it does not know the node (a new SuperLink database)."""
+    for node in flwr(state_dir, "supernode", "ls", "local").get("nodes", []):
+        if str(node.get("node-id")) == str(node_id):
+            return str(node.get("status"))
+    return None
+
+
 def unregister_supernode(state_dir: Path, node_id: int) -> None:
     """Remove a SuperNode's key from our SuperLink: it can no longer connect (a re-enrolled device's old key)."""
     flwr(state_dir, "supernode", "unregister", str(node_id), "local")

@@ -25,7 +25,7 @@ from contracts.credentials import check_public_key, digest, presented_secret
 from contracts.policy import Budget, validate_calibration
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
-from coordinator.supernodes import KeyChange, SupernodeKeys
+from coordinator.supernodes import KeyChange, KeyRetiredError, SupernodeKeys
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -158,6 +158,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             return self._supernodes.prepare(caller.name, check_public_key(public_key))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this fleet authenticates SuperNodes: {e}")
+        except KeyRetiredError as e:  # the agent makes a new key pair and registers again
+            context.abort(grpc.StatusCode.ALREADY_EXISTS, f"{e}; register a new SuperNode key")
         except RuntimeError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"the SuperLink refused the SuperNode key: {e}")
         raise AssertionError("unreachable")

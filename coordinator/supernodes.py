@@ -4,6 +4,11 @@ A TLS fleet's SuperLink runs with ``--enable-supernode-auth``: only SuperNodes w
 connect. The coordinator registers a device's key when the device registers with the control plane (so only an
 enrolled device's SuperNode can connect), records the node id Flower gave it, and unregisters a replaced key. The
 ServerApp then knows which device a node is by that record, never by what the node says about itself.
+
+Only the coordinator registers and unregisters keys: the SuperLink's Control API, where `flwr supernode register`
+lands, answers on loopback only (coordinator/fleet_proxy.py). A key the SuperLink removed (an operator's
+`flwr supernode unregister`, or a registration undone) stays retired there: Flower refuses to register it again,
+so the device is told to make a new key pair (KeyRetiredError) rather than being locked out.
 """
 
 from __future__ import annotations
@@ -14,10 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.credentials import digest
-from contracts.flower_processes import register_supernode, unregister_supernode
+from contracts.flower_processes import register_supernode, supernode_status, unregister_supernode
 from coordinator.registry import Registry
 
 log = logging.getLogger(__name__)
+
+ADMITTED = ("registered", "online", "offline")  # node states whose key still connects
+
+
+class KeyRetiredError(RuntimeError):
+    """The SuperLink holds this public key as removed (or as another node's): it can never be registered again."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +49,26 @@ class SupernodeKeys:
         self._lock = threading.Lock()  # one registration at a time: two for one device would leave an orphan key
 
     def prepare(self, name: str, public_key: str) -> KeyChange | None:
-        """Register ``public_key`` for device ``name`` unless it is already its key (then None).
+        """Register ``public_key`` for device ``name`` unless it is its key and the SuperLink still admits it
+        (then None); a device whose key was removed at the SuperLink registers again after a restart.
 
-        RuntimeError when the SuperLink refuses it (for one, a key another device registered)."""
+        KeyRetiredError when the SuperLink will not take this key again; RuntimeError when it refuses it else."""
         key_sha256 = digest(public_key)
         with self._lock:
             current, node_id = self._registry.supernode_of(name)
             if current == key_sha256 and node_id is not None:
-                return None
-            new = register_supernode(self._state_dir, public_key, name)
+                status = supernode_status(self._state_dir, node_id)
+                if status in ADMITTED:
+                    return None
+                if status is not None:
+                    raise KeyRetiredError(f"the SuperLink removed this SuperNode key (node {node_id} is {status})")
+                node_id = None  # a new SuperLink database: the key is registered afresh
+            try:
+                new = register_supernode(self._state_dir, public_key, name)
+            except RuntimeError as e:
+                if "already in use" in str(e):  # Flower's answer for a key it holds, removed or another node's
+                    raise KeyRetiredError("the SuperLink holds this SuperNode key already") from e
+                raise
         log.info("registered the SuperNode key of %s as Flower node %d", name, new)
         return KeyChange(key_sha256, new, node_id if current is not None else None)
 
