@@ -47,9 +47,12 @@ def require_free_port(host: str, port: int, what: str) -> None:
     """Refuse to start ``what`` on a port something already listens on.
 
     A health check alone would be answered by whatever holds the port (an old SuperLink left running), and
-    the new process would fail to bind behind it unnoticed. PortInUseError names the holder where it can."""
+    the new process would fail to bind behind it unnoticed. PortInUseError names the holder where it can. Only
+    a listener counts: connections a killed predecessor left in TIME_WAIT do not stop a server that binds with
+    SO_REUSEADDR, as Flower's, gRPC's and nginx's do, so neither do they stop a restart here."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return

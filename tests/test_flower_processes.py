@@ -105,3 +105,20 @@ def test_a_port_held_by_another_process_is_refused_with_its_holder(tmp_path: Pat
         with pytest.raises(PortInUseError, match=f"SuperLink on 127.0.0.1:{port}.*held by pid {os.getpid()}"):
             start_superlink(tmp_path, "127.0.0.1", port)
     require_free_port("127.0.0.1", port, "SuperLink")  # released: free again
+
+
+def test_a_port_left_in_time_wait_is_free_for_a_restart() -> None:
+    """A process killed with kill -9 leaves its connections in TIME_WAIT for a minute; its successor binds with
+    SO_REUSEADDR (as Flower's servers do), so the port is free to it at once."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the killed predecessor's server did
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+        client.close()
+    states = {c.status for c in psutil.net_connections(kind="tcp") if c.laddr and c.laddr.port == port}
+    assert psutil.CONN_TIME_WAIT in states, states
+    require_free_port("127.0.0.1", port, "SuperNode")
