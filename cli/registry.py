@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from cli.common import safe_text
 from contracts.naming import NAME_RULE
 from contracts.policy import Budget
-from coordinator.registry.engine import SQLITE_FILENAME, default_url, is_sqlite
+from coordinator.registry.engine import SQLITE_FILENAME, URL_FILENAME, default_url, is_sqlite
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
 from coordinator.registry.migrate import current_revision, head_revision, upgrade
 from coordinator.registry.repository import Registry
@@ -58,9 +58,9 @@ def _open(ctx: typer.Context, db: str | None, state_dir: Path | None, create: bo
         folder = state_dir or group_state_dir or DEFAULT_STATE_DIR
         if create:
             folder.mkdir(parents=True, exist_ok=True)
-        elif not (folder / SQLITE_FILENAME).exists():  # reading must not create an empty registry
+        elif not any((folder / name).exists() for name in (SQLITE_FILENAME, URL_FILENAME)):  # read, not create
             raise _fail(f"no registry in {folder} (--state-dir); a coordinator or simulation creates "
-                        f"{SQLITE_FILENAME} there, or pass --db URL")
+                        f"{SQLITE_FILENAME} there (or {URL_FILENAME} naming its --db), or pass --db URL")
         url = default_url(folder)
     elif is_sqlite(url) and not Path(make_url(url).database or "").exists():
         raise _fail(f"no registry at {make_url(url).database} (--db)")

@@ -93,8 +93,8 @@ class RunSettings:
     eval_examples: int  # test images the server evaluates each density on; 0 = all
     heartbeat_s: float  # devices heartbeat at least this often (the control plane tells them)
     node_auth: bool  # the SuperLink admits only SuperNodes the coordinator registered at enrollment (TLS fleets)
-    db_url: str  # registry URL; "" = SQLite in state_dir
     state_dir: str  # registry, checkpoints and Flower state
+    db_url: str = ""  # registry URL; "" = SQLite in state_dir. Kept by the coordinator, never in the run config
 
     def __post_init__(self) -> None:
         checks = [
@@ -175,12 +175,14 @@ class RunSettings:
         return dataclasses.replace(self, **changes)
 
     def to_run_config(self) -> RunConfig:
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        """Every setting but those kept local: a run's config is shown to whoever lists runs at the SuperLink,
+        and a database URL may hold a password (the ServerApp finds the registry through ``state_dir``)."""
+        return {_key(f.name): getattr(self, f.name) for f in _sent()}
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, Any]) -> RunSettings:
         """Read a complete run config (what Flower hands the apps); unknown, missing or mistyped keys fail."""
-        expected = {_key(f.name): f for f in fields(cls)}
+        expected = {_key(f.name): f for f in _sent()}
         unknown, missing = sorted(set(config) - set(expected)), sorted(set(expected) - set(config))
         if unknown or missing:
             raise SettingsError(f"run config: unknown keys {unknown}, missing keys {missing}; expected {sorted(expected)}")
@@ -208,6 +210,14 @@ def build_run_model(settings: RunSettings) -> DressModel:
 
     ValueError when the method cannot build one of the tiers (say, a width too small to exist)."""
     return get_method(settings.method).build(build_model(settings.architecture()))
+
+
+LOCAL_SETTINGS = ("db_url",)
+
+
+def _sent() -> list[dataclasses.Field]:
+    """The settings a run config carries (all but LOCAL_SETTINGS)."""
+    return [f for f in fields(RunSettings) if f.name not in LOCAL_SETTINGS]
 
 
 _TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}

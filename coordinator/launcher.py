@@ -23,6 +23,7 @@ from contracts.tls import CertificateError, FleetCertificates, is_loopback
 from coordinator.control_plane import serve
 from coordinator.fleet_proxy import FleetProxy, nginx_binary
 from coordinator.model_store import ModelStore
+from coordinator.registry.engine import save_url
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
 from coordinator.supernodes import SupernodeKeys
@@ -96,8 +97,10 @@ class Coordinator:
         may register its SuperNode key with the SuperLink, and it joins Flower only after registering."""
         build_run_model(self.settings)  # a method that cannot build a tier fails here, before any process starts
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir.chmod(0o700)  # the registry, checkpoints, logs and Flower's database: ours alone
+        save_url(self.state_dir, self.settings.db_url or None)  # how the ServerApp finds the registry
         architecture = self.settings.architecture()
-        self.registry = Registry(self.settings.db_url or None, state_dir=self.state_dir)
+        self.registry = Registry(state_dir=self.state_dir)
         if self.certs is None:  # plaintext: loopback only (checked in __init__), so the SuperLink itself listens
             self.superlink = fr.start_superlink(self.state_dir, self.endpoints.host, self.endpoints.superlink_port,
                                                 simulation=self.simulation)

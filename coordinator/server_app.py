@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from contracts.methods import get_method
 from contracts.settings import Aggregation, RunSettings, build_run_model
 from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
+from coordinator.registry import DeviceStatus
 from coordinator.registry.repository import Registry
 from coordinator.strategy import DressStrategy
 from dress_model.checkpoint import CheckpointError, load_checkpoint
@@ -28,6 +30,12 @@ from dress_model.models import DressModel
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+
+def reconnect_grace_s(settings: RunSettings) -> float:
+    """How long a resumed run waits for its devices: two periods after which a silent device counts as offline,
+    and a minute at least (a SuperNode's reconnect backs off)."""
+    return max(60.0, 2 * settings.stale_after.total_seconds())
+
 
 CALIBRATION_IMAGES = 1024  # server-held slice of the training split that recalibrates BN after aggregation
 ROUND_TIMEOUT_S = 3600
@@ -40,6 +48,20 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 300.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {count} nodes joined in {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+def wait_for_reconnect(grid: Grid, registry: Registry, count: int, since: datetime, timeout_s: float) -> int:
+    """A resumed run first waits, up to ``timeout_s``, for ``count`` devices to be back: connected to the
+    SuperLink and heard by the control plane since ``since``. Its devices' SuperNodes and heartbeats return at
+    their own pace after a coordinator restart, and rounds started before would train on whoever came first
+    (or nobody, and be withheld). How many were back when it stopped waiting."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        back = min(len(list(grid.get_node_ids())),
+                   sum(d.last_seen >= since and d.status == DeviceStatus.ONLINE for d in registry.list_devices()))
+        if back >= count or time.monotonic() > deadline:
+            return back
+        time.sleep(1.0)
 
 
 def resume(registry: Registry, model: DressModel) -> tuple[int, float | None]:
@@ -70,6 +92,7 @@ def resume(registry: Registry, model: DressModel) -> tuple[int, float | None]:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    started = datetime.now(UTC)
     settings = RunSettings.from_run_config(context.run_config)
     state_dir = Path(settings.state_dir)
     torch.manual_seed(settings.seed)
@@ -84,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
     calibration = train_set.subset(order[:CALIBRATION_IMAGES]).loader(128, seed=settings.seed)
     test = test_set.subset(range(min(settings.eval_examples or len(test_set), len(test_set))))
 
-    registry = Registry(settings.db_url or None, state_dir=state_dir)
+    registry = Registry(state_dir=state_dir)  # the coordinator's, saved in its state directory
     try:
         if not dress and registry.last_round():
             raise ValueError(f"{state_dir} holds rounds already: a peer's run starts from a fresh state directory")
@@ -109,6 +132,10 @@ def main(grid: Grid, context: Context) -> None:
                                    state_dir / "checkpoints" if dress else None, strategy.stats,
                                    first_round=done + 1, published_best=published_best,
                                    published_state=strategy.published_state)
+        if done:  # those that trained the last round, unless fewer are asked for
+            expected = max(settings.wait_for_nodes, len(registry.list_rounds()[-1].participants))
+            back = wait_for_reconnect(grid, registry, expected, started, reconnect_grace_s(settings))
+            log.info("resuming with %d of the %d devices expected back", back, expected)
         wait_for_nodes(grid, settings.wait_for_nodes)
         result = strategy.start(grid, ArrayRecord(torch_state_dict=model.state_dict()),
                                 num_rounds=settings.num_rounds - done, timeout=ROUND_TIMEOUT_S,

@@ -133,3 +133,4 @@ def test_without_nginx_a_tls_coordinator_refuses_before_starting_anything(tmp_pa
         assert c.superlink is None and c.proxy is None
     finally:
         c.stop()
+

@@ -1,13 +1,16 @@
-"""A fleet's certificates: `certs init` makes them, plaintext is refused beyond loopback."""
+"""A fleet's certificates: `certs init` makes them, plaintext is refused beyond loopback; the coordinator's secrets
+stay its own."""
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from sqlalchemy.engine import make_url
 
 from contracts.settings import RunSettings
 import grpc
@@ -28,7 +31,9 @@ from contracts.tls import (
 )
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
+from contracts.flower_processes import flwr, pick_port
 from coordinator.launcher import Coordinator, Endpoints
+from coordinator.registry.engine import URL_FILENAME, default_url
 
 
 def test_init_makes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path: Path) -> None:
@@ -122,3 +127,24 @@ def test_an_agent_serving_beyond_loopback_without_certificates_is_refused(tmp_pa
     with pytest.raises(AgentError, match="needs all of --predict-cert, --predict-key and --ca"):
         Agent(AgentConfig(**base, serve_host="0.0.0.0", predict_cert=tmp_path / "x.pem"))._predict_credentials()
     assert Agent(AgentConfig(**base))._predict_credentials() is None  # loopback: plaintext is fine
+
+
+def test_the_database_password_stays_out_of_the_run_and_the_state_is_private(pg_url: str, tmp_path: Path) -> None:
+    """A run's config is what `flwr ls` shows and the SuperLink stores: the registry URL, password and all, stays
+    in a 0600 file of the 0700 state directory, where the ServerApp finds it."""
+    url = make_url(pg_url).set(password="s3cret-pw").render_as_string(hide_password=False)  # trust auth accepts it
+    settings = RunSettings.defaults(state_dir=str(tmp_path / "state"), db_url=url, wait_for_nodes=1)
+    c = Coordinator(settings, Endpoints("127.0.0.1", pick_port(), pick_port()))
+    try:
+        c.start()
+        run_id = c.submit()
+        listed = json.dumps(flwr(c.state_dir, "ls", "local", "--run-id", str(run_id)))
+        assert str(run_id) in listed and "s3cret-pw" not in listed
+        assert b"s3cret-pw" not in (c.state_dir / "superlink.db").read_bytes()
+        assert stat.S_IMODE(c.state_dir.stat().st_mode) == 0o700
+        saved = c.state_dir / URL_FILENAME
+        assert stat.S_IMODE(saved.stat().st_mode) == 0o600 and default_url(c.state_dir) == url
+    finally:
+        c.stop()
+    assert "db-url" not in settings.to_run_config() and RunSettings.from_run_config(settings.to_run_config()) == \
+        settings.replace(db_url="")

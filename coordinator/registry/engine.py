@@ -10,17 +10,35 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from contracts.tls import write_private
+
 SQLITE_FILENAME = "registry.sqlite3"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option for read-only work on SQLite: a deferred BEGIN, so readers never queue behind writers.
 READ_ONLY = "dress_read_only"
 
 
+URL_FILENAME = "registry.url"
+
+
 def default_url(state_dir: Path | str) -> str:
-    """The embedded default: one SQLite file in the state directory, created on demand."""
+    """The registry of the coordinator whose state directory this is: the URL it saved there (save_url), else
+    the embedded default, one SQLite file in the state directory, created on demand."""
     path = Path(state_dir)
+    if (saved := path / URL_FILENAME).is_file():
+        return saved.read_text().strip()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(path / SQLITE_FILENAME).resolve()}"
+
+
+def save_url(state_dir: Path, url: str | None) -> None:
+    """Keep the registry URL beside the state (0600: it may hold a database password), so the ServerApp and the
+    operator's commands find it from the state directory alone; None: the embedded SQLite default."""
+    path = state_dir / URL_FILENAME
+    if url:
+        write_private(path, url.encode())
+    else:
+        path.unlink(missing_ok=True)
 
 
 def is_sqlite(url: str) -> bool:
