@@ -1,7 +1,9 @@
-"""kill -9 during rounds: a real coordinator and real agents (processes on loopback) are killed at random while
-they train, then restarted the way an operator or a supervisor would (same command, same --state-dir; agents
-without their token, from their stored credential). The run must still finish every round, and nothing may be
-lost or doubled: each round recorded once, model versions unique, each published version's checkpoint on disk.
+"""kill -9 during rounds: a real coordinator and real agents (processes on loopback) are killed at random times,
+each kill held until a device is training (a round in flight, counted in ``kills_mid_round``), then restarted
+the way an operator or a supervisor would (same command, same --state-dir; agents without their token, from
+their stored credential). The run must still finish every round, and nothing may be lost or doubled: each round
+recorded once, model versions unique, each published version's checkpoint on disk; and no restart may print a
+traceback (``restart_tracebacks``, counted in every start's output).
 
     python benchmarks/faults.py --kills 20            # also part of benchmarks/reliability.py
 """
@@ -31,6 +33,7 @@ BIN = Path(sys.executable).parent
 # A killed member's children get SIGTERM from contracts/reaper.py and are SIGKILLed by it 10 s later if still
 # there; one alive after this long is an orphan.
 ORPHAN_AFTER_S = 20.0
+MID_ROUND_WAIT_S = 60.0  # how long a kill waits for a device to be training
 
 
 @dataclass
@@ -72,8 +75,36 @@ class Member:
 @dataclass
 class Outcome:
     kills: int = 0
+    kills_mid_round: int = 0  # kills that landed while a device was training the round (a ClientApp running)
     orphans: int = 0  # processes a killed member left running after it died
     timeline: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _training(members: list[Member]) -> bool:
+    """A round is in flight: some member's SuperNode runs a ClientApp (Flower starts one per training message)."""
+    for member in members:
+        if member.proc is None or member.proc.poll() is not None:
+            continue
+        for p in _descendants(member.proc.pid):
+            try:
+                if any("flwr-clientapp" in part for part in p.cmdline()):
+                    return True
+            except psutil.Error:
+                continue
+    return False
+
+
+def _await_training(members: list[Member], timeout_s: float) -> bool:
+    """Wait for a round to be in flight, so that the kill lands mid-round; whether one was."""
+    deadline = time.monotonic() + timeout_s
+    while not _training(members):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+TRACEBACK = "Traceback (most recent call last)"
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
@@ -147,9 +178,12 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
                 victim = coordinator if rng.random() < 0.25 else rng.choice(fleet[1:])
                 if victim.proc is None or victim.proc.poll() is not None:
                     continue
+                # while a device trains: the victim's own ClientApp, or for the coordinator any device's
+                mid_round = _await_training([victim] if victim is not coordinator else fleet[1:], MID_ROUND_WAIT_S)
                 done = _rounds(state)
                 children = victim.kill()
                 outcome.kills += 1
+                outcome.kills_mid_round += mid_round
                 killed_at = time.monotonic()
                 while _alive(children) and time.monotonic() - killed_at < ORPHAN_AFTER_S:
                     time.sleep(0.1)
@@ -159,7 +193,7 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
                 for p in left:
                     p.kill()
                 outcome.timeline.append({"t_s": round(killed_at - started, 1), "killed": victim.name,
-                                         "rounds_done": done, "children": len(children),
+                                         "mid_round": mid_round, "rounds_done": done, "children": len(children),
                                          "children_gone_s": round(gone_s, 1), "orphans": len(left)})
                 victim.start()
                 victim.restarts += 1
@@ -180,7 +214,10 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
         lost = (len(set(range(1, rounds + 1)) - set(recorded)) + (len(recorded) - len(set(recorded)))
                 + len(missing_checkpoints))
         tail = (root / "coordinator.log").read_text(errors="replace")[-3000:] if not complete else ""
-    return {"kills": outcome.kills, "runs_completed": int(complete), "lost": lost, "rounds": rounds,
+        # what our commands printed across every start (a kill itself prints nothing: SIGKILL)
+        tracebacks = sum(m.log.read_text(errors="replace").count(TRACEBACK) for m in fleet if m.log.exists())
+    return {"kills": outcome.kills, "kills_mid_round": outcome.kills_mid_round, "restart_tracebacks": tracebacks,
+            "runs_completed": int(complete), "lost": lost, "rounds": rounds,
             "agents": agents, "orphans": outcome.orphans, "wall_s": round(wall_s, 1),
             "restarts": {m.name: m.restarts for m in fleet}, "timeline": outcome.timeline,
             **({"coordinator_log_tail": tail} if tail else {})}
