@@ -207,6 +207,8 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
         wall_s = time.monotonic() - started
         with Registry(state_dir=state) as registry:
             recorded = [r.round for r in registry.list_rounds()]
+            participants = [len(r.participants) for r in registry.list_rounds()]  # a resumed run waits for its devices
+            withheld = sum(bool(r.details.get("withheld")) for r in registry.list_rounds())
             versions = [r.model_version for r in registry.list_rounds() if r.model_version]
             published = {v: registry.model_checkpoint(v) for v in set(versions)}
         missing_checkpoints = [v for v, path in published.items() if not path or not Path(path).is_file()]
@@ -217,7 +219,8 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
         # what our commands printed across every start (a kill itself prints nothing: SIGKILL)
         tracebacks = sum(m.log.read_text(errors="replace").count(TRACEBACK) for m in fleet if m.log.exists())
     return {"kills": outcome.kills, "kills_mid_round": outcome.kills_mid_round, "restart_tracebacks": tracebacks,
-            "runs_completed": int(complete), "lost": lost, "rounds": rounds,
+            "runs_completed": int(complete), "lost": lost, "rounds": rounds, "participants": participants,
+            "withheld": withheld,
             "agents": agents, "orphans": outcome.orphans, "wall_s": round(wall_s, 1),
             "restarts": {m.name: m.restarts for m in fleet}, "timeline": outcome.timeline,
             **({"coordinator_log_tail": tail} if tail else {})}
