@@ -33,7 +33,7 @@ from agent.serving import (
 )
 from contracts import calibration_wire
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
-from contracts.flower_processes import ManagedProcess, start_supernode
+from contracts.flower_processes import ManagedProcess, PortInUseError, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
 from contracts.tls import CertificateError, channel_credentials, is_loopback, mutual_server_credentials
@@ -185,8 +185,11 @@ class Agent:
         self.identity = AgentIdentity(name, registration.device_id, c.profile.name)
 
         node_config = {"device-id": name, "profile": c.profile.name, **c.node_config}
-        self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
-                                         f"supernode-{name}", root_ca=c.ca, auth_key=key_file)
+        try:
+            self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
+                                             f"supernode-{name}", root_ca=c.ca, auth_key=key_file)
+        except PortInUseError as e:
+            raise AgentError(str(e)) from None
         self._running.callback(self.supernode.stop)
         try:
             self.predict = serve(served, self.identity, c.serve_host, c.serve_port, credentials=predict_credentials)

@@ -43,30 +43,45 @@ class PortInUseError(RuntimeError):
     """A port one of our processes must listen on is held by something else."""
 
 
-def require_free_port(host: str, port: int, what: str) -> None:
-    """Refuse to start ``what`` on a port something already listens on.
+def require_free_port(host: str, port: int, what: str, wait_s: float = 0.0) -> None:
+    """Refuse to start ``what`` on a port something already listens on, after waiting up to ``wait_s`` for it
+    to be let go (a killed predecessor's tree is ended by its reaper within seconds).
 
     A health check alone would be answered by whatever holds the port (an old SuperLink left running), and
     the new process would fail to bind behind it unnoticed. PortInUseError names the holder where it can. Only
     a listener counts: connections a killed predecessor left in TIME_WAIT do not stop a server that binds with
     SO_REUSEADDR, as Flower's, gRPC's and nginx's do, so neither do they stop a restart here."""
+    deadline, waited = time.monotonic() + wait_s, False
+    while (reason := _bind_error(host, port)) is not None:
+        holder = _listener(port)
+        if time.monotonic() >= deadline:
+            raise PortInUseError(f"cannot start the {what} on {host}:{port}: {reason}{holder}; stop what holds it "
+                                 "or choose another port")
+        if not waited:
+            log.warning("the %s's port %s:%d is held%s; waiting up to %.0f s for it", what, host, port, holder,
+                        wait_s)
+            waited = True
+        time.sleep(1.0)
+
+
+def _bind_error(host: str, port: int) -> str | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-            return
+            return None
         except OSError as e:
-            reason = e.strerror
-    holder = ""
+            return e.strerror or str(e)
+
+
+def _listener(port: int) -> str:
+    """Who listens on ``port``, in words, where the system says."""
     with contextlib.suppress(psutil.Error, OSError):
         for conn in psutil.net_connections(kind="inet"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-                process = psutil.Process(conn.pid)
-                holder = f" (held by pid {conn.pid}, {' '.join(process.cmdline()[:3])})"
-                break
-    raise PortInUseError(f"cannot start the {what} on {host}:{port}: {reason}{holder}; stop what holds it or "
-                         "choose another port")
+                return f" (held by pid {conn.pid}, {' '.join(psutil.Process(conn.pid).cmdline()[:3])})"
+    return ""
 
 
 def toml_value(value: object) -> str:
@@ -109,6 +124,7 @@ CPU from the control plane and the registry, and heartbeats would fall behind fo
 
 
 REAPER = Path(__file__).with_name("reaper.py")
+PREDECESSOR_WAIT_S = 30.0  # a restarted device waits this long for its killed predecessor's SuperNode to go
 
 
 class ManagedProcess:
@@ -236,7 +252,7 @@ def start_supernode(
 ) -> ManagedProcess:
     """A SuperNode that verifies the SuperLink against ``root_ca``, or talks plaintext without one; with
     ``auth_key`` (TLS only) it proves itself with that private key, which its coordinator registered."""
-    require_free_port("127.0.0.1", port, f"SuperNode of {name}")
+    require_free_port("127.0.0.1", port, f"SuperNode {name}", wait_s=PREDECESSOR_WAIT_S)
     config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
     security = ["--root-certificates", str(root_ca.resolve())] if root_ca else ["--insecure"]
     if root_ca and auth_key:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from agent.calibration import initial_model
 from agent.lifecycle import Agent, AgentConfig, AgentError, heartbeat_interval
 from agent.monitor import DEFAULT_INTERVAL_S
 from cli.agent import app
+from contracts import flower_processes
 from contracts.credentials import CREDENTIAL_FILE, StoredCredential
 from contracts.profiles import get_profile
 from coordinator import control_plane
@@ -179,6 +181,24 @@ def test_a_stranger_token_is_refused(tmp_path: Path, coordinator: tuple[str, Reg
                          "--state-dir", str(tmp_path / "agent"), coordinator=coordinator[0])
     assert code == 1 and "UNAUTHENTICATED" in output and coordinator[1].list_devices() == []
     assert not (tmp_path / "agent" / CREDENTIAL_FILE).exists()
+
+
+def test_a_supernode_port_still_held_is_waited_for_then_refused_clearly(
+    tmp_path: Path, coordinator: tuple[str, Registry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restart right after kill -9 may find its SuperNode port held until the old tree is reaped: the agent
+    waits for it, and if it stays held says by whom, with no traceback."""
+    monkeypatch.setattr(flower_processes, "PREDECESSOR_WAIT_S", 2.0)
+    token = coordinator[1].enroll(["pi-port"])["pi-port"]
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        started = time.monotonic()
+        code, output = _join("--device", "pi4", "--token", token, "--calibration-repeats", "1",
+                             "--supernode-port", str(holder.getsockname()[1]), "--serve-port", str(pick_port()),
+                             "--state-dir", str(tmp_path / "agent"), coordinator=coordinator[0])
+    assert code == 1 and "cannot start the SuperNode supernode-pi-port" in output and f"held by pid {os.getpid()}" in output
+    assert "Traceback" not in output and time.monotonic() - started >= 2.0
 
 
 def _secret(state_dir: Path, **config: object) -> str:
