@@ -19,6 +19,10 @@ float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, 
 Stored indices travel bit-packed, ``index_bits(cols)`` bits each (10 for a 576-column row instead of int16's 16), and are unpacked
 to the kernels' int16/int32 at load.
 
+A file comes from someone else: before building anything the loader checks that its header's tensors are the
+ones its architecture needs, that the file carries their bytes, and that loading them takes at most
+``MAX_LOAD_BYTES`` (``load_bytes``), so a small file cannot make it allocate a large model.
+
 Training runs on the same buffers: in training mode a layer computes through the differentiable packed ops
 (``dress_model.kernels.autograd``) with ``values`` as its parameter and its BN unfolded (batch statistics),
 so a device trains its subnet without ever building a dense weight, mask or order; switching back to
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -52,6 +57,13 @@ from dress_model.sparsity import keep_count
 FORMAT = "dress-packed"
 VERSION = 3  # 2: a full top band travels without indices, floats may be float16; 3: indices bit-packed
 INT16_MAX_COLS = 32767  # the widest row int16 column indices address; wider layers store int32
+MAX_LOAD_BYTES = 1 << 30
+"""The most tensor bytes loading a packed file may take (``load_bytes`` of its architecture) unless the caller
+passes ``max_bytes``: a sanity bound, not a device limit, about a hundred times what the models this project
+ships take (cnn, resnet8, resnet20 at width 16: about 10 MB), so a file declaring a far bigger model is refused
+before anything is built for it."""
+UNPACK_CHUNK = 1 << 16  # indices unpacked at a time: a multiple of 8, so every chunk starts on a byte
+Stored = dict[str, tuple[tuple[int, ...], int]]  # tensor name -> (shape, fewest bytes an element travels in)
 
 
 def index_dtype_for(cols: int) -> torch.dtype:
@@ -114,10 +126,15 @@ def pack_index_bits(indices: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_index_bits(data: torch.Tensor, count: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """``pack_index_bits`` undone: ``count`` indices as ``dtype`` (range checks are the loader's)."""
-    bit_matrix = np.unpackbits(data.numpy(), count=count * bits, bitorder="little").reshape(count, bits)
-    values = (bit_matrix.astype(np.int32) << np.arange(bits, dtype=np.int32)).sum(axis=1, dtype=np.int32)
-    return torch.from_numpy(values).to(dtype)
+    """``pack_index_bits`` undone: ``count`` indices as ``dtype`` (range checks are the loader's), a chunk at a
+    time: the bit matrix takes 4 * ``bits`` bytes an index, far more than the indices themselves."""
+    packed, out, weights = data.numpy(), torch.empty(count, dtype=dtype), np.arange(bits, dtype=np.int32)
+    for start in range(0, count, UNPACK_CHUNK):
+        n = min(UNPACK_CHUNK, count - start)
+        bit_matrix = np.unpackbits(packed[start * bits // 8 :], count=n * bits, bitorder="little").reshape(n, bits)
+        values = (bit_matrix.astype(np.int32) << weights).sum(axis=1, dtype=np.int32)
+        out[start : start + n] = torch.from_numpy(values)
+    return out
 
 
 def band_columns(indices: torch.Tensor, bands: torch.Tensor, rows: int) -> torch.Tensor:
@@ -456,21 +473,30 @@ class PackedModel(nn.Module):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> PackedModel:
+    def load(cls, path: str | Path, *, max_bytes: int = MAX_LOAD_BYTES) -> PackedModel:
         """Load and validate a packed file; any inconsistency is a PackedFormatError, never a crash."""
         path = Path(path)
         if not path.is_file():
             raise PackedFormatError(f"packed model {path} does not exist; create one with `dress-fleet pack`")
-        return cls.from_bytes(path.read_bytes(), source=str(path))
+        if (size := path.stat().st_size) > max_bytes:  # its tensors alone exceed the cap: refused unread
+            raise PackedFormatError(f"{path} is {size:,} bytes, more than the {max_bytes:,} a load may take "
+                                    "(max_bytes)")
+        return cls.from_bytes(path.read_bytes(), source=str(path), max_bytes=max_bytes)
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "<bytes>") -> PackedModel:
+    def from_bytes(cls, data: bytes, source: str = "<bytes>", *, max_bytes: int = MAX_LOAD_BYTES) -> PackedModel:
+        """Load and validate a packed file's bytes; refused unless they hold every tensor the declared
+        architecture needs and loading it takes at most ``max_bytes`` of tensors (``load_bytes``)."""
         header = dress_header(data, source, FORMAT, VERSION, PackedFormatError, "packed DRESS model")
         try:
             arch = Architecture.from_json(header["architecture"])
         except (ValueError, KeyError, TypeError) as e:
             raise PackedFormatError(f"{source}: invalid architecture: {e}") from None
-        _check_declared_shapes(source, arch, data)  # before anything is allocated for what the header declares
+        with torch.device("meta"):
+            declared = create_model(arch)  # shapes, no memory: every check below runs before anything is allocated
+        want = _stored_tensors(declared)
+        _check_declared_shapes(source, want, data)
+        _check_declared_size(source, declared, want, data, max_bytes)
         try:
             packed = cls(arch)
             tensors = load_tensors(data)
@@ -534,20 +560,42 @@ class PackedModel(nn.Module):
         return model
 
 
-def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None:
-    """Every tensor the architecture needs is in the file with exactly its shape, and nothing else is.
+def load_bytes(net: DressModel) -> int:
+    """Tensor bytes loading a file of ``net``'s architecture holds at once, at most (``net`` may be on the meta
+    device: nothing is allocated to count). ``PackedModel`` builds ``net`` and the packed model beside it, then
+    frees ``net`` and reads the file's tensors, as large as the packed model's; finalizing adds each full top
+    band's dense layer. Meanwhile, a layer at a time, ranking (building) or checking (loading) its columns sorts
+    them: int64 columns, their sorted copy and its order."""
+    built = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    packed, widest = built, 0
+    for _, layer in net.sparse_layers():
+        k = prefix_lengths(layer.densities, layer.cols)[-1]
+        dense = layer.rows * layer.cols
+        packed += layer.rows * k * (4 + index_dtype_for(layer.cols).itemsize)  # values, indices
+        packed -= dense * (layer.weight.element_size() + layer.order.element_size())  # replaced by them
+        packed += len(layer.densities) * 2 * 8  # the band table, int64 [n, 2]
+        if k == layer.cols:
+            packed += dense * 4  # the full top band's dense layer
+        widest = max(widest, dense)
+    return built + 2 * packed + 3 * 8 * widest
 
-    The architecture is built on the meta device (shapes, no memory), and the file's shapes come from its
-    safetensors header: a header declaring a huge model fails here, before a byte of it is allocated."""
-    with torch.device("meta"):
-        net = create_model(arch)
-    want = {key: tuple(t.shape) for key, t in net.state_dict().items()}
+
+def _stored_tensors(net: DressModel) -> Stored:
+    """Each tensor a packed file of ``net``'s architecture holds: its shape, and the fewest bytes an element of
+    it travels in (floats as float16, indices bit-packed into bytes, anything else at least a byte)."""
+    want = {key: (tuple(t.shape), 2 if t.is_floating_point() else 1) for key, t in net.state_dict().items()}
     for name, layer in net.sparse_layers():
         del want[f"{name}.weight"], want[f"{name}.order"]
-        ks = prefix_lengths(arch.densities, layer.cols)
-        want[f"{name}.values"] = (layer.rows * ks[-1],)
-        want[f"{name}.indices"] = (packed_index_bytes(stored_index_count(ks, layer.rows, layer.cols),
-                                                      index_bits(layer.cols)),)
+        ks = prefix_lengths(layer.densities, layer.cols)
+        want[f"{name}.values"] = ((layer.rows * ks[-1],), 2)
+        want[f"{name}.indices"] = ((packed_index_bytes(stored_index_count(ks, layer.rows, layer.cols),
+                                                       index_bits(layer.cols)),), 1)
+    return want
+
+
+def _check_declared_shapes(source: str, want: Stored, data: bytes) -> None:
+    """Every tensor the architecture needs is in the file with exactly its shape, and nothing else is; the file's
+    shapes come from its safetensors header."""
     try:
         n = int.from_bytes(data[:8], "little")
         table = json.loads(data[8 : 8 + n])
@@ -558,10 +606,26 @@ def _check_declared_shapes(source: str, arch: Architecture, data: bytes) -> None
         raise PackedFormatError(f"{source}: lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     if extra := sorted(set(have) - set(want)):
         raise PackedFormatError(f"{source}: holds tensors the architecture has no place for: {extra[:5]}")
-    for key, shape in want.items():
+    for key, (shape, _) in want.items():
         if have[key] != shape:
             raise PackedFormatError(f"{source}: {key} has shape {list(have[key])}, the declared architecture "
                                     f"needs {list(shape)}")
+
+
+def _check_declared_size(source: str, net: DressModel, want: Stored, data: bytes, max_bytes: int) -> None:
+    """The file holds the bytes its declared tensors take, and loading them takes at most ``max_bytes``: a
+    small file cannot make the loader build a large model."""
+    least = sum(math.prod(shape) * size for shape, size in want.values())
+    carried = len(data) - 8 - int.from_bytes(data[:8], "little")
+    if least > carried:
+        raise PackedFormatError(f"{source}: its header declares tensors of at least {least:,} bytes, the file "
+                                f"carries {carried:,}: it describes a larger model than it holds")
+    if (needed := load_bytes(net)) > max_bytes:
+        arch = net.arch
+        raise PackedFormatError(f"{source}: loading its architecture ({arch.name}, width {arch.width}, "
+                                f"{arch.num_classes} classes, {arch.image_size}px images) takes {needed:,} bytes "
+                                f"of tensors, more than the {max_bytes:,} allowed; a caller that trusts it passes "
+                                "a larger max_bytes")
 
 
 def _with_top_band(source: str, name: str, layer: PackedSparse, head: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,26 @@
 """Packed runtime: equals the masked model at every density, switches in place, refuses bad files."""
 
 import json
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from reliability import declaring, measured  # noqa: E402 - crafted files: the benchmark's, tried here briefly
+
 from dress_model.models import Architecture, create_model
 from dress_model.packed import (
+    MAX_LOAD_BYTES,
+    UNPACK_CHUNK,
     PackedFormatError,
     PackedModel,
     index_bits,
+    load_bytes,
     pack_checkpoint,
     pack_index_bits,
     packed_index_bytes,
@@ -222,7 +231,74 @@ def test_truncated_and_missing_files_are_refused(tmp_path) -> None:
 def test_indices_travel_bit_packed_with_just_enough_bits(cols: int) -> None:
     bits = index_bits(cols)
     assert 2 ** bits >= cols and (bits == 1 or 2 ** (bits - 1) < cols)
-    indices = torch.randint(0, cols, (1001,), generator=torch.Generator().manual_seed(cols))
+    count = 2 * UNPACK_CHUNK + 1001  # unpacked a chunk at a time
+    indices = torch.randint(0, cols, (count,), generator=torch.Generator().manual_seed(cols))
     data = pack_index_bits(indices, bits)
-    assert data.dtype == torch.uint8 and data.numel() == packed_index_bytes(1001, bits) == -(-1001 * bits // 8)
-    assert torch.equal(unpack_index_bits(data, 1001, bits, torch.int32), indices.int())
+    assert data.dtype == torch.uint8 and data.numel() == packed_index_bytes(count, bits) == -(-count * bits // 8)
+    assert torch.equal(unpack_index_bits(data, count, bits, torch.int32), indices.int())
+
+
+def _refused_cheaply(load, match: str) -> None:
+    """``load()`` raises PackedFormatError (``match``) within a second, resident memory never 100 MB above
+    where it was (sampled while it runs: what it frees before returning counts too)."""
+    raised, seconds, extra_mb = measured(load)
+    assert isinstance(raised, PackedFormatError) and re.search(match, str(raised)), raised
+    assert seconds < 1.0 and extra_mb < 100
+
+
+CRAFTED = {  # within every architecture limit, with a header that agrees with itself: only the size gives them away
+    "wide": ("cnn", dict(width=4096)),
+    "many classes": ("cnn", dict(width=1024, num_classes=100_000)),
+    "deep": ("resnet8", dict(name="resnet20", width=1024)),
+    "huge images": ("cnn", dict(image_size=4096, in_channels=64)),
+    "sparse and half": ("cnn", dict(width=2048, densities=[0.001, 0.01], half=True)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CRAFTED))
+def test_a_header_declaring_more_than_the_file_holds_is_refused_before_building(case) -> None:
+    base, arch = CRAFTED[case]
+    channels, size = (1, 28) if base == "cnn" else (3, 32)
+    arch = dict(arch)
+    half = arch.pop("half", False)
+    crafted = declaring(pack_checkpoint(trained_like(base, channels, size, width=4)).to_bytes(), arch, half=half)
+    assert len(crafted) < 100_000
+    _refused_cheaply(lambda: PackedModel.from_bytes(crafted), "describes a larger model than it holds")
+
+
+def test_a_file_holding_every_declared_byte_is_refused_past_the_cap(tmp_path) -> None:
+    """A few hundred KB that do fill their header, for a model whose fc1 alone is 2 GB dense: the cap refuses it."""
+    data = pack_checkpoint(trained_like("cnn", 1, 28, width=4)).to_bytes()
+    crafted = declaring(data, dict(image_size=4096, densities=[0.0001]), fill=True)
+    assert len(crafted) < 1_000_000
+    _refused_cheaply(lambda: PackedModel.from_bytes(crafted), f"more than the {MAX_LOAD_BYTES:,} allowed")
+    path = tmp_path / "crafted.packed"
+    path.write_bytes(crafted)
+    _refused_cheaply(lambda: PackedModel.load(path), "allowed")
+
+
+def test_the_cap_can_be_lowered_and_raised(tmp_path) -> None:
+    packed = pack_checkpoint(trained_like("resnet8", 3, 32))
+    data = packed.to_bytes()
+    with torch.device("meta"):
+        needed = load_bytes(create_model(packed.arch))
+    with pytest.raises(PackedFormatError, match=f"takes {needed:,} bytes of tensors, more than the {needed - 1:,}"):
+        PackedModel.from_bytes(data, max_bytes=needed - 1)
+    assert PackedModel.from_bytes(data, max_bytes=needed).arch == packed.arch
+    path = packed.save(tmp_path / "m.packed")
+    with pytest.raises(PackedFormatError, match=f"is {len(data):,} bytes, more than the 1,000"):
+        PackedModel.load(path, max_bytes=1000)  # refused before reading it
+    assert PackedModel.load(path, max_bytes=needed).arch == packed.arch
+
+
+@pytest.mark.parametrize("name,channels,size", [("cnn", 1, 28), ("resnet8", 3, 32), ("resnet20", 3, 32)])
+@pytest.mark.parametrize("half", [False, True])
+def test_every_shipped_model_loads_far_below_the_cap(name, channels, size, half) -> None:
+    model = create_model(name, DENS, in_channels=channels, image_size=size, width=16, num_classes=100)
+    packed = pack_checkpoint(model)
+    assert load_bytes(model) < MAX_LOAD_BYTES / 50
+    loaded = PackedModel.from_bytes(packed.to_bytes(half=half))
+    want = packed.net.state_dict()
+    for key, t in loaded.net.state_dict().items():
+        expected = want[key].half().float() if half and t.is_floating_point() else want[key]
+        assert torch.equal(t, expected), key
