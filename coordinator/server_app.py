@@ -132,8 +132,9 @@ def main(grid: Grid, context: Context) -> None:
                                    state_dir / "checkpoints" if dress else None, strategy.stats,
                                    first_round=done + 1, published_best=published_best,
                                    published_state=strategy.published_state)
-        if done:  # those that trained the last round, unless fewer are asked for
-            expected = max(settings.wait_for_nodes, len(registry.list_rounds()[-1].participants))
+        if done:  # the devices heard from around the last round (alive when the coordinator stopped)
+            last = registry.list_rounds()[-1].recorded_at - settings.stale_after
+            expected = max(settings.wait_for_nodes, sum(d.last_seen >= last for d in registry.list_devices()))
             back = wait_for_reconnect(grid, registry, expected, started, reconnect_grace_s(settings))
             log.info("resuming with %d of the %d devices expected back", back, expected)
         wait_for_nodes(grid, settings.wait_for_nodes)
