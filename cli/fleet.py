@@ -83,8 +83,8 @@ def run_settings(**options: Any) -> RunSettings:
 
 @coordinator_app.command("start")
 def coordinator_start_cmd(
-    host: Annotated[str, typer.Option(help="Address the SuperLink and control plane listen on.")] = "127.0.0.1",
-    superlink_port: Annotated[int, typer.Option(help="Flower SuperLink (HTTP: fleet, control and runtime APIs).")] = 9092,
+    host: Annotated[str, typer.Option(help="Address devices reach the SuperLink and control plane at.")] = "127.0.0.1",
+    superlink_port: Annotated[int, typer.Option(help="Flower SuperLink's Fleet API for devices. With --certs it is nginx passing only the Fleet API to the SuperLink on loopback, where runs are started, stopped and listed.")] = 9092,
     control_port: Annotated[int, typer.Option(help="DRESS control plane (gRPC: describe, register, heartbeat, fetch model).")] = 9093,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default SQLite in --state-dir.")] = None,
     state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path(DEFAULTS.state_dir),
