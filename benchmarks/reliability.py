@@ -23,6 +23,7 @@ import random
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
@@ -39,20 +41,23 @@ from common import command, machine, markdown_table, write_json
 from byzantine import RUNS as BYZANTINE_RUNS
 from byzantine import run_byzantine
 from faults import run_faults
+from superlink_strangers import superlink_strangers
 from agent.serving import AgentIdentity, ServedModel
 from agent.serving import serve as serve_agent
 from contracts import calibration_wire
 from contracts.credentials import bearer, supernode_key
 from contracts.flower_processes import flwr, pick_port, start_superlink, start_supernode
 from contracts.tls import init_certificates, issue_certificate, mutual_server_credentials
-from contracts.messages import train_config, upload_state
+from contracts.messages import train_config
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings, build_run_model
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import Registry
 from coordinator.strategy import DressStrategy, RoundStats
+from coordinator.validation import STATISTICS, implausible
 from dress_model.checkpoint import atomic_write
-from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
+from dress_model.models import Architecture
+from dress_model.packed import PackedFormatError, PackedModel, index_bits, pack_checkpoint, packed_index_bytes
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -136,6 +141,93 @@ def fuzz_packed(count: int, seed: int) -> dict[str, Any]:
             outcomes["hung"] += 1
     return {"tried": count, "crashes": outcomes["crashed"] + outcomes["hung"], "refused": outcomes["refused"],
             "loaded": outcomes["loaded"], "examples": crashes[:5]}
+
+
+CRAFTED_DENSITIES = ([0.1, 0.25, 0.5, 1.0], [1.0], [0.5, 1.0], [0.01, 0.1], [0.001], [0.0001])
+FILL_BYTES = 16 * 2**20  # a crafted file carries every byte its header declares when they come to at most this
+
+
+def declaring(data: bytes, changes: dict[str, Any], half: bool = False, fill: bool = False) -> bytes:
+    """``data`` (a real packed file) with ``changes`` in its header's architecture and a tensor table that agrees
+    with them (every shape, dtype and offset), over the file's own tensor bytes, or, when ``fill`` and they come to
+    at most ``FILL_BYTES``, over zeros filling every byte the table declares: only the size gives it away."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(json.loads(data[8 : 8 + n])["__metadata__"]["dress"])
+    header["architecture"].update(changes)
+    with torch.device("meta"):
+        packed = PackedModel(Architecture.from_json(header["architecture"]))
+    tensors = {k: t for k, t in packed.net.state_dict().items() if not k.endswith(".bands")}
+    for name, layer in packed.packed_layers():
+        tensors[f"{name}.indices"] = torch.empty(packed_index_bytes(layer.stored_indices, index_bits(layer.cols)),
+                                                 dtype=torch.uint8, device="meta")
+    table, offset = {"__metadata__": {"dress": json.dumps(header)}}, 0
+    for key, t in sorted(tensors.items()):
+        dtype, size = {torch.float32: ("F16", 2) if half else ("F32", 4), torch.uint8: ("U8", 1),
+                       torch.int64: ("I64", 8)}[t.dtype]
+        table[key] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.numel() * size]}
+        offset += t.numel() * size
+    raw = json.dumps(table).encode()
+    return struct.pack("<Q", len(raw)) + raw + (bytes(offset) if fill and offset <= FILL_BYTES else data[8 + n :])
+
+
+def _crafted(rng: random.Random, bases: dict[str, bytes]) -> bytes:
+    """A real small model's file declaring a model far past every one this project ships, along one of the axes
+    a header controls: width, classes, image size (the CNN's classifier input) or depth (resnet8 as resnet20)."""
+    name = rng.choice(sorted(bases))
+    changes: dict[str, Any] = {"width": rng.choice([1024, 2048, 4096]), "densities": rng.choice(CRAFTED_DENSITIES)}
+    axis = rng.choice(["width", "classes", "images" if name == "cnn" else "depth"])
+    if axis == "classes":
+        changes.update(width=rng.choice([256, 1024]), num_classes=rng.choice([10_000, 100_000]))
+    elif axis == "images":
+        changes.update(width=rng.choice([4, 16, 64]), image_size=4096)
+    elif axis == "depth" and name == "resnet8":
+        changes["name"] = "resnet20"
+    return declaring(bases[name], changes, half=rng.random() < 0.5, fill=rng.random() < 0.5)
+
+
+def measured(load: Callable[[], object]) -> tuple[BaseException | None, float, float]:
+    """(what ``load`` raised, its seconds, MB it took the resident memory above where it was, sampled while it
+    ran: what it frees before returning counts too)."""
+    process = psutil.Process()
+    idle = process.memory_info().rss
+    peak, done = idle, threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start, raised = time.perf_counter(), None
+    try:
+        load()
+    except Exception as e:  # noqa: BLE001 - what it raised is the measurement
+        raised = e
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return raised, seconds, (max(peak, process.memory_info().rss) - idle) / 2**20
+
+
+def packed_crafted(count: int, seed: int) -> dict[str, Any]:
+    """Load ``count`` crafted packed files (``_crafted``) in this process: each must be refused with
+    PackedFormatError quickly and before the loader allocates what its header declares."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    bases = {name: pack_checkpoint(build_run_model(RunSettings.defaults(width=4, model=name, dataset=dataset)))
+             .to_bytes() for name, dataset in (("cnn", "fashion-mnist"), ("resnet8", "cifar10"), ("resnet20", "cifar10"))}
+    refused, max_s, max_mb, examples = 0, 0.0, 0.0, []
+    for _ in range(count):
+        crafted = _crafted(rng, bases)
+        raised, seconds, mb = measured(lambda: PackedModel.from_bytes(crafted, "crafted"))
+        refused += isinstance(raised, PackedFormatError)
+        if not isinstance(raised, PackedFormatError):
+            examples.append("loaded" if raised is None else f"{type(raised).__name__}: {raised}"[:200])
+        max_s, max_mb = max(max_s, seconds), max(max_mb, mb)
+    return {"tried": count, "refused": refused, "max_extra_mb": round(max_mb, 1), "max_s": round(max_s, 4),
+            "examples": examples[:5]}
 
 
 # -- control-plane requests ----------------------------------------------------------------------------------------
@@ -346,14 +438,30 @@ def control_plane_strangers(count: int, seed: int) -> dict[str, Any]:
 
 # -- poisoned replies --------------------------------------------------------------------------------------------
 
+Tensors = dict[str, torch.Tensor]
+Reply = Callable[[Tensors, Tensors], tuple[Tensors | None, object]]  # (sent, honest reply) -> what a device replies
+REPLY_COUNTS = {"1": 0, "2": 1, "3+": 3}  # a round's replies: how many honest ones beside the poisoned one
 
-def _poisons() -> dict[str, Callable[[dict[str, torch.Tensor]], tuple[dict | None, object]]]:
-    """Every kind of bad reply a device can send: (tensors or None for no arrays, num-examples)."""
+
+def _scaled(factor: float, var: Callable[[torch.Tensor], torch.Tensor] = lambda v: v,
+            mean: Callable[[torch.Tensor], torch.Tensor] = lambda m: m) -> Reply:
+    """The honest update times ``factor`` on the learned tensors, then BN statistics changed by ``var``, ``mean``."""
+    def reply(sent: Tensors, honest: Tensors) -> tuple[Tensors, object]:
+        change = {"running_var": var, "running_mean": mean}
+        return {k: change[k.rpartition(".")[2]](v) if k.endswith(STATISTICS)
+                else sent[k] + factor * (v - sent[k]) if v.is_floating_point() else v
+                for k, v in honest.items()}, 100
+    return reply
+
+
+def _poisons() -> dict[str, Reply]:
+    """Every kind of bad reply a device can send: (tensors or None for no arrays, num-examples). Malformed ones,
+    and well-formed ones no honest training makes: scaled, reversed, BN statistics out of range."""
     def first(t: dict) -> str:
         return next(k for k in t if k.endswith(".values"))
 
-    def changed(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict], tuple[dict, object]]:
-        return lambda t: ({**t, first(t): change(t[first(t)].clone())}, 100)
+    def changed(change: Callable[[torch.Tensor], torch.Tensor]) -> Reply:
+        return lambda _, t: ({**t, first(t): change(t[first(t)].clone())}, 100)
 
     return {
         "nan": changed(lambda v: v.index_fill_(0, torch.tensor([0]), float("nan"))),
@@ -363,23 +471,31 @@ def _poisons() -> dict[str, Callable[[dict[str, torch.Tensor]], tuple[dict | Non
         "long": changed(lambda v: torch.cat([v, v[:1]])),
         "float64": changed(lambda v: v.double()),
         "reshaped": changed(lambda v: v.reshape(1, -1)),
-        "missing tensor": lambda t: ({k: v for k, v in t.items() if k != first(t)}, 100),
-        "extra tensor": lambda t: ({**t, "evil": torch.zeros(3)}, 100),
-        "no arrays": lambda t: (None, 100),
-        "examples 1e12": lambda t: (t, 10**12),
-        "examples 0": lambda t: (t, 0),
-        "examples -1": lambda t: (t, -1),
-        "examples nan": lambda t: (t, float("nan")),
-        "examples missing": lambda t: (t, None),
+        "missing tensor": lambda _, t: ({k: v for k, v in t.items() if k != first(t)}, 100),
+        "extra tensor": lambda _, t: ({**t, "evil": torch.zeros(3)}, 100),
+        "no arrays": lambda _, t: (None, 100),
+        "examples 1e12": lambda _, t: (t, 10**12),
+        "examples 0": lambda _, t: (t, 0),
+        "examples -1": lambda _, t: (t, -1),
+        "examples nan": lambda _, t: (t, float("nan")),
+        "examples missing": lambda _, t: (t, None),
+        "update ×1000": _scaled(1000),
+        "update ×10, running_var ×1e6": _scaled(10, var=lambda v: v * 1e6),
+        "negative running_var": _scaled(1, var=lambda v: -v),
+        "running_mean +1e6": _scaled(1, mean=lambda m: m + 1e6),
+        "update reversed ×100": _scaled(-100),
     }
 
 
-def poisoned(count: int, seed: int) -> dict[str, Any]:
-    """``count`` poisoned replies (every kind in turn), three honest ones per round, through the real strategy."""
+def _through_strategy(rounds: list[dict[str, str | None]], seed: int) -> Counter[str]:
+    """Each round's devices (name: kind of poison, None for an honest one) reply through the real strategy, at the
+    sparsest tier: how many poisoned and honest replies it aggregated, rounds rolled back, crashes (an exception
+    out of the aggregation, a model not finite), rounds whose model was implausible against the last. An honest
+    reply moves every value it was sent by 0.01, up in odd rounds and down in even ones: the model keeps its size,
+    as weight decay keeps a trained one's, so an update is judged against a model of the same size all along."""
     torch.manual_seed(seed)
     kinds = _poisons()
-    names = [list(kinds)[i % len(kinds)] for i in range(count)]
-    aggregated = crashes = 0
+    counts: Counter[str] = Counter()
     saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # a ServerApp's message identity
     try:
@@ -388,24 +504,23 @@ def poisoned(count: int, seed: int) -> dict[str, Any]:
             data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
             strategy = DressStrategy(model, registry, torch.utils.data.DataLoader(data, batch_size=16), fraction=1.0,
                                      min_devices=1, seed=seed, stale_after=timedelta(seconds=30), max_examples=300)
-            for i in range(0, len(names), 5):  # five poisoned and three honest devices a round
-                devices = {f"honest-{j}": None for j in range(3)} | {f"poisoned-{i + k}": n for k, n in enumerate(names[i:i + 5])}
+            for round_number, devices in enumerate(rounds, 1):
                 for name in devices:
                     registry.register_device(name, "pi4", CALIBRATION)
                 infos = {d.name: d for d in registry.list_devices()}
-                round_number = i // 5 + 1
                 strategy.stats[round_number] = RoundStats(round_number)
                 nodes = {1000 * round_number + j: name for j, name in enumerate(devices)}
                 strategy.node_devices.update(nodes)
                 sent = strategy.messages_for(round_number, [(node, infos[name], 0.1) for node, name in nodes.items()],
                                              train_config(RunSettings.defaults()))
                 replies = []
+                step = 0.01 if round_number % 2 else -0.01
                 for message in sent:
                     node = message.metadata.dst_node_id
-                    honest = {k: v + 0.01 if v.is_floating_point() else v
-                              for k, v in upload_state(strategy.sent[node].payload).items()}
+                    expected = strategy.sent[node].expected.tensors
+                    honest = {k: v + step if v.is_floating_point() else v for k, v in expected.items()}
                     kind = devices[nodes[node]]
-                    tensors, examples = (honest, 100) if kind is None else kinds[kind](honest)
+                    tensors, examples = (honest, 100) if kind is None else kinds[kind](expected, honest)
                     metrics: dict[str, Any] = {"compute-s": 0.1}
                     if examples is not None:
                         metrics["num-examples"] = examples
@@ -415,17 +530,55 @@ def poisoned(count: int, seed: int) -> dict[str, Any]:
                     TaskIdentity.node_id = node
                     replies.append(Message(RecordDict(content), reply_to=message))
                 TaskIdentity.node_id = 1
+                before = {k: v.clone() for k, v in model.state_dict().items()}
                 try:
                     strategy.aggregate_train(round_number, replies)
                 except Exception:  # noqa: BLE001 - the ServerApp would have ended
-                    crashes += 1
+                    counts["crashes"] += 1
                 stats = strategy.stats[round_number]
-                aggregated += sum(1 for name, _ in stats.participants.values() if not name.startswith("honest"))
+                for name, _ in stats.participants.values():
+                    counts["honest" if devices[name] is None else "aggregated"] += 1
+                counts["rolled back"] += stats.withheld is not None
                 if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-                    crashes += 1
+                    counts["crashes"] += 1
+                counts["implausible"] += implausible(before, model.state_dict()) is not None
     finally:
         TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
-    return {"tried": count, "aggregated": aggregated, "crashes": crashes, "kinds": sorted(kinds)}
+    return counts
+
+
+def _kinds(count: int) -> list[str]:
+    """``count`` kinds of poison, every kind in turn."""
+    kinds = list(_poisons())
+    return [kinds[i % len(kinds)] for i in range(count)]
+
+
+def poisoned(count: int, seed: int) -> dict[str, Any]:
+    """``count`` poisoned replies (every kind in turn), five with three honest ones a round, through the real
+    strategy."""
+    names = _kinds(count)
+    rounds = [{f"honest-{j}": None for j in range(3)} | {f"poisoned-{i + k}": n for k, n in enumerate(names[i:i + 5])}
+              for i in range(0, count, 5)]
+    counts = _through_strategy(rounds, seed)
+    return {"tried": count, "aggregated": counts["aggregated"], "crashes": counts["crashes"],
+            "kinds": sorted(_poisons())}
+
+
+def poisoned_by_replies(count: int, seed: int) -> dict[str, Any]:
+    """``count`` poisoned replies (every kind in turn) in rounds of each size, one poisoned reply a round: alone,
+    beside one honest reply (too few for a median) and beside three; and whether training went on — the honest
+    replies aggregated, every round's model finite with BN statistics in range (plausible against the last)."""
+    result: dict[str, Any] = {}
+    plausible = True
+    for size, honest in REPLY_COUNTS.items():
+        rounds = [{f"honest-{j}": None for j in range(honest)} | {f"poisoned-{i}": kind}
+                  for i, kind in enumerate(_kinds(count))]
+        counts = _through_strategy(rounds, seed)
+        result[size] = {"tried": count, "aggregated": counts["aggregated"], "honest_tried": honest * count,
+                        "honest_aggregated": counts["honest"], "rolled_back": counts["rolled back"],
+                        "crashes": counts["crashes"]}
+        plausible = plausible and not counts["implausible"] and not counts["crashes"]
+    return {**result, "model_plausible": plausible}
 
 
 def report(result: dict[str, Any]) -> str:
@@ -434,19 +587,34 @@ def report(result: dict[str, Any]) -> str:
     if "poisoned" in result:
         rows.append({"probe": "poisoned replies", "tried": result["poisoned"]["tried"],
                      "aggregated": result["poisoned"]["aggregated"], "crashes": result["poisoned"]["crashes"]})
+    if "poisoned_by_replies" in result:
+        rows += [{"probe": f"poisoned replies, one a round of {size} ({REPLY_COUNTS[size]} honest)",
+                  "tried": part["tried"], "aggregated": part["aggregated"], "crashes": part["crashes"]}
+                 for size, part in result["poisoned_by_replies"].items() if size in REPLY_COUNTS]
     if "fuzz" in result:
         rows += [{"probe": "fuzzed packed files", "tried": result["fuzz"]["packed"]["tried"], "aggregated": "—",
                   "crashes": result["fuzz"]["packed"]["crashes"]},
                  {"probe": "fuzzed control-plane requests", "tried": result["fuzz"]["grpc"]["tried"],
                   "aggregated": "—", "crashes": result["fuzz"]["grpc"]["crashes"]}]
+    if "packed_crafted" in result:
+        c = result["packed_crafted"]
+        rows.append({"probe": f"crafted packed files: consistent headers declaring huge models (slowest "
+                              f"{c['max_s']:.3f} s, at most {c['max_extra_mb']:.1f} MB resident)",
+                     "tried": c["tried"], "aggregated": "—", "crashes": c["tried"] - c["refused"]})
     if "strangers" in result:
         rows += [{"probe": f"strangers: {where}", "tried": part["tried"], "aggregated": "—",
                   "crashes": part["tried"] - part["refused"]} for where, part in result["strangers"]["where"].items()]
+    if "superlink" in result and "skipped" not in result["superlink"]:
+        s = result["superlink"]
+        rows.append({"probe": "strangers at the public SuperLink address, another host (flwr CLI, every route, fuzz)",
+                     "tried": s["tried"], "aggregated": "—",
+                     "crashes": f"{s['tried'] - s['refused']}; coordinator alive: {s['coordinator_alive']}"})
     if "faults" in result:
         f = result["faults"]
         rows.append({"probe": f"kill -9 during rounds ({f['agents']} agents, coordinator; {f['rounds']} rounds)",
                      "tried": f["kills"], "aggregated": "—", "crashes": f"run completed: {bool(f['runs_completed'])}, "
-                                                                       f"lost {f['lost']}, orphans {f['orphans']}"})
+                     f"lost {f['lost']}, orphans {f['orphans']}, mid-round kills {f.get('kills_mid_round', '—')}, "
+                     f"restart tracebacks {f.get('restart_tracebacks', '—')}"})
     text = (f"# Reliability: strangers' bytes and poisoned devices\n\n`{result['command']}`\n\n"
             + markdown_table(rows, ["probe", "tried", "aggregated", "crashes"])
             + "\nFor strangers, *crashes* counts those not refused.")
@@ -458,6 +626,13 @@ def report(result: dict[str, Any]) -> str:
         text += (f" To the strangers ({', '.join(STRANGERS)}): {where['control-plane']['codes']}. Predict on mutual "
                  f"TLS ({', '.join(PREDICT_STRANGERS)}): {where['predict']['codes']}. SuperLink with SuperNode "
                  "authentication: SuperNodes with an unregistered key and with none.")
+    if "poisoned_by_replies" in result:
+        by = result["poisoned_by_replies"]
+        text += (" Beside the poisoned replies, honest ones aggregated: "
+                 + ", ".join(f"{by[size]['honest_aggregated']} of {by[size]['honest_tried']} (rounds of {size})"
+                             for size in REPLY_COUNTS)
+                 + f"; rounds rolled back: {sum(by[size]['rolled_back'] for size in REPLY_COUNTS)}; every round's "
+                 f"model finite, with BN statistics in range: {by['model_plausible']}.")
     text += "\n"
     if "byzantine" in result:
         b = result["byzantine"]
@@ -475,15 +650,20 @@ def report(result: dict[str, Any]) -> str:
     return text
 
 
-PARTS = ("poisoned", "strangers", "faults", "fuzz", "byzantine")
+PARTS = ("poisoned", "poisoned_by_replies", "strangers", "superlink", "faults", "fuzz", "packed_crafted", "byzantine")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--packed", type=int, default=1000, help="fuzzed packed files")
+    p.add_argument("--crafted", type=int, default=200, help="crafted packed files (consistent header, huge model)")
     p.add_argument("--grpc", type=int, default=1000, help="fuzzed control-plane requests")
     p.add_argument("--poisoned", type=int, default=60, help="poisoned replies")
+    p.add_argument("--poisoned-by-replies", type=int, default=60,
+                   help="poisoned replies in rounds of each size (1, 2, 3+ replies), one a round")
     p.add_argument("--strangers", type=int, default=210, help="strangers' calls to the control plane and Predict")
+    p.add_argument("--superlink", type=int, default=200, help="fuzzed Fleet API requests among the strangers' probes "
+                   "of a TLS coordinator's public SuperLink address from another host (benchmarks/superlink_strangers.py)")
     p.add_argument("--faults", type=int, default=20, help="kill -9 of agents and the coordinator during rounds "
                    "(benchmarks/faults.py); 0 = skip")
     p.add_argument("--byzantine", type=int, default=30, help="rounds of each run with and without Byzantine devices "
@@ -509,9 +689,12 @@ def main() -> None:
     kept = json.loads(args.out.read_text()) if set(only) != set(PARTS) and args.out.is_file() else {}
     measure: dict[str, Callable[[], Any]] = {
         "poisoned": lambda: poisoned(args.poisoned, args.seed),
+        "poisoned_by_replies": lambda: poisoned_by_replies(args.poisoned_by_replies, args.seed),
         "strangers": lambda: strangers(args.strangers, args.seed),
+        "superlink": lambda: superlink_strangers(args.superlink, args.seed),
         "faults": lambda: run_faults(args.faults, seed=args.seed) if args.faults else None,
         "fuzz": lambda: {"packed": fuzz_packed(args.packed, args.seed), "grpc": fuzz_grpc(args.grpc, args.seed)},
+        "packed_crafted": lambda: packed_crafted(args.crafted, args.seed),
         "byzantine": lambda: run_byzantine(seeds=byzantine_seeds, rounds=args.byzantine, runs=byzantine_runs,
                                            kept=kept.get("byzantine", {}).get("runs")) if args.byzantine else None,
     }

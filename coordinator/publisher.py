@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from coordinator.registry.repository import Registry
 from coordinator.strategy import RoundStats
-from coordinator.validation import all_finite
+from coordinator.validation import implausible
 from dress_model.checkpoint import save_checkpoint
 from dress_model.models import DressModel
 from dress_model.training import evaluate
@@ -43,6 +43,8 @@ class RoundPublisher:
         self.stats = stats  # the strategy's, filled while the round trained
         self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
         self.published_best = published_best  # best subnet accuracy of the last published version
+        self.reference: dict[str, torch.Tensor] = {}  # the last model not withheld, or the run's first: the next
+        # round's is judged against it (empty: as a fresh model)
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         start = time.perf_counter()
@@ -52,6 +54,7 @@ class RoundPublisher:
         accuracy = evaluate(self.model, self.test)
         metrics = MetricRecord({f"accuracy-{d:g}": a for d, a in accuracy.items()})
         if server_round == 0:  # the initial (or resumed) model: nothing trained, nothing to publish
+            self.reference = self.snapshot()
             return metrics
         server_round += self.offset
         version, published = None, None
@@ -60,10 +63,13 @@ class RoundPublisher:
         if withheld:
             stats.withheld = withheld
             log.warning("round %d: model not published: %s", server_round, withheld)
-        elif self.checkpoint_dir is not None:
-            version = f"round-{server_round}"
-            path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors", {"round": server_round})
-            published = (str(path), self.model.densities)
+        else:
+            self.reference = self.snapshot()
+            if self.checkpoint_dir is not None:
+                version = f"round-{server_round}"
+                path = save_checkpoint(self.model, self.checkpoint_dir / f"{version}.safetensors",
+                                       {"round": server_round})
+                published = (str(path), self.model.densities)
         stats.server_s += time.perf_counter() - start
         self.registry.record_round(
             server_round,
@@ -79,13 +85,18 @@ class RoundPublisher:
             self.published_best = max(accuracy.values())
         return metrics
 
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of the model's state: the next round loads other arrays into the same model."""
+        return {key: value.clone() for key, value in self.model.state_dict().items()}
+
     def withhold_reason(self, stats: RoundStats, accuracy: Mapping[float, float]) -> str | None:
         """Why this round's model must not reach the fleet, or None: nobody trained it (a new version of the
-        same weights would only make every agent download them again), not finite, or its accuracy collapsed."""
+        same weights would only make every agent download them again), it is not a plausible model of the last
+        published one (not finite, BN statistics out of range, weights moved too far), or its accuracy collapsed."""
         if not stats.participants:
             return "no device's update counted this round"
-        if not all_finite(self.model.state_dict().values()):
-            return "weights are not finite"
+        if reason := implausible(self.reference, self.model.state_dict()):
+            return f"implausible against the last published model: {reason}"
         best = max(accuracy.values())
         if self.published_best is not None and best < COLLAPSE_SHARE * self.published_best:
             return f"accuracy collapsed: best subnet {best:.1f}% against {self.published_best:.1f}% last published"

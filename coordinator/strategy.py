@@ -5,8 +5,10 @@ travels between Flower's rounds as the strategy's ``ArrayRecord`` (the DressMode
 included). Each round it learns which device each Flower node is (a ``query.status`` message: node-config
 never reaches the SuperLink), asks the registry for every device's current density, sends each sampled device
 its packed subnet with the round's training config, then aggregates every weight over the devices that
-trained it, re-ranks the rows and recalibrates per-density BN on server-held data. Evaluation, checkpoints and
-publishing happen in Flower's evaluation hook (``coordinator.publisher``).
+trained it, re-ranks the rows and recalibrates per-density BN on server-held data; an aggregate that is not a
+plausible model of the last one (``coordinator.validation.implausible``) is rolled back, so a bad aggregate never
+becomes the next round's base. Evaluation, checkpoints and publishing happen in Flower's evaluation hook
+(``coordinator.publisher``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from coordinator.aggregation import Update, aggregate
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
-from coordinator.validation import Expected, RejectedUpdate, all_finite, check_reply, norm_outliers
+from coordinator.validation import Expected, RejectedUpdate, check_reply, implausible, norm_outliers
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
 from dress_model.training import recalibrate_bn
@@ -245,10 +247,10 @@ class DressStrategy(Strategy):
             self.server_step(before)
         self.reorder()
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
-        if not all_finite(self.model.state_dict().values()):
-            self.model.load_state_dict(before)  # checked replies can still overflow together: keep the last model
+        if reason := implausible(before, self.model.state_dict()):
+            self.model.load_state_dict(before)  # checked replies can still add up to a bad model: keep the last one
             self.velocity = {}
-            stats.withheld = "the aggregate was not finite; the round was rolled back"
+            stats.withheld = f"the aggregate was implausible ({reason}); the round was rolled back"
             log.warning("round %d: %s", server_round, stats.withheld)
         self.update_average()
         stats.server_s = time.perf_counter() - server_start

@@ -1,17 +1,21 @@
 """Checks a device's reply must pass before it counts: nothing a remote party sends is trusted unchecked.
 
 A reply holds the tensors the device trained and how many examples it trained on. It counts only if it has
-exactly the tensors it was sent, with the same shapes and dtypes, every value finite, an example count between
-1 and what the server allows a device per round, and an update (reply − sent) not far larger than the round's
-typical one. A reply that fails is dropped with its reason (recorded with the round); no reply can raise out of
-the aggregation and end the ServerApp.
+exactly the tensors it was sent, with the same shapes and dtypes, an example count between 1 and what the server
+allows a device per round, and is a model honest training could have made of what it was sent (``implausible``:
+every value finite, BN statistics in range, weights moved by at most a few times their own norm) — a rule that
+needs no other reply, so it holds in a round of one or two. With three replies or more, an update (reply − sent)
+must also not be far larger than the round's typical one. A reply that fails is dropped with its reason
+(recorded with the round); no reply can raise out of the aggregation and end the ServerApp. The round's
+aggregate and the model the publisher publishes are judged by the same ``implausible`` against the model they
+came from.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +23,21 @@ import torch
 NORM_FACTOR = 10.0
 """An update whose norm exceeds this many times the round's median is an outlier (scaled or poisoned)."""
 MIN_FOR_MEDIAN = 3  # fewer replies than this give no median worth comparing with
+RELATIVE_BOUND = 5.0
+"""An update may move the learned tensors it covers by at most this many times their norm. Honest replies of real
+devices measured at most 0.82 at the default lr 0.05 (round 1 from the initial model, sparsest tier, a whole
+60,000-image epoch; every later round moved less), 2.8 at ten times it and 3.4 at twenty (round 1, 2,000 images,
+DRESS and every peer, the small CNN; ResNet-8 at most 1.2). A reply ×1000 moves them further whenever its honest
+update moved them by over 0.5% (the least measured moved them by 3.4%: round 3 at the default lr); a reply
+reversed ×100, whenever by over 5%."""
+STATISTICS_BOUND = 100.0
+"""BN running statistics may describe activations at most this many times the size of the model's they are
+judged against: |running_mean| ≤ bound × s and 0 ≤ running_var ≤ (bound × s)², s² the layer's largest
+running_var or running_mean² there, at least 1 (a fresh BN's). Honest replies and recalibrated aggregates
+measured at most 5 s at the default lr and 27 s at ten times it (round 1, from a fresh model's s = 1); the
+aggregate of a reply ×1000 had a running_var of 3·10²⁹. A variance of 0 is a channel constant over the data
+(BN adds its epsilon); a negative one is no variance at all."""
+STATISTICS = ("running_mean", "running_var")  # BN's: measured on data rather than learned, checked on their own
 
 
 class RejectedUpdate(ValueError):
@@ -34,7 +53,8 @@ class Expected:
 
 
 def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_examples: object) -> float:
-    """The update's L2 norm (reply − sent over floating tensors) if the reply is well formed; RejectedUpdate else."""
+    """The update's L2 norm (reply − sent over floating tensors) if the reply is well formed and plausible;
+    RejectedUpdate else."""
     if (isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or not math.isfinite(num_examples)
             or num_examples != int(num_examples)):
         raise RejectedUpdate(f"num-examples must be an integer, got {num_examples!r}")
@@ -43,21 +63,74 @@ def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_exa
     missing, extra = sorted(set(expected.tensors) - set(tensors)), sorted(set(tensors) - set(expected.tensors))
     if missing or extra:
         raise RejectedUpdate(f"tensors differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}")
-    squared = 0.0
     for key, sent in expected.tensors.items():
         theirs = tensors[key]
         if theirs.dtype != sent.dtype or theirs.shape != sent.shape:
             raise RejectedUpdate(f"{key}: {theirs.dtype} {list(theirs.shape)}, sent {sent.dtype} {list(sent.shape)}")
-        if theirs.is_floating_point():
-            if not bool(torch.isfinite(theirs).all()):
-                raise RejectedUpdate(f"{key}: not finite")
-            squared += float((theirs.double() - sent.double()).pow(2).sum())
-    return math.sqrt(squared)  # finite: float32 values squared in float64 cannot overflow
+    if reason := implausible(expected.tensors, tensors):
+        raise RejectedUpdate(reason)
+    # finite: float32 values squared in float64 cannot overflow
+    return math.sqrt(sum(float((tensors[key].double() - sent.double()).pow(2).sum())
+                         for key, sent in expected.tensors.items() if sent.is_floating_point()))
 
 
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Every floating value finite: what a model must be to be kept (the strategy) or published (the publisher)."""
-    return all(bool(t.isfinite().all()) for t in tensors if t.is_floating_point())
+def implausible(reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """Why ``tensors`` cannot be what honest training made of ``reference`` (what a device was sent, the model a
+    round started from, the last published one), judged against it alone; None if they can be. Where the reference
+    lacks a tensor, BN statistics are judged as against a fresh model's and weights are not compared."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(value.isfinite().all()):
+            return f"{key}: not finite"
+    for key, value in tensors.items():
+        if key.endswith(STATISTICS) and (reason := statistics_out_of_range(reference, key, value)):
+            return f"{key}: {reason}"
+    change = relative_change(reference, tensors)
+    if change > RELATIVE_BOUND:
+        return f"update norm {change:.3g}× the norm of the weights it moves, over {RELATIVE_BOUND:g}×"
+    return None
+
+
+def statistics_out_of_range(reference: Mapping[str, torch.Tensor], key: str, value: torch.Tensor) -> str | None:
+    """Why a BN running mean or variance is out of STATISTICS_BOUND × its layer's scale in ``reference``, or None."""
+    if not value.numel():
+        return None
+    scale = activation_scale(reference, key.rpartition(".")[0])
+    bound = STATISTICS_BOUND * scale
+    if key.endswith("running_var"):
+        low, high = float(value.min()), float(value.max())
+        if low < 0:
+            return f"negative variance {low:.3g}"
+        if high > bound ** 2:
+            return f"variance {high:.3g} over {bound ** 2:.3g} ({STATISTICS_BOUND:g}² × the layer's {scale ** 2:.3g})"
+        return None
+    largest = float(value.abs().max())
+    if largest > bound:
+        return f"mean {largest:.3g} over {bound:.3g} ({STATISTICS_BOUND:g} × the layer's {scale:.3g})"
+    return None
+
+
+def activation_scale(reference: Mapping[str, torch.Tensor], layer: str) -> float:
+    """The size of what a BN ``layer`` of ``reference`` normalises: its largest running std or |mean|, at least 1
+    (a fresh BN's)."""
+    squares = [1.0]
+    for name, power in (("running_var", 1), ("running_mean", 2)):
+        statistic = reference.get(f"{layer}.{name}")
+        if statistic is not None and statistic.numel():
+            squares.append(float(statistic.double().pow(power).max()))
+    return math.sqrt(max(squares))
+
+
+def relative_change(reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> float:
+    """‖tensors − reference‖ / ‖reference‖ over the learned (floating, not BN statistics) tensors both hold; 0 when
+    the reference holds none."""
+    moved = size = 0.0
+    for key, value in tensors.items():
+        before = reference.get(key)
+        if before is None or not value.is_floating_point() or key.endswith(STATISTICS):
+            continue
+        moved += float((value.double() - before.double()).pow(2).sum())
+        size += float(before.double().pow(2).sum())
+    return math.sqrt(moved / size) if size > 0 else 0.0
 
 
 def norm_outliers(norms: Mapping[int, float], factor: float = NORM_FACTOR) -> dict[int, str]:

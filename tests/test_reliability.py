@@ -7,6 +7,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import reliability  # noqa: E402
@@ -18,6 +20,12 @@ def test_fuzzed_packed_files_are_refused_never_crash() -> None:
     assert result["refused"] > 100  # the mutations really spoil files
 
 
+def test_crafted_packed_files_are_refused_quickly_without_allocating_what_they_declare() -> None:
+    result = reliability.packed_crafted(12, seed=1)
+    assert result["refused"] == result["tried"] == 12, result["examples"]
+    assert result["max_s"] < 1 and result["max_extra_mb"] < 100, result
+
+
 def test_fuzzed_control_plane_requests_get_a_status_never_a_crash() -> None:
     result = reliability.fuzz_grpc(150, seed=1)
     assert result["crashes"] == 0, result["codes"]
@@ -25,9 +33,17 @@ def test_fuzzed_control_plane_requests_get_a_status_never_a_crash() -> None:
 
 
 def test_poisoned_replies_of_every_kind_are_never_aggregated() -> None:
-    result = reliability.poisoned(15, seed=1)  # each kind once
+    result = reliability.poisoned(20, seed=1)  # each kind once
     assert result == {**result, "aggregated": 0, "crashes": 0}
-    assert len(result["kinds"]) == 15
+    assert len(result["kinds"]) == 20
+
+
+def test_poisoned_replies_are_never_aggregated_however_few_replies_a_round_has() -> None:
+    result = reliability.poisoned_by_replies(20, seed=1)  # each kind once in rounds of 1, 2 and 4 replies
+    for size, honest in reliability.REPLY_COUNTS.items():
+        assert result[size] == {"tried": 20, "aggregated": 0, "honest_tried": 20 * honest,
+                                "honest_aggregated": 20 * honest, "rolled_back": 0, "crashes": 0}, size
+    assert result["model_plausible"]
 
 
 def test_strangers_of_every_kind_are_refused_by_the_control_plane_and_predict() -> None:
@@ -36,3 +52,16 @@ def test_strangers_of_every_kind_are_refused_by_the_control_plane_and_predict() 
     assert set(result["codes"]) <= {"UNAUTHENTICATED", "PERMISSION_DENIED"}
     result = reliability.predict_strangers(8, seed=1)  # each kind twice
     assert result["refused"] == result["tried"] == 8, result["codes"]
+
+
+def test_strangers_on_another_host_are_refused_at_the_public_superlink_address() -> None:
+    """A TLS coordinator in a network namespace of its own; from another, the `flwr` CLI (run, stop, ls, supernode
+    register/unregister) with the fleet's ca.pem and with nothing, raw HTTP on every route prefix and fuzzed Fleet
+    requests are all refused, and the coordinator keeps its one run."""
+    import superlink_strangers  # noqa: PLC0415 - beside reliability, on the path set above
+
+    if reason := superlink_strangers.unavailable():
+        pytest.skip(f"no network namespaces here: {reason}")
+    result = superlink_strangers.superlink_strangers(10, seed=1)
+    assert result["refused"] == result["tried"] > 100, result["let_through"]
+    assert result["coordinator_alive"] and result["health_public"] == 200
