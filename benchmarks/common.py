@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shlex
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from dress_model.checkpoint import atomic_write
@@ -77,3 +80,27 @@ def median_us(
                 fn()
                 samples[name].append(time.perf_counter() - t)
     return {name: statistics.median(s) * 1e6 for name, s in samples.items()}
+
+
+@contextlib.contextmanager
+def peak_rss_above_idle() -> Iterator[list[float]]:
+    """MB of resident memory the block took above where the process was, sampled while it ran (what it frees
+    before it ends counts too): the one number in the yielded list, once the block is done."""
+    process = psutil.Process()
+    idle = process.memory_info().rss
+    peak, done, result = idle, threading.Event(), [0.0]
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, process.memory_info().rss)
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join()
+        result[0] = (max(peak, process.memory_info().rss) - idle) / 2**20

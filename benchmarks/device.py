@@ -34,8 +34,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +41,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-import psutil  # noqa: E402
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.progress import Progress, track  # noqa: E402
 
 from benchmarks import adaptation  # noqa: E402
-from benchmarks.common import command, machine, markdown_table, median_us, write_json  # noqa: E402
+from benchmarks.common import command, machine, markdown_table, median_us, peak_rss_above_idle, write_json  # noqa: E402
 from dress_model.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from dress_model.data import load_dataset  # noqa: E402
 from dress_model.kernels import kernel_isa  # noqa: E402
@@ -107,23 +104,10 @@ def peak_above_idle(name: str, density: float, path: str, steps: int = 3) -> flo
     """MB of resident memory above the idle process during ``steps`` training steps (run in this process)."""
     model = _subnet(name, density, path)
     step, _ = _stepper(model, density)
-    process = psutil.Process()
-    idle = process.memory_info().rss
-    peak, done = idle, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    for _ in range(steps):
-        step()
-    done.set()
-    sampler.join()
-    return (max(peak, process.memory_info().rss) - idle) / 2**20
+    with peak_rss_above_idle() as extra_mb:
+        for _ in range(steps):
+            step()
+    return extra_mb[0]
 
 
 def _peak_in_fresh_process(name: str, density: float, path: str, threads: int) -> float:

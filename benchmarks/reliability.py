@@ -23,7 +23,6 @@ import random
 import struct
 import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from common import command, machine, markdown_table, write_json
+from common import command, machine, markdown_table, peak_rss_above_idle, write_json
 from byzantine import RUNS as BYZANTINE_RUNS
 from byzantine import run_byzantine
 from faults import run_faults
@@ -188,27 +186,14 @@ def _crafted(rng: random.Random, bases: dict[str, bytes]) -> bytes:
 def measured(load: Callable[[], object]) -> tuple[BaseException | None, float, float]:
     """(what ``load`` raised, its seconds, MB it took the resident memory above where it was, sampled while it
     ran: what it frees before returning counts too)."""
-    process = psutil.Process()
-    idle = process.memory_info().rss
-    peak, done = idle, threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, process.memory_info().rss)
-            time.sleep(0.0005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
     start, raised = time.perf_counter(), None
-    try:
-        load()
-    except Exception as e:  # noqa: BLE001 - what it raised is the measurement
-        raised = e
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
-    return raised, seconds, (max(peak, process.memory_info().rss) - idle) / 2**20
+    with peak_rss_above_idle() as extra_mb:
+        try:
+            load()
+        except Exception as e:  # noqa: BLE001 - what it raised is the measurement
+            raised = e
+        seconds = time.perf_counter() - start
+    return raised, seconds, extra_mb[0]
 
 
 def packed_crafted(count: int, seed: int) -> dict[str, Any]:
@@ -306,7 +291,7 @@ def strangers(count: int, seed: int, superlink_tries: int = 4) -> dict[str, Any]
     """Strangers at every listener: the control plane (``count`` calls), an agent's Predict over mutual TLS
     (``count`` calls) and a TLS SuperLink with SuperNode authentication (``superlink_tries`` SuperNodes)."""
     parts = {"control-plane": control_plane_strangers(count, seed), "predict": predict_strangers(count, seed),
-             "superlink": superlink_strangers(superlink_tries)}
+             "superlink": unregistered_supernodes(superlink_tries)}
     return {"tried": sum(p["tried"] for p in parts.values()), "refused": sum(p["refused"] for p in parts.values()),
             "where": parts}
 
@@ -352,7 +337,7 @@ def predict_strangers(count: int, seed: int) -> dict[str, Any]:
     return {"tried": count, "refused": refused, "kinds": list(PREDICT_STRANGERS), "codes": dict(sorted(codes.items()))}
 
 
-def superlink_strangers(tries: int) -> dict[str, Any]:
+def unregistered_supernodes(tries: int) -> dict[str, Any]:
     """SuperNodes with a key nobody registered, and with none, against a TLS SuperLink with SuperNode
     authentication; refused = Flower turns it away (it never appears among the SuperLink's nodes)."""
     refused = 0
