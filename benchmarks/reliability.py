@@ -1,9 +1,11 @@
-"""What strangers, crashes and poisoned devices can do to the fleet: fuzzed packed files, fuzzed control-plane
-requests, strangers at every listener, poisoned replies in the real aggregation path, kill -9 during rounds.
-Seeded, bounded in count and time, loopback only.
+"""What strangers, crashes and poisoned devices can do to the fleet: fuzzed and crafted packed files, fuzzed
+control-plane requests, strangers at every listener (the public SuperLink address from another host too),
+poisoned replies in the real aggregation path in rounds of 1, 2 and 3+ replies, kill -9 during rounds.
+Seeded, bounded in count and time, loopback or network namespaces made here only.
 
     python benchmarks/reliability.py                  # writes benchmarks/results/reliability.{json,md}
-    python benchmarks/reliability.py --packed 100 --grpc 100 --poisoned 20 --faults 0   # a short form
+    python benchmarks/reliability.py --packed 100 --crafted 20 --grpc 100 --poisoned 20 --poisoned-by-replies 10 \
+        --superlink 20 --faults 0 --byzantine 0       # a short form
 
 A *crash* is anything but the clear refusal each layer promises — ``PackedFormatError`` from the packed loader;
 a gRPC status other than UNKNOWN/INTERNAL from the control plane (an unhandled exception in a handler); a reply
