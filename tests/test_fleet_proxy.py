@@ -4,21 +4,24 @@ the coordinator registers SuperNode keys, and a device whose key was removed get
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import ssl
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from conftest import DeviceStub
 from contracts.credentials import supernode_key
-from contracts.flower_processes import flwr, pick_port, supernode_status, unregister_supernode
+from contracts.flower_processes import flwr, pick_port, require_free_port, supernode_status, unregister_supernode
 from contracts.settings import RunSettings
 from contracts.tls import channel_credentials, init_certificates
 from coordinator import fleet_proxy
@@ -134,3 +137,28 @@ def test_without_nginx_a_tls_coordinator_refuses_before_starting_anything(tmp_pa
     finally:
         c.stop()
 
+
+
+def test_a_killed_coordinator_takes_its_proxy_along(tmp_path: Path) -> None:
+    """kill -9 of `dress-fleet coordinator start --certs`: its nginx (master and worker) and SuperLink go too."""
+    certs = init_certificates(tmp_path / "certs", [])
+    port = pick_port()
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    coordinator = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dress-fleet"), "coordinator", "start", "--certs", str(certs.directory),
+         "--superlink-port", str(port), "--control-port", str(pick_port()), "--state-dir", str(tmp_path / "state")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("nginx" in p.name() for p in psutil.Process(coordinator.pid).children(recursive=True)):
+            assert coordinator.poll() is None and time.monotonic() < deadline, "the coordinator never started nginx"
+            time.sleep(0.5)
+        time.sleep(2)  # nginx's worker too
+        tree = psutil.Process(coordinator.pid).children(recursive=True)
+        assert sum("nginx" in p.name() for p in tree) == 2
+    finally:
+        coordinator.kill()
+        coordinator.wait(timeout=10)
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, [(p.pid, p.name()) for p in alive]
+    require_free_port("127.0.0.1", port, "fleet proxy")  # nothing listens on the public port any more
