@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 from conftest import DeviceStub, pick_port
 from contracts.credentials import supernode_key
-from contracts.flower_processes import flwr
+from contracts.flower_processes import flwr, supernode_status, unregister_supernode
 from coordinator.registry import Registry
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -223,15 +223,13 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
                 raise AssertionError("the TLS control plane answered a plaintext caller")
             except grpc.RpcError as e:
                 assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-        processes.append(spawn(
-            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--token", token,  # unspent by the refusals
-             "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
-             "--ca", str(certs / "ca.pem"), "--serve-port", str(predict_port), "--supernode-port", str(pick_port()),
-             "--serve-host", "0.0.0.0", "--predict-cert", str(certs / "pi-tls.pem"),
-             "--predict-key", str(certs / "pi-tls.key"),
-             "--state-dir", str(tmp_path / "pi-tls")],
-            tmp_path / "pi-tls.log",
-        ))  # fmt: skip
+        join = [str(BIN / "dress-agent"), "join", "--device", "pi4",
+                "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
+                "--ca", str(certs / "ca.pem"), "--serve-port", str(predict_port), "--supernode-port", str(pick_port()),
+                "--serve-host", "0.0.0.0", "--predict-cert", str(certs / "pi-tls.pem"),
+                "--predict-key", str(certs / "pi-tls.key"),
+                "--state-dir", str(tmp_path / "pi-tls")]  # fmt: skip
+        processes.append(spawn([*join, "--token", token], tmp_path / "pi-tls.log"))  # unspent by the refusals
         deadline = time.monotonic() + 240
         while len(_rounds(state)) < 1:
             assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-4000:]
@@ -266,5 +264,22 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
         for name in ("stranger-keyed", "stranger-bare"):  # Flower's own refusal, in each stranger's log
             log = (tmp_path / f"{name}.log").read_text()
             assert "could not establish a connection to the SuperLink" in log, log[-2000:]
+
+        # The operator removes the device's key at the SuperLink; restarted from its stored credential, the agent
+        # is told its key is retired, makes a new one, and its SuperNode connects again.
+        unregister_supernode(state, device.flower_node_id)
+        processes[1].send_signal(signal.SIGTERM)
+        processes[1].wait(timeout=60)
+        processes[1] = spawn(join, tmp_path / "pi-tls-again.log")
+        deadline = time.monotonic() + 120
+        while True:
+            with Registry(state_dir=state) as registry:
+                node = registry.supernode_of(device.name)[1]
+            if node not in (None, device.flower_node_id) and supernode_status(state, node) == "online":
+                break
+            assert processes[1].poll() is None, (tmp_path / "pi-tls-again.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "pi-tls-again.log").read_text()[-3000:]
+            time.sleep(2)
+        assert "making a new one" in (tmp_path / "pi-tls-again.log").read_text()
     finally:
         stop_all(processes)
