@@ -53,13 +53,12 @@ def require_free_port(host: str, port: int, what: str, wait_s: float = 0.0) -> N
     SO_REUSEADDR, as Flower's, gRPC's and nginx's do, so neither do they stop a restart here."""
     deadline, waited = time.monotonic() + wait_s, False
     while (reason := _bind_error(host, port)) is not None:
-        holder = _listener(port)
         if time.monotonic() >= deadline:
-            raise PortInUseError(f"cannot start the {what} on {host}:{port}: {reason}{holder}; stop what holds it "
-                                 "or choose another port")
-        if not waited:
-            log.warning("the %s's port %s:%d is held%s; waiting up to %.0f s for it", what, host, port, holder,
-                        wait_s)
+            raise PortInUseError(f"cannot start the {what} on {host}:{port}: {reason}{_listener(port)}; stop what "
+                                 "holds it or choose another port")
+        if not waited:  # the holder is looked up (a scan of every socket) only to be reported
+            log.warning("the %s's port %s:%d is held%s; waiting up to %.0f s for it", what, host, port,
+                        _listener(port), wait_s)
             waited = True
         time.sleep(1.0)
 

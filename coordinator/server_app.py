@@ -31,12 +31,6 @@ from dress_model.models import DressModel
 log = logging.getLogger(__name__)
 app = ServerApp()
 
-def reconnect_grace_s(settings: RunSettings) -> float:
-    """How long a resumed run waits for its devices: two periods after which a silent device counts as offline,
-    and a minute at least (a SuperNode's reconnect backs off)."""
-    return max(60.0, 2 * settings.stale_after.total_seconds())
-
-
 CALIBRATION_IMAGES = 1024  # server-held slice of the training split that recalibrates BN after aggregation
 ROUND_TIMEOUT_S = 3600
 
@@ -50,17 +44,21 @@ def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 300.0) -> None:
         time.sleep(0.5)
 
 
-def wait_for_reconnect(grid: Grid, registry: Registry, count: int, since: datetime, timeout_s: float) -> int:
-    """A resumed run first waits, up to ``timeout_s``, for ``count`` devices to be back: connected to the
-    SuperLink and heard by the control plane since ``since``. Its devices' SuperNodes and heartbeats return at
-    their own pace after a coordinator restart, and rounds started before would train on whoever came first
-    (or nobody, and be withheld). How many were back when it stopped waiting."""
-    deadline = time.monotonic() + timeout_s
+def wait_for_reconnect(grid: Grid, registry: Registry, settings: RunSettings, since: datetime) -> None:
+    """A resumed run first waits for the devices heard from around its last round (alive when the coordinator
+    stopped) to be back: connected to the SuperLink and heard by the control plane since ``since``. Their
+    SuperNodes and heartbeats return at their own pace after a coordinator restart, and rounds started before
+    would train on whoever came first (or nobody, and be withheld). It waits two periods after which a silent
+    device counts as offline, a minute at least (a SuperNode's reconnect backs off), then goes on regardless."""
+    last = registry.list_rounds()[-1].recorded_at - settings.stale_after
+    expected = max(settings.wait_for_nodes, sum(d.last_seen >= last for d in registry.list_devices()))
+    deadline = time.monotonic() + max(60.0, 2 * settings.stale_after.total_seconds())
     while True:
         back = min(len(list(grid.get_node_ids())),
                    sum(d.last_seen >= since and d.status == DeviceStatus.ONLINE for d in registry.list_devices()))
-        if back >= count or time.monotonic() > deadline:
-            return back
+        if back >= expected or time.monotonic() > deadline:
+            log.info("resuming with %d of the %d devices expected back", back, expected)
+            return
         time.sleep(1.0)
 
 
@@ -132,11 +130,8 @@ def main(grid: Grid, context: Context) -> None:
                                    state_dir / "checkpoints" if dress else None, strategy.stats,
                                    first_round=done + 1, published_best=published_best,
                                    published_state=strategy.published_state)
-        if done:  # the devices heard from around the last round (alive when the coordinator stopped)
-            last = registry.list_rounds()[-1].recorded_at - settings.stale_after
-            expected = max(settings.wait_for_nodes, sum(d.last_seen >= last for d in registry.list_devices()))
-            back = wait_for_reconnect(grid, registry, expected, started, reconnect_grace_s(settings))
-            log.info("resuming with %d of the %d devices expected back", back, expected)
+        if done:
+            wait_for_reconnect(grid, registry, settings, started)
         wait_for_nodes(grid, settings.wait_for_nodes)
         result = strategy.start(grid, ArrayRecord(torch_state_dict=model.state_dict()),
                                 num_rounds=settings.num_rounds - done, timeout=ROUND_TIMEOUT_S,

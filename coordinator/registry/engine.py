@@ -13,12 +13,10 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from contracts.tls import write_private
 
 SQLITE_FILENAME = "registry.sqlite3"
+URL_FILENAME = "registry.url"  # the registry URL a coordinator saved in its state directory (save_url)
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 # Execution option for read-only work on SQLite: a deferred BEGIN, so readers never queue behind writers.
 READ_ONLY = "dress_read_only"
-
-
-URL_FILENAME = "registry.url"
 
 
 def default_url(state_dir: Path | str) -> str:
