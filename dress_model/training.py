@@ -103,15 +103,38 @@ def frozen_anchor(model: Trainable, density: float) -> Trainable:
     return anchor
 
 
+WARMUP_SHARE = 0.15  # of a run's steps: the learning rate climbs from WARMUP_START of its peak
+WARMUP_START = 1 / 25
+
+
+def lr_share(step: int, total: int) -> float:
+    """The share of the peak learning rate that step ``step`` (0-based) of ``total`` takes.
+
+    A one-cycle shape — a linear warm-up over the first ``WARMUP_SHARE`` of the steps, then a cosine towards 0
+    — but no step is wasted: the cosine reaches 0 only at step ``total``, which is never taken, and a run too
+    short to warm up starts at the peak. One step is plain SGD at the peak (a device whose shard fits one
+    batch: federated SGD at the round's rate), two are 1 and 0.5. (torch's OneCycleLR took its last step at
+    peak/25/1e4: a one-step device never moved its model.)"""
+    if not 0 <= step < total:
+        raise ValueError(f"step must be in [0, {total}), got {step}")
+    warmup = int(WARMUP_SHARE * total)
+    if step < warmup:
+        return WARMUP_START + (1 - WARMUP_START) * step / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
 def make_optimizer(
     model: torch.nn.Module, config: TrainConfig, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Nesterov SGD under a one-cycle schedule: the one recipe every method here trains with."""
+    """Nesterov SGD under ``lr_share``'s one-cycle shape: the one recipe every method here trains with."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+        nesterov=config.momentum > 0,  # torch refuses Nesterov without momentum
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
-                                                   pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_share(min(step, total_steps - 1),
+                                                                                  total_steps))
     return optimizer, schedule
 
 

@@ -141,3 +141,53 @@ def test_distill_weight_out_of_range_is_rejected() -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28), torch.zeros(4).long()))
     with pytest.raises(ValueError, match="distill must be in"):
         train(model, loader, TrainConfig(distill=1.0))
+
+
+def _steps_taken(model, loader, config: TrainConfig) -> list[float]:
+    """The learning rate of every optimizer step ``train`` takes (read as each step runs)."""
+    seen: list[float] = []
+    original = torch.optim.SGD.step
+
+    def step(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    torch.optim.SGD.step = step
+    try:
+        train(model, loader, config)
+    finally:
+        torch.optim.SGD.step = original
+    return seen
+
+
+@pytest.mark.parametrize("examples, expected", [(32, [0.1]), (64, [0.1, 0.05])])
+def test_a_device_with_one_or_two_local_steps_trains_at_the_rounds_rate(fmnist_slice, examples, expected) -> None:
+    """One local step is plain SGD at the peak rate (federated SGD); two take the peak and half of it. torch's
+    OneCycleLR took a one-step device's only step at peak/25/1e4, so its model never moved."""
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.25", width=4)
+    loader = fmnist_slice.subset(range(examples)).loader(32, seed=0)
+    config = TrainConfig(epochs=1, lr=0.1, momentum=0.0, weight_decay=0.0, rerank_every=0, recalibrate_batches=0)
+    assert _steps_taken(model, loader, config) == pytest.approx(expected)
+    if examples == 32:  # the one step moved every weight by lr x its gradient
+        torch.manual_seed(0)
+        start = create_model("cnn", "1,0.25", width=4)
+        x, y = next(iter(loader))
+        opt = torch.optim.SGD(start.parameters(), lr=0.1)
+        before = copy.deepcopy(start.state_dict())
+        joint_step(start, x, y, start.densities, [0.5, 0.5], opt)
+        moved = (start.conv1.weight - before["conv1.weight"]).abs().max().item()
+        assert moved > 1e-4  # a real step, not 1e-7 of one
+        torch.testing.assert_close(model.conv1.weight, start.conv1.weight)
+
+
+def test_many_local_steps_warm_up_then_anneal_without_wasting_one(fmnist_slice) -> None:
+    model = create_model("cnn", "1,0.25", width=4)
+    loader = fmnist_slice.subset(range(640)).loader(32, seed=0)  # 20 steps
+    rates = _steps_taken(model, loader, TrainConfig(epochs=1, lr=0.1, rerank_every=0, recalibrate_batches=0))
+    assert len(rates) == 20
+    peak = rates.index(max(rates))
+    assert rates[0] == pytest.approx(0.1 / 25) and max(rates) == pytest.approx(0.1)
+    assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))  # warm-up climbs
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))  # then anneals
+    assert rates[-1] > 0.1 / 200  # the last step still trains (OneCycleLR: 0.1 / 25 / 1e4)
