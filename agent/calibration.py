@@ -3,8 +3,9 @@
 Calibration runs before the agent has a trained model: latency does not depend on weight values and
 memory only on the architecture, so a freshly initialised model of the architecture the coordinator
 describes measures the same costs as the trained one will have. It covers both jobs a device does: serving
-(a batch-1 forward pass) and training (one step at ``TRAIN_BATCH`` through the packed format, as the
-ClientApp trains), so the coordinator can assign a training density that fits the device too.
+(a batch-1 forward pass) and training (a step at ``TRAIN_BATCH`` as the ClientApp trains: every density at or
+below the one timed, jointly, through the packed format), so the coordinator can assign a training density that
+fits the device too.
 """
 
 from __future__ import annotations
@@ -12,21 +13,29 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from agent.local_training import train_level
+from contracts.methods import Method, get_method
 from contracts.policy import CalibrationPoint
 from contracts.settings import build_model
+from dress_model.baselines.slimmable import slim_params
+from dress_model.models import DressModel
+from dress_model.native_forward import freeze_dense
 from dress_model.packed import PackedModel
-from dress_model.training import TrainConfig, joint_step, make_optimizer
+from dress_model.training import TrainConfig
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
 DEFAULT_TRAIN_REPEATS = 3
 TRAIN_BATCH = 32  # the fleet's default training batch
+DRESS = get_method("dress")
+Model = PackedModel | DressModel  # a DRESS device's packed model, or a peer's width model (simulations)
 
 
 def initial_model(architecture: pb.Architecture) -> PackedModel:
@@ -40,7 +49,7 @@ def image_shape(packed: PackedModel) -> tuple[int, int, int]:
     return (packed.arch.in_channels, packed.arch.image_size, packed.arch.image_size)
 
 
-def _output_bytes(packed: PackedModel, x: torch.Tensor) -> list[int]:
+def _output_bytes(model: Model, x: torch.Tensor) -> list[int]:
     """Bytes of every leaf layer's input + output in one forward pass of `x`, in the model's current mode."""
     sizes: list[int] = []
 
@@ -48,86 +57,122 @@ def _output_bytes(packed: PackedModel, x: torch.Tensor) -> list[int]:
         tensors = [t for t in (*inputs, output) if isinstance(t, torch.Tensor)]
         sizes.append(sum(t.numel() * t.element_size() for t in tensors))
 
-    handles = [m.register_forward_hook(hook) for m in packed.net.modules() if not list(m.children())]
+    net = model.net if isinstance(model, PackedModel) else model
+    handles = [m.register_forward_hook(hook) for m in net.modules() if not list(m.children())]
     try:
-        packed.forward_layers(x)  # layer by layer, so every layer's hook sees its tensors
+        with torch.set_grad_enabled(model.training):
+            getattr(model, "forward_layers", model)(x)  # layer by layer, so every layer's hook sees its tensors
     finally:
         for handle in handles:
             handle.remove()
     return sizes
 
 
-def activation_bytes(packed: PackedModel, x: torch.Tensor) -> int:
+def activation_bytes(model: Model, x: torch.Tensor) -> int:
     """Largest input + output of any one layer in a forward pass of `x`: what must be live at once.
 
-    Row sparsity keeps every output channel, so this does not depend on the density.
-    """
-    return max(_output_bytes(packed, x), default=0)
+    Row sparsity keeps every output channel, so for DRESS this does not depend on the density."""
+    return max(_output_bytes(model, x), default=0)
 
 
-def training_costs(packed: PackedModel, input_shape: Sequence[int], repeats: int = DEFAULT_TRAIN_REPEATS,
-                   batch: int = TRAIN_BATCH) -> dict[float, tuple[float, float]]:
-    """(ms per step, MB held) of training each stored density through the packed format, on a copy.
+def level_nbytes(model: Model, density: float) -> int:
+    """Bytes of the weights a subnet (DRESS: packed, indices included) or width level holds."""
+    return model.nbytes(density) if isinstance(model, PackedModel) else 4 * slim_params(model, density)
 
-    ms: median of ``repeats`` steps (forward, backward, Nesterov SGD) after one untimed step. MB: what the
-    step holds — the subnet's bytes three times (values, their gradients, the optimizer's momentum; indices
-    counted too, so it errs high) plus every layer's input and output at ``batch``, which backward keeps."""
+
+def training_costs(model: Model, input_shape: Sequence[int], repeats: int = DEFAULT_TRAIN_REPEATS,
+                   batch: int = TRAIN_BATCH, method: Method = DRESS) -> dict[float, tuple[float, float]]:
+    """(ms per step, MB held) of a device's training step at each level, as ``method`` trains (DRESS: every
+    density at or below it, jointly, through the packed format; ``agent.local_training``), on a copy.
+
+    ms: ``repeats`` steps timed after one untimed one. MB: what the step holds — the level's bytes three times
+    (values, their gradients, the optimizer's momentum; DRESS's indices counted too, so it errs high) plus every
+    layer's input and output at ``batch``, which backward keeps."""
     if repeats < 1 or batch < 1:
         raise ValueError(f"repeats and batch must be >= 1, got {repeats} and {batch}")
-    model = copy.deepcopy(packed)
+    model = copy.deepcopy(model)
     x = torch.randn(batch, *input_shape)
-    y = torch.randint(0, packed.arch.num_classes, (batch,))
+    y = torch.randint(0, model.arch.num_classes, (batch,))
     model.train()
     kept = sum(_output_bytes(model, x))
+    config = TrainConfig(rerank_every=0, recalibrate_batches=0,
+                         classes=tuple(range(model.arch.num_classes)) if method.label_split else None)
     costs = {}
-    for density in sorted(packed.densities, reverse=True):
-        optimizer, _ = make_optimizer(model, TrainConfig(densities=(density,)), total_steps=1_000_000)
+    for density in sorted(model.densities, reverse=True):
         times = []
-        for step in range(repeats + 1):
+        for steps in (1, repeats):  # the first call warms up
+            loader = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=batch)
             start = time.perf_counter()
-            joint_step(model, x, y, (density,), (1.0,), optimizer)
-            if step:
-                times.append(time.perf_counter() - start)
-        costs[density] = (1000 * statistics.median(times), (3 * packed.nbytes(density) + kept) / 2**20)
+            train_level(method, model, density, loader, config, seed=0)
+            times.append((time.perf_counter() - start) / steps)
+        costs[density] = (1000 * times[-1], (3 * level_nbytes(model, density) + kept) / 2**20)
     return costs
 
 
+def _latencies(forwards: dict[float, Callable[[torch.Tensor], object]], x: torch.Tensor, repeats: int,
+               warmup: int) -> dict[float, float]:
+    """Median ms of a forward pass of ``x`` per density, the densities timed in turn within each repeat."""
+    times: dict[float, list[float]] = {d: [] for d in forwards}
+    with torch.inference_mode():
+        for repeat in range(warmup + repeats):
+            for density, forward in forwards.items():
+                start = time.perf_counter()
+                forward(x)
+                if repeat >= warmup:
+                    times[density].append(time.perf_counter() - start)
+    return {d: 1000 * statistics.median(t) for d, t in times.items()}
+
+
+def _serving_forwards(model: Model, densities: Sequence[float],
+                      input_shape: Sequence[int]) -> dict[float, Callable[[torch.Tensor], object]]:
+    """How each density is served: DRESS's packed model switching its active subnet (compiled forwards); a
+    width level as the dense network of that width, frozen by TorchScript for oneDNN (its fastest dense form
+    here, as DRESS's full subnet is), or eager where this torch cannot freeze it."""
+    if isinstance(model, PackedModel):
+        def switched(density: float) -> Callable[[torch.Tensor], object]:
+            return lambda x: (model.set_density(density), model(x))
+        return {d: switched(d) for d in densities}
+    forwards = {}
+    for density in densities:
+        level = copy.deepcopy(model).eval()
+        level.set_density(density)
+        frozen = freeze_dense(level, tuple(input_shape))
+        forwards[density] = frozen if frozen is not None else level
+    return forwards
+
+
 def calibrate(
-    packed: PackedModel,
+    packed: Model,
     input_shape: Sequence[int],
     repeats: int = DEFAULT_REPEATS,
     warmup: int = DEFAULT_WARMUP,
     train_repeats: int = DEFAULT_TRAIN_REPEATS,
+    method: Method = DRESS,
 ) -> list[CalibrationPoint]:
-    """One CalibrationPoint per stored density, densest first; ``train_repeats`` = 0 leaves the training cost
-    unmeasured (0).
+    """One CalibrationPoint per stored density (a peer's model: per width level), densest first;
+    ``train_repeats`` = 0 leaves the training cost unmeasured (0).
 
     latency_ms: median of `repeats` batch-1 forward passes after `warmup` untimed ones, with the process's
     kernel thread count (torch.get_num_threads()), which must be the one serving uses. The densities are timed
     in turn, one pass each per repeat, so a burst of load from another process lands on all of them alike and
     the median shrugs it off; timed one density after another, a burst made d=1 look 14x slower than d=0.5 on
-    a busy machine. memory_mb: the packed bytes that subnet reads plus the activation peak. The model's active
-    density is restored afterwards.
+    a busy machine. memory_mb: the bytes that subnet reads plus the activation peak. The model's active
+    density is restored afterwards. A peer's width model (simulations only) is timed as torch runs it, dense.
     """
     if repeats < 1 or warmup < 0 or train_repeats < 0:
         raise ValueError(f"repeats must be >= 1, warmup and train_repeats >= 0, got {repeats}, {warmup} and "
                          f"{train_repeats}")
     x = torch.randn(1, *input_shape)
-    active = packed.active_density
+    was_training, active = packed.training, packed.active_density
+    packed.eval()
     activations = activation_bytes(packed, x)
     densities = sorted(packed.densities, reverse=True)
-    times: dict[float, list[float]] = {d: [] for d in densities}
     try:
-        for repeat in range(warmup + repeats):
-            for density in densities:
-                packed.set_density(density)
-                start = time.perf_counter()
-                packed(x)
-                if repeat >= warmup:
-                    times[density].append(time.perf_counter() - start)
+        latency = _latencies(_serving_forwards(packed, densities, input_shape), x, repeats, warmup)
     finally:
         packed.set_density(active)
-    training = training_costs(packed, input_shape, train_repeats) if train_repeats else {}
-    return [CalibrationPoint(d, 1000 * statistics.median(times[d]), (packed.nbytes(d) + activations) / 2**20,
+        packed.train(was_training)
+    training = training_costs(packed, input_shape, train_repeats, method=method) if train_repeats else {}
+    return [CalibrationPoint(d, latency[d], (level_nbytes(packed, d) + activations) / 2**20,
                              *training.get(d, (0.0, 0.0)))
             for d in densities]

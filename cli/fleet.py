@@ -56,12 +56,14 @@ ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 WidthOption = Annotated[int, typer.Option(min=1, help="Base channel width of the model.")]
 DatasetOption = Annotated[str, typer.Option(help=DATASET_HELP)]
 DataDirOption = Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)]
-PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid or dirichlet:ALPHA (non-IID by label).")]
+PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid, dirichlet:ALPHA (non-IID by label) or labels:K (HeteroFL's K classes per device).")]
+ComputeMatchedOption = Annotated[bool, typer.Option("--compute-matched/--equal-epochs", help="--compute-matched: each device spends per round what --epochs passes of its own level's subnet cost, whatever the method (a DRESS step trains several densities, so it takes fewer); --equal-epochs: every method takes --epochs passes of its own steps.")]
+ValidationOption = Annotated[int, typer.Option(min=0, help="Training images held out of every device's shard; > 0: the server evaluates on them instead of the test split (tuning without touching the test split).")]
 EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
 LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate (the first round's peak).")]
 LrDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's learning rate as a share of --lr, cosine over the rounds (1 = constant).")]
 AggregationOption = Annotated[str, typer.Option(help="Per weight over the devices that trained it: mean (FedAvg), median or trimmed-mean:BETA (robust to a minority of lying devices; DRESS only).")]
-DampedOption = Annotated[bool, typer.Option("--damped/--undamped", help="DRESS: a weight moves towards its trainers' average by their share of the round's examples (--damped), or all the way (--undamped, HeteroFL's counting).")]
+DampedOption = Annotated[bool, typer.Option("--damped/--undamped", help="A weight moves towards its trainers' average by their share of the round's examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.")]
 ServerAverageOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="The published (evaluated, served) model is an exponential average of the rounds' models: this share of the previous one (0 = each round's model as it is). Averages out the few devices that train the densest bands each round.")]
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
@@ -100,6 +102,8 @@ def coordinator_start_cmd(
     data_dir: DataDirOption = None,
     partition: PartitionOption = DEFAULTS.partition,
     epochs: EpochsOption = DEFAULTS.epochs,
+    compute_matched: ComputeMatchedOption = DEFAULTS.compute_matched,
+    validation: ValidationOption = DEFAULTS.validation,
     lr: LrOption = DEFAULTS.lr,
     lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
@@ -118,7 +122,7 @@ def coordinator_start_cmd(
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     try:
@@ -217,6 +221,8 @@ def simulate_cmd(
     width: WidthOption = DEFAULTS.width,
     densities: DensitiesOption = DEFAULTS.densities,
     epochs: EpochsOption = DEFAULTS.epochs,
+    compute_matched: ComputeMatchedOption = DEFAULTS.compute_matched,
+    validation: ValidationOption = DEFAULTS.validation,
     lr: LrOption = DEFAULTS.lr,
     lr_decay: LrDecayOption = DEFAULTS.lr_decay,
     server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
@@ -237,7 +243,7 @@ def simulate_cmd(
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip
     try:

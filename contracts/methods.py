@@ -6,9 +6,14 @@ a given tier trains, and how it trains it (``agent.client_app``). Everything els
 split, rounds, local epochs, examples — is the run's, whatever the method.
 
 - ``dress``: every device trains its own density and every sparser one (nested row-sparse prefixes).
-- ``heterofl``: each device trains the width prefix of its tier; static BN, scaler (Diao et al. 2021).
-- ``fjord``: ordered dropout — each local step trains a width drawn up to the device's tier; with ``distill`` > 0
-  the device's widest subnet teaches the drawn one (FjORD-KD, Horváth et al. 2021).
+- ``heterofl``: each device trains the width prefix of its tier; static BN, scaler, logits masked to the
+  device's own labels, gradients clipped to norm 1, and every weight averaged over the devices that hold it,
+  each class's classifier row over the devices holding that class, one vote per device (Diao et al. 2021, as
+  Flower's ``baselines/heterofl``).
+- ``fjord``: ordered dropout — each local step trains a width drawn uniformly up to the device's tier, per
+  device (Horváth et al. 2021).
+- ``fjord-kd``: FjORD with its self-distillation as published (Flower's ``baselines/fjord``): every step also
+  trains the device's widest subnet on the labels, and the drawn one learns from its soft predictions alone.
 - ``fedavg-small``: every device trains the one dense model that fits the weakest tier.
 - ``fedavg-capable``: dense FedAvg of the full model, on only the devices whose tier is the densest.
 """
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from dress_model.baselines.slimmable import width_twin
 from dress_model.models import DressModel
 
-METHODS = ("dress", "heterofl", "fjord", "fedavg-small", "fedavg-capable")
+METHODS = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,10 @@ class Method:
     scaler: bool = False
     levels: str = "all"  # the model's levels: all tiers, or only the "weakest" / "densest"
     sampled: bool = False  # FjORD: each step draws its width
+    kd: bool = False  # FjORD-KD: the widest subnet teaches the drawn one every step
+    label_split: bool = False  # HeteroFL: logits masked to the device's labels; class rows averaged by holders
+    per_device: bool = False  # HeteroFL: an average counts devices (one vote each), not their examples
+    clip_norm: float = 0.0  # gradient norm clipped to this on every local step (0 = off)
 
     def levels_of(self, tiers: tuple[float, ...]) -> tuple[float, ...]:
         return {"all": tiers, "weakest": tiers[:1], "densest": tiers[-1:]}[self.levels]
@@ -55,8 +64,9 @@ class Method:
 
 _METHODS = {
     "dress": Method("dress"),
-    "heterofl": Method("heterofl", scaler=True),
+    "heterofl": Method("heterofl", scaler=True, label_split=True, per_device=True, clip_norm=1.0),
     "fjord": Method("fjord", sampled=True),
+    "fjord-kd": Method("fjord-kd", sampled=True, kd=True),
     "fedavg-small": Method("fedavg-small", levels="weakest"),
     "fedavg-capable": Method("fedavg-capable", levels="densest"),
 }

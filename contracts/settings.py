@@ -77,15 +77,17 @@ class RunSettings:
     width: int
     dataset: str
     data_dir: str  # where dataset files are; "" = the default location
-    partition: str  # iid or dirichlet:ALPHA
+    partition: str  # iid, dirichlet:ALPHA or labels:K
+    validation: int  # training images held out of the shards; > 0: the server evaluates on them (tuning)
     seed: int
     epochs: float  # local epochs per round
+    compute_matched: bool  # each device spends what `epochs` passes of its level's subnet cost (agent.local_training)
     lr: float
     lr_decay: float  # the last round's learning rate as a share of lr (cosine over the rounds; 1 = constant)
     aggregation: str  # mean, median or trimmed-mean:BETA (Aggregation): robust ones resist lying devices
     server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
     server_average: float  # published model = this share of the previous one + the rest of the round's (0 = off)
-    damped: bool  # DRESS: a weight moves by the share of the round's examples that trained it; False: to their average
+    damped: bool  # a weight moves by the share of the round's examples (weight) that trained it; False: to their average
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     distill_decay: float  # the last round's anchor weight as a share of distill (cosine like lr; 1 = constant); DRESS
     batch_size: int
@@ -113,6 +115,7 @@ class RunSettings:
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
+            (self.validation >= 0, "validation", "an integer >= 0 (0 = evaluate on the test split)"),
             (0 < self.heartbeat_s <= 3600, "heartbeat-s", "a number of seconds in (0, 3600]"),
             (self.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
             (self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}"),

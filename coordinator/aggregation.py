@@ -32,6 +32,7 @@ class Update:
     sent: Any
     tensors: dict[str, torch.Tensor]
     num_examples: int
+    classes: frozenset[int] | None = None  # HeteroFL: the labels the device trained on (None: all)
 
 
 @torch.no_grad()

@@ -36,9 +36,11 @@ class RoundPublisher:
     def __init__(self, model: DressModel, registry: Registry, test: DataLoader, checkpoint_dir: Path | None,
                  stats: Mapping[int, RoundStats], *, first_round: int = 1,
                  published_best: float | None = None,
-                 published_state: Callable[[], Mapping[str, torch.Tensor] | None] = lambda: None) -> None:
+                 published_state: Callable[[], Mapping[str, torch.Tensor] | None] = lambda: None,
+                 final: tuple[int, DataLoader] | None = None) -> None:
         self.model, self.registry, self.test = model, registry, test
         self.published_state = published_state  # the strategy's averaged model, when it keeps one
+        self.final = final  # (the run's last round, the whole evaluation split): that round's model judged on all of it
         self.checkpoint_dir = checkpoint_dir  # None: evaluate and record rounds, publish nothing
         self.stats = stats  # the strategy's, filled while the round trained
         self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
@@ -59,6 +61,8 @@ class RoundPublisher:
         server_round += self.offset
         version, published = None, None
         stats = self.stats[server_round]
+        if self.final is not None and server_round == self.final[0]:
+            stats.final_accuracy = evaluate(self.model, self.final[1])
         withheld = stats.withheld or self.withhold_reason(stats, accuracy)
         if withheld:
             stats.withheld = withheld
@@ -111,6 +115,8 @@ def round_details(stats: RoundStats) -> dict:
         "bytes_up": {str(d): sizes for d, sizes in stats.bytes_up.items()},
         "compute_s": max(stats.compute_s, default=0.0),  # the slowest device
         "device_compute_s": sum(stats.compute_s),  # all devices added up
+        "device_macs": sum(stats.macs),  # all devices added up, as they counted what they ran
+        **({"final_accuracy": {str(d): a for d, a in stats.final_accuracy.items()}} if stats.final_accuracy else {}),
         "server_s": stats.server_s,
         "lr": stats.lr,
         "rejected": stats.rejected,

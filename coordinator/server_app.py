@@ -25,7 +25,7 @@ from coordinator.registry import DeviceStatus
 from coordinator.registry.repository import Registry
 from coordinator.strategy import DressStrategy
 from dress_model.checkpoint import CheckpointError, load_checkpoint
-from dress_model.data import load_dataset
+from dress_model.data import load_dataset, split_validation
 from dress_model.models import DressModel
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,16 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(settings.seed)
     data_dir = settings.data_dir or None
     train_set = load_dataset(settings.dataset, "train", data_dir)
-    test_set = load_dataset(settings.dataset, "test", data_dir)
+    kept, held_out = split_validation(len(train_set), settings.validation, settings.seed)
+    # Tuning evaluates on training images held out of every shard; a run proper on the test split.
+    judged = train_set.subset(held_out) if settings.validation else load_dataset(settings.dataset, "test", data_dir)
     model = build_run_model(settings)
     dress = settings.method == "dress"
     if dress:
         model.grow_from(model.densities[0])
-    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(settings.seed))
-    calibration = train_set.subset(order[:CALIBRATION_IMAGES]).loader(128, seed=settings.seed)
-    test = test_set.subset(range(min(settings.eval_examples or len(test_set), len(test_set))))
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(settings.seed))
+    calibration = train_set.subset(kept[order[:CALIBRATION_IMAGES].numpy()]).loader(128, seed=settings.seed)
+    test = judged.subset(range(min(settings.eval_examples or len(judged), len(judged))))
 
     registry = Registry(state_dir=state_dir)  # the coordinator's, saved in its state directory
     try:
@@ -129,7 +131,8 @@ def main(grid: Grid, context: Context) -> None:
         publisher = RoundPublisher(model, registry, test.loader(512, shuffle=False),
                                    state_dir / "checkpoints" if dress else None, strategy.stats,
                                    first_round=done + 1, published_best=published_best,
-                                   published_state=strategy.published_state)
+                                   published_state=strategy.published_state,
+                                   final=(settings.num_rounds, judged.loader(512, shuffle=False)))
         if done:
             wait_for_reconnect(grid, registry, settings, started)
         wait_for_nodes(grid, settings.wait_for_nodes)

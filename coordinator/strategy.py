@@ -54,11 +54,13 @@ class RoundStats:
     bytes_down: dict[float, list[int]] = field(default_factory=dict)
     bytes_up: dict[float, list[int]] = field(default_factory=dict)
     compute_s: list[float] = field(default_factory=list)  # per device: unpack, train, pack
+    macs: list[float] = field(default_factory=list)  # per device: the MACs its training ran (its count)
     started: float = field(default_factory=time.perf_counter)
     server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
     lr: float | None = None  # the learning rate the round's devices were sent
     rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
     withheld: str | None = None  # why the round's model was not published (the publisher), if it was not
+    final_accuracy: dict[float, float] | None = None  # the run's last round: its model on the whole split
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,13 @@ class Sent:
     level: float
     payload: object  # DRESS: the PackedModel (its indices place the reply); a peer: its level's slices
     expected: Expected
+
+
+def reported(metrics: MetricRecord, key: str) -> float:
+    """A cost a device reports about itself (seconds, MACs): only recorded, never acted on; absent or not a
+    finite number >= 0, it reads 0."""
+    value = float(metrics[key]) if key in metrics else 0.0
+    return value if math.isfinite(value) and value >= 0 else 0.0
 
 
 class DressStrategy(Strategy):
@@ -145,27 +154,35 @@ class DressStrategy(Strategy):
 
     def sample(self, grid: Grid, devices: dict[str, DeviceInfo], count: int,
                rng: random.Random) -> list[tuple[int, DeviceInfo, float]]:
-        """Up to ``count`` connected nodes whose device is online and trains under this method, uniformly.
+        """``count`` online devices drawn uniformly by name, with the node each one is connected as; a drawn
+        device this method cannot train (its level is None) or that is not connected sits the round out.
 
-        The nodes are walked in a random order and only the unknown ones on the way are asked who they are, a
-        batch at a time: a 10,000-node fleet that trains 100 devices a round asks a few hundred nodes in round 1
-        instead of 10,000, and learns the rest as rounds go by."""
-        order = list(grid.get_node_ids())
-        rng.shuffle(order)
+        The draw depends on the seed, the round and who is online, never on the method or on Flower's node ids,
+        so every method on the same fleet trains the same devices in the same rounds (paired comparisons).
+        Nodes are identified lazily: only until every drawn device's node is known."""
+        online = sorted(name for name, info in devices.items() if info.status == DeviceStatus.ONLINE)
+        drawn = rng.sample(online, min(count, len(online)))
+        nodes = self.nodes_of(grid, set(drawn), rng)
         chosen: list[tuple[int, DeviceInfo, float]] = []
-        position = 0
-        while len(chosen) < count and position < len(order):
-            batch = order[position:position + 2 * (count - len(chosen))]
-            position += len(batch)
-            self.identify(grid, batch)
-            for node in batch:
-                info = devices.get(self.node_devices.get(node, ""))
-                if info is None or info.status != DeviceStatus.ONLINE:
-                    continue
-                level = self.training_level(info)
-                if level is not None and len(chosen) < count:
-                    chosen.append((node, info, level))
+        for name in drawn:
+            level = self.training_level(devices[name])
+            if name in nodes and level is not None:
+                chosen.append((nodes[name], devices[name], level))
         return chosen
+
+    def nodes_of(self, grid: Grid, names: set[str], rng: random.Random) -> dict[str, int]:
+        """The connected node of each named device that has one: the unknown nodes are asked who they are, a
+        batch at a time in a random order, until every named device is found or none is left to ask."""
+        connected = list(grid.get_node_ids())
+        found = {name: node for node, name in self.node_devices.items() if name in names and node in set(connected)}
+        unknown = [n for n in connected if n not in self.node_devices]
+        rng.shuffle(unknown)
+        while len(found) < len(names) and unknown:
+            batch, unknown = unknown[:2 * (len(names) - len(found))], unknown[2 * (len(names) - len(found)):]
+            self.identify(grid, batch)
+            found.update({self.node_devices[n]: n for n in batch
+                          if self.node_devices.get(n) in names})
+        return found
 
     # -- train -------------------------------------------------------------------------------------------
 
@@ -178,11 +195,10 @@ class DressStrategy(Strategy):
         self.train_steps = math.ceil(float(config["epochs"]) * self.max_examples / int(config["batch-size"]))
         self.registry.mark_offline(self.stale_after)
         devices = {d.name: d for d in self.registry.list_devices()}
-        eligible = sum(1 for d in devices.values()
-                       if d.status == DeviceStatus.ONLINE and self.training_level(d) is not None)
-        count = min(eligible, max(self.min_devices, math.ceil(self.fraction * eligible)))
+        online = sum(1 for d in devices.values() if d.status == DeviceStatus.ONLINE)
+        count = min(online, max(self.min_devices, math.ceil(self.fraction * online)))
         chosen = self.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round))
-        log.info("round %d: %d of %d eligible online devices", server_round, len(chosen), eligible)
+        log.info("round %d: %d of %d drawn online devices train", server_round, len(chosen), count)
         return self.messages_for(server_round, chosen, config)
 
     def messages_for(self, server_round: int, chosen: list[tuple[int, DeviceInfo, float]],
@@ -211,7 +227,7 @@ class DressStrategy(Strategy):
         server_round += self.offset
         server_start = time.perf_counter()
         stats = self.stats[server_round]
-        accepted: dict[int, tuple[Update, int, float]] = {}  # node -> (update, bytes up, device compute s)
+        accepted: dict[int, tuple[Update, int, float, float]] = {}  # node -> (update, bytes up, compute s, MACs)
         norms: dict[int, float] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
@@ -225,22 +241,23 @@ class DressStrategy(Strategy):
                 metrics: MetricRecord = reply.content["metrics"]
                 tensors = arrays.to_torch_state_dict()
                 norms[node] = check_reply(sent.expected, tensors, metrics["num-examples"])
-                compute_s = float(metrics["compute-s"]) if "compute-s" in metrics else 0.0
+                compute_s, macs = (reported(metrics, key) for key in ("compute-s", "macs"))
+                update = self.update_of(sent, tensors, metrics)
             except Exception as e:  # noqa: BLE001 - a malformed reply is dropped whatever broke reading it
                 self._reject(server_round, node, e if isinstance(e, RejectedUpdate) else f"malformed reply: {e!r}")
                 continue
-            accepted[node] = (Update(sent.payload, tensors, int(metrics["num-examples"])), record_nbytes(arrays),
-                              compute_s)
+            accepted[node] = (update, record_nbytes(arrays), compute_s, macs)
         for node, reason in norm_outliers(norms).items():
             self._reject(server_round, node, reason)
             accepted.pop(node, None)
         updates = []
-        for node, (update, nbytes, compute_s) in accepted.items():
+        for node, (update, nbytes, compute_s, macs) in accepted.items():
             sent = self.sent[node]
             updates.append(update)
             stats.participants[sent.device_id] = (self.node_devices[node], sent.level)
             stats.bytes_up.setdefault(sent.level, []).append(nbytes)
             stats.compute_s.append(compute_s)
+            stats.macs.append(macs)
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.absorb(updates)
         if updates:
@@ -292,6 +309,10 @@ class DressStrategy(Strategy):
     def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:
         """The tensors a device's reply must hold (names, shapes, dtypes), as sent: DRESS's packed upload."""
         return upload_state(sent)  # type: ignore[arg-type]
+
+    def update_of(self, sent: Sent, tensors: dict[str, torch.Tensor], metrics: MetricRecord) -> Update:
+        """A checked reply as an update to aggregate."""
+        return Update(sent.payload, tensors, int(metrics["num-examples"]))
 
     def absorb(self, updates: list[Update]) -> None:
         """Fold the round's replies into the global model (``coordinator.aggregation``)."""

@@ -153,6 +153,23 @@ class FoldedBatches(Sampler[list[int]]):
         return full + (rest > 0) - (self.batch_size > 1 and rest == 1 and full > 0)
 
 
+def split_validation(num_items: int, validation: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(training indices, validation indices) of a training split with ``validation`` items held out.
+
+    Tuning judges a configuration on images no device trains on and nobody tests on: the hold-out is a
+    seeded random draw, the rest (sorted) is what the devices' shards are cut from."""
+    if not 0 <= validation < num_items:
+        raise ValueError(f"validation must hold out between 0 and {num_items - 1} of the {num_items} training "
+                         f"images, got {validation}")
+    order = np.random.default_rng(seed).permutation(num_items)
+    return np.sort(order[validation:]), np.sort(order[:validation])
+
+
+def training_indices(num_items: int, validation: int, seed: int) -> np.ndarray:
+    """The training images devices train on: all of them, or all but the validation hold-out."""
+    return split_validation(num_items, validation, seed)[0] if validation else np.arange(num_items)
+
+
 def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
     """([C, H, W], classes) of a dataset, known without reading its files (a model can be built before data)."""
     if name not in DATASETS:

@@ -45,6 +45,8 @@ class TrainConfig:
     importance: str = "magnitude"
     recalibrate_batches: int = 50  # >0: recompute per-density BN statistics after training (ablation: helps)
     distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
+    classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
+    clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -68,12 +70,15 @@ def joint_step(
     optimizer: torch.optim.Optimizer,
     anchor: Trainable | None = None,
     distill: float = 0.0,
+    classes: torch.Tensor | None = None,
+    clip_norm: float = 0.0,
 ) -> dict[float, float]:
     """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet.
 
     With an ``anchor``, every density above the sparsest trains on ``(1 - distill) * CE + distill * KL(anchor
     || subnet)``: the anchor's predictions on the same batch are soft targets the denser subnets must not stray
-    from."""
+    from. ``classes`` (a bool mask over the classes) zeroes the other logits, as HeteroFL trains a device on its
+    own labels; ``clip_norm`` > 0 clips the summed gradient before the step."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     targets = None
@@ -84,14 +89,32 @@ def joint_step(
     for i, (d, w) in enumerate(zip(densities, weights)):
         model.set_density(d)
         logits = model(x)
+        if classes is not None:
+            logits = logits.masked_fill(~classes, 0.0)
         loss = F.cross_entropy(logits, y)
         losses[d] = loss.item()
         if targets is not None and i > 0:
             kl = F.kl_div(F.log_softmax(logits, dim=1), targets, log_target=True, reduction="batchmean")
             loss = (1 - distill) * loss + distill * kl
         (w * loss).backward()
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_norm)
     optimizer.step()
     return losses
+
+
+def local_steps(epochs: float, batches: int) -> int:
+    """Steps of ``epochs`` passes over ``batches`` batches: at least one (a fraction of a pass rounds)."""
+    return max(1, round(epochs * batches))
+
+
+def class_mask(classes: Sequence[int] | None, num_classes: int) -> torch.Tensor | None:
+    """A bool mask over the classes that count (``TrainConfig.classes``); None when all do."""
+    if classes is None:
+        return None
+    mask = torch.zeros(num_classes, dtype=torch.bool)
+    mask[list(classes)] = True
+    return mask
 
 
 def frozen_anchor(model: Trainable, density: float) -> Trainable:
@@ -161,12 +184,14 @@ def train(
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
     weights = config.weights_for(densities)
     importance = get_importance(config.importance)
-    total = max(1, round(config.epochs * len(loader)))
+    total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
+    classes = class_mask(config.classes, model.arch.num_classes)
     step, losses = 0, {}
     while step < total:
         for x, y in loader:
-            losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill)
+            losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, classes,
+                                config.clip_norm)
             schedule.step()
             step += 1
             # Never re-rank on the last step: BN statistics were gathered under the current masks.

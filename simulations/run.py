@@ -19,7 +19,8 @@ from agent.calibration import calibrate
 from contracts.flower_processes import pick_port
 from contracts.policy import CalibrationPoint
 from contracts.profiles import load_profiles
-from contracts.settings import APP_DIR, RunSettings, build_model
+from contracts.methods import get_method
+from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
@@ -64,9 +65,14 @@ class SimulationSettings:
 
 
 def measure_calibration(run: RunSettings) -> list[CalibrationPoint]:
-    """The run's packed model timed on this machine (the reference laptop-x86), as an agent calibrates."""
+    """The run's model timed on this machine (the reference laptop-x86), as an agent calibrates: DRESS's packed
+    model, or a peer's own width model training as that method does, so each method's fleet gets the tiers its
+    own model affords."""
     model = build_model(run.architecture())
-    return calibrate(pack_checkpoint(model), (model.arch.in_channels, model.arch.image_size, model.arch.image_size))
+    shape = (model.arch.in_channels, model.arch.image_size, model.arch.image_size)
+    if run.method == "dress":
+        return calibrate(pack_checkpoint(model), shape)
+    return calibrate(build_run_model(run), shape, method=get_method(run.method))
 
 
 def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, Any]], None] | None = None,

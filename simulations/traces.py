@@ -12,7 +12,9 @@ Families, each drawn from one seeded RNG per device:
            memory are left;
   battery  the battery drains each round from a random start; below LOW_BATTERY the OS power saving scales
            compute down (devices without a battery run steady instead);
-  mixed    each device draws one of the above (battery only where the profile has one).
+  mixed    each device draws one of the above (battery only where the profile has one);
+  constant every device at its whole budget in every round: tiers never change, so runs of different methods
+           on the same seed train the same devices at the same tiers (paired comparisons, benchmarks/federated.py).
 Dropout adds an offline window of a few rounds to a share of the devices. A CSV file gives traces by hand.
 """
 
@@ -84,6 +86,10 @@ def assign_profiles(mix: dict[str, float], devices: int, seed: int) -> list[str]
 # -- generated families: (rng, rounds) -> one point per round 0..rounds, all online ----------------------------
 
 
+def _constant(rng: random.Random, rounds: int) -> list[TracePoint]:
+    return [TracePoint(1.0, 1.0, None, True) for _ in range(rounds + 1)]
+
+
 def _steady(rng: random.Random, rounds: int) -> list[TracePoint]:
     return [TracePoint(rng.uniform(0.9, 1.0), rng.uniform(0.8, 1.0), None, True) for _ in range(rounds + 1)]
 
@@ -120,9 +126,10 @@ def _battery(rng: random.Random, rounds: int) -> list[TracePoint]:
 
 
 _GENERATORS: dict[str, Callable[[random.Random, int], list[TracePoint]]] = {
-    "steady": _steady, "diurnal": _diurnal, "bursty": _bursty, "battery": _battery,
+    "steady": _steady, "diurnal": _diurnal, "bursty": _bursty, "battery": _battery, "constant": _constant,
 }
 FAMILIES = tuple(_GENERATORS)
+MIXED_FAMILIES = ("steady", "diurnal", "bursty", "battery")  # what ``mixed`` draws from
 TRACES_HELP = f"{', '.join((*FAMILIES, MIXED))} or a PATH.csv"
 
 
@@ -136,7 +143,7 @@ def make_trace(family: str, profile: Profile, rounds: int, seed: int, dropout: f
         raise ValueError(f"unknown trace family {family!r}; expected {TRACES_HELP}")
     rng = random.Random(seed)
     if family == MIXED:
-        family = rng.choice([f for f in FAMILIES if f != "battery" or profile.battery])
+        family = rng.choice([f for f in MIXED_FAMILIES if f != "battery" or profile.battery])
     if family == "battery" and not profile.battery:
         family = "steady"
     points = _GENERATORS[family](rng, rounds)

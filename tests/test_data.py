@@ -28,6 +28,7 @@ from dress_model.partition import (
     PartitionSpec,
     dirichlet_partition,
     iid_partition,
+    label_shards_partition,
     parse_partition,
 )
 
@@ -351,8 +352,27 @@ def test_parse_partition() -> None:
     assert_disjoint_cover(parts, len(LABELS))
 
 
+def test_label_shards_give_each_part_its_dealt_classes_and_cover_the_data() -> None:
+    """HeteroFL's 2-labels-per-client split: every part holds at most two classes, shards are near-equal, the
+    parts cover the data, and the deal follows the seed."""
+    parts = parse_partition("labels:2").split(LABELS, 20, seed=4)
+    assert str(parse_partition("labels:2")) == "labels:2"
+    assert_disjoint_cover(parts, len(LABELS))
+    classes = [set(LABELS[p].tolist()) for p in parts]
+    assert all(1 <= len(c) <= 2 for c in classes) and sum(len(c) == 2 for c in classes) >= 15
+    assert max(map(len, parts)) <= 2 * min(map(len, parts)) + 2
+    again = label_shards_partition(LABELS, 20, 2, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, label_shards_partition(LABELS, 20, 2, seed=5)))
+    uneven = label_shards_partition(LABELS, 7, 3, seed=0)  # 7 x 3 / 10 classes does not divide: still a cover
+    assert_disjoint_cover(uneven, len(LABELS))
+    with pytest.raises(ValueError, match="shards"):
+        label_shards_partition(LABELS, 2000, 2, seed=0)
+
+
 @pytest.mark.parametrize("spec", ["", "random", "iid:1", "dirichlet", "dirichlet:", "dirichlet:abc",
-                                  "dirichlet:0", "dirichlet:-1", "dirichlet:nan", "dirichlet:inf"])
+                                  "dirichlet:0", "dirichlet:-1", "dirichlet:nan", "dirichlet:inf",
+                                  "labels:0", "labels:1.5", "labels:x", "labels"])
 def test_parse_partition_rejects(spec: str) -> None:
     with pytest.raises(ValueError, match="bad partition"):
         parse_partition(spec)

@@ -38,9 +38,10 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
         assert [r.round for r in rounds] == [1, 2]
         assert all(len(r.participants) == 10 and r.bytes_sent > 0 and r.bytes_received > 0 for r in rounds)
         assert set(rounds[-1].metrics) == {0.1, 0.25, 0.5, 1.0}
-        # nodes are asked who they are only as sampling reaches them: 2 rounds of 10 need far fewer than 100
+        # devices are drawn by name (the same draw for every method), and nodes asked who they are until the
+        # drawn ones are found
         bound = [d for d in devices if d.flower_node_id is not None]
-        assert 10 <= len(bound) <= 60, len(bound)
+        assert 10 <= len(bound) <= 100, len(bound)
         trained = {p for r in rounds for p in r.participants}
         assert trained <= {d.id for d in bound}
         assert {d.status for d in devices} == {DeviceStatus.OFFLINE}  # the virtual fleet left with the run

@@ -37,7 +37,7 @@ MEASURED = [CalibrationPoint(1.0, 10.0, 8.0), CalibrationPoint(0.5, 6.0, 4.0),
 HEADER = "trace,round,available,memory_share,battery,online\n"
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, MIXED])
+@pytest.mark.parametrize("family", [f for f in (*FAMILIES, MIXED) if f != "constant"])
 def test_families_are_seeded_and_in_range(family: str) -> None:
     trace = make_trace(family, PHONE, 60, seed=3, dropout=0.0)
     assert len(trace) == 61
@@ -46,6 +46,13 @@ def test_families_are_seeded_and_in_range(family: str) -> None:
     for p in trace:
         assert 0 < p.available <= 1 and 0 < p.memory_share <= 1 and p.online
         assert p.battery is None or 0 <= p.battery <= 1
+
+
+def test_constant_keeps_every_device_at_its_whole_budget_whatever_the_seed() -> None:
+    """What paired comparisons run on: the same budgets for every method, round and seed."""
+    trace = make_trace("constant", PHONE, 30, seed=3, dropout=0.0)
+    assert trace == make_trace("constant", PHONE, 30, seed=9, dropout=0.0)
+    assert {(p.available, p.memory_share, p.online) for p in trace} == {(1.0, 1.0, True)}
 
 
 def test_steady_stays_nearly_idle() -> None:

@@ -141,7 +141,7 @@ def run_round(sqlite_url: str, calibration: list, replies: dict[str, Reply | Non
                 answers.append(train_subnet(message, context))
                 continue
             tensors, examples = reply(strategy.sent[node].expected.tensors)
-            content = {"metrics": MetricRecord({"num-examples": examples, "compute-s": 0.5})}
+            content = {"metrics": MetricRecord({"num-examples": examples, "compute-s": 0.5, "classes": list(range(10))})}
             if tensors is not None:
                 content["arrays"] = ArrayRecord(torch_state_dict=tensors)
             answers.append(Message(RecordDict(content), reply_to=message))

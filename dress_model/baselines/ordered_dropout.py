@@ -1,7 +1,9 @@
 """FjORD's ordered dropout (Horváth et al. 2021): each step trains one width prefix, drawn up to the device's own.
 
-With ``config.distill`` > 0 it is FjORD-KD: every step also trains the device's widest level on the labels and
-that level's predictions (detached) teach the drawn one: ``(1 - distill) * CE + distill * KL(widest || drawn)``.
+With ``kd`` it is FjORD-KD as Flower's ``baselines/fjord`` trains it: every step first trains the device's
+widest level on the labels, and the drawn level (the widest included) then learns from that level's detached
+soft predictions alone — cross-entropy against the teacher's probabilities, no label term, temperature 1; both
+gradients land before the one optimizer step.
 """
 
 from __future__ import annotations
@@ -13,19 +15,21 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dress_model.models import DressModel
-from dress_model.training import TrainConfig, make_optimizer
+from dress_model.training import TrainConfig, class_mask, local_steps, make_optimizer
 
 
-def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainConfig, seed: int = 0) -> dict[float, float]:
+def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainConfig, seed: int = 0,
+                          kd: bool = False) -> dict[float, float]:
     """Train for ``config.epochs`` drawing one of ``config.densities`` (the levels up to the device's) per step,
-    uniformly; returns the last loss seen per level."""
+    uniformly with ``seed`` (a device's own draws); returns the last loss seen per level."""
     levels = tuple(sorted(config.densities or model.densities))
     for d in levels:
         model.density_index(d)
     widest = levels[-1]
     rng = random.Random(seed)
-    total = max(1, round(config.epochs * len(loader)))
+    total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
+    classes = class_mask(config.classes, model.arch.num_classes)
     losses: dict[float, float] = {}
     step = 0
     model.train()
@@ -34,21 +38,21 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
             optimizer.zero_grad(set_to_none=True)
             drawn = rng.choice(levels)
             teacher = None
-            if config.distill > 0 and drawn != widest:
+            if kd:
                 model.set_density(widest)
-                logits = model(x)
+                logits = _logits(model, x, classes)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
                 losses[widest] = loss.item()
-                teacher = F.log_softmax(logits.detach(), dim=1)
+                teacher = logits.detach().softmax(dim=1)
             model.set_density(drawn)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            losses[drawn] = loss.item()
-            if teacher is not None:
-                kl = F.kl_div(F.log_softmax(logits, dim=1), teacher, log_target=True, reduction="batchmean")
-                loss = (1 - config.distill) * loss + config.distill * kl
+            logits = _logits(model, x, classes)
+            loss = F.cross_entropy(logits, y if teacher is None else teacher)
+            if teacher is None or drawn != widest:
+                losses[drawn] = loss.item()
             loss.backward()
+            if config.clip_norm:
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], config.clip_norm)
             optimizer.step()
             schedule.step()
             step += 1
@@ -56,3 +60,8 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
                 break
     model.eval()
     return losses
+
+
+def _logits(model: DressModel, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    logits = model(x)
+    return logits if classes is None else logits.masked_fill(~classes, 0.0)
