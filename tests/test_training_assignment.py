@@ -55,3 +55,38 @@ def test_peers_get_the_same_training_fit() -> None:
     """A peer's device trains the level of the tier that fits it, by the same rule."""
     peer = strategy(WidthStrategy, steps=10)
     assert peer.training_level(device(1.0, 600.0)) == peer.level_for(0.5)
+
+
+class FakeGrid:
+    """The one Grid call sampling makes besides status queries: which nodes are connected (node ids shuffled
+    per run, as Flower draws them)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+
+@pytest.mark.parametrize("kind", [DressStrategy, WidthStrategy])
+def test_every_method_draws_the_same_devices_in_a_round_whatever_its_node_ids(kind) -> None:
+    """Paired comparisons: the draw depends on the seed, the round and who is online — not on the method, nor on
+    the node ids Flower gave this run; a drawn device the method cannot train sits out, nobody replaces it."""
+    import random
+
+    names = [f"sim-{i:03d}" for i in range(40)]
+    devices = {n: DeviceInfo(i, n, "pi4", None, DeviceStatus.ONLINE if i % 5 else DeviceStatus.OFFLINE,
+                             1.0 if i % 3 else 0.3, NOW, NOW, None, ())
+               for i, n in enumerate(names)}
+    drawn = {}
+    for run, ids in enumerate((range(1000, 1040), range(7000, 7040))):
+        s = strategy(kind)
+        nodes = list(ids)
+        random.Random(run).shuffle(nodes)
+        s.node_devices = dict(zip(nodes, names))  # what status queries would have told it
+        chosen = s.sample(FakeGrid(nodes), devices, 8, random.Random(11))
+        drawn[run] = [info.name for _, info, _ in chosen]
+        assert all(s.node_devices[node] == info.name for node, info, _ in chosen)
+        assert all(devices[name].status == DeviceStatus.ONLINE for name in drawn[run])
+    assert drawn[0] == drawn[1]
+    assert len(drawn[0]) < 8  # tier 0.3 is none of the model's: those drawn sit the round out
