@@ -57,7 +57,7 @@ from contracts.methods import METHODS  # noqa: E402
 from contracts.policy import CalibrationPoint  # noqa: E402
 from contracts.settings import RunSettings, SettingsError  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
-from federated_stats import ARMS, REFERENCE, best_configs, config_label, flat, tables  # noqa: E402
+from federated_stats import ARMS, best_configs, config_label, flat, tables  # noqa: E402
 from simulations.fleet import write_calibration  # noqa: E402
 from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
 

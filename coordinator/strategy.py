@@ -174,14 +174,15 @@ class DressStrategy(Strategy):
         """The connected node of each named device that has one: the unknown nodes are asked who they are, a
         batch at a time in a random order, until every named device is found or none is left to ask."""
         connected = list(grid.get_node_ids())
-        found = {name: node for node, name in self.node_devices.items() if name in names and node in set(connected)}
+        live = set(connected)
+        found = {name: node for node, name in self.node_devices.items() if name in names and node in live}
         unknown = [n for n in connected if n not in self.node_devices]
         rng.shuffle(unknown)
         while len(found) < len(names) and unknown:
-            batch, unknown = unknown[:2 * (len(names) - len(found))], unknown[2 * (len(names) - len(found)):]
+            size = 2 * (len(names) - len(found))
+            batch, unknown = unknown[:size], unknown[size:]
             self.identify(grid, batch)
-            found.update({self.node_devices[n]: n for n in batch
-                          if self.node_devices.get(n) in names})
+            found.update({self.node_devices[n]: n for n in batch if self.node_devices.get(n) in names})
         return found
 
     # -- train -------------------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ class DressStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         server_round += self.offset
-        stats = self.stats[server_round] = RoundStats(server_round)
+        self.stats[server_round] = RoundStats(server_round)
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.train_steps = math.ceil(float(config["epochs"]) * self.max_examples / int(config["batch-size"]))
         self.registry.mark_offline(self.stale_after)
