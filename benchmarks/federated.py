@@ -108,6 +108,11 @@ DEVIATIONS = [
     "each paper's optimizer settings (HeteroFL: SGD lr 0.01 on MNIST; FjORD: lr 0.1, no momentum).",
     "The peers serve their width model as frozen dense PyTorch (TorchScript/oneDNN); DRESS its packed native "
     "kernel. Each fleet's deadline is relative to the method's own full model (see the calibration).",
+    "Server options every method has and tunes (TUNING_GRID): the average of the published model over rounds, "
+    "damped aggregation; every method's BN statistics are recomputed per level on server data after each round. "
+    "Two DRESS options have no width counterpart: its upper bands start at zero (zeroed width channels get no "
+    "gradient and would stay dead), and its anchor loss anneals over the rounds (FjORD-KD's distillation, as "
+    "published, has no weight to schedule).",
 ]
 
 
