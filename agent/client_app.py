@@ -2,10 +2,10 @@
 
 A train message carries the device's subnet in the packed format (one uint8 array: the same bytes a device
 stores and executes) and the round's training knobs; the data settings come from the run config. The device
-jointly trains every density at or below its own with the weighted loss on its local partition (a peer method
-trains as that method does: ``agent.local_training``), through the packed format itself (no dense weight, mask or order is built: the subnets are prefixes of the same value
+jointly trains every density at or below its own with the weighted loss on its local partition, through the
+packed format itself (no dense weight, mask or order is built: the subnets are prefixes of the same value
 buffers, which the optimizer updates in place), and replies with the trained packed values (no indices: the
-server holds them).
+server holds them). A peer method's device trains as that method does (``agent.local_training``).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from contracts.messages import status_reply, subnet_from_record, train_reply, upload_record
 from agent.local_training import compute_budget, device_seed, local_epochs, train_level
+from contracts.messages import status_reply, subnet_from_record, train_reply, upload_record
 from contracts.methods import get_method
 from contracts.naming import simulated_name
 from contracts.settings import RunSettings, build_model, build_run_model

@@ -88,17 +88,14 @@ def joint_step(
     losses: dict[float, float] = {}
     for i, (d, w) in enumerate(zip(densities, weights)):
         model.set_density(d)
-        logits = model(x)
-        if classes is not None:
-            logits = logits.masked_fill(~classes, 0.0)
+        logits = masked_logits(model, x, classes)
         loss = F.cross_entropy(logits, y)
         losses[d] = loss.item()
         if targets is not None and i > 0:
             kl = F.kl_div(F.log_softmax(logits, dim=1), targets, log_target=True, reduction="batchmean")
             loss = (1 - distill) * loss + distill * kl
         (w * loss).backward()
-    if clip_norm:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_norm)
+    clip_gradients(model, clip_norm)
     optimizer.step()
     return losses
 
@@ -106,6 +103,18 @@ def joint_step(
 def local_steps(epochs: float, batches: int) -> int:
     """Steps of ``epochs`` passes over ``batches`` batches: at least one (a fraction of a pass rounds)."""
     return max(1, round(epochs * batches))
+
+
+def masked_logits(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    """The model's logits, those of classes outside ``classes`` (a ``class_mask``) read 0: HeteroFL's masking."""
+    logits = model(x)
+    return logits if classes is None else logits.masked_fill(~classes, 0.0)
+
+
+def clip_gradients(model: torch.nn.Module, clip_norm: float) -> None:
+    """Clip the model's gradient to ``clip_norm`` (0: leave it)."""
+    if clip_norm:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_norm)
 
 
 def class_mask(classes: Sequence[int] | None, num_classes: int) -> torch.Tensor | None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import random
 
-import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dress_model.models import DressModel
-from dress_model.training import TrainConfig, class_mask, local_steps, make_optimizer
+from dress_model.training import (
+    TrainConfig, class_mask, clip_gradients, local_steps, make_optimizer, masked_logits,
+)
 
 
 def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainConfig, seed: int = 0,
@@ -40,19 +41,17 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
             teacher = None
             if kd:
                 model.set_density(widest)
-                logits = _logits(model, x, classes)
+                logits = masked_logits(model, x, classes)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
                 losses[widest] = loss.item()
                 teacher = logits.detach().softmax(dim=1)
             model.set_density(drawn)
-            logits = _logits(model, x, classes)
-            loss = F.cross_entropy(logits, y if teacher is None else teacher)
+            loss = F.cross_entropy(masked_logits(model, x, classes), y if teacher is None else teacher)
             if teacher is None or drawn != widest:
                 losses[drawn] = loss.item()
             loss.backward()
-            if config.clip_norm:
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], config.clip_norm)
+            clip_gradients(model, config.clip_norm)
             optimizer.step()
             schedule.step()
             step += 1
@@ -61,7 +60,3 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
     model.eval()
     return losses
 
-
-def _logits(model: DressModel, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-    logits = model(x)
-    return logits if classes is None else logits.masked_fill(~classes, 0.0)
