@@ -73,6 +73,14 @@ def _updates(strategy: WidthStrategy, replies) -> list[Update]:
     return updates
 
 
+def _absorbed(strategy: WidthStrategy, replies) -> tuple[list[Update], dict, dict]:
+    """The replies' updates, and the model's state before and after the strategy folded them in."""
+    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    updates = _updates(strategy, replies)
+    strategy.absorb(updates)
+    return updates, before, strategy.model.state_dict()
+
+
 def _held_only_by_the_larger(updates: list[Update], key: str, shape) -> torch.Tensor:
     mask = torch.zeros(shape, dtype=torch.bool)
     mask[updates[1].sent[key]] = True
@@ -83,12 +91,10 @@ def _held_only_by_the_larger(updates: list[Update], key: str, shape) -> torch.Te
 def test_counting_aggregation_averages_each_element_over_the_devices_that_held_it() -> None:
     """FjORD's average: by examples, all the way to the holders' average (undamped)."""
     torch.manual_seed(0)
-    strategy = _strategy("fjord", damped=False)
-    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    updates = _updates(strategy, [(0.1, 1.0, 300, None), (1.0, 4.0, 100, None)])
-    strategy.absorb(updates)
+    updates, before, after = _absorbed(_strategy("fjord", damped=False),
+                                       [(0.1, 1.0, 300, None), (1.0, 4.0, 100, None)])
     key = "conv2.weight"
-    diff = strategy.model.state_dict()[key] - before[key]
+    diff = after[key] - before[key]
     small = updates[0].sent[key]
     torch.testing.assert_close(diff[small], torch.full_like(diff[small], (300 * 1.0 + 100 * 4.0) / 400))
     only_large = _held_only_by_the_larger(updates, key, diff.shape)
@@ -100,10 +106,8 @@ def test_heterofl_counts_devices_and_averages_each_class_row_over_the_devices_ho
     with the devices whose labels include its class, and a row no device holds keeps its value."""
     torch.manual_seed(0)
     strategy = _strategy("heterofl", damped=False)
-    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    updates = _updates(strategy, [(0.1, 1.0, 300, frozenset({0, 1})), (1.0, 4.0, 100, frozenset({1, 2}))])
-    strategy.absorb(updates)
-    after = strategy.model.state_dict()
+    updates, before, after = _absorbed(strategy, [(0.1, 1.0, 300, frozenset({0, 1})),
+                                                  (1.0, 4.0, 100, frozenset({1, 2}))])
     diff = after["conv2.weight"] - before["conv2.weight"]
     small = updates[0].sent["conv2.weight"]
     torch.testing.assert_close(diff[small], torch.full_like(diff[small], 2.5))  # (1 + 4) / 2, not by examples
@@ -120,11 +124,9 @@ def test_heterofl_counts_devices_and_averages_each_class_row_over_the_devices_ho
 
 def test_damped_peer_aggregation_moves_an_element_by_its_holders_share_of_the_round() -> None:
     torch.manual_seed(0)
-    strategy = _strategy("fjord", damped=True)
-    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    updates = _updates(strategy, [(0.1, 1.0, 300, None), (1.0, 4.0, 100, None)])
-    strategy.absorb(updates)
-    diff = strategy.model.state_dict()["conv2.weight"] - before["conv2.weight"]
+    updates, before, after = _absorbed(_strategy("fjord", damped=True),
+                                       [(0.1, 1.0, 300, None), (1.0, 4.0, 100, None)])
+    diff = after["conv2.weight"] - before["conv2.weight"]
     only_large = _held_only_by_the_larger(updates, "conv2.weight", diff.shape)
     torch.testing.assert_close(diff[only_large], torch.full_like(diff[only_large], 100 / 400 * 4.0))
 
