@@ -81,9 +81,11 @@ def level_nbytes(model: Model, density: float) -> int:
 
 
 def training_costs(model: Model, input_shape: Sequence[int], repeats: int = DEFAULT_TRAIN_REPEATS,
-                   batch: int = TRAIN_BATCH, method: Method = DRESS) -> dict[float, tuple[float, float]]:
+                   batch: int = TRAIN_BATCH, method: Method = DRESS, joint: str = "all"
+                   ) -> dict[float, tuple[float, float]]:
     """(ms per step, MB held) of a device's training step at each level, as ``method`` trains (DRESS: every
-    density at or below it, jointly, through the packed format; ``agent.local_training``), on a copy.
+    density at or below it, jointly — or by the ``joint`` rule it trains with —, through the packed format;
+    ``agent.local_training``), on a copy.
 
     ms: ``repeats`` steps timed after one untimed one. MB: what the step holds — the level's bytes three times
     (values, their gradients, the optimizer's momentum; DRESS's indices counted too, so it errs high) plus every
@@ -95,7 +97,7 @@ def training_costs(model: Model, input_shape: Sequence[int], repeats: int = DEFA
     y = torch.randint(0, model.arch.num_classes, (batch,))
     model.train()
     kept = sum(_output_bytes(model, x))
-    config = TrainConfig(rerank_every=0, recalibrate_batches=0,
+    config = TrainConfig(rerank_every=0, recalibrate_batches=0, joint=joint,
                          classes=tuple(range(model.arch.num_classes)) if method.label_split else None)
     costs = {}
     for density in sorted(model.densities, reverse=True):
@@ -148,6 +150,7 @@ def calibrate(
     warmup: int = DEFAULT_WARMUP,
     train_repeats: int = DEFAULT_TRAIN_REPEATS,
     method: Method = DRESS,
+    joint: str = "all",
 ) -> list[CalibrationPoint]:
     """One CalibrationPoint per stored density (a peer's model: per width level), densest first;
     ``train_repeats`` = 0 leaves the training cost unmeasured (0).
@@ -172,7 +175,8 @@ def calibrate(
     finally:
         packed.set_density(active)
         packed.train(was_training)
-    training = training_costs(packed, input_shape, train_repeats, method=method) if train_repeats else {}
+    training = (training_costs(packed, input_shape, train_repeats, method=method, joint=joint) if train_repeats
+                else {})
     return [CalibrationPoint(d, latency[d], (level_nbytes(packed, d) + activations) / 2**20,
                              *training.get(d, (0.0, 0.0)))
             for d in densities]

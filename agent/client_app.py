@@ -83,11 +83,13 @@ def train_config_of(config: ConfigRecord, settings: RunSettings, model: DressMod
     """The round's training knobs for this device (its passes: ``agent.local_training.local_epochs``)."""
     method = get_method(settings.method)
     distill = float(config["distill"])
+    joint = settings.joint if method.name == "dress" else "all"
     budget = compute_budget(level, _full_model_macs(settings)) if settings.compute_matched else None
     return TrainConfig(
-        epochs=local_epochs(method, model, level, float(config["epochs"]), distill, budget),
+        epochs=local_epochs(method, model, level, float(config["epochs"]), distill, budget, joint),
         lr=float(config["lr"]),
         distill=distill,
+        joint=joint,
         classes=tuple(sorted(set(data.labels.tolist()))) if method.label_split else None,
         rerank_every=0,  # the device keeps the masks it was sent; the server re-ranks after aggregation
         recalibrate_batches=0,  # and the server recalibrates BN after aggregation

@@ -38,10 +38,15 @@ def trained_levels(model: DressModel | PackedModel, level: float) -> tuple[float
     return tuple(d for d in model.densities if d <= level + 1e-9)
 
 
-def step_macs(method: Method, model: DressModel | PackedModel, level: float, distill: float) -> float:
-    """MACs per example of one local step of ``method`` at ``level`` (FjORD's: the mean over its draws)."""
+def step_macs(method: Method, model: DressModel | PackedModel, level: float, distill: float,
+              joint: str = "all") -> float:
+    """MACs per example of one local step of ``method`` at ``level`` (FjORD's and DRESS's sandwich: the mean
+    over their draws)."""
     levels = trained_levels(model, level)
     cost = {d: forward_macs(model, d) for d in levels}
+    if method.name == "dress" and joint == "sandwich":
+        drawn = statistics.fmean(cost[d] for d in levels[1:-1]) if len(levels) > 2 else 0
+        return TRAINED * (cost[levels[-1]] + drawn + (cost[levels[0]] if len(levels) > 1 else 0))
     if method.name == "dress":
         anchor = cost[levels[0]] if distill > 0 and len(levels) > 1 else 0
         return TRAINED * sum(cost.values()) + anchor
@@ -58,12 +63,12 @@ def compute_budget(level: float, full_model_macs: int) -> float:
 
 
 def local_epochs(method: Method, model: DressModel | PackedModel, level: float, epochs: float, distill: float,
-                 budget: float | None) -> float:
+                 budget: float | None, joint: str = "all") -> float:
     """Passes over the device's data this round: ``epochs``, or within a ``budget`` (``compute_budget``) as many
     of the method's steps as ``epochs`` passes of the budget pay for."""
     if budget is None:
         return epochs
-    return epochs * budget / step_macs(method, model, level, distill)
+    return epochs * budget / step_macs(method, model, level, distill, joint)
 
 
 def train_level(method: Method, model: DressModel | PackedModel, level: float, loader: DataLoader,
@@ -76,7 +81,8 @@ def train_level(method: Method, model: DressModel | PackedModel, level: float, l
     config = dataclasses.replace(config, clip_norm=method.clip_norm)
     with counting_macs(model) as meter:
         if method.name == "dress":
-            losses = train(model, loader, dataclasses.replace(config, densities=trained_levels(model, level)))
+            losses = train(model, loader, dataclasses.replace(config, densities=trained_levels(model, level)),
+                           seed=seed)
         elif method.sampled:
             losses = train_ordered_dropout(model, loader, dataclasses.replace(
                 config, densities=trained_levels(model, level)), seed=seed, kd=method.kd)

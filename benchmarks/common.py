@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,33 @@ import psutil
 import torch
 
 from dress_model.checkpoint import atomic_write
+from dress_model.models import MODELS, Architecture
+
+
+@dataclass(frozen=True)
+class Task:
+    """What a benchmark learns: a dataset and a model at a width; its name is what result rows carry."""
+
+    dataset: str
+    model: str
+    width: int = Architecture.width
+
+    @property
+    def name(self) -> str:
+        base = f"{self.dataset}-{self.model}"
+        return base if self.width == Architecture.width else f"{base}-w{self.width}"
+
+
+def parse_task(name: str) -> Task:
+    """``DATASET-MODEL`` or ``DATASET-MODEL-wWIDTH`` (``fashion-mnist-cnn-w4``) as a Task."""
+    parts = name.split("-")
+    width = Architecture.width
+    if len(parts) > 2 and parts[-1][:1] == "w" and parts[-1][1:].isdigit():
+        width = int(parts.pop()[1:])
+    if len(parts) < 2 or parts[-1] not in MODELS or width < 1:
+        raise ValueError(f"task {name!r}: expected DATASET-MODEL[-wWIDTH] with MODEL one of {sorted(MODELS)} and "
+                         "WIDTH a positive integer, e.g. fashion-mnist-cnn-w4")
+    return Task("-".join(parts[:-1]), parts[-1], width)
 
 
 def machine() -> dict[str, Any]:

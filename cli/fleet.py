@@ -68,6 +68,7 @@ ServerAverageOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="The
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 DistillDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's anchor weight as a share of --distill, cosine over the rounds (1 = constant).")]
+JointOption = Annotated[str, typer.Option(help="What a DRESS device's local step trains: all (every density at or below its own, mean loss) or sandwich (its own density on the labels; the sparsest and one drawn between learn from its predictions; needs --distill 0).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
 HeartbeatOption = Annotated[float, typer.Option("--heartbeat-s", min=0.05, max=3600.0, help="Devices heartbeat at least this often (seconds); silent for 6 heartbeats, a device is offline. Raise it for very large fleets.")]
@@ -112,6 +113,7 @@ def coordinator_start_cmd(
     aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
     distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
+    joint: JointOption = DEFAULTS.joint,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     seed: SeedOption = DEFAULTS.seed,
     certs: Annotated[Optional[Path], typer.Option(help="Folder with the fleet's ca.pem, server.pem and server.key: TLS on the SuperLink and control plane (required beyond loopback; `dress-fleet certs init` makes a test fleet's).")] = None,
@@ -122,7 +124,7 @@ def coordinator_start_cmd(
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay,
+        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint,
         max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     try:
@@ -231,6 +233,7 @@ def simulate_cmd(
     aggregation: AggregationOption = DEFAULTS.aggregation,
     distill: DistillOption = DEFAULTS.distill,
     distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
+    joint: JointOption = DEFAULTS.joint,
     max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a few rounds (generated traces).")] = SimulationSettings.dropout,
     seed: SeedOption = DEFAULTS.seed,
@@ -243,7 +246,7 @@ def simulate_cmd(
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint, max_examples=max_examples, seed=seed,
         db_url=db or "",
     )  # fmt: skip
     try:

@@ -23,6 +23,7 @@ from dress_model.data import DATASETS
 from dress_model.models import MODELS, DressModel, model_for_dataset
 from dress_model.partition import parse_partition
 from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
+from dress_model.training import JOINT_RULES
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -90,6 +91,7 @@ class RunSettings:
     damped: bool  # a weight moves by the share of the round's examples (weight) that trained it; False: to their average
     distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
     distill_decay: float  # the last round's anchor weight as a share of distill (cosine like lr; 1 = constant); DRESS
+    joint: str  # what a DRESS device's local step trains (dress_model.training.JOINT_RULES)
     batch_size: int
     max_examples: int  # per device per round; 0 = its whole shard
     eval_examples: int  # test images the server evaluates each density on; 0 = all
@@ -112,6 +114,9 @@ class RunSettings:
             (0 <= self.server_average < 1, "server-average", "a number in [0, 1)"),
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
+            (self.joint in JOINT_RULES, "joint", f"one of {', '.join(JOINT_RULES)}"),
+            (self.joint != "sandwich" or self.distill == 0, "distill", "0 with joint sandwich (it distils from the "
+             "densest subnet, not towards the sparsest)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),

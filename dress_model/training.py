@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -47,6 +48,7 @@ class TrainConfig:
     distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
     classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
+    joint: str = "all"  # which densities a step trains: "all" (``joint_step``) or "sandwich" (``sandwich_step``)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -95,6 +97,55 @@ def joint_step(
             kl = F.kl_div(F.log_softmax(logits, dim=1), targets, log_target=True, reduction="batchmean")
             loss = (1 - distill) * loss + distill * kl
         (w * loss).backward()
+    clip_gradients(model, clip_norm)
+    optimizer.step()
+    return losses
+
+
+JOINT_RULES = ("all", "sandwich")
+
+
+def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
+    """The densities one sandwich step trains, densest first: the densest, the sparsest, and one drawn
+    uniformly from those between (when there are any)."""
+    levels = sorted(densities, reverse=True)
+    if len(levels) == 1:
+        return levels
+    drawn = [rng.choice(levels[1:-1])] if len(levels) > 2 else []
+    return [levels[0], *drawn, levels[-1]]
+
+
+def sandwich_step(
+    model: Trainable,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    densities: Sequence[float],
+    optimizer: torch.optim.Optimizer,
+    rng: random.Random,
+    clip_norm: float = 0.0,
+) -> dict[float, float]:
+    """One optimizer step of the sandwich rule with in-place distillation (slimmable and once-for-all training):
+    the densest of ``densities`` learns from the labels, the sparsest and one drawn between them from its
+    detached soft predictions, and the gradients add up before the step.
+
+    Why, over ``joint_step``'s mean over every density: the weights only the densest subnet holds get its whole
+    gradient (in the mean they get 1/k of it, so a fleet's upper bands learn at a fraction of the rate), the
+    smaller subnets follow the densest one rather than pulling it towards themselves, and a step costs the
+    densest subnet and two smaller ones, not every density."""
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    top, *students = sandwich_levels(densities, rng)
+    model.set_density(top)
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    loss.backward()
+    losses = {top: loss.item()}
+    teacher = logits.detach().softmax(dim=1)
+    for d in students:
+        model.set_density(d)
+        loss = F.cross_entropy(model(x), teacher)
+        loss.backward()
+        losses[d] = loss.item()
     clip_gradients(model, clip_norm)
     optimizer.step()
     return losses
@@ -175,6 +226,7 @@ def train(
     loader: DataLoader,
     config: TrainConfig,
     on_step: StepCallback | None = None,
+    seed: int = 0,
 ) -> dict[float, float]:
     """Train jointly for ``config.epochs`` (fractions allowed); returns the last step's losses.
 
@@ -182,12 +234,19 @@ def train(
     (a device: as the server sent it). In a fleet most devices train only the sparsest subnet, so it holds the
     fleet's consensus; a device that also trains denser bands on its few local examples pulls them towards its
     own data, and the anchor keeps them close to what the whole fleet learnt (the federated ablation: without
-    it the densest subnet ends below the sparsest on non-IID data)."""
+    it the densest subnet ends below the sparsest on non-IID data). ``config.joint`` "sandwich" trains by
+    ``sandwich_step`` instead, its draws seeded by ``seed``."""
     densities = tuple(config.densities or model.densities)
     for d in densities:
         model.density_index(d)  # fail early on a density the model lacks
     if not 0 <= config.distill < 1:
         raise ValueError(f"distill must be in [0, 1), got {config.distill}")
+    if config.joint not in JOINT_RULES:
+        raise ValueError(f"joint must be one of {', '.join(JOINT_RULES)}, got {config.joint!r}")
+    sandwich = config.joint == "sandwich"
+    if sandwich and (config.distill or config.loss_weights or config.classes is not None):
+        raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
+                         "it takes no distill (anchor to the sparsest), loss_weights or classes")
     if config.rerank_every and isinstance(model, PackedModel):
         raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
@@ -196,11 +255,15 @@ def train(
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
     classes = class_mask(config.classes, model.arch.num_classes)
+    rng = random.Random(seed)
     step, losses = 0, {}
     while step < total:
         for x, y in loader:
-            losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, classes,
-                                config.clip_norm)
+            if sandwich:
+                losses = sandwich_step(model, x, y, densities, optimizer, rng, config.clip_norm)
+            else:
+                losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, classes,
+                                    config.clip_norm)
             schedule.step()
             step += 1
             # Never re-rank on the last step: BN statistics were gathered under the current masks.

@@ -71,7 +71,7 @@ def measure_calibration(run: RunSettings) -> list[CalibrationPoint]:
     model = build_model(run.architecture())
     shape = (model.arch.in_channels, model.arch.image_size, model.arch.image_size)
     if run.method == "dress":
-        return calibrate(pack_checkpoint(model), shape)
+        return calibrate(pack_checkpoint(model), shape, joint=run.joint)
     return calibrate(build_run_model(run), shape, method=get_method(run.method))
 
 

@@ -100,3 +100,11 @@ def test_the_anchor_weight_can_anneal_over_the_rounds_too() -> None:
     assert {constant.distill_at(r) for r in range(1, 10)} == {constant.distill}
     with pytest.raises(SettingsError, match="distill-decay must be a number in"):
         RunSettings.defaults(distill_decay=1.5)
+
+
+def test_the_joint_rule_is_checked_with_the_anchor_it_excludes() -> None:
+    assert RunSettings.defaults(joint="sandwich", distill=0.0).joint == "sandwich"
+    with pytest.raises(SettingsError, match="joint must be one of all, sandwich"):
+        RunSettings.defaults(joint="every")
+    with pytest.raises(SettingsError, match="distill must be 0 with joint sandwich"):
+        RunSettings.defaults(joint="sandwich", distill=0.5)

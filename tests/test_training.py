@@ -8,7 +8,11 @@ import torch
 from dress_model.data import load_dataset
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import create_model
-from dress_model.training import TrainConfig, evaluate, joint_step, recalibrate_bn, train
+import random
+
+from dress_model.training import (
+    TrainConfig, evaluate, joint_step, recalibrate_bn, sandwich_levels, sandwich_step, train,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +145,59 @@ def test_distill_weight_out_of_range_is_rejected() -> None:
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 1, 28, 28), torch.zeros(4).long()))
     with pytest.raises(ValueError, match="distill must be in"):
         train(model, loader, TrainConfig(distill=1.0))
+
+
+def test_a_sandwich_step_trains_the_densest_the_sparsest_and_one_drawn_between() -> None:
+    rng = random.Random(0)
+    assert sandwich_levels((0.5,), rng) == [0.5]
+    assert sandwich_levels((0.1, 0.5), rng) == [0.5, 0.1]
+    drawn = {tuple(sandwich_levels((0.1, 0.25, 0.5, 1.0), rng)) for _ in range(50)}
+    assert drawn == {(1.0, 0.5, 0.1), (1.0, 0.25, 0.1)}
+
+
+def test_the_sandwich_gives_the_densest_band_its_whole_gradient_where_the_mean_gives_a_share() -> None:
+    """Weights only the densest subnet holds move by the densest loss's whole gradient under the sandwich rule
+    (the smaller subnets learn from its predictions and never reach them), by 1/k of it under the mean."""
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.25,0.1", width=4)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    only_densest = 1 - model.fc1.mask(0.5)
+    assert only_densest.sum() > 0
+
+    def moved(step) -> torch.Tensor:
+        trained = copy.deepcopy(model)
+        before = trained.fc1.weight.detach().clone()
+        step(trained, torch.optim.SGD(trained.parameters(), lr=1.0))
+        return (trained.fc1.weight.detach() - before) * only_densest
+
+    reference = copy.deepcopy(model)
+    reference.train().set_density(1.0)
+    torch.nn.functional.cross_entropy(reference(x), y).backward()
+    densest_alone = -reference.fc1.weight.grad * only_densest
+    sandwich = moved(lambda m, opt: sandwich_step(m, x, y, m.densities, opt, random.Random(0)))
+    mean = moved(lambda m, opt: joint_step(m, x, y, m.densities, [0.25] * 4, opt))
+    torch.testing.assert_close(sandwich, densest_alone)
+    torch.testing.assert_close(mean, densest_alone / 4)
+
+
+def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.25,0.1", width=8)
+    loader = fmnist_slice.loader(64, seed=0)
+    train(model, loader, TrainConfig(epochs=2, lr=0.05, rerank_every=5, joint="sandwich"), seed=3)
+    after = evaluate(model, loader)
+    assert min(after.values()) > 60, after
+
+
+@pytest.mark.parametrize("config, match", [
+    (TrainConfig(joint="every"), "joint must be one of all, sandwich"),
+    (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
+    (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
+])
+def test_bad_joint_rules_are_rejected(config, match) -> None:
+    model = create_model("cnn", "1,0.1", width=4)
+    with pytest.raises(ValueError, match=match):
+        train(model, [], config)
 
 
 def _steps_taken(model, loader, config: TrainConfig) -> list[float]:

@@ -1,0 +1,182 @@
+"""Which way of training DRESS lets a fleet's denser subnets learn (issue 25): variants side by side, held-out seeds.
+
+    python benchmarks/federated_ablation.py              # every variant × partition × seed on the capacity task
+    python benchmarks/federated_ablation.py --resume     # continue a stopped one (the JSON is written per run)
+    python benchmarks/federated_ablation.py --report     # rewrite the markdown from the JSON alone
+
+Each variant is DRESS with a few run settings changed (VARIANTS), on `federated.py`'s fleet and protocol (its
+full profile: 100 devices, every one at its full budget, the same devices each round for every variant, the
+equal-compute arm) and DRESS's tuned server settings from `federated.json`. A variant that changes what a step
+trains changes what a step costs, so each variant's fleet is built from its own calibration. Scores are on
+10,000 training images held out of every shard, never the test split, on seeds none of the comparisons use:
+the variant kept is then measured on the comparison's own seeds by `federated.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from common import Task, command, machine, markdown_table, write_json
+from contracts.flower_processes import stop_on_sigterm
+from contracts.policy import CalibrationPoint
+from contracts.settings import RunSettings
+from federated import (
+    PROFILES, RESULTS, TUNING_VALIDATION, Job, curves_of, default_task, final_accuracy, hms, is_flat, simulate,
+    task_arg,
+)
+from federated_stats import best_configs, mean_ci, t_975
+from simulations.fleet import write_calibration
+from simulations.run import SimulationSettings, measure_calibration
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "mean+anchor": {},  # the app's defaults: every density each step, mean loss, anchored to the sparsest received
+    "mean": {"distill": 0.0},  # the same without the anchor
+    "sandwich": {"joint": "sandwich", "distill": 0.0},  # the densest on labels, two smaller ones from its predictions
+}
+BASELINE = "mean+anchor"
+SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them
+PARTITIONS = "iid,dirichlet:0.3"
+ARM = "equal-compute"
+FLEET = ("devices", "rounds", "fraction", "epochs", "max_examples", "eval_examples")
+
+
+def tuned_dress(path: Path) -> dict[str, Any]:
+    """DRESS's configuration as `federated.py` tuned it (its JSON's tuning runs)."""
+    result = json.loads(path.read_text())
+    return best_configs(result["tuning"]["runs"])["dress"]
+
+
+def run_settings(args: argparse.Namespace, variant: str, partition: str, seed: int) -> RunSettings:
+    return RunSettings.defaults(
+        method="dress", dataset=args.task.dataset, model=args.task.model, width=args.task.width,
+        num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed, epochs=args.epochs,
+        max_examples=args.max_examples, eval_examples=args.eval_examples, compute_matched=ARM == "equal-compute",
+        validation=TUNING_VALIDATION, **args.base, **VARIANTS[variant])
+
+
+def paired(runs: list[dict[str, Any]], variant: str, partition: str, tier: str) -> tuple[float, float, int]:
+    """``variant`` − BASELINE at ``tier`` on ``partition``, paired by seed: mean, CI half-width, seeds."""
+    of = {(r["variant"], r["seed"]): r["final_accuracy"][tier] for r in runs if r["partition"] == partition}
+    diffs = [of[variant, s] - of[BASELINE, s] for v, s in of if v == variant and (BASELINE, s) in of]
+    if not diffs:
+        return float("nan"), float("nan"), 0
+    if len(diffs) == 1:
+        return diffs[0], float("nan"), 1
+    return statistics.fmean(diffs), t_975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5, len(diffs)
+
+
+def cell(mean: float, ci: float, sign: bool = False) -> str:
+    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return text if ci != ci else f"{text} ± {ci:.2f}"
+
+
+def report(result: dict[str, Any]) -> str:
+    """The markdown: per partition, each variant's accuracy per tier and its paired difference to BASELINE."""
+    runs, s = result["runs"], result["settings"]
+    tiers = [f"{d:g}" for d in sorted(s["densities"], reverse=True)]
+    lines = [f"# Federated DRESS variants — {s['task']}, held-out seeds", "", f"`{result['command']}`", "",
+             f"{s['devices']} devices, {s['rounds']} rounds, {s['fraction']} of the fleet per round, {s['epochs']:g} "
+             f"local epochs ({ARM}), DRESS's tuned server settings {s['base']}. Scores: the last round's model on "
+             f"{TUNING_VALIDATION:,} training images held out of every shard (not the test split), mean ± 95 % CI "
+             "over seeds; Δ: paired by seed against " + BASELINE + ".", "",
+             "Variants: " + "; ".join(f"**{v}** {VARIANTS[v] or 'the app defaults'}" for v in s["variants"]) + ".",
+             "", f"Wall time summed over {len(runs)} runs: {hms(sum(r['wall_s'] for r in runs))}.", ""]
+    for partition in s["partitions"]:
+        rows = []
+        for variant in s["variants"]:
+            mine = [r for r in runs if r["partition"] == partition and r["variant"] == variant]
+            if not mine:
+                continue
+            row: dict[str, Any] = {"variant": variant, "seeds": ",".join(str(r["seed"]) for r in mine)}
+            for tier in tiers:
+                row[f"d={tier}"] = cell(*mean_ci(r["final_accuracy"][tier] for r in mine))
+                if variant != BASELINE:
+                    mean, ci, _ = paired(runs, variant, partition, tier)
+                    row[f"d={tier}"] += f" (Δ {cell(mean, ci, sign=True)})"
+            row["d=max − d=min"] = cell(*mean_ci(r["final_accuracy"][tiers[0]] - r["final_accuracy"][tiers[-1]]
+                                                 for r in mine), sign=True)
+            row["device-rounds per tier"] = " / ".join(str(sum(r["device_rounds"].get(t, 0) for r in mine))
+                                                      for t in tiers)
+            row["flat"] = f"{sum(r['flat'] for r in mine)}/{len(mine)}"
+            rows.append(row)
+        lines += [f"## {partition}", "", markdown_table(rows, list(rows[0]) if rows else ["variant"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    stop_on_sigterm()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", type=task_arg, default=Task("fashion-mnist", "cnn", 3),
+                   help=f"DATASET-MODEL[-wWIDTH] (default: issue 25's capacity task; the app's is {default_task().name})")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--partitions", default=PARTITIONS)
+    p.add_argument("--seeds", default=SEEDS)
+    p.add_argument("--tuned", type=Path, default=RESULTS / "federated.json",
+                   help="the federated comparison whose DRESS tuning gives the server settings")
+    p.add_argument("--out", type=Path, default=RESULTS / "federated-ablation.json")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/federated-ablation"))
+    p.add_argument("--resume", action="store_true", help="keep --out's runs and run the rest")
+    p.add_argument("--report", action="store_true", help="only rewrite the markdown from --out's JSON")
+    args = p.parse_args()
+    md = args.out.with_suffix(".md")
+    if args.report:
+        md.write_text(report(json.loads(args.out.read_text())))
+        return
+    for key in FLEET:
+        setattr(args, key, PROFILES["full"][key])
+    variants = [v for v in args.variants.split(",") if v]
+    if unknown := set(variants) - set(VARIANTS):
+        raise SystemExit(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
+    if BASELINE not in variants:
+        raise SystemExit(f"the variants must include {BASELINE}: every other one is compared with it")
+    partitions = [x for x in args.partitions.split(",") if x]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
+    args.base = tuned_dress(args.tuned)
+    args.mix = SimulationSettings.mix
+    for variant in variants:  # every run's settings checked before the first one starts
+        run_settings(args, variant, partitions[0], seeds[0])
+
+    settings = {"task": args.task.name, "base": args.base, "variants": variants, "partitions": partitions,
+                "seeds": seeds, "densities": list(run_settings(args, BASELINE, partitions[0], seeds[0]).density_list),
+                **{k: getattr(args, k) for k in FLEET}}
+    previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
+    fixed = ("task", "base", "densities", *FLEET)
+    if previous and any(previous["settings"][k] != settings[k] for k in fixed):
+        raise SystemExit(f"{args.out} was run with other settings ({', '.join(fixed)} must match): another --out")
+    runs: list[dict[str, Any]] = previous["runs"] if previous else []
+    calibration: dict[str, list[dict[str, float]]] = previous["calibration"] if previous else {}
+    done = {(r["variant"], r["partition"], r["seed"]) for r in runs}
+    jobs = [(v, part, seed) for seed in seeds for part in partitions for v in variants if (v, part, seed) not in done]
+    for i, (variant, partition, seed) in enumerate(jobs, 1):
+        run = run_settings(args, variant, partition, seed)
+        if variant not in calibration:
+            print(f"calibrating {variant} on this machine", flush=True)
+            calibration[variant] = [dataclasses.asdict(c) for c in measure_calibration(run)]
+        calibration_file = args.run_dir / "calibration" / f"{variant}.json"
+        write_calibration(calibration_file, run.model_label, [CalibrationPoint(**c) for c in calibration[variant]])
+        print(f"== [{i}/{len(jobs)}] {variant} {partition} seed {seed}", flush=True)
+        metrics = simulate(Job(ARM, "dress", partition, seed, {}), run,
+                           argparse.Namespace(**{**vars(args), "run_dir": args.run_dir / variant}), calibration_file)
+        curves = curves_of("dress", metrics, run.density_list)
+        device_rounds: dict[str, int] = {}
+        for r in metrics["per_round"]:
+            for density in r["participants"].values():
+                device_rounds[f"{float(density):g}"] = device_rounds.get(f"{float(density):g}", 0) + 1
+        runs.append({"task": args.task.name, "variant": variant, "partition": partition, "seed": seed,
+                     "final_accuracy": final_accuracy("dress", metrics, run.density_list), "curves": curves,
+                     "flat": is_flat(curves), "device_rounds": device_rounds, "wall_s": metrics["wall_s"],
+                     "macs_per_round": statistics.fmean(r["device_macs"] for r in metrics["per_round"])})
+        result = {"command": command(), "machine": machine(), "settings": settings, "calibration": calibration,
+                  "runs": runs}
+        write_json(args.out, result)
+        md.write_text(report(result))
+    print(md.read_text() if md.is_file() else "nothing to run")
+
+
+if __name__ == "__main__":
+    main()
