@@ -27,10 +27,9 @@ from contracts.naming import simulated_name
 from contracts.settings import RunSettings, build_model, build_run_model
 from dress_model.baselines.slimmable import load_prefixes, prefix_tensors
 from dress_model.cost import forward_macs
-from dress_model.data import ImageDataset, load_dataset, training_indices
+from dress_model.data import ImageDataset, load_dataset
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
-from dress_model.partition import parse_partition
 from dress_model.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -50,12 +49,9 @@ def _dataset(name: str, data_dir: str | None) -> ImageDataset:
 
 
 @functools.lru_cache(maxsize=8)
-def _partition(name: str, data_dir: str | None, spec: str, parts: int, seed: int,
-               validation: int) -> tuple[np.ndarray, ...]:
-    """The devices' shards of the training images the run trains on (``training_indices``)."""
-    labels = _dataset(name, data_dir).labels.numpy()
-    kept = training_indices(len(labels), validation, seed)
-    return tuple(kept[p] for p in parse_partition(spec).split(labels[kept], parts, seed))
+def _partition(settings: RunSettings, data_dir: str | None, parts: int) -> tuple[np.ndarray, ...]:
+    """The devices' shards (``RunSettings.shards``), read once per run."""
+    return tuple(settings.shards(_dataset(settings.dataset, data_dir).labels.numpy(), parts))
 
 
 def local_data(context: Context, settings: RunSettings, max_examples: int, seed: int) -> ImageDataset:
@@ -66,7 +62,7 @@ def local_data(context: Context, settings: RunSettings, max_examples: int, seed:
     node = context.node_config
     part, parts = int(node.get("partition-id", 0)), int(node.get("num-partitions", 1))
     data_dir = str(node.get("data-dir", "")) or settings.data_dir or None
-    shard = _partition(settings.dataset, data_dir, settings.partition, parts, settings.seed, settings.validation)[part]
+    shard = _partition(settings, data_dir, parts)[part]
     if max_examples and len(shard) > max_examples:
         shard = np.sort(np.random.default_rng(seed).choice(shard, max_examples, replace=False))
     return _dataset(settings.dataset, data_dir).subset(shard)

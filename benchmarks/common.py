@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import torch
 
+from contracts.settings import task_name
 from dress_model.checkpoint import atomic_write
 from dress_model.models import MODELS, Architecture
 
@@ -33,8 +34,7 @@ class Task:
 
     @property
     def name(self) -> str:
-        base = f"{self.dataset}-{self.model}"
-        return base if self.width == Architecture.width else f"{base}-w{self.width}"
+        return task_name(self.dataset, self.model, self.width)
 
 
 def parse_task(name: str) -> Task:

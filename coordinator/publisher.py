@@ -21,7 +21,7 @@ from coordinator.strategy import RoundStats
 from coordinator.validation import implausible
 from dress_model.checkpoint import save_checkpoint
 from dress_model.models import DressModel
-from dress_model.training import evaluate
+from dress_model.training import class_counts, evaluate, overall_accuracy
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ class RoundPublisher:
         version, published = None, None
         stats = self.stats[server_round]
         if self.final is not None and server_round == self.final[0]:
-            stats.final_accuracy = evaluate(self.model, self.final[1])
+            stats.final_counts = class_counts(self.model, self.final[1])
+            stats.final_accuracy = {d: overall_accuracy(counts) for d, counts in stats.final_counts.items()}
         withheld = stats.withheld or self.withhold_reason(stats, accuracy)
         if withheld:
             stats.withheld = withheld
@@ -116,7 +117,9 @@ def round_details(stats: RoundStats) -> dict:
         "compute_s": max(stats.compute_s, default=0.0),  # the slowest device
         "device_compute_s": sum(stats.compute_s),  # all devices added up
         "device_macs": sum(stats.macs),  # all devices added up, as they counted what they ran
-        **({"final_accuracy": {str(d): a for d, a in stats.final_accuracy.items()}} if stats.final_accuracy else {}),
+        **({"final_accuracy": {str(d): a for d, a in stats.final_accuracy.items()},
+            "final_class_counts": {str(d): {"correct": c, "seen": n} for d, (c, n) in stats.final_counts.items()}}
+           if stats.final_accuracy else {}),
         "server_s": stats.server_s,
         "lr": stats.lr,
         "rejected": stats.rejected,

@@ -61,6 +61,7 @@ class RoundStats:
     rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
     withheld: str | None = None  # why the round's model was not published (the publisher), if it was not
     final_accuracy: dict[float, float] | None = None  # the run's last round: its model on the whole split
+    final_counts: dict[float, tuple[list[int], list[int]]] | None = None  # and per class: (correct, seen)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ its repeat run see exactly the same client data.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,13 +16,15 @@ import numpy as np
 import torch
 
 MAX_DIRICHLET_DRAWS = 200
+PROFILE_LEAN = 0.8  # a `profile` partition's default: this share of a device's examples is of its profile's classes
 
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    """A parsed --partition option: "iid", "dirichlet:ALPHA" or "labels:K" (``alpha`` holds K)."""
+    """A parsed --partition option: "iid", "dirichlet:ALPHA", "labels:K" or "profile[:LEAN]" (``alpha`` holds K
+    or LEAN)."""
 
-    kind: Literal["iid", "dirichlet", "labels"]
+    kind: Literal["iid", "dirichlet", "labels", "profile"]
     alpha: float | None = None
 
     def __post_init__(self) -> None:
@@ -33,12 +36,21 @@ class PartitionSpec:
         if self.kind == "labels" and not (self.alpha is not None and float(self.alpha).is_integer()
                                           and self.alpha >= 1):
             raise ValueError(f"labels per client must be an integer >= 1, got {self.alpha}")
-        if self.kind not in ("iid", "dirichlet", "labels"):
-            raise ValueError(f"unknown partition kind {self.kind!r}; expected 'iid', 'dirichlet' or 'labels'")
+        if self.kind == "profile" and not (self.alpha is not None and 0 <= self.alpha <= 1):
+            raise ValueError(f"a profile partition's lean must be a number in [0, 1], got {self.alpha}")
+        if self.kind not in ("iid", "dirichlet", "labels", "profile"):
+            raise ValueError(f"unknown partition kind {self.kind!r}; expected 'iid', 'dirichlet', 'labels' or "
+                             "'profile'")
 
     def split(self, labels: np.ndarray | torch.Tensor, num_parts: int,
-              seed: int) -> list[np.ndarray]:
-        """Apply this scheme, so callers need not branch on the kind."""
+              seed: int, groups: Sequence[str] | None = None) -> list[np.ndarray]:
+        """Apply this scheme, so callers need not branch on the kind; ``groups`` (each part's device profile)
+        is what a profile partition leans by, and only it."""
+        if self.kind == "profile":
+            if groups is None or len(groups) != num_parts:
+                raise ValueError(f"a profile partition needs each of the {num_parts} parts' profile, got "
+                                 f"{'none' if groups is None else len(groups)}")
+            return profile_partition(labels, groups, float(self.alpha or 0.0), seed)
         if self.kind == "iid":
             return iid_partition(len(labels), num_parts, seed)
         if self.kind == "labels":
@@ -48,19 +60,25 @@ class PartitionSpec:
     def __str__(self) -> str:
         if self.kind == "labels":
             return f"labels:{int(self.alpha or 0)}"
+        if self.kind == "profile":
+            return "profile" if self.alpha == PROFILE_LEAN else f"profile:{self.alpha:g}"
         return self.kind if self.alpha is None else f"{self.kind}:{self.alpha:g}"
 
 
-EXPECTED = "'iid', 'dirichlet:ALPHA' (e.g. 'dirichlet:0.5') or 'labels:K' (e.g. 'labels:2')"
+EXPECTED = ("'iid', 'dirichlet:ALPHA' (e.g. 'dirichlet:0.5'), 'labels:K' (e.g. 'labels:2') or 'profile[:LEAN]' "
+            f"(e.g. 'profile', lean {PROFILE_LEAN:g})")
 
 
 def parse_partition(spec: str) -> PartitionSpec:
-    """Parse "iid", "dirichlet:ALPHA" (ALPHA a finite number > 0) or "labels:K" (K an integer >= 1)."""
+    """Parse "iid", "dirichlet:ALPHA" (ALPHA a finite number > 0), "labels:K" (K an integer >= 1) or
+    "profile[:LEAN]" (LEAN in [0, 1], default PROFILE_LEAN)."""
     text = spec.strip().lower()
     if text == "iid":
         return PartitionSpec("iid")
+    if text == "profile":
+        return PartitionSpec("profile", PROFILE_LEAN)
     kind, sep, value = text.partition(":")
-    if kind not in ("dirichlet", "labels") or not sep:
+    if kind not in ("dirichlet", "labels", "profile") or not sep:
         raise ValueError(f"bad partition {spec!r}: expected {EXPECTED}")
     try:
         alpha = float(value)
@@ -133,6 +151,46 @@ def label_shards_partition(labels: np.ndarray | torch.Tensor, num_parts: int, pe
             owners = holders.get(cls) or [int(rng.integers(num_parts))]
             parts[owners[j % len(owners)]].append(shard)
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=np.int64) for p in parts]
+
+
+def profile_partition(labels: np.ndarray | torch.Tensor, groups: Sequence[str], lean: float,
+                      seed: int) -> list[np.ndarray]:
+    """Device-correlated parts: part i belongs to group ``groups[i]`` (its device's profile), and each group
+    leans to classes of its own, so what one kind of device sees must reach the others through the model.
+
+    The classes are dealt to the groups in proportion to how many parts each holds (largest remainders, in a
+    seeded order), so a group's classes carry about as many examples per part as another's; a part then wants
+    ``lean`` of its examples from its group's classes and the rest from every class alike (a group dealt no
+    class wants every class alike). Each class is cut among the parts in proportion to what they want of it:
+    the parts are disjoint and cover the data."""
+    y = _as_labels(labels)
+    num_parts = len(groups)
+    _check_parts(len(y), num_parts)
+    if not 0 <= lean <= 1:
+        raise ValueError(f"lean must be in [0, 1], got {lean}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    names = sorted(set(groups))
+    exact = {g: len(classes) * list(groups).count(g) / num_parts for g in names}
+    dealt = {g: int(exact[g]) for g in names}
+    for g in sorted(names, key=lambda g: exact[g] - dealt[g], reverse=True)[: len(classes) - sum(dealt.values())]:
+        dealt[g] += 1
+    order, owned, start = rng.permutation(len(classes)), {}, 0
+    for g in names:
+        owned[g], start = order[start:start + dealt[g]], start + dealt[g]
+    want = np.full((num_parts, len(classes)), (1 - lean) / len(classes))
+    for i, g in enumerate(groups):
+        if len(owned[g]):
+            want[i, owned[g]] += lean / len(owned[g])
+        else:
+            want[i] += lean / len(classes)
+    buckets: list[list[np.ndarray]] = [[] for _ in range(num_parts)]
+    for c, cls in enumerate(classes):
+        members = rng.permutation(np.flatnonzero(y == cls))
+        cuts = np.round(np.cumsum(want[:, c])[:-1] / want[:, c].sum() * len(members)).astype(np.int64)
+        for bucket, chunk in zip(buckets, np.split(members, cuts)):
+            bucket.append(chunk)
+    return [np.sort(np.concatenate(bucket)) for bucket in buckets]
 
 
 def _dirichlet_draw(y: np.ndarray, num_parts: int, alpha: float,

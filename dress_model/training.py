@@ -48,7 +48,7 @@ class TrainConfig:
     distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
     classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
-    joint: str = "all"  # which densities a step trains: "all" (``joint_step``) or "sandwich" (``sandwich_step``)
+    joint: str = "all"  # what a step trains: "all" or "sum" (every density, ``joint_step``) or "sandwich"
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -102,7 +102,7 @@ def joint_step(
     return losses
 
 
-JOINT_RULES = ("all", "sandwich")
+JOINT_RULES = ("all", "sum", "sandwich")  # every density: loss_weights (mean by default) or summed; the sandwich
 
 
 def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
@@ -247,10 +247,12 @@ def train(
     if sandwich and (config.distill or config.loss_weights or config.classes is not None):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
                          "it takes no distill (anchor to the sparsest), loss_weights or classes")
+    if config.joint == "sum" and config.loss_weights is not None:
+        raise ValueError("joint 'sum' weighs every density 1: it takes no loss_weights")
     if config.rerank_every and isinstance(model, PackedModel):
         raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
-    weights = config.weights_for(densities)
+    weights = [1.0] * len(densities) if config.joint == "sum" else config.weights_for(densities)
     importance = get_importance(config.importance)
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
@@ -310,17 +312,41 @@ def recalibrate_bn(model: Trainable, loader: DataLoader, batches: int, densities
     target.eval()
 
 
-@torch.no_grad()
 def evaluate(model: Trainable, loader: DataLoader, densities: Sequence[float] | None = None) -> dict[float, float]:
     """Top-1 accuracy (percent) of every subnet on the same data (a dense model's: of a channels-last copy)."""
+    return {d: overall_accuracy(per_class) for d, per_class in class_counts(model, loader, densities).items()}
+
+
+@torch.no_grad()
+def class_counts(model: Trainable, loader: DataLoader, densities: Sequence[float] | None = None
+                 ) -> dict[float, tuple[list[int], list[int]]]:
+    """Per subnet, (correct, seen) per class on the same data: what a device's accuracy on its own mix of
+    classes is computed from (``class_accuracy``), as well as the accuracy over all of them."""
     model = channels_last(model)
     model.eval()
-    result: dict[float, float] = {}
+    classes = model.arch.num_classes
+    result: dict[float, tuple[list[int], list[int]]] = {}
     for d in densities or model.densities:
         model.set_density(d)
-        correct = seen = 0
+        correct, seen = torch.zeros(classes, dtype=torch.long), torch.zeros(classes, dtype=torch.long)
         for x, y in loader:
-            correct += (model(x).argmax(1) == y).sum().item()
-            seen += y.numel()
-        result[d] = 100.0 * correct / max(1, seen)
+            correct += torch.bincount(y[model(x).argmax(1) == y], minlength=classes)
+            seen += torch.bincount(y, minlength=classes)
+        result[d] = (correct.tolist(), seen.tolist())
     return result
+
+
+def overall_accuracy(counts: tuple[Sequence[int], Sequence[int]]) -> float:
+    """Percent correct over every class of ``class_counts``' (correct, seen)."""
+    correct, seen = counts
+    return 100.0 * sum(correct) / max(1, sum(seen))
+
+
+def class_accuracy(counts: tuple[Sequence[int], Sequence[int]], weights: Sequence[float]) -> float:
+    """Percent correct on a mix of classes (``weights``, e.g. a device's label histogram) from ``class_counts``'
+    (correct, seen): the accuracy a device whose data follows that mix would see."""
+    correct, seen = counts
+    total = sum(w for w, n in zip(weights, seen) if n)
+    if total <= 0:
+        raise ValueError("class_accuracy needs weight on at least one class the counts saw")
+    return 100.0 * sum(w * c / n for w, c, n in zip(weights, correct, seen) if n) / total

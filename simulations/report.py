@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from coordinator.registry.repository import Registry  # noqa: E402
+from simulations.centralized import CENTRALIZED  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
 
 
@@ -33,6 +34,7 @@ class RunSummary:
     wall_s: float
     peak_rss_mb: float
     heartbeats: dict[str, float] = field(default_factory=dict)  # the control plane under the fleet (FleetDriver)
+    centralized: dict[float, float] = field(default_factory=dict)  # the task trained centrally, per density (if known)
 
 
 def fleet_over_time(registry: Registry) -> list[dict[str, Any]]:
@@ -71,14 +73,18 @@ def profile_table(per_profile: dict[str, dict[str, int]]) -> tuple[list[str], li
     return ["profile", *(f"d={d:g}" for d in trained), "mean density"], rows
 
 
-def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], kind: str = "line") -> None:
+def _plot(path: Path, title: str, xlabel: str, ylabel: str, series: dict[str, tuple[list, list]], kind: str = "line",
+          levels: dict[str, float] | None = None) -> None:
+    """A line or stacked plot; ``levels``: per series label, a dashed level in its colour (a reference)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
     if kind == "stack":
         xs = next(iter(series.values()))[0] if series else []
         ax.stackplot(xs, *[ys for _, ys in series.values()], labels=list(series))
     else:
         for label, (xs, ys) in series.items():
-            ax.plot(xs, ys, marker="o", label=label)
+            (line,) = ax.plot(xs, ys, marker="o", label=label)
+            if levels and label in levels:
+                ax.axhline(levels[label], color=line.get_color(), linestyle="--", linewidth=1)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -96,8 +102,10 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
     rounds = summary.rounds
     densities = sorted({float(d) for r in rounds for d in r["accuracy"]}, reverse=True)
     xs = [r["round"] for r in rounds]
-    _plot(run_dir / "accuracy.png", "Test accuracy per density", "round", "accuracy %",
-          {f"d={d:g}": (xs, [r["accuracy"][str(d)] for r in rounds]) for d in densities})
+    _plot(run_dir / "accuracy.png", "Test accuracy per density" + (" (dashed: centralized)" if summary.centralized
+                                                                    else ""), "round", "accuracy %",
+          {f"d={d:g}": (xs, [r["accuracy"][str(d)] for r in rounds]) for d in densities},
+          levels={f"d={d:g}": a for d, a in summary.centralized.items()})
     fleet_densities = sorted({float(d) for s in summary.fleet for d in s["devices"]}, reverse=True)
     _plot(run_dir / "fleet.png", "Devices per assigned density", "round", "devices",
           {f"d={d:g}": ([s["round"] for s in summary.fleet], [s["devices"].get(d, 0) for s in summary.fleet])
@@ -116,7 +124,8 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         {"density": float(d), "down": _mean(v["down"]), "up": _mean(v["up"])}
         for d, v in sorted(per_density_bytes.items(), key=lambda kv: -float(kv[0]))
     ]
-    final = rounds[-1]["accuracy"] if rounds else {}
+    final = (rounds[-1].get("final_accuracy") or rounds[-1]["accuracy"]) if rounds else {}
+    tiers = tier_rows(final, summary.centralized, summary.fleet[-1]["devices"] if summary.fleet else {})
     per_profile = densities_per_profile(rounds, summary.profiles)
     profile_header, profile_rows = profile_table(per_profile)
     metrics = {
@@ -125,7 +134,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "rounds": len(rounds),
         "wall_s": round(summary.wall_s, 1),
         "peak_rss_mb": round(summary.peak_rss_mb, 1),
-        "accuracy": [{"density": float(d), "accuracy": a} for d, a in sorted(final.items(), key=lambda kv: -float(kv[0]))],
+        "accuracy": tiers,
         "bytes": bytes_rows,
         "per_round": rounds,
         "fleet": summary.fleet,
@@ -145,11 +154,16 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
           if (h := summary.heartbeats) else []),
         "Settings: " + ", ".join(f"`{k}={v}`" for k, v in summary.settings.items()),
         "",
-        "## Final accuracy per density",
+        "## What each tier buys",
         "",
-        "| density | accuracy % |",
-        "|---|---|",
-        *[f"| {row['density']:g} | {row['accuracy']:.2f} |" for row in metrics["accuracy"]],
+        "The last round's model per density, on the whole test split" + (
+            f"; centralized: DRESS trained on the whole training split ({CENTRALIZED.name})."
+            if summary.centralized else f"; no centralized reference for this task in {CENTRALIZED.name}."),
+        "",
+        "| density | devices at the end | accuracy % | over the next sparser | centralized % | gap to centralized |",
+        "|---|---|---|---|---|---|",
+        *[f"| {t['density']:g} | {t['devices']} | {t['accuracy']:.2f} | {signed_text(t['over_sparser'])} "
+          f"| {plain_text(t['centralized'])} | {signed_text(t['gap'])} |" for t in tiers],
         "",
         "## Bytes per device per round (mean)",
         "",
@@ -175,6 +189,28 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
     ]
     atomic_write(run_dir / "report.md", lambda tmp: tmp.write_text("\n".join(lines)))
     return metrics
+
+
+def tier_rows(final: dict[str, float], centralized: dict[float, float], devices: dict[float, int]
+              ) -> list[dict[str, Any]]:
+    """Per density, densest first: its accuracy, what it adds over the next sparser density, how far it stays
+    from centralized training (None where unknown), and how many devices run it at the end."""
+    accuracy = sorted(((float(d), a) for d, a in final.items()), reverse=True)
+    rows = []
+    for i, (d, a) in enumerate(accuracy):
+        reference = centralized.get(d)
+        rows.append({"density": d, "accuracy": a, "devices": devices.get(d, 0),
+                     "over_sparser": a - accuracy[i + 1][1] if i + 1 < len(accuracy) else None,
+                     "centralized": reference, "gap": a - reference if reference is not None else None})
+    return rows
+
+
+def signed_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.2f}"
+
+
+def plain_text(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _mean(values: list[int]) -> float:

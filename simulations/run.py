@@ -26,7 +26,8 @@ from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
 from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms, read_calibration, write_calibration
 from simulations.report import RunSummary, fleet_over_time, write_report
-from simulations.traces import MIXED, assign_profiles, check_traces, fleet_traces, parse_mix
+from simulations.centralized import centralized_reference
+from simulations.traces import MIXED, check_traces, fleet_traces
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ class SimulationSettings:
 
     run: RunSettings
     devices: int = 100
-    mix: str = "laptop-x86=20,jetson-orin-nano=10,phone=30,jetson-nano=20,pi4=20"  # fast and slow devices alike
     traces: str = MIXED  # a trace family, or a CSV file of traces (simulations.traces)
     deadline: float = 1.5  # the fleet's latency deadline, in full-model latencies of the reference laptop-x86
     dropout: float = 0.1
@@ -56,7 +56,6 @@ class SimulationSettings:
             raise ValueError(f"--dropout must be in [0, 1], got {self.dropout}")
         if not self.deadline > 0:
             raise ValueError(f"--deadline must be > 0, got {self.deadline}")
-        parse_mix(self.mix, list(load_profiles()))
         check_traces(self.traces)
         if self.calibration is not None:  # read once, here: the file checked is the fleet built
             self.saved = read_calibration(self.calibration, self.run.model_label, self.run.density_list)
@@ -87,7 +86,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     write_calibration(settings.run_dir / "calibration.json", settings.run.model_label, measured)  # what this fleet was built from
     profiles = load_profiles()
-    names = assign_profiles(parse_mix(settings.mix, list(profiles)), settings.devices, settings.run.seed)
+    names = settings.run.partition_groups(settings.devices)
     chosen = [profiles[n] for n in names]
     traces = fleet_traces(settings.traces, chosen, settings.run.num_rounds, settings.run.seed, settings.dropout)
     fleet = build_fleet(chosen, measured, traces)
@@ -127,5 +126,6 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         wall_s=time.monotonic() - started,
         peak_rss_mb=coordinator.memory.peak_mb,
         heartbeats=driver.stats.summary(),
+        centralized=centralized_reference(settings.run.task),
     )
     return write_report(settings.run_dir, summary)

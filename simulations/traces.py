@@ -29,7 +29,6 @@ from pathlib import Path
 
 from contracts.profiles import Profile
 
-MIX_HELP = "comma-separated PROFILE=PERCENT pairs summing to 100, e.g. pi4=40,jetson-nano=30,phone=30"
 MIXED = "mixed"
 CSV_COLUMNS = ("trace", "round", "available", "memory_share", "battery", "online")
 DIURNAL_PERIOD = 24  # rounds per simulated day
@@ -43,44 +42,6 @@ class TracePoint:
     memory_share: float  # share of the device's memory free for inference, in (0, 1]
     battery: float | None  # charge in [0, 1]; None where the trace says nothing about a battery
     online: bool
-
-
-def parse_mix(spec: str, known: list[str]) -> dict[str, float]:
-    """``pi4=40,phone=60`` -> {"pi4": 0.4, "phone": 0.6}; clear errors for anything else."""
-    mix: dict[str, float] = {}
-    for part in (p.strip() for p in spec.split(",") if p.strip()):
-        name, sep, share = part.partition("=")
-        name = name.strip()
-        if not sep:
-            raise ValueError(f"bad mix entry {part!r}: expected PROFILE=PERCENT ({MIX_HELP})")
-        if name not in known:
-            raise ValueError(f"unknown device profile {name!r} in mix; expected one of {', '.join(sorted(known))}")
-        if name in mix:
-            raise ValueError(f"profile {name!r} appears twice in the mix")
-        try:
-            value = float(share)
-        except ValueError:
-            raise ValueError(f"bad share {share!r} for {name!r}: expected a number ({MIX_HELP})") from None
-        if not 0 < value <= 100:
-            raise ValueError(f"share for {name!r} must be in (0, 100], got {value:g}")
-        mix[name] = value
-    if not mix:
-        raise ValueError(f"empty device mix; expected {MIX_HELP}")
-    total = sum(mix.values())
-    if abs(total - 100) > 1e-6:
-        raise ValueError(f"device mix shares must sum to 100, got {total:g} ({MIX_HELP})")
-    return {name: value / 100 for name, value in mix.items()}
-
-
-def assign_profiles(mix: dict[str, float], devices: int, seed: int) -> list[str]:
-    """Exactly round(share * devices) of each profile (largest remainders), shuffled by seed."""
-    exact = {name: share * devices for name, share in mix.items()}
-    counts = {name: int(v) for name, v in exact.items()}
-    for name in sorted(exact, key=lambda n: exact[n] - counts[n], reverse=True)[: devices - sum(counts.values())]:
-        counts[name] += 1
-    names = [name for name, count in counts.items() for _ in range(count)]
-    random.Random(seed).shuffle(names)
-    return names
 
 
 # -- generated families: (rng, rounds) -> one point per round 0..rounds, all online ----------------------------

@@ -30,6 +30,7 @@ from dress_model.partition import (
     iid_partition,
     label_shards_partition,
     parse_partition,
+    profile_partition,
 )
 
 RNG = np.random.default_rng(1234)
@@ -370,9 +371,36 @@ def test_label_shards_give_each_part_its_dealt_classes_and_cover_the_data() -> N
         label_shards_partition(LABELS, 2000, 2, seed=0)
 
 
+def test_a_profile_partition_leans_each_device_kind_to_classes_of_its_own() -> None:
+    """Each profile's parts draw LEAN of their examples from the classes dealt to that profile (in proportion to
+    its devices: 30 of 60 parts get 5 of 10 classes), the rest from every class alike; parts are near-equal,
+    disjoint, cover the data, and follow the seed."""
+    groups = ["phone"] * 30 + ["pi4"] * 20 + ["laptop-x86"] * 10
+    parts = parse_partition("profile").split(LABELS, 60, seed=3, groups=groups)
+    assert_disjoint_cover(parts, len(LABELS))
+    assert max(map(len, parts)) <= 1.5 * min(map(len, parts))
+    dealt = {"phone": 5, "pi4": 3, "laptop-x86": 2}
+    held = {}
+    for kind, classes in dealt.items():
+        counts = sum(np.bincount(LABELS[p], minlength=10) for p, g in zip(parts, groups) if g == kind)
+        share = counts / counts.sum()
+        held[kind] = set(np.flatnonzero(share > 1.5 / 10).tolist())  # well above an even share
+        assert len(held[kind]) == classes, (kind, share)
+        assert share[list(held[kind])].sum() == pytest.approx(0.8 + 0.2 * classes / 10, abs=0.03), (kind, share)
+    assert sum(map(len, held.values())) == len(set.union(*held.values())) == 10  # each to classes of its own
+    again = profile_partition(LABELS, groups, 0.8, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    flat = profile_partition(LABELS, groups, 0.0, seed=3)  # no lean: every part like the whole split
+    assert np.bincount(LABELS[flat[0]], minlength=10) == pytest.approx(np.bincount(LABELS, minlength=10) / 60, abs=2)
+    assert str(parse_partition("profile")) == "profile" and str(parse_partition("profile:0.5")) == "profile:0.5"
+    with pytest.raises(ValueError, match="needs each of the 60 parts' profile"):
+        parse_partition("profile").split(LABELS, 60, seed=3)
+
+
 @pytest.mark.parametrize("spec", ["", "random", "iid:1", "dirichlet", "dirichlet:", "dirichlet:abc",
                                   "dirichlet:0", "dirichlet:-1", "dirichlet:nan", "dirichlet:inf",
-                                  "labels:0", "labels:1.5", "labels:x", "labels"])
+                                  "labels:0", "labels:1.5", "labels:x", "labels",
+                                  "profile:1.5", "profile:-0.1", "profile:x", "profile:"])
 def test_parse_partition_rejects(spec: str) -> None:
     with pytest.raises(ValueError, match="bad partition"):
         parse_partition(spec)

@@ -11,6 +11,7 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 from federated_stats import tables  # noqa: E402
+from test_federated_report import check_markdown  # noqa: E402
 
 
 def test_the_quick_profile_runs_paired_arms_and_reports_what_its_json_holds(tmp_path: Path) -> None:
@@ -34,7 +35,14 @@ def test_the_quick_profile_runs_paired_arms_and_reports_what_its_json_holds(tmp_
     # matched, the gap closes
     assert rounds["dress"] / rounds["heterofl"] > compute["dress"] / compute["heterofl"]
     rows = result["rows"]
-    assert {tuple(sorted(r)) for r in rows} == {("accuracy", "arm", "method", "partition", "seed", "task", "tier")}
+    assert {tuple(sorted(r)) for r in rows} == {("accuracy", "arm", "method", "partition", "seed", "task", "tier",
+                                                 "worst10")}
     assert {r["tier"] for r in rows} == {1.0, 0.5, 0.25, 0.1} and all(0 <= r["accuracy"] <= 100 for r in rows)
+    for run in runs:  # every device it trained is judged on its own classes, at its tier
+        accuracies = list(run["device_accuracy"].values())
+        assert accuracies and all(0 <= a <= 100 for a in accuracies)
+        assert set(run["worst10"]) <= set(run["final_accuracy"])
+        assert run["worst10_fleet"] <= sum(accuracies) / len(accuracies)
+    assert all(r["worst10"] is None or 0 <= r["worst10"] <= 100 for r in rows)
     assert tables(result)["sections"]  # the report is built from the rows
-    assert (tmp_path / "federated.md").is_file()
+    check_markdown(result, (tmp_path / "federated.md").read_text())

@@ -41,9 +41,9 @@ def test_mean_ci_is_students_t_at_95_percent() -> None:
 
 
 def row(method: str, seed: int, accuracy: float, tier: float = 1.0, arm: str = "equal-compute",
-        partition: str = "iid") -> dict[str, Any]:
+        partition: str = "iid", worst10: float | None = None) -> dict[str, Any]:
     return {"task": "fashion-mnist-cnn", "method": method, "arm": arm, "partition": partition, "seed": seed,
-            "tier": tier, "accuracy": accuracy}
+            "tier": tier, "accuracy": accuracy, "worst10": worst10}
 
 
 def test_paired_difference_pairs_by_seed_and_only_the_seeds_both_ran() -> None:
@@ -85,12 +85,14 @@ def synthetic_result() -> dict[str, Any]:
                     one = round(rng.uniform(75, 90), 2)
                     final = {f"{t:g}": one if method == "fedavg-small" else round(rng.uniform(75, 90), 2) for t in tiers}
                     curves = [{"round": r, **{k: a - 10 / r for k, a in final.items()}} for r in range(1, 11)]
+                    # runs recorded before devices' accuracy was (the equal-rounds arm here) carry no worst10
+                    worst = {k: round(a - rng.uniform(5, 20), 2) for k, a in final.items()} if arm == ARMS[0] else {}
                     runs.append({"task": "fashion-mnist-cnn", "method": method, "arm": arm, "partition": partition,
                                  "seed": seed, "rounds": 10, "curves": curves, "final_accuracy": final,
                                  "device_compute_s": rng.uniform(1, 5), "macs_per_round": rng.uniform(1e9, 5e10),
                                  "bytes_per_round": rng.uniform(1e6, 1e7), "flat": rng.random() < 0.7,
-                                 "config": {"lr": 0.05, "server_average": 0.7}, "wall_s": 100.0})
-    rows = [row(r["method"], r["seed"], a, float(t), r["arm"], r["partition"])
+                                 "config": {"lr": 0.05, "server_average": 0.7}, "wall_s": 100.0, "worst10": worst})
+    rows = [row(r["method"], r["seed"], a, float(t), r["arm"], r["partition"], r["worst10"].get(t))
             for r in runs for t, a in r["final_accuracy"].items()]
     configs = [{"lr": lr, "server_average": average} for lr in (0.02, 0.05, 0.1) for average in (0.0, 0.7)]
     tuning = [{"method": m, "partition": p, "seed": 100, "config": c, "score": round(rng.uniform(70, 90), 2)}
@@ -104,6 +106,12 @@ def expected_cells(result: dict[str, Any]) -> dict[tuple[Any, ...], Any]:
     groups: dict[tuple[Any, ...], dict[int, float]] = {}
     for r in result["rows"]:
         groups.setdefault((r["arm"], r["partition"], r["method"], r["tier"]), {})[r["seed"]] = r["accuracy"]
+    for r in result["rows"]:
+        if r.get("worst10") is not None:
+            key = (r["arm"], r["partition"], "worst10", r["method"], r["tier"])
+            cells[key] = (*cells.get(key, ()), r["worst10"])
+    for key in [k for k in cells if k[2] == "worst10"]:
+        cells[key] = mean_ci(cells[key])
     for (arm, partition, method, tier), by_seed in groups.items():
         cells[arm, partition, "accuracy", method, tier] = mean_ci(by_seed.values())
         seeds = sorted({r["seed"] for r in result["rows"]
@@ -140,6 +148,9 @@ def cells_of(t: dict[str, Any]) -> dict[tuple[Any, ...], Any]:
         for peer, by_tier in s["differences"].items():
             for tier, (mean, half, _) in by_tier.items():
                 cells[arm, partition, "difference", peer, tier] = (mean, half)
+        for method, by_tier in s["worst10"].items():
+            for tier, (mean, half, _) in by_tier.items():
+                cells[arm, partition, "worst10", method, tier] = (mean, half)
         for method, c in s["compute"].items():
             cells[arm, partition, "compute", method] = (c["device_s"], c["gmacs"], c["mb"], c["flat"], c["runs"])
     for method, configs in t["tuning"].items():
@@ -215,6 +226,14 @@ def check_markdown(result: dict[str, Any], text: str) -> None:
                     key = (arm, partition, "accuracy", method, float(column[2:]))
                     assert numbers(cell) == (printed(*cells[key]) if key in cells else []), (key, cell)
         assert {e["method"] for e in accuracy} == {k[3] for k in cells if k[:3] == (arm, partition, "accuracy")}
+        worst_methods = {k[3] for k in cells if k[:3] == (arm, partition, "worst10")}
+        worst = rest.pop(0) if worst_methods else []
+        assert {e["method"] for e in worst} == worst_methods
+        for entry in worst:
+            for column, cell in entry.items():
+                if column.startswith("d="):
+                    key = (arm, partition, "worst10", entry["method"], float(column[2:]))
+                    assert numbers(cell) == (printed(*cells[key]) if key in cells else []), (key, cell)
         differences = rest[0] if len(rest) == 2 else []
         for entry in differences:
             for column, cell in entry.items():

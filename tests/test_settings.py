@@ -104,7 +104,17 @@ def test_the_anchor_weight_can_anneal_over_the_rounds_too() -> None:
 
 def test_the_joint_rule_is_checked_with_the_anchor_it_excludes() -> None:
     assert RunSettings.defaults(joint="sandwich", distill=0.0).joint == "sandwich"
-    with pytest.raises(SettingsError, match="joint must be one of all, sandwich"):
+    with pytest.raises(SettingsError, match="joint must be one of all, sum, sandwich"):
         RunSettings.defaults(joint="every")
     with pytest.raises(SettingsError, match="distill must be 0 with joint sandwich"):
         RunSettings.defaults(joint="sandwich", distill=0.5)
+
+
+def test_the_mix_is_checked_and_names_every_partitions_profile() -> None:
+    settings = RunSettings.defaults(mix="pi4=50,phone=50", seed=2)
+    groups = settings.partition_groups(10)
+    assert sorted(groups) == ["phone"] * 5 + ["pi4"] * 5 and groups == settings.partition_groups(10)
+    with pytest.raises(SettingsError, match="sum to 100"):
+        RunSettings.defaults(mix="pi4=50")
+    with pytest.raises(SettingsError, match="unknown device profile 'toaster'"):
+        RunSettings.defaults(mix="toaster=100")

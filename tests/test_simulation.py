@@ -5,24 +5,23 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from conftest import pick_port
 from cli.fleet import app
 from contracts.policy import CalibrationPoint
+from contracts.profiles import assign_profiles, parse_mix
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceStatus, Registry
 from simulations.fleet import read_calibration, write_calibration
 from simulations.report import densities_per_profile, profile_table
 from simulations.run import SimulationSettings, run_simulation
-from simulations.traces import assign_profiles, parse_mix
 
 
 def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500, lr=0.04,
-                               lr_decay=0.25)
+                               lr_decay=0.25, mix="laptop-x86=50,pi4=50", partition="profile")  # devices' data by kind
     # a saved calibration (as a run writes it) builds the fleet instead of timing the model now
     saved_calibration = tmp_path / "calibration.json"
     write_calibration(saved_calibration, run.model_label, MEASURED)
-    settings = SimulationSettings(run, devices=100, mix="laptop-x86=50,pi4=50", run_dir=tmp_path / "run",
+    settings = SimulationSettings(run, devices=100, run_dir=tmp_path / "run",
                                   calibration=saved_calibration)
     seen = []
     metrics = run_simulation(settings, seen.append)

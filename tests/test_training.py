@@ -176,7 +176,9 @@ def test_the_sandwich_gives_the_densest_band_its_whole_gradient_where_the_mean_g
     densest_alone = -reference.fc1.weight.grad * only_densest
     sandwich = moved(lambda m, opt: sandwich_step(m, x, y, m.densities, opt, random.Random(0)))
     mean = moved(lambda m, opt: joint_step(m, x, y, m.densities, [0.25] * 4, opt))
+    summed = moved(lambda m, opt: joint_step(m, x, y, m.densities, [1.0] * 4, opt))
     torch.testing.assert_close(sandwich, densest_alone)
+    torch.testing.assert_close(summed, densest_alone)
     torch.testing.assert_close(mean, densest_alone / 4)
 
 
@@ -190,7 +192,8 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sandwich"),
+    (TrainConfig(joint="every"), "joint must be one of all, sum, sandwich"),
+    (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
 ])
