@@ -95,6 +95,7 @@ HETEROFL_MNIST = {  # rates: (IID, non-IID global) %, Flower's baselines/heterof
 }
 MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
 GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
+ADDED_SETTINGS = {"joint": "all"}  # app settings newer than a results file: the value that file's runs ran with
 DEVIATIONS = [
     "Tiers are parameter-matched widths: each peer's tier holds no more parameters than DRESS's subnet at the same "
     "density, rather than the published width rates (HeteroFL's 1, 1/2, 1/4, ...).",
@@ -359,7 +360,7 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
         return {}
     if not of_this_protocol(previous):
         raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
-    theirs = previous["settings"]
+    theirs = {**previous["settings"], "app": {**ADDED_SETTINGS, **previous["settings"]["app"]}}
     differ = {k: (theirs.get(k), v) for k, v in settings.items() if k not in GROWING and theirs.get(k) != v}
     if differ:
         raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
