@@ -1,6 +1,6 @@
 """Federated DRESS against its peers under issue 24's protocol: tuned peers, two compute arms, paired seeds, CIs.
 
-    python benchmarks/federated.py                     # the whole matrix: tuning, then both arms (90 simulations)
+    python benchmarks/federated.py                     # the whole matrix: tuning, then both arms (108 simulations)
     python benchmarks/federated.py --resume            # continue a stopped one where it stopped
     python benchmarks/federated.py --profile quick --out /tmp/fed/federated.json   # the same protocol, small
     python benchmarks/federated.py --report            # rewrite federated.md and its plots from the JSON alone
@@ -69,8 +69,8 @@ from simulations.run import SimulationSettings, measure_calibration, run_simulat
 RESULTS = Path(__file__).parent / "results"
 TUNING = "tuning"  # a job's phase when it is not one of ARMS
 PROTOCOL = "issue-24"  # what a results file of this benchmark says it is
-# the server-side machinery every method may use, and the devices' rate: 8 configurations each
-TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.03, 0.1), "server_average": (0.0, 0.7),
+# the server-side machinery every method may use, and the devices' rate: 12 configurations each
+TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.03, 0.1, 0.3), "server_average": (0.0, 0.7),
                                                     "damped": (False, True)}
 TUNING_PARTITIONS = ("dirichlet:0.3",)  # where the peers differ most from IID training, and so their settings
 TUNING_ARM = "equal-compute"  # the headline arm: its step counts are the ones the configuration must suit
@@ -361,10 +361,20 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
     if not of_this_protocol(previous):
         raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
     theirs = {**previous["settings"], "app": {**ADDED_SETTINGS, **previous["settings"]["app"]}}
+    if grid_grew(theirs.get("tuning"), settings.get("tuning")):  # the new configurations are tuned on resume
+        theirs["tuning"] = settings["tuning"]
     differ = {k: (theirs.get(k), v) for k, v in settings.items() if k not in GROWING and theirs.get(k) != v}
     if differ:
         raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
     return previous
+
+
+def grid_grew(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> bool:
+    """Whether ``ours`` tunes over a grid that holds ``theirs`` (more values for some settings), all else equal."""
+    if not theirs or not ours or {k: v for k, v in theirs.items() if k != "grid"} != \
+            {k: v for k, v in ours.items() if k != "grid"} or theirs["grid"].keys() != ours["grid"].keys():
+        return False
+    return all(set(values) <= set(ours["grid"][key]) for key, values in theirs["grid"].items())
 
 
 def main() -> None:
@@ -417,26 +427,39 @@ def main() -> None:
         write_json(args.out, result)  # after every run: a long benchmark stopped midway keeps what it did
         return write_report(args.out, result)
 
-    done = {Job(TUNING, r["method"], r["partition"], r["seed"], r["config"]).key for r in tuned}
-    done |= {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
-    todo = [job for job in jobs if job.key not in done]
     started, walls = time.monotonic(), [r["wall_s"] for r in [*tuned, *runs]]  # the ETA's mean run time
-    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already done; {len(todo)} to go", flush=True)
-    report = save() if not todo else ""
-    for i, job in enumerate(todo, start=len(jobs) - len(todo) + 1):
-        if job.phase != TUNING:  # tuning jobs come first: by now every method's grid has run
-            job.config = best_configs(tuned)[job.method] if args.tune else default_config()
-        eta = hms(statistics.fmean(walls) * (len(jobs) - i + 1)) if walls else "after the first run"
-        print(f"== [{i}/{len(jobs)}] {job.name} ({config_label(job.config)}): elapsed "
-              f"{hms(time.monotonic() - started)}, ETA {eta}", flush=True)
-        run = job.run_settings(args)
-        metrics = simulate(job, run, args, files[job.method])
-        if job.phase == TUNING:
-            tuned.append(tuning_record(job, run, metrics))
-        else:
-            runs.append(run_record(job, run, metrics, settings["task"], points[job.method], args.devices))
-        walls.append(metrics["wall_s"])
-        report = save()
+    tuned_keys = {Job(TUNING, r["method"], r["partition"], r["seed"], r["config"]).key for r in tuned}
+    todo = [job for job in jobs if job.phase == TUNING and job.key not in tuned_keys]
+    comparison = [job for job in jobs if job.phase != TUNING]
+    report = ""
+
+    def run_jobs(todo: list[Job], before: int, total: int) -> None:
+        nonlocal report
+        for i, job in enumerate(todo, start=before + 1):
+            eta = hms(statistics.fmean(walls) * (total - i + 1)) if walls else "after the first run"
+            print(f"== [{i}/{total}] {job.name} ({config_label(job.config)}): elapsed "
+                  f"{hms(time.monotonic() - started)}, ETA {eta}", flush=True)
+            run = job.run_settings(args)
+            metrics = simulate(job, run, args, files[job.method])
+            if job.phase == TUNING:
+                tuned.append(tuning_record(job, run, metrics))
+            else:
+                runs.append(run_record(job, run, metrics, settings["task"], points[job.method], args.devices))
+            walls.append(metrics["wall_s"])
+            report = save()
+
+    print(f"tuning: {len(jobs) - len(comparison) - len(todo)} runs done, {len(todo)} to go", flush=True)
+    run_jobs(todo, len(jobs) - len(comparison) - len(todo), len(jobs) - len(comparison))
+    configs = best_configs(tuned) if args.tune else {m: default_config() for m in settings["methods"]}
+    stale = [r for r in runs if r["config"] != configs[r["method"]]]
+    if stale:  # a grown grid found a better configuration: the runs made with the old one no longer count
+        print(f"dropping {len(stale)} runs made with a configuration tuning no longer picks", flush=True)
+        runs[:] = [r for r in runs if r["config"] == configs[r["method"]]]
+    done = {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
+    todo = [dataclasses.replace(job, config=configs[job.method]) for job in comparison if job.key not in done]
+    print(f"comparison: {len(comparison) - len(todo)} of {len(comparison)} runs done, {len(todo)} to go", flush=True)
+    report = save() if not todo else report
+    run_jobs(todo, len(comparison) - len(todo), len(comparison))
     print(report)
 
 
