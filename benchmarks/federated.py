@@ -1,6 +1,6 @@
 """Federated DRESS against its peers under issue 24's protocol: tuned peers, two compute arms, paired seeds, CIs.
 
-    python benchmarks/federated.py                     # the whole matrix: tuning, then both arms (108 simulations)
+    python benchmarks/federated.py                     # the whole matrix: tuning, then both arms (120 simulations)
     python benchmarks/federated.py --resume            # continue a stopped one where it stopped
     python benchmarks/federated.py --profile quick --out /tmp/fed/federated.json   # the same protocol, small
     python benchmarks/federated.py --report            # rewrite federated.md and its plots from the JSON alone
@@ -69,8 +69,8 @@ from simulations.run import SimulationSettings, measure_calibration, run_simulat
 RESULTS = Path(__file__).parent / "results"
 TUNING = "tuning"  # a job's phase when it is not one of ARMS
 PROTOCOL = "issue-24"  # what a results file of this benchmark says it is
-# the server-side machinery every method may use, and the devices' rate: 12 configurations each
-TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.03, 0.1, 0.3), "server_average": (0.0, 0.7),
+# the server-side machinery every method may use, and the devices' rate: 16 configurations each
+TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.03, 0.1, 0.3, 1.0), "server_average": (0.0, 0.7),
                                                     "damped": (False, True)}
 TUNING_PARTITIONS = ("dirichlet:0.3",)  # where the peers differ most from IID training, and so their settings
 TUNING_ARM = "equal-compute"  # the headline arm: its step counts are the ones the configuration must suit
