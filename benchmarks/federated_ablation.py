@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -29,10 +30,10 @@ from contracts.flower_processes import stop_on_sigterm
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings
 from federated import (
-    PROFILES, RESULTS, TUNING_VALIDATION, Job, curves_of, default_task, final_accuracy, hms, is_flat, simulate,
-    task_arg,
+    PROFILES, RESULTS, TUNING, TUNING_ARM, TUNING_VALIDATION, Job, curves_of, default_task, device_rounds,
+    final_accuracy, hms, is_flat, simulate, task_arg,
 )
-from federated_stats import best_configs, mean_ci, t_975
+from federated_stats import best_configs, ci_text, mean_ci
 from simulations.fleet import write_calibration
 from simulations.run import measure_calibration
 
@@ -45,7 +46,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them
 PARTITIONS = "iid,dirichlet:0.3"
-ARM = "equal-compute"
+ARM = TUNING_ARM  # the equal-compute arm, as federated.py tunes in it
 FLEET = ("devices", "rounds", "fraction", "epochs", "max_examples", "eval_examples")
 
 
@@ -56,28 +57,17 @@ def tuned_dress(path: Path) -> dict[str, Any]:
 
 
 def run_settings(args: argparse.Namespace, variant: str, partition: str, seed: int) -> RunSettings:
-    return RunSettings.defaults(
-        method="dress", dataset=args.task.dataset, model=args.task.model, width=args.task.width,
-        num_rounds=args.rounds, fraction=args.fraction, partition=partition, mix=args.mix, seed=seed,
-        epochs=args.epochs,
-        max_examples=args.max_examples, eval_examples=args.eval_examples, compute_matched=ARM == "equal-compute",
-        validation=TUNING_VALIDATION, **args.base, **VARIANTS[variant])
+    """A variant's run: a tuning run of federated.py's (held-out scoring, equal-compute) with the variant's
+    settings over DRESS's tuned ones."""
+    return Job(TUNING, "dress", partition, seed, {**args.base, **VARIANTS[variant]}).run_settings(args)
 
 
-def paired(runs: list[dict[str, Any]], variant: str, partition: str, tier: str) -> tuple[float, float, int]:
-    """``variant`` − BASELINE at ``tier`` on ``partition``, paired by seed: mean, CI half-width, seeds."""
+def paired(runs: list[dict[str, Any]], variant: str, partition: str, tier: str) -> tuple[float, float]:
+    """``variant`` − BASELINE at ``tier`` on ``partition``, paired by seed: mean and CI half-width (nan when no
+    seed has both)."""
     of = {(r["variant"], r["seed"]): r["final_accuracy"][tier] for r in runs if r["partition"] == partition}
     diffs = [of[variant, s] - of[BASELINE, s] for v, s in of if v == variant and (BASELINE, s) in of]
-    if not diffs:
-        return float("nan"), float("nan"), 0
-    if len(diffs) == 1:
-        return diffs[0], float("nan"), 1
-    return statistics.fmean(diffs), t_975(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5, len(diffs)
-
-
-def cell(mean: float, ci: float, sign: bool = False) -> str:
-    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
-    return text if ci != ci else f"{text} ± {ci:.2f}"
+    return mean_ci(diffs) if diffs else (math.nan, math.nan)
 
 
 def report(result: dict[str, Any]) -> str:
@@ -99,12 +89,11 @@ def report(result: dict[str, Any]) -> str:
                 continue
             row: dict[str, Any] = {"variant": variant, "seeds": ",".join(str(r["seed"]) for r in mine)}
             for tier in tiers:
-                row[f"d={tier}"] = cell(*mean_ci(r["final_accuracy"][tier] for r in mine))
+                row[f"d={tier}"] = ci_text(*mean_ci(r["final_accuracy"][tier] for r in mine))
                 if variant != BASELINE:
-                    mean, ci, _ = paired(runs, variant, partition, tier)
-                    row[f"d={tier}"] += f" (Δ {cell(mean, ci, sign=True)})"
-            row["d=max − d=min"] = cell(*mean_ci(r["final_accuracy"][tiers[0]] - r["final_accuracy"][tiers[-1]]
-                                                 for r in mine), sign=True)
+                    row[f"d={tier}"] += f" (Δ {ci_text(*paired(runs, variant, partition, tier), sign='+')})"
+            row["d=max − d=min"] = ci_text(*mean_ci(r["final_accuracy"][tiers[0]] - r["final_accuracy"][tiers[-1]]
+                                                    for r in mine), sign="+")
             row["device-rounds per tier"] = " / ".join(str(sum(r["device_rounds"].get(t, 0) for r in mine))
                                                       for t in tiers)
             row["flat"] = f"{sum(r['flat'] for r in mine)}/{len(mine)}"
@@ -140,7 +129,10 @@ def main() -> None:
     if BASELINE not in variants:
         raise SystemExit(f"the variants must include {BASELINE}: every other one is compared with it")
     partitions = [x for x in args.partitions.split(",") if x]
-    seeds = [int(x) for x in args.seeds.split(",") if x]
+    try:
+        seeds = [int(x) for x in args.seeds.split(",") if x]
+    except ValueError as e:
+        raise SystemExit(f"--seeds must be comma-separated integers: {e}") from None
     args.base = tuned_dress(args.tuned)
     args.mix = RunSettings.defaults().mix
     for variant in variants:  # every run's settings checked before the first one starts
@@ -168,13 +160,9 @@ def main() -> None:
         metrics = simulate(Job(ARM, "dress", partition, seed, {}), run,
                            argparse.Namespace(**{**vars(args), "run_dir": args.run_dir / variant}), calibration_file)
         curves = curves_of("dress", metrics, run.density_list)
-        device_rounds: dict[str, int] = {}
-        for r in metrics["per_round"]:
-            for density in r["participants"].values():
-                device_rounds[f"{float(density):g}"] = device_rounds.get(f"{float(density):g}", 0) + 1
         runs.append({"task": args.task.name, "variant": variant, "partition": partition, "seed": seed,
                      "final_accuracy": final_accuracy("dress", metrics, run.density_list), "curves": curves,
-                     "flat": is_flat(curves), "device_rounds": device_rounds, "wall_s": metrics["wall_s"],
+                     "flat": is_flat(curves), "device_rounds": device_rounds(metrics["per_round"]), "wall_s": metrics["wall_s"],
                      "macs_per_round": statistics.fmean(r["device_macs"] for r in metrics["per_round"])})
         result = {"command": command(), "machine": machine(), "settings": settings, "calibration": calibration,
                   "runs": runs}

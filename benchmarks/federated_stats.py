@@ -43,6 +43,11 @@ def mean_ci(values: Iterable[float]) -> tuple[float, float]:
     return mean, t_975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
+def ci_text(mean: float, half: float, sign: str = "") -> str:
+    """``mean ± half`` as the reports print it (``sign`` "+": always signed); one value has no interval."""
+    return f"{mean:{sign}.2f}" + ("" if math.isnan(half) else f" ± {half:.2f}")
+
+
 def paired_difference(rows: Sequence[Mapping[str, Any]], method: str, peer: str, arm: str, partition: str,
                       tier: float) -> Cell:
     """``method`` − ``peer`` at one tier, paired by seed (the seeds both ran): the same devices, shards and rounds,

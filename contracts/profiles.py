@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dress_model.partition import largest_remainders
+
 PROFILES_PATH = Path(__file__).with_name("profiles.toml")
 
 
@@ -117,10 +119,7 @@ def parse_mix(spec: str, known: list[str]) -> dict[str, float]:
 
 def assign_profiles(mix: dict[str, float], devices: int, seed: int) -> list[str]:
     """Exactly round(share * devices) of each profile (largest remainders), shuffled by seed."""
-    exact = {name: share * devices for name, share in mix.items()}
-    counts = {name: int(v) for name, v in exact.items()}
-    for name in sorted(exact, key=lambda n: exact[n] - counts[n], reverse=True)[: devices - sum(counts.values())]:
-        counts[name] += 1
+    counts = largest_remainders({name: share * devices for name, share in mix.items()}, devices)
     names = [name for name, count in counts.items() for _ in range(count)]
     random.Random(seed).shuffle(names)
     return names

@@ -8,14 +8,15 @@ its repeat run see exactly the same client data.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 import torch
 
 MAX_DIRICHLET_DRAWS = 200
+K = TypeVar("K")
 PROFILE_LEAN = 0.8  # a `profile` partition's default: this share of a device's examples is of its profile's classes
 
 
@@ -153,6 +154,15 @@ def label_shards_partition(labels: np.ndarray | torch.Tensor, num_parts: int, pe
     return [np.sort(np.concatenate(p)) if p else np.array([], dtype=np.int64) for p in parts]
 
 
+def largest_remainders(exact: Mapping[K, float], total: int) -> dict[K, int]:
+    """Whole counts summing to ``total`` from ``exact`` shares of it: each share rounded down, then one more to
+    those with the largest remainders (ties in ``exact``'s order)."""
+    counts = {key: int(value) for key, value in exact.items()}
+    for key in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: total - sum(counts.values())]:
+        counts[key] += 1
+    return counts
+
+
 def profile_partition(labels: np.ndarray | torch.Tensor, groups: Sequence[str], lean: float,
                       seed: int) -> list[np.ndarray]:
     """Device-correlated parts: part i belongs to group ``groups[i]`` (its device's profile), and each group
@@ -171,10 +181,7 @@ def profile_partition(labels: np.ndarray | torch.Tensor, groups: Sequence[str], 
     rng = np.random.default_rng(seed)
     classes = np.unique(y)
     names = sorted(set(groups))
-    exact = {g: len(classes) * list(groups).count(g) / num_parts for g in names}
-    dealt = {g: int(exact[g]) for g in names}
-    for g in sorted(names, key=lambda g: exact[g] - dealt[g], reverse=True)[: len(classes) - sum(dealt.values())]:
-        dealt[g] += 1
+    dealt = largest_remainders({g: len(classes) * list(groups).count(g) / num_parts for g in names}, len(classes))
     order, owned, start = rng.permutation(len(classes)), {}, 0
     for g in names:
         owned[g], start = order[start:start + dealt[g]], start + dealt[g]
