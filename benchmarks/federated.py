@@ -82,11 +82,13 @@ WORST_SHARE = 0.1  # fairness as FjORD reports it: the mean over the 10 % of dev
 TRACES = "constant"  # every device at its full budget, always online: the same devices per round for every method
 PROFILES: dict[str, dict[str, Any]] = {
     # the converged regime: whole shards, several local epochs, enough rounds for the curves to flatten
-    "full": {"devices": 100, "rounds": 40, "fraction": 0.1, "epochs": 2.0, "max_examples": 0, "eval_examples": 2000,
+    "full": {"devices": 100, "rounds": 80, "tuning_rounds": 40, "fraction": 0.1, "epochs": 2.0, "max_examples": 0,
+             "eval_examples": 2000,
              "methods": "dress,heterofl,fjord-kd", "partitions": "iid,dirichlet:0.3,labels:2",
              "seeds_equal_compute": "0,1,2,3,4", "seeds_equal_rounds": "0,1,2", "tune": True},
     # the same protocol in at most 20 minutes on 2 cores: what a test or a first look runs; not a result
-    "quick": {"devices": 20, "rounds": 6, "fraction": 0.25, "epochs": 2.0, "max_examples": 64, "eval_examples": 500,
+    "quick": {"devices": 20, "rounds": 6, "tuning_rounds": 6, "fraction": 0.25, "epochs": 2.0, "max_examples": 64,
+              "eval_examples": 500,
               "methods": "dress,heterofl,fjord-kd", "partitions": "iid,labels:2",
               "seeds_equal_compute": "0,1", "seeds_equal_rounds": "0", "tune": False},
 }
@@ -96,6 +98,7 @@ HETEROFL_MNIST = {  # rates: (IID, non-IID global) %, Flower's baselines/heterof
 }
 MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
 GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
+RESTARTING = ("rounds",)  # settings a resumed benchmark may change: the comparison runs made otherwise are redone
 ADDED_SETTINGS = {"joint": "all"}  # app settings newer than a results file: the value that file's runs ran with
 DEVIATIONS = [
     "Tiers are parameter-matched widths: each peer's tier holds no more parameters than DRESS's subnet at the same "
@@ -150,7 +153,7 @@ class Job:
         arm = TUNING_ARM if self.phase == TUNING else self.phase
         return RunSettings.defaults(
             method=self.method, dataset=args.task.dataset, model=args.task.model, width=args.task.width,
-            num_rounds=args.rounds, fraction=args.fraction,
+            num_rounds=args.tuning_rounds if self.phase == TUNING else args.rounds, fraction=args.fraction,
             partition=self.partition, mix=args.mix, seed=self.seed, epochs=args.epochs, max_examples=args.max_examples,
             eval_examples=args.eval_examples, compute_matched=arm == "equal-compute",
             validation=TUNING_VALIDATION if self.phase == TUNING else 0, **self.config,
@@ -342,7 +345,8 @@ def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[s
         "epochs": args.epochs, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
         "tune": args.tune,
         "tuning": {"grid": {k: list(v) for k, v in TUNING_GRID.items()}, "partitions": list(TUNING_PARTITIONS),
-                   "arm": TUNING_ARM, "seed": TUNING_SEED, "validation": TUNING_VALIDATION} if args.tune else None,
+                   "arm": TUNING_ARM, "seed": TUNING_SEED, "validation": TUNING_VALIDATION,
+                   "rounds": args.tuning_rounds} if args.tune else None,
         "app": {k: v for k, v in app.to_run_config().items() if k not in per_job},
         "methods": methods, "partitions": partitions, "seeds": seeds,
     }
@@ -367,9 +371,12 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
     if not of_this_protocol(previous):
         raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
     theirs = {**previous["settings"], "app": {**ADDED_SETTINGS, **previous["settings"]["app"]}}
+    if theirs.get("tuning") and "rounds" not in theirs["tuning"]:  # written when tuning ran the comparison's rounds
+        theirs["tuning"] = {**theirs["tuning"], "rounds": theirs["rounds"]}
     if grid_grew(theirs.get("tuning"), settings.get("tuning")):  # the new configurations are tuned on resume
         theirs["tuning"] = settings["tuning"]
-    differ = {k: (theirs.get(k), v) for k, v in settings.items() if k not in GROWING and theirs.get(k) != v}
+    differ = {k: (theirs.get(k), v) for k, v in settings.items()
+              if k not in (*GROWING, *RESTARTING) and theirs.get(k) != v}
     if differ:
         raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
     return previous
@@ -381,6 +388,19 @@ def grid_grew(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> boo
             {k: v for k, v in ours.items() if k != "grid"} or theirs["grid"].keys() != ours["grid"].keys():
         return False
     return all(set(values) <= set(ours["grid"][key]) for key, values in theirs["grid"].items())
+
+
+def still_valid(runs: list[dict[str, Any]], configs: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
+    """The comparison runs a resumed benchmark keeps: those made with the configuration tuning picks now (a grown
+    grid may pick another) and with today's round count (a longer comparison redoes the shorter runs)."""
+    kept = runs
+    for why, stale in (("a configuration tuning no longer picks", lambda r: r["config"] != configs[r["method"]]),
+                       (f"another round count than {rounds}", lambda r: r["rounds"] != rounds)):
+        dropped = [r for r in kept if stale(r)]
+        if dropped:
+            print(f"dropping {len(dropped)} comparison runs made with {why}", flush=True)
+            kept = [r for r in kept if not stale(r)]
+    return kept
 
 
 def main() -> None:
@@ -457,10 +477,7 @@ def main() -> None:
     print(f"tuning: {len(jobs) - len(comparison) - len(todo)} runs done, {len(todo)} to go", flush=True)
     run_jobs(todo, len(jobs) - len(comparison) - len(todo), len(jobs) - len(comparison))
     configs = best_configs(tuned) if args.tune else {m: default_config() for m in settings["methods"]}
-    stale = [r for r in runs if r["config"] != configs[r["method"]]]
-    if stale:  # a grown grid found a better configuration: the runs made with the old one no longer count
-        print(f"dropping {len(stale)} runs made with a configuration tuning no longer picks", flush=True)
-        runs[:] = [r for r in runs if r["config"] == configs[r["method"]]]
+    runs[:] = still_valid(runs, configs, args.rounds)
     done = {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
     todo = [dataclasses.replace(job, config=configs[job.method]) for job in comparison if job.key not in done]
     print(f"comparison: {len(comparison) - len(todo)} of {len(comparison)} runs done, {len(todo)} to go", flush=True)
@@ -597,7 +614,8 @@ def tuning_lines(result: dict[str, Any], tuning: dict[str, list[dict[str, Any]]]
         table.append({"method": method, **{label: scores.get(label, "—") for label in labels}})
     return ["## Tuning", "",
             f"Every method tried the same {len(labels)} configurations, one run each on "
-            f"{', '.join(tuning_settings['partitions'])}, seed {tuning_settings['seed']}, in the "
+            f"{', '.join(tuning_settings['partitions'])}, seed {tuning_settings['seed']}, "
+            f"{tuning_settings.get('rounds', s['rounds'])} rounds, in the "
             f"{tuning_settings['arm']} arm, scored on {tuning_settings['validation']:,} training images held out from "
             "every shard (never the test split): the last round's model, mean over tiers (%). Bold: the method's "
             "configuration in both arms.", "", markdown_table(table, ["method", *labels])]
@@ -686,7 +704,8 @@ def parse_args() -> argparse.Namespace:
     profiled("--seeds-equal-compute", str, f"the equal-compute arm's seeds (issue 24: at least {MIN_SEEDS['equal-compute']})")
     profiled("--seeds-equal-rounds", str, f"the equal-rounds arm's seeds (issue 24: at least {MIN_SEEDS['equal-rounds']})")
     profiled("--devices", int, "devices in the fleet")
-    profiled("--rounds", int, "rounds per run")
+    profiled("--rounds", int, "rounds per comparison run (changed on --resume: the runs of another count are redone)")
+    profiled("--tuning-rounds", int, "rounds per tuning run (a selection: fewer than the comparison's)")
     profiled("--fraction", float, "share of the fleet trained per round")
     profiled("--epochs", float, "local epochs per round (equal-compute: their MACs at the device's own subnet)")
     profiled("--max-examples", int, "examples per device per round; 0 = its whole shard")

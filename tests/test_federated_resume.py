@@ -1,13 +1,16 @@
 """What a resumed federated benchmark accepts: a tuning grid that grew (its new points are tuned, its stale
-comparison runs dropped), never one that changed."""
+comparison runs dropped), never one that changed; a longer comparison (its shorter runs redone, tuning kept)."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from federated import grid_grew  # noqa: E402
+from federated import PROTOCOL, grid_grew, resumed, still_valid  # noqa: E402
 
 OLD = {"grid": {"lr": [0.03, 0.1], "damped": [False, True]}, "partitions": ["dirichlet:0.3"], "seed": 100}
 
@@ -19,3 +22,24 @@ def test_a_grid_may_grow_but_not_change() -> None:
     assert not grid_grew(OLD, {**OLD, "grid": {"lr": [0.03, 0.1], "damped": [False, True], "momentum": [0.9]}})
     assert not grid_grew(OLD, {**OLD, "seed": 101, "grid": {"lr": [0.03, 0.1, 0.3], "damped": [False, True]}})
     assert not grid_grew(None, OLD) and not grid_grew(OLD, None)
+
+
+def settings(rounds: int, tuning_rounds: int | None) -> dict:
+    tuning = {**OLD, "arm": "equal-compute", "validation": 10_000}
+    return {"task": "fashion-mnist-cnn", "rounds": rounds, "app": {"joint": "all"}, "methods": ["dress"],
+            "tuning": tuning if tuning_rounds is None else {**tuning, "rounds": tuning_rounds}}
+
+
+def test_a_longer_comparison_keeps_the_tuning_and_redoes_the_shorter_runs(tmp_path: Path) -> None:
+    out = tmp_path / "federated.json"
+    runs = [{"method": "dress", "config": {"lr": 0.1}, "rounds": 40},
+            {"method": "dress", "config": {"lr": 0.1}, "rounds": 80},
+            {"method": "dress", "config": {"lr": 0.3}, "rounds": 80}]
+    # a file from before tuning had rounds of its own: its tuning ran the comparison's 40
+    out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(40, None), "runs": runs,
+                               "tuning": {"runs": []}}))
+    assert resumed(out, settings(80, 40), resume=True)["runs"] == runs
+    with pytest.raises(SystemExit, match="other settings"):  # the tuning's own rounds may not change
+        resumed(out, settings(80, 30), resume=True)
+    assert still_valid(runs, {"dress": {"lr": 0.1}}, 80) == [runs[1]]
+    assert still_valid(runs, {"dress": {"lr": 0.1}}, 40) == [runs[0]]
