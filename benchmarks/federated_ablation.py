@@ -42,12 +42,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mean": {"distill": 0.0},  # the same without the anchor
     "sum": {"joint": "sum", "distill": 0.0},  # every density each step, losses summed: the densest band's whole gradient
     "sandwich": {"joint": "sandwich", "distill": 0.0},  # the densest on labels, two smaller ones from its predictions
+    "band": {"joint": "band", "distill": 0.0},  # every density each step, each weight by its subnets' mean gradient
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them
 PARTITIONS = "iid,dirichlet:0.3"
 ARM = TUNING_ARM  # the equal-compute arm, as federated.py tunes in it
-FLEET = ("devices", "rounds", "fraction", "epochs", "max_examples", "eval_examples")
+FLEET = ("devices", "rounds", "fraction", "epochs", "max_examples", "eval_examples")  # federated.py's full profile
 
 
 def tuned_dress(path: Path) -> dict[str, Any]:
@@ -123,6 +124,7 @@ def main() -> None:
         return
     for key in FLEET:
         setattr(args, key, PROFILES["full"][key])
+    args.rounds = args.tuning_rounds = PROFILES["full"]["tuning_rounds"]  # a variant is a selection, as tuning is
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
@@ -145,6 +147,10 @@ def main() -> None:
     fixed = ("task", "base", "densities", *FLEET)
     if previous and any(previous["settings"][k] != settings[k] for k in fixed):
         raise SystemExit(f"{args.out} was run with other settings ({', '.join(fixed)} must match): another --out")
+    if previous:  # variants, partitions and seeds may grow
+        for key in ("variants", "partitions", "seeds"):
+            settings[key] = list(dict.fromkeys([*previous["settings"][key], *settings[key]]))
+    commands = [*(previous["command"].split(" && ") if previous else []), command()]
     runs: list[dict[str, Any]] = previous["runs"] if previous else []
     calibration: list[dict[str, float]] = previous["calibration"] if previous else []
     done = {(r["variant"], r["partition"], r["seed"]) for r in runs}
@@ -164,7 +170,7 @@ def main() -> None:
                      "final_accuracy": final_accuracy("dress", metrics, run.density_list), "curves": curves,
                      "flat": is_flat(curves), "device_rounds": device_rounds(metrics["per_round"]), "wall_s": metrics["wall_s"],
                      "macs_per_round": statistics.fmean(r["device_macs"] for r in metrics["per_round"])})
-        result = {"command": command(), "machine": machine(), "settings": settings, "calibration": calibration,
+        result = {"command": " && ".join(dict.fromkeys(commands)), "machine": machine(), "settings": settings, "calibration": calibration,
                   "runs": runs}
         write_json(args.out, result)
         md.write_text(report(result))

@@ -69,7 +69,7 @@ ServerAverageOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="The
 ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
 DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
 DistillDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's anchor weight as a share of --distill, cosine over the rounds (1 = constant).")]
-JointOption = Annotated[str, typer.Option(help="What a DRESS device's local step trains: all (every density at or below its own, mean loss), sum (the same, losses summed) or sandwich (its own density on the labels; the sparsest and one drawn between learn from its predictions; needs --distill 0).")]
+JointOption = Annotated[str, typer.Option(help="What a DRESS device's local step trains: all (every density at or below its own, mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by how many of those subnets hold it) or sandwich (its own density on the labels; the sparsest and one drawn between learn from its predictions; needs --distill 0).")]
 MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
 SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
 HeartbeatOption = Annotated[float, typer.Option("--heartbeat-s", min=0.05, max=3600.0, help="Devices heartbeat at least this often (seconds); silent for 6 heartbeats, a device is offline. Raise it for very large fleets.")]

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dress_model.layers import DensityBatchNorm
+from dress_model.layers import DensityBatchNorm, RowSparse
 from dress_model.models import DressModel
-from dress_model.packed import PackedModel
+from dress_model.packed import PackedModel, PackedSparse
 from dress_model.sparsity import get_importance
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class TrainConfig:
     distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
     classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
-    joint: str = "all"  # what a step trains: "all" or "sum" (every density, ``joint_step``) or "sandwich"
+    joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``) or "sandwich"
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -74,8 +74,10 @@ def joint_step(
     distill: float = 0.0,
     classes: torch.Tensor | None = None,
     clip_norm: float = 0.0,
+    band_mean: bool = False,
 ) -> dict[float, float]:
     """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet.
+    ``band_mean`` then divides each weight's gradient by how many of the subnets hold it (``band_mean_``).
 
     With an ``anchor``, every density above the sparsest trains on ``(1 - distill) * CE + distill * KL(anchor
     || subnet)``: the anchor's predictions on the same batch are soft targets the denser subnets must not stray
@@ -97,12 +99,43 @@ def joint_step(
             kl = F.kl_div(F.log_softmax(logits, dim=1), targets, log_target=True, reduction="batchmean")
             loss = (1 - distill) * loss + distill * kl
         (w * loss).backward()
+    if band_mean:
+        band_mean_(model, densities)
     clip_gradients(model, clip_norm)
     optimizer.step()
     return losses
 
 
-JOINT_RULES = ("all", "sum", "sandwich")  # every density: loss_weights (mean by default) or summed; the sandwich
+@torch.no_grad()
+def band_mean_(model: Trainable, densities: Sequence[float]) -> None:
+    """Divide each parameter element's summed gradient by how many of ``densities``' subnets hold it: every
+    weight then moves by the mean gradient of the subnets it serves.
+
+    Why: under the mean over k densities the prefix gets the mean of k gradients but a band only the densest
+    subnet holds gets 1/k of one, so upper bands learn k times slower than the prefix; summing the losses fixes
+    the bands but takes k times larger steps on the prefix. Counted per element: a row-sparse weight by the
+    masks (a packed layer by its bands), a per-density BN row is its density's alone, the rest is shared."""
+    trained = sorted(model.density_index(d) for d in densities)
+    counted: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, RowSparse) and module.weight.grad is not None:
+            count = sum(module.mask(model.densities[i]) for i in trained)
+            module.weight.grad.div_(count.clamp_min(1))
+            counted.add(id(module.weight))
+        elif isinstance(module, PackedSparse) and module.values.grad is not None:
+            for band, (offset, width) in enumerate(module.bands.tolist()):
+                holders = sum(1 for i in trained if i >= band)  # band b belongs to density index b and above
+                module.values.grad[offset: offset + module.rows * width].div_(max(holders, 1))
+            counted.add(id(module.values))
+        elif isinstance(module, DensityBatchNorm) and module.affine == "per-density":
+            counted.update((id(module.weight), id(module.bias)))
+    for p in model.parameters():
+        if p.grad is not None and id(p) not in counted:
+            p.grad.div_(len(trained))
+
+
+JOINT_RULES = ("all", "sum", "band", "sandwich")  # every density: loss_weights (mean by default), summed, or
+# summed then each weight's gradient divided by its subnets (band_mean_); the sandwich
 
 
 def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
@@ -247,12 +280,12 @@ def train(
     if sandwich and (config.distill or config.loss_weights or config.classes is not None):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
                          "it takes no distill (anchor to the sparsest), loss_weights or classes")
-    if config.joint == "sum" and config.loss_weights is not None:
-        raise ValueError("joint 'sum' weighs every density 1: it takes no loss_weights")
+    if config.joint in ("sum", "band") and config.loss_weights is not None:
+        raise ValueError(f"joint {config.joint!r} weighs every density 1: it takes no loss_weights")
     if config.rerank_every and isinstance(model, PackedModel):
         raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
-    weights = [1.0] * len(densities) if config.joint == "sum" else config.weights_for(densities)
+    weights = [1.0] * len(densities) if config.joint in ("sum", "band") else config.weights_for(densities)
     importance = get_importance(config.importance)
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
@@ -265,7 +298,7 @@ def train(
                 losses = sandwich_step(model, x, y, densities, optimizer, rng, config.clip_norm)
             else:
                 losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, classes,
-                                    config.clip_norm)
+                                    config.clip_norm, band_mean=config.joint == "band")
             schedule.step()
             step += 1
             # Never re-rank on the last step: BN statistics were gathered under the current masks.

@@ -8,6 +8,7 @@ import torch
 from dress_model.data import load_dataset
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import create_model
+from dress_model.packed import PackedModel
 import random
 
 from dress_model.training import (
@@ -182,6 +183,37 @@ def test_the_sandwich_gives_the_densest_band_its_whole_gradient_where_the_mean_g
     torch.testing.assert_close(mean, densest_alone / 4)
 
 
+def test_the_band_rule_moves_each_weight_by_the_mean_of_the_subnets_that_hold_it() -> None:
+    """Under ``joint="band"`` a weight only the densest subnet holds moves by the densest loss's gradient (as
+    summed), a weight of the sparsest prefix by the mean over every subnet's (as the mean rule): the dense model
+    and its packed subnets, what a device trains, move alike."""
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.25,0.1", width=4)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    only_densest, prefix = 1 - model.fc1.mask(0.5), model.fc1.mask(0.1)
+
+    def stepped(trainee, step):
+        trainee = copy.deepcopy(trainee)
+        step(trainee, torch.optim.SGD([p for p in trainee.parameters() if p.requires_grad], lr=1.0))
+        return trainee
+
+    def fc1_moved(trained) -> torch.Tensor:
+        return trained.fc1.weight.detach() - model.fc1.weight.detach()
+
+    band = stepped(model, lambda m, opt: joint_step(m, x, y, m.densities, [1.0] * 4, opt, band_mean=True))
+    summed = stepped(model, lambda m, opt: joint_step(m, x, y, m.densities, [1.0] * 4, opt))
+    mean = stepped(model, lambda m, opt: joint_step(m, x, y, m.densities, [0.25] * 4, opt))
+    torch.testing.assert_close(fc1_moved(band) * only_densest, fc1_moved(summed) * only_densest)
+    torch.testing.assert_close(fc1_moved(band) * prefix, fc1_moved(mean) * prefix)
+    assert (fc1_moved(band) * only_densest).abs().sum() > 0
+    torch.testing.assert_close(band.fc1.bias, mean.fc1.bias)  # shared by every subnet: the mean
+
+    packed = PackedModel.from_dress(model)
+    packed.train()
+    packed_band = stepped(packed, lambda m, opt: joint_step(m, x, y, m.densities, [1.0] * 4, opt, band_mean=True))
+    torch.testing.assert_close(packed_band.to_dress().fc1.weight, band.fc1.weight, atol=1e-5, rtol=1e-4)
+
+
 def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
     torch.manual_seed(0)
     model = create_model("cnn", "1,0.5,0.25,0.1", width=8)
@@ -192,7 +224,7 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sum, sandwich"),
+    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich"),
     (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
