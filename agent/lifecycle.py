@@ -33,12 +33,12 @@ from agent.serving import (
 )
 from contracts import calibration_wire
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
-from contracts.flower_processes import ManagedProcess, PortInUseError, start_supernode
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
-from contracts.tls import CertificateError, channel_credentials, is_loopback, mutual_server_credentials
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+from runtime.certificates import CertificateError, channel_credentials, is_loopback, mutual_server_credentials
+from runtime.processes import ManagedProcess, PortInUseError, start_supernode
 
 log = logging.getLogger(__name__)
 

@@ -334,7 +334,7 @@ def serve(
 ) -> AgentServer:
     """Start Agent (and the standard health service, SERVING from the start) on host:port; non-blocking.
 
-    With ``credentials`` (contracts.tls.mutual_server_credentials) it serves TLS only and answers only callers
+    With ``credentials`` (runtime.certificates.mutual_server_credentials) it serves TLS only and answers only callers
     whose client certificate the fleet CA signed; without, plaintext, which the agent allows on loopback only."""
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="agent-predict"),

@@ -26,11 +26,11 @@ from typing import Any
 import psutil
 
 from contracts.credentials import CREDENTIAL_FILE
-from contracts.flower_processes import pick_port
 from coordinator.registry import Registry
+from runtime.processes import pick_port
 
 BIN = Path(sys.executable).parent
-# A killed member's children get SIGTERM from contracts/reaper.py and are SIGKILLed by it 10 s later if still
+# A killed member's children get SIGTERM from runtime/reaper.py and are SIGKILLed by it 10 s later if still
 # there; one alive after this long is an orphan.
 ORPHAN_AFTER_S = 20.0
 MID_ROUND_WAIT_S = 60.0  # how long a kill waits for a device to be training

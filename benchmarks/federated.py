@@ -53,9 +53,9 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
 from common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
-from contracts.flower_processes import stop_on_sigterm  # noqa: E402
+from federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
+
 from contracts.methods import METHODS  # noqa: E402
 from contracts.naming import simulated_name  # noqa: E402
 from contracts.policy import CalibrationPoint  # noqa: E402
@@ -63,7 +63,7 @@ from contracts.settings import RunSettings, SettingsError  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
 from dress_model.data import load_dataset  # noqa: E402
 from dress_model.training import class_accuracy  # noqa: E402
-from federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
+from runtime.processes import stop_on_sigterm  # noqa: E402
 from simulations.fleet import write_calibration  # noqa: E402
 from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
 

@@ -26,14 +26,27 @@ from pathlib import Path
 from typing import Any
 
 from common import Task, command, machine, markdown_table, write_json
-from contracts.flower_processes import stop_on_sigterm
-from contracts.policy import CalibrationPoint
-from contracts.settings import RunSettings
 from federated import (
-    PROFILES, RESULTS, TUNING, TUNING_ARM, TUNING_VALIDATION, Job, curves_of, default_task, device_rounds,
-    final_accuracy, hms, is_flat, simulate, task_arg,
+    PROFILES,
+    RESULTS,
+    TUNING,
+    TUNING_ARM,
+    TUNING_VALIDATION,
+    Job,
+    curves_of,
+    default_task,
+    device_rounds,
+    final_accuracy,
+    hms,
+    is_flat,
+    simulate,
+    task_arg,
 )
 from federated_stats import best_configs, ci_text, mean_ci
+
+from contracts.policy import CalibrationPoint
+from contracts.settings import RunSettings
+from runtime.processes import stop_on_sigterm
 from simulations.fleet import write_calibration
 from simulations.run import measure_calibration
 

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from common import command, machine, write_json
-from contracts.flower_processes import stop_on_sigterm
+
 from contracts.settings import RunSettings, build_model
+from runtime.processes import stop_on_sigterm
 from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"

@@ -42,7 +42,6 @@ from sqlalchemy import select  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from contracts.credentials import bearer  # noqa: E402
-from contracts.flower_processes import pick_port  # noqa: E402
 from contracts.settings import RunSettings  # noqa: E402
 from coordinator.control_plane import serve  # noqa: E402
 from coordinator.registry import Registry  # noqa: E402
@@ -50,6 +49,7 @@ from coordinator.registry.engine import make_engine  # noqa: E402
 from coordinator.registry.models import BudgetReport  # noqa: E402
 from protos.dress.fleet.v1 import control_plane_pb2 as pb  # noqa: E402
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc  # noqa: E402
+from runtime.processes import pick_port  # noqa: E402
 
 log = logging.getLogger("registry_bench")
 

@@ -34,20 +34,18 @@ from typing import Any
 
 import grpc
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-
-from common import command, machine, markdown_table, peak_rss_above_idle, write_json
 from byzantine import RUNS as BYZANTINE_RUNS
 from byzantine import run_byzantine
+from common import command, machine, markdown_table, peak_rss_above_idle, write_json
 from faults import run_faults
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 from superlink_strangers import superlink_strangers
+
 from agent.serving import AgentIdentity, ServedModel
 from agent.serving import serve as serve_agent
 from contracts import calibration_wire
 from contracts.credentials import bearer, supernode_key
-from contracts.flower_processes import flwr, pick_port, start_superlink, start_supernode
-from contracts.tls import init_certificates, issue_certificate, mutual_server_credentials
 from contracts.messages import train_config
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings, build_run_model
@@ -61,6 +59,8 @@ from dress_model.packed import PackedFormatError, PackedModel, index_bits, pack_
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from runtime.certificates import init_certificates, issue_certificate, mutual_server_credentials
+from runtime.processes import flwr, pick_port, start_superlink, start_supernode
 
 RESULTS = Path(__file__).parent / "results"
 HANG_S = 5.0

@@ -14,14 +14,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common import command, machine, markdown_table, write_json
+from registry_bench import DEFAULT_PG_URL, fresh_database
 from sqlalchemy import text
 
-from common import command, machine, markdown_table, write_json
-from contracts.flower_processes import stop_on_sigterm
 from contracts.settings import RunSettings
 from coordinator.registry.engine import make_engine
 from dress_model.checkpoint import atomic_write
-from registry_bench import DEFAULT_PG_URL, fresh_database
+from runtime.processes import stop_on_sigterm
 from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"

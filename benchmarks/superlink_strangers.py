@@ -22,7 +22,7 @@ from typing import Any
 from netns import hosts, unavailable
 
 from contracts.settings import APP_DIR
-from contracts.tls import init_certificates
+from runtime.certificates import init_certificates
 
 BIN = Path(sys.executable).parent
 PORT, CONTROL_PORT = 9092, 9093
@@ -63,7 +63,7 @@ def superlink_strangers(fuzz: int, seed: int) -> dict[str, Any]:
             answer = json.loads(probed.stdout.strip().splitlines()[-1])
             time.sleep(2)  # a stop that got through would take the coordinator down within this
             runs = net.run("coordinator", [sys.executable, "-c", (
-                "import json, sys; from pathlib import Path; from contracts.flower_processes import flwr; "
+                "import json, sys; from pathlib import Path; from runtime.processes import flwr; "
                 "print(json.dumps(flwr(Path(sys.argv[1]), 'ls', 'local')))"), str(state)],
                 capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
             listed = json.loads(runs.stdout.strip().splitlines()[-1]) if runs.returncode == 0 else {}

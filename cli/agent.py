@@ -24,10 +24,10 @@ from cli.method import DATA_DIR_HELP, DATASET_HELP
 from contracts.naming import check_name
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile, UnknownProfileError, get_profile, load_profiles
-from contracts.tls import CertificateError, client_credentials
 from dress_model.data import DataError, load_dataset
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
+from runtime.certificates import CertificateError, client_credentials
 
 T = TypeVar("T")
 

@@ -18,11 +18,11 @@ from rich.table import Table
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
 from cli.method import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP, add_commands
 from cli.registry import db_app, devices_app
-from contracts.flower_processes import stop_on_sigterm
 from contracts.methods import METHODS
 from contracts.profiles import load_profiles
 from contracts.settings import RunSettings, SettingsError
 from dress_model.data import DataError
+from runtime.processes import stop_on_sigterm
 from simulations.report import plain_text, profile_table, signed_text
 from simulations.run import SimulationSettings, run_simulation
 from simulations.traces import TRACES_HELP
@@ -121,8 +121,8 @@ def coordinator_start_cmd(
     certs: Annotated[Optional[Path], typer.Option(help="Folder with the fleet's ca.pem, server.pem and server.key: TLS on the SuperLink and control plane (required beyond loopback; `dress-fleet certs init` makes a test fleet's).")] = None,
 ) -> None:
     """Start the SuperLink and control plane, wait for devices, and run federated DRESS; Ctrl-C stops everything."""
-    from contracts.tls import FleetCertificates
     from coordinator.launcher import Coordinator, Endpoints
+    from runtime.certificates import FleetCertificates
 
     settings = run_settings(
         method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
@@ -174,7 +174,7 @@ def certs_init_cmd(
 
     Give the coordinator `--certs DIR`; copy ca.pem to every device (`dress-agent join --ca ca.pem`). Keep ca.key
     off the network: whoever holds it can impersonate the coordinator."""
-    from contracts.tls import init_certificates
+    from runtime.certificates import init_certificates
 
     try:
         made = init_certificates(dir, list(host or []), days)
@@ -196,7 +196,7 @@ def certs_issue_cmd(
     NAME.pem --predict-key NAME.key`), or with --client a caller's (`dress-agent predict --cert NAME.pem --key
     NAME.key --ca ca.pem`)."""
     from contracts.naming import check_name
-    from contracts.tls import issue_certificate
+    from runtime.certificates import issue_certificate
 
     try:
         check_name(name)

@@ -21,7 +21,7 @@ import grpc
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from contracts.tls import write_private
+from runtime.certificates import write_private
 
 METADATA_KEY = "authorization"
 SCHEME = "Bearer "

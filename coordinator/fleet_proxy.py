@@ -17,9 +17,9 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from contracts import flower_processes as fr
-from contracts.tls import FleetCertificates, https_context
 from dress_model.checkpoint import atomic_write
+from runtime import processes as fr
+from runtime.certificates import FleetCertificates, https_context
 
 NGINX_CANDIDATES = ("nginx", "/usr/sbin/nginx")
 INSTALL_HINT = "install Debian's nginx (`apt-get install nginx`; `make setup` does)"

@@ -17,9 +17,7 @@ from typing import Any
 import grpc
 import psutil
 
-from contracts import flower_processes as fr
 from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
-from contracts.tls import CertificateError, FleetCertificates, is_loopback
 from coordinator.control_plane import serve
 from coordinator.fleet_proxy import FleetProxy, nginx_binary
 from coordinator.model_store import ModelStore
@@ -27,6 +25,8 @@ from coordinator.registry.engine import save_url
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
 from coordinator.supernodes import SupernodeKeys
+from runtime import processes as fr
+from runtime.certificates import CertificateError, FleetCertificates, is_loopback
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from contracts.credentials import digest
-from contracts.flower_processes import register_supernode, supernode_status, unregister_supernode
 from coordinator.registry import Registry
+from runtime.processes import register_supernode, supernode_status, unregister_supernode
 
 log = logging.getLogger(__name__)
 

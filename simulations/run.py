@@ -16,17 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from agent.calibration import calibrate
-from contracts.flower_processes import pick_port
+from contracts.methods import get_method
 from contracts.policy import CalibrationPoint
 from contracts.profiles import load_profiles
-from contracts.methods import get_method
 from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
 from dress_model.packed import pack_checkpoint
+from runtime.processes import pick_port
+from simulations.centralized import centralized_reference
 from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms, read_calibration, write_calibration
 from simulations.report import RunSummary, fleet_over_time, write_report
-from simulations.centralized import centralized_reference
 from simulations.traces import MIXED, check_traces, fleet_traces
 
 log = logging.getLogger(__name__)

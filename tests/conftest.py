@@ -16,16 +16,16 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
+from kernel_cases import ISAS
 from sqlalchemy.engine import URL, make_url
 
 from contracts.credentials import with_bearer
-from contracts.flower_processes import pick_port  # re-exported: tests import it from here
 from contracts.policy import CalibrationPoint
 from dress_model.kernels import set_kernel_isa
 from dress_model.sparsity import parse_densities
-from kernel_cases import ISAS
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+from runtime.processes import pick_port  # re-exported: tests import it from here
 
 PG_URL = os.environ.get("DRESS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 

@@ -27,11 +27,11 @@ from agent.calibration import initial_model
 from agent.lifecycle import Agent, AgentConfig, AgentError, heartbeat_interval
 from agent.monitor import DEFAULT_INTERVAL_S
 from cli.agent import app
-from contracts import flower_processes
 from contracts.credentials import CREDENTIAL_FILE, StoredCredential
 from contracts.profiles import get_profile
 from coordinator import control_plane
 from coordinator.registry import Registry
+from runtime import processes
 
 DRESS_AGENT = Path(sys.executable).parent / "dress-agent"
 
@@ -188,7 +188,7 @@ def test_a_supernode_port_still_held_is_waited_for_then_refused_clearly(
 ) -> None:
     """A restart right after kill -9 may find its SuperNode port held until the old tree is reaped: the agent
     waits for it, and if it stays held says by whom, with no traceback."""
-    monkeypatch.setattr(flower_processes, "PREDECESSOR_WAIT_S", 2.0)
+    monkeypatch.setattr(processes, "PREDECESSOR_WAIT_S", 2.0)
     token = coordinator[1].enroll(["pi-port"])["pi-port"]
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

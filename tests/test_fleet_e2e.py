@@ -16,16 +16,16 @@ from pathlib import Path
 
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 import pytest
 from conftest import DeviceStub, pick_port
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from contracts.credentials import supernode_key
-from contracts.flower_processes import flwr, supernode_status, unregister_supernode
 from coordinator.registry import Registry
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
-from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_pb_grpc
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from runtime.processes import flwr, supernode_status, unregister_supernode
 
 BIN = Path(sys.executable).parent
 HEARTBEAT_S = 0.5

@@ -18,16 +18,16 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
-
 from conftest import DeviceStub
+
 from contracts.credentials import supernode_key
-from contracts.flower_processes import flwr, pick_port, require_free_port, supernode_status, unregister_supernode
 from contracts.settings import RunSettings
-from contracts.tls import channel_credentials, init_certificates
 from coordinator import fleet_proxy
 from coordinator.fleet_proxy import ProxyUnavailableError
 from coordinator.launcher import Coordinator, Endpoints
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from runtime.certificates import channel_credentials, init_certificates
+from runtime.processes import flwr, pick_port, require_free_port, supernode_status, unregister_supernode
 
 pytestmark = pytest.mark.skipif(not any(map(shutil.which, fleet_proxy.NGINX_CANDIDATES)),
                                 reason="nginx is not installed (make setup installs it)")

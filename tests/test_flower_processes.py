@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from contracts.flower_processes import ManagedProcess, PortInUseError, require_free_port, start_superlink
+from runtime.processes import ManagedProcess, PortInUseError, require_free_port, start_superlink
 
 # The child leaves for a session of its own, as SuperExec's flwr-simulation does: a signal to the group misses it.
 SPAWNS_A_CHILD = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
@@ -47,7 +47,7 @@ def _running(p: psutil.Process) -> bool:
 OWNER = f"""
 import os, sys, time
 from pathlib import Path
-from contracts.flower_processes import ManagedProcess, stop_on_sigterm
+from runtime.processes import ManagedProcess, stop_on_sigterm
 stop_on_sigterm()
 proc = ManagedProcess("spawner", [sys.executable, "-c", {SPAWNS_A_CHILD!r}], os.environ, Path(sys.argv[1]))
 try:

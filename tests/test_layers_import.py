@@ -1,6 +1,7 @@
-"""The packages only import downward: dress_model <- contracts <- agent | coordinator <- simulations <- cli.
+"""The packages only import downward: dress_model <- runtime <- contracts <- agent | coordinator <- simulations <- cli.
 
-protos/ is generated wire code beside the bottom: it imports nothing of ours but itself. Read with ast, so a
+protos/ is generated wire code beside the bottom: it imports nothing of ours but itself. runtime/ runs processes
+and issues certificates, knowing nothing of the fleet's contracts. Read with ast, so a
 function-local import counts as much as a top-level one.
 """
 
@@ -14,15 +15,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("dress_model", "protos", "contracts", "agent", "coordinator", "simulations", "cli")
+PACKAGES = ("dress_model", "protos", "runtime", "contracts", "agent", "coordinator", "simulations", "cli")
 ALLOWED: dict[str, set[str]] = {
     "dress_model": set(),
     "protos": set(),
-    "contracts": {"dress_model", "protos"},
-    "agent": {"dress_model", "protos", "contracts"},
-    "coordinator": {"dress_model", "protos", "contracts"},
-    "simulations": {"dress_model", "protos", "contracts", "agent", "coordinator"},
-    "cli": {"dress_model", "protos", "contracts", "agent", "coordinator", "simulations"},
+    "runtime": {"dress_model"},
+    "contracts": {"dress_model", "protos", "runtime"},
+    "agent": {"dress_model", "protos", "runtime", "contracts"},
+    "coordinator": {"dress_model", "protos", "runtime", "contracts"},
+    "simulations": {"dress_model", "protos", "runtime", "contracts", "agent", "coordinator"},
+    "cli": {"dress_model", "protos", "runtime", "contracts", "agent", "coordinator", "simulations"},
 }
 HEAVY_FOR_PROTOS = {"torch", "dress_model", "flwr"}
 

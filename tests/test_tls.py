@@ -8,19 +8,22 @@ import json
 import stat
 from pathlib import Path
 
+import grpc
 import pytest
+from conftest import architecture
 from cryptography import x509
 from sqlalchemy.engine import make_url
-
-from contracts.settings import RunSettings
-import grpc
-from conftest import architecture
 
 from agent.calibration import initial_model
 from agent.lifecycle import Agent, AgentConfig, AgentError
 from agent.serving import AgentIdentity, AgentServer, ServedModel, serve
 from contracts.profiles import get_profile
-from contracts.tls import (
+from contracts.settings import RunSettings
+from coordinator.launcher import Coordinator, Endpoints
+from coordinator.registry.engine import URL_FILENAME, default_url
+from protos.dress.fleet.v1 import agent_pb2 as agent_pb
+from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
+from runtime.certificates import (
     CertificateError,
     FleetCertificates,
     client_credentials,
@@ -29,11 +32,7 @@ from contracts.tls import (
     issue_certificate,
     mutual_server_credentials,
 )
-from protos.dress.fleet.v1 import agent_pb2 as agent_pb
-from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
-from contracts.flower_processes import flwr, pick_port
-from coordinator.launcher import Coordinator, Endpoints
-from coordinator.registry.engine import URL_FILENAME, default_url
+from runtime.processes import flwr, pick_port
 
 
 def test_init_makes_a_ca_and_a_server_certificate_for_the_hosts(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from contracts.tls import write_private
+from runtime.certificates import write_private
 
 SQLITE_FILENAME = "registry.sqlite3"
 URL_FILENAME = "registry.url"  # the registry URL a coordinator saved in its state directory (save_url)

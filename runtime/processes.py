@@ -27,7 +27,7 @@ from typing import IO
 
 import psutil
 
-from contracts.tls import FleetCertificates, https_context
+from runtime.certificates import FleetCertificates, https_context
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ PREDECESSOR_WAIT_S = 30.0  # a restarted device waits this long for its killed p
 class ManagedProcess:
     """A child process in its own process group, so stopping it also stops what it spawned.
 
-    It dies with us, and so does everything it spawns: the command runs under ``contracts/reaper.py``, which the
+    It dies with us, and so does everything it spawns: the command runs under ``runtime/reaper.py``, which the
     kernel sends SIGTERM if this process is killed (even by kill -9), and which then ends the whole tree below
     it — the SuperLink or SuperNode, and Flower's simulation and Ray, which leave for sessions of their own —
     instead of letting them train and publish on as a headless fleet. Start it from a thread that lives as long
@@ -141,7 +141,7 @@ class ManagedProcess:
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log: IO[bytes] = open(log_path, "ab")
-        # ends the whole tree with us (contracts/reaper.py)
+        # ends the whole tree with us (runtime/reaper.py)
         cmd = [sys.executable, str(REAPER), "--parent-pid", str(os.getpid()), "--", *cmd]
         if niceness and (nice := shutil.which("nice")):  # children inherit it; nice execs, so the pid is the same
             cmd = [nice, "-n", str(niceness), *cmd]
