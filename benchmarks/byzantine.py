@@ -23,17 +23,17 @@ from simulations.run import SimulationSettings, run_simulation
 
 CLIENT = Path(__file__).with_name("byzantine_client.py")
 CLIENTAPP = 'clientapp = "agent.client_app:app"'
-FAB_INCLUDE = 'fab-include = ["/README.md"]'
+PUBLISHER = 'publisher = "dress-fleet"'
 
 
 def app_with_liars(directory: Path, devices: int, liars: int, scale: float, seed: int) -> Path:
     """A Flower app in ``directory``: this repository's, with the lying ClientApp and its attack settings."""
     text = APP_CONFIG.read_text()
-    for line in (CLIENTAPP, FAB_INCLUDE):
+    for line in (CLIENTAPP, PUBLISHER):
         if line not in text:
             raise RuntimeError(f"{APP_CONFIG} no longer has the line {line!r} that the attacked app replaces")
     text = text.replace(CLIENTAPP, 'clientapp = "byzantine_client:app"').replace(
-        FAB_INCLUDE, 'fab-include = ["/byzantine_client.py", "/byzantine.json"]')
+        PUBLISHER, PUBLISHER + '\nfab-include = ["/byzantine_client.py", "/byzantine.json"]')
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "pyproject.toml").write_text(text)
     shutil.copy(CLIENT, directory / CLIENT.name)

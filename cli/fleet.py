@@ -6,28 +6,26 @@ Flower app's config (contracts.settings), so `--help` shows what a run does when
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
-from cli.method import DATA_DIR_HELP, DATASET_HELP, MODEL_HELP, add_commands
+from cli.method import add_commands
 from cli.registry import db_app, devices_app
-from contracts.methods import METHODS
-from contracts.profiles import load_profiles
-from contracts.settings import RunSettings, SettingsError
+from cli.run_options import build, with_run_options
+from contracts.settings import RunSettings
 from dress_model.data import DataError
 from runtime.processes import stop_on_sigterm
 from simulations.report import plain_text, profile_table, signed_text
 from simulations.run import SimulationSettings, run_simulation
 from simulations.traces import TRACES_HELP
-
-DEFAULTS = RunSettings.defaults()
 
 app = typer.Typer(
     help="dress-fleet: train and serve DRESS nested row-sparse subnets across fleets of edge devices.",
@@ -48,87 +46,25 @@ coordinator_app = typer.Typer(help="Run the fleet coordinator: registry, control
                               no_args_is_help=True)
 app.add_typer(coordinator_app, name="coordinator")
 
-PROFILES_HELP = ", ".join(load_profiles())
-RoundsOption = Annotated[int, typer.Option(min=1, help="Federated rounds.")]
-FractionOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of online devices trained per round.")]
-DensitiesOption = Annotated[str, typer.Option(help="Subnet densities the backbone holds, densest first.")]
-ModelOption = Annotated[str, typer.Option(help=MODEL_HELP)]
-WidthOption = Annotated[int, typer.Option(min=1, help="Base channel width of the model.")]
-DatasetOption = Annotated[str, typer.Option(help=DATASET_HELP)]
-DataDirOption = Annotated[Optional[Path], typer.Option(help=DATA_DIR_HELP)]
-PartitionOption = Annotated[str, typer.Option(help="How the training split is shared out: iid, dirichlet:ALPHA (non-IID by label), labels:K (HeteroFL's K classes per device) or profile[:LEAN] (each device profile of --mix leans to its own classes: LEAN of a device's examples, default 0.8).")]
-MixOption = Annotated[str, typer.Option(help=f"The fleet's device profiles, PROFILE=PERCENT pairs summing to 100 (profiles: {PROFILES_HELP}): which device a simulation's partition-id is, and what a profile partition leans by.")]
-ComputeMatchedOption = Annotated[bool, typer.Option("--compute-matched/--equal-epochs", help="--compute-matched: each device spends per round what --epochs passes of its own level's subnet cost, whatever the method (a DRESS step trains several densities, so it takes fewer); --equal-epochs: every method takes --epochs passes of its own steps.")]
-ValidationOption = Annotated[int, typer.Option(min=0, help="Training images held out of every device's shard; > 0: the server evaluates on them instead of the test split (tuning without touching the test split).")]
-EpochsOption = Annotated[float, typer.Option(min=0.01, help="Local epochs per round on a device's shard.")]
-LrOption = Annotated[float, typer.Option(min=0.0, help="Device learning rate (the first round's peak).")]
-LrDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's learning rate as a share of --lr, cosine over the rounds (1 = constant).")]
-AggregationOption = Annotated[str, typer.Option(help="Per weight over the devices that trained it: mean (FedAvg), median or trimmed-mean:BETA (robust to a minority of lying devices; DRESS only).")]
-DampedOption = Annotated[bool, typer.Option("--damped/--undamped", help="A weight moves towards its trainers' average by their share of the round's examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.")]
-ServerAverageOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="The published (evaluated, served) model is an exponential average of the rounds' models: this share of the previous one (0 = each round's model as it is). Averages out the few devices that train the densest bands each round.")]
-ServerMomentumOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Momentum of the server's step along each round's averaged update (FedAvgM; 0 = plain averaging).")]
-DistillOption = Annotated[float, typer.Option(min=0.0, max=0.99, help="Anchor-loss weight: a device's denser subnets also match the sparsest one it received (0 = off).")]
-DistillDecayOption = Annotated[float, typer.Option(min=0.0, max=1.0, help="The last round's anchor weight as a share of --distill, cosine over the rounds (1 = constant).")]
-JointOption = Annotated[str, typer.Option(help="What a DRESS device's local step trains: all (every density at or below its own, mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by how many of those subnets hold it) or sandwich (its own density on the labels; the sparsest and one drawn between learn from its predictions; needs --distill 0).")]
-MaxExamplesOption = Annotated[int, typer.Option(min=0, help="Cap on a device's examples per round (0 = its whole shard).")]
-SeedOption = Annotated[int, typer.Option(help="Seeds sampling, partitions and initial weights.")]
-HeartbeatOption = Annotated[float, typer.Option("--heartbeat-s", min=0.05, max=3600.0, help="Devices heartbeat at least this often (seconds); silent for 6 heartbeats, a device is offline. Raise it for very large fleets.")]
-MethodOption = Annotated[str, typer.Option(help=f"What the fleet trains: {', '.join(METHODS)} (DRESS or a peer on the same fleet, per-tier parameter counts matched).")]
-
-
-def run_settings(**options: Any) -> RunSettings:
-    """The app's defaults with the options given; a clear error naming the option for anything out of range."""
-    data_dir = options.pop("data_dir", None)
-    try:
-        return DEFAULTS.replace(data_dir=str(data_dir) if data_dir else "", **options)
-    except SettingsError as e:
-        raise fail(str(e).replace("run setting ", "--")) from None
-
 
 @coordinator_app.command("start")
+@with_run_options
 def coordinator_start_cmd(
+    run: RunSettings,
     host: Annotated[str, typer.Option(help="Address devices reach the SuperLink and control plane at.")] = "127.0.0.1",
     superlink_port: Annotated[int, typer.Option(help="Flower SuperLink's Fleet API for devices. With --certs it is nginx passing only the Fleet API to the SuperLink on loopback, where runs are started, stopped and listed.")] = 9092,
     control_port: Annotated[int, typer.Option(help="DRESS control plane (gRPC: describe, register, heartbeat, fetch model).")] = 9093,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default SQLite in --state-dir.")] = None,
-    state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path(DEFAULTS.state_dir),
-    method: MethodOption = DEFAULTS.method,
-    rounds: RoundsOption = DEFAULTS.num_rounds,
+    state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path(RunSettings.state_dir),
     min_devices: Annotated[int, typer.Option(min=1, help="Devices that must join before round 1.")] = 2,
-    heartbeat_s: HeartbeatOption = DEFAULTS.heartbeat_s,
-    fraction: FractionOption = DEFAULTS.fraction,
-    densities: DensitiesOption = DEFAULTS.densities,
-    model: ModelOption = DEFAULTS.model,
-    width: WidthOption = DEFAULTS.width,
-    dataset: DatasetOption = DEFAULTS.dataset,
-    data_dir: DataDirOption = None,
-    partition: PartitionOption = DEFAULTS.partition,
-    mix: MixOption = DEFAULTS.mix,
-    epochs: EpochsOption = DEFAULTS.epochs,
-    compute_matched: ComputeMatchedOption = DEFAULTS.compute_matched,
-    validation: ValidationOption = DEFAULTS.validation,
-    lr: LrOption = DEFAULTS.lr,
-    lr_decay: LrDecayOption = DEFAULTS.lr_decay,
-    server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
-    server_average: ServerAverageOption = DEFAULTS.server_average,
-    damped: DampedOption = DEFAULTS.damped,
-    aggregation: AggregationOption = DEFAULTS.aggregation,
-    distill: DistillOption = DEFAULTS.distill,
-    distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
-    joint: JointOption = DEFAULTS.joint,
-    max_examples: MaxExamplesOption = DEFAULTS.max_examples,
-    seed: SeedOption = DEFAULTS.seed,
     certs: Annotated[Optional[Path], typer.Option(help="Folder with the fleet's ca.pem, server.pem and server.key: TLS on the SuperLink and control plane (required beyond loopback; `dress-fleet certs init` makes a test fleet's).")] = None,
 ) -> None:
     """Start the SuperLink and control plane, wait for devices, and run federated DRESS; Ctrl-C stops everything."""
     from coordinator.launcher import Coordinator, Endpoints
     from runtime.certificates import FleetCertificates
 
-    settings = run_settings(
-        method=method, num_rounds=rounds, wait_for_nodes=min_devices, heartbeat_s=heartbeat_s, fraction=fraction, densities=densities, model=model,
-        width=width, dataset=dataset, data_dir=data_dir, partition=partition, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint,
-        max_examples=max_examples, seed=seed, mix=mix, db_url=db or "", state_dir=str(state_dir),
-    )  # fmt: skip
+    settings = build(dataclasses.asdict(run), wait_for_nodes=min_devices, db_url=db or "", state_dir=str(state_dir))
+    rounds = settings.num_rounds
     try:
         coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port),
                                   certs=FleetCertificates(certs) if certs else None)
@@ -209,36 +145,13 @@ def certs_issue_cmd(
 
 
 @app.command("simulate")
+@with_run_options
 def simulate_cmd(
+    run: RunSettings,
     devices: Annotated[int, typer.Option(min=1, help="Virtual devices (Flower virtual SuperNodes).")] = 100,
-    heartbeat_s: HeartbeatOption = DEFAULTS.heartbeat_s,
-    method: MethodOption = DEFAULTS.method,
-    rounds: RoundsOption = DEFAULTS.num_rounds,
-    fraction: FractionOption = DEFAULTS.fraction,
-    mix: MixOption = DEFAULTS.mix,
     traces: Annotated[str, typer.Option(help=f"Budget traces, indexed by round: {TRACES_HELP} with columns trace, round, available, memory_share, battery, online.")] = SimulationSettings.traces,
     deadline: Annotated[float, typer.Option(help="The fleet's latency deadline, in units of the full model's latency on the reference laptop-x86 (this machine).")] = SimulationSettings.deadline,
-    partition: PartitionOption = DEFAULTS.partition,
-    dataset: DatasetOption = DEFAULTS.dataset,
-    data_dir: DataDirOption = None,
-    model: ModelOption = DEFAULTS.model,
-    width: WidthOption = DEFAULTS.width,
-    densities: DensitiesOption = DEFAULTS.densities,
-    epochs: EpochsOption = DEFAULTS.epochs,
-    compute_matched: ComputeMatchedOption = DEFAULTS.compute_matched,
-    validation: ValidationOption = DEFAULTS.validation,
-    lr: LrOption = DEFAULTS.lr,
-    lr_decay: LrDecayOption = DEFAULTS.lr_decay,
-    server_momentum: ServerMomentumOption = DEFAULTS.server_momentum,
-    server_average: ServerAverageOption = DEFAULTS.server_average,
-    damped: DampedOption = DEFAULTS.damped,
-    aggregation: AggregationOption = DEFAULTS.aggregation,
-    distill: DistillOption = DEFAULTS.distill,
-    distill_decay: DistillDecayOption = DEFAULTS.distill_decay,
-    joint: JointOption = DEFAULTS.joint,
-    max_examples: MaxExamplesOption = DEFAULTS.max_examples,
     dropout: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of devices that drop out for a few rounds (generated traces).")] = SimulationSettings.dropout,
-    seed: SeedOption = DEFAULTS.seed,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL; default SQLite in the run directory.")] = None,
     out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
     superlink_port: Annotated[int, typer.Option(help="Port of the simulation's SuperLink; 0 = a free one.")] = 0,
@@ -246,11 +159,8 @@ def simulate_cmd(
     calibration: Annotated[Optional[Path], typer.Option(help="A calibration.json an earlier run wrote in its run directory: build the same fleet from it instead of timing the model on this machine now (timings move with the machine's load, and with them the tiers devices can afford).")] = None,
 ) -> None:
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
-    run = run_settings(
-        method=method, num_rounds=rounds, heartbeat_s=heartbeat_s, fraction=fraction, partition=partition, dataset=dataset, data_dir=data_dir, model=model,
-        width=width, densities=densities, epochs=epochs, compute_matched=compute_matched, validation=validation, lr=lr, lr_decay=lr_decay, server_momentum=server_momentum, server_average=server_average, damped=damped, aggregation=aggregation, distill=distill, distill_decay=distill_decay, joint=joint, max_examples=max_examples, seed=seed, mix=mix,
-        db_url=db or "",
-    )  # fmt: skip
+    run = run.replace(db_url=db or "")
+    rounds, fraction, mix = run.num_rounds, run.fraction, run.mix
     try:
         settings = SimulationSettings(run, devices=devices, traces=traces, deadline=deadline, dropout=dropout,
                                       run_dir=out, superlink_port=superlink_port, control_port=control_port,

@@ -1,19 +1,18 @@
 """Run settings: one typed object, carried as Flower's run config, read back by the ServerApp and ClientApp.
 
-The defaults are written once, in the Flower app's own config (``[tool.flwr.app.config]`` of the repository's
-``pyproject.toml``), which is where Flower reads them when anyone — our CLIs or an operator's own
-``flwr run`` — submits the app. ``RunSettings`` gives them types and checks; the CLIs build one from those
-defaults plus their options and submit every key with ``--run-config``.
+Each setting is declared once, in ``RunSettings``: type, default, help, option. From that declaration come the
+options of ``dress-fleet coordinator start`` and ``simulate`` (``cli/run_options.py``) and the Flower app's
+config table (``contracts/app/pyproject.toml``, which Flower needs to list every key; a test checks it matches).
+The CLIs submit every key with ``--run-config``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import math
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,8 +28,9 @@ from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_dens
 from dress_model.training import JOINT_RULES
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
-APP_DIR = Path(__file__).resolve().parent.parent
-"""The Flower app: the repository root, whose pyproject.toml holds ``[tool.flwr.app]``."""
+APP_DIR = Path(__file__).resolve().parent / "app"
+"""The Flower app the coordinator submits (``flwr run``): a pyproject.toml holding ``[tool.flwr.app]``, shipped in
+the package, so an installed dress-fleet runs outside a source checkout."""
 APP_CONFIG = APP_DIR / "pyproject.toml"
 
 RunConfig = dict[str, bool | int | float | str]
@@ -66,43 +66,93 @@ MEAN = Aggregation("mean")
 class SettingsError(ValueError):
     """A run setting is missing, of the wrong type or out of range; the message names it and what is expected."""
 
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key  # the run-config key at fault, when one is
+
+
+@dataclass(frozen=True)
+class Declared:
+    """What a run setting tells people: its help, and its command-line option (``None``: not on the command line
+    of ``coordinator start`` and ``simulate``; a switch is ``--on/--off``)."""
+
+    help: str
+    option: str | None
+
+
+def setting(default: Any, help: str, option: str | None = "") -> Any:
+    """A run setting's one declaration: default, help, option (``""``: ``--KEY``, its run-config key)."""
+    return field(default=default, metadata={"declared": Declared(help, option)})
+
 
 @dataclass(frozen=True)
 class RunSettings:
-    """What a federated DRESS run does; each field is a run-config key with '_' written '-'."""
+    """What a federated run does. Each field is declared once, here: its type, default and help; ``__post_init__``
+    checks its range. Its run-config key is its name with '_' written '-'; the commands' options and the Flower
+    app's config (``contracts/app/pyproject.toml``, checked by a test) are made from these declarations."""
 
-    method: str  # dress, or a peer trained on the same fleet (contracts.methods)
-    num_rounds: int
-    fraction: float  # share of online devices trained per round
-    min_devices: int  # per round, when that many are online
-    wait_for_nodes: int  # Flower nodes that must be connected before round 1
-    densities: str  # the subnets the backbone holds, densest first; "" = the method's default list
-    model: str
-    width: int
-    dataset: str
-    data_dir: str  # where dataset files are; "" = the default location
-    partition: str  # iid, dirichlet:ALPHA, labels:K or profile[:LEAN]
-    mix: str  # a simulated fleet's profiles, PROFILE=PERCENT: the simulation builds it, a profile partition leans by it
-    validation: int  # training images held out of the shards; > 0: the server evaluates on them (tuning)
-    seed: int
-    epochs: float  # local epochs per round
-    compute_matched: bool  # each device spends what `epochs` passes of its level's subnet cost (agent.local_training)
-    lr: float
-    lr_decay: float  # the last round's learning rate as a share of lr (cosine over the rounds; 1 = constant)
-    aggregation: str  # mean, median or trimmed-mean:BETA (Aggregation): robust ones resist lying devices
-    server_momentum: float  # the server's momentum on each round's aggregated update (FedAvgM; 0 = plain averaging)
-    server_average: float  # published model = this share of the previous one + the rest of the round's (0 = off)
-    damped: bool  # a weight moves by the share of the round's examples (weight) that trained it; False: to their average
-    distill: float  # anchor-loss weight for densities above the sparsest a device trains (dress_model.training)
-    distill_decay: float  # the last round's anchor weight as a share of distill (cosine like lr; 1 = constant); DRESS
-    joint: str  # what a DRESS device's local step trains (dress_model.training.JOINT_RULES)
-    batch_size: int
-    max_examples: int  # per device per round; 0 = its whole shard
-    eval_examples: int  # test images the server evaluates each density on; 0 = all
-    heartbeat_s: float  # devices heartbeat at least this often (the control plane tells them)
-    node_auth: bool  # the SuperLink admits only SuperNodes the coordinator registered at enrollment (TLS fleets)
-    state_dir: str  # registry, checkpoints and Flower state
-    db_url: str = ""  # registry URL; "" = SQLite in state_dir. Kept by the coordinator, never in the run config
+    method: str = setting("dress", f"What the fleet trains: {', '.join(METHODS)} (DRESS or a peer on the same "
+                          "fleet, per-tier parameter counts matched).")
+    num_rounds: int = setting(10, "Federated rounds.", "--rounds")
+    fraction: float = setting(0.1, "Share of online devices trained per round.")
+    min_devices: int = setting(1, "Devices trained per round at least, when that many are online.", None)
+    wait_for_nodes: int = setting(1, "Flower nodes that must be connected before round 1.", None)
+    densities: str = setting("", "Subnet densities the backbone holds, densest first (empty: the method's "
+                             f"default, {format_densities(DEFAULT_DENSITIES)}).")
+    model: str = setting("cnn", f"One of {', '.join(MODELS)}.")
+    width: int = setting(16, "Base channel width of the model.")
+    dataset: str = setting("fashion-mnist", f"One of {', '.join(DATASETS)}.")
+    data_dir: str = setting("", "Directory holding the dataset files (empty: where the dataset's package puts "
+                            "them).")
+    partition: str = setting("iid", "How the training split is shared out: iid, dirichlet:ALPHA (non-IID by "
+                             "label), labels:K (HeteroFL's K classes per device) or profile[:LEAN] (each device "
+                             "profile of --mix leans to its own classes: LEAN of a device's examples, default 0.8).")
+    mix: str = setting("laptop-x86=20,jetson-orin-nano=10,phone=30,jetson-nano=20,pi4=20",
+                       "The fleet's device profiles, PROFILE=PERCENT pairs summing to 100 (profiles: "
+                       f"{', '.join(load_profiles())}): which device a simulation's partition-id is, and what a "
+                       "profile partition leans by.")
+    validation: int = setting(0, "Training images held out of every device's shard; > 0: the server evaluates on "
+                              "them instead of the test split (tuning without touching the test split).")
+    seed: int = setting(0, "Seeds sampling, partitions and initial weights.")
+    epochs: float = setting(1.0, "Local epochs per round on a device's shard.")
+    compute_matched: bool = setting(False, "--compute-matched: each device spends per round what --epochs passes "
+                                    "of its own level's subnet cost, whatever the method (a DRESS step trains "
+                                    "several densities, so it takes fewer); --equal-epochs: every method takes "
+                                    "--epochs passes of its own steps.", "--compute-matched/--equal-epochs")
+    lr: float = setting(0.05, "Device learning rate (the first round's peak).")
+    lr_decay: float = setting(0.1, "The last round's learning rate as a share of --lr, cosine over the rounds "
+                              "(1 = constant).")
+    aggregation: str = setting("mean", "Per weight over the devices that trained it: mean (FedAvg), median or "
+                               "trimmed-mean:BETA (robust to a minority of lying devices; DRESS only).")
+    server_momentum: float = setting(0.0, "Momentum of the server's step along each round's averaged update "
+                                     "(FedAvgM; 0 = plain averaging).")
+    server_average: float = setting(0.7, "The published (evaluated, served) model is an exponential average of "
+                                    "the rounds' models: this share of the previous one (0 = each round's model as "
+                                    "it is). Averages out the few devices that train the densest bands each round.")
+    damped: bool = setting(True, "A weight moves towards its trainers' average by their share of the round's "
+                           "examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.",
+                           "--damped/--undamped")
+    distill: float = setting(0.5, "Anchor-loss weight: a DRESS device's denser subnets also match the sparsest one "
+                             "it received (0 = off).")
+    distill_decay: float = setting(0.0, "The last round's anchor weight as a share of --distill, cosine over the "
+                                   "rounds (1 = constant).")
+    joint: str = setting("all", "What a DRESS device's local step trains: all (every density at or below its own, "
+                         "mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by "
+                         "how many of those subnets hold it) or sandwich (its own density on the labels; the "
+                         "sparsest and one drawn between learn from its predictions; needs --distill 0).")
+    batch_size: int = setting(32, "Examples per local step.")
+    max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
+    eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
+                                 "the last round's model is evaluated on the whole split.")
+    heartbeat_s: float = setting(5.0, "Devices heartbeat at least this often (seconds); silent for "
+                                 f"{STALE_HEARTBEATS} heartbeats, a device is offline. Raise it for very large "
+                                 "fleets.", "--heartbeat-s")
+    node_auth: bool = setting(False, "Only SuperNodes the coordinator registered at enrollment connect, and each "
+                              "node's device is the one whose key it holds (the coordinator sets it with --certs).",
+                              None)
+    state_dir: str = setting("state", "Registry, checkpoints and Flower state.", None)
+    db_url: str = setting("", "Registry URL; empty: SQLite in state_dir. Kept by the coordinator, never in the run "
+                          "config.", None)
 
     def __post_init__(self) -> None:
         checks = [
@@ -132,17 +182,21 @@ class RunSettings:
         ]
         for ok, key, expected in checks:
             if not ok:
-                raise SettingsError(f"run setting {key} must be {expected}, got {getattr(self, _field(key))!r}")
+                raise SettingsError(f"run setting {key} must be {expected}, got {getattr(self, _field(key))!r}", key)
+        key = "densities"
         try:
             densities = parse_densities(self.densities) if self.densities else DEFAULT_DENSITIES
             object.__setattr__(self, "densities", format_densities(densities))
+            key = "partition"
             parse_partition(self.partition)
+            key = "mix"
             parse_mix(self.mix, list(load_profiles()))
+            key = "aggregation"
             if Aggregation.parse(self.aggregation) != MEAN and self.method != "dress":
                 raise ValueError(f"aggregation {self.aggregation} is DRESS's; {self.method} averages as it was "
                                  "published (aggregation mean)")
         except ValueError as e:
-            raise SettingsError(f"run setting: {e}") from None
+            raise SettingsError(f"run setting {key}: {e}", key) from None
 
     @property
     def stale_after(self) -> timedelta:
@@ -224,8 +278,13 @@ class RunSettings:
 
     @classmethod
     def defaults(cls, **changes: Any) -> RunSettings:
-        """The app's defaults with `changes` (field names) applied."""
-        return cls.from_run_config(app_config_defaults()).replace(**changes)
+        """The declared defaults with `changes` (field names) applied."""
+        return cls(**changes)
+
+    @staticmethod
+    def declared() -> list[tuple[dataclasses.Field, Declared]]:
+        """Every setting with its declaration, in declaration order."""
+        return [(f, f.metadata["declared"]) for f in fields(RunSettings)]
 
 
 def task_name(dataset: str, model: str, width: int) -> str:
@@ -274,23 +333,19 @@ def _coerce(key: str, value: Any, kind: type) -> Any:
         return float(value)
     if kind is bool:
         if not isinstance(value, bool):
-            raise SettingsError(f"run setting {key} must be true or false, got {value!r}")
+            raise SettingsError(f"run setting {key} must be true or false, got {value!r}", key)
         return value
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise SettingsError(f"run setting {key} must be {kind.__name__}, got {value!r}")
+        raise SettingsError(f"run setting {key} must be {kind.__name__}, got {value!r}", key)
     return value
 
 
-@functools.cache
-def app_config_defaults(path: Path = APP_CONFIG) -> RunConfig:
-    """``[tool.flwr.app.config]`` of the Flower app: every run setting's default."""
-    try:
-        with open(path, "rb") as f:
-            config = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
-    except FileNotFoundError:
-        raise SettingsError(
-            f"the Flower app config {path} is missing: dress-fleet's coordinator runs from its source tree "
-            "(pip install -e .), whose pyproject.toml is the Flower app") from None
-    except KeyError:
-        raise SettingsError(f"{path} has no [tool.flwr.app.config] table") from None
-    return dict(config)
+def app_config_table() -> str:
+    """``[tool.flwr.app.config]`` of the Flower app (``APP_CONFIG``): every setting's declared default. Flower
+    keeps only the run-config keys its app lists, so the table lists every one."""
+    values = {_key(f.name): f.default for f in _sent()}
+    return "[tool.flwr.app.config]\n" + "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
+
+
+if __name__ == "__main__":  # the Flower app's config table, for contracts/app/pyproject.toml
+    print(app_config_table(), end="")

@@ -30,7 +30,17 @@ def identity():
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
-def test_liars_reply_the_reversed_scaled_update_and_the_others_the_honest_one(tmp_path, identity) -> None:
+@pytest.fixture
+def one_thread():
+    """Bitwise-equal trainings: with several threads, how a busy machine splits the kernels' reductions changes
+    the last bits of a sum."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_liars_reply_the_reversed_scaled_update_and_the_others_the_honest_one(tmp_path, identity, one_thread) -> None:
     app = app_with_liars(tmp_path / "app", devices=4, liars=2, scale=2.5, seed=0)
     assert tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]["clientapp"] \
         == "byzantine_client:app"

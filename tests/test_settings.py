@@ -1,4 +1,4 @@
-"""Run settings: one typed object, defaults from the Flower app's config, a faithful run-config round trip."""
+"""Run settings: declared once, the Flower app's config made from them, a faithful run-config round trip."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.fleet import app
-from contracts.settings import APP_CONFIG, RunSettings, SettingsError, build_model
+from contracts.settings import APP_CONFIG, RunSettings, SettingsError, app_config_table, build_model
 from dress_model.sparsity import DEFAULT_DENSITIES, parse_densities
 
 
-def test_defaults_are_the_flower_apps_config() -> None:
+def test_the_flower_apps_config_is_the_declared_defaults() -> None:
+    """Flower keeps only the keys its app lists: the shipped app lists every setting, with its declared default
+    (`python -m contracts.settings` prints the table)."""
     with open(APP_CONFIG, "rb") as f:
         flwr_app = tomllib.load(f)["tool"]["flwr"]["app"]
     assert flwr_app["components"] == {"serverapp": "coordinator.server_app:app", "clientapp": "agent.client_app:app"}
-    defaults = RunSettings.defaults()
-    config = defaults.to_run_config()
-    assert set(config) == set(flwr_app["config"])
-    assert parse_densities(defaults.densities) == DEFAULT_DENSITIES  # "" in the app config means the method's list
+    assert APP_CONFIG.read_text().endswith(app_config_table()), "regenerate with `python -m contracts.settings`"
+    config = flwr_app["config"]
+    assert set(config) == set(RunSettings.defaults().to_run_config())
+    assert RunSettings.from_run_config(config) == RunSettings()
+    assert parse_densities(RunSettings().densities) == DEFAULT_DENSITIES  # "" in the app config: the method's list
 
 
 def test_run_config_round_trip() -> None:
