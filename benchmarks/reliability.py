@@ -51,7 +51,8 @@ from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings, build_run_model
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import Registry
-from coordinator.strategy import DressStrategy, RoundStats
+from coordinator.fleet_strategy import RoundStats
+from coordinator.strategy import DressStrategy
 from coordinator.validation import STATISTICS, implausible
 from dress_model.checkpoint import atomic_write
 from dress_model.models import Architecture
@@ -497,7 +498,7 @@ def _through_strategy(rounds: list[dict[str, str | None]], seed: int) -> Counter
                 infos = {d.name: d for d in registry.list_devices()}
                 strategy.stats[round_number] = RoundStats(round_number)
                 nodes = {1000 * round_number + j: name for j, name in enumerate(devices)}
-                strategy.node_devices.update(nodes)
+                strategy.membership.node_devices.update(nodes)
                 sent = strategy.messages_for(round_number, [(node, infos[name], 0.1) for node, name in nodes.items()],
                                              train_config(RunSettings.defaults()))
                 replies = []

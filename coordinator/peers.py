@@ -1,6 +1,6 @@
-"""The peers' strategy: HeteroFL, FjORD and the two FedAvg baselines on the DRESS strategy's round plumbing.
+"""The peers' strategy: HeteroFL, FjORD and the two FedAvg baselines, DRESS's sibling over the shared round plumbing.
 
-Same devices, sampling, rounds, statistics and evaluation as DRESS (``DressStrategy``); what differs is the
+Same devices, sampling, rounds, statistics and evaluation as DRESS (``FleetStrategy``); what differs is the
 model (a width-nested twin with DRESS's parameter count per tier, ``contracts.methods``), which level each
 device trains, what travels (the level's channel prefixes, as Flower arrays) and the aggregation: HeteroFL's
 counting average — every element averaged over the devices whose level holds it (by examples; HeteroFL's own:
@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, MetricRecord
 
 from contracts.methods import Method
 from coordinator.aggregation import Update
-from coordinator.strategy import DressStrategy, Sent
+from coordinator.fleet_strategy import FleetStrategy, Sent
 from coordinator.validation import RejectedUpdate
 from dress_model.baselines.slimmable import Slim, level_slices, prefix_tensors
 from dress_model.models import DressModel
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 Slices = dict[str, tuple[slice, ...]]
 
 
-class WidthStrategy(DressStrategy):
+class WidthStrategy(FleetStrategy):
     def __init__(self, method: Method, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.method = method

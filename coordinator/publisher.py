@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from torch.utils.data import DataLoader
 
 from coordinator.registry.repository import Registry
-from coordinator.strategy import RoundStats
+from coordinator.fleet_strategy import RoundStats
 from coordinator.validation import implausible
 from dress_model.checkpoint import save_checkpoint
 from dress_model.models import DressModel

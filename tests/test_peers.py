@@ -192,7 +192,7 @@ def test_unknown_method_is_a_clear_error() -> None:
 def test_a_heterofl_reply_must_name_its_labels_as_distinct_classes_of_the_model(classes, accepted) -> None:
     from flwr.app import MetricRecord
 
-    from coordinator.strategy import Sent
+    from coordinator.fleet_strategy import Sent
     from coordinator.validation import RejectedUpdate
 
     strategy = _strategy("heterofl")

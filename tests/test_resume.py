@@ -12,7 +12,7 @@ from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
 from coordinator.registry.errors import InvalidInputError
 from coordinator.server_app import resume
-from coordinator.strategy import RoundStats
+from coordinator.fleet_strategy import RoundStats
 
 
 def _model(seed: int, width: int = 4):

@@ -83,10 +83,10 @@ def test_every_method_draws_the_same_devices_in_a_round_whatever_its_node_ids(ki
         s = strategy(kind)
         nodes = list(ids)
         random.Random(run).shuffle(nodes)
-        s.node_devices = dict(zip(nodes, names))  # what status queries would have told it
-        chosen = s.sample(FakeGrid(nodes), devices, 8, random.Random(11))
+        s.membership.node_devices = dict(zip(nodes, names))  # what status queries would have told it
+        chosen = s.membership.sample(FakeGrid(nodes), devices, 8, random.Random(11), s.training_level)
         drawn[run] = [info.name for _, info, _ in chosen]
-        assert all(s.node_devices[node] == info.name for node, info, _ in chosen)
+        assert all(s.membership.node_devices[node] == info.name for node, info, _ in chosen)
         assert all(devices[name].status == DeviceStatus.ONLINE for name in drawn[run])
     assert drawn[0] == drawn[1]
     assert len(drawn[0]) < 8  # tier 0.3 is none of the model's: those drawn sit the round out

@@ -21,7 +21,8 @@ from coordinator.aggregation import Update
 from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
-from coordinator.strategy import DressStrategy, RoundStats
+from coordinator.fleet_strategy import RoundStats
+from coordinator.strategy import DressStrategy
 from coordinator.validation import STATISTICS, Expected, RejectedUpdate, check_reply, implausible, norm_outliers
 
 SENT = {"conv.values": torch.ones(6), "conv.indices": torch.arange(6, dtype=torch.int16), "bn.mean": torch.zeros(2, 3)}
@@ -126,7 +127,7 @@ def run_round(sqlite_url: str, calibration: list, replies: dict[str, Reply | Non
                     else WidthStrategy(get_method(method), model, registry, loader, **common))
         strategy.stats[1] = RoundStats(1)
         nodes = {100 + i: name for i, name in enumerate(replies)}
-        strategy.node_devices = dict(nodes)
+        strategy.membership.node_devices = dict(nodes)
         levels = {node: strategy.level_for((tiers or {}).get(name, 0.1)) for node, name in nodes.items()}
         chosen = [(node, infos[nodes[node]], level) for node, level in levels.items() if level is not None]
         sent = strategy.messages_for(1, chosen, train_config(settings))

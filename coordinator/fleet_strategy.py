@@ -1,0 +1,321 @@
+"""The round plumbing every method's strategy shares: sample the round's devices, send each its level's model
+with the round's training config, check every reply, fold the accepted ones into the global model, step the
+server's momentum and average, recalibrate BN on server-held data, roll back an implausible aggregate.
+
+Flower's FedAvg rejects replies of different shapes, so this is a Strategy of its own. The global model travels
+between Flower's rounds as the strategy's ``ArrayRecord``. Each round it asks the registry for every device's
+current density and which devices are online; which node is which device is ``coordinator.membership``'s
+business. What a method's levels are, what travels and how replies are folded in are its hooks: DRESS
+(``coordinator.strategy``) and the width-nested peers (``coordinator.peers``) are siblings over this base.
+Evaluation, checkpoints and publishing happen in Flower's evaluation hook (``coordinator.publisher``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch.utils.data import DataLoader
+
+from contracts.messages import record_nbytes, train_message
+from contracts.policy import training_density
+from contracts.settings import MEAN, Aggregation
+from coordinator.aggregation import Update
+from coordinator.membership import Membership
+from coordinator.registry.models import DeviceStatus
+from coordinator.registry.records import DeviceInfo
+from coordinator.registry.repository import Registry
+from coordinator.validation import Expected, RejectedUpdate, check_reply, implausible, norm_outliers
+from dress_model.models import DressModel
+from dress_model.training import recalibrate_bn
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_BATCHES = 8  # server-held batches that recompute each density's BN statistics after aggregation
+
+
+@dataclass
+class RoundStats:
+    """What happened in one round besides the model: who trained what, bytes, time. The publisher records it."""
+
+    round: int
+    participants: dict[int, tuple[str, float]] = field(default_factory=dict)  # device id -> (name, density)
+    bytes_down: dict[float, list[int]] = field(default_factory=dict)
+    bytes_up: dict[float, list[int]] = field(default_factory=dict)
+    compute_s: list[float] = field(default_factory=list)  # per device: unpack, train, pack
+    macs: list[float] = field(default_factory=list)  # per device: the MACs its training ran (its count)
+    started: float = field(default_factory=time.perf_counter)
+    server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
+    lr: float | None = None  # the learning rate the round's devices were sent
+    rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
+    withheld: str | None = None  # why the round's model was not published (the publisher), if it was not
+    final_accuracy: dict[float, float] | None = None  # the run's last round: its model on the whole split
+    final_counts: dict[float, tuple[list[int], list[int]]] | None = None  # and per class: (correct, seen)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What one device was sent in a round, and so what its reply must look like."""
+
+    device_id: int
+    level: float
+    payload: object  # DRESS: the PackedModel (its indices place the reply); a peer: its level's slices
+    expected: Expected
+
+
+def reported(metrics: MetricRecord, key: str) -> float:
+    """A cost a device reports about itself (seconds, MACs): only recorded, never acted on; absent or not a
+    finite number >= 0, it reads 0."""
+    value = float(metrics[key]) if key in metrics else 0.0
+    return value if math.isfinite(value) and value >= 0 else 0.0
+
+
+class FleetStrategy(Strategy):
+    """The round plumbing every method shares; a method says what its levels are, what travels and how replies
+    fold into its model (the hooks below)."""
+
+    def __init__(
+        self,
+        model: DressModel,
+        registry: Registry,
+        calibration: DataLoader,
+        *,
+        fraction: float,
+        min_devices: int,
+        seed: int,
+        stale_after: timedelta,
+        max_examples: int,
+        round_config: Callable[[int], dict[str, float]] | None = None,
+        server_momentum: float = 0.0,
+        node_auth: bool = False,
+        first_round: int = 1,
+        aggregation: Aggregation = MEAN,
+        round_timeout_s: float | None = None,
+        server_average: float = 0.0,
+        damped: bool = True,
+    ) -> None:
+        self.model = model  # the working copy the global arrays are loaded into each round
+        self.registry = registry
+        self.calibration = calibration
+        self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
+        self.stale_after = stale_after  # a device silent this long is offline and not sampled
+        self.round_config = round_config  # what changes per round (lr, anchor weight); None = the train config's
+        self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
+        self.server_momentum = server_momentum
+        self.aggregation = aggregation
+        self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
+        self.server_average = server_average
+        self.damped = damped  # aggregation: by the trainers' share of the round's examples, or all the way
+        self.average: DressModel | None = None  # what is published when server_average > 0 (update_average)
+        self.membership = Membership(registry, node_auth)
+        self.max_examples = max_examples  # the most examples a reply may claim to have trained on
+        self.round_timeout_s = round_timeout_s  # a device's training must fit it (its calibrated step time)
+        self.train_steps: int | None = None  # the most steps a device takes this round (configure_train)
+        self.sent: dict[int, Sent] = {}  # node id -> what its device was sent this round
+        self.stats: dict[int, RoundStats] = {}
+
+    def summary(self) -> None:
+        log.info("%s: levels %s, fraction %g, min devices %d", type(self).__name__, self.model.densities,
+                 self.fraction, self.min_devices)
+
+    # -- train -------------------------------------------------------------------------------------------
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        server_round += self.offset
+        self.stats[server_round] = RoundStats(server_round)
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        self.train_steps = math.ceil(float(config["epochs"]) * self.max_examples / int(config["batch-size"]))
+        self.registry.mark_offline(self.stale_after)
+        devices = {d.name: d for d in self.registry.list_devices()}
+        online = sum(1 for d in devices.values() if d.status == DeviceStatus.ONLINE)
+        count = min(online, max(self.min_devices, math.ceil(self.fraction * online)))
+        chosen = self.membership.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round),
+                                        self.training_level)
+        log.info("round %d: %d of %d drawn online devices train", server_round, len(chosen), count)
+        return self.messages_for(server_round, chosen, config)
+
+    def messages_for(self, server_round: int, chosen: list[tuple[int, DeviceInfo, float]],
+                     config: ConfigRecord) -> list[Message]:
+        """One train message per chosen (node, device, level), and what each device's reply must look like."""
+        stats = self.stats[server_round]
+        if self.round_config is not None:
+            config = ConfigRecord({**config, **self.round_config(server_round)})
+        stats.lr = float(config["lr"])
+        payloads: dict[float, tuple[object, ArrayRecord, Expected]] = {}
+        self.sent = {}
+        messages = []
+        for node, info, level in chosen:
+            if level not in payloads:
+                sent, record = self.payload(level)
+                payloads[level] = sent, record, Expected(self.reply_template(sent, record), self.max_examples)
+            sent, record, expected = payloads[level]
+            self.sent[node] = Sent(info.id, level, sent, expected)
+            stats.bytes_down.setdefault(level, []).append(record_nbytes(record))
+            messages.append(train_message(node, record, config, server_round, level))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.offset
+        server_start = time.perf_counter()
+        stats = self.stats[server_round]
+        accepted: dict[int, tuple[Update, int, float, float]] = {}  # node -> (update, bytes up, compute s, MACs)
+        norms: dict[int, float] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error() or node not in self.sent:
+                log.warning("round %d: node %s dropped out (%s)", server_round, node,
+                            reply.error if reply.has_error() else "unexpected")
+                continue
+            sent = self.sent[node]
+            try:  # everything in a reply is the device's say: checked, and no error in it may end the ServerApp
+                arrays: ArrayRecord = reply.content["arrays"]
+                metrics: MetricRecord = reply.content["metrics"]
+                tensors = arrays.to_torch_state_dict()
+                norms[node] = check_reply(sent.expected, tensors, metrics["num-examples"])
+                compute_s, macs = (reported(metrics, key) for key in ("compute-s", "macs"))
+                update = self.update_of(sent, tensors, metrics)
+            except Exception as e:  # noqa: BLE001 - a malformed reply is dropped whatever broke reading it
+                self._reject(server_round, node, e if isinstance(e, RejectedUpdate) else f"malformed reply: {e!r}")
+                continue
+            accepted[node] = (update, record_nbytes(arrays), compute_s, macs)
+        for node, reason in norm_outliers(norms).items():
+            self._reject(server_round, node, reason)
+            accepted.pop(node, None)
+        updates = []
+        for node, (update, nbytes, compute_s, macs) in accepted.items():
+            sent = self.sent[node]
+            updates.append(update)
+            stats.participants[sent.device_id] = (self.membership.node_devices[node], sent.level)
+            stats.bytes_up.setdefault(sent.level, []).append(nbytes)
+            stats.compute_s.append(compute_s)
+            stats.macs.append(macs)
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.absorb(updates)
+        if updates:
+            self.server_step(before)
+        self.reorder()
+        recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
+        if reason := implausible(before, self.model.state_dict()):
+            self.model.load_state_dict(before)  # checked replies can still add up to a bad model: keep the last one
+            self.velocity = {}
+            stats.withheld = f"the aggregate was implausible ({reason}); the round was rolled back"
+            log.warning("round %d: %s", server_round, stats.withheld)
+        self.update_average()
+        stats.server_s = time.perf_counter() - server_start
+        examples = sum(u.num_examples for u in updates)
+        return (ArrayRecord(torch_state_dict=self.model.state_dict()),
+                MetricRecord({"participants": len(updates), "num-examples": examples}))
+
+    def _reject(self, server_round: int, node: int, reason: object) -> None:
+        name = self.membership.name_of(node)
+        self.stats[server_round].rejected[name] = str(reason)
+        log.warning("round %d: the reply of %s does not count: %s", server_round, name, reason)
+
+    def training_level(self, info: DeviceInfo) -> float | None:
+        """What the device trains this round: the densest density at or below its assignment whose training
+        fits it — its calibrated step's memory within its last budget, the round's steps within the round's
+        timeout — as this method's level; None leaves it out of the round. A device that measured no training
+        cost trains at its assignment."""
+        tier: float | None = info.current_density
+        if info.calibration:
+            memory = info.last_budget.memory_mb if info.last_budget is not None else None
+            tier = training_density(info.calibration, info.current_density, memory, self.train_steps,
+                                    self.round_timeout_s or math.inf)
+        return None if tier is None else self.level_for(tier)
+
+    # -- what each method says (DressStrategy, coordinator.peers.WidthStrategy) -----------------------
+
+    def level_for(self, tier: float) -> float | None:
+        """The level a device whose budget allows ``tier`` trains; None leaves it out of the round."""
+        raise NotImplementedError
+
+    def payload(self, level: float) -> tuple[object, ArrayRecord]:
+        """What a device training ``level`` is sent: what to read its reply by, and the record."""
+        raise NotImplementedError
+
+    def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:
+        """The tensors a device's reply must hold (names, shapes, dtypes)."""
+        raise NotImplementedError
+
+    def update_of(self, sent: Sent, tensors: dict[str, torch.Tensor], metrics: MetricRecord) -> Update:
+        """A checked reply as an update to aggregate."""
+        return Update(sent.payload, tensors, int(metrics["num-examples"]))
+
+    def absorb(self, updates: list[Update]) -> None:
+        """Fold the round's replies into the global model."""
+        raise NotImplementedError
+
+    def reorder(self, model: DressModel | None = None) -> None:
+        """After the weights moved: whatever the method's levels need (DRESS re-ranks its rows)."""
+
+    # -- the server's own step, the same for every method ---------------------------------------------
+
+    @torch.no_grad()
+    def server_step(self, before: dict[str, torch.Tensor]) -> None:
+        """FedAvgM: step along a momentum of the rounds' aggregated updates instead of the last one alone.
+
+        A round's average of ten devices' few local steps is one small, low-noise step; with momentum ``m``
+        the server keeps going in the direction the rounds agree on, about 1/(1-m) times as far (Hsu et al.
+        2019). Parameters only: BN statistics are recomputed on server data after every round. The velocity
+        lives in this process; a restarted coordinator starts it from zero."""
+        if not self.server_momentum:
+            return
+        for name, param in self.model.named_parameters():
+            delta = param - before[name]
+            velocity = self.velocity.get(name)
+            velocity = delta if velocity is None else velocity.mul_(self.server_momentum).add_(delta)
+            self.velocity[name] = velocity
+            param.copy_(before[name] + velocity)
+
+    @torch.no_grad()
+    def update_average(self) -> None:
+        """The published model: an exponential average of the rounds' global models (Polyak averaging).
+
+        A weight in a band above the sparsest moves each round by the two or three capable devices that
+        trained it, each pulling it towards its own data; averaged over rounds it reflects many more of them
+        (on Dirichlet-0.3 shards the densest subnet's accuracy rose by ~1.8 pt and its gap to the sparsest
+        fell from 2.1 to 0.7 pt, benchmarks/results/federated-average.md). Training continues from the
+        round's own model; the average's rows are re-ranked and its BN recalibrated like the round's. A
+        resumed run restarts both from the last published model.
+
+        Tried and dropped (Dirichlet 0.3, last-10 means): averaging a weight more slowly the fewer devices
+        trained it (step scaled by its share of the round's examples) cost the densest subnet 1.7 pt on seeds
+        0-1 — bands averaged over different windows no longer fit each other; 0.9 instead of 0.7 cost every
+        tier about 0.6 pt on seeds 0-2 (the average lags the model)."""
+        if not self.server_average:
+            return
+        if self.average is None:
+            self.average = copy.deepcopy(self.model)
+            return
+        for averaged, current in zip(self.average.parameters(), self.model.parameters(), strict=True):
+            averaged.mul_(self.server_average).add_(current, alpha=1 - self.server_average)
+        self.reorder(self.average)
+        recalibrate_bn(self.average, self.calibration, CALIBRATION_BATCHES, self.average.densities)
+
+    def published_state(self) -> dict[str, torch.Tensor] | None:
+        """What the publisher evaluates and publishes instead of the round's model; None: the round's model."""
+        return None if self.average is None else self.average.state_dict()
+
+    # -- evaluation happens on the server (the publisher), every density, every round -------------------
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
