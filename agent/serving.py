@@ -23,7 +23,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from contracts.checked_service import add_checked_servicer
-from dress_model.packed import PackedFormatError, PackedModel
+from dress_model.packed import PackedModel
+from dress_model.packed_format import PackedFormatError
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb

@@ -53,7 +53,9 @@ from dress_model.kernels import kernel_isa  # noqa: E402
 from dress_model.layers import RowSparse  # noqa: E402
 from dress_model.models import MODELS as MODEL_NAMES  # noqa: E402
 from dress_model.models import create_model  # noqa: E402
-from dress_model.packed import PackedFormatError, PackedModel, PackedSparse, pack_checkpoint  # noqa: E402
+from dress_model.packed import PackedModel, pack_checkpoint  # noqa: E402
+from dress_model.packed_format import PackedFormatError  # noqa: E402
+from dress_model.packed_layer import PackedSparse  # noqa: E402
 from dress_model.training import TrainConfig, Trainable, joint_step, make_optimizer, train  # noqa: E402
 
 MODELS = {"cnn": (1, 28), "resnet20": (3, 32)}  # name -> (channels, image size)

@@ -56,7 +56,8 @@ from coordinator.strategy import DressStrategy
 from coordinator.validation import STATISTICS, implausible
 from dress_model.checkpoint import atomic_write
 from dress_model.models import Architecture
-from dress_model.packed import PackedFormatError, PackedModel, index_bits, pack_checkpoint, packed_index_bytes
+from dress_model.packed import PackedModel, pack_checkpoint
+from dress_model.packed_format import PackedFormatError, index_bits, packed_index_bytes
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb

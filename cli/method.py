@@ -16,7 +16,8 @@ from dress_model.checkpoint import CheckpointError, load_checkpoint
 from dress_model.data import DATASETS, DataError, load_dataset
 from dress_model.experiment import Experiment, run_experiment
 from dress_model.models import MODELS
-from dress_model.packed import PackedFormatError, PackedModel, pack_checkpoint
+from dress_model.packed import PackedModel, pack_checkpoint
+from dress_model.packed_format import PackedFormatError
 from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
 from dress_model.training import StepCallback, TrainConfig, evaluate
 

@@ -21,7 +21,7 @@ import torch
 from contracts.settings import MEAN, Aggregation
 from dress_model.layers import DensityBatchNorm, RowSparse
 from dress_model.models import DressModel
-from dress_model.packed import unpack_rows
+from dress_model.packed_format import unpack_rows
 
 
 @dataclass

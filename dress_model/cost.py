@@ -18,7 +18,7 @@ from torch import nn
 
 from dress_model.baselines.slimmable import Slim, SlimBatchNorm
 from dress_model.layers import RowSparse
-from dress_model.packed import PackedSparse
+from dress_model.packed_layer import PackedSparse
 
 BACKWARD_FACTOR = 2  # a backward pass costs about twice its forward
 

@@ -135,6 +135,17 @@ class DressModel(nn.Module):
     def active_density(self) -> float:
         return self.densities[self._cell.index]
 
+    @property
+    def active_index(self) -> int:
+        """The active density's index in ``densities``: what the packed runtime keys its compiled forwards by."""
+        return self._cell.index
+
+    @active_index.setter
+    def active_index(self, index: int) -> None:
+        if not 0 <= index < len(self.densities):
+            raise ValueError(f"density index {index} is not in [0, {len(self.densities)})")
+        self._cell.index = index
+
     def sparse_layers(self) -> Iterator[tuple[str, RowSparse]]:
         for name, m in self.named_modules():
             if isinstance(m, RowSparse):

@@ -28,6 +28,8 @@ from torch import nn
 from dress_model import kernels
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import CifarResNet, SmallCNN
+from dress_model.packed_format import index_dtype_for
+from dress_model.packed_layer import PackedSparse
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +279,6 @@ def choose_full_density(native: NativeForward | None, frozen: FrozenDense | None
 
 def _dense_as_packed(layer: nn.Conv2d | nn.Linear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A dense layer as one band holding every column of every row, in column order."""
-    from dress_model.packed import index_dtype_for
-
     rows = layer.weight.shape[0]
     cols = layer.weight[0].numel()
     values = layer.weight.detach().reshape(rows, cols).contiguous().reshape(-1)
@@ -299,18 +299,16 @@ class _Unsupported(Exception):
 
 def _apply(p: _Program, src: int, layer: nn.Module, norm: DensityBatchNorm | None, index: int, relu: bool) -> int:
     """``relu(norm(layer(src)))`` as one record."""
-    from dress_model.packed import PackedSparse
-
     is_conv = isinstance(layer, nn.Conv2d) or getattr(layer, "is_conv", False)
     op = CONV if is_conv else LINEAR
     geometry = _geometry(layer) if is_conv else (0, 0, 0, 0, 0, 0)
     if isinstance(layer, PackedSparse):
-        if (norm is not None) != bool(layer._norm) or (norm is not None and layer._norm[0] is not norm):
+        if norm is not layer.norm:
             raise _Unsupported("a BN that is not the layer's folded one")
-        scale, shift = layer._epilogue[index]
+        scale, shift = layer.epilogue(index)
         if scale is None:
             shift = layer.bias
-        return p.layer(op, src, layer.values, layer.indices, layer._views[index], layer.rows, scale, shift, relu,
+        return p.layer(op, src, layer.values, layer.indices, layer.view(index), layer.rows, scale, shift, relu,
                        geometry)
     if not isinstance(layer, (nn.Conv2d, nn.Linear)) or (is_conv and (layer.groups != 1 or layer.dilation != (1, 1))):
         raise _Unsupported(f"layer {type(layer).__name__}")

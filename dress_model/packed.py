@@ -1,287 +1,40 @@
-"""The packed row-sparse format and the runtime that executes it: one stored copy, every density.
+"""The packed model: a DRESS model whose sparse layers run from packed buffers, every density from one copy.
 
-Per sparse layer, with the model's densities d_1 < ... < d_n (up to a chosen maximum) and
-k_i = ceil(d_i * cols), *band* i holds every row's importance-ranked entries k_{i-1}..k_i-1 as a
-[rows, k_i - k_{i-1}] block. ``values`` (float32) and ``indices`` (int16, or int32 for rows longer than
-32767; the column in the layer's 2-D weight view) concatenate the blocks, so density d_i is the first i
-bands: a contiguous prefix of both buffers. Switching density picks how many bands the kernel reads;
-nothing is copied or allocated. Inside a band, indices are sorted ascending for input locality.
-
-The same file is what is stored on a device, shipped by the coordinator and executed by the kernel:
-safetensors tensors + a JSON header (format, version, architecture, densities); BN statistics per density
-travel as tensors and are folded into the kernel's per-row scale/shift at load time.
-
-Full density at dense cost: when a layer's top band completes every row (k_n = cols, i.e. the model is stored
-up to d=1), the file omits that band's indices — they are the columns the earlier bands miss, ascending, and
-the loader rebuilds them — and that subnet runs as a dense layer (F.conv2d / F.linear on the weight rebuilt
-at load, BN folded in), which is faster than any sparse kernel at 100 % density. A file may also carry its
-float tensors as float16 (``to_bytes(half=True)``): half the bytes on the wire, computed in float32.
-Stored indices travel bit-packed, ``index_bits(cols)`` bits each (10 for a 576-column row instead of int16's 16), and are unpacked
-to the kernels' int16/int32 at load.
-
-A file comes from someone else: before building anything the loader checks that its header's tensors are the
-ones its architecture needs, that the file carries their bytes, and that loading them takes at most
-``MAX_LOAD_BYTES`` (``load_bytes``), so a small file cannot make it allocate a large model.
-
-Training runs on the same buffers: in training mode a layer computes through the differentiable packed ops
-(``dress_model.kernels.autograd``) with ``values`` as its parameter and its BN unfolded (batch statistics),
-so a device trains its subnet without ever building a dense weight, mask or order; switching back to
-inference re-folds BN into the kernels' epilogue.
+``PackedModel`` is what a device holds, trains and serves, and what travels: built from a trained DressModel
+(``from_dress``) or a file (``load``/``from_bytes``, checked by ``dress_model.packed_checks``), written back with
+``to_bytes``/``save`` in the format of ``dress_model.packed_format``. ``set_density`` is O(1): every layer
+(``dress_model.packed_layer``) reads a longer or shorter prefix of the same buffers. Inference runs the active
+subnet's compiled forward (``dress_model.native_forward``) in one native call; training runs layer by layer
+through the differentiable packed ops, so a device trains its subnet without ever building a dense weight, mask
+or order; switching back to inference re-folds BN into the kernels' epilogue.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import nn
 
-from dress_model import kernels
-from dress_model.kernels import autograd as packed_ops
 from dress_model.checkpoint import atomic_write, dress_header
-from dress_model.layers import DensityAware, DensityBatchNorm, DressConv2d, RowSparse
+from dress_model.layers import DensityBatchNorm, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
 from dress_model.native_forward import Compiled, choose_full_density, compile_forward, freeze_dense
-from dress_model.sparsity import keep_count
-
-FORMAT = "dress-packed"
-VERSION = 3  # 2: a full top band travels without indices, floats may be float16; 3: indices bit-packed
-INT16_MAX_COLS = 32767  # the widest row int16 column indices address; wider layers store int32
-MAX_LOAD_BYTES = 1 << 30
-"""The most tensor bytes loading a packed file may take (``load_bytes`` of its architecture) unless the caller
-passes ``max_bytes``: a sanity bound, not a device limit, about a hundred times what the models this project
-ships take (cnn, resnet8, resnet20 at width 16: about 10 MB), so a file declaring a far bigger model is refused
-before anything is built for it."""
-UNPACK_CHUNK = 1 << 16  # indices unpacked at a time: a multiple of 8, so every chunk starts on a byte
-Stored = dict[str, tuple[tuple[int, ...], int]]  # tensor name -> (shape, fewest bytes an element travels in)
-
-
-def index_dtype_for(cols: int) -> torch.dtype:
-    """The index type a layer of ``cols`` columns is stored with: the one rule, for packer and loader alike."""
-    return torch.int16 if cols <= INT16_MAX_COLS else torch.int32
-
-
-class PackedFormatError(ValueError):
-    """A packed file is missing, corrupt, or does not describe a valid packed model."""
-
-
-def prefix_lengths(densities: tuple[float, ...], cols: int) -> list[int]:
-    return [keep_count(d, cols) for d in densities]
-
-
-def band_table(ks: list[int], rows: int) -> torch.Tensor:
-    """int64 [n, 2] of (offset, width): band i spans entries k_{i-1}..k_i-1 of every row."""
-    table, offset, previous = [], 0, 0
-    for k in ks:
-        table.append((offset, k - previous))
-        offset += rows * (k - previous)
-        previous = k
-    return torch.tensor(table, dtype=torch.int64).reshape(-1, 2)
-
-
-def pack_rows(weight2d: torch.Tensor, order: torch.Tensor, ks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Banded (values, indices) of a [rows, cols] weight ranked by ``order``; see the module docstring."""
-    index_dtype = index_dtype_for(weight2d.shape[1])
-    values, indices, previous = [], [], 0
-    for k in ks:
-        idx = order[:, previous:k].long().sort(dim=1).values
-        values.append(weight2d.gather(1, idx).reshape(-1))
-        indices.append(idx.reshape(-1))
-        previous = k
-    return torch.cat(values).float().contiguous(), torch.cat(indices).to(index_dtype).contiguous()
-
-
-def stored_index_count(ks: list[int], rows: int, cols: int) -> int:
-    """Indices a file holds for a layer of prefix lengths ``ks``: all, except a top band that completes every
-    row (k_n = cols), whose indices the loader rebuilds (``top_band_indices``)."""
-    if ks[-1] != cols:
-        return rows * ks[-1]
-    return rows * ks[-2] if len(ks) > 1 else 0
-
-
-def index_bits(cols: int) -> int:
-    """Bits a stored column index of a ``cols``-column row takes: enough for ``cols - 1``."""
-    return max(1, (cols - 1).bit_length())
-
-
-def packed_index_bytes(count: int, bits: int) -> int:
-    return (count * bits + 7) // 8
-
-
-def pack_index_bits(indices: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 [packed_index_bytes]: each index's ``bits`` low bits, little-endian, one after the other."""
-    a = indices.numpy().astype(np.uint32)
-    bit_matrix = ((a[:, None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return torch.from_numpy(np.packbits(bit_matrix.reshape(-1), bitorder="little"))
-
-
-def unpack_index_bits(data: torch.Tensor, count: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    """``pack_index_bits`` undone: ``count`` indices as ``dtype`` (range checks are the loader's), a chunk at a
-    time: the bit matrix takes 4 * ``bits`` bytes an index, far more than the indices themselves."""
-    packed, out, weights = data.numpy(), torch.empty(count, dtype=dtype), np.arange(bits, dtype=np.int32)
-    for start in range(0, count, UNPACK_CHUNK):
-        n = min(UNPACK_CHUNK, count - start)
-        bit_matrix = np.unpackbits(packed[start * bits // 8 :], count=n * bits, bitorder="little").reshape(n, bits)
-        values = (bit_matrix.astype(np.int32) << weights).sum(axis=1, dtype=np.int32)
-        out[start : start + n] = torch.from_numpy(values)
-    return out
-
-
-def band_columns(indices: torch.Tensor, bands: torch.Tensor, rows: int) -> torch.Tensor:
-    """[rows, k] int64: each row's columns over the given bands, band after band."""
-    blocks = [indices[o : o + rows * w].long().reshape(rows, w) for o, w in bands.tolist()]
-    return torch.cat(blocks, dim=1) if blocks else torch.empty(rows, 0, dtype=torch.long)
-
-
-def top_band_indices(head: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The columns of each row that ``head`` ([rows, k] in-range, distinct per row) lacks, ascending: the
-    indices of a top band that completes every row, which a file does not store."""
-    rest = torch.ones(rows, cols, dtype=torch.bool).scatter_(1, head.long(), False)
-    return torch.arange(cols).expand(rows, cols)[rest].reshape(rows, cols - head.shape[1])
-
-
-def unpack_rows(values: torch.Tensor, indices: torch.Tensor, bands: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The [rows, cols] float32 weight the given bands hold, zeros elsewhere: ``pack_rows`` undone."""
-    w = torch.zeros(rows, cols, dtype=torch.float32)
-    for offset, width in bands.tolist():
-        if width:
-            block = slice(offset, offset + rows * width)
-            w.scatter_add_(1, indices[block].reshape(rows, width).long(), values[block].reshape(rows, width).float())
-    return w
-
-
-class PackedSparse(DensityAware, nn.Module):
-    """A sparse layer executed from its packed buffers by the native kernel, BN (and ReLU) fused."""
-
-    def __init__(self, layer: RowSparse, densities: tuple[float, ...]) -> None:
-        nn.Module.__init__(self)
-        self._init_density(densities)
-        self.rows, self.cols = layer.rows, layer.cols
-        self.is_conv = isinstance(layer, DressConv2d)
-        if self.is_conv:
-            conv: nn.Conv2d = layer  # type: ignore[assignment]
-            self.in_channels, self.kernel_size = conv.in_channels, conv.kernel_size
-            self.stride, self.padding = conv.stride, conv.padding
-        else:
-            self.in_channels = layer.cols
-        ks = prefix_lengths(densities, self.cols)
-        self.full_top = ks[-1] == self.cols  # the top band completes every row: no stored indices, run dense
-        self.stored_indices = stored_index_count(ks, self.rows, self.cols)
-        self.register_buffer("bands", band_table(ks, self.rows))
-        n = self.rows * ks[-1]
-        # Parameters, so training updates the packed values in place; they require grad only in training
-        # mode (PackedModel.train), so inference and in-place edits never meet autograd.
-        self.values = nn.Parameter(torch.zeros(n, dtype=torch.float32), requires_grad=False)
-        self.register_buffer("indices", torch.zeros(n, dtype=index_dtype_for(self.cols)))
-        self.bias = None if layer.bias is None else nn.Parameter(torch.zeros(self.rows), requires_grad=False)
-        self._norm: list[DensityBatchNorm] = []  # a list so the BN stays registered where the model put it
-        self._views: list[torch.Tensor] = []
-        self._epilogue: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
-        self._dense: tuple[torch.Tensor, torch.Tensor | None] | None = None  # the full top band's dense layer
-        self._placement: torch.Tensor | None = None  # training a full top band: values index per dense weight
-
-    @property
-    def dense_shape(self) -> tuple[int, ...]:
-        """The layer's weight shape as torch's dense conv / linear takes it."""
-        return (self.rows, self.in_channels, *self.kernel_size) if self.is_conv else (self.rows, self.cols)
-
-    def entries(self, index: int) -> int:
-        """Stored entries the subnet at density index ``index`` reads: rows * k_index."""
-        offset, width = self.bands[index].tolist()
-        return offset + self.rows * width
-
-    def fuse(self, norm: DensityBatchNorm) -> None:
-        """Fold ``norm`` into this layer's epilogue; the BN module itself then passes its input through."""
-        norm.folded = True
-        self._norm = [norm]
-
-    @torch.no_grad()
-    def finalize(self) -> None:
-        """Precompute per-density band views and folded BN so forward and switching allocate nothing."""
-        self._views = [self.bands[: i + 1] for i in range(len(self.densities))]
-        self._epilogue = []
-        for i in range(len(self.densities)):
-            if not self._norm:
-                self._epilogue.append((None, None))
-                continue
-            scale, shift = self._norm[0].scale_shift(i)
-            if self.bias is not None:
-                shift = shift + scale * self.bias
-            self._epilogue.append((scale.contiguous(), shift.contiguous()))
-        self._dense = None
-        if self.full_top:  # the top subnet as a dense layer, its BN folded into weight and bias
-            weight = unpack_rows(self.values, self.indices, self.bands, self.rows, self.cols)
-            scale, shift = self._epilogue[-1]
-            if scale is not None:
-                weight, bias = weight * scale[:, None], shift
-            else:
-                bias = self.bias
-            self._dense = (weight.reshape(self.dense_shape).contiguous(), bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i = self.active_index
-        if self.training:
-            return self._forward_train(x, i)
-        if self._dense is not None and i == len(self._epilogue) - 1:
-            return self._forward_dense(x)
-        scale, shift = self._epilogue[i]
-        bias = self.bias if scale is None else None
-        x = x.contiguous()
-        if self.is_conv:
-            return kernels.packed_conv2d(
-                x, self.values, self.indices, self._views[i], self.rows, self.kernel_size,
-                self.stride, self.padding, bias=bias, scale=scale, shift=shift, in_channels=self.in_channels,
-            )  # fmt: skip
-        # The input's size is checked on every call (nanoseconds): the stored indices address the layer's
-        # columns, and a narrower input would have the kernel read past it.
-        return kernels.packed_linear(
-            x, self.values, self.indices, self._views[i], self.rows, bias=bias, scale=scale, shift=shift,
-            in_features=self.cols,
-        )
-
-    def _forward_train(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        """The subnet's first ``i + 1`` bands, differentiable w.r.t. x, values and bias; BN follows unfolded.
-
-        A full top band holds every weight of the layer, permuted: that subnet trains as a dense layer on the
-        values gathered into place (the gradient scatters back onto them), as fast as dense training and no
-        larger than the values themselves; the sparser subnets train through the packed kernels."""
-        if self.full_top and i == len(self.densities) - 1:
-            if self._placement is None:  # for each dense position, the stored entry that holds its weight
-                rows = torch.cat([torch.arange(self.rows).repeat_interleave(w) for _, w in self.bands.tolist()])
-                at = rows * self.cols + self.indices.long()  # entry e's dense position, entries in stored order
-                self._placement = torch.empty(at.numel(), dtype=torch.int32).scatter_(  # as large as the values
-                    0, at, torch.arange(at.numel(), dtype=torch.int32))
-            weight = self.values[self._placement].view(self.dense_shape)
-            if self.is_conv:
-                return F.conv2d(x, weight, self.bias, self.stride, self.padding)
-            return F.linear(x, weight, self.bias)
-        bands = self.bands[: i + 1]
-        if self.is_conv:
-            y = packed_ops.conv2d(x, self.values, self.indices, bands, self.rows, self.kernel_size, self.stride,
-                                  self.padding)
-            return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
-        y = packed_ops.linear(x, self.values, self.indices, bands, self.rows)
-        return y if self.bias is None else y + self.bias
-
-    def _forward_dense(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._dense  # type: ignore[misc]
-        width = self.in_channels
-        if x.dim() < 2 or x.shape[1 if self.is_conv else -1] != width:  # the packed path's error, not torch's
-            raise ValueError(f"input must have {width} {'channels' if self.is_conv else 'features'}, "
-                             f"got shape {list(x.shape)}")
-        if self.is_conv:
-            return F.conv2d(x, weight, bias, self.stride, self.padding)
-        return F.linear(x, weight, bias)
+from dress_model.packed_checks import (
+    check_declared_shapes, check_declared_size, check_layer, stored_tensors, with_top_band,
+)
+from dress_model.packed_format import (
+    FORMAT, MAX_LOAD_BYTES, VERSION, PackedFormatError, band_columns, band_table, index_bits, index_dtype_for,
+    pack_index_bits, pack_rows, prefix_lengths, top_band_indices, unpack_index_bits, unpack_rows,
+)
+from dress_model.packed_layer import PackedSparse
 
 
 def _fusable(model: DressModel) -> Iterator[tuple[str, str]]:
@@ -341,15 +94,7 @@ class PackedModel(nn.Module):
         was_training = self.training
         super().train(mode)
         for _, layer in self.packed_layers():
-            for norm in layer._norm:
-                norm.folded = not mode
-            for p in (layer.values, layer.bias):
-                if p is not None:
-                    p.requires_grad_(mode)
-            if mode:
-                layer._dense = None  # the inference-only dense copy of a full top band: rebuilt on eval
-            else:
-                layer._placement = None  # training-only
+            layer.set_mode(mode)
         if was_training and not mode:
             self._finalize()
         return self
@@ -359,7 +104,7 @@ class PackedModel(nn.Module):
         where it can, else layer by layer; training always layer by layer (autograd)."""
         if self.training:
             return self.net(x)
-        index = self.net._cell.index
+        index = self.net.active_index
         if index not in self._native:
             self._native[index] = self._compile(index)
         native = self._native[index]
@@ -371,14 +116,14 @@ class PackedModel(nn.Module):
     def compile(self) -> PackedModel:
         """Compile every density's forward now rather than on its first use (a full top subnet takes about a
         second to freeze): what an agent does before a new model takes requests."""
-        active = self.net._cell.index
+        active = self.net.active_index
         try:
             for index in range(len(self.densities)):
                 if index not in self._native:
-                    self.net._cell.index = index  # the per-layer way is timed at its own density
+                    self.net.active_index = index  # the per-layer way is timed at its own density
                     self._native[index] = self._compile(index)
         finally:
-            self.net._cell.index = active
+            self.net.active_index = active
         return self
 
     def _compile(self, index: int) -> Compiled | None:
@@ -494,9 +239,9 @@ class PackedModel(nn.Module):
             raise PackedFormatError(f"{source}: invalid architecture: {e}") from None
         with torch.device("meta"):
             declared = create_model(arch)  # shapes, no memory: every check below runs before anything is allocated
-        want = _stored_tensors(declared)
-        _check_declared_shapes(source, want, data)
-        _check_declared_size(source, declared, want, data, max_bytes)
+        want = stored_tensors(declared)
+        check_declared_shapes(source, want, data)
+        check_declared_size(source, declared, want, data, max_bytes)
         try:
             packed = cls(arch)
             tensors = load_tensors(data)
@@ -517,8 +262,8 @@ class PackedModel(nn.Module):
             tensors[f"{name}.indices"] = unpack_index_bits(stored, layer.stored_indices, index_bits(layer.cols),
                                                            index_dtype_for(layer.cols))
             if layer.full_top:
-                tensors[f"{name}.indices"] = _with_top_band(source, name, layer, tensors[f"{name}.indices"])
-            _check_layer(source, name, layer, tensors)
+                tensors[f"{name}.indices"] = with_top_band(source, name, layer, tensors[f"{name}.indices"])
+            check_layer(source, name, layer, tensors)
         try:
             packed.net.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
@@ -560,113 +305,6 @@ class PackedModel(nn.Module):
         return model
 
 
-def load_bytes(net: DressModel) -> int:
-    """Tensor bytes loading a file of ``net``'s architecture holds at once, at most (``net`` may be on the meta
-    device: nothing is allocated to count). ``PackedModel`` builds ``net`` and the packed model beside it, then
-    frees ``net`` and reads the file's tensors, as large as the packed model's; finalizing adds each full top
-    band's dense layer. Meanwhile, a layer at a time, ranking (building) or checking (loading) its columns sorts
-    them: int64 columns, their sorted copy and its order."""
-    built = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    packed, widest = built, 0
-    for _, layer in net.sparse_layers():
-        k = prefix_lengths(layer.densities, layer.cols)[-1]
-        dense = layer.rows * layer.cols
-        packed += layer.rows * k * (4 + index_dtype_for(layer.cols).itemsize)  # values, indices
-        packed -= dense * (layer.weight.element_size() + layer.order.element_size())  # replaced by them
-        packed += len(layer.densities) * 2 * 8  # the band table, int64 [n, 2]
-        if k == layer.cols:
-            packed += dense * 4  # the full top band's dense layer
-        widest = max(widest, dense)
-    return built + 2 * packed + 3 * 8 * widest
-
-
-def _stored_tensors(net: DressModel) -> Stored:
-    """Each tensor a packed file of ``net``'s architecture holds: its shape, and the fewest bytes an element of
-    it travels in (floats as float16, indices bit-packed into bytes, anything else at least a byte)."""
-    want = {key: (tuple(t.shape), 2 if t.is_floating_point() else 1) for key, t in net.state_dict().items()}
-    for name, layer in net.sparse_layers():
-        del want[f"{name}.weight"], want[f"{name}.order"]
-        ks = prefix_lengths(layer.densities, layer.cols)
-        want[f"{name}.values"] = ((layer.rows * ks[-1],), 2)
-        want[f"{name}.indices"] = ((packed_index_bytes(stored_index_count(ks, layer.rows, layer.cols),
-                                                       index_bits(layer.cols)),), 1)
-    return want
-
-
-def _check_declared_shapes(source: str, want: Stored, data: bytes) -> None:
-    """Every tensor the architecture needs is in the file with exactly its shape, and nothing else is; the file's
-    shapes come from its safetensors header."""
-    try:
-        n = int.from_bytes(data[:8], "little")
-        table = json.loads(data[8 : 8 + n])
-        have = {key: tuple(int(x) for x in entry["shape"]) for key, entry in table.items() if key != "__metadata__"}
-    except (ValueError, KeyError, TypeError) as e:
-        raise PackedFormatError(f"{source}: unreadable tensor table: {e}") from None
-    if missing := sorted(set(want) - set(have)):
-        raise PackedFormatError(f"{source}: lacks tensors {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    if extra := sorted(set(have) - set(want)):
-        raise PackedFormatError(f"{source}: holds tensors the architecture has no place for: {extra[:5]}")
-    for key, (shape, _) in want.items():
-        if have[key] != shape:
-            raise PackedFormatError(f"{source}: {key} has shape {list(have[key])}, the declared architecture "
-                                    f"needs {list(shape)}")
-
-
-def _check_declared_size(source: str, net: DressModel, want: Stored, data: bytes, max_bytes: int) -> None:
-    """The file holds the bytes its declared tensors take, and loading them takes at most ``max_bytes``: a
-    small file cannot make the loader build a large model."""
-    least = sum(math.prod(shape) * size for shape, size in want.values())
-    carried = len(data) - 8 - int.from_bytes(data[:8], "little")
-    if least > carried:
-        raise PackedFormatError(f"{source}: its header declares tensors of at least {least:,} bytes, the file "
-                                f"carries {carried:,}: it describes a larger model than it holds")
-    if (needed := load_bytes(net)) > max_bytes:
-        arch = net.arch
-        raise PackedFormatError(f"{source}: loading its architecture ({arch.name}, width {arch.width}, "
-                                f"{arch.num_classes} classes, {arch.image_size}px images) takes {needed:,} bytes "
-                                f"of tensors, more than the {max_bytes:,} allowed; a caller that trusts it passes "
-                                "a larger max_bytes")
-
-
-def _with_top_band(source: str, name: str, layer: PackedSparse, head: torch.Tensor) -> torch.Tensor:
-    """A full-top layer's stored indices (its lower bands) checked, then completed by the top band's."""
-    known = _checked_columns(source, name, head, layer.bands[:-1], layer.rows, layer.cols)
-    top = top_band_indices(known, layer.rows, layer.cols).to(head.dtype).reshape(-1)
-    return torch.cat([head, top])
-
-
-def _check_layer(source: str, name: str, layer: PackedSparse, tensors: dict[str, torch.Tensor]) -> None:
-    """Shapes, dtypes, index range and per-row uniqueness: a bad file must fail here, not compute garbage."""
-    values, indices = tensors.get(f"{name}.values"), tensors.get(f"{name}.indices")
-    if values is None or indices is None:
-        raise PackedFormatError(f"{source}: layer {name} lacks its values/indices tensors")
-    n = layer.entries(len(layer.densities) - 1)
-    want_idx = index_dtype_for(layer.cols)
-    if values.dtype != torch.float32 or values.shape != (n,):
-        raise PackedFormatError(f"{source}: {name}.values must be float32 [{n}], got {values.dtype} {list(values.shape)}")
-    if indices.dtype not in (torch.int16, torch.int32) or indices.shape != (n,):
-        raise PackedFormatError(f"{source}: {name}.indices must be int16/int32 [{n}], got {indices.dtype} {list(indices.shape)}")
-    if indices.dtype == torch.int16 and want_idx == torch.int32:
-        raise PackedFormatError(f"{source}: {name} has {layer.cols} columns, too many for int16 indices")
-    _checked_columns(source, name, indices, layer.bands, layer.rows, layer.cols)
-
-
-def _checked_columns(source: str, name: str, indices: torch.Tensor, bands: torch.Tensor, rows: int,
-                     cols: int) -> torch.Tensor:
-    """``band_columns`` of indices that stay inside the buffer and [0, cols) and name each column of a row
-    at most once; PackedFormatError otherwise."""
-    try:
-        kernels.validate_indices(indices, bands, rows, cols)
-    except ValueError as e:
-        raise PackedFormatError(f"{source}: {name}: {e}") from None
-    columns = band_columns(indices, bands, rows)
-    ordered = columns.sort(dim=1).values
-    if (ordered[:, 1:] == ordered[:, :-1]).any():
-        raise PackedFormatError(f"{source}: {name} repeats a column within a row (each weight must appear once)")
-    return columns
-
-
 def pack_checkpoint(model: DressModel, max_density: float | None = None) -> PackedModel:
     """Convenience for callers holding a training model (CLI, coordinator)."""
     return PackedModel.from_dress(copy.deepcopy(model).eval(), max_density)
-

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader
 
 from dress_model.layers import DensityBatchNorm, RowSparse
 from dress_model.models import DressModel
-from dress_model.packed import PackedModel, PackedSparse
+from dress_model.packed import PackedModel
+from dress_model.packed_layer import PackedSparse
 from dress_model.sparsity import get_importance
 
 log = logging.getLogger(__name__)

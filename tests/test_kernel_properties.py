@@ -23,7 +23,7 @@ from dress_model.kernels import (
     packed_linear_backward,
     set_kernel_isa,
 )
-from dress_model.packed import prefix_lengths
+from dress_model.packed_format import prefix_lengths
 from kernel_cases import ISAS, pack_layer
 
 # The same 150 cases on every run (CI stays deterministic); DRESS_PROPERTY_EXAMPLES=2000 hunts wider, at random.

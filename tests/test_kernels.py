@@ -17,7 +17,7 @@ from dress_model.kernels import (
     validate_indices,
 )
 from dress_model.kernels.reference import reference_conv2d, reference_linear
-from dress_model.packed import band_table, prefix_lengths, unpack_rows
+from dress_model.packed_format import band_table, prefix_lengths, unpack_rows
 from dress_model.sparsity import keep_count
 from kernel_cases import pack_layer
 

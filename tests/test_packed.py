@@ -14,14 +14,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from reliability import declaring, measured  # noqa: E402 - crafted files: the benchmark's, tried here briefly
 
 from dress_model.models import Architecture, create_model
-from dress_model.packed import (
+from dress_model.packed import PackedModel, pack_checkpoint
+from dress_model.packed_checks import load_bytes
+from dress_model.packed_format import (
     MAX_LOAD_BYTES,
     UNPACK_CHUNK,
     PackedFormatError,
-    PackedModel,
     index_bits,
-    load_bytes,
-    pack_checkpoint,
     pack_index_bits,
     packed_index_bytes,
     unpack_index_bits,

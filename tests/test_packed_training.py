@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import dress_model.packed as packed_module
+import dress_model.packed_layer as packed_layer
 from dress_model.kernels import autograd, packed_conv2d_backward, packed_linear_backward
 from dress_model.layers import RowSparse
 from dress_model.models import Architecture, create_model
@@ -193,6 +194,7 @@ def test_packed_training_builds_no_dense_weight_or_mask(monkeypatch):
     model = create_model(Architecture(name="cnn", densities=(0.1, 0.25, 0.5, 1.0)))
     packed = PackedModel.from_dress(copy.deepcopy(model).eval(), max_density=0.5)
     monkeypatch.setattr(packed_module, "unpack_rows", refuse)
+    monkeypatch.setattr(packed_layer, "unpack_rows", refuse)
     monkeypatch.setattr(RowSparse, "mask", refuse)
     data = TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
     train(packed, DataLoader(data, batch_size=8), TrainConfig(epochs=1, rerank_every=0, recalibrate_batches=0))

@@ -7,7 +7,7 @@ in the row's 2-D weight view, c*kh*kw + i*kw + j for conv) concatenate the block
 int64 [nb, 2] array of (offset, width) naming the blocks to read, so density d_i passes the
 first i rows of the layer's band table and switching density copies nothing.
 
-Indices inside a band may be in any order; ascending order (what `dress_model.packed.pack_rows` writes)
+Indices inside a band may be in any order; ascending order (what `dress_model.packed_format.pack_rows` writes)
 gives the kernels better input locality.
 
 All wrappers validate dtypes/devices/contiguity here and sizes/band geometry natively (ValueError

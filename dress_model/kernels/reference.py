@@ -1,7 +1,7 @@
 """Dense reference for the packed banded layout: the ground truth the native kernels are tested against.
 
 torch's own float64 linear and conv on the weight the bands hold, then the kernels' fused epilogue. Packing
-is production's (``dress_model.packed.pack_rows``): tests and benchmarks use the format the fleet runs.
+is production's (``dress_model.packed_format.pack_rows``): tests and benchmarks use the format the fleet runs.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dress_model.packed import unpack_rows
+from dress_model.packed_format import unpack_rows
 
 
 def _epilogue(
