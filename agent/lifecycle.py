@@ -147,7 +147,7 @@ class Agent:
 
     def _start(self) -> None:
         c = self.config
-        predict_credentials = self._predict_credentials()
+        predict_credentials = self.predict_credentials()
         if c.ca is None and not is_loopback(c.superlink.rpartition(":")[0]):
             raise AgentError(f"plaintext is for loopback only: reaching the SuperLink at {c.superlink} needs the "
                              "fleet's CA (--ca ca.pem)")
@@ -228,7 +228,7 @@ class Agent:
                                  f"{e.code().name}: {e.details()}") from None
         raise AssertionError("unreachable")
 
-    def _predict_credentials(self) -> grpc.ServerCredentials | None:
+    def predict_credentials(self) -> grpc.ServerCredentials | None:
         """Mutual TLS for Predict and Status when certificates are given; plaintext on loopback only."""
         c = self.config
         if c.predict_cert is None and c.predict_key is None:

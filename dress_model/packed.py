@@ -96,7 +96,7 @@ class PackedModel(nn.Module):
         for _, layer in self.packed_layers():
             layer.set_mode(mode)
         if was_training and not mode:
-            self._finalize()
+            self.finalize()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -105,13 +105,23 @@ class PackedModel(nn.Module):
         if self.training:
             return self.net(x)
         index = self.net.active_index
-        if index not in self._native:
-            self._native[index] = self._compile(index)
-        native = self._native[index]
+        native = self.compiled(index)
         if native is not None and native.accepts(x):
             with torch.inference_mode():
                 return native(x)
         return self.forward_layers(x)
+
+    def compiled(self, index: int) -> Compiled | None:
+        """The compiled forward of the subnet at density index ``index`` (compiled on first use); None: that
+        subnet runs layer by layer."""
+        if index not in self._native:
+            self._native[index] = self._compile(index)
+        return self._native[index]
+
+    @property
+    def compiled_indices(self) -> set[int]:
+        """The density indices whose forward is compiled already."""
+        return set(self._native)
 
     def compile(self) -> PackedModel:
         """Compile every density's forward now rather than on its first use (a full top subnet takes about a
@@ -156,7 +166,9 @@ class PackedModel(nn.Module):
         for name in self.sparse_names:
             yield name, self.net.get_submodule(name)  # type: ignore[misc]
 
-    def _finalize(self) -> None:
+    def finalize(self) -> None:
+        """Refold BN and rebuild the dense copies from the values as they are now (after training, or an edit in
+        place), and forget the compiled forwards that pointed at the old ones."""
         for _, layer in self.packed_layers():
             layer.finalize()
         self._native = {}  # compiled forwards point at the epilogues just replaced: compile again on use
@@ -208,7 +220,7 @@ class PackedModel(nn.Module):
             state[f"{name}.values"], state[f"{name}.indices"] = values, indices
             state[f"{name}.bands"] = band_table(ks, layer.rows)
         packed.net.load_state_dict(state, strict=True)
-        packed._finalize()
+        packed.finalize()
         return packed
 
     def save(self, path: str | Path, half: bool = False) -> Path:
@@ -268,7 +280,7 @@ class PackedModel(nn.Module):
             packed.net.load_state_dict(tensors, strict=True)
         except RuntimeError as e:
             raise PackedFormatError(f"{source}: tensors do not match the declared architecture: {e}") from None
-        packed._finalize()
+        packed.finalize()
         return packed
 
     def to_bytes(self, half: bool = False) -> bytes:

@@ -63,6 +63,16 @@ class PackedSparse(DensityAware, nn.Module):
         """The BN folded into this layer's epilogue, if any."""
         return self._norm[0] if self._norm else None
 
+    @property
+    def runs_dense(self) -> bool:
+        """Whether its full top subnet runs as a dense layer now (inference on a layer stored up to d=1)."""
+        return self._dense is not None
+
+    @property
+    def placement(self) -> torch.Tensor | None:
+        """Training a full top band: for each dense weight, the stored entry holding it (None until built)."""
+        return self._placement
+
     def view(self, index: int) -> torch.Tensor:
         """The band table of the subnet at density index ``index`` (its first ``index + 1`` bands)."""
         return self._views[index]

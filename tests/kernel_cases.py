@@ -6,11 +6,11 @@ from collections.abc import Sequence
 
 import torch
 
-from dress_model.kernels import _native
+from dress_model.kernels import best_kernel_isa
 from dress_model.packed_format import band_table, pack_rows, prefix_lengths
 
 _ORDER = ["generic", "avx2", "avx512"]
-ISAS = _ORDER[: _ORDER.index(_native.best_isa()) + 1]  # every ISA variant this CPU can run
+ISAS = _ORDER[: _ORDER.index(best_kernel_isa()) + 1]  # every ISA variant this CPU can run
 
 
 def pack_layer(

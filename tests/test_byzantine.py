@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -19,15 +18,14 @@ from byzantine import app_with_liars  # noqa: E402
 from agent.client_app import train_subnet  # noqa: E402
 from contracts.messages import subnet_record, train_config, train_message, upload_state  # noqa: E402
 from contracts.settings import RunSettings, build_run_model  # noqa: E402
+from runtime.task_identity import task_identity  # noqa: E402
 from dress_model.packed import pack_checkpoint  # noqa: E402
 
 
 @pytest.fixture
 def identity():
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1  # as inside a Flower app
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    with task_identity():  # as inside a Flower app
+        yield
 
 
 @pytest.fixture

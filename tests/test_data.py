@@ -80,7 +80,7 @@ def write_cifar(directory: Path, per_batch: int = 20,
 
 
 def normalized(value: float | np.ndarray, dataset: str, channel: int = 0) -> float | np.ndarray:
-    stats = data._STATS[dataset]
+    stats = data.STATS[dataset]
     return (value / 255.0 - stats.mean[channel]) / stats.std[channel]
 
 

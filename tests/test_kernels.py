@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dress_model.kernels import (
-    _native,
+    best_kernel_isa,
     kernel_isa,
     packed_conv2d,
     packed_linear,
@@ -303,10 +303,10 @@ def test_rejects_bad_epilogue_and_threads(layer):
 
 
 def test_isa_switching():
-    assert kernel_isa() == _native.best_isa()
+    assert kernel_isa() == best_kernel_isa()
     with pytest.raises(ValueError, match="unknown ISA"):
         set_kernel_isa("sve9")
     set_kernel_isa("generic")
     assert kernel_isa() == "generic"
     set_kernel_isa()
-    assert kernel_isa() == _native.best_isa()
+    assert kernel_isa() == best_kernel_isa()

@@ -22,7 +22,7 @@ def zeroed_dense_copy(model, density):
             layer.weight.mul_(layer.mask(density))
             layer.densities = (1.0,)  # from now on the mask keeps everything
             layer.share_cell(DensityCell(0))
-            layer._masks.clear()
+            layer.clear_masks()
     return dense
 
 

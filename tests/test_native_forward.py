@@ -41,7 +41,7 @@ def test_every_subnet_computes_what_the_layer_path_computes(name: str, isa: str)
             out = packed(x)
             assert reference.abs().max() > 1e-3  # a real signal, not zeros agreeing with zeros
             torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
-        compiled = packed._native[packed.density_index(density)]
+        compiled = packed.compiled(packed.density_index(density))
         # every sparse subnet runs in one native call; the full top subnet whichever way was fastest when it
         # compiled (tested each way below)
         if density == 1.0:
@@ -91,13 +91,13 @@ def test_inputs_the_program_was_not_compiled_for_take_the_checked_layer_path() -
     x = torch.randn(2, 1, 28, 28)
     wide = torch.randn(2, 1, 28, 56)[..., ::2]  # not contiguous
     torch.testing.assert_close(packed(wide), packed.forward_layers(wide.contiguous()), rtol=1e-4, atol=1e-5)
-    compiled = packed._native[packed.density_index(0.1)]
+    compiled = packed.compiled(packed.density_index(0.1))
     assert compiled is not None and compiled.accepts(x) and not compiled.accepts(wide) and not compiled.accepts(x.double())
 
 
 def _compiled(packed: PackedModel, x: torch.Tensor):
     packed(x)
-    return packed._native[packed.net._cell.index]
+    return packed.compiled(packed.net.active_index)
 
 
 def test_a_program_cannot_reach_outside_its_slots() -> None:
@@ -145,7 +145,7 @@ def test_a_copy_compiles_its_own_forward() -> None:
     with torch.no_grad():
         for _, layer in twin.packed_layers():
             layer.values.mul_(2.0)
-    twin._finalize()
+    twin.finalize()
     assert not torch.allclose(twin(x), before)
     torch.testing.assert_close(packed(x), before, rtol=0, atol=0)
     torch.testing.assert_close(twin(x), twin.forward_layers(x), rtol=1e-4, atol=1e-5)
@@ -167,7 +167,7 @@ def test_compile_prepares_every_density_before_the_first_request() -> None:
     packed = packed_model("cnn")
     packed.set_density(0.25)
     packed.compile()
-    assert set(packed._native) == set(range(len(packed.densities))) and packed.active_density == 0.25
+    assert packed.compiled_indices == set(range(len(packed.densities))) and packed.active_density == 0.25
     x = torch.randn(1, 1, 28, 28)
     for density in packed.densities:
         packed.set_density(density)

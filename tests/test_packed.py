@@ -119,7 +119,7 @@ def test_a_full_top_band_travels_without_indices_and_runs_dense() -> None:
         stored = packed_index_bytes(layer.entries(len(layer.densities) - 2), index_bits(layer.cols))
         assert layer.full_top and tensors[f"{name}.indices"].numel() == stored
         assert torch.equal(back.indices, layer.indices) and torch.equal(back.values, layer.values)
-        assert back._dense is not None
+        assert back.runs_dense
     partial = pack_checkpoint(model, max_density=0.5)
     for name, layer in partial.packed_layers():
         stored = packed_index_bytes(layer.indices.numel(), index_bits(layer.cols))

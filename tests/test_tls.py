@@ -122,10 +122,10 @@ def test_an_agent_serving_beyond_loopback_without_certificates_is_refused(tmp_pa
     base = {"name": None, "profile": get_profile("pi4"), "coordinator": "127.0.0.1:1", "superlink": "127.0.0.1:2",
             "budget": None, "state_dir": tmp_path}
     with pytest.raises(AgentError, match="Predict on 0.0.0.0 needs TLS with client certificates"):
-        Agent(AgentConfig(**base, serve_host="0.0.0.0"))._predict_credentials()
+        Agent(AgentConfig(**base, serve_host="0.0.0.0")).predict_credentials()
     with pytest.raises(AgentError, match="needs all of --predict-cert, --predict-key and --ca"):
-        Agent(AgentConfig(**base, serve_host="0.0.0.0", predict_cert=tmp_path / "x.pem"))._predict_credentials()
-    assert Agent(AgentConfig(**base))._predict_credentials() is None  # loopback: plaintext is fine
+        Agent(AgentConfig(**base, serve_host="0.0.0.0", predict_cert=tmp_path / "x.pem")).predict_credentials()
+    assert Agent(AgentConfig(**base)).predict_credentials() is None  # loopback: plaintext is fine
 
 
 def test_the_database_password_stays_out_of_the_run_and_the_state_is_private(pg_url: str, tmp_path: Path) -> None:

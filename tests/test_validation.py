@@ -11,9 +11,10 @@ from datetime import timedelta
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from agent.client_app import train_subnet
+from flwr.supercore.task_identity import TaskIdentity
+
 from contracts.messages import train_config
 from contracts.methods import METHODS, get_method
 from contracts.settings import RunSettings, build_run_model
@@ -23,6 +24,7 @@ from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
 from coordinator.fleet_strategy import RoundStats
 from coordinator.strategy import DressStrategy
+from runtime.task_identity import task_identity
 from coordinator.validation import STATISTICS, Expected, RejectedUpdate, check_reply, implausible, norm_outliers
 
 SENT = {"conv.values": torch.ones(6), "conv.indices": torch.arange(6, dtype=torch.int16), "bn.mean": torch.zeros(2, 3)}
@@ -98,10 +100,8 @@ def test_an_update_far_above_the_rounds_median_is_an_outlier() -> None:
 @pytest.fixture
 def message_identity() -> Iterator[None]:
     """The identity Flower gives a ServerApp process (run, task, node), so real messages can be built here."""
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+    with task_identity():
+        yield
 
 
 Reply = Callable[[dict[str, torch.Tensor]], tuple[dict | None, object]]

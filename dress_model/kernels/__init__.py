@@ -24,7 +24,7 @@ from dress_model.kernels import _packed_sparse as _native
 
 __all__ = [
     "packed_linear", "packed_conv2d", "packed_linear_backward", "packed_conv2d_backward", "validate_indices",
-    "kernel_isa", "set_kernel_isa", "run_plan", "PLAN_FIELDS", "PLAN_OPS",
+    "kernel_isa", "best_kernel_isa", "set_kernel_isa", "run_plan", "PLAN_FIELDS", "PLAN_OPS",
 ]
 
 PLAN_FIELDS: int = _native.plan_fields  # int64 fields per record of a compiled forward (run_plan)
@@ -293,6 +293,11 @@ def validate_indices(indices: torch.Tensor, bands: torch.Tensor, rows: int, cols
 def kernel_isa() -> str:
     """The instruction set the kernels currently dispatch to ('avx512', 'avx2' or 'generic')."""
     return _native.isa()
+
+
+def best_kernel_isa() -> str:
+    """The best instruction set this CPU runs the kernels with (what ``set_kernel_isa(None)`` restores)."""
+    return _native.best_isa()
 
 
 def set_kernel_isa(name: str | None = None) -> None:
