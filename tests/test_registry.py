@@ -17,7 +17,7 @@ from coordinator.registry import (
     DeviceStatus,
     InvalidInputError,
     Registry,
-    repository,
+    devices,
 )
 from coordinator.registry.models import BudgetReport, DensityAssignment, Device
 
@@ -193,7 +193,7 @@ def test_failed_heartbeat_leaves_nothing_half_written(
     """A failure after the budget insert rolls the whole heartbeat back: no budget, no assignment."""
     device = registry.register_device("pi", "pi4", calibration).device_id
     # the assignment insert (after the budget insert) fails
-    monkeypatch.setattr(repository, "_INSERT_ASSIGNMENT", text("INSERT INTO no_such_table VALUES (1)"))
+    monkeypatch.setattr(devices, "_INSERT_ASSIGNMENT", text("INSERT INTO no_such_table VALUES (1)"))
     with pytest.raises(DBAPIError, match="no_such_table"):
         registry.heartbeat(device, Budget(1000, 4000))
     assert _count(db_url, BudgetReport) == 0
