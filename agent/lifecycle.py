@@ -22,15 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.budget import BudgetSource
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS, calibrate, image_shape, initial_model
 from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
-from agent.serving import (
-    AgentIdentity,
-    AgentServer,
-    LatencyModel,
-    ModelFetchError,
-    ModelUpdater,
-    ServedModel,
-    serve,
-)
+from agent.latency import LatencyModel
+from agent.model_fetch import ModelFetchError, ModelUpdater
+from agent.served_model import ServedModel
+from agent.serving import AgentIdentity, AgentServer, serve
 from contracts import calibration_wire
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.policy import CalibrationPoint

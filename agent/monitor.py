@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from agent.budget import BudgetSource
-from agent.serving import UsageLedger
+from agent.usage import UsageLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agent.serving import LatencyModel
+from agent.latency import LatencyModel
 from dress_model.data import ImageDataset
 from dress_model.packed import PackedModel
 

@@ -42,7 +42,8 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from superlink_strangers import superlink_strangers
 
-from agent.serving import AgentIdentity, ServedModel
+from agent.served_model import ServedModel
+from agent.serving import AgentIdentity
 from agent.serving import serve as serve_agent
 from contracts import calibration_wire
 from contracts.credentials import bearer, supernode_key

@@ -22,19 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.budget import TraceBudget, TracePoint
 from agent.calibration import initial_model
 from agent.monitor import BudgetMonitor
-from agent.serving import (
-    MAX_BATCH,
-    SERVICE_NAME,
-    AgentIdentity,
-    AgentServer,
-    LatencyModel,
-    ModelFetchError,
-    ModelUpdater,
-    ServedModel,
-    fetch_model,
-    runnable_density,
-    serve,
-)
+from agent.latency import LatencyModel, runnable_density
+from agent.model_fetch import ModelFetchError, ModelUpdater, fetch_model
+from agent.served_model import ServedModel
+from agent.serving import MAX_BATCH, SERVICE_NAME, AgentIdentity, AgentServer, serve
 from coordinator import control_plane
 from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import AssignmentReason, Registry

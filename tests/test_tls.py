@@ -16,7 +16,8 @@ from sqlalchemy.engine import make_url
 
 from agent.calibration import initial_model
 from agent.lifecycle import Agent, AgentConfig, AgentError
-from agent.serving import AgentIdentity, AgentServer, ServedModel, serve
+from agent.served_model import ServedModel
+from agent.serving import AgentIdentity, AgentServer, serve
 from contracts.profiles import get_profile
 from contracts.settings import RunSettings
 from coordinator.launcher import Coordinator, Endpoints

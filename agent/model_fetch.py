@@ -1,0 +1,94 @@
+"""A new model version from the coordinator: downloaded and verified off to the side (size, digest, the packed
+file's own checks), then handed to the served model to swap in."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from agent.served_model import ServedModel
+from dress_model.packed import PackedModel
+from dress_model.packed_format import PackedFormatError
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MODEL_BYTES = 1 << 30  # a sanity bound on what a coordinator may announce, not a device limit
+
+
+DEFAULT_FETCH_TIMEOUT_S = 120.0
+
+
+class ModelFetchError(RuntimeError):
+    """A model download failed or arrived corrupt; the served model stays as it was."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedModel:
+    version: str
+    packed: PackedModel
+    nbytes: int
+
+
+def fetch_model(
+    stub: pb_grpc.ControlPlaneStub, device_id: int, density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S,
+    half: bool = False,
+) -> FetchedModel:
+    """Download the packed model at `density` over FetchModel, checking order, size and sha256 before use;
+    ``half``: as float16 (fewer bytes, computed in float32)."""
+    data = bytearray()
+    first: pb.ModelChunk | None = None
+    try:
+        for chunk in stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=density, float16=half),
+                                    timeout=timeout):
+            if first is None:
+                first = chunk
+                if chunk.total_size > MAX_MODEL_BYTES:
+                    raise ModelFetchError(f"coordinator announced a {chunk.total_size:,}-byte model; "
+                                          f"at most {MAX_MODEL_BYTES:,} accepted")
+            elif (chunk.total_size, chunk.sha256, chunk.model_version) != (
+                    first.total_size, first.sha256, first.model_version):
+                raise ModelFetchError("model chunks disagree on size, digest or version; the model changed mid-download")
+            if chunk.offset != len(data) or len(data) + len(chunk.data) > first.total_size:
+                raise ModelFetchError(f"chunk of {len(chunk.data)} bytes at offset {chunk.offset} does not follow "
+                                      f"the {len(data)} bytes received of {first.total_size}")
+            data += chunk.data
+    except grpc.RpcError as e:
+        raise ModelFetchError(f"FetchModel at density {density:g} failed: {e.code().name}: {e.details()}") from None
+    if first is None:
+        raise ModelFetchError("FetchModel answered no chunks")
+    if len(data) != first.total_size:
+        raise ModelFetchError(f"model download ended after {len(data):,} of {first.total_size:,} bytes")
+    if hashlib.sha256(data).hexdigest() != first.sha256:
+        raise ModelFetchError(f"model {first.model_version!r} failed its sha256 check; discarded")
+    try:
+        packed = PackedModel.from_bytes(bytes(data), source=f"model {first.model_version!r}")
+    except PackedFormatError as e:
+        raise ModelFetchError(str(e)) from None
+    return FetchedModel(first.model_version, packed, len(data))
+
+
+class ModelUpdater:
+    """Brings a ServedModel to a newly published version: the monitor's `on_model_version`.
+
+    It downloads at `fetch_density`, the densest subnet the device calibrated, so every density the
+    coordinator may assign later is a `set_density` away rather than another download.
+    """
+
+    def __init__(self, served: ServedModel, stub: pb_grpc.ControlPlaneStub, device_id: int,
+                 fetch_density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False) -> None:
+        self.served, self.stub, self.device_id = served, stub, device_id
+        self.fetch_density, self.timeout, self.half = fetch_density, timeout, half
+
+    def __call__(self, version: str) -> None:
+        if version == self.served.version:
+            return
+        fetched = fetch_model(self.stub, self.device_id, self.fetch_density, self.timeout, self.half)
+        fetched.packed.compile()  # before it serves: no request pays for compiling its density
+        self.served.swap(fetched.packed, fetched.version)
+        log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
+                 ", ".join(f"{d:g}" for d in fetched.packed.densities))
