@@ -53,7 +53,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench-accuracy: setup
-	$(PY) benchmarks/accuracy.py
+	$(PY) -m benchmarks.accuracy
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

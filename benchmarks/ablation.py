@@ -1,6 +1,6 @@
 """Ablations behind DRESS's undocumented choices: batch-norm handling and the re-ranking schedule.
 
-    python benchmarks/ablation.py      # writes benchmarks/results/ablation.{json,md}
+    python -m benchmarks.ablation      # writes benchmarks/results/ablation.{json,md}
 
 The paper leaves these open; the defaults in dress_model are the winners of this run.
 """
@@ -15,8 +15,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from accuracy import RESULTS, reporter, run_dress, setup
-from common import command, machine, markdown_table, write_json
+from benchmarks.accuracy import RESULTS, reporter, run_dress, setup
+from benchmarks.common import command, machine, markdown_table, write_json
 from dress_model.training import TrainConfig
 
 console = Console()

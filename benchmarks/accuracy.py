@@ -1,8 +1,8 @@
 """Accuracy per density, trained centrally: DRESS (one set of weights) vs single pruned networks vs a slimmable one.
 
-    python benchmarks/accuracy.py                  # every task × seed, writes benchmarks/results/accuracy.{json,md}
-    python benchmarks/accuracy.py --resume         # continue a stopped one (the JSON is written after every run)
-    python benchmarks/accuracy.py --tasks fashion-mnist-cnn-w3 --seeds 0 --epochs 1 --out /tmp/acc.json  # a look
+    python -m benchmarks.accuracy                  # every task × seed, writes benchmarks/results/accuracy.{json,md}
+    python -m benchmarks.accuracy --resume         # continue a stopped one (the JSON is written after every run)
+    python -m benchmarks.accuracy --tasks fashion-mnist-cnn-w3 --seeds 0 --epochs 1 --out /tmp/acc.json  # a look
 
 A task is ``DATASET-MODEL`` or ``DATASET-MODEL-wWIDTH`` (``contracts.settings.task_name``). Two by default:
 ``fashion-mnist-cnn`` (the fleet's model) and ``fashion-mnist-cnn-w3``, the capacity task: the same cnn at
@@ -28,14 +28,14 @@ from rich.console import Console
 from rich.progress import Progress
 from torch.utils.data import DataLoader
 
-from common import Task, command, machine, markdown_table, parse_task, write_json
+from benchmarks.common import Task, command, machine, markdown_table, parse_task, write_json
 from dress_model.baselines.pruned import pruned_networks
 from dress_model.baselines.slimmable import slim_params, slimmable_like
 from dress_model.data import load_dataset
 from dress_model.models import Architecture, create_model
 from dress_model.sparsity import parse_densities
 from dress_model.training import StepCallback, TrainConfig, evaluate, train
-from federated_stats import ci_text, mean_ci
+from benchmarks.federated_stats import ci_text, mean_ci
 from simulations.centralized import write_reference
 
 console = Console()

@@ -6,7 +6,7 @@ it trains honestly, then replies ``sent - scale * update`` (scale 2.5 by default
 the server's norm check, coordinator.validation.NORM_FACTOR times the round's median). The clean run has no liars and the fleet's default aggregation (the examples-weighted mean).
 Accuracy per tier is the mean of the last ``last`` rounds, then the mean over seeds.
 
-    python benchmarks/reliability.py --only byzantine      # writes the "byzantine" key of reliability.json
+    python -m benchmarks.reliability --only byzantine      # writes the "byzantine" key of reliability.json
 """
 
 from __future__ import annotations

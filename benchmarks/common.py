@@ -69,7 +69,10 @@ def machine() -> dict[str, Any]:
 
 
 def command() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    """How this run was started, as a reader runs it from the repository: ``python -m benchmarks.NAME ARGS``."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    head = f"-m {spec.name}" if spec is not None and spec.name else shlex.quote(sys.argv[0])
+    return " ".join(["python", head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -1,10 +1,10 @@
 """On the device: what training its subnet costs, and how well each density policy meets deadlines.
 
-    python benchmarks/device.py --json benchmarks/results/device.json
-    python benchmarks/device.py --quick                       # fewer rounds and samples
-    python benchmarks/device.py --parts adaptation --model runs/demo/state/checkpoints/round-40.safetensors \
+    python -m benchmarks.device --json benchmarks/results/device.json
+    python -m benchmarks.device --quick                       # fewer rounds and samples
+    python -m benchmarks.device --parts adaptation --model runs/demo/state/checkpoints/round-40.safetensors \
         --json benchmarks/results/device.json                 # re-measure one part, keep the other
-    python benchmarks/device.py --parts adaptation --replay benchmarks/results/device.json --json /tmp/device.json
+    python -m benchmarks.device --parts adaptation --replay benchmarks/results/device.json --json /tmp/device.json
                                                               # today's policies on the kept latency samples
 
 ``adaptation`` rows (see benchmarks/adaptation.py): per budget trace and policy, the share of requests that
@@ -38,8 +38,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 from rich.console import Console  # noqa: E402

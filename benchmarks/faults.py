@@ -5,7 +5,7 @@ their stored credential). The run must still finish every round, and nothing may
 recorded once, model versions unique, each published version's checkpoint on disk; and no restart may print a
 traceback (``restart_tracebacks``, counted in every start's output).
 
-    python benchmarks/faults.py --kills 20            # also part of benchmarks/reliability.py
+    python -m benchmarks.faults --kills 20            # also part of benchmarks/reliability.py
 """
 
 from __future__ import annotations

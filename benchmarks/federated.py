@@ -1,9 +1,9 @@
 """Federated DRESS against its peers under issue 24's protocol: tuned peers, two compute arms, paired seeds, CIs.
 
-    python benchmarks/federated.py                     # the whole matrix: tuning, then both arms (120 simulations)
-    python benchmarks/federated.py --resume            # continue a stopped one where it stopped
-    python benchmarks/federated.py --profile quick --out /tmp/fed/federated.json   # the same protocol, small
-    python benchmarks/federated.py --report            # rewrite federated.md and its plots from the JSON alone
+    python -m benchmarks.federated                     # the whole matrix: tuning, then both arms (120 simulations)
+    python -m benchmarks.federated --resume            # continue a stopped one where it stopped
+    python -m benchmarks.federated --profile quick --out /tmp/fed/federated.json   # the same protocol, small
+    python -m benchmarks.federated --report            # rewrite federated.md and its plots from the JSON alone
 
 Every method runs through `dress-fleet simulate`'s code (``simulations.run``) on the same fleet: every device at
 its full budget and always online (traces ``constant``, dropout 0), so that for one seed every method trains the
@@ -53,8 +53,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
-from federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
+from benchmarks.common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
+from benchmarks.federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
 
 from contracts.methods import METHODS  # noqa: E402
 from contracts.naming import simulated_name  # noqa: E402

@@ -1,8 +1,8 @@
 """Which way of training DRESS lets a fleet's denser subnets learn (issue 25): variants side by side, held-out seeds.
 
-    python benchmarks/federated_ablation.py              # every variant × partition × seed on the capacity task
-    python benchmarks/federated_ablation.py --resume     # continue a stopped one (the JSON is written per run)
-    python benchmarks/federated_ablation.py --report     # rewrite the markdown from the JSON alone
+    python -m benchmarks.federated_ablation              # every variant × partition × seed on the capacity task
+    python -m benchmarks.federated_ablation --resume     # continue a stopped one (the JSON is written per run)
+    python -m benchmarks.federated_ablation --report     # rewrite the markdown from the JSON alone
 
 Each variant is DRESS with a few run settings changed (VARIANTS), on `federated.py`'s fleet and protocol (its
 full profile: 100 devices, every one at its full budget, the same devices each round for every variant, the
@@ -25,8 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from common import Task, command, machine, markdown_table, write_json
-from federated import (
+from benchmarks.common import Task, command, machine, markdown_table, write_json
+from benchmarks.federated import (
     PROFILES,
     RESULTS,
     TUNING,
@@ -42,7 +42,7 @@ from federated import (
     simulate,
     task_arg,
 )
-from federated_stats import best_configs, ci_text, mean_ci
+from benchmarks.federated_stats import best_configs, ci_text, mean_ci
 
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings

@@ -1,6 +1,6 @@
 """The 100-device fleet demo as a benchmark: wall time, peak memory, framework overhead, bytes, accuracy.
 
-    python benchmarks/fleet.py            # the `make demo` settings; writes benchmarks/results/fleet.json
+    python -m benchmarks.fleet            # the `make demo` settings; writes benchmarks/results/fleet.json
 
 Overhead is the share of round time spent neither training on devices nor doing DRESS work on the server:
 1 - (device compute / concurrent devices + server compute) / round wall time, summed over rounds. Devices run
@@ -13,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import command, machine, write_json
+from benchmarks.common import command, machine, write_json
 
 from contracts.settings import RunSettings, build_model
 from runtime.processes import stop_on_sigterm

@@ -4,7 +4,7 @@ Each checkpoint (a `dress-fleet train` model or a fleet's round checkpoint) is p
 holds, written in float32 and in float16, loaded back (computed in float32 either way) and evaluated on the
 whole test split of its dataset.
 
-    python benchmarks/half.py --checkpoint runs/federated-bench/dress-iid-0/state/checkpoints/round-30.safetensors
+    python -m benchmarks.half --checkpoint runs/federated-bench/dress-iid-0/state/checkpoints/round-30.safetensors
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from common import command, machine, markdown_table, write_json
+from benchmarks.common import command, machine, markdown_table, write_json
 from dress_model.checkpoint import atomic_write, load_checkpoint
 from dress_model.data import load_dataset
 from dress_model.packed import PackedModel, pack_checkpoint

@@ -4,8 +4,8 @@ Every candidate for a (layer, batch, density) is timed in the same alternating r
 shared with other work slows them alike and the ratios stay meaningful; the reported figure is
 the median of all recorded calls (see `median_us`).
 
-    .venv/bin/python benchmarks/kernel_bench.py --quick                # < 1 minute
-    .venv/bin/python benchmarks/kernel_bench.py --json benchmarks/results/kernel.json
+    .venv/bin/python -m benchmarks.kernel_bench --quick                # < 1 minute
+    .venv/bin/python -m benchmarks.kernel_bench --json benchmarks/results/kernel.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import json
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -25,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -5,8 +5,8 @@ Each registers, then heartbeats back to back with a budget that wanders across d
 until its count or the time runs out. Afterwards every acknowledged heartbeat must be in the registry
 with the budget it sent and the density it was answered; the ones that are not are counted as "lost".
 
-    .venv/bin/python benchmarks/registry_bench.py                      # 50 and 200 agents, both databases
-    .venv/bin/python benchmarks/registry_bench.py --agents 100 --db sqlite --seconds 5
+    .venv/bin/python -m benchmarks.registry_bench                      # 50 and 200 agents, both databases
+    .venv/bin/python -m benchmarks.registry_bench --agents 100 --db sqlite --seconds 5
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # run as a script from anywhere
-    sys.path.insert(0, str(REPO_ROOT))
 
 import grpc  # noqa: E402
 import psycopg  # noqa: E402
@@ -275,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = run_once(db, url, agents, args.seconds, args.max_heartbeats, workers, args.pool_size)
             print(json.dumps(row), file=sys.stderr)
             runs.append(row)
-    command = "python benchmarks/registry_bench.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.registry_bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     write_json(args.out, {"machine": _machine(), "command": command.strip(),
                           "load_avg_1m": {"start": round(load_at_start, 2), "end": round(os.getloadavg()[0], 2)},
                           "runs": runs})

@@ -3,8 +3,8 @@ control-plane requests, strangers at every listener (the public SuperLink addres
 poisoned replies in the real aggregation path in rounds of 1, 2 and 3+ replies, kill -9 during rounds.
 Seeded, bounded in count and time, loopback or network namespaces made here only.
 
-    python benchmarks/reliability.py                  # writes benchmarks/results/reliability.{json,md}
-    python benchmarks/reliability.py --packed 100 --crafted 20 --grpc 100 --poisoned 20 --poisoned-by-replies 10 \
+    python -m benchmarks.reliability                  # writes benchmarks/results/reliability.{json,md}
+    python -m benchmarks.reliability --packed 100 --crafted 20 --grpc 100 --poisoned 20 --poisoned-by-replies 10 \
         --superlink 20 --faults 0 --byzantine 0       # a short form
 
 A *crash* is anything but the clear refusal each layer promises — ``PackedFormatError`` from the packed loader;
@@ -34,13 +34,13 @@ from typing import Any
 
 import grpc
 import torch
-from byzantine import RUNS as BYZANTINE_RUNS
-from byzantine import run_byzantine
-from common import command, machine, markdown_table, peak_rss_above_idle, write_json
-from faults import run_faults
+from benchmarks.byzantine import RUNS as BYZANTINE_RUNS
+from benchmarks.byzantine import run_byzantine
+from benchmarks.common import command, machine, markdown_table, peak_rss_above_idle, write_json
+from benchmarks.faults import run_faults
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from superlink_strangers import superlink_strangers
+from benchmarks.superlink_strangers import superlink_strangers
 
 from agent.served_model import ServedModel
 from agent.serving import AgentIdentity

@@ -1,7 +1,7 @@
 """A 10,000-device fleet on one machine: `simulate --devices 10000` at 1% per round, on SQLite and PostgreSQL.
 
-    python benchmarks/scale.py                       # both registries; writes benchmarks/results/scale.json
-    python benchmarks/scale.py --db sqlite --devices 2000 --rounds 3
+    python -m benchmarks.scale                       # both registries; writes benchmarks/results/scale.json
+    python -m benchmarks.scale --db sqlite --devices 2000 --rounds 3
 
 Reports wall time, peak memory of the whole process tree, and whether the registry and control plane kept up
 with every virtual device's heartbeats: answered per second, p50/p99 latency, lost (failed) heartbeats, the
@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import command, machine, markdown_table, write_json
-from registry_bench import DEFAULT_PG_URL, fresh_database
+from benchmarks.common import command, machine, markdown_table, write_json
+from benchmarks.registry_bench import DEFAULT_PG_URL, fresh_database
 from sqlalchemy import text
 
 from contracts.settings import RunSettings

@@ -4,7 +4,7 @@ second one (benchmarks/stranger_probe.py) tries Flower's CLI, raw HTTP on every 
 requests. Refused: a CLI call that fails, an HTTP answer that is not 2xx (GET /health is public and not counted).
 The coordinator must be alive and its SuperLink healthy afterwards.
 
-    python benchmarks/superlink_strangers.py --fuzz 200
+    python -m benchmarks.superlink_strangers --fuzz 200
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from netns import hosts, unavailable
+from benchmarks.netns import hosts, unavailable
 
 from contracts.settings import APP_DIR
 from runtime.certificates import init_certificates

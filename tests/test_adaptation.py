@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import json
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from adaptation import INTERVAL_MS, TRACE_S, Measured, replay, run  # noqa: E402
 from agent.latency import LATENCY_WINDOW  # noqa: E402
+from benchmarks.adaptation import INTERVAL_MS, TRACE_S, Measured, replay, run  # noqa: E402
 
 DENSITIES = (0.1, 0.25, 0.5, 1.0)
 # ms per pass: idle, one and two busy processes; the dense subnet is the one that slows past the deadline

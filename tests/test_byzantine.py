@@ -3,23 +3,18 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-from byzantine import app_with_liars  # noqa: E402
-
 from agent.client_app import train_subnet  # noqa: E402
+from benchmarks.byzantine import app_with_liars  # noqa: E402
 from contracts.messages import subnet_record, train_config, train_message, upload_state  # noqa: E402
 from contracts.settings import RunSettings, build_run_model  # noqa: E402
-from runtime.task_identity import task_identity  # noqa: E402
 from dress_model.packed import pack_checkpoint  # noqa: E402
+from runtime.task_identity import task_identity  # noqa: E402
 
 
 @pytest.fixture

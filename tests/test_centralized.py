@@ -24,7 +24,7 @@ def test_the_reference_is_centralized_dress_averaged_over_its_seeds(tmp_path: Pa
                 + rows("fashion-mnist-cnn-w3", 1, "dress", {1.0: 89.7, 0.1: 87.4})
                 + rows("fashion-mnist-cnn-w3", 0, "pruned", {1.0: 99.0, 0.1: 99.0}))  # not DRESS: not the reference
     path = tmp_path / "centralized.json"
-    write_reference(measured, "python benchmarks/accuracy.py", path)
+    write_reference(measured, "python -m benchmarks.accuracy", path)
     assert centralized_reference("fashion-mnist-cnn-w3", path) == {1.0: pytest.approx(89.6), 0.1: pytest.approx(87.2)}
     assert json.loads(path.read_text())["tasks"]["fashion-mnist-cnn-w3"]["seeds"] == [0, 1]
     assert centralized_reference("mnist-cnn", path) == {}  # never trained centrally

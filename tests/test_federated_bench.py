@@ -1,4 +1,4 @@
-"""The federated comparison end to end at its smallest: `benchmarks/federated.py --profile quick`, cut to two
+"""The federated comparison end to end at its smallest: `python -m benchmarks.federated --profile quick`, cut to two
 methods on HeteroFL's label split, one seed per arm, two rounds — real simulations, the protocol unchanged."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-from federated_stats import tables  # noqa: E402
 from test_federated_report import check_markdown  # noqa: E402
+
+from benchmarks.federated_stats import tables  # noqa: E402
 
 
 def test_the_quick_profile_runs_paired_arms_and_reports_what_its_json_holds(tmp_path: Path) -> None:
     out = tmp_path / "federated.json"
-    cmd = [sys.executable, str(BENCHMARKS / "federated.py"), "--profile", "quick", "--methods", "dress,heterofl",
+    cmd = [sys.executable, "-m", "benchmarks.federated", "--profile", "quick", "--methods", "dress,heterofl",
            "--partitions", "labels:2", "--rounds", "2", "--devices", "10", "--seeds-equal-compute", "0",
            "--seeds-equal-rounds", "0", "--out", str(out), "--run-dir", str(tmp_path / "runs")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=BENCHMARKS.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     result = json.loads(out.read_text())
     runs = result["runs"]

@@ -8,7 +8,6 @@ import math
 import random
 import re
 import statistics
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,15 @@ from typing import Any
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))
-from federated_stats import (  # noqa: E402
-    ARMS, REFERENCE, best_configs, config_label, flat, mean_ci, paired_difference, tables,
+from benchmarks.federated_stats import (  # noqa: E402
+    ARMS,
+    REFERENCE,
+    best_configs,
+    config_label,
+    flat,
+    mean_ci,
+    paired_difference,
+    tables,
 )
 
 RESULTS = BENCHMARKS / "results" / "federated.json"

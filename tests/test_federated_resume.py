@@ -4,13 +4,11 @@ comparison runs dropped), never one that changed; a longer comparison (its short
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from federated import PROTOCOL, grid_grew, resumed, still_valid  # noqa: E402
+from benchmarks.federated import PROTOCOL, grid_grew, resumed, still_valid  # noqa: E402
 
 OLD = {"grid": {"lr": [0.03, 0.1], "damped": [False, True]}, "partitions": ["dirichlet:0.3"], "seed": 100}
 

@@ -2,17 +2,13 @@
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from reliability import declaring, measured  # noqa: E402 - crafted files: the benchmark's, tried here briefly
-
+from benchmarks.reliability import declaring, measured  # noqa: E402 - crafted files: the benchmark's, tried here briefly
 from dress_model.models import Architecture, create_model
 from dress_model.packed import PackedModel, pack_checkpoint
 from dress_model.packed_checks import load_bytes

@@ -4,14 +4,9 @@ Each probe is seeded; a crash is anything but the refusal its layer promises (se
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import reliability  # noqa: E402
+from benchmarks import reliability
 
 
 def test_fuzzed_packed_files_are_refused_never_crash() -> None:
