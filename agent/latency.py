@@ -25,13 +25,8 @@ class LatencyModel:
     the load is gone the sparse passes bring the dense ones back (a per-density estimate would keep the dense
     subnet's last slow reading forever). The largest of the window, not its median: tails are what make
     answers late, so while slow passes keep coming only subnets with that much slack answer, and a window
-    (2 s at 50 requests a second) after the last one the denser subnets are back.
-    (Replayed over two sets of latencies measured at one request per 20 ms with 0-2 busy processes beside the
-    agent, on the steady, bursty and battery traces of ``benchmarks/device.py``, seeds 0-4 and deadlines of
-    1.5, 2 and 3 times the dense subnet's median: against the median slowdown plus the window's longest extra
-    wait in ms, this model answered more accurately in 13 of 18 cases, by up to 2.6 pt, and 0.4 pt less in
-    one; the worst seed was late on at most 0.97% of requests against 1.27%. A busy process delayed a dense
-    pass by about the same share of it as a sparse one there.)"""
+    (2 s at 50 requests a second) after the last one the denser subnets are back (replayed against another
+    model: docs/DECISIONS.md)."""
 
     def __init__(self, per_image_ms: dict[float, float], window: int = LATENCY_WINDOW) -> None:
         if window < 1:

@@ -43,13 +43,8 @@ def aggregate(model: DressModel, updates: list[Update], rule: Aggregation = MEAN
     ``rule`` says which average: the examples-weighted mean (FedAvg), or, robust to a minority of devices
     replying anything they like, the coordinate-wise median or trimmed mean over the devices that held the
     weight (unweighted: a liar would otherwise claim many examples). ``damped`` False moves each weight all the
-    way to that average (HeteroFL's counting): with the server's average over rounds smoothing out the few
-    devices that train the upper bands, every tier of both partitions gained 0.1-0.7 pt on seeds 0-1 in one
-    measurement, in the simulated fleet of before the compiled forwards (faster sparse subnets since moved
-    simulated devices to denser tiers), while in today's fleet it lost 0.1-0.6 pt per tier to damped on
-    Dirichlet seeds 0-1: the default stays damped. Nor did a step in between pay: moving each set of weights
-    with the same holders by 1 - noise/signal of their average (James-Stein; at least the damped share) scored
-    86.14 / 86.12 / 86.23 / 85.90 on IID seeds 0-1, against damped's 86.42 / 86.45 / 86.41 / 86.00."""
+    way to that average (HeteroFL's counting); which pays depends on the fleet, so every method tunes it
+    (measurements: docs/DECISIONS.md)."""
     updates = [u for u in updates if u.num_examples > 0]
     if not updates:
         return

@@ -287,15 +287,9 @@ class FleetStrategy(Strategy):
 
         A weight in a band above the sparsest moves each round by the two or three capable devices that
         trained it, each pulling it towards its own data; averaged over rounds it reflects many more of them
-        (on Dirichlet-0.3 shards the densest subnet's accuracy rose by ~1.8 pt and its gap to the sparsest
-        fell from 2.1 to 0.7 pt: benchmarks/results/federated-average.md at commit 80fd7a7). Training continues
-        from the round's own model; the average's rows are re-ranked and its BN recalibrated like the round's.
-        A resumed run restarts both from the last published model.
-
-        Tried and dropped (Dirichlet 0.3, last-10 means): averaging a weight more slowly the fewer devices
-        trained it (step scaled by its share of the round's examples) cost the densest subnet 1.7 pt on seeds
-        0-1 — bands averaged over different windows no longer fit each other; 0.9 instead of 0.7 cost every
-        tier about 0.6 pt on seeds 0-2 (the average lags the model)."""
+        (what it gained, and what was tried and dropped: docs/DECISIONS.md). Training continues from the
+        round's own model; the average's rows are re-ranked and its BN recalibrated like the round's. A resumed
+        run restarts both from the last published model."""
         if not self.server_average:
             return
         if self.average is None:

@@ -13,7 +13,9 @@ gives the kernels better input locality.
 All wrappers validate dtypes/devices/contiguity here and sizes/band geometry natively (ValueError
 either way), then hand the native code the tensors' data pointers: zero-copy, and cheaper than numpy
 views (~0.7 us each), which matters when a whole batch-1 layer takes ~10 us.  The native ops release
-the GIL and default to torch's thread count.  Inference only: outputs carry no autograd history.
+the GIL and default to torch's thread count.  The forward ops and the backward ops (the gradients a packed
+layer's training needs) are plain functions: outputs carry no autograd history, and
+``dress_model.kernels.autograd`` wraps them into differentiable ops.
 """
 
 from __future__ import annotations
