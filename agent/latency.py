@@ -6,12 +6,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+from dress_model.sparsity import at_most
+
 LATENCY_WINDOW = 100  # passes the latency model remembers: 2 s of requests at 50 a second
 
 
 def runnable_density(densities: tuple[float, ...], assigned: float) -> float:
     """The densest stored subnet not denser than `assigned` (it must fit the budget), else the sparsest."""
-    fitting = [d for d in densities if d <= assigned + 1e-9]
+    fitting = at_most(densities, assigned)
     return max(fitting) if fitting else min(densities)
 
 

@@ -22,6 +22,7 @@ from dress_model.baselines.ordered_dropout import train_ordered_dropout
 from dress_model.cost import BACKWARD_FACTOR, counting_macs, forward_macs
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
+from dress_model.sparsity import at_most
 from dress_model.training import TrainConfig, train
 
 TRAINED = 1 + BACKWARD_FACTOR  # a trained pass costs its forward and its backward
@@ -35,7 +36,7 @@ def device_seed(seed: int, server_round: int, device: str) -> int:
 
 def trained_levels(model: DressModel | PackedModel, level: float) -> tuple[float, ...]:
     """The model's levels at or below ``level``, ascending."""
-    return tuple(d for d in model.densities if d <= level + 1e-9)
+    return at_most(model.densities, level)
 
 
 def step_macs(method: Method, model: DressModel | PackedModel, level: float, distill: float,

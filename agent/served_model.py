@@ -14,6 +14,8 @@ import torch
 from agent.latency import LatencyModel, runnable_density
 from agent.usage import UsageLedger
 from dress_model.packed import PackedModel
+from dress_model.sparsity import at_most
+
 
 @dataclass(frozen=True, slots=True)
 class ServedState:
@@ -81,7 +83,7 @@ class ServedModel:
             assigned = self._packed.active_density
             density = assigned
             if deadline_ms > 0:
-                allowed = [d for d in self._packed.densities if d <= assigned + 1e-9]
+                allowed = at_most(self._packed.densities, assigned)
                 density = self.latency.densest_within(allowed, x.shape[0], deadline_ms) or min(allowed)
             self._packed.set_density(density)
             try:

@@ -20,11 +20,11 @@ split, rounds, local epochs, examples — is the run's, whatever the method.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from dress_model.baselines.slimmable import width_twin
 from dress_model.models import DressModel
+from dress_model.sparsity import same_density
 
 METHODS = ("dress", "heterofl", "fjord", "fjord-kd", "fedavg-small", "fedavg-capable")
 
@@ -55,9 +55,9 @@ class Method:
         if self.levels == "weakest":
             return levels[0]
         if self.levels == "densest":
-            return levels[0] if math.isclose(tier, levels[0]) else None
+            return levels[0] if same_density(tier, levels[0]) else None
         for level in levels:
-            if math.isclose(tier, level):
+            if same_density(tier, level):
                 return level
         return None
 

@@ -9,7 +9,6 @@ stem leaves rows of 9 weights, where a 10% row keeps a single tap (see docs/ARCH
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Literal, Protocol
@@ -19,7 +18,7 @@ from torch import nn
 
 from dress_model.data import dataset_shape
 from dress_model.layers import DensityAware, DensityBatchNorm, DensityCell, DressConv2d, DressLinear, RowSparse
-from dress_model.sparsity import DEFAULT_DENSITIES, Importance, magnitude, parse_densities
+from dress_model.sparsity import DEFAULT_DENSITIES, Importance, magnitude, parse_densities, same_density
 
 Role = Literal["stem", "body", "head"]
 
@@ -123,7 +122,7 @@ class DressModel(nn.Module):
 
     def density_index(self, density: float) -> int:
         for i, d in enumerate(self.densities):
-            if math.isclose(d, density, rel_tol=0, abs_tol=1e-9):
+            if same_density(d, density):
                 return i
         raise ValueError(f"density {density} is not one of this model's densities {list(self.densities)}")
 

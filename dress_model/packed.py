@@ -28,13 +28,30 @@ from dress_model.layers import DensityBatchNorm, RowSparse
 from dress_model.models import Architecture, DressModel, create_model
 from dress_model.native_forward import Compiled, choose_full_density, compile_forward, freeze_dense
 from dress_model.packed_checks import (
-    check_declared_shapes, check_declared_size, check_layer, stored_tensors, with_top_band,
+    check_declared_shapes,
+    check_declared_size,
+    check_layer,
+    stored_tensors,
+    with_top_band,
 )
 from dress_model.packed_format import (
-    FORMAT, MAX_LOAD_BYTES, VERSION, PackedFormatError, band_columns, band_table, index_bits, index_dtype_for,
-    pack_index_bits, pack_rows, prefix_lengths, top_band_indices, unpack_index_bits, unpack_rows,
+    FORMAT,
+    MAX_LOAD_BYTES,
+    VERSION,
+    PackedFormatError,
+    band_columns,
+    band_table,
+    index_bits,
+    index_dtype_for,
+    pack_index_bits,
+    pack_rows,
+    prefix_lengths,
+    top_band_indices,
+    unpack_index_bits,
+    unpack_rows,
 )
 from dress_model.packed_layer import PackedSparse
+from dress_model.sparsity import at_most
 
 
 def _fusable(model: DressModel) -> Iterator[tuple[str, str]]:
@@ -202,7 +219,7 @@ class PackedModel(nn.Module):
         """Pack a trained DRESS model, keeping the densities up to ``max_density`` (default: all)."""
         top = model.densities[-1] if max_density is None else max_density
         model.density_index(top)
-        kept = tuple(d for d in model.densities if d <= top + 1e-12)
+        kept = at_most(model.densities, top)
         n = len(kept)
         packed = cls(replace(model.arch, densities=kept))
         state: dict[str, torch.Tensor] = {}

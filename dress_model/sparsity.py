@@ -67,6 +67,19 @@ def parse_densities(spec: str | Sequence[float]) -> tuple[float, ...]:
     return tuple(ascending)
 
 
+DENSITY_TOLERANCE = 1e-9  # densities travel as decimal text and floats: 0.1 parsed twice may differ in its last bit
+
+
+def same_density(a: float, b: float) -> bool:
+    """Whether two densities are the same one: the only place densities are compared with a tolerance."""
+    return abs(a - b) <= DENSITY_TOLERANCE
+
+
+def at_most(densities: Sequence[float], top: float) -> tuple[float, ...]:
+    """The densities of ``densities`` at or below ``top`` (the subnets a budget of ``top`` holds), in order."""
+    return tuple(d for d in densities if d <= top + DENSITY_TOLERANCE)
+
+
 def keep_count(density: float, cols: int) -> int:
     """k_d = ceil(d * cols), at least 1; the epsilon stops 0.3*10 = 3.0000000000000004 from becoming 4."""
     return max(1, min(cols, math.ceil(density * cols - 1e-9)))

@@ -16,8 +16,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -30,6 +30,7 @@ from contracts.naming import simulated_name
 from contracts.policy import Budget, CalibrationPoint
 from contracts.profiles import Profile
 from dress_model.checkpoint import atomic_write
+from dress_model.sparsity import same_density
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from simulations.traces import TracePoint, at
@@ -73,7 +74,7 @@ def read_calibration(path: Path, model: str, densities: Sequence[float]) -> list
     if measured_on != model:
         raise ValueError(f"--calibration {path}: measured on {measured_on}, but this run trains {model}")
     have, want = sorted(p.density for p in points), sorted(densities)
-    if len(have) != len(want) or any(abs(a - b) > 1e-9 for a, b in zip(have, want)):
+    if len(have) != len(want) or not all(same_density(a, b) for a, b in zip(have, want)):
         raise ValueError(f"--calibration {path}: measured densities {have}, but the model has {want}")
     return sorted(points, key=lambda p: p.density, reverse=True)
 
