@@ -49,7 +49,8 @@ class TrainConfig:
     distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
     classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
-    joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``) or "sandwich"
+    joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``), "sandwich",
+    # or "own" (the densest of the densities alone: a device trains its own subnet, the sparser ones nested in it)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -135,8 +136,8 @@ def band_mean_(model: Trainable, densities: Sequence[float]) -> None:
             p.grad.div_(len(trained))
 
 
-JOINT_RULES = ("all", "sum", "band", "sandwich")  # every density: loss_weights (mean by default), summed, or
-# summed then each weight's gradient divided by its subnets (band_mean_); the sandwich
+JOINT_RULES = ("all", "sum", "band", "sandwich", "own")  # every density: loss_weights (mean by default), summed,
+# or summed then each weight's gradient divided by its subnets (band_mean_); the sandwich; the densest alone
 
 
 def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
@@ -278,6 +279,10 @@ def train(
     if config.joint not in JOINT_RULES:
         raise ValueError(f"joint must be one of {', '.join(JOINT_RULES)}, got {config.joint!r}")
     sandwich = config.joint == "sandwich"
+    if config.joint == "own":  # the densest alone: its steps cost one subnet, so a budget buys more of them
+        if config.distill or config.loss_weights:
+            raise ValueError("joint 'own' trains one density: it takes no distill or loss_weights")
+        densities = densities[-1:]
     if sandwich and (config.distill or config.loss_weights or config.classes is not None):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
                          "it takes no distill (anchor to the sparsest), loss_weights or classes")

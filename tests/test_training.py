@@ -214,6 +214,28 @@ def test_the_band_rule_moves_each_weight_by_the_mean_of_the_subnets_that_hold_it
     torch.testing.assert_close(packed_band.to_dress().fc1.weight, band.fc1.weight, atol=1e-5, rtol=1e-4)
 
 
+def test_the_own_rule_trains_the_densest_density_alone() -> None:
+    """``joint="own"``: one forward and backward per step, of the densest density given; the bands only sparser
+    subnets hold move with it (they are inside it), their BN rows do not."""
+    torch.manual_seed(0)
+    model = create_model("cnn", "1,0.5,0.25,0.1", width=4)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    before = copy.deepcopy(model)
+    losses = train(model, loader, TrainConfig(densities=(0.1, 0.25, 0.5), joint="own", rerank_every=0,
+                                              recalibrate_batches=0, weight_decay=0.0))
+    assert set(losses) == {0.5}
+    prefix = before.fc1.mask(0.1).bool()
+    assert not torch.equal(model.fc1.weight[prefix], before.fc1.weight[prefix])  # the 0.1 prefix is in 0.5
+    only_densest = (1 - before.fc1.mask(0.5)).bool()
+    assert torch.equal(model.fc1.weight[only_densest], before.fc1.weight[only_densest])  # beyond 0.5: untouched
+    norm = next(m for m in model.modules() if isinstance(m, DensityBatchNorm))
+    old = next(m for m in before.modules() if isinstance(m, DensityBatchNorm))
+    assert torch.equal(norm.weight[0], old.weight[0]) and not torch.equal(norm.weight[2], old.weight[2])
+    with pytest.raises(ValueError, match="takes no distill"):
+        train(model, loader, TrainConfig(joint="own", distill=0.5))
+
+
 def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
     torch.manual_seed(0)
     model = create_model("cnn", "1,0.5,0.25,0.1", width=8)
@@ -224,7 +246,7 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich"),
+    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own"),
     (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
