@@ -47,6 +47,8 @@ def step_macs(method: Method, model: DressModel | PackedModel, level: float, dis
     cost = {d: forward_macs(model, d) for d in levels}
     if method.name == "dress" and joint == "own":
         return TRAINED * cost[levels[-1]]
+    if method.name == "dress" and joint == "ends":
+        return TRAINED * (cost[levels[-1]] + (cost[levels[0]] if len(levels) > 1 else 0))
     if method.name == "dress" and joint == "sandwich":
         drawn = statistics.fmean(cost[d] for d in levels[1:-1]) if len(levels) > 2 else 0
         return TRAINED * (cost[levels[-1]] + drawn + (cost[levels[0]] if len(levels) > 1 else 0))

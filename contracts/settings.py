@@ -139,8 +139,9 @@ class RunSettings:
     joint: str = setting("all", "What a DRESS device's local step trains: all (every density at or below its own, "
                          "mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by "
                          "how many of those subnets hold it) or sandwich (its own density on the labels; the "
-                         "sparsest and one drawn between learn from its predictions; needs --distill 0) or own (its own density "
-                         "alone, the sparser ones nested in it; needs --distill 0).")
+                         "sparsest and one drawn between learn from its predictions; needs --distill 0) own (its own density "
+                         "alone, the sparser ones nested in it) or ends (its own and the sparsest, summed); own and "
+                         "ends need --distill 0.")
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
@@ -172,7 +173,8 @@ class RunSettings:
             (self.joint in JOINT_RULES, "joint", f"one of {', '.join(JOINT_RULES)}"),
             (self.joint != "sandwich" or self.distill == 0, "distill", "0 with joint sandwich (it distils from the "
              "densest subnet, not towards the sparsest)"),
-            (self.joint != "own" or self.distill == 0, "distill", "0 with joint own (it trains one density)"),
+            (self.joint not in ("own", "ends") or self.distill == 0, "distill",
+             f"0 with joint {self.joint} (it picks the densities it trains)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),

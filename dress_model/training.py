@@ -50,7 +50,8 @@ class TrainConfig:
     classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
     joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``), "sandwich",
-    # or "own" (the densest of the densities alone: a device trains its own subnet, the sparser ones nested in it)
+    # "own" (the densest of the densities alone: a device trains its own subnet, the sparser ones nested in it)
+    # or "ends" (the densest and the sparsest, losses summed)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -136,8 +137,9 @@ def band_mean_(model: Trainable, densities: Sequence[float]) -> None:
             p.grad.div_(len(trained))
 
 
-JOINT_RULES = ("all", "sum", "band", "sandwich", "own")  # every density: loss_weights (mean by default), summed,
-# or summed then each weight's gradient divided by its subnets (band_mean_); the sandwich; the densest alone
+JOINT_RULES = ("all", "sum", "band", "sandwich", "own", "ends")  # every density: loss_weights (mean by default),
+# summed, or summed then each weight's gradient divided by its subnets (band_mean_); the sandwich; the densest
+# alone; the densest and the sparsest, summed
 
 
 def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
@@ -279,10 +281,11 @@ def train(
     if config.joint not in JOINT_RULES:
         raise ValueError(f"joint must be one of {', '.join(JOINT_RULES)}, got {config.joint!r}")
     sandwich = config.joint == "sandwich"
-    if config.joint == "own":  # the densest alone: its steps cost one subnet, so a budget buys more of them
+    if config.joint in ("own", "ends"):  # fewer subnets a step: a budget buys more steps
         if config.distill or config.loss_weights:
-            raise ValueError("joint 'own' trains one density: it takes no distill or loss_weights")
-        densities = densities[-1:]
+            raise ValueError(f"joint {config.joint!r} picks the densities it trains: it takes no distill or "
+                             "loss_weights")
+        densities = densities[-1:] if config.joint == "own" else tuple(sorted({densities[0], densities[-1]}))
     if sandwich and (config.distill or config.loss_weights or config.classes is not None):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
                          "it takes no distill (anchor to the sparsest), loss_weights or classes")
@@ -291,7 +294,7 @@ def train(
     if config.rerank_every and isinstance(model, PackedModel):
         raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
-    weights = [1.0] * len(densities) if config.joint in ("sum", "band") else config.weights_for(densities)
+    weights = [1.0] * len(densities) if config.joint in ("sum", "band", "ends") else config.weights_for(densities)
     importance = get_importance(config.importance)
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)

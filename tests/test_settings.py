@@ -107,7 +107,7 @@ def test_the_anchor_weight_can_anneal_over_the_rounds_too() -> None:
 
 def test_the_joint_rule_is_checked_with_the_anchor_it_excludes() -> None:
     assert RunSettings.defaults(joint="sandwich", distill=0.0).joint == "sandwich"
-    with pytest.raises(SettingsError, match="joint must be one of all, sum, band, sandwich, own"):
+    with pytest.raises(SettingsError, match="joint must be one of all, sum, band, sandwich, own, ends"):
         RunSettings.defaults(joint="every")
     with pytest.raises(SettingsError, match="distill must be 0 with joint sandwich"):
         RunSettings.defaults(joint="sandwich", distill=0.5)

@@ -214,7 +214,7 @@ def test_the_band_rule_moves_each_weight_by_the_mean_of_the_subnets_that_hold_it
     torch.testing.assert_close(packed_band.to_dress().fc1.weight, band.fc1.weight, atol=1e-5, rtol=1e-4)
 
 
-def test_the_own_rule_trains_the_densest_density_alone() -> None:
+def test_the_own_and_ends_rules_train_the_densest_alone_or_with_the_sparsest() -> None:
     """``joint="own"``: one forward and backward per step, of the densest density given; the bands only sparser
     subnets hold move with it (they are inside it), their BN rows do not."""
     torch.manual_seed(0)
@@ -234,6 +234,9 @@ def test_the_own_rule_trains_the_densest_density_alone() -> None:
     assert torch.equal(norm.weight[0], old.weight[0]) and not torch.equal(norm.weight[2], old.weight[2])
     with pytest.raises(ValueError, match="takes no distill"):
         train(model, loader, TrainConfig(joint="own", distill=0.5))
+    ends = train(copy.deepcopy(before), loader, TrainConfig(densities=(0.1, 0.25, 0.5), joint="ends", rerank_every=0,
+                                                            recalibrate_batches=0))
+    assert set(ends) == {0.1, 0.5}  # the densest and the sparsest
 
 
 def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
@@ -246,7 +249,7 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own"),
+    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own, ends"),
     (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
