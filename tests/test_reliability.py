@@ -53,7 +53,7 @@ def test_strangers_on_another_host_are_refused_at_the_public_superlink_address()
     """A TLS coordinator in a network namespace of its own; from another, the `flwr` CLI (run, stop, ls, supernode
     register/unregister) with the fleet's ca.pem and with nothing, raw HTTP on every route prefix and fuzzed Fleet
     requests are all refused, and the coordinator keeps its one run."""
-    import superlink_strangers  # noqa: PLC0415 - beside reliability, on the path set above
+    from benchmarks import superlink_strangers  # noqa: PLC0415 - only where namespaces can be made
 
     if reason := superlink_strangers.unavailable():
         pytest.skip(f"no network namespaces here: {reason}")
