@@ -20,10 +20,11 @@ from agent.budget import BudgetSource, MachineBudget, TraceBudget
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
 from cli.common import console, err, fail, safe_text, version_option
-from cli.method import DATA_DIR_HELP, DATASET_HELP
+from cli.method import DATA_DIR_HELP
 from contracts.naming import check_name
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile, UnknownProfileError, get_profile, load_profiles
+from contracts.settings import DATASET_HELP
 from dress_model.data import DataError, load_dataset
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc

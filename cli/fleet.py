@@ -6,7 +6,6 @@ Flower app's config (contracts.settings), so `--help` shows what a run does when
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from rich.table import Table
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
 from cli.method import add_commands
 from cli.registry import db_app, devices_app
-from cli.run_options import build, with_run_options
+from cli.run_options import with_run_options
 from contracts.settings import RunSettings
 from dress_model.data import DataError
 from runtime.processes import stop_on_sigterm
@@ -63,7 +62,8 @@ def coordinator_start_cmd(
     from coordinator.launcher import Coordinator, Endpoints
     from runtime.certificates import FleetCertificates
 
-    settings = build(dataclasses.asdict(run), wait_for_nodes=min_devices, db_url=db or "", state_dir=str(state_dir))
+    # --min-devices is at least 1 and paths are not range-checked: nothing replaced here can be refused
+    settings = run.replace(wait_for_nodes=min_devices, db_url=db or "", state_dir=str(state_dir))
     rounds = settings.num_rounds
     try:
         coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port),

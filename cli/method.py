@@ -12,8 +12,9 @@ from rich.progress import Progress
 from rich.table import Table
 
 from cli.common import console, fail, progress_bar
+from contracts.settings import DATASET_HELP, MODEL_HELP
 from dress_model.checkpoint import CheckpointError, load_checkpoint
-from dress_model.data import DATASETS, DataError, load_dataset
+from dress_model.data import DataError, load_dataset
 from dress_model.experiment import Experiment, run_experiment
 from dress_model.models import MODELS
 from dress_model.packed import PackedModel, pack_checkpoint
@@ -22,8 +23,6 @@ from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_dens
 from dress_model.training import StepCallback, TrainConfig, evaluate
 
 BN_AFFINE = ("per-density", "shared")
-DATASET_HELP = f"One of {', '.join(DATASETS)}."
-MODEL_HELP = f"One of {', '.join(MODELS)}."
 DATA_DIR_HELP = "Directory holding the dataset files (default: where the dataset's package puts them)."
 
 

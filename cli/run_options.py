@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from cli.common import fail
-from contracts.settings import RunSettings, SettingsError
+from contracts.settings import SETTING_TYPES, RunSettings, SettingsError
 
 RUN = "run"  # the parameter a command receives its RunSettings as
 PANEL = "Run settings"  # where --help lists them, apart from the command's own options
@@ -33,21 +33,18 @@ def flag_of(key: str) -> str:
     return options().get(name, f"--{key}").split("/")[0]
 
 
-def parameter(field_name: str) -> inspect.Parameter:
-    """A keyword parameter typer reads as the setting's option."""
-    declared = dict((f.name, (f, d)) for f, d in RunSettings.declared())
-    f, decl = declared[field_name]
-    kind = {"int": int, "float": float, "str": str, "bool": bool}[f.type]
-    option = typer.Option(options()[field_name], help=decl.help, rich_help_panel=PANEL)
-    return inspect.Parameter(field_name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
-                             annotation=Annotated[kind, option])
+def parameters() -> list[inspect.Parameter]:
+    """A keyword parameter typer reads as each setting's option, in declaration order."""
+    flags = options()
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=Annotated[
+                SETTING_TYPES[f.type], typer.Option(flags[f.name], help=declared.help, rich_help_panel=PANEL)])
+            for f, declared in RunSettings.declared() if f.name in flags]
 
 
-def build(values: Mapping[str, Any], **local: Any) -> RunSettings:
-    """The declared defaults with the options' values and the command's own settings (``local``, which win); out
-    of range: a clear error naming the option."""
+def build(values: Mapping[str, Any]) -> RunSettings:
+    """The declared defaults with the options' values; out of range: a clear error naming the option."""
     try:
-        return RunSettings.defaults(**{**values, **local})
+        return RunSettings.defaults(**values)
     except SettingsError as e:
         message = str(e)
         if e.key:
@@ -59,7 +56,8 @@ def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
     """``command`` with every run setting's option after its own; it is called with them as ``run``, a checked
     ``RunSettings``, and may ``run.replace`` the settings it owns."""
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != RUN]
-    names = list(options())
+    generated = parameters()
+    names = [p.name for p in generated]
     clash = {p.name for p in own} & set(names)
     if clash:
         raise TypeError(f"{command.__name__}: its own options {sorted(clash)} are run settings already")
@@ -69,6 +67,6 @@ def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
         run = build({name: kwargs.pop(name) for name in names})
         return command(**kwargs, **{RUN: run})
 
-    wrapper.__signature__ = inspect.Signature([*own, *(parameter(name) for name in names)])  # type: ignore[attr-defined]
+    wrapper.__signature__ = inspect.Signature([*own, *generated])  # type: ignore[attr-defined]
     wrapper.__annotations__ = {}  # typer reads the signature's (evaluated) annotations, not the wrapped function's
     return wrapper

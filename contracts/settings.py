@@ -80,6 +80,10 @@ class Declared:
     option: str | None
 
 
+MODEL_HELP = f"One of {', '.join(MODELS)}."
+DATASET_HELP = f"One of {', '.join(DATASETS)}."
+
+
 def setting(default: Any, help: str, option: str | None = "") -> Any:
     """A run setting's one declaration: default, help, option (``""``: ``--KEY``, its run-config key)."""
     return field(default=default, metadata={"declared": Declared(help, option)})
@@ -99,9 +103,9 @@ class RunSettings:
     wait_for_nodes: int = setting(1, "Flower nodes that must be connected before round 1.", None)
     densities: str = setting("", "Subnet densities the backbone holds, densest first (empty: the method's "
                              f"default, {format_densities(DEFAULT_DENSITIES)}).")
-    model: str = setting("cnn", f"One of {', '.join(MODELS)}.")
+    model: str = setting("cnn", MODEL_HELP)
     width: int = setting(16, "Base channel width of the model.")
-    dataset: str = setting("fashion-mnist", f"One of {', '.join(DATASETS)}.")
+    dataset: str = setting("fashion-mnist", DATASET_HELP)
     data_dir: str = setting("", "Directory holding the dataset files (empty: where the dataset's package puts "
                             "them).")
     partition: str = setting("iid", "How the training split is shared out: iid, dirichlet:ALPHA (non-IID by "
@@ -138,10 +142,10 @@ class RunSettings:
                                    "rounds (1 = constant).")
     joint: str = setting("all", "What a DRESS device's local step trains: all (every density at or below its own, "
                          "mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by "
-                         "how many of those subnets hold it) or sandwich (its own density on the labels; the "
-                         "sparsest and one drawn between learn from its predictions; needs --distill 0) own (its own density "
-                         "alone, the sparser ones nested in it) or ends (its own and the sparsest, summed); own and "
-                         "ends need --distill 0.")
+                         "how many of those subnets hold it), sandwich (its own density on the labels; the "
+                         "sparsest and one drawn between learn from its predictions), own (its own density alone, "
+                         "the sparser ones nested in it) or ends (its own and the sparsest, summed); sandwich, own "
+                         "and ends need --distill 0.")
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
@@ -171,10 +175,9 @@ class RunSettings:
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
             (self.joint in JOINT_RULES, "joint", f"one of {', '.join(JOINT_RULES)}"),
-            (self.joint != "sandwich" or self.distill == 0, "distill", "0 with joint sandwich (it distils from the "
-             "densest subnet, not towards the sparsest)"),
-            (self.joint not in ("own", "ends") or self.distill == 0, "distill",
-             f"0 with joint {self.joint} (it picks the densities it trains)"),
+            (self.joint not in ("sandwich", "own", "ends") or self.distill == 0, "distill",
+             f"0 with joint {self.joint} (it picks the densities it trains and what they learn from: no anchor to "
+             "the sparsest)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
@@ -277,7 +280,7 @@ class RunSettings:
             raise SettingsError(f"run config: unknown keys {unknown}, missing keys {missing}; expected {sorted(expected)}")
         values = {}
         for key, f in expected.items():
-            values[f.name] = _coerce(key, config[key], _TYPES[f.type])
+            values[f.name] = _coerce(key, config[key], SETTING_TYPES[f.type])
         return cls(**values)
 
     @classmethod
@@ -320,7 +323,7 @@ def _sent() -> list[dataclasses.Field]:
     return [f for f in fields(RunSettings) if f.name not in LOCAL_SETTINGS]
 
 
-_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}
+SETTING_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}  # a field's, by its name
 
 
 def _key(name: str) -> str:
