@@ -25,5 +25,4 @@ def test_every_result_gives_a_command_a_reader_can_run() -> None:
         assert command, f"{path.name} records no command"
         for part in command.split(" && "):
             assert part.startswith("python -m benchmarks."), f"{path.name}: {part!r}"
-            if path.name != "half.json":  # its inputs were checkpoints of runs not kept (the index says so)
-                assert "/tmp" not in part, f"{path.name}: {part!r} names a temporary path"
+            assert "/tmp" not in part, f"{path.name}: {part!r} names a temporary path"
