@@ -19,16 +19,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from agent.local_training import train_level
+from agent.local_training import train_density
 from contracts.methods import Method, get_method
 from contracts.policy import CalibrationPoint
-from contracts.settings import build_model
 from dress_model.baselines.slimmable import slim_params
-from dress_model.models import DressModel
+from dress_model.models import Architecture, DressModel, create_model
 from dress_model.native_forward import freeze_dense
 from dress_model.packed import PackedModel
 from dress_model.training import TrainConfig
-from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 DEFAULT_REPEATS = 20
 DEFAULT_WARMUP = 3
@@ -38,10 +36,10 @@ DRESS = get_method("dress")
 Model = PackedModel | DressModel  # a DRESS device's packed model, or a peer's width model (simulations)
 
 
-def initial_model(architecture: pb.Architecture) -> PackedModel:
+def initial_model(architecture: Architecture) -> PackedModel:
     """A freshly initialised packed model of the fleet's architecture: calibrated, and served until the
     coordinator publishes a trained one. ValueError for an architecture this build cannot make."""
-    return PackedModel.from_dress(build_model(architecture).eval())
+    return PackedModel.from_dress(create_model(architecture).eval())
 
 
 def image_shape(packed: PackedModel) -> tuple[int, int, int]:
@@ -105,7 +103,7 @@ def training_costs(model: Model, input_shape: Sequence[int], repeats: int = DEFA
         for steps in (1, repeats):  # the first call warms up
             loader = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps)), batch_size=batch)
             start = time.perf_counter()
-            train_level(method, model, density, loader, config, seed=0)
+            train_density(method, model, density, loader, config, seed=0)
             times.append((time.perf_counter() - start) / steps)
         costs[density] = (1000 * times[-1], (3 * level_nbytes(model, density) + kept) / 2**20)
     return costs

@@ -20,16 +20,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from agent.local_training import compute_budget, device_seed, local_epochs, train_level
+from agent.local_training import compute_budget, device_seed, local_epochs, train_density
 from contracts.messages import status_reply, subnet_from_record, train_reply, upload_record
 from contracts.methods import get_method
 from contracts.naming import simulated_name
-from contracts.settings import RunSettings, build_model, build_run_model
+from contracts.settings import RunSettings, build_run_model
 from dress_model.baselines.slimmable import load_prefixes, prefix_tensors
 from dress_model.cost import forward_macs
 from dress_model.data import ImageDataset, load_dataset
-from dress_model.models import DressModel
+from dress_model.models import DressModel, create_model
 from dress_model.packed import PackedModel
+from dress_model.sparsity import check_level
 from dress_model.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ app = ClientApp()
 def device_identity(context: Context) -> tuple[str, str]:
     """(device name, profile): from the SuperNode's node-config, or derived for simulated devices."""
     cfg = context.node_config
-    if "device-id" in cfg:
-        return str(cfg["device-id"]), str(cfg.get("profile", "unknown"))
+    if "device-name" in cfg:
+        return str(cfg["device-name"]), str(cfg.get("profile", "unknown"))
     return simulated_name(int(cfg.get("partition-id", context.node_id))), str(cfg.get("profile", "simulated"))
 
 
@@ -75,14 +76,14 @@ def status(msg: Message, context: Context) -> Message:
 
 
 def train_config_of(config: ConfigRecord, settings: RunSettings, model: DressModel | PackedModel,
-                    level: float, data: ImageDataset) -> TrainConfig:
+                    density: float, data: ImageDataset) -> TrainConfig:
     """The round's training knobs for this device (its passes: ``agent.local_training.local_epochs``)."""
     method = get_method(settings.method)
     distill = float(config["distill"])
     joint = settings.joint if method.name == "dress" else "all"
-    budget = compute_budget(level, _full_model_macs(settings)) if settings.compute_matched else None
+    budget = compute_budget(density, _full_model_macs(settings)) if settings.compute_matched else None
     return TrainConfig(
-        epochs=local_epochs(method, model, level, float(config["epochs"]), distill, budget, joint),
+        epochs=local_epochs(method, model, density, float(config["epochs"]), distill, budget, joint),
         lr=float(config["lr"]),
         distill=distill,
         joint=joint,
@@ -102,35 +103,40 @@ def train_subnet(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)
     data = local_data(context, settings, int(config["max-examples"]), seed)
     loader = data.loader(int(config["batch-size"]), shuffle=True, seed=seed)
-    level = float(config["level"])
+    densities = _run_model(settings).densities
+    try:
+        density = densities[check_level(densities, config["level"])]
+    except ValueError as e:
+        raise ValueError(f"train message config: {e}") from None
     if settings.method == "dress":
         model: DressModel | PackedModel = subnet_from_record(msg.content["arrays"])
         slices = None
     else:
-        model = copy.deepcopy(_peer_model(settings))
+        model = copy.deepcopy(_run_model(settings))
         try:
-            slices = load_prefixes(model, level, msg.content["arrays"].to_torch_state_dict())
+            slices = load_prefixes(model, density, msg.content["arrays"].to_torch_state_dict())
         except ValueError as e:
             raise ValueError(f"train message {e}") from None
-    train_config = train_config_of(config, settings, model, level, data)
-    losses, macs = train_level(method, model, level, loader, train_config, seed)
+    train_config = train_config_of(config, settings, model, density, data)
+    losses, macs = train_density(method, model, density, loader, train_config, seed)
     if slices is None:
         trained = upload_record(model.eval())  # type: ignore[arg-type]
     else:
         trained = ArrayRecord(torch_state_dict=prefix_tensors(model, slices))
     return train_reply(msg, trained, {
-        "num-examples": len(data), "density": level, "train-loss": float(losses.get(level, 0.0)),
+        "num-examples": len(data), "density": density, "train-loss": float(losses.get(density, 0.0)),
         "compute-s": time.perf_counter() - start, "macs": float(macs),
         **({"classes": list(train_config.classes)} if train_config.classes is not None else {})})
 
 
 @functools.lru_cache(maxsize=2)
-def _peer_model(settings: RunSettings) -> DressModel:
+def _run_model(settings: RunSettings) -> DressModel:
+    """The run's global model as the server builds it: its densities are what a level indexes."""
     return build_run_model(settings)
 
 
 @functools.lru_cache(maxsize=2)
 def _full_model_macs(settings: RunSettings) -> int:
     """MACs per example of the run's full (dense) model: what a compute-matched budget is a share of."""
-    model = build_model(settings.architecture())
+    model = create_model(settings.architecture())
     return forward_macs(model, max(model.densities))

@@ -1,20 +1,12 @@
-"""Which density a request can afford: the assigned one the model holds, and the densest whose measured latency
-fits a request's deadline (a latency model learnt from the passes the device ran)."""
+"""What a forward pass at each density is expected to take: a latency model learnt from the passes the device ran,
+which a request's deadline is judged by (``agent.served_model``)."""
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
 
-from dress_model.sparsity import at_most
-
 LATENCY_WINDOW = 100  # passes the latency model remembers: 2 s of requests at 50 a second
-
-
-def runnable_density(densities: tuple[float, ...], assigned: float) -> float:
-    """The densest stored subnet not denser than `assigned` (it must fit the budget), else the sparsest."""
-    fitting = at_most(densities, assigned)
-    return max(fitting) if fitting else min(densities)
 
 
 class LatencyModel:

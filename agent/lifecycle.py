@@ -21,15 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.budget import BudgetSource
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS, calibrate, image_shape, initial_model
-from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
 from agent.latency import LatencyModel
 from agent.model_fetch import ModelFetchError, ModelUpdater
+from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
 from agent.served_model import ServedModel
 from agent.serving import AgentIdentity, AgentServer, serve
-from contracts import calibration_wire
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
+from contracts.wire import architecture_from_proto, calibration_to_proto
+from dress_model.sparsity import check_level
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from runtime.certificates import CertificateError, channel_credentials, is_loopback, mutual_server_credentials
@@ -152,7 +153,8 @@ class Agent:
         stub = pb_grpc.ControlPlaneStub(with_bearer(channel, lambda: secret[0]))
         try:
             described = stub.Describe(pb.DescribeRequest(), timeout=c.connect_timeout)
-            packed = initial_model(described.architecture)
+            arch = architecture_from_proto(described.architecture)
+            packed = initial_model(arch)
         except grpc.RpcError as e:
             raise AgentError(f"coordinator at {c.coordinator} did not describe its model: "
                              f"{e.code().name}: {e.details()}") from None
@@ -161,17 +163,20 @@ class Agent:
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
         self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats,
                                      train_repeats=c.training_calibration_steps)
-        key_file, registration = self._register(stub)
+        key_file, registration = self._register(stub, arch.densities)
         name = registration.name or c.name or ""
         if registration.credential:  # the token is spent: from now on the device proves itself with this
             StoredCredential(name, registration.device_id, registration.credential, c.coordinator).save(c.state_dir)
             secret[0] = registration.credential
             log.info("enrolled as %s (device %d); credential stored in %s", name, registration.device_id,
                      c.state_dir)
-        self.served = served = ServedModel(packed, registration.density, latency=LatencyModel(
+        try:
+            first = arch.densities[check_level(arch.densities, registration.level)]
+        except ValueError as e:
+            raise AgentError(f"coordinator at {c.coordinator} assigned a level its model lacks: {e}") from None
+        self.served = served = ServedModel(packed, first, latency=LatencyModel(
             {p.density: p.latency_ms for p in self.calibration}))  # per image: calibration times one image
-        updater = ModelUpdater(served, stub, registration.device_id, fetch_density=max(packed.densities),
-                               half=c.fetch_float16)
+        updater = ModelUpdater(served, stub, fetch_level=len(arch.densities) - 1, half=c.fetch_float16)
         if registration.model_version:
             try:
                 updater(registration.model_version)
@@ -179,7 +184,7 @@ class Agent:
                 log.warning("serving the untrained initial model for now: %s", e)
         self.identity = AgentIdentity(name, registration.device_id, c.profile.name)
 
-        node_config = {"device-id": name, "profile": c.profile.name, **c.node_config}
+        node_config = {"device-name": name, "profile": c.profile.name, **c.node_config}
         try:
             self.supernode = start_supernode(c.state_dir, c.superlink, c.supernode_port, node_config,
                                              f"supernode-{name}", root_ca=c.ca, auth_key=key_file)
@@ -191,7 +196,7 @@ class Agent:
         except RuntimeError as e:  # the port is taken
             raise AgentError(str(e)) from None
         self._running.callback(self.predict.stop)
-        self.monitor = BudgetMonitor(stub, registration.device_id, c.budget, density=served.assigned_density,
+        self.monitor = BudgetMonitor(stub, arch.densities, c.budget, density=served.assigned_density,
                                      model_version=served.version, on_density=served.set_density,
                                      on_model_version=updater,
                                      interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
@@ -200,7 +205,8 @@ class Agent:
         self.monitor.start()
         self._running.callback(self.monitor.stop)
 
-    def _register(self, stub: pb_grpc.ControlPlaneStub) -> tuple[Path, pb.RegisterResponse]:
+    def _register(self, stub: pb_grpc.ControlPlaneStub,
+                  densities: tuple[float, ...]) -> tuple[Path, pb.RegisterResponse]:
         """Register with the coordinator: the SuperNode key file and the answer. A key the SuperLink retired
         (ALREADY_EXISTS: an operator removed it, or an earlier registration was undone) is replaced once."""
         c = self.config
@@ -211,7 +217,7 @@ class Agent:
                 raise AgentError(str(e)) from None
             request = pb.RegisterRequest(
                 name=c.name or "", profile=c.profile.name, supernode_public_key=public_key,
-                calibration=calibration_wire.to_proto(self.calibration))
+                calibration=calibration_to_proto(self.calibration, densities))
             try:
                 return key_file, stub.Register(request, timeout=c.connect_timeout)
             except grpc.RpcError as e:

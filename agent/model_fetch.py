@@ -35,15 +35,14 @@ class FetchedModel:
 
 
 def fetch_model(
-    stub: pb_grpc.ControlPlaneStub, device_id: int, density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S,
-    half: bool = False,
+    stub: pb_grpc.ControlPlaneStub, level: int, timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False,
 ) -> FetchedModel:
-    """Download the packed model at `density` over FetchModel, checking order, size and sha256 before use;
-    ``half``: as float16 (fewer bytes, computed in float32)."""
+    """Download the packed model holding every density up to ``level`` over FetchModel, checking order, size and
+    sha256 before use; ``half``: as float16 (fewer bytes, computed in float32)."""
     data = bytearray()
     first: pb.ModelChunk | None = None
     try:
-        for chunk in stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=density, float16=half),
+        for chunk in stub.FetchModel(pb.FetchModelRequest(level=level, float16=half),
                                     timeout=timeout):
             if first is None:
                 first = chunk
@@ -58,7 +57,7 @@ def fetch_model(
                                       f"the {len(data)} bytes received of {first.total_size}")
             data += chunk.data
     except grpc.RpcError as e:
-        raise ModelFetchError(f"FetchModel at density {density:g} failed: {e.code().name}: {e.details()}") from None
+        raise ModelFetchError(f"FetchModel up to level {level} failed: {e.code().name}: {e.details()}") from None
     if first is None:
         raise ModelFetchError("FetchModel answered no chunks")
     if len(data) != first.total_size:
@@ -75,19 +74,19 @@ def fetch_model(
 class ModelUpdater:
     """Brings a ServedModel to a newly published version: the monitor's `on_model_version`.
 
-    It downloads at `fetch_density`, the densest subnet the device calibrated, so every density the
+    It downloads up to `fetch_level`, the densest subnet the device calibrated, so every density the
     coordinator may assign later is a `set_density` away rather than another download.
     """
 
-    def __init__(self, served: ServedModel, stub: pb_grpc.ControlPlaneStub, device_id: int,
-                 fetch_density: float, timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False) -> None:
-        self.served, self.stub, self.device_id = served, stub, device_id
-        self.fetch_density, self.timeout, self.half = fetch_density, timeout, half
+    def __init__(self, served: ServedModel, stub: pb_grpc.ControlPlaneStub, fetch_level: int,
+                 timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False) -> None:
+        self.served, self.stub = served, stub
+        self.fetch_level, self.timeout, self.half = fetch_level, timeout, half
 
     def __call__(self, version: str) -> None:
         if version == self.served.version:
             return
-        fetched = fetch_model(self.stub, self.device_id, self.fetch_density, self.timeout, self.half)
+        fetched = fetch_model(self.stub, self.fetch_level, self.timeout, self.half)
         fetched.packed.compile()  # before it serves: no request pays for compiling its density
         self.served.swap(fetched.packed, fetched.version)
         log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",

@@ -20,6 +20,7 @@ import grpc
 from agent.budget import BudgetSource
 from agent.usage import UsageLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
+from dress_model.sparsity import check_level
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -36,8 +37,10 @@ TRANSIENT = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 class BudgetMonitor:
     """Heartbeats `source`'s budget every `interval` seconds and acts on the answer.
 
-    `on_density(d)` runs when the assigned density differs from the last one known (whether or not the
-    coordinator flagged it as changed: an operator's assignment, or a lost answer, moves it too).
+    ``densities`` are the architecture's: the coordinator names a density by its level in them.
+    `on_density(assigned, local)` runs when the coordinator's assignment or the device's own choice differs from
+    the last ones it was given (whether or not the coordinator flagged a change: an operator's assignment, or a
+    lost answer, moves it too); it answers the density that serves.
     `on_model_version(v)` runs when the coordinator's model version differs from the one served; if it
     raises, the error is logged, the version is not taken as served and the next heartbeat tries again.
     """
@@ -45,12 +48,12 @@ class BudgetMonitor:
     def __init__(
         self,
         stub: pb_grpc.ControlPlaneStub,
-        device_id: int,
+        densities: tuple[float, ...],
         source: BudgetSource,
         *,
         density: float,
         model_version: str,
-        on_density: Callable[[float], object],
+        on_density: Callable[[float, float | None], float],
         on_model_version: Callable[[str], object],
         interval: float = DEFAULT_INTERVAL_S,
         rpc_timeout: float = DEFAULT_RPC_TIMEOUT_S,
@@ -60,19 +63,19 @@ class BudgetMonitor:
     ) -> None:
         if interval <= 0 or rpc_timeout <= 0:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
-        self.stub, self.device_id, self.source = stub, device_id, source
+        self.stub, self.densities, self.source = stub, densities, source
         self.interval, self.rpc_timeout = interval, rpc_timeout
         self.max_backoff = max(max_backoff, interval)
         self.density, self.model_version = density, model_version  # the coordinator's last answer
         self._table = validate_calibration(calibration) if calibration else None
         self.local: float | None = None  # what the live budget allows, by this device's own calibration
-        self.served = density  # what on_density was last given: min(coordinator's, local)
+        self._given: tuple[float, float | None] = (density, None)  # what on_density was last given
         self.usage = usage  # what Predict ran, reported with each heartbeat
         self.failures = 0  # consecutive failed heartbeats
         self._on_density, self._on_model_version = on_density, on_model_version
         self._beat_lock = threading.Lock()  # heartbeat_now() from a test and the thread never interleave
         self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"budget-monitor-{device_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="budget-monitor", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -93,16 +96,17 @@ class BudgetMonitor:
             ran = self.usage.take() if self.usage is not None else {}
             try:
                 answer = self.stub.Heartbeat(
-                    pb.HeartbeatRequest(device_id=self.device_id, budget=pb.Budget(
+                    pb.HeartbeatRequest(budget=pb.Budget(
                         latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery),
-                        served=[pb.DensityUse(density=d, requests=r, busy_ms=ms) for d, (r, ms) in ran.items()]),
+                        served=[pb.LevelUse(level=self.densities.index(d), requests=r, busy_ms=ms)
+                                for d, (r, ms) in ran.items()]),
                     timeout=self.rpc_timeout,
                 )
             except Exception:
                 if self.usage is not None:
                     self.usage.put_back(ran)  # not heard: report it with the next heartbeat
                 raise
-            self.density = answer.density
+            self.density = self.densities[check_level(self.densities, answer.level)]
             self._serve()
             if answer.model_version and answer.model_version != self.model_version:
                 try:
@@ -114,13 +118,12 @@ class BudgetMonitor:
             return answer
 
     def _serve(self) -> None:
-        """Hand the served model min(coordinator's answer, local choice) when that changed."""
-        target = self.density if self.local is None else min(self.density, self.local)
-        if target != self.served:
-            log.info("density %g -> %g (coordinator %g, local %s)", self.served, target, self.density,
+        """Hand the served model the coordinator's answer and the local choice when either changed."""
+        if (self.density, self.local) != self._given:
+            serving = self._on_density(self.density, self.local)
+            log.info("serving density %g (coordinator %g, local %s)", serving, self.density,
                      "-" if self.local is None else f"{self.local:g}")
-            self._on_density(target)
-            self.served = target
+            self._given = (self.density, self.local)
 
     def next_delay(self) -> float:
         """The interval while healthy; after failures, exponential backoff with jitter so a fleet does not

@@ -1,6 +1,10 @@
 """The model an agent serves: one packed model holds every subnet, so a new density assignment is `set_density`
 (no copy, no reload); a new version is swapped in under the same lock every forward pass holds, so a request
-never sees half a switch."""
+never sees half a switch.
+
+The one place that decides which density answers: the densest stored subnet within the coordinator's assignment
+and the device's own choice from its live budget (``serving_density``), and for a request with a deadline the
+densest of those the latency model expects to meet it."""
 
 from __future__ import annotations
 
@@ -11,10 +15,16 @@ from dataclasses import dataclass
 
 import torch
 
-from agent.latency import LatencyModel, runnable_density
+from agent.latency import LatencyModel
 from agent.usage import UsageLedger
 from dress_model.packed import PackedModel
-from dress_model.sparsity import at_most
+
+
+def serving_density(stored: tuple[float, ...], assigned: float, local: float | None = None) -> float:
+    """The densest stored subnet within the coordinator's ``assigned`` density and the device's own ``local``
+    choice (None: none yet); the sparsest when none is (it is the least bad)."""
+    cap = assigned if local is None else min(assigned, local)
+    return max((d for d in stored if d <= cap), default=min(stored))
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +43,10 @@ class ServedModel:
     def __init__(self, packed: PackedModel, assigned_density: float, version: str = "",
                  latency: LatencyModel | None = None) -> None:
         self._lock = threading.Lock()
-        self._packed, self._assigned, self._version = packed, assigned_density, version
+        self._packed, self._assigned, self._local, self._version = packed, assigned_density, None, version
         self.latency = latency or LatencyModel({})  # what a request's deadline is judged by
         self.usage = UsageLedger()  # what ran, for the heartbeat
-        packed.set_density(runnable_density(packed.densities, assigned_density))
+        packed.set_density(serving_density(packed.densities, assigned_density))
 
     @property
     def packed(self) -> PackedModel:
@@ -54,17 +64,18 @@ class ServedModel:
         with self._lock:
             return ServedState(self._packed.active_density, self._assigned, self._version, self._packed.densities)
 
-    def set_density(self, assigned: float) -> float:
-        """Follow a new assignment in O(1): the layers read a different prefix of the same buffers."""
+    def set_density(self, assigned: float, local: float | None = None) -> float:
+        """Follow the coordinator's assignment and the device's own choice in O(1): the layers read a different
+        prefix of the same buffers. Returns the density that serves now."""
         with self._lock:
-            self._assigned = assigned
-            self._packed.set_density(runnable_density(self._packed.densities, assigned))
+            self._assigned, self._local = assigned, local
+            self._packed.set_density(serving_density(self._packed.densities, assigned, local))
             return self._packed.active_density
 
     def swap(self, packed: PackedModel, version: str) -> None:
         """Serve `packed` from the next request on, at the current assignment."""
         with self._lock:
-            packed.set_density(runnable_density(packed.densities, self._assigned))
+            packed.set_density(serving_density(packed.densities, self._assigned, self._local))
             self._packed, self._version = packed, version
 
     def predict(self, x: torch.Tensor, deadline_ms: float = 0.0) -> tuple[torch.Tensor, float, float]:
@@ -83,7 +94,7 @@ class ServedModel:
             assigned = self._packed.active_density
             density = assigned
             if deadline_ms > 0:
-                allowed = at_most(self._packed.densities, assigned)
+                allowed = [d for d in self._packed.densities if d <= assigned]
                 density = self.latency.densest_within(allowed, x.shape[0], deadline_ms) or min(allowed)
             self._packed.set_density(density)
             try:

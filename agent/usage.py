@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+
 class UsageLedger:
     """What Predict ran per density since the coordinator last heard of it: (requests, busy ms).
 

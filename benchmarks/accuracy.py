@@ -29,13 +29,13 @@ from rich.progress import Progress
 from torch.utils.data import DataLoader
 
 from benchmarks.common import Task, command, machine, markdown_table, parse_task, write_json
+from benchmarks.federated_stats import ci_text, mean_ci
 from dress_model.baselines.pruned import pruned_networks
 from dress_model.baselines.slimmable import slim_params, slimmable_like
 from dress_model.data import load_dataset
 from dress_model.models import Architecture, create_model
 from dress_model.sparsity import parse_densities
 from dress_model.training import StepCallback, TrainConfig, evaluate, train
-from benchmarks.federated_stats import ci_text, mean_ci
 from simulations.centralized import write_reference
 
 console = Console()

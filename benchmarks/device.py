@@ -54,7 +54,7 @@ from dress_model.models import create_model  # noqa: E402
 from dress_model.packed import PackedModel, pack_checkpoint  # noqa: E402
 from dress_model.packed_format import PackedFormatError  # noqa: E402
 from dress_model.packed_layer import PackedSparse  # noqa: E402
-from dress_model.training import TrainConfig, Trainable, joint_step, make_optimizer, train  # noqa: E402
+from dress_model.training import Trainable, TrainConfig, joint_step, make_optimizer, train  # noqa: E402
 
 MODELS = {"cnn": (1, 28), "resnet20": (3, 32)}  # name -> (channels, image size)
 DENSITIES = (1.0, 0.5, 0.25, 0.1)

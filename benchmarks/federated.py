@@ -30,7 +30,10 @@ tiers follow how its cost falls with the level, and none buys a wider tier with 
    of the rounds), and how our peers deviate from their papers (DEVIATIONS).
 
 Runs go seed by seed, the equal-compute arm first, every partition and method within a seed, so a benchmark
-stopped midway has paired results; the JSON is written after every run.
+stopped midway has paired results; the JSON is written after every run. ``--resume`` continues it with the same
+settings (methods, partitions and seeds may grow; another ``--rounds`` redoes the comparison runs); app settings
+only DRESS reads (``contracts.settings.dress_only_keys``, say ``joint``) may change too: DRESS is calibrated,
+tuned and compared again, the peers' runs are kept.
 """
 
 from __future__ import annotations
@@ -53,13 +56,13 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
 from benchmarks.common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
 from benchmarks.federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
-
 from contracts.methods import METHODS  # noqa: E402
 from contracts.naming import simulated_name  # noqa: E402
 from contracts.policy import CalibrationPoint  # noqa: E402
-from contracts.settings import RunSettings, SettingsError  # noqa: E402
+from contracts.settings import RunSettings, SettingsError, dress_only_keys  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
 from dress_model.data import load_dataset  # noqa: E402
 from dress_model.training import class_accuracy  # noqa: E402
@@ -358,8 +361,9 @@ def of_this_protocol(result: dict[str, Any]) -> bool:
 
 
 def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """The results to continue: ``out``'s when resuming (same settings but GROWING, else SystemExit), else none.
-    Without ``resume``, runs of this protocol already there are not overwritten: a full matrix takes days."""
+    """The results to continue: ``out``'s when resuming (same settings but GROWING, RESTARTING and app settings
+    only DRESS reads, whose change drops DRESS's runs; else SystemExit), else none. Without ``resume``, runs of
+    this protocol already there are not overwritten: a full matrix takes days."""
     previous = json.loads(out.read_text()) if out.is_file() else None
     if not resume:
         if previous and of_this_protocol(previous) and (previous["runs"] or previous["tuning"]["runs"]):
@@ -375,11 +379,33 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
         theirs["tuning"] = {**theirs["tuning"], "rounds": theirs["rounds"]}
     if grid_grew(theirs.get("tuning"), settings.get("tuning")):  # the new configurations are tuned on resume
         theirs["tuning"] = settings["tuning"]
+    dress_changes = dress_only_changes(theirs["app"], settings["app"])
+    if dress_changes:
+        theirs["app"] = settings["app"]
     differ = {k: (theirs.get(k), v) for k, v in settings.items()
               if k not in (*GROWING, *RESTARTING) and theirs.get(k) != v}
     if differ:
         raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
+    if dress_changes:
+        print(f"--resume: app settings only DRESS reads changed (theirs, ours): {dress_changes}; DRESS's "
+              "calibration, tuning and comparison runs are redone, the peers' kept", flush=True)
+        return without_method(previous, "dress")
     return previous
+
+
+def dress_only_changes(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The app settings that differ (theirs, ours) when only DRESS reads every one of them: the peers' runs would
+    come out the same, so only DRESS's need redoing. Empty when none differ or one the peers read does."""
+    changed = {k: (theirs.get(k), ours.get(k)) for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)}
+    return changed if set(changed) <= set(dress_only_keys()) else {}
+
+
+def without_method(result: dict[str, Any], method: str) -> dict[str, Any]:
+    """``result`` less ``method``'s tuning and comparison runs and its calibration (its training step may have
+    changed too): a resumed benchmark makes them again with today's settings."""
+    return {**result, "runs": [r for r in result["runs"] if r["method"] != method],
+            "tuning": {**result["tuning"], "runs": [r for r in result["tuning"]["runs"] if r["method"] != method]},
+            "calibration": {m: c for m, c in result.get("calibration", {}).items() if m != method}}
 
 
 def grid_grew(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> bool:
@@ -722,7 +748,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")
     p.add_argument("--run-dir", type=Path, default=Path("runs/federated-bench"))
     p.add_argument("--resume", action="store_true",
-                   help="continue --out's runs (same settings; methods, partitions and seeds may grow)")
+                   help="continue --out's runs (same settings; methods, partitions and seeds may grow; app "
+                        "settings only DRESS reads may change, and DRESS's runs are redone)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown and plots from --out's JSON")
     args = p.parse_args()
     for key, value in PROFILES[args.profile].items():

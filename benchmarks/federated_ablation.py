@@ -43,7 +43,6 @@ from benchmarks.federated import (
     task_arg,
 )
 from benchmarks.federated_stats import best_configs, ci_text, mean_ci
-
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings
 from runtime.processes import stop_on_sigterm

@@ -14,8 +14,8 @@ import os
 from pathlib import Path
 
 from benchmarks.common import command, machine, write_json
-
-from contracts.settings import RunSettings, build_model
+from contracts.settings import RunSettings
+from dress_model.models import create_model
 from runtime.processes import stop_on_sigterm
 from simulations.run import SimulationSettings, run_simulation
 
@@ -40,7 +40,7 @@ def main() -> None:
     concurrency = max(1, min(os.cpu_count() or 1, round(settings.devices * run.fraction)))
     useful = sum(r["device_compute_s"] / concurrency + r["server_s"] for r in rounds)
     wall = sum(r["wall_s"] for r in rounds)
-    dense = 4 * build_model(run.architecture()).subnet_params(1.0)
+    dense = 4 * create_model(run.architecture()).subnet_params(1.0)
     result = {
         "machine": machine(),
         "command": command(),

@@ -34,10 +34,10 @@ from torch.utils import mkldnn as mkldnn_utils  # noqa: E402
 
 from benchmarks.common import command, machine, median_us, write_json  # noqa: E402
 from dress_model.kernels import kernel_isa, packed_conv2d, packed_linear  # noqa: E402
-from dress_model.packed_format import band_table, pack_rows, prefix_lengths  # noqa: E402
-from dress_model.sparsity import keep_count  # noqa: E402
 from dress_model.models import create_model  # noqa: E402
 from dress_model.packed import PackedModel, pack_checkpoint  # noqa: E402
+from dress_model.packed_format import band_table, pack_rows, prefix_lengths  # noqa: E402
+from dress_model.sparsity import keep_count  # noqa: E402
 
 DENSITIES = (1.0, 0.5, 0.25, 0.1, 0.05)
 

@@ -53,7 +53,7 @@ log = logging.getLogger("registry_bench")
 
 DEFAULT_PG_URL = os.environ.get("DRESS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "registry.json"
-DENSITIES = (1.0, 0.5, 0.25, 0.1)
+DENSITIES = RunSettings.defaults().architecture().densities  # the fleet's: a level indexes them
 PROFILES = ("pi4", "pi5", "jetson-nano", "jetson-orin-nano", "phone", "laptop-x86")
 
 Ack = tuple[float, float, float | None, float]  # the budget sent (latency_ms, memory_mb, battery), density answered
@@ -75,8 +75,8 @@ async def _agent(index: int, address: str, token: str, window: _Window, max_hear
     """One device: register, wait for the start, heartbeat back to back; returns its acks and latencies."""
     rng = random.Random(index)
     scale = rng.uniform(0.5, 2.0)
-    calibration = [pb.CalibrationPoint(density=d, latency_ms=100 * d * scale, memory_mb=800 * d * scale)
-                   for d in DENSITIES]
+    calibration = [pb.CalibrationPoint(level=level, latency_ms=100 * d * scale, memory_mb=800 * d * scale)
+                   for level, d in enumerate(DENSITIES)]
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.ControlPlaneStub(channel)
         reply = await stub.Register(pb.RegisterRequest(
@@ -93,7 +93,7 @@ async def _agent(index: int, address: str, token: str, window: _Window, max_hear
             latency_ms = min(400.0 * scale, max(5.0 * scale, latency_ms * rng.uniform(0.8, 1.25)))
             memory_mb = min(3200.0 * scale, max(40.0 * scale, memory_mb * rng.uniform(0.8, 1.25)))
             battery = round(rng.random(), 3) if index % 2 else None
-            request = pb.HeartbeatRequest(device_id=reply.device_id, budget=pb.Budget(
+            request = pb.HeartbeatRequest(budget=pb.Budget(
                 latency_ms=latency_ms, memory_mb=memory_mb, battery=battery))
             sent = time.perf_counter()
             try:
@@ -103,7 +103,7 @@ async def _agent(index: int, address: str, token: str, window: _Window, max_hear
                 errors += 1
                 continue
             latencies.append(time.perf_counter() - sent)
-            acks.append((latency_ms, memory_mb, battery, answer.density))
+            acks.append((latency_ms, memory_mb, battery, DENSITIES[answer.level]))
         return reply.device_id, acks, latencies, errors
 
 

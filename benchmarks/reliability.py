@@ -34,41 +34,42 @@ from typing import Any
 
 import grpc
 import torch
-from benchmarks.byzantine import RUNS as BYZANTINE_RUNS
-from benchmarks.byzantine import run_byzantine
-from benchmarks.common import command, machine, markdown_table, peak_rss_above_idle, write_json
-from benchmarks.faults import run_faults
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from benchmarks.superlink_strangers import superlink_strangers
 
 from agent.served_model import ServedModel
 from agent.serving import AgentIdentity
 from agent.serving import serve as serve_agent
-from contracts import calibration_wire
+from benchmarks.byzantine import RUNS as BYZANTINE_RUNS
+from benchmarks.byzantine import run_byzantine
+from benchmarks.common import command, machine, markdown_table, peak_rss_above_idle, write_json
+from benchmarks.faults import run_faults
+from benchmarks.superlink_strangers import superlink_strangers
 from contracts.credentials import bearer, supernode_key
 from contracts.messages import train_config
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings, build_run_model
+from contracts.wire import calibration_to_proto
 from coordinator.control_plane import SERVICE_NAME, serve
-from coordinator.registry import Registry
 from coordinator.fleet_strategy import RoundStats
+from coordinator.registry import Registry
 from coordinator.strategy import DressStrategy
 from coordinator.validation import STATISTICS, implausible
 from dress_model.checkpoint import atomic_write
-from dress_model.models import Architecture
+from dress_model.models import Architecture, architecture_for_dataset
 from dress_model.packed import PackedModel, pack_checkpoint
-from runtime.task_identity import task_identity
 from dress_model.packed_format import PackedFormatError, index_bits, packed_index_bytes
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from runtime.certificates import init_certificates, issue_certificate, mutual_server_credentials
 from runtime.processes import flwr, pick_port, start_superlink, start_supernode
+from runtime.task_identity import task_identity
 
 RESULTS = Path(__file__).parent / "results"
 HANG_S = 5.0
 CALIBRATION = [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+FLEET = architecture_for_dataset("cnn", "0.1,0.25,0.5,1", "fashion-mnist", 4)  # what the control plane serves
 
 
 # -- packed files ------------------------------------------------------------------------------------------------
@@ -225,28 +226,27 @@ def packed_crafted(count: int, seed: int) -> dict[str, Any]:
 
 
 def _requests(rng: random.Random) -> list[tuple[str, bytes]]:
-    """Valid requests of every method, to mutate; device ids a stranger might guess."""
+    """Valid requests of every method, to mutate; levels a caller might ask for."""
     budget = pb.Budget(latency_ms=50, memory_mb=400, battery=0.5)
-    calibration = calibration_wire.to_proto(CALIBRATION)
+    calibration = calibration_to_proto(CALIBRATION, FLEET.densities)
     return [
         ("Describe", pb.DescribeRequest().SerializeToString()),
         ("Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=calibration).SerializeToString()),
-        ("Heartbeat", pb.HeartbeatRequest(device_id=rng.randint(0, 3), budget=budget).SerializeToString()),
-        ("FetchModel", pb.FetchModelRequest(device_id=rng.randint(0, 3), density=0.5).SerializeToString()),
+        ("Heartbeat", pb.HeartbeatRequest(budget=budget).SerializeToString()),
+        ("FetchModel", pb.FetchModelRequest(level=rng.randint(0, 5)).SerializeToString()),
     ]
 
 
 def _control_plane(registry: Registry, payload: bytes) -> tuple[grpc.Server, str]:
     port = pick_port()
-    server = serve(registry, "127.0.0.1", port, pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0],
-                   width=4, dataset="fashion-mnist"), lambda density, half: payload, max_workers=4)
+    server = serve(registry, "127.0.0.1", port, FLEET, lambda density, half: payload, max_workers=4)
     return server, f"127.0.0.1:{port}"
 
 
 def _enrolled(channel: grpc.Channel, registry: Registry, name: str) -> tuple[int, str]:
     """A device registered the way an agent does: (its id, its credential)."""
     token = registry.enroll([name])[name]
-    calibration = calibration_wire.to_proto(CALIBRATION)
+    calibration = calibration_to_proto(CALIBRATION, FLEET.densities)
     reply = pb.RegisterResponse.FromString(channel.unary_unary(f"/{SERVICE_NAME}/Register")(
         pb.RegisterRequest(profile="pi4", calibration=calibration).SerializeToString(), metadata=bearer(token),
         timeout=HANG_S))
@@ -286,11 +286,11 @@ def fuzz_grpc(count: int, seed: int) -> dict[str, Any]:
             server.stop(grace=None).wait()
     crashes = codes["UNKNOWN"] + codes["INTERNAL"] + codes["DEADLINE_EXCEEDED"]
     return {"tried": count, "crashes": crashes, "codes": dict(sorted(codes.items())),
-            "still_serving": alive.architecture.model == "cnn"}
+            "still_serving": alive.architecture.name == "cnn"}
 
 
 STRANGERS = ("no credential", "forged credential", "forged token", "spent token", "expired token",
-             "another device's id", "another device's name")
+             "another device's name")  # no request names a device by id: a credential acts only as its own
 
 
 def strangers(count: int, seed: int, superlink_tries: int = 4) -> dict[str, Any]:
@@ -383,14 +383,13 @@ def control_plane_strangers(count: int, seed: int) -> dict[str, Any]:
                 victim, _ = _enrolled(channel, registry, "pi-kitchen")
                 _, mallory = _enrolled(channel, registry, "mallory")
                 spent = registry.enroll(["spent"])["spent"]
-                as_pi4 = pb.RegisterRequest(profile="pi4", calibration=calibration_wire.to_proto(CALIBRATION))
+                as_pi4 = pb.RegisterRequest(profile="pi4", calibration=calibration_to_proto(CALIBRATION, FLEET.densities))
                 channel.unary_unary(f"/{SERVICE_NAME}/Register")(as_pi4.SerializeToString(),
                                                                   metadata=bearer(spent), timeout=HANG_S)
                 expired = registry.enroll(["late"], ttl=timedelta(microseconds=1))["late"]
                 presented = {"no credential": None, "forged credential": "dfd_" + rng.randbytes(32).hex(),
                            "forged token": "dfe_" + rng.randbytes(32).hex(), "spent token": spent,
-                           "expired token": expired, "another device's id": mallory,
-                           "another device's name": mallory}
+                           "expired token": expired, "another device's name": mallory}
                 before = (registry.list_devices(), registry.device_history(victim))
                 for i in range(count):
                     kind = STRANGERS[i % len(STRANGERS)]
@@ -402,12 +401,8 @@ def control_plane_strangers(count: int, seed: int) -> dict[str, Any]:
                             ("Describe", pb.DescribeRequest()),
                             ("Register", pb.RegisterRequest(name="pi-kitchen", profile="pi4",
                                                             calibration=as_pi4.calibration)),
-                            ("Heartbeat", pb.HeartbeatRequest(device_id=victim, budget=pb.Budget(
-                                latency_ms=1, memory_mb=1))),
-                            ("FetchModel", pb.FetchModelRequest(device_id=victim, density=1.0))])
-                        if kind == "another device's id" and method in ("Describe", "Register"):
-                            method, body = "Heartbeat", pb.HeartbeatRequest(device_id=victim, budget=pb.Budget(
-                                latency_ms=1, memory_mb=1))
+                            ("Heartbeat", pb.HeartbeatRequest(budget=pb.Budget(latency_ms=1, memory_mb=1))),
+                            ("FetchModel", pb.FetchModelRequest(level=3))])
                     path = f"/{SERVICE_NAME}/{method}"
                     call = channel.unary_stream(path) if method == "FetchModel" else channel.unary_unary(path)
                     secret = presented[kind]

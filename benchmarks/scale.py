@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.common import command, machine, markdown_table, write_json
-from benchmarks.registry_bench import DEFAULT_PG_URL, fresh_database
 from sqlalchemy import text
 
+from benchmarks.common import command, machine, markdown_table, write_json
+from benchmarks.registry_bench import DEFAULT_PG_URL, fresh_database
 from contracts.settings import RunSettings
 from coordinator.registry.engine import make_engine
 from dress_model.checkpoint import atomic_write

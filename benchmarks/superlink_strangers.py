@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.netns import hosts, unavailable
-
 from contracts.settings import APP_DIR
 from runtime.certificates import init_certificates
 

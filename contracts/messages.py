@@ -3,7 +3,8 @@
 - ``query.status``: the server asks a node which device it is (node-config never reaches the SuperLink);
   the reply's ``status`` record names the device and its profile.
 - train, down: the device's subnet as one uint8 array holding the packed file (the same bytes a device stores
-  and executes), and a ``config`` record with the server round, the level (tier) to train and the training knobs.
+  and executes), and a ``config`` record with the server round, the level to train (the index of its density in
+  the run's model's densities) and the training knobs.
   A peer method (contracts.methods) sends the width prefixes of its level's tensors instead.
 - train, up: the trained packed tensors without ``indices`` (the server holds them) — a peer's: its trained
   prefixes — and a ``metrics`` record.
@@ -43,8 +44,9 @@ def train_config(settings: RunSettings) -> ConfigRecord:
 
 
 def train_message(node_id: int, subnet: ArrayRecord, config: ConfigRecord, server_round: int,
-                  level: float) -> Message:
-    """``level``: the densest subnet (tier) the device trains; DRESS's packed file says it too, a peer's slices do not."""
+                  level: int) -> Message:
+    """``level``: the densest subnet the device trains, as its index in the run's model's densities; DRESS's packed
+    file says it too, a peer's slices do not."""
     config = ConfigRecord({**config, "server-round": server_round, "level": level})
     content = RecordDict({"arrays": subnet, "config": config})
     return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)

@@ -9,8 +9,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from dress_model.sparsity import at_most
-
 DEFAULT_MARGIN = 0.10
 MAX_CALIBRATION_POINTS = 64
 MAX_LATENCY_MS = 600_000.0  # ten minutes per inference: anything above is a unit mistake, not a budget
@@ -92,8 +90,7 @@ def training_density(
     ``seconds``. None when not even the sparsest fits: the device sits this round out."""
     memory = math.inf if memory_mb is None else memory_mb
     per_step = None if not steps else seconds / steps
-    held = at_most([p.density for p in calibration], serving)
-    fitting = [p.density for p in calibration if p.density in held and p.trains_within(memory, per_step)]
+    fitting = [p.density for p in calibration if p.density <= serving and p.trains_within(memory, per_step)]
     return max(fitting, default=None)
 
 

@@ -22,11 +22,10 @@ import numpy as np
 from contracts.methods import METHODS, get_method
 from contracts.profiles import assign_profiles, load_profiles, parse_mix
 from dress_model.data import DATASETS, training_indices
-from dress_model.models import MODELS, Architecture, DressModel, model_for_dataset
+from dress_model.models import MODELS, Architecture, DressModel, architecture_for_dataset, create_model
 from dress_model.partition import parse_partition
 from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
 from dress_model.training import JOINT_RULES
-from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 """The Flower app the coordinator submits (``flwr run``): a pyproject.toml holding ``[tool.flwr.app]``, shipped in
@@ -73,20 +72,23 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Declared:
-    """What a run setting tells people: its help, and its command-line option (``None``: not on the command line
-    of ``coordinator start`` and ``simulate``; a switch is ``--on/--off``)."""
+    """What a run setting tells people: its help, its command-line option (``None``: not on the command line
+    of ``coordinator start`` and ``simulate``; a switch is ``--on/--off``), and whether only DRESS reads it (a
+    peer's run is the same whatever its value: a benchmark redoes only DRESS's runs when it changes)."""
 
     help: str
     option: str | None
+    dress_only: bool = False
 
 
 MODEL_HELP = f"One of {', '.join(MODELS)}."
 DATASET_HELP = f"One of {', '.join(DATASETS)}."
 
 
-def setting(default: Any, help: str, option: str | None = "") -> Any:
-    """A run setting's one declaration: default, help, option (``""``: ``--KEY``, its run-config key)."""
-    return field(default=default, metadata={"declared": Declared(help, option)})
+def setting(default: Any, help: str, option: str | None = "", dress_only: bool = False) -> Any:
+    """A run setting's one declaration: default, help, option (``""``: ``--KEY``, its run-config key), and
+    whether only DRESS reads it (``Declared.dress_only``)."""
+    return field(default=default, metadata={"declared": Declared(help, option, dress_only)})
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ class RunSettings:
     app's config (``contracts/app/pyproject.toml``, checked by a test) are made from these declarations."""
 
     method: str = setting("dress", f"What the fleet trains: {', '.join(METHODS)} (DRESS or a peer on the same "
-                          "fleet, per-tier parameter counts matched).")
+                          "fleet, per-density parameter counts matched).")
     num_rounds: int = setting(10, "Federated rounds.", "--rounds")
     fraction: float = setting(0.1, "Share of online devices trained per round.")
     min_devices: int = setting(1, "Devices trained per round at least, when that many are online.", None)
@@ -137,15 +139,15 @@ class RunSettings:
                            "examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.",
                            "--damped/--undamped")
     distill: float = setting(0.5, "Anchor-loss weight: a DRESS device's denser subnets also match the sparsest one "
-                             "it received (0 = off).")
+                             "it received (0 = off).", dress_only=True)
     distill_decay: float = setting(0.0, "The last round's anchor weight as a share of --distill, cosine over the "
-                                   "rounds (1 = constant).")
+                                   "rounds (1 = constant).", dress_only=True)
     joint: str = setting("all", "What a DRESS device's local step trains: all (every density at or below its own, "
                          "mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by "
                          "how many of those subnets hold it), sandwich (its own density on the labels; the "
                          "sparsest and one drawn between learn from its predictions), own (its own density alone, "
                          "the sparser ones nested in it) or ends (its own and the sparsest, summed); sandwich, own "
-                         "and ends need --distill 0.")
+                         "and ends need --distill 0.", dress_only=True)
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
@@ -249,9 +251,9 @@ class RunSettings:
         """Ascending, as dress_model takes them."""
         return parse_densities(self.densities)
 
-    def architecture(self) -> pb.Architecture:
-        """What the coordinator tells agents they run (Describe, RegisterResponse)."""
-        return pb.Architecture(model=self.model, densities=self.density_list, width=self.width, dataset=self.dataset)
+    def architecture(self) -> Architecture:
+        """The run's model: what the coordinator tells agents they run (Describe, RegisterResponse)."""
+        return architecture_for_dataset(self.model, self.density_list, self.dataset, self.width)
 
     @property
     def model_label(self) -> str:
@@ -300,19 +302,11 @@ def task_name(dataset: str, model: str, width: int) -> str:
     return base if width == Architecture.width else f"{base}-w{width}"
 
 
-def build_model(architecture: pb.Architecture) -> DressModel:
-    """A freshly initialised model of the architecture: what a run starts from and what a device calibrates.
-
-    ValueError for an architecture this build of dress-fleet cannot make (unknown model or dataset)."""
-    return model_for_dataset(architecture.model, tuple(architecture.densities), architecture.dataset,
-                             architecture.width)
-
-
 def build_run_model(settings: RunSettings) -> DressModel:
     """The global model of the run's method: the DRESS backbone, or a peer's width-nested twin of it.
 
-    ValueError when the method cannot build one of the tiers (say, a width too small to exist)."""
-    return get_method(settings.method).build(build_model(settings.architecture()))
+    ValueError when the method cannot build one of the densities (say, a width too small to exist)."""
+    return get_method(settings.method).build(create_model(settings.architecture()))
 
 
 LOCAL_SETTINGS = ("db_url",)
@@ -324,6 +318,11 @@ def _sent() -> list[dataclasses.Field]:
 
 
 SETTING_TYPES: dict[str, type] = {"int": int, "float": float, "str": str, "bool": bool}  # a field's, by its name
+
+
+def dress_only_keys() -> tuple[str, ...]:
+    """The run-config keys of the settings only DRESS reads (``Declared.dress_only``)."""
+    return tuple(_key(f.name) for f, declared in RunSettings.declared() if declared.dress_only)
 
 
 def _key(name: str) -> str:

@@ -19,13 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from contracts import calibration_wire
 from contracts.checked_service import add_checked_servicer
 from contracts.credentials import check_public_key, digest, presented_secret
 from contracts.policy import Budget, validate_calibration
 from contracts.settings import RunSettings
+from contracts.wire import architecture_to_proto, calibration_from_proto
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
 from coordinator.supernodes import KeyChange, KeyRetiredError, SupernodeKeys
+from dress_model.models import Architecture
+from dress_model.sparsity import check_level, level_of
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -91,27 +93,26 @@ class Authenticator:
         return principal, secret
 
 
-def _own_device(principal: Principal, claimed: int, context: grpc.ServicerContext) -> int:
-    """The caller's device id; PERMISSION_DENIED for a token holder or a device claiming another's id."""
+def _own_device(principal: Principal, context: grpc.ServicerContext) -> int:
+    """The registry id of the device the caller's credential proves; PERMISSION_DENIED for a token holder."""
     if principal.device_id is None:
         context.abort(grpc.StatusCode.PERMISSION_DENIED,
                       "an enrollment token only describes and registers: register first to get a credential")
-    if claimed not in (0, principal.device_id):
-        context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                      f"device {principal.device_id} cannot act as device {claimed}")
     return principal.device_id
 
 
 class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
-    """Translates protobuf messages to registry calls and back, as the caller its credential proves."""
+    """Translates protobuf messages to registry calls and back, as the caller its credential proves; a density
+    crosses the wire as its level, mapped here and nowhere else on this side."""
 
-    def __init__(self, registry: Registry, architecture: pb.Architecture, model_provider: ModelProvider,
+    def __init__(self, registry: Registry, architecture: Architecture, model_provider: ModelProvider,
                  chunk_bytes: int, max_fetches: int, heartbeat_s: float, supernodes: SupernodeKeys | None = None):
         self._registry = registry
         self._supernodes = supernodes  # a TLS fleet: SuperNode keys registered with the SuperLink
         self._caller = Authenticator(registry)
         self._heartbeat_s = heartbeat_s
-        self._architecture = architecture
+        self._densities = architecture.densities
+        self._architecture = architecture_to_proto(architecture)
         self._model_provider = model_provider
         self._chunk_bytes = chunk_bytes
         # A download holds a server thread for its whole stream; capping them keeps threads for heartbeats
@@ -131,13 +132,13 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                           f"the credential or token is for device {caller.name!r}, not {request.name!r}")
         credential = ""
         with _status_on_error(context):  # checked before a SuperNode key costs the SuperLink a registration
-            calibration = validate_calibration(calibration_wire.from_proto(request.calibration))
-            measured, served = sorted(p.density for p in calibration), sorted(self._architecture.densities)
-            if measured != served:
+            calibration = validate_calibration(calibration_from_proto(request.calibration, self._densities))
+            measured = sorted(self._densities.index(p.density) for p in calibration)
+            if measured != list(range(len(self._densities))):
                 raise InvalidInputError(
-                    "calibration must measure exactly the fleet's densities " + ", ".join(f"{d:g}" for d in served)
-                    + "; got " + (", ".join(f"{d:g}" for d in measured) or "none")
-                    + " (ask Describe for the architecture to calibrate)")
+                    f"calibration must measure every level 0-{len(self._densities) - 1} of the fleet's densities "
+                    + ", ".join(f"{d:g}" for d in self._densities) + "; got levels "
+                    + (", ".join(map(str, measured)) or "none") + " (ask Describe for the architecture to calibrate)")
         change = self._supernode_key(caller, request.supernode_public_key, context)
         supernode = None if change is None else (change.key_sha256, change.node_id)
         with self._undo_on_error(change), _status_on_error(context):
@@ -146,7 +147,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                                                                       calibration, supernode)
             else:
                 assignment = self._registry.register_device(caller.name, request.profile, calibration, supernode)
-        return pb.RegisterResponse(device_id=assignment.device_id, density=assignment.density,
+        return pb.RegisterResponse(device_id=assignment.device_id, level=self._level(assignment.density),
                                    model_version=assignment.model_version or "", architecture=self._architecture,
                                    heartbeat_s=self._heartbeat_s, credential=credential, name=caller.name)
 
@@ -177,41 +178,49 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             self._supernodes.commit(change)  # type: ignore[union-attr]
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatResponse:
-        device_id = _own_device(self._caller(context)[0], request.device_id, context)
+        device_id = _own_device(self._caller(context)[0], context)
         with _status_on_error(context):
             if not request.HasField("budget"):
                 raise InvalidInputError("heartbeat has no budget")
             b = request.budget
             budget = Budget(b.latency_ms, b.memory_mb, b.battery if b.HasField("battery") else None)
-            served = {u.density: (u.requests, u.busy_ms) for u in request.served}
+            served = {self._density(u.level): (u.requests, u.busy_ms) for u in request.served}
             if len(served) != len(request.served):
-                raise InvalidInputError("heartbeat lists a density it served more than once")
+                raise InvalidInputError("heartbeat lists a level it served more than once")
             assignment = self._registry.heartbeat(device_id, budget, served)
-        return pb.HeartbeatResponse(density=assignment.density, model_version=assignment.model_version or "",
+        return pb.HeartbeatResponse(level=self._level(assignment.density), model_version=assignment.model_version or "",
                                     changed=assignment.changed, heartbeat_s=self._heartbeat_s)
 
+    def _density(self, level: int) -> float:
+        """The density a level a device sent stands for; ValueError (INVALID_ARGUMENT) for one out of range."""
+        return self._densities[check_level(self._densities, level)]
+
+    def _level(self, density: float) -> int:
+        return level_of(self._densities, density)
+
     def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
-        device_id = _own_device(self._caller(context)[0], request.device_id, context)
+        device_id = _own_device(self._caller(context)[0], context)
         with _status_on_error(context):
+            density = self._density(request.level)
             calibrated = self._registry.calibrated_densities(device_id)
-            if request.density not in calibrated:
+            if density not in calibrated:
                 raise InvalidInputError(
-                    f"device {device_id} is not calibrated at density {request.density:g}; calibrated: "
-                    + ", ".join(f"{d:g}" for d in calibrated))
+                    f"device {device_id} is not calibrated at level {request.level} (density {density:g}); "
+                    "calibrated: " + ", ".join(f"{d:g}" for d in calibrated))
             version = self._registry.current_model_version() or ""
         if not self._fetch_slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many model downloads in progress; retry later")
         try:
             try:
-                payload = self._model_provider(request.density, request.float16)
+                payload = self._model_provider(density, request.float16)
             except LookupError as e:
-                context.abort(grpc.StatusCode.NOT_FOUND, f"no packed model at density {request.density:g}: {e}")
+                context.abort(grpc.StatusCode.NOT_FOUND, f"no packed model at density {density:g}: {e}")
             digest = hashlib.sha256(payload).hexdigest()
             view = memoryview(payload)
             for offset in range(0, max(len(payload), 1), self._chunk_bytes):
                 yield pb.ModelChunk(data=bytes(view[offset:offset + self._chunk_bytes]), offset=offset,
                                     total_size=len(payload), sha256=digest, model_version=version,
-                                    density=request.density)
+                                    level=request.level)
         finally:
             self._fetch_slots.release()
 
@@ -220,7 +229,7 @@ def serve(
     registry: Registry,
     host: str,
     port: int,
-    architecture: pb.Architecture,
+    architecture: Architecture,
     model_provider: ModelProvider,
     *,
     max_workers: int = DEFAULT_MAX_WORKERS,

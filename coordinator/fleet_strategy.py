@@ -1,11 +1,11 @@
-"""The round plumbing every method's strategy shares: sample the round's devices, send each its level's model
+"""The round plumbing every method's strategy shares: sample the round's devices, send each its density's model
 with the round's training config, check every reply, fold the accepted ones into the global model, step the
 server's momentum and average, recalibrate BN on server-held data, roll back an implausible aggregate.
 
 Flower's FedAvg rejects replies of different shapes, so this is a Strategy of its own. The global model travels
 between Flower's rounds as the strategy's ``ArrayRecord``. Each round it asks the registry for every device's
 current density and which devices are online; which node is which device is ``coordinator.membership``'s
-business. What a method's levels are, what travels and how replies are folded in are its hooks: DRESS
+business. What a method's densities are, what travels and how replies are folded in are its hooks: DRESS
 (``coordinator.strategy``) and the width-nested peers (``coordinator.peers``) are siblings over this base.
 Evaluation, checkpoints and publishing happen in Flower's evaluation hook (``coordinator.publisher``).
 """
@@ -68,8 +68,8 @@ class Sent:
     """What one device was sent in a round, and so what its reply must look like."""
 
     device_id: int
-    level: float
-    payload: object  # DRESS: the PackedModel (its indices place the reply); a peer: its level's slices
+    density: float
+    payload: object  # DRESS: the PackedModel (its indices place the reply); a peer: its density's slices
     expected: Expected
 
 
@@ -81,7 +81,7 @@ def reported(metrics: MetricRecord, key: str) -> float:
 
 
 class FleetStrategy(Strategy):
-    """The round plumbing every method shares; a method says what its levels are, what travels and how replies
+    """The round plumbing every method shares; a method says what its densities are, what travels and how replies
     fold into its model (the hooks below)."""
 
     def __init__(
@@ -125,7 +125,7 @@ class FleetStrategy(Strategy):
         self.stats: dict[int, RoundStats] = {}
 
     def summary(self) -> None:
-        log.info("%s: levels %s, fraction %g, min devices %d", type(self).__name__, self.model.densities,
+        log.info("%s: densities %s, fraction %g, min devices %d", type(self).__name__, self.model.densities,
                  self.fraction, self.min_devices)
 
     # -- train -------------------------------------------------------------------------------------------
@@ -142,13 +142,13 @@ class FleetStrategy(Strategy):
         online = sum(1 for d in devices.values() if d.status == DeviceStatus.ONLINE)
         count = min(online, max(self.min_devices, math.ceil(self.fraction * online)))
         chosen = self.membership.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round),
-                                        self.training_level)
+                                        self.training_density)
         log.info("round %d: %d of %d drawn online devices train", server_round, len(chosen), count)
         return self.messages_for(server_round, chosen, config)
 
     def messages_for(self, server_round: int, chosen: list[tuple[int, DeviceInfo, float]],
                      config: ConfigRecord) -> list[Message]:
-        """One train message per chosen (node, device, level), and what each device's reply must look like."""
+        """One train message per chosen (node, device, density), and what each device's reply must look like."""
         stats = self.stats[server_round]
         if self.round_config is not None:
             config = ConfigRecord({**config, **self.round_config(server_round)})
@@ -156,14 +156,14 @@ class FleetStrategy(Strategy):
         payloads: dict[float, tuple[object, ArrayRecord, Expected]] = {}
         self.sent = {}
         messages = []
-        for node, info, level in chosen:
-            if level not in payloads:
-                sent, record = self.payload(level)
-                payloads[level] = sent, record, Expected(self.reply_template(sent, record), self.max_examples)
-            sent, record, expected = payloads[level]
-            self.sent[node] = Sent(info.id, level, sent, expected)
-            stats.bytes_down.setdefault(level, []).append(record_nbytes(record))
-            messages.append(train_message(node, record, config, server_round, level))
+        for node, info, density in chosen:
+            if density not in payloads:
+                sent, record = self.payload(density)
+                payloads[density] = sent, record, Expected(self.reply_template(sent, record), self.max_examples)
+            sent, record, expected = payloads[density]
+            self.sent[node] = Sent(info.id, density, sent, expected)
+            stats.bytes_down.setdefault(density, []).append(record_nbytes(record))
+            messages.append(train_message(node, record, config, server_round, self.model.densities.index(density)))
         return messages
 
     def aggregate_train(
@@ -199,8 +199,8 @@ class FleetStrategy(Strategy):
         for node, (update, nbytes, compute_s, macs) in accepted.items():
             sent = self.sent[node]
             updates.append(update)
-            stats.participants[sent.device_id] = (self.membership.node_devices[node], sent.level)
-            stats.bytes_up.setdefault(sent.level, []).append(nbytes)
+            stats.participants[sent.device_id] = (self.membership.node_devices[node], sent.density)
+            stats.bytes_up.setdefault(sent.density, []).append(nbytes)
             stats.compute_s.append(compute_s)
             stats.macs.append(macs)
         before = {k: v.clone() for k, v in self.model.state_dict().items()}
@@ -225,26 +225,27 @@ class FleetStrategy(Strategy):
         self.stats[server_round].rejected[name] = str(reason)
         log.warning("round %d: the reply of %s does not count: %s", server_round, name, reason)
 
-    def training_level(self, info: DeviceInfo) -> float | None:
+    def training_density(self, info: DeviceInfo) -> float | None:
         """What the device trains this round: the densest density at or below its assignment whose training
         fits it — its calibrated step's memory within its last budget, the round's steps within the round's
-        timeout — as this method's level; None leaves it out of the round. A device that measured no training
-        cost trains at its assignment."""
-        tier: float | None = info.current_density
+        timeout — as this method's model has it; None leaves it out of the round. A device that measured no
+        training cost trains at its assignment."""
+        allowed: float | None = info.current_density
         if info.calibration:
             memory = info.last_budget.memory_mb if info.last_budget is not None else None
-            tier = training_density(info.calibration, info.current_density, memory, self.train_steps,
-                                    self.round_timeout_s or math.inf)
-        return None if tier is None else self.level_for(tier)
+            allowed = training_density(info.calibration, info.current_density, memory, self.train_steps,
+                                       self.round_timeout_s or math.inf)
+        return None if allowed is None else self.density_for(allowed)
 
     # -- what each method says (DressStrategy, coordinator.peers.WidthStrategy) -----------------------
 
-    def level_for(self, tier: float) -> float | None:
-        """The level a device whose budget allows ``tier`` trains; None leaves it out of the round."""
+    def density_for(self, allowed: float) -> float | None:
+        """The density of this method's model a device whose budget allows ``allowed`` trains; None leaves it
+        out of the round."""
         raise NotImplementedError
 
-    def payload(self, level: float) -> tuple[object, ArrayRecord]:
-        """What a device training ``level`` is sent: what to read its reply by, and the record."""
+    def payload(self, density: float) -> tuple[object, ArrayRecord]:
+        """What a device training ``density`` is sent: what to read its reply by, and the record."""
         raise NotImplementedError
 
     def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -260,7 +261,7 @@ class FleetStrategy(Strategy):
         raise NotImplementedError
 
     def reorder(self, model: DressModel | None = None) -> None:
-        """After the weights moved: whatever the method's levels need (DRESS re-ranks its rows)."""
+        """After the weights moved: whatever the method's model needs (DRESS re-ranks its rows)."""
 
     # -- the server's own step, the same for every method ---------------------------------------------
 

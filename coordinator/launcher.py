@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import psutil
 
-from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
+from contracts.settings import APP_DIR, RunSettings, build_run_model
 from coordinator.control_plane import serve
 from coordinator.fleet_proxy import FleetProxy, nginx_binary
 from coordinator.model_store import ModelStore
@@ -25,6 +25,7 @@ from coordinator.registry.engine import save_url
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
 from coordinator.supernodes import SupernodeKeys
+from dress_model.models import create_model
 from runtime import processes as fr
 from runtime.certificates import CertificateError, FleetCertificates, is_loopback
 
@@ -95,7 +96,7 @@ class Coordinator:
     def start(self) -> None:
         """Registry, SuperLink (behind the fleet proxy on TLS), then the control plane: a device's registration
         may register its SuperNode key with the SuperLink, and it joins Flower only after registering."""
-        build_run_model(self.settings)  # a method that cannot build a tier fails here, before any process starts
+        build_run_model(self.settings)  # a method that cannot build a density fails here, before any process starts
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.state_dir.chmod(0o700)  # the registry, checkpoints, logs and Flower's database: ours alone
         save_url(self.state_dir, self.settings.db_url or None)  # how the ServerApp finds the registry
@@ -111,7 +112,8 @@ class Coordinator:
                                                 simulation=self.simulation, certs=self.certs)
             self.proxy = proxy.start(self.state_dir)
         self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
-                            ModelStore(self.registry, build_model(architecture)), heartbeat_s=self.settings.heartbeat_s,
+                            ModelStore(self.registry, create_model(architecture)),
+                            heartbeat_s=self.settings.heartbeat_s,
                             credentials=self.certs.server_credentials() if self.certs else None,
                             supernodes=SupernodeKeys(self.registry, self.state_dir) if self.settings.node_auth else None)
 

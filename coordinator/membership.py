@@ -59,18 +59,18 @@ class Membership:
         self.registry.bind_flower_nodes(learnt)
 
     def sample(self, grid: Grid, devices: dict[str, DeviceInfo], count: int, rng: random.Random,
-               level_of: Callable[[DeviceInfo], float | None]) -> list[tuple[int, DeviceInfo, float]]:
-        """``count`` online devices drawn uniformly by name, with the node each one is connected as and the level
-        ``level_of`` gives it; a drawn device with no level (None) or not connected sits the round out.
+               density_of: Callable[[DeviceInfo], float | None]) -> list[tuple[int, DeviceInfo, float]]:
+        """``count`` online devices drawn uniformly by name, with the node each one is connected as and the
+        density ``density_of`` gives it; a drawn device with none (None) or not connected sits the round out.
         Nodes are identified lazily: only until every drawn device's node is known."""
         online = sorted(name for name, info in devices.items() if info.status == DeviceStatus.ONLINE)
         drawn = rng.sample(online, min(count, len(online)))
         nodes = self.nodes_of(grid, set(drawn), rng)
         chosen: list[tuple[int, DeviceInfo, float]] = []
         for name in drawn:
-            level = level_of(devices[name])
-            if name in nodes and level is not None:
-                chosen.append((nodes[name], devices[name], level))
+            density = density_of(devices[name])
+            if name in nodes and density is not None:
+                chosen.append((nodes[name], devices[name], density))
         return chosen
 
     def nodes_of(self, grid: Grid, names: set[str], rng: random.Random) -> dict[str, int]:

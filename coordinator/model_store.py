@@ -13,7 +13,6 @@ from coordinator.registry.repository import Registry
 from dress_model.checkpoint import load_checkpoint
 from dress_model.models import DressModel
 from dress_model.packed import pack_checkpoint
-from dress_model.sparsity import same_density
 
 
 class ModelStore:
@@ -37,6 +36,6 @@ class ModelStore:
             if path is None:
                 raise LookupError(f"model version {version} has no checkpoint")
             model, _ = load_checkpoint(path)
-        if not any(same_density(d, density) for d in model.densities):
+        if density not in model.densities:  # the control plane's densities are the run's, as the model's are
             raise LookupError(f"no subnet at density {density:g}; the model has {list(model.densities)}")
         return pack_checkpoint(model, max_density=density).to_bytes(half)

@@ -1,12 +1,12 @@
 """The peers' strategy: HeteroFL, FjORD and the two FedAvg baselines, DRESS's sibling over the shared round plumbing.
 
 Same devices, sampling, rounds, statistics and evaluation as DRESS (``FleetStrategy``); what differs is the
-model (a width-nested twin with DRESS's parameter count per tier, ``contracts.methods``), which level each
-device trains, what travels (the level's channel prefixes, as Flower arrays) and the aggregation: HeteroFL's
-counting average — every element averaged over the devices whose level holds it (by examples; HeteroFL's own:
+model (a width-nested twin with DRESS's parameter count per density, ``contracts.methods``), which density each
+device trains, what travels (its density's channel prefixes, as Flower arrays) and the aggregation: HeteroFL's
+counting average — every element averaged over the devices whose density holds it (by examples; HeteroFL's own:
 one vote per device, and each class's classifier row only over the devices whose labels hold the class);
 elements nobody held keep their value. ``damped`` (a server option every method has) moves an element only by
-its holders' share of the round's weight, as DRESS does. The per-level BN statistics are recomputed on server
+its holders' share of the round's weight, as DRESS does. The per-density BN statistics are recomputed on server
 data after aggregation, which is HeteroFL's static BN.
 """
 
@@ -34,13 +34,13 @@ class WidthStrategy(FleetStrategy):
         self.method = method
 
     def summary(self) -> None:
-        log.info("%s strategy: levels %s, fraction %g", self.method.name, self.model.densities, self.fraction)
+        log.info("%s strategy: densities %s, fraction %g", self.method.name, self.model.densities, self.fraction)
 
-    def level_for(self, tier: float) -> float | None:
-        return self.method.level_for(tier, self.model.densities)
+    def density_for(self, allowed: float) -> float | None:
+        return self.method.density_for(allowed, self.model.densities)
 
-    def payload(self, level: float) -> tuple[Slices, ArrayRecord]:
-        slices = level_slices(self.model, level)
+    def payload(self, density: float) -> tuple[Slices, ArrayRecord]:
+        slices = level_slices(self.model, density)
         return slices, ArrayRecord(torch_state_dict=prefix_tensors(self.model, slices))
 
     def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:

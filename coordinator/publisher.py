@@ -16,8 +16,8 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord
 from torch.utils.data import DataLoader
 
-from coordinator.registry.repository import Registry
 from coordinator.fleet_strategy import RoundStats
+from coordinator.registry.repository import Registry
 from coordinator.validation import implausible
 from dress_model.checkpoint import save_checkpoint
 from dress_model.models import DressModel

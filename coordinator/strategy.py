@@ -19,16 +19,13 @@ from dress_model.packed import PackedModel
 
 
 class DressStrategy(FleetStrategy):
-    def level_for(self, tier: float) -> float | None:
-        """The density a device whose budget allows ``tier`` trains; None leaves it out of the round."""
-        try:
-            return self.model.densities[self.model.density_index(tier)]
-        except ValueError:
-            return None
+    def density_for(self, allowed: float) -> float | None:
+        """A device trains the density its budget allows: every one of them is a subnet of the backbone."""
+        return allowed if allowed in self.model.densities else None
 
-    def payload(self, level: float) -> tuple[PackedModel, ArrayRecord]:
-        """What a device training ``level`` is sent: its packed subnet (kept to read its reply)."""
-        packed = PackedModel.from_dress(self.model, max_density=level)
+    def payload(self, density: float) -> tuple[PackedModel, ArrayRecord]:
+        """What a device training ``density`` is sent: its packed subnet (kept to read its reply)."""
+        packed = PackedModel.from_dress(self.model, max_density=density)
         return packed, subnet_record(packed)
 
     def reply_template(self, sent: object, record: ArrayRecord) -> dict[str, torch.Tensor]:

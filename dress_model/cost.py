@@ -26,7 +26,7 @@ BACKWARD_FACTOR = 2  # a backward pass costs about twice its forward
 def active_weights(module: nn.Module) -> int | None:
     """The weights the module's last (or current) forward used; None for a module without weights."""
     if isinstance(module, PackedSparse):
-        return module.entries(module.active_index)
+        return module.entries(module.active_level)
     if isinstance(module, RowSparse):
         return module.rows * module.keep()
     if isinstance(module, Slim) and not isinstance(module, SlimBatchNorm):

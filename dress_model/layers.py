@@ -38,16 +38,16 @@ class DensityAware:
         self._cell = cell
 
     @property
-    def active_index(self) -> int:
+    def active_level(self) -> int:
         return self._cell.index
 
-    @active_index.setter
-    def active_index(self, index: int) -> None:
+    @active_level.setter
+    def active_level(self, index: int) -> None:
         self._cell.index = index
 
     @property
     def active_density(self) -> float:
-        return self.densities[self.active_index]
+        return self.densities[self.active_level]
 
 
 class RowSparse(DensityAware):
@@ -180,7 +180,7 @@ class DensityBatchNorm(DensityAware, nn.Module):
 
     def scale_shift(self, index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference-time BN as y = scale * x + shift for one density (what the packed kernel fuses)."""
-        i = self.active_index if index is None else index
+        i = self.active_level if index is None else index
         a = i if self.affine == "per-density" else 0
         scale = self.weight[a] / torch.sqrt(self.running_var[i] + self.eps)
         return scale, self.bias[a] - self.running_mean[i] * scale
@@ -193,7 +193,7 @@ class DensityBatchNorm(DensityAware, nn.Module):
     def normalize(self, x: torch.Tensor, channels: int) -> torch.Tensor:
         """Batch norm of ``x`` with the active density's statistics and affine over the first ``channels``
         features (all of them here; a width-nested subclass passes its active width)."""
-        i = self.active_index
+        i = self.active_level
         a = i if self.affine == "per-density" else 0
         momentum = self.momentum
         if self.training:

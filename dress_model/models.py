@@ -18,7 +18,7 @@ from torch import nn
 
 from dress_model.data import dataset_shape
 from dress_model.layers import DensityAware, DensityBatchNorm, DensityCell, DressConv2d, DressLinear, RowSparse
-from dress_model.sparsity import DEFAULT_DENSITIES, Importance, magnitude, parse_densities, same_density
+from dress_model.sparsity import DEFAULT_DENSITIES, Importance, check_level, level_of, magnitude, parse_densities
 
 Role = Literal["stem", "body", "head"]
 
@@ -120,30 +120,26 @@ class DressModel(nn.Module):
             if isinstance(m, DensityAware):
                 m.share_cell(self._cell)
 
-    def density_index(self, density: float) -> int:
-        for i, d in enumerate(self.densities):
-            if same_density(d, density):
-                return i
-        raise ValueError(f"density {density} is not one of this model's densities {list(self.densities)}")
+    def level_of(self, density: float) -> int:
+        """The level (index in ``densities``) of one of this model's densities; ValueError for another."""
+        return level_of(self.densities, density)
 
     def set_density(self, density: float) -> None:
         """O(1): every density-aware module reads the same cell."""
-        self._cell.index = self.density_index(density)
+        self._cell.index = self.level_of(density)
 
     @property
     def active_density(self) -> float:
         return self.densities[self._cell.index]
 
     @property
-    def active_index(self) -> int:
+    def active_level(self) -> int:
         """The active density's index in ``densities``: what the packed runtime keys its compiled forwards by."""
         return self._cell.index
 
-    @active_index.setter
-    def active_index(self, index: int) -> None:
-        if not 0 <= index < len(self.densities):
-            raise ValueError(f"density index {index} is not in [0, {len(self.densities)})")
-        self._cell.index = index
+    @active_level.setter
+    def active_level(self, index: int) -> None:
+        self._cell.index = check_level(self.densities, index)
 
     def sparse_layers(self) -> Iterator[tuple[str, RowSparse]]:
         for name, m in self.named_modules():
@@ -162,13 +158,13 @@ class DressModel(nn.Module):
         How a federated run starts: most devices may train only the sparsest subnet for many rounds, and random
         initial weights left in the bands above it would rank among the trained ones at every re-ranking and
         add noise to every denser subnet. Grown from zero, a band holds only what devices taught it."""
-        self.density_index(density)
+        self.level_of(density)
         for _, layer in self.sparse_layers():
             layer.weight.mul_(layer.mask(density))
 
     def subnet_params(self, density: float) -> int:
         """Weights a device must hold for this subnet: kept sparse weights + dense layers + its BN affine."""
-        self.density_index(density)  # a density the model lacks is an error, not zero weights
+        self.level_of(density)  # a density the model lacks is an error, not zero weights
         total = 0
         for m in self.modules():
             if isinstance(m, RowSparse):
@@ -264,9 +260,10 @@ def create_model(
     return model
 
 
-def model_for_dataset(name: str, densities: str | tuple[float, ...], dataset: str, width: int = 16) -> DressModel:
-    """A freshly initialised model shaped for ``dataset``: what a run starts from and a device calibrates."""
+def architecture_for_dataset(name: str, densities: str | tuple[float, ...], dataset: str,
+                             width: int = Architecture.width) -> Architecture:
+    """The architecture of model ``name`` shaped for ``dataset``'s images and classes."""
     (channels, size, _), classes = dataset_shape(dataset)
-    return create_model(
-        name, densities, in_channels=channels, num_classes=classes, image_size=size, width=width
-    )
+    return Architecture(name=name, densities=parse_densities(densities), in_channels=channels, num_classes=classes,
+                        image_size=size, width=width)
+

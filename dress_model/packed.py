@@ -51,7 +51,6 @@ from dress_model.packed_format import (
     unpack_rows,
 )
 from dress_model.packed_layer import PackedSparse
-from dress_model.sparsity import at_most
 
 
 def _fusable(model: DressModel) -> Iterator[tuple[str, str]]:
@@ -102,8 +101,8 @@ class PackedModel(nn.Module):
         """Switch subnet: every layer reads a shorter or longer prefix of the same buffers."""
         self.net.set_density(density)
 
-    def density_index(self, density: float) -> int:
-        return self.net.density_index(density)
+    def level_of(self, density: float) -> int:
+        return self.net.level_of(density)
 
     def train(self, mode: bool = True) -> PackedModel:
         """Training mode: layers compute through the differentiable packed ops and BN normalises with batch
@@ -121,7 +120,7 @@ class PackedModel(nn.Module):
         where it can, else layer by layer; training always layer by layer (autograd)."""
         if self.training:
             return self.net(x)
-        index = self.net.active_index
+        index = self.net.active_level
         native = self.compiled(index)
         if native is not None and native.accepts(x):
             with torch.inference_mode():
@@ -143,14 +142,14 @@ class PackedModel(nn.Module):
     def compile(self) -> PackedModel:
         """Compile every density's forward now rather than on its first use (a full top subnet takes about a
         second to freeze): what an agent does before a new model takes requests."""
-        active = self.net.active_index
+        active = self.net.active_level
         try:
             for index in range(len(self.densities)):
                 if index not in self._native:
-                    self.net.active_index = index  # the per-layer way is timed at its own density
+                    self.net.active_level = index  # the per-layer way is timed at its own density
                     self._native[index] = self._compile(index)
         finally:
-            self.net.active_index = active
+            self.net.active_level = active
         return self
 
     def _compile(self, index: int) -> Compiled | None:
@@ -192,7 +191,7 @@ class PackedModel(nn.Module):
 
     def nbytes(self, density: float | None = None) -> int:
         """Tensor bytes a device holds to run every subnet up to ``density`` (default: all stored ones)."""
-        index = len(self.densities) - 1 if density is None else self.net.density_index(density)
+        index = len(self.densities) - 1 if density is None else self.net.level_of(density)
         n = len(self.densities)
         total = 0
         for name, t in self.net.state_dict().items():
@@ -217,9 +216,7 @@ class PackedModel(nn.Module):
     @torch.no_grad()
     def from_dress(cls, model: DressModel, max_density: float | None = None) -> PackedModel:
         """Pack a trained DRESS model, keeping the densities up to ``max_density`` (default: all)."""
-        top = model.densities[-1] if max_density is None else max_density
-        model.density_index(top)
-        kept = at_most(model.densities, top)
+        kept = model.densities[:len(model.densities) if max_density is None else model.level_of(max_density) + 1]
         n = len(kept)
         packed = cls(replace(model.arch, densities=kept))
         state: dict[str, torch.Tensor] = {}

@@ -16,8 +16,15 @@ import torch
 from dress_model import kernels
 from dress_model.models import DressModel
 from dress_model.packed_format import (
-    PackedFormatError, Stored, band_columns, index_bits, index_dtype_for, packed_index_bytes, prefix_lengths,
-    stored_index_count, top_band_indices,
+    PackedFormatError,
+    Stored,
+    band_columns,
+    index_bits,
+    index_dtype_for,
+    packed_index_bytes,
+    prefix_lengths,
+    stored_index_count,
+    top_band_indices,
 )
 from dress_model.packed_layer import PackedSparse
 

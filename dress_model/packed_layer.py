@@ -123,7 +123,7 @@ class PackedSparse(DensityAware, nn.Module):
             self._dense = (weight.reshape(self.dense_shape).contiguous(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        i = self.active_index
+        i = self.active_level
         if self.training:
             return self._forward_train(x, i)
         if self._dense is not None and i == len(self._epilogue) - 1:

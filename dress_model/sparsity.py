@@ -67,17 +67,26 @@ def parse_densities(spec: str | Sequence[float]) -> tuple[float, ...]:
     return tuple(ascending)
 
 
-DENSITY_TOLERANCE = 1e-9  # densities travel as decimal text and floats: 0.1 parsed twice may differ in its last bit
+DENSITY_TOLERANCE = 1e-9  # a density written as decimal text by a person may differ from the list's in its last bit
 
 
-def same_density(a: float, b: float) -> bool:
-    """Whether two densities are the same one: the only place densities are compared with a tolerance."""
-    return abs(a - b) <= DENSITY_TOLERANCE
+def level_of(densities: Sequence[float], density: float) -> int:
+    """The level of ``density``: its index in ``densities`` (ascending), which is how a density travels between
+    processes. The one place densities are compared with a tolerance: a number typed by a person or read from a
+    file may miss the list's float in its last bit. ValueError when it is none of them."""
+    for level, d in enumerate(densities):
+        if abs(d - density) <= DENSITY_TOLERANCE:
+            return level
+    raise ValueError(f"density {density:g} is not one of {format_densities(densities)}")
 
 
-def at_most(densities: Sequence[float], top: float) -> tuple[float, ...]:
-    """The densities of ``densities`` at or below ``top`` (the subnets a budget of ``top`` holds), in order."""
-    return tuple(d for d in densities if d <= top + DENSITY_TOLERANCE)
+def check_level(densities: Sequence[float], level: int) -> int:
+    """``level`` itself when it indexes ``densities``; ValueError (naming the list) for anything else: a level
+    comes from another process."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level < len(densities):
+        raise ValueError(f"level must be an integer in [0, {len(densities) - 1}] (densities "
+                         f"{format_densities(densities)}, sparsest first), got {level!r}")
+    return level
 
 
 def keep_count(density: float, cols: int) -> int:

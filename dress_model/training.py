@@ -118,7 +118,7 @@ def band_mean_(model: Trainable, densities: Sequence[float]) -> None:
     subnet holds gets 1/k of one, so upper bands learn k times slower than the prefix; summing the losses fixes
     the bands but takes k times larger steps on the prefix. Counted per element: a row-sparse weight by the
     masks (a packed layer by its bands), a per-density BN row is its density's alone, the rest is shared."""
-    trained = sorted(model.density_index(d) for d in densities)
+    trained = sorted(model.level_of(d) for d in densities)
     counted: set[int] = set()
     for module in model.modules():
         if isinstance(module, RowSparse) and module.weight.grad is not None:
@@ -275,7 +275,7 @@ def train(
     ``sandwich_step`` instead, its draws seeded by ``seed``."""
     densities = tuple(config.densities or model.densities)
     for d in densities:
-        model.density_index(d)  # fail early on a density the model lacks
+        model.level_of(d)  # fail early on a density the model lacks
     if not 0 <= config.distill < 1:
         raise ValueError(f"distill must be in [0, 1), got {config.distill}")
     if config.joint not in JOINT_RULES:
@@ -337,7 +337,7 @@ def recalibrate_bn(model: Trainable, loader: DataLoader, batches: int, densities
     model.train()
     for d in densities:
         model.set_density(d)
-        i = model.density_index(d)
+        i = model.level_of(d)
         for m in norms:
             m.running_mean[i].zero_()
             m.running_var[i].fill_(1.0)

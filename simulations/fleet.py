@@ -24,13 +24,13 @@ from typing import TypeVar
 
 import grpc
 
-from contracts import calibration_wire
 from contracts.credentials import bearer
 from contracts.naming import simulated_name
 from contracts.policy import Budget, CalibrationPoint
 from contracts.profiles import Profile
+from contracts.wire import calibration_to_proto
 from dress_model.checkpoint import atomic_write
-from dress_model.sparsity import same_density
+from dress_model.sparsity import level_of
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from simulations.traces import TracePoint, at
@@ -73,10 +73,19 @@ def read_calibration(path: Path, model: str, densities: Sequence[float]) -> list
                          f"\"train_memory_mb\"}}, ...]}}): {e}") from None
     if measured_on != model:
         raise ValueError(f"--calibration {path}: measured on {measured_on}, but this run trains {model}")
-    have, want = sorted(p.density for p in points), sorted(densities)
-    if len(have) != len(want) or not all(same_density(a, b) for a, b in zip(have, want)):
-        raise ValueError(f"--calibration {path}: measured densities {have}, but the model has {want}")
-    return sorted(points, key=lambda p: p.density, reverse=True)
+    def own(density: float) -> float | None:
+        """The model's float for a density the file wrote, or None for one the model lacks."""
+        try:
+            return densities[level_of(densities, density)]
+        except ValueError:
+            return None
+
+    mapped = [own(p.density) for p in points]
+    if None in mapped or sorted(mapped) != sorted(densities):  # type: ignore[type-var]
+        raise ValueError(f"--calibration {path}: measured densities {sorted(p.density for p in points)}, but the "
+                         f"model has {sorted(densities)}")
+    return sorted((dataclasses.replace(p, density=d) for p, d in zip(points, mapped)), key=lambda p: p.density,
+                  reverse=True)
 
 
 def build_fleet(
@@ -156,6 +165,7 @@ class FleetDriver:
     def __init__(
         self,
         fleet: list[VirtualDevice],
+        densities: tuple[float, ...],
         address: str,
         completed_rounds: Callable[[], int],
         deadline_ms: float,
@@ -164,6 +174,7 @@ class FleetDriver:
         in_flight: int = 64,
     ) -> None:
         self.fleet = fleet
+        self.densities = densities  # the model's: the control plane names a density by its level in them
         self.in_flight = in_flight
         self.stats = HeartbeatStats()
         self.deadline_ms = deadline_ms
@@ -186,12 +197,13 @@ class FleetDriver:
             return self._stub.Register.future(pb.RegisterRequest(
                 name=device.name,
                 profile=device.profile.name,
-                calibration=calibration_wire.to_proto(device.calibration),
+                calibration=calibration_to_proto(device.calibration, self.densities),
             ), timeout=timeout_s, metadata=bearer(tokens[device.name]))
 
         def settle(device: VirtualDevice, future: grpc.Future, sent: float) -> None:
             reply = future.result()
-            device.device_id, device.density, device.credential = reply.device_id, reply.density, reply.credential
+            device.device_id, device.credential = reply.device_id, reply.credential
+            device.density = self.densities[reply.level]
 
         self._concurrently(self.fleet, call, settle)
 
@@ -219,13 +231,13 @@ class FleetDriver:
             message = pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb)
             if budget.battery is not None:
                 message.battery = budget.battery
-            return self._stub.Heartbeat.future(pb.HeartbeatRequest(device_id=device.device_id, budget=message),
+            return self._stub.Heartbeat.future(pb.HeartbeatRequest(budget=message),
                                                timeout=30, metadata=bearer(device.credential))
 
         def settle(beat: tuple[VirtualDevice, Budget], future: grpc.Future, sent: float) -> None:
             device = beat[0]
             try:
-                device.density = future.result().density
+                device.density = self.densities[future.result().level]
                 self.stats.record(time.perf_counter() - sent)
             except grpc.RpcError as e:
                 self.stats.lost += 1

@@ -20,8 +20,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from coordinator.registry.repository import Registry  # noqa: E402
-from simulations.centralized import CENTRALIZED  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
+from simulations.centralized import CENTRALIZED  # noqa: E402
 
 
 @dataclass

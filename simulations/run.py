@@ -19,9 +19,10 @@ from agent.calibration import calibrate
 from contracts.methods import get_method
 from contracts.policy import CalibrationPoint
 from contracts.profiles import load_profiles
-from contracts.settings import APP_DIR, RunSettings, build_model, build_run_model
+from contracts.settings import APP_DIR, RunSettings, build_run_model
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
+from dress_model.models import create_model
 from dress_model.packed import pack_checkpoint
 from runtime.processes import pick_port
 from simulations.centralized import centralized_reference
@@ -67,7 +68,7 @@ def measure_calibration(run: RunSettings) -> list[CalibrationPoint]:
     """The run's model timed on this machine (the reference laptop-x86), as an agent calibrates: DRESS's packed
     model, or a peer's own width model training as that method does, so each method's fleet gets the tiers its
     own model affords."""
-    model = build_model(run.architecture())
+    model = create_model(run.architecture())
     shape = (model.arch.in_channels, model.arch.image_size, model.arch.image_size)
     if run.method == "dress":
         return calibrate(pack_checkpoint(model), shape, joint=run.joint)
@@ -95,7 +96,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         assert coordinator.registry is not None
         return coordinator.registry.count_rounds()
 
-    driver = FleetDriver(fleet, coordinator.endpoints.control_plane, completed_rounds,
+    driver = FleetDriver(fleet, settings.run.density_list, coordinator.endpoints.control_plane, completed_rounds,
                          fleet_deadline_ms(measured, settings.deadline), settings.run.heartbeat_s)
     try:
         coordinator.start()

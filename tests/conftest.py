@@ -22,7 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from contracts.credentials import with_bearer
 from contracts.policy import CalibrationPoint
 from dress_model.kernels import set_kernel_isa
-from dress_model.sparsity import parse_densities
+from dress_model.models import Architecture, architecture_for_dataset
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from runtime.processes import pick_port  # re-exported: tests import it from here
@@ -92,9 +92,9 @@ def port_factory() -> Callable[[], int]:
     return pick_port
 
 
-def architecture(model: str, densities: str, dataset: str, width: int) -> pb.Architecture:
-    """The wire form of a fleet's model, as a coordinator's Describe answers it."""
-    return pb.Architecture(model=model, densities=parse_densities(densities), width=width, dataset=dataset)
+def architecture(model: str, densities: str, dataset: str, width: int) -> Architecture:
+    """A fleet's model, as a coordinator's settings make it."""
+    return architecture_for_dataset(model, densities, dataset, width)
 
 
 class DeviceStub:

@@ -6,9 +6,10 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import architecture
 
 from agent.calibration import activation_bytes, calibrate, image_shape, initial_model, training_costs
-from conftest import architecture
+from contracts.wire import architecture_from_proto, architecture_to_proto
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 
@@ -65,15 +66,29 @@ def test_initial_model_follows_the_described_architecture() -> None:
     assert packed(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (("cnn", [0.5, 1.0], "imagenet", 16), "unknown dataset 'imagenet'; expected one of fashion-mnist, mnist, cifar10"),
-    (("vgg", [0.5, 1.0], "mnist", 16), "unknown model 'vgg'"),
-    (("cnn", [1.0, 1.5], "mnist", 16), "every density must be in (0, 1]"),
+def test_the_architecture_crosses_the_wire_unchanged() -> None:
+    arch = architecture("cnn", "0.5,1", "cifar10", 8)
+    assert architecture_from_proto(pb.Architecture.FromString(architecture_to_proto(arch).SerializeToString())) == arch
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"name": "vgg"}, "unknown model 'vgg'"),
+    ({"densities": [1.0, 1.5]}, "every density must be in (0, 1]"),
+    ({"densities": [1.0, 0.5]}, "densities must be ascending"),
+    ({"in_channels": 0}, "in_channels must be an integer in [1, 64]"),
+    ({"image_size": 100_000}, "image_size must be an integer in [4, 4096]"),
+    ({"bn_affine": ""}, "bn_affine must be 'per-density' or 'shared'"),
 ])
-def test_an_architecture_this_build_cannot_make_is_a_value_error(args: tuple, message: str) -> None:
-    model, densities, dataset, width = args
+def test_an_architecture_this_build_cannot_make_is_a_value_error(changes: dict, message: str) -> None:
+    wire = architecture_to_proto(architecture("cnn", "0.5,1", "mnist", 16))
+    for field, value in changes.items():
+        if field == "densities":
+            del wire.densities[:]
+            wire.densities.extend(value)
+        else:
+            setattr(wire, field, value)
     with pytest.raises(ValueError) as caught:
-        initial_model(pb.Architecture(model=model, densities=densities, dataset=dataset, width=width))
+        architecture_from_proto(wire)
     assert message in str(caught.value)
 
 

@@ -143,7 +143,7 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
             time.sleep(0.2)
         children = psutil.Process(agent.pid).children(recursive=True)
         supernode = next(" ".join(c.cmdline()) for c in children if "flower-supernode" in " ".join(c.cmdline()))
-        assert 'device-id="pi-test" profile="pi4" partition-id=1 num-partitions=4' in supernode
+        assert 'device-name="pi-test" profile="pi4" partition-id=1 num-partitions=4' in supernode
 
         code, output = _run("status", "--agent", predict)
         assert code == 0 and "pi-test (pi4)" in output and "model version v1" in output

@@ -15,19 +15,19 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import DeviceStub, architecture, enrolled, pick_port
 import torch
+from conftest import DeviceStub, architecture, enrolled, pick_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.budget import TraceBudget, TracePoint
 from agent.calibration import initial_model
-from agent.monitor import BudgetMonitor
-from agent.latency import LatencyModel, runnable_density
+from agent.latency import LatencyModel
 from agent.model_fetch import ModelFetchError, ModelUpdater, fetch_model
-from agent.served_model import ServedModel
+from agent.monitor import BudgetMonitor
+from agent.served_model import ServedModel, serving_density
 from agent.serving import MAX_BATCH, SERVICE_NAME, AgentIdentity, AgentServer, serve
-from coordinator import control_plane
 from contracts.policy import Budget, CalibrationPoint
+from coordinator import control_plane
 from coordinator.registry import AssignmentReason, Registry
 from dress_model.packed import PackedModel
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
@@ -39,6 +39,8 @@ DENSITIES = "1,0.5,0.25,0.1"
 # 100 ms / 800 MB dense down to 10 ms / 80 MB at 0.1; pi4's first density is 0.25 (its tight end is 256 MB).
 CALIBRATION = [CalibrationPoint(d, 100 * d, 800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
 LOOSE, TIGHT = Budget(1000, 10_000), Budget(1000, 300)  # densest subnet fits / 0.25 is the densest that fits
+ARCH = architecture("cnn", DENSITIES, "fashion-mnist", 8)
+LEVEL = {d: level for level, d in enumerate(ARCH.densities)}  # a density crosses the wire as its level
 
 
 def _image(batch: int | None = None) -> tuple[torch.Tensor, agent_pb.PredictRequest]:
@@ -77,7 +79,7 @@ class Coordinator:
     def start(self) -> None:
         # looked up per request, so a test can swap in another provider
         self.server = control_plane.serve(self.registry, "127.0.0.1", self.port,
-                                          architecture("cnn", DENSITIES, "fashion-mnist", 8),
+                                          ARCH,
                                           lambda d, half: self.provide(d, half), max_workers=4)
 
     def stop(self) -> None:
@@ -103,7 +105,7 @@ def stub(coordinator: Coordinator) -> Iterator[DeviceStub]:
 
 def _register(stub: DeviceStub) -> int:
     return stub.Register(pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=[
-        pb.CalibrationPoint(density=p.density, latency_ms=p.latency_ms, memory_mb=p.memory_mb)
+        pb.CalibrationPoint(level=LEVEL[p.density], latency_ms=p.latency_ms, memory_mb=p.memory_mb)
         for p in CALIBRATION]), timeout=5).device_id
 
 
@@ -162,9 +164,10 @@ def test_predict_answers_and_switches_density_without_reloading(
 
 def test_assignments_between_stored_densities_run_the_densest_that_fits() -> None:
     stored = (0.1, 0.25, 0.5, 1.0)
-    assert runnable_density(stored, 0.3) == 0.25
-    assert runnable_density(stored, 1.0) == 1.0
-    assert runnable_density(stored, 0.05) == 0.1  # nothing fits: the sparsest is the least bad
+    assert serving_density(stored, 0.3) == 0.25
+    assert serving_density(stored, 1.0) == 1.0
+    assert serving_density(stored, 0.05) == 0.1  # nothing fits: the sparsest is the least bad
+    assert serving_density(stored, 1.0, local=0.5) == serving_density(stored, 0.5, local=1.0) == 0.5
 
 
 @pytest.mark.parametrize(("values", "shape", "message"), [
@@ -209,7 +212,7 @@ def test_new_version_is_fetched_verified_and_swapped_atomically(
     served.set_density(0.5)
     trained = initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8))
     coordinator.publish("v1", trained)
-    updater = ModelUpdater(served, stub, device_id, fetch_density=1.0)
+    updater = ModelUpdater(served, stub, fetch_level=LEVEL[1.0])
     updater("v1")
     assert served.version == "v1" and served.packed.densities == (0.1, 0.25, 0.5, 1.0)
     x, request = _image()
@@ -228,7 +231,7 @@ def test_fetch_at_a_lower_density_stores_only_the_subnets_up_to_it(
     coordinator: Coordinator, stub: DeviceStub, device_id: int
 ) -> None:
     coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
-    fetched = fetch_model(stub, device_id, 0.25)
+    fetched = fetch_model(stub, LEVEL[0.25])
     assert fetched.version == "v1" and fetched.packed.densities == (0.1, 0.25)
     assert fetched.nbytes == len(coordinator.provide(0.25))
 
@@ -237,7 +240,7 @@ def test_a_float16_download_is_smaller_and_serves_in_float32(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
-    full, half = fetch_model(stub, device_id, 1.0), fetch_model(stub, device_id, 1.0, half=True)
+    full, half = fetch_model(stub, LEVEL[1.0]), fetch_model(stub, LEVEL[1.0], half=True)
     assert half.nbytes < 0.7 * full.nbytes
     assert all(t.dtype == torch.float32 for t in half.packed.net.state_dict().values() if t.is_floating_point())
     x = torch.randn(2, 1, 28, 28)
@@ -245,7 +248,7 @@ def test_a_float16_download_is_smaller_and_serves_in_float32(
         full.packed.set_density(d)
         half.packed.set_density(d)
         torch.testing.assert_close(half.packed(x), full.packed(x), rtol=0.02, atol=0.02)
-    ModelUpdater(served, stub, device_id, fetch_density=1.0, half=True)("v1")
+    ModelUpdater(served, stub, fetch_level=LEVEL[1.0], half=True)("v1")
     assert served.version == "v1"
 
 
@@ -253,11 +256,11 @@ def test_failed_fetches_leave_the_served_model_alone(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     before = served.packed
-    updater = ModelUpdater(served, stub, device_id, fetch_density=1.0)
+    updater = ModelUpdater(served, stub, fetch_level=LEVEL[1.0])
     with pytest.raises(ModelFetchError, match="NOT_FOUND: no packed model at density 1"):
         updater("v1")
-    with pytest.raises(ModelFetchError, match="INVALID_ARGUMENT: device .* is not calibrated at density 0.3"):
-        fetch_model(stub, device_id, 0.3)
+    with pytest.raises(ModelFetchError, match=r"INVALID_ARGUMENT: level must be an integer in \[0, 3\]"):
+        fetch_model(stub, 4)
     coordinator.provide = lambda density, half: b"not a model"  # type: ignore[method-assign]
     with pytest.raises(ModelFetchError, match="is not a packed DRESS model"):
         updater("v1")
@@ -292,7 +295,7 @@ def test_corrupt_downloads_are_refused(tampering: tuple[TamperingControlPlane, p
     digest, half = hashlib.sha256(data).hexdigest(), len(data) // 2
 
     def chunk(payload: bytes, offset: int, **overrides: object) -> pb.ModelChunk:
-        fields = {"total_size": len(data), "sha256": digest, "model_version": "v9", "density": 1.0, **overrides}
+        fields = {"total_size": len(data), "sha256": digest, "model_version": "v9", "level": 1, **overrides}
         return pb.ModelChunk(data=payload, offset=offset, **fields)
 
     cases = [
@@ -307,10 +310,10 @@ def test_corrupt_downloads_are_refused(tampering: tuple[TamperingControlPlane, p
     for chunks, message in cases:
         servicer.chunks = chunks
         with pytest.raises(ModelFetchError) as caught:
-            fetch_model(stub, 1, 1.0)
+            fetch_model(stub, 1)
         assert message in str(caught.value)
     servicer.chunks = [chunk(data[:half], 0), chunk(data[half:], half)]
-    assert fetch_model(stub, 1, 1.0).version == "v9"
+    assert fetch_model(stub, 1).version == "v9"
 
 
 # -- budget monitor ------------------------------------------------------------------------------------------
@@ -324,11 +327,11 @@ class Clock:
         return self.now
 
 
-def _monitor(stub: DeviceStub, device_id: int, served: ServedModel, trace: TraceBudget,
+def _monitor(stub: DeviceStub, served: ServedModel, trace: TraceBudget,
              interval: float = 0.05, **kwargs: object) -> BudgetMonitor:
-    return BudgetMonitor(stub, device_id, trace, density=served.assigned_density, model_version=served.version,
+    return BudgetMonitor(stub, ARCH.densities, trace, density=served.assigned_density, model_version=served.version,
                          on_density=served.set_density,
-                         on_model_version=ModelUpdater(served, stub, device_id, fetch_density=1.0),
+                         on_model_version=ModelUpdater(served, stub, fetch_level=LEVEL[1.0]),
                          interval=interval, **kwargs)  # type: ignore[arg-type]
 
 
@@ -340,7 +343,7 @@ def test_budget_changes_move_the_served_density_and_the_registry_row(
     assert served.state().density == 0.25
     buffers = _buffers(served.packed)
     trace = TraceBudget([TracePoint(0, LOOSE), TracePoint(10, TIGHT), TracePoint(20, LOOSE)], clock)
-    monitor = _monitor(stub, device_id, served, trace, interval=0.1)
+    monitor = _monitor(stub, served, trace, interval=0.1)
 
     assert monitor.heartbeat_now().changed
     assert served.state().density == registry.get_device(device_id).current_density == 1.0
@@ -368,7 +371,7 @@ def test_budget_changes_move_the_served_density_and_the_registry_row(
 def test_monitor_swaps_in_a_published_version(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
-    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
+    monitor = _monitor(stub, served, TraceBudget([TracePoint(0, TIGHT)]))
     monitor.heartbeat_now()
     assert served.version == "" and monitor.model_version == ""
     coordinator.publish("v1", initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8)))
@@ -381,8 +384,8 @@ def test_monitor_retries_a_failing_model_download_at_the_next_heartbeat(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     coordinator.registry.add_model_version("v1", "/models/v1", [1.0])  # announced, but not downloadable yet
-    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]))
-    assert monitor.heartbeat_now().density == 0.25  # the heartbeat itself works
+    monitor = _monitor(stub, served, TraceBudget([TracePoint(0, TIGHT)]))
+    assert monitor.heartbeat_now().level == LEVEL[0.25]  # the heartbeat itself works
     assert served.version == monitor.model_version == "" and served.state().density == 0.25
     coordinator.model = initial_model(architecture("cnn", DENSITIES, "fashion-mnist", 8))
     monitor.heartbeat_now()
@@ -400,7 +403,7 @@ def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedMo
                       ("grpc.max_reconnect_backoff_ms", 100)]
     with grpc.insecure_channel(coordinator.address, options=fast_reconnect) as channel:
         stub = DeviceStub(channel, stub.secret)
-        monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]), interval=0.02,
+        monitor = _monitor(stub, served, TraceBudget([TracePoint(0, TIGHT)]), interval=0.02,
                            rpc_timeout=0.5, max_backoff=0.1)
         with pytest.raises(grpc.RpcError) as caught:
             monitor.heartbeat_now()
@@ -500,7 +503,7 @@ def test_with_the_coordinator_unreachable_the_device_still_adapts_to_its_budget(
     doing so while no coordinator answers (here: nothing listens on the port)."""
     clock = Clock()
     with grpc.insecure_channel(f"127.0.0.1:{pick_port()}") as channel:
-        monitor = _monitor(pb_grpc.ControlPlaneStub(channel), 1, served,
+        monitor = _monitor(pb_grpc.ControlPlaneStub(channel), served,
                            TraceBudget([TracePoint(0, LOOSE), TracePoint(10, TIGHT), TracePoint(20, LOOSE)], clock),
                            calibration=CALIBRATION, rpc_timeout=0.2)
         monitor.start()
@@ -520,7 +523,7 @@ def test_the_device_never_serves_above_the_coordinators_answer(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
     cheap = [CalibrationPoint(d, 1.0, 1.0) for d in (1.0, 0.5, 0.25, 0.1)]  # locally everything fits
-    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, TIGHT)]), calibration=cheap)
+    monitor = _monitor(stub, served, TraceBudget([TracePoint(0, TIGHT)]), calibration=cheap)
     monitor.heartbeat_now()
     assert monitor.local == 1.0 and monitor.density == 0.25  # the coordinator judges by the registered table
     assert served.state().density == 0.25
@@ -529,7 +532,7 @@ def test_the_device_never_serves_above_the_coordinators_answer(
 def test_what_predict_ran_reaches_the_registry_with_the_next_heartbeat(
     coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
 ) -> None:
-    monitor = _monitor(stub, device_id, served, TraceBudget([TracePoint(0, LOOSE)]), usage=served.usage)
+    monitor = _monitor(stub, served, TraceBudget([TracePoint(0, LOOSE)]), usage=served.usage)
     x, _ = _image(batch=2)
     for _ in range(3):
         served.predict(x)
@@ -542,7 +545,7 @@ def test_what_predict_ran_reaches_the_registry_with_the_next_heartbeat(
 
 def test_usage_a_failed_heartbeat_did_not_deliver_is_reported_later(served: ServedModel) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{pick_port()}") as channel:  # nobody listens
-        monitor = _monitor(pb_grpc.ControlPlaneStub(channel), 1, served, TraceBudget([TracePoint(0, LOOSE)]),
+        monitor = _monitor(pb_grpc.ControlPlaneStub(channel), served, TraceBudget([TracePoint(0, LOOSE)]),
                            usage=served.usage, rpc_timeout=0.2)
         served.predict(_image()[0])
         with pytest.raises(grpc.RpcError):

@@ -4,10 +4,10 @@ the round's examples (devices that did not hold it count as replying it unchange
 import pytest
 import torch
 
+from contracts.messages import upload_state
 from coordinator.aggregation import Update, aggregate
 from dress_model.models import create_model
 from dress_model.packed import PackedModel
-from contracts.messages import upload_state
 
 
 def device_update(model, density: float, delta: float, examples: int) -> Update:

@@ -46,7 +46,7 @@ def test_liars_reply_the_reversed_scaled_update_and_the_others_the_honest_one(tm
     sent = upload_state(packed)
     for partition in range(4):
         def message_and_context():
-            message = train_message(5, subnet_record(packed), train_config(settings), 1, 0.25)
+            message = train_message(5, subnet_record(packed), train_config(settings), 1, level=1)  # 0.25
             return message, Context(run_id=1, node_id=5, node_config={"partition-id": partition, "num-partitions": 4},
                                     state=RecordDict(), run_config=settings.to_run_config())
         honest = train_subnet(*message_and_context()).content["arrays"].to_torch_state_dict()

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import DeviceStub, architecture, enrolled
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import DeviceStub, enrolled
+from contracts.wire import architecture_to_proto
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import AssignmentReason, Registry
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -21,8 +22,10 @@ from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
 CHUNK_BYTES = 64 * 1024
 MAX_MESSAGE_BYTES = 32 * 1024
-ARCHITECTURE = pb.Architecture(model="cnn", densities=[0.1, 0.25, 0.5, 1.0], width=16, dataset="fashion-mnist")
-CALIBRATION = [pb.CalibrationPoint(density=d, latency_ms=100 * d, memory_mb=800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+ARCH = architecture("cnn", "0.1,0.25,0.5,1", "fashion-mnist", 16)
+ARCHITECTURE = architecture_to_proto(ARCH)
+LEVEL = {d: level for level, d in enumerate(ARCH.densities)}  # a density crosses the wire as its level
+CALIBRATION = [pb.CalibrationPoint(level=LEVEL[d], latency_ms=100 * d, memory_mb=800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
 
 
 HEARTBEAT_S = 7.5
@@ -53,7 +56,7 @@ def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grp
             raise LookupError(f"{path.name} not packed yet")
         return path.read_bytes()
 
-    server = serve(registry, "127.0.0.1", free_port, ARCHITECTURE, provider, max_workers=8,
+    server = serve(registry, "127.0.0.1", free_port, ARCH, provider, max_workers=8,
                    max_message_bytes=MAX_MESSAGE_BYTES, chunk_bytes=CHUNK_BYTES, heartbeat_s=HEARTBEAT_S)
     with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
         yield channel
@@ -100,7 +103,7 @@ def test_register_assigns_density_from_profile(enroll: Callable[[str], DeviceStu
     stub = enroll("phone-1")
     reply = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
     # phone's tightest typical budget is 30 ms / 128 MB: 0.1 is the densest that fits
-    assert reply.density == 0.1 and reply.device_id > 0 and reply.model_version == ""
+    assert reply.level == LEVEL[0.1] and reply.device_id > 0 and reply.model_version == ""
     assert reply.architecture == ARCHITECTURE  # what the device was registered to run
     assert reply.heartbeat_s == HEARTBEAT_S  # and how often to report its budget
     again = stub.Register(pb.RegisterRequest(name="phone-1", profile="phone", calibration=CALIBRATION))
@@ -115,13 +118,14 @@ def test_describe_names_the_fleets_architecture(stub: DeviceStub, registry: Regi
     assert stub.Describe(pb.DescribeRequest()).model_version == "v1"
 
 
-@pytest.mark.parametrize("densities", [(1.0, 0.5), (1.0, 0.5, 0.25, 0.2)])
+@pytest.mark.parametrize(("levels", "message"), [((3, 2), "every level 0-3"), ((3, 2, 1, 4), "level must be an "
+                                                                                               "integer in [0, 3]")])
 def test_calibration_for_another_architecture_is_refused(enroll: Callable[[str], DeviceStub], registry: Registry,
-                                                         densities: tuple[float, ...]) -> None:
+                                                         levels: tuple[int, ...], message: str) -> None:
     stub = enroll("x")
-    points = [pb.CalibrationPoint(density=d, latency_ms=10 * d, memory_mb=10 * d) for d in densities]
+    points = [pb.CalibrationPoint(level=level, latency_ms=10, memory_mb=10) for level in levels]
     code, details = _status(lambda: stub.Register(pb.RegisterRequest(name="x", profile="pi4", calibration=points)))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "Describe" in details
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details
     assert registry.list_devices() == []
 
 
@@ -130,10 +134,10 @@ def test_heartbeat_budget_change_changes_density_and_records_history(
 ) -> None:
     registry.add_model_version("v3", "/ckpt/v3.safetensors", [1.0, 0.5, 0.25, 0.1])
     answers = [
-        stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id, budget=_budget(*budget)))
+        stub.Heartbeat(pb.HeartbeatRequest(budget=_budget(*budget)))
         for budget in [(200, 2000, 0.9), (200, 2000, 0.8), (60, 2000, 0.5), (30, 300)]
     ]
-    assert [(a.density, a.changed) for a in answers] == [(1.0, True), (1.0, False), (0.5, True), (0.25, True)]
+    assert [(ARCH.densities[a.level], a.changed) for a in answers] == [(1.0, True), (1.0, False), (0.5, True), (0.25, True)]
     assert {a.model_version for a in answers} == {"v3"}
     assert {a.heartbeat_s for a in answers} == {HEARTBEAT_S}
     assert registry.get_device(device_id).current_density == 0.25
@@ -153,12 +157,12 @@ def test_fetch_model_streams_the_file_in_chunks(stub: DeviceStub, device_id: int
                                                 model_dir: Path, registry: Registry) -> None:
     registry.add_model_version("v1", "/ckpt/v1", [1.0, 0.5])
     expected = (model_dir / "model-1.bin").read_bytes()
-    chunks = list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=1.0)))
+    chunks = list(stub.FetchModel(pb.FetchModelRequest(level=LEVEL[1.0])))
     assert len(chunks) == math.ceil(len(expected) / CHUNK_BYTES) > 1
     assert [c.offset for c in chunks] == [i * CHUNK_BYTES for i in range(len(chunks))]
     assert b"".join(c.data for c in chunks) == expected
-    assert {(c.total_size, c.sha256, c.model_version, c.density) for c in chunks} == {
-        (len(expected), hashlib.sha256(expected).hexdigest(), "v1", 1.0)
+    assert {(c.total_size, c.sha256, c.model_version, c.level) for c in chunks} == {
+        (len(expected), hashlib.sha256(expected).hexdigest(), "v1", LEVEL[1.0])
     }
 
 
@@ -179,7 +183,7 @@ def test_fetch_model_streams_the_file_in_chunks(stub: DeviceStub, device_id: int
 )
 def test_budget_out_of_range_is_invalid_argument(stub: DeviceStub, registry: Registry,
                                                  device_id: int, budget: pb.Budget | None, message: str) -> None:
-    code, details = _status(lambda: stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id, budget=budget)))
+    code, details = _status(lambda: stub.Heartbeat(pb.HeartbeatRequest(budget=budget)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert message in details
     assert registry.list_devices()[0].last_budget is None  # nothing recorded
@@ -189,11 +193,11 @@ def test_budget_out_of_range_is_invalid_argument(stub: DeviceStub, registry: Reg
     ("calibration", "message"),
     [
         ([], "calibration is empty"),
-        ([pb.CalibrationPoint(density=0.0, latency_ms=1, memory_mb=1)], "density must be in (0, 1]"),
-        ([pb.CalibrationPoint(density=1.5, latency_ms=1, memory_mb=1)], "density must be in (0, 1]"),
-        ([pb.CalibrationPoint(density=0.5, latency_ms=1, memory_mb=1)] * 2, "density 0.5 more than once"),
-        ([pb.CalibrationPoint(density=0.5, latency_ms=-3, memory_mb=1)], "latency_ms"),
-        ([pb.CalibrationPoint(density=0.5, latency_ms=3, memory_mb=-1)], "memory_mb"),
+        ([pb.CalibrationPoint(level=4, latency_ms=1, memory_mb=1)], "level must be an integer in [0, 3]"),
+        ([pb.CalibrationPoint(level=2**31, latency_ms=1, memory_mb=1)], "level must be an integer in [0, 3]"),
+        ([pb.CalibrationPoint(level=2, latency_ms=1, memory_mb=1)] * 2, "density 0.5 more than once"),
+        ([pb.CalibrationPoint(level=2, latency_ms=-3, memory_mb=1)], "latency_ms"),
+        ([pb.CalibrationPoint(level=2, latency_ms=3, memory_mb=-1)], "memory_mb"),
     ],
 )
 def test_malformed_calibration_is_invalid_argument(enroll: Callable[[str], DeviceStub], registry: Registry,
@@ -233,15 +237,14 @@ def test_oversized_message_is_resource_exhausted(enroll: Callable[[str], DeviceS
     assert registry.list_devices() == []
 
 
-def test_fetch_model_at_uncalibrated_density_is_invalid_argument(stub: DeviceStub,
-                                                                 device_id: int) -> None:
-    code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.3))))
+def test_fetch_model_at_a_level_the_model_lacks_is_invalid_argument(stub: DeviceStub, device_id: int) -> None:
+    code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(level=4))))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert "not calibrated at density 0.3; calibrated: 1, 0.5, 0.25, 0.1" in details
+    assert "level must be an integer in [0, 3] (densities 1,0.5,0.25,0.1, sparsest first), got 4" in details
 
 
 def test_fetch_model_not_packed_is_not_found(stub: DeviceStub, device_id: int) -> None:
-    code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(device_id=device_id, density=0.1))))
+    code, details = _status(lambda: list(stub.FetchModel(pb.FetchModelRequest(level=LEVEL[0.1]))))
     assert code == grpc.StatusCode.NOT_FOUND
     assert "no packed model at density 0.1" in details
 
@@ -255,12 +258,12 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
         release.wait(timeout=10)
         return b"weights" * 1000
 
-    server = serve(registry, "127.0.0.1", free_port, ARCHITECTURE, slow_provider, max_workers=4, max_fetches=1)
+    server = serve(registry, "127.0.0.1", free_port, ARCH, slow_provider, max_workers=4, max_fetches=1)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
             stub = enrolled(channel, registry, "pi")
-            device = stub.Register(pb.RegisterRequest(name="pi", profile="pi4", calibration=CALIBRATION)).device_id
-            request = pb.FetchModelRequest(device_id=device, density=0.5)
+            stub.Register(pb.RegisterRequest(name="pi", profile="pi4", calibration=CALIBRATION))
+            request = pb.FetchModelRequest(level=LEVEL[0.5])
             results: list[bytes] = []
             downloader = threading.Thread(target=lambda: results.append(
                 b"".join(c.data for c in stub.FetchModel(request))))
@@ -269,7 +272,7 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
             code, details = _status(lambda: list(stub.FetchModel(request)))
             assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry later" in details
             # heartbeats still get a thread
-            assert stub.Heartbeat(pb.HeartbeatRequest(device_id=device, budget=_budget(60, 500))).density == 0.5
+            assert stub.Heartbeat(pb.HeartbeatRequest(budget=_budget(60, 500))).level == LEVEL[0.5]
             release.set()
             downloader.join(timeout=10)
             assert results == [b"weights" * 1000]
@@ -295,14 +298,12 @@ def test_a_request_that_is_not_protobuf_is_invalid_argument_without_an_error_log
 
 # -- strangers ---------------------------------------------------------------------------------------------
 
-CALLS: dict[str, Callable[[pb_grpc.ControlPlaneStub, int], object]] = {
-    "Describe": lambda stub, device: stub.Describe(pb.DescribeRequest(), timeout=5),
-    "Register": lambda stub, device: stub.Register(
+CALLS: dict[str, Callable[[pb_grpc.ControlPlaneStub], object]] = {
+    "Describe": lambda stub: stub.Describe(pb.DescribeRequest(), timeout=5),
+    "Register": lambda stub: stub.Register(
         pb.RegisterRequest(name="pi-kitchen", profile="pi4", calibration=CALIBRATION), timeout=5),
-    "Heartbeat": lambda stub, device: stub.Heartbeat(
-        pb.HeartbeatRequest(device_id=device, budget=_budget(500, 5000)), timeout=5),
-    "FetchModel": lambda stub, device: list(stub.FetchModel(pb.FetchModelRequest(device_id=device, density=1.0),
-                                                            timeout=5)),
+    "Heartbeat": lambda stub: stub.Heartbeat(pb.HeartbeatRequest(budget=_budget(500, 5000)), timeout=5),
+    "FetchModel": lambda stub: list(stub.FetchModel(pb.FetchModelRequest(level=LEVEL[1.0]), timeout=5)),
 }
 
 
@@ -311,7 +312,7 @@ CALLS: dict[str, Callable[[pb_grpc.ControlPlaneStub, int], object]] = {
 def test_a_stranger_is_unauthenticated_and_changes_nothing(channel: grpc.Channel, registry: Registry,
                                                            device_id: int, method: str, secret: str | None) -> None:
     before = registry.list_devices()
-    code, details = _status(lambda: CALLS[method](DeviceStub(channel, secret), device_id))
+    code, details = _status(lambda: CALLS[method](DeviceStub(channel, secret)))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "enroll" in details
     assert registry.list_devices() == before and registry.device_history(device_id)[-1].budget is None
 
@@ -336,7 +337,7 @@ def test_a_token_only_describes_and_registers_as_its_name(enroll: Callable[[str]
                                                                      calibration=CALIBRATION)))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "pi-kitchen" in details
     for method in ("Heartbeat", "FetchModel"):
-        code, details = _status(lambda: CALLS[method](stub, 0))
+        code, details = _status(lambda: CALLS[method](stub))
         assert code == grpc.StatusCode.PERMISSION_DENIED and "register first" in details
     assert registry.list_devices() == []
 
@@ -344,23 +345,23 @@ def test_a_token_only_describes_and_registers_as_its_name(enroll: Callable[[str]
 def test_an_expired_token_is_refused(channel: grpc.Channel, registry: Registry) -> None:
     from datetime import timedelta
     token = registry.enroll(["pi-kitchen"], ttl=timedelta(microseconds=1))["pi-kitchen"]
-    code, _ = _status(lambda: CALLS["Register"](DeviceStub(channel, token), 0))
+    code, _ = _status(lambda: CALLS["Register"](DeviceStub(channel, token)))
     assert code == grpc.StatusCode.UNAUTHENTICATED and registry.list_devices() == []
 
 
 def test_a_device_acts_only_as_itself(enroll: Callable[[str], DeviceStub], stub: DeviceStub, device_id: int,
                                       registry: Registry) -> None:
+    """No request names a device: whatever a caller sends acts on the device its credential proves."""
     mallory = enroll("mallory")
-    mallory.Register(pb.RegisterRequest(name="mallory", profile="laptop-x86", calibration=CALIBRATION))
+    mallory_id = mallory.Register(pb.RegisterRequest(name="mallory", profile="laptop-x86",
+                                                     calibration=CALIBRATION)).device_id
     victim = registry.get_device(device_id)
-    for method in ("Heartbeat", "FetchModel"):
-        code, details = _status(lambda: CALLS[method](mallory, device_id))
-        assert code == grpc.StatusCode.PERMISSION_DENIED and f"as device {device_id}" in details
-    code, details = _status(lambda: CALLS["Register"](mallory, 0))  # re-register under the victim's name
+    assert CALLS["Heartbeat"](mallory).level == LEVEL[1.0]
+    assert registry.get_device(mallory_id).last_budget is not None
+    code, details = _status(lambda: CALLS["Register"](mallory))  # re-register under the victim's name
     assert code == grpc.StatusCode.PERMISSION_DENIED and "'mallory', not 'pi-kitchen'" in details
     assert registry.get_device(device_id) == victim and len(registry.device_history(device_id)) == 1
-    # the victim itself carries on; 0 stands for "myself"
-    assert stub.Heartbeat(pb.HeartbeatRequest(device_id=0, budget=_budget(500, 5000))).density == 1.0
+    assert CALLS["Heartbeat"](stub).level == LEVEL[1.0]  # the victim itself carries on
 
 
 def test_re_enrolling_a_name_revokes_the_old_credential(channel: grpc.Channel, stub: DeviceStub, device_id: int,

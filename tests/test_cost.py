@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from agent.local_training import TRAINED, compute_budget, local_epochs, step_macs, train_level
+from agent.local_training import TRAINED, compute_budget, local_epochs, step_macs, train_density
 from contracts.methods import get_method
-from contracts.settings import RunSettings, build_model, build_run_model
+from contracts.settings import RunSettings, build_run_model
 from dress_model.cost import counting_macs, forward_macs
+from dress_model.models import create_model
 from dress_model.packed import PackedModel
 from dress_model.training import TrainConfig
 
@@ -27,7 +28,7 @@ def test_a_dense_forward_counts_every_weight_at_every_output_position() -> None:
 
 
 def test_a_subnet_costs_its_density_and_packed_costs_what_masked_does() -> None:
-    model = build_model(RunSettings.defaults().architecture()).eval()
+    model = create_model(RunSettings.defaults().architecture()).eval()
     costs = {d: forward_macs(model, d) for d in model.densities}
     assert sorted(costs.values()) == [costs[d] for d in sorted(costs)]  # sparser is cheaper
     packed = PackedModel.from_dress(model)
@@ -37,7 +38,7 @@ def test_a_subnet_costs_its_density_and_packed_costs_what_masked_does() -> None:
 
 
 def test_a_step_costs_what_its_method_trains() -> None:
-    dress = PackedModel.from_dress(build_model(RunSettings.defaults().architecture()).eval())
+    dress = PackedModel.from_dress(create_model(RunSettings.defaults().architecture()).eval())
     twin = build_run_model(RunSettings.defaults(method="heterofl"))
     f = {d: forward_macs(dress, d) for d in dress.densities}
     w = {d: forward_macs(twin, d) for d in twin.densities}
@@ -59,7 +60,7 @@ def test_compute_matched_devices_spend_their_budget_whatever_the_method(method: 
     """Counted as it trains: a compute-matched device at tier 0.5 spends about its budget (steps are whole, and
     FjORD's draws random), while with equal epochs a DRESS device spends more than a HeteroFL one."""
     settings = RunSettings.defaults(method=method, width=8)
-    full = build_model(settings.architecture()).eval()
+    full = create_model(settings.architecture()).eval()
     model = PackedModel.from_dress(full, max_density=0.5) if method == "dress" else build_run_model(settings)
     x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)  # 16 steps a pass
@@ -67,7 +68,7 @@ def test_compute_matched_devices_spend_their_budget_whatever_the_method(method: 
     epochs = local_epochs(get_method(method), model, 0.5, 2.0, 0.5, budget)
     config = TrainConfig(epochs=epochs, distill=0.5, rerank_every=0, recalibrate_batches=0,
                          classes=tuple(range(10)) if method == "heterofl" else None)
-    _, spent = train_level(get_method(method), model, 0.5, loader, config, seed=0)
+    _, spent = train_density(get_method(method), model, 0.5, loader, config, seed=0)
     assert spent == pytest.approx(2.0 * 256 * budget, rel=0.25)
     if method == "dress":
         assert epochs < 1.0  # its joint step trains three densities: fewer steps

@@ -1,5 +1,6 @@
 """What a resumed federated benchmark accepts: a tuning grid that grew (its new points are tuned, its stale
-comparison runs dropped), never one that changed; a longer comparison (its shorter runs redone, tuning kept)."""
+comparison runs dropped), never one that changed; a longer comparison (its shorter runs redone, tuning kept); an
+app setting only DRESS reads changed (DRESS's runs redone, the peers' kept), never one the peers read too."""
 
 from __future__ import annotations
 
@@ -22,9 +23,12 @@ def test_a_grid_may_grow_but_not_change() -> None:
     assert not grid_grew(None, OLD) and not grid_grew(OLD, None)
 
 
-def settings(rounds: int, tuning_rounds: int | None) -> dict:
+APP = {"joint": "all", "distill": 0.5, "server-momentum": 0.0}
+
+
+def settings(rounds: int, tuning_rounds: int | None, **app: object) -> dict:
     tuning = {**OLD, "arm": "equal-compute", "validation": 10_000}
-    return {"task": "fashion-mnist-cnn", "rounds": rounds, "app": {"joint": "all"}, "methods": ["dress"],
+    return {"task": "fashion-mnist-cnn", "rounds": rounds, "app": {**APP, **app}, "methods": ["dress"],
             "tuning": tuning if tuning_rounds is None else {**tuning, "rounds": tuning_rounds}}
 
 
@@ -41,3 +45,26 @@ def test_a_longer_comparison_keeps_the_tuning_and_redoes_the_shorter_runs(tmp_pa
         resumed(out, settings(80, 30), resume=True)
     assert still_valid(runs, {"dress": {"lr": 0.1}}, 80) == [runs[1]]
     assert still_valid(runs, {"dress": {"lr": 0.1}}, 40) == [runs[0]]
+
+
+def test_a_setting_only_dress_reads_redoes_dress_and_keeps_the_peers(tmp_path: Path) -> None:
+    out = tmp_path / "federated.json"
+    runs = [{"method": m, "config": {"lr": 0.1}, "rounds": 80} for m in ("dress", "heterofl", "fjord-kd")]
+    tuning = [{"method": m, "config": {"lr": lr}} for m in ("dress", "heterofl") for lr in (0.1, 0.3)]
+    calibration = {"dress": [{"density": 1.0}], "heterofl": [{"density": 1.0}]}
+    out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(80, 40), "runs": runs,
+                               "tuning": {"runs": tuning, "best": {}}, "calibration": calibration}))
+    kept = resumed(out, settings(80, 40, joint="band", distill=0.0), resume=True)
+    assert kept["runs"] == runs[1:]
+    assert kept["tuning"]["runs"] == tuning[2:]
+    assert kept["calibration"] == {"heterofl": calibration["heterofl"]}  # DRESS's training step is timed again
+    assert resumed(out, settings(80, 40), resume=True)["runs"] == runs  # unchanged: every run kept
+
+
+def test_a_setting_the_peers_read_still_refuses_the_resume(tmp_path: Path) -> None:
+    out = tmp_path / "federated.json"
+    out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(80, 40), "runs": [],
+                               "tuning": {"runs": []}}))
+    for changed in ({"server-momentum": 0.9}, {"server-momentum": 0.9, "joint": "band"}):
+        with pytest.raises(SystemExit, match="other settings"):
+            resumed(out, settings(80, 40, **changed), resume=True)

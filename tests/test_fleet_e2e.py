@@ -204,7 +204,7 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
             token = enroll(state, "pi-tls")
             stub = DeviceStub(channel, token)
             request = pb.RegisterRequest(profile="pi4", calibration=[
-                pb.CalibrationPoint(density=d, latency_ms=10 * d, memory_mb=100 * d) for d in (1.0, 0.5, 0.25, 0.1)])
+                pb.CalibrationPoint(level=level, latency_ms=10, memory_mb=100) for level in range(4)])
             for bad_key, message in (("", "OpenSSH line"), ("ssh-rsa AAAA", "not an OpenSSH public key")):
                 with pytest.raises(grpc.RpcError) as caught:
                     stub.Register(pb.RegisterRequest(supernode_public_key=bad_key, calibration=request.calibration,
@@ -254,7 +254,7 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
             processes.append(spawn(
                 [str(BIN / "flower-supernode"), "--root-certificates", str(certs / "ca.pem"),
                  "--superlink", f"127.0.0.1:{superlink}", "--port", str(pick_port()),
-                 "--node-config", f'device-id="{device.name}"',
+                 "--node-config", f'device-name="{device.name}"',
                  *(["--auth-supernode-private-key", *key] if key else [])],
                 tmp_path / f"{name}.log",
             ))  # fmt: skip

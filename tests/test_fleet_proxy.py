@@ -101,8 +101,8 @@ def test_a_device_whose_key_was_removed_registers_a_new_one(coordinator: Coordin
     token = coordinator.registry.enroll(["pi-restart"])["pi-restart"]
     with grpc.secure_channel(coordinator.endpoints.control_plane, channel_credentials(coordinator.certs.ca)) as ch:
         stub = DeviceStub(ch, token)
-        calibration = [pb.CalibrationPoint(density=d, latency_ms=10 * d, memory_mb=100 * d)
-                       for d in coordinator.settings.architecture().densities]
+        calibration = [pb.CalibrationPoint(level=level, latency_ms=10 * d, memory_mb=100 * d)
+                       for level, d in enumerate(coordinator.settings.architecture().densities)]
         _, public = supernode_key(tmp_path)
 
         def register(key: str) -> pb.RegisterResponse:

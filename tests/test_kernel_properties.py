@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kernel_cases import ISAS, pack_layer
 
 from dress_model.kernels import (
     packed_conv2d,
@@ -24,7 +25,6 @@ from dress_model.kernels import (
     set_kernel_isa,
 )
 from dress_model.packed_format import prefix_lengths
-from kernel_cases import ISAS, pack_layer
 
 # The same 150 cases on every run (CI stays deterministic); DRESS_PROPERTY_EXAMPLES=2000 hunts wider, at random.
 HUNT = int(os.environ.get("DRESS_PROPERTY_EXAMPLES", "0"))

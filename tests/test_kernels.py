@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import pack_layer
 
 from dress_model.kernels import (
     best_kernel_isa,
@@ -19,9 +20,6 @@ from dress_model.kernels import (
 from dress_model.kernels.reference import reference_conv2d, reference_linear
 from dress_model.packed_format import band_table, prefix_lengths, unpack_rows
 from dress_model.sparsity import keep_count
-from kernel_cases import pack_layer
-
-
 
 
 def make_layer(rows: int, cols: int, densities, *, seed: int = 0, sort: bool = True, index_dtype=None):

@@ -41,7 +41,7 @@ def test_every_subnet_computes_what_the_layer_path_computes(name: str, isa: str)
             out = packed(x)
             assert reference.abs().max() > 1e-3  # a real signal, not zeros agreeing with zeros
             torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)
-        compiled = packed.compiled(packed.density_index(density))
+        compiled = packed.compiled(packed.level_of(density))
         # every sparse subnet runs in one native call; the full top subnet whichever way was fastest when it
         # compiled (tested each way below)
         if density == 1.0:
@@ -91,13 +91,13 @@ def test_inputs_the_program_was_not_compiled_for_take_the_checked_layer_path() -
     x = torch.randn(2, 1, 28, 28)
     wide = torch.randn(2, 1, 28, 56)[..., ::2]  # not contiguous
     torch.testing.assert_close(packed(wide), packed.forward_layers(wide.contiguous()), rtol=1e-4, atol=1e-5)
-    compiled = packed.compiled(packed.density_index(0.1))
+    compiled = packed.compiled(packed.level_of(0.1))
     assert compiled is not None and compiled.accepts(x) and not compiled.accepts(wide) and not compiled.accepts(x.double())
 
 
 def _compiled(packed: PackedModel, x: torch.Tensor):
     packed(x)
-    return packed.compiled(packed.net.active_index)
+    return packed.compiled(packed.net.active_level)
 
 
 def test_a_program_cannot_reach_outside_its_slots() -> None:

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import pack_layer
 from torch.utils.data import DataLoader, TensorDataset
 
 import dress_model.packed as packed_module
@@ -22,9 +23,6 @@ from dress_model.layers import RowSparse
 from dress_model.models import Architecture, create_model
 from dress_model.packed import PackedModel
 from dress_model.training import TrainConfig, train
-from kernel_cases import pack_layer
-
-
 
 
 def layer(rows: int, cols: int, densities: list[float], seed: int = 0):

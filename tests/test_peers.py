@@ -6,7 +6,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from agent.local_training import device_seed, train_level
+from agent.local_training import device_seed, train_density
 from contracts.methods import METHODS, get_method
 from contracts.settings import RunSettings, SettingsError, build_run_model
 from coordinator.aggregation import Update
@@ -49,12 +49,12 @@ def test_level_slices_are_nested_prefixes() -> None:
     assert any(state[k][small[k]].numel() < state[k][large[k]].numel() for k in small)
 
 
-def test_which_devices_train_which_level() -> None:
-    assert get_method("heterofl").level_for(0.25, TIERS) == 0.25
-    assert get_method("fjord").level_for(0.3, TIERS) is None
-    assert get_method("fedavg-small").level_for(1.0, (0.1,)) == 0.1
+def test_which_devices_train_which_density() -> None:
+    assert get_method("heterofl").density_for(0.25, TIERS) == 0.25
+    assert get_method("fjord").density_for(0.3, TIERS) is None
+    assert get_method("fedavg-small").density_for(1.0, (0.1,)) == 0.1
     capable = get_method("fedavg-capable")
-    assert capable.level_for(1.0, (1.0,)) == 1.0 and capable.level_for(0.5, (1.0,)) is None
+    assert capable.density_for(1.0, (1.0,)) == 1.0 and capable.density_for(0.5, (1.0,)) is None
 
 
 def _strategy(method: str, **options) -> WidthStrategy:
@@ -140,7 +140,7 @@ def test_a_heterofl_device_trains_only_its_prefix_on_its_own_labels() -> None:
     before = copy.deepcopy(model.state_dict())
     method = get_method("heterofl")
     config = TrainConfig(epochs=1, recalibrate_batches=0, rerank_every=0, classes=(0, 1, 2))
-    losses, macs = train_level(method, model, 0.25, toy_loader(), config, seed=0)
+    losses, macs = train_density(method, model, 0.25, toy_loader(), config, seed=0)
     assert set(losses) == {0.25} and macs > 0
     after = model.state_dict()
     assert any(not torch.equal(after[k][s], before[k][s]) for k, s in slices.items())
@@ -150,7 +150,7 @@ def test_a_heterofl_device_trains_only_its_prefix_on_its_own_labels() -> None:
             else (after[f"{head}.{field}"] - before[f"{head}.{field}"]).abs()
         assert moved[:3].min() > 10 * moved[3:].max(), field
     with pytest.raises(ValueError, match="config.classes"):
-        train_level(method, model, 0.25, toy_loader(), TrainConfig(), seed=0)
+        train_density(method, model, 0.25, toy_loader(), TrainConfig(), seed=0)
 
 
 @pytest.mark.parametrize("kd", [False, True])

@@ -40,8 +40,9 @@ def test_generated_code_imports_as_a_package() -> None:
 
 
 def test_doubles_keep_densities_exact() -> None:
+    """The architecture's densities are the one place the numbers travel: a level indexes them on both sides."""
     from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
-    for density in (1.0, 0.5, 0.25, 0.1):
-        wire = pb.CalibrationPoint(density=density).SerializeToString()
-        assert pb.CalibrationPoint.FromString(wire).density == density
+    densities = [0.1, 1 / 3, 0.25 + 1e-12, 1.0]
+    wire = pb.Architecture(densities=densities).SerializeToString()
+    assert list(pb.Architecture.FromString(wire).densities) == densities

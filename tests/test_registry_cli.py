@@ -10,12 +10,12 @@ from rich.console import Console
 from sqlalchemy import text
 from typer.testing import CliRunner
 
+from cli.common import safe_text
+from cli.registry import db_app, devices_app
 from contracts.policy import Budget, CalibrationPoint
 from coordinator.registry import Registry
 from coordinator.registry.engine import make_engine
 from coordinator.registry.errors import InvalidInputError
-from cli.common import safe_text
-from cli.registry import db_app, devices_app
 
 app = typer.Typer()
 app.add_typer(devices_app, name="devices")

@@ -9,21 +9,20 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
-
 from conftest import DeviceStub
-from contracts.settings import RunSettings
 from sqlalchemy import create_engine, select
 
-from coordinator.control_plane import serve
 from contracts.policy import Budget, CalibrationPoint
+from contracts.settings import RunSettings
+from coordinator.control_plane import serve
 from coordinator.registry import AssignmentReason, Registry
 from coordinator.registry.models import BudgetReport, DensityAssignment
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
-
 AGENTS = 100
 HEARTBEATS_PER_AGENT = 10
-CALIBRATION = [pb.CalibrationPoint(density=d, latency_ms=100 * d, memory_mb=800 * d) for d in (1.0, 0.5, 0.25, 0.1)]
+DENSITIES = RunSettings.defaults().architecture().densities
+CALIBRATION = [pb.CalibrationPoint(level=level, latency_ms=100 * d, memory_mb=800 * d) for level, d in enumerate(DENSITIES)]
 Ack = tuple[int, float, float, float | None, float]  # device id, budget sent, density answered
 
 
@@ -48,9 +47,9 @@ def _agent(address: str, index: int, token: str, start: threading.Barrier) -> li
         for _ in range(HEARTBEATS_PER_AGENT):
             latency, memory = rng.uniform(5, 150), rng.uniform(50, 1200)
             battery = rng.choice([None, round(rng.random(), 2)])
-            reply = stub.Heartbeat(pb.HeartbeatRequest(device_id=device_id, budget=pb.Budget(
+            reply = stub.Heartbeat(pb.HeartbeatRequest(budget=pb.Budget(
                 latency_ms=latency, memory_mb=memory, battery=battery)), timeout=30)
-            acks.append((device_id, latency, memory, battery, reply.density))
+            acks.append((device_id, latency, memory, battery, DENSITIES[reply.level]))
         return acks
 
 

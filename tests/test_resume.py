@@ -8,11 +8,11 @@ import torch
 from flwr.app import ArrayRecord
 
 from contracts.settings import RunSettings, build_run_model
+from coordinator.fleet_strategy import RoundStats
 from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
 from coordinator.registry.errors import InvalidInputError
 from coordinator.server_app import resume
-from coordinator.fleet_strategy import RoundStats
 
 
 def _model(seed: int, width: int = 4):

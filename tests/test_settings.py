@@ -9,7 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.fleet import app
-from contracts.settings import APP_CONFIG, RunSettings, SettingsError, app_config_table, build_model
+from contracts.settings import APP_CONFIG, RunSettings, SettingsError, app_config_table
+from dress_model.models import create_model
 from dress_model.sparsity import DEFAULT_DENSITIES, parse_densities
 
 
@@ -30,7 +31,7 @@ def test_run_config_round_trip() -> None:
     settings = RunSettings.defaults(num_rounds=3, densities="1,0.25", partition="dirichlet:0.3", lr=0.1)
     assert RunSettings.from_run_config(settings.to_run_config()) == settings
     assert settings.density_list == (0.25, 1.0)
-    assert build_model(settings.architecture()).densities == (0.25, 1.0)
+    assert create_model(settings.architecture()).densities == (0.25, 1.0)
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -14,7 +14,7 @@ from contracts.policy import CalibrationPoint, choose_density, validate_calibrat
 from contracts.profiles import load_profiles
 from coordinator.control_plane import serve
 from coordinator.registry import Registry
-from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from dress_model.models import architecture_for_dataset
 from simulations.fleet import FleetDriver, build_fleet, device_budget, fleet_deadline_ms, heartbeats
 from simulations.traces import (
     DIURNAL_PERIOD,
@@ -30,6 +30,7 @@ from simulations.traces import (
 )
 
 PROFILES = load_profiles()
+ARCH = architecture_for_dataset("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 4)
 PHONE, PI4, LAPTOP = PROFILES["phone"], PROFILES["pi4"], PROFILES["laptop-x86"]
 # This machine's packed-model cost per density: 10 ms dense, 3 ms at 0.1.
 MEASURED = [CalibrationPoint(1.0, 10.0, 8.0), CalibrationPoint(0.5, 6.0, 4.0),
@@ -212,13 +213,12 @@ def registry(sqlite_url: str) -> Iterator[Registry]:
 
 
 def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry, free_port: int) -> None:
-    architecture = pb.Architecture(model="cnn", densities=[1.0, 0.5, 0.25, 0.1], width=4, dataset="fashion-mnist")
-    server = serve(registry, "127.0.0.1", free_port, architecture, lambda density, half: b"")
+    server = serve(registry, "127.0.0.1", free_port, ARCH, lambda density, half: b"")
     trace = [TracePoint(1.0, 1.0, None, True), TracePoint(0.3, 1.0, None, True)]
     [device] = build_fleet([LAPTOP], MEASURED, [trace])
     completed = [0]
     # A long interval: only a change of the completed-round count can move the density.
-    driver = FleetDriver([device], f"127.0.0.1:{free_port}", lambda: completed[0],
+    driver = FleetDriver([device], ARCH.densities, f"127.0.0.1:{free_port}", lambda: completed[0],
                          fleet_deadline_ms(MEASURED, 1.5), interval_s=60.0, poll_s=0.05)
     try:
         driver.register(registry.enroll([device.name]), timeout_s=10)
@@ -238,12 +238,11 @@ def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry
 def driven_fleet(registry: Registry, port: int, traces: list[list[TracePoint]],
                  **driver_options: int) -> Iterator[tuple[FleetDriver, grpc.Server]]:
     """A control plane on ``port`` and a registered virtual laptop per trace; both stopped afterwards."""
-    architecture = pb.Architecture(model="cnn", densities=[1.0, 0.5, 0.25, 0.1], width=4, dataset="fashion-mnist")
-    server = serve(registry, "127.0.0.1", port, architecture, lambda density, half: b"")
+    server = serve(registry, "127.0.0.1", port, ARCH, lambda density, half: b"")
     fleet = build_fleet([LAPTOP] * len(traces), MEASURED, traces)
     for i, device in enumerate(fleet):
         device.name = f"sim-{i:05d}"
-    driver = FleetDriver(fleet, f"127.0.0.1:{port}", lambda: 0, fleet_deadline_ms(MEASURED, 1.5), interval_s=60.0,
+    driver = FleetDriver(fleet, ARCH.densities, f"127.0.0.1:{port}", lambda: 0, fleet_deadline_ms(MEASURED, 1.5), interval_s=60.0,
                          **driver_options)
     try:
         driver.register(registry.enroll([d.name for d in fleet]), timeout_s=10)

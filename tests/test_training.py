@@ -1,6 +1,7 @@
 """Joint training on a real Fashion-MNIST slice, BN recalibration, and training-config validation."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -9,10 +10,14 @@ from dress_model.data import load_dataset
 from dress_model.layers import DensityBatchNorm
 from dress_model.models import create_model
 from dress_model.packed import PackedModel
-import random
-
 from dress_model.training import (
-    TrainConfig, evaluate, joint_step, recalibrate_bn, sandwich_levels, sandwich_step, train,
+    TrainConfig,
+    evaluate,
+    joint_step,
+    recalibrate_bn,
+    sandwich_levels,
+    sandwich_step,
+    train,
 )
 
 
@@ -81,7 +86,7 @@ def test_large_batch_passes_run_channels_last_and_match_nchw(fmnist_slice) -> No
     with torch.no_grad():  # the same cumulative average, in NCHW
         for d in reference.densities:
             reference.set_density(d)
-            i = reference.density_index(d)
+            i = reference.level_of(d)
             for m in (m for m in reference.modules() if isinstance(m, DensityBatchNorm)):
                 m.running_mean[i].zero_()
                 m.running_var[i].fill_(1.0)

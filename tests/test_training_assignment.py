@@ -41,20 +41,20 @@ def strategy(kind: type = DressStrategy, timeout_s: float | None = 3600.0, steps
     (1.0, 4000.0, 36_000, 0.25),  # 36,000 steps in the hour: 100 ms each at most
     (1.0, 50.0, 10, None),  # not even d=0.1 fits: it sits the round out
 ])
-def test_training_level_fits_the_device(assigned, memory_mb, steps, expected) -> None:
-    assert strategy(steps=steps).training_level(device(assigned, memory_mb)) == expected
+def test_training_density_fits_the_device(assigned, memory_mb, steps, expected) -> None:
+    assert strategy(steps=steps).training_density(device(assigned, memory_mb)) == expected
 
 
 def test_without_measured_training_costs_a_device_trains_its_assignment() -> None:
     unmeasured = tuple(CalibrationPoint(d, 10 * d, 100 * d) for d in (1.0, 0.5, 0.25, 0.1))
-    assert strategy(steps=10**9).training_level(device(0.5, 1.0, unmeasured)) == 0.5
-    assert strategy().training_level(device(0.25, 1.0, ())) == 0.25
+    assert strategy(steps=10**9).training_density(device(0.5, 1.0, unmeasured)) == 0.5
+    assert strategy().training_density(device(0.25, 1.0, ())) == 0.25
 
 
 def test_peers_get_the_same_training_fit() -> None:
     """A peer's device trains the level of the tier that fits it, by the same rule."""
     peer = strategy(WidthStrategy, steps=10)
-    assert peer.training_level(device(1.0, 600.0)) == peer.level_for(0.5)
+    assert peer.training_density(device(1.0, 600.0)) == peer.density_for(0.5)
 
 
 class FakeGrid:
@@ -84,7 +84,7 @@ def test_every_method_draws_the_same_devices_in_a_round_whatever_its_node_ids(ki
         nodes = list(ids)
         random.Random(run).shuffle(nodes)
         s.membership.node_devices = dict(zip(nodes, names))  # what status queries would have told it
-        chosen = s.membership.sample(FakeGrid(nodes), devices, 8, random.Random(11), s.training_level)
+        chosen = s.membership.sample(FakeGrid(nodes), devices, 8, random.Random(11), s.training_density)
         drawn[run] = [info.name for _, info, _ in chosen]
         assert all(s.membership.node_devices[node] == info.name for node, info, _ in chosen)
         assert all(devices[name].status == DeviceStatus.ONLINE for name in drawn[run])

@@ -11,21 +11,20 @@ from datetime import timedelta
 import pytest
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
-
-from agent.client_app import train_subnet
 from flwr.supercore.task_identity import TaskIdentity
 
+from agent.client_app import train_subnet
 from contracts.messages import train_config
 from contracts.methods import METHODS, get_method
 from contracts.settings import RunSettings, build_run_model
 from coordinator.aggregation import Update
+from coordinator.fleet_strategy import RoundStats
 from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
-from coordinator.fleet_strategy import RoundStats
 from coordinator.strategy import DressStrategy
-from runtime.task_identity import task_identity
 from coordinator.validation import STATISTICS, Expected, RejectedUpdate, check_reply, implausible, norm_outliers
+from runtime.task_identity import task_identity
 
 SENT = {"conv.values": torch.ones(6), "conv.indices": torch.arange(6, dtype=torch.int16), "bn.mean": torch.zeros(2, 3)}
 EXPECTED = Expected(SENT, max_examples=500)
@@ -128,8 +127,8 @@ def run_round(sqlite_url: str, calibration: list, replies: dict[str, Reply | Non
         strategy.stats[1] = RoundStats(1)
         nodes = {100 + i: name for i, name in enumerate(replies)}
         strategy.membership.node_devices = dict(nodes)
-        levels = {node: strategy.level_for((tiers or {}).get(name, 0.1)) for node, name in nodes.items()}
-        chosen = [(node, infos[nodes[node]], level) for node, level in levels.items() if level is not None]
+        trains = {node: strategy.density_for((tiers or {}).get(name, 0.1)) for node, name in nodes.items()}
+        chosen = [(node, infos[nodes[node]], density) for node, density in trains.items() if density is not None]
         sent = strategy.messages_for(1, chosen, train_config(settings))
         before = {k: v.clone() for k, v in model.state_dict().items()}
         answers = []

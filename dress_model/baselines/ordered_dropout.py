@@ -15,7 +15,12 @@ from torch.utils.data import DataLoader
 
 from dress_model.models import DressModel
 from dress_model.training import (
-    TrainConfig, class_mask, clip_gradients, local_steps, make_optimizer, masked_logits,
+    TrainConfig,
+    class_mask,
+    clip_gradients,
+    local_steps,
+    make_optimizer,
+    masked_logits,
 )
 
 
@@ -25,7 +30,7 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
     uniformly with ``seed`` (a device's own draws); returns the last loss seen per level."""
     levels = tuple(sorted(config.densities or model.densities))
     for d in levels:
-        model.density_index(d)
+        model.level_of(d)
     widest = levels[-1]
     rng = random.Random(seed)
     total = local_steps(config.epochs, len(loader))

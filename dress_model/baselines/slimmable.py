@@ -48,13 +48,13 @@ class Slim(DensityAware):
     def active_out(self, full: int) -> int:
         if not self.slim_out:
             return full
-        return max(1, math.ceil(self.widths[self.active_index] * full - 1e-9))
+        return max(1, math.ceil(self.widths[self.active_level] * full - 1e-9))
 
     def scale(self, out: torch.Tensor) -> torch.Tensor:
         """HeteroFL's scaler. Applied in inference too: the per-level BN statistics that follow are gathered in
         training mode, so a train-only scaler would feed them activations 1/width times smaller than they saw."""
         if self.scaler:
-            return out / self.widths[self.active_index]
+            return out / self.widths[self.active_level]
         return out
 
 
@@ -187,7 +187,7 @@ def width_twin(dress: DressModel, bn: str = "switchable", scaler: bool = False,
     some) as many parameters as that DRESS subnet, never more."""
     levels = dress.densities if levels is None else levels
     for d in levels:
-        dress.density_index(d)
+        dress.level_of(d)
     arch = dataclasses.replace(dress.arch, densities=tuple(levels))
     model = create_model(arch, family=lambda a: WidthFamily(a, bn=bn, scaler=scaler))
     targets = [dress.subnet_params(d) for d in levels]
@@ -216,7 +216,7 @@ def level_slices(model: DressModel, density: float) -> dict[str, tuple[slice, ..
             continue
         prefix = tuple(slice(0, n) for n in m.active_shape)
         if isinstance(m, SlimBatchNorm):
-            row = m.active_index if m.affine == "per-density" else 0
+            row = m.active_level if m.affine == "per-density" else 0
             for field in ("weight", "bias"):
                 slices[f"{name}.{field}"] = (slice(row, row + 1), *prefix)
             continue

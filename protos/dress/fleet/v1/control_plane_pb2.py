@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)protos/dress/fleet/v1/control_plane.proto\x12\x0e\x64ress.fleet.v1\"u\n\x10\x43\x61librationPoint\x12\x0f\n\x07\x64\x65nsity\x18\x01 \x01(\x01\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x11\n\tmemory_mb\x18\x03 \x01(\x01\x12\x10\n\x08train_ms\x18\x04 \x01(\x01\x12\x17\n\x0ftrain_memory_mb\x18\x05 \x01(\x01\"Q\n\x06\x42udget\x12\x12\n\nlatency_ms\x18\x01 \x01(\x01\x12\x11\n\tmemory_mb\x18\x02 \x01(\x01\x12\x14\n\x07\x62\x61ttery\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_battery\"P\n\x0c\x41rchitecture\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tdensities\x18\x02 \x03(\x01\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0f\n\x07\x64\x61taset\x18\x04 \x01(\t\"\x11\n\x0f\x44\x65scribeRequest\"]\n\x10\x44\x65scribeResponse\x12\x32\n\x0c\x61rchitecture\x18\x01 \x01(\x0b\x32\x1c.dress.fleet.v1.Architecture\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x8b\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x35\n\x0b\x63\x61libration\x18\x04 \x03(\x0b\x32 .dress.fleet.v1.CalibrationPoint\x12\x1c\n\x14supernode_public_key\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04\"\xb8\x01\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x01\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x32\n\x0c\x61rchitecture\x18\x04 \x01(\x0b\x32\x1c.dress.fleet.v1.Architecture\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\x12\x12\n\ncredential\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\t\"y\n\x10HeartbeatRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x16.dress.fleet.v1.Budget\x12*\n\x06served\x18\x03 \x03(\x0b\x32\x1a.dress.fleet.v1.DensityUse\"@\n\nDensityUse\x12\x0f\n\x07\x64\x65nsity\x18\x01 \x01(\x01\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0f\n\x07\x62usy_ms\x18\x03 \x01(\x01\"a\n\x11HeartbeatResponse\x12\x0f\n\x07\x64\x65nsity\x18\x01 \x01(\x01\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\x13\n\x0bheartbeat_s\x18\x04 \x01(\x01\"H\n\x11\x46\x65tchModelRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x0f\n\x07\x64\x65nsity\x18\x02 \x01(\x01\x12\x0f\n\x07\x66loat16\x18\x03 \x01(\x08\"v\n\nModelChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0f\n\x07\x64\x65nsity\x18\x06 \x01(\x01\x32\xcd\x02\n\x0c\x43ontrolPlane\x12M\n\x08\x44\x65scribe\x12\x1f.dress.fleet.v1.DescribeRequest\x1a .dress.fleet.v1.DescribeResponse\x12M\n\x08Register\x12\x1f.dress.fleet.v1.RegisterRequest\x1a .dress.fleet.v1.RegisterResponse\x12P\n\tHeartbeat\x12 .dress.fleet.v1.HeartbeatRequest\x1a!.dress.fleet.v1.HeartbeatResponse\x12M\n\nFetchModel\x12!.dress.fleet.v1.FetchModelRequest\x1a\x1a.dress.fleet.v1.ModelChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)protos/dress/fleet/v1/control_plane.proto\x12\x0e\x64ress.fleet.v1\"\x82\x01\n\x10\x43\x61librationPoint\x12\r\n\x05level\x18\x06 \x01(\r\x12\x12\n\nlatency_ms\x18\x02 \x01(\x01\x12\x11\n\tmemory_mb\x18\x03 \x01(\x01\x12\x10\n\x08train_ms\x18\x04 \x01(\x01\x12\x17\n\x0ftrain_memory_mb\x18\x05 \x01(\x01J\x04\x08\x01\x10\x02R\x07\x64\x65nsity\"Q\n\x06\x42udget\x12\x12\n\nlatency_ms\x18\x01 \x01(\x01\x12\x11\n\tmemory_mb\x18\x02 \x01(\x01\x12\x14\n\x07\x62\x61ttery\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_battery\"\x9e\x01\n\x0c\x41rchitecture\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tdensities\x18\x02 \x03(\x01\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x13\n\x0bin_channels\x18\x05 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x06 \x01(\x05\x12\x12\n\nimage_size\x18\x07 \x01(\x05\x12\x11\n\tbn_affine\x18\x08 \x01(\tJ\x04\x08\x04\x10\x05R\x07\x64\x61taset\"\x11\n\x0f\x44\x65scribeRequest\"]\n\x10\x44\x65scribeResponse\x12\x32\n\x0c\x61rchitecture\x18\x01 \x01(\x0b\x32\x1c.dress.fleet.v1.Architecture\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\x8b\x01\n\x0fRegisterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07profile\x18\x02 \x01(\t\x12\x35\n\x0b\x63\x61libration\x18\x04 \x03(\x0b\x32 .dress.fleet.v1.CalibrationPoint\x12\x1c\n\x14supernode_public_key\x18\x05 \x01(\tJ\x04\x08\x03\x10\x04\"\xc5\x01\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\r\n\x05level\x18\x08 \x01(\r\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x32\n\x0c\x61rchitecture\x18\x04 \x01(\x0b\x32\x1c.dress.fleet.v1.Architecture\x12\x13\n\x0bheartbeat_s\x18\x05 \x01(\x01\x12\x12\n\ncredential\x18\x06 \x01(\t\x12\x0c\n\x04name\x18\x07 \x01(\tJ\x04\x08\x02\x10\x03R\x07\x64\x65nsity\"u\n\x10HeartbeatRequest\x12&\n\x06\x62udget\x18\x02 \x01(\x0b\x32\x16.dress.fleet.v1.Budget\x12(\n\x06served\x18\x03 \x03(\x0b\x32\x18.dress.fleet.v1.LevelUseJ\x04\x08\x01\x10\x02R\tdevice_id\"K\n\x08LevelUse\x12\r\n\x05level\x18\x04 \x01(\r\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x0f\n\x07\x62usy_ms\x18\x03 \x01(\x01J\x04\x08\x01\x10\x02R\x07\x64\x65nsity\"n\n\x11HeartbeatResponse\x12\r\n\x05level\x18\x05 \x01(\r\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x08\x12\x13\n\x0bheartbeat_s\x18\x04 \x01(\x01J\x04\x08\x01\x10\x02R\x07\x64\x65nsity\"S\n\x11\x46\x65tchModelRequest\x12\r\n\x05level\x18\x04 \x01(\r\x12\x0f\n\x07\x66loat16\x18\x03 \x01(\x08J\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03R\tdevice_idR\x07\x64\x65nsity\"\x83\x01\n\nModelChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\r\n\x05level\x18\x07 \x01(\rJ\x04\x08\x06\x10\x07R\x07\x64\x65nsity2\xcd\x02\n\x0c\x43ontrolPlane\x12M\n\x08\x44\x65scribe\x12\x1f.dress.fleet.v1.DescribeRequest\x1a .dress.fleet.v1.DescribeResponse\x12M\n\x08Register\x12\x1f.dress.fleet.v1.RegisterRequest\x1a .dress.fleet.v1.RegisterResponse\x12P\n\tHeartbeat\x12 .dress.fleet.v1.HeartbeatRequest\x1a!.dress.fleet.v1.HeartbeatResponse\x12M\n\nFetchModel\x12!.dress.fleet.v1.FetchModelRequest\x1a\x1a.dress.fleet.v1.ModelChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.dress.fleet.v1.control_plane_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CALIBRATIONPOINT']._serialized_start=61
-  _globals['_CALIBRATIONPOINT']._serialized_end=178
-  _globals['_BUDGET']._serialized_start=180
-  _globals['_BUDGET']._serialized_end=261
-  _globals['_ARCHITECTURE']._serialized_start=263
-  _globals['_ARCHITECTURE']._serialized_end=343
-  _globals['_DESCRIBEREQUEST']._serialized_start=345
-  _globals['_DESCRIBEREQUEST']._serialized_end=362
-  _globals['_DESCRIBERESPONSE']._serialized_start=364
-  _globals['_DESCRIBERESPONSE']._serialized_end=457
-  _globals['_REGISTERREQUEST']._serialized_start=460
-  _globals['_REGISTERREQUEST']._serialized_end=599
-  _globals['_REGISTERRESPONSE']._serialized_start=602
-  _globals['_REGISTERRESPONSE']._serialized_end=786
-  _globals['_HEARTBEATREQUEST']._serialized_start=788
-  _globals['_HEARTBEATREQUEST']._serialized_end=909
-  _globals['_DENSITYUSE']._serialized_start=911
-  _globals['_DENSITYUSE']._serialized_end=975
-  _globals['_HEARTBEATRESPONSE']._serialized_start=977
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1074
-  _globals['_FETCHMODELREQUEST']._serialized_start=1076
-  _globals['_FETCHMODELREQUEST']._serialized_end=1148
-  _globals['_MODELCHUNK']._serialized_start=1150
-  _globals['_MODELCHUNK']._serialized_end=1268
-  _globals['_CONTROLPLANE']._serialized_start=1271
-  _globals['_CONTROLPLANE']._serialized_end=1604
+  _globals['_CALIBRATIONPOINT']._serialized_start=62
+  _globals['_CALIBRATIONPOINT']._serialized_end=192
+  _globals['_BUDGET']._serialized_start=194
+  _globals['_BUDGET']._serialized_end=275
+  _globals['_ARCHITECTURE']._serialized_start=278
+  _globals['_ARCHITECTURE']._serialized_end=436
+  _globals['_DESCRIBEREQUEST']._serialized_start=438
+  _globals['_DESCRIBEREQUEST']._serialized_end=455
+  _globals['_DESCRIBERESPONSE']._serialized_start=457
+  _globals['_DESCRIBERESPONSE']._serialized_end=550
+  _globals['_REGISTERREQUEST']._serialized_start=553
+  _globals['_REGISTERREQUEST']._serialized_end=692
+  _globals['_REGISTERRESPONSE']._serialized_start=695
+  _globals['_REGISTERRESPONSE']._serialized_end=892
+  _globals['_HEARTBEATREQUEST']._serialized_start=894
+  _globals['_HEARTBEATREQUEST']._serialized_end=1011
+  _globals['_LEVELUSE']._serialized_start=1013
+  _globals['_LEVELUSE']._serialized_end=1088
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1090
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1200
+  _globals['_FETCHMODELREQUEST']._serialized_start=1202
+  _globals['_FETCHMODELREQUEST']._serialized_end=1285
+  _globals['_MODELCHUNK']._serialized_start=1288
+  _globals['_MODELCHUNK']._serialized_end=1419
+  _globals['_CONTROLPLANE']._serialized_start=1422
+  _globals['_CONTROLPLANE']._serialized_end=1755
 # @@protoc_insertion_point(module_scope)

@@ -68,21 +68,21 @@ class ControlPlaneServicer:
 
     def Register(self, request, context):
         """Register a device: with its enrollment token the first time (answers its credential), with its credential
-        after a restart. Answers its id and first density.
+        after a restart. Answers its id and first level.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
-        """Report the current budget; answers the density to run now and the current model version.
+        """Report the current budget; answers the level to run now and the current model version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def FetchModel(self, request, context):
-        """Stream the packed model at one density, in chunks.
+        """Stream the packed model up to one level, in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
