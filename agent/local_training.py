@@ -40,7 +40,7 @@ def trained_densities(model: DressModel | PackedModel, density: float) -> tuple[
 
 def step_macs(method: Method, model: DressModel | PackedModel, density: float, distill: float,
               joint: str = "all") -> float:
-    """MACs per example of one local step of ``method`` at ``density`` (FjORD's and DRESS's sandwich: the mean
+    """MACs per example of one local step of ``method`` at ``density`` (FjORD's and DRESS's sandwiches: the mean
     over their draws)."""
     trained = trained_densities(model, density)
     cost = {d: forward_macs(model, d) for d in trained}
@@ -48,7 +48,7 @@ def step_macs(method: Method, model: DressModel | PackedModel, density: float, d
         return TRAINED * cost[trained[-1]]
     if method.name == "dress" and joint == "ends":
         return TRAINED * (cost[trained[-1]] + (cost[trained[0]] if len(trained) > 1 else 0))
-    if method.name == "dress" and joint == "sandwich":
+    if method.name == "dress" and joint in ("sandwich", "sandwich-labels"):
         drawn = statistics.fmean(cost[d] for d in trained[1:-1]) if len(trained) > 2 else 0
         return TRAINED * (cost[trained[-1]] + drawn + (cost[trained[0]] if len(trained) > 1 else 0))
     if method.name == "dress":

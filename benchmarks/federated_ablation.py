@@ -57,6 +57,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "band": {"joint": "band", "distill": 0.0},  # every density each step, each weight by its subnets' mean gradient
     "own": {"joint": "own", "distill": 0.0},  # a device's own density alone: more steps for the same compute
     "ends": {"joint": "ends", "distill": 0.0},  # its own density and the sparsest, summed
+    "sandwich-labels": {"joint": "sandwich-labels", "distill": 0.0},  # ends and one drawn between, on the labels
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them

@@ -25,7 +25,7 @@ from dress_model.data import DATASETS, training_indices
 from dress_model.models import MODELS, Architecture, DressModel, architecture_for_dataset, create_model
 from dress_model.partition import parse_partition
 from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
-from dress_model.training import JOINT_RULES
+from dress_model.training import JOINT_RULES, PICKING_RULES
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 """The Flower app the coordinator submits (``flwr run``): a pyproject.toml holding ``[tool.flwr.app]``, shipped in
@@ -146,8 +146,9 @@ class RunSettings:
                          "mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by "
                          "how many of those subnets hold it), sandwich (its own density on the labels; the "
                          "sparsest and one drawn between learn from its predictions), own (its own density alone, "
-                         "the sparser ones nested in it) or ends (its own and the sparsest, summed); sandwich, own "
-                         "and ends need --distill 0.", dress_only=True)
+                         "the sparser ones nested in it), ends (its own and the sparsest, summed) or sandwich-labels "
+                         "(its own, the sparsest and one drawn between, each on the labels, summed); sandwich, own, "
+                         "ends and sandwich-labels need --distill 0.", dress_only=True)
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
@@ -177,7 +178,7 @@ class RunSettings:
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
             (self.joint in JOINT_RULES, "joint", f"one of {', '.join(JOINT_RULES)}"),
-            (self.joint not in ("sandwich", "own", "ends") or self.distill == 0, "distill",
+            (self.joint not in PICKING_RULES or self.distill == 0, "distill",
              f"0 with joint {self.joint} (it picks the densities it trains and what they learn from: no anchor to "
              "the sparsest)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),

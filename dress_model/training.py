@@ -51,7 +51,8 @@ class TrainConfig:
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
     joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``), "sandwich",
     # "own" (the densest of the densities alone: a device trains its own subnet, the sparser ones nested in it)
-    # or "ends" (the densest and the sparsest, losses summed)
+    # "ends" (the densest and the sparsest, losses summed) or "sandwich-labels" (the sandwich's densities, each
+    # on the labels, losses summed)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -137,9 +138,10 @@ def band_mean_(model: Trainable, densities: Sequence[float]) -> None:
             p.grad.div_(len(trained))
 
 
-JOINT_RULES = ("all", "sum", "band", "sandwich", "own", "ends")  # every density: loss_weights (mean by default),
-# summed, or summed then each weight's gradient divided by its subnets (band_mean_); the sandwich; the densest
-# alone; the densest and the sparsest, summed
+JOINT_RULES = ("all", "sum", "band", "sandwich", "own", "ends", "sandwich-labels")  # every density: loss_weights
+# (mean by default), summed, or summed then each weight's gradient divided by its subnets (band_mean_); the
+# sandwich; the densest alone; the densest and the sparsest, summed; the sandwich's densities on the labels, summed
+PICKING_RULES = ("sandwich", "own", "ends", "sandwich-labels")  # rules that pick what a step trains: no anchor
 
 
 def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
@@ -272,7 +274,8 @@ def train(
     fleet's consensus; a device that also trains denser bands on its few local examples pulls them towards its
     own data, and the anchor keeps them close to what the whole fleet learnt (the federated ablation: without
     it the densest subnet ends below the sparsest on non-IID data). ``config.joint`` "sandwich" trains by
-    ``sandwich_step`` instead, its draws seeded by ``seed``."""
+    ``sandwich_step`` instead, and "sandwich-labels" draws the same densities each step but trains each on the
+    labels; their draws are seeded by ``seed``."""
     densities = tuple(config.densities or model.densities)
     for d in densities:
         model.level_of(d)  # fail early on a density the model lacks
@@ -281,11 +284,15 @@ def train(
     if config.joint not in JOINT_RULES:
         raise ValueError(f"joint must be one of {', '.join(JOINT_RULES)}, got {config.joint!r}")
     sandwich = config.joint == "sandwich"
-    if config.joint in ("own", "ends"):  # fewer subnets a step: a budget buys more steps
+    drawn = config.joint == "sandwich-labels"  # each step draws its densities, as the sandwich does
+    if config.joint in ("own", "ends", "sandwich-labels"):  # fewer subnets a step: a budget buys more steps
         if config.distill or config.loss_weights:
             raise ValueError(f"joint {config.joint!r} picks the densities it trains: it takes no distill or "
                              "loss_weights")
-        densities = densities[-1:] if config.joint == "own" else tuple(sorted({densities[0], densities[-1]}))
+        if config.joint == "own":
+            densities = densities[-1:]
+        elif config.joint == "ends":
+            densities = tuple(sorted({densities[0], densities[-1]}))
     if sandwich and (config.distill or config.loss_weights or config.classes is not None):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
                          "it takes no distill (anchor to the sparsest), loss_weights or classes")
@@ -294,7 +301,8 @@ def train(
     if config.rerank_every and isinstance(model, PackedModel):
         raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
     anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
-    weights = [1.0] * len(densities) if config.joint in ("sum", "band", "ends") else config.weights_for(densities)
+    weights = ([1.0] * len(densities) if config.joint in ("sum", "band", "ends", "sandwich-labels")
+               else config.weights_for(densities))
     importance = get_importance(config.importance)
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
@@ -305,6 +313,10 @@ def train(
         for x, y in loader:
             if sandwich:
                 losses = sandwich_step(model, x, y, densities, optimizer, rng, config.clip_norm)
+            elif drawn:
+                picked = sorted(sandwich_levels(densities, rng))
+                losses = joint_step(model, x, y, picked, [1.0] * len(picked), optimizer, classes=classes,
+                                    clip_norm=config.clip_norm)
             else:
                 losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, classes,
                                     config.clip_norm, band_mean=config.joint == "band")

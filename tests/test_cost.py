@@ -49,6 +49,8 @@ def test_a_step_costs_what_its_method_trains() -> None:
     assert step_macs(get_method("dress"), dress, 1.0, 0.0, joint="sandwich") == pytest.approx(
         TRAINED * (f[1.0] + (f[0.5] + f[0.25]) / 2 + f[0.1]))
     assert step_macs(get_method("dress"), dress, 0.1, 0.0, joint="sandwich") == TRAINED * f[0.1]
+    assert step_macs(get_method("dress"), dress, 1.0, 0.0, joint="sandwich-labels") == step_macs(
+        get_method("dress"), dress, 1.0, 0.0, joint="sandwich")  # the same subnets, another target
     assert step_macs(get_method("heterofl"), twin, 0.5, 0.0) == TRAINED * w[0.5]
     assert step_macs(get_method("fjord"), twin, 0.25, 0.0) == pytest.approx(TRAINED * (w[0.1] + w[0.25]) / 2)
     assert step_macs(get_method("fjord-kd"), twin, 0.25, 0.0) == pytest.approx(

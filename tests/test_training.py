@@ -242,6 +242,11 @@ def test_the_own_and_ends_rules_train_the_densest_alone_or_with_the_sparsest() -
     ends = train(copy.deepcopy(before), loader, TrainConfig(densities=(0.1, 0.25, 0.5), joint="ends", rerank_every=0,
                                                             recalibrate_batches=0))
     assert set(ends) == {0.1, 0.5}  # the densest and the sparsest
+    drawn = train(copy.deepcopy(before), loader, TrainConfig(densities=(0.1, 0.25, 0.5), joint="sandwich-labels",
+                                                             rerank_every=0, recalibrate_batches=0), seed=1)
+    assert set(drawn) == {0.1, 0.25, 0.5}  # three subnets: the middle one drawn, each on the labels
+    with pytest.raises(ValueError, match="takes no distill"):
+        train(model, loader, TrainConfig(joint="sandwich-labels", distill=0.5))
 
 
 def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
@@ -254,7 +259,7 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own, ends"),
+    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own, ends, sandwich-labels"),
     (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
