@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from benchmarks.reliability import declaring, measured  # noqa: E402 - crafted files: the benchmark's, tried here briefly
+from benchmarks.packed_fuzz import declaring, measured  # noqa: E402 - crafted files: the benchmark's, tried here briefly
 from dress_model.models import Architecture, create_model
 from dress_model.packed import PackedModel, pack_checkpoint
 from dress_model.packed_checks import load_bytes
