@@ -138,17 +138,18 @@ class RunSettings:
     damped: bool = setting(True, "A weight moves towards its trainers' average by their share of the round's "
                            "examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.",
                            "--damped/--undamped")
-    distill: float = setting(0.5, "Anchor-loss weight: a DRESS device's denser subnets also match the sparsest one "
-                             "it received (0 = off).", dress_only=True)
+    distill: float = setting(0.0, "Anchor-loss weight: a DRESS device's denser subnets also match the sparsest one "
+                             "it received (0 = off; --joint all or sum only).", dress_only=True)
     distill_decay: float = setting(0.0, "The last round's anchor weight as a share of --distill, cosine over the "
                                    "rounds (1 = constant).", dress_only=True)
-    joint: str = setting("all", "What a DRESS device's local step trains: all (every density at or below its own, "
-                         "mean loss), sum (the same, losses summed), band (summed, each weight's gradient divided by "
-                         "how many of those subnets hold it), sandwich (its own density on the labels; the "
-                         "sparsest and one drawn between learn from its predictions), own (its own density alone, "
-                         "the sparser ones nested in it), ends (its own and the sparsest, summed) or sandwich-labels "
-                         "(its own, the sparsest and one drawn between, each on the labels, summed); sandwich, own, "
-                         "ends and sandwich-labels need --distill 0.", dress_only=True)
+    joint: str = setting("own", "What a DRESS device's local step trains: own (its own density alone, the sparser "
+                         "ones nested in it: the fleet trains every density jointly, each device the subnet its "
+                         "budget allows; docs/DECISIONS.md), all (every density at or below its own, mean loss), "
+                         "sum (the same, losses summed), band (summed, each weight's gradient divided by how many of "
+                         "those subnets hold it), sandwich (its own density on the labels; the sparsest and one "
+                         "drawn between learn from its predictions), ends (its own and the sparsest, summed) or "
+                         "sandwich-labels (its own, the sparsest and one drawn between, each on the labels, "
+                         "summed); all but all and sum need --distill 0.", dress_only=True)
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "

@@ -18,6 +18,8 @@ from contracts.settings import RunSettings
 OTHER_TEXT = {"method": "heterofl", "densities": "1,0.5", "model": "resnet8", "dataset": "mnist",
               "data_dir": "/srv/data", "partition": "dirichlet:0.3", "mix": "pi4=100", "aggregation": "median",
               "joint": "band"}
+# What a setting needs beside it to be valid at another value (an anchor only with a rule that takes one).
+WITH = {"distill": ["--joint", "all"]}
 
 probe = typer.Typer()
 
@@ -61,7 +63,7 @@ def test_both_commands_offer_every_declared_setting(command: list[str]) -> None:
 @pytest.mark.parametrize("name", sorted(options()))
 def test_an_option_reaches_the_run_config(name: str) -> None:
     words, value = other_value(name)
-    result = CliRunner().invoke(probe, [*words, "--own", "3"])
+    result = CliRunner().invoke(probe, [*words, *WITH.get(name, []), "--own", "3"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
     config = shown["config"]

@@ -96,11 +96,11 @@ def test_the_learning_rate_anneals_over_the_rounds_to_lr_decay() -> None:
 
 
 def test_the_anchor_weight_can_anneal_over_the_rounds_too() -> None:
-    settings = RunSettings.defaults(num_rounds=30, distill=0.5, distill_decay=0.0)
+    settings = RunSettings.defaults(num_rounds=30, joint="all", distill=0.5, distill_decay=0.0)
     weights = [settings.distill_at(r) for r in range(1, 31)]
     assert weights[0] == pytest.approx(0.5) and weights[-1] == pytest.approx(0.0)
     assert all(a >= b for a, b in zip(weights, weights[1:]))
-    constant = RunSettings.defaults(num_rounds=9, distill_decay=1.0)
+    constant = RunSettings.defaults(num_rounds=9, joint="all", distill=0.5, distill_decay=1.0)
     assert {constant.distill_at(r) for r in range(1, 10)} == {constant.distill}
     with pytest.raises(SettingsError, match="distill-decay must be a number in"):
         RunSettings.defaults(distill_decay=1.5)

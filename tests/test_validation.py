@@ -321,7 +321,7 @@ def test_a_diverged_or_collapsed_round_is_not_published(sqlite_url: str, calibra
 
 def test_each_round_sends_its_own_learning_rate_and_anchor_weight(sqlite_url: str, calibration: list,
                                                                   message_identity: None) -> None:
-    settings = RunSettings.defaults(width=4, num_rounds=10, distill_decay=0.0)
+    settings = RunSettings.defaults(width=4, num_rounds=10, joint="all", distill=0.5, distill_decay=0.0)
     model = build_run_model(settings)
     with Registry(sqlite_url) as registry:
         registry.register_device("pi", "pi4", calibration)
