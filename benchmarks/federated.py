@@ -404,6 +404,7 @@ def without_method(result: dict[str, Any], method: str) -> dict[str, Any]:
     """``result`` less ``method``'s tuning and comparison runs and its calibration (its training step may have
     changed too): a resumed benchmark makes them again with today's settings."""
     return {**result, "runs": [r for r in result["runs"] if r["method"] != method],
+            "rows": [r for r in result.get("rows", []) if r["method"] != method],
             "tuning": {**result["tuning"], "runs": [r for r in result["tuning"]["runs"] if r["method"] != method]},
             "calibration": {m: c for m, c in result.get("calibration", {}).items() if m != method}}
 

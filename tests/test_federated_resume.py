@@ -52,10 +52,11 @@ def test_a_setting_only_dress_reads_redoes_dress_and_keeps_the_peers(tmp_path: P
     runs = [{"method": m, "config": {"lr": 0.1}, "rounds": 80} for m in ("dress", "heterofl", "fjord-kd")]
     tuning = [{"method": m, "config": {"lr": lr}} for m in ("dress", "heterofl") for lr in (0.1, 0.3)]
     calibration = {"dress": [{"density": 1.0}], "heterofl": [{"density": 1.0}]}
-    out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(80, 40), "runs": runs,
+    rows = [{"method": r["method"], "tier": 1.0} for r in runs]
+    out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(80, 40), "runs": runs, "rows": rows,
                                "tuning": {"runs": tuning, "best": {}}, "calibration": calibration}))
     kept = resumed(out, settings(80, 40, joint="band", distill=0.0), resume=True)
-    assert kept["runs"] == runs[1:]
+    assert kept["runs"] == runs[1:] and kept["rows"] == rows[1:]  # a report of what is kept reads no DRESS row
     assert kept["tuning"]["runs"] == tuning[2:]
     assert kept["calibration"] == {"heterofl": calibration["heterofl"]}  # DRESS's training step is timed again
     assert resumed(out, settings(80, 40), resume=True)["runs"] == runs  # unchanged: every run kept
