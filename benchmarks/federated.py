@@ -67,8 +67,9 @@ from dress_model.checkpoint import atomic_write  # noqa: E402
 from dress_model.data import load_dataset  # noqa: E402
 from dress_model.training import class_accuracy  # noqa: E402
 from runtime.processes import stop_on_sigterm  # noqa: E402
+from simulations.costs import measure_calibration  # noqa: E402
 from simulations.fleet import write_calibration  # noqa: E402
-from simulations.run import SimulationSettings, measure_calibration, run_simulation  # noqa: E402
+from simulations.run import SimulationSettings, run_simulation  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 TUNING = "tuning"  # a job's phase when it is not one of ARMS

@@ -46,8 +46,8 @@ from benchmarks.federated_stats import best_configs, ci_text, mean_ci
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings
 from runtime.processes import stop_on_sigterm
+from simulations.costs import measure_calibration
 from simulations.fleet import write_calibration
-from simulations.run import measure_calibration
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "mean+anchor": {"joint": "all", "distill": 0.5},  # every density each step, mean loss, anchored to the sparsest

@@ -156,7 +156,8 @@ def simulate_cmd(
     out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
     superlink_port: Annotated[int, typer.Option(help="Port of the simulation's SuperLink; 0 = a free one.")] = 0,
     control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane; 0 = a free one.")] = 0,
-    calibration: Annotated[Optional[Path], typer.Option(help="A calibration.json an earlier run wrote in its run directory: build the same fleet from it instead of timing the model on this machine now (timings move with the machine's load, and with them the tiers devices can afford).")] = None,
+    calibration: Annotated[Optional[Path], typer.Option(help="A calibration.json an earlier run wrote in its run directory: build the same fleet from it.")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="Time the model on this machine now, though a reference calibration ships for the run (simulations/reference_calibration.json: the app's defaults, measured on an idle machine). Timings move with the machine's load, and with them the densities devices afford.")] = False,
 ) -> None:
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
     run = run.replace(db_url=db or "")
@@ -164,7 +165,7 @@ def simulate_cmd(
     try:
         settings = SimulationSettings(run, devices=devices, traces=traces, deadline=deadline, dropout=dropout,
                                       run_dir=out, superlink_port=superlink_port, control_port=control_port,
-                                      calibration=calibration)
+                                      calibration=calibration, measure=measure)
     except ValueError as e:
         raise fail(str(e)) from None
     console.print(f"Simulating {devices} devices ({mix}; {traces} traces, deadline {deadline:g}), {rounds} rounds, "

@@ -35,6 +35,7 @@ class RunSummary:
     peak_rss_mb: float
     heartbeats: dict[str, float] = field(default_factory=dict)  # the control plane under the fleet (FleetDriver)
     centralized: dict[float, float] = field(default_factory=dict)  # the task trained centrally, per density (if known)
+    calibration_source: str = ""  # where the devices' costs came from (simulations.costs)
 
 
 def fleet_over_time(registry: Registry) -> list[dict[str, Any]]:
@@ -140,6 +141,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "fleet": summary.fleet,
         "profiles": per_profile,
         "heartbeats": summary.heartbeats,
+        "calibration_source": summary.calibration_source,
     }
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     lines = [
@@ -152,6 +154,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
            f"p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms; an online device's heartbeats came at most "
            f"{h.get('max_gap_s', 0):g} s apart (p99 {h.get('p99_gap_s', 0):g} s).", ""]
           if (h := summary.heartbeats) else []),
+        *([f"Device costs: {summary.calibration_source} (calibration.json).", ""] if summary.calibration_source else []),
         "Settings: " + ", ".join(f"`{k}={v}`" for k, v in summary.settings.items()),
         "",
         "## What each tier buys",

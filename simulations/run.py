@@ -15,17 +15,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.calibration import calibrate
-from contracts.methods import get_method
 from contracts.policy import CalibrationPoint
 from contracts.profiles import load_profiles
-from contracts.settings import APP_DIR, RunSettings, build_run_model
+from contracts.settings import APP_DIR, RunSettings
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
-from dress_model.models import create_model
-from dress_model.packed import pack_checkpoint
 from runtime.processes import pick_port
 from simulations.centralized import centralized_reference
+from simulations.costs import measure_calibration, reference_for
 from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms, read_calibration, write_calibration
 from simulations.report import RunSummary, fleet_over_time, write_report
 from simulations.traces import MIXED, check_traces, fleet_traces
@@ -46,8 +43,10 @@ class SimulationSettings:
     superlink_port: int = 0  # 0 = a free port, so simulations side by side on one machine never collide
     control_port: int = 0
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
-    calibration: Path | None = None  # a saved calibration.json: the same fleet as that run; None = measure now
-    saved: list[CalibrationPoint] | None = field(init=False, default=None, repr=False)  # what ``calibration`` holds
+    calibration: Path | None = None  # a saved calibration.json: the same fleet as that run
+    measure: bool = False  # time the model on this machine now, though a reference for the run ships
+    saved: list[CalibrationPoint] | None = field(init=False, default=None, repr=False)  # what the fleet is built from
+    calibration_source: str = field(init=False, default="")  # where ``saved`` came from, for the report
 
     def __post_init__(self) -> None:
         """Everything checkable before a process starts: a bad flag must not cost a half-started fleet."""
@@ -60,19 +59,13 @@ class SimulationSettings:
         check_traces(self.traces)
         if self.calibration is not None:  # read once, here: the file checked is the fleet built
             self.saved = read_calibration(self.calibration, self.run.model_label, self.run.density_list)
+            self.calibration_source = f"saved: {self.calibration}"
+        elif not self.measure and (reference := reference_for(self.run)) is not None:
+            self.saved, self.calibration_source = reference, "reference: shipped, measured on an idle laptop-x86"
+        else:
+            self.calibration_source = "measured on this machine at the start of the run"
         # Every virtual node must have joined before round 1; the run's state lives in the run directory.
         self.run = self.run.replace(wait_for_nodes=self.devices, state_dir=str(self.run_dir / "state"))
-
-
-def measure_calibration(run: RunSettings) -> list[CalibrationPoint]:
-    """The run's model timed on this machine (the reference laptop-x86), as an agent calibrates: DRESS's packed
-    model, or a peer's own width model training as that method does, so each method's fleet gets the tiers its
-    own model affords."""
-    model = create_model(run.architecture())
-    shape = (model.arch.in_channels, model.arch.image_size, model.arch.image_size)
-    if run.method == "dress":
-        return calibrate(pack_checkpoint(model), shape, joint=run.joint)
-    return calibrate(build_run_model(run), shape, method=get_method(run.method))
 
 
 def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, Any]], None] | None = None,
@@ -119,7 +112,7 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         coordinator.stop()
     summary = RunSummary(
         settings={**{k: str(v) for k, v in settings.run.to_run_config().items()},
-                  **{k: str(v) for k, v in asdict(settings).items() if k not in ("run", "saved")}},
+                  **{k: str(v) for k, v in asdict(settings).items() if k not in ("run", "saved", "calibration_source")}},
         rounds=rounds,
         fleet=fleet_history,
         profiles={device.name: device.profile.name for device in fleet},
@@ -128,5 +121,6 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         peak_rss_mb=coordinator.memory.peak_mb,
         heartbeats=driver.stats.summary(),
         centralized=centralized_reference(settings.run.task),
+        calibration_source=settings.calibration_source,
     )
     return write_report(settings.run_dir, summary)

@@ -10,6 +10,7 @@ from contracts.policy import CalibrationPoint
 from contracts.profiles import assign_profiles, parse_mix
 from contracts.settings import RunSettings
 from coordinator.registry import DeviceStatus, Registry
+from simulations.costs import reference_for
 from simulations.fleet import read_calibration, write_calibration
 from simulations.report import densities_per_profile, profile_table
 from simulations.run import SimulationSettings, run_simulation
@@ -64,10 +65,29 @@ def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
     assert set(profiles) == {"laptop-x86", "pi4"} and sum(sum(c.values()) for c in profiles.values()) == 20
     mean = {name: sum(float(d) * n for d, n in c.items()) / sum(c.values()) for name, c in profiles.items()}
     assert mean["laptop-x86"] > mean["pi4"] and profiles["laptop-x86"].get("1.0", 0) > 0, profiles
-    assert "## Densities trained per profile" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()
+    assert "## Densities trained per profile" in report
+    assert f"Device costs: saved: {saved_calibration}" in report and saved["calibration_source"].startswith("saved")
     # bytes to a device shrink with its density
     down = {row["density"]: row["down"] for row in saved["bytes"]}
     assert sorted(down, key=down.get) == sorted(down)
+
+
+def test_the_demos_fleet_is_built_from_the_shipped_reference_whatever_the_load(tmp_path) -> None:
+    """The app's defaults (the demo's) have a calibration measured once on an idle machine: the fleet is built
+    from it, not from timings of a machine that may be busy. Another configuration, or --measure, times this
+    machine; a saved file is that file."""
+    run = RunSettings.defaults()
+    reference = reference_for(run)
+    assert reference is not None, "no shipped calibration for the app's defaults: python -m simulations.costs"
+    assert sorted(p.density for p in reference) == sorted(run.density_list)
+    settings = SimulationSettings(run, run_dir=tmp_path)
+    assert settings.saved == reference and settings.calibration_source.startswith("reference")
+    measuring = SimulationSettings(run, run_dir=tmp_path, measure=True)
+    assert measuring.saved is None and measuring.calibration_source.startswith("measured")
+    assert reference_for(run.replace(width=8)) is None  # another model
+    assert reference_for(run.replace(joint="all")) is None  # another training step, another cost
+    assert reference_for(run.replace(method="heterofl")) is None
 
 
 MEASURED = [CalibrationPoint(1.0, 0.40, 0.5, 8.0, 6.0), CalibrationPoint(0.5, 0.25, 0.3, 5.0, 4.0),
