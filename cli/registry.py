@@ -5,6 +5,7 @@ Mounted into cli/fleet.py's app with add_typer (devices_app as "devices", db_app
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
@@ -23,6 +24,7 @@ from coordinator.registry.engine import SQLITE_FILENAME, URL_FILENAME, default_u
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
 from coordinator.registry.migrate import current_revision, head_revision, upgrade
 from coordinator.registry.repository import Registry
+from dress_model.sparsity import level_of
 
 DEFAULT_STATE_DIR = Path("state")
 DbOption = Annotated[str | None, typer.Option("--db", help="SQLAlchemy database URL (default: SQLite in --state-dir)")]
@@ -177,6 +179,9 @@ def assign(
     """Set a device's density by hand (recorded as an operator decision); its next budget change moves it."""
     with _open(ctx, db, state_dir) as registry:
         try:
+            calibrated = registry.calibrated_densities(device_id)
+            with contextlib.suppress(ValueError):  # typed: the calibrated density it stands for, if any
+                density = calibrated[level_of(calibrated, density)]
             result = registry.assign(device_id, density)
         except (DeviceNotFoundError, InvalidInputError) as e:
             raise _fail(str(e)) from e

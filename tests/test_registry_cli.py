@@ -72,6 +72,20 @@ def test_devices_show_prints_the_assignment_history(state_dir: Path) -> None:
     assert [cell.strip() for cell in ran[1:5]] == ["0.5", "5", "11.0", "2.20"]  # 3 + 2 requests, 6 + 5 ms
 
 
+def test_devices_assign_sets_a_calibrated_density_by_hand(state_dir: Path) -> None:
+    pi = str(_id(state_dir, "pi-kitchen"))
+    assign = ["devices", "assign", "--state-dir", str(state_dir), pi]
+    result = runner.invoke(app, [*assign, "0.25000000000001"])  # typed: the calibrated 0.25 it stands for
+    assert result.exit_code == 0 and f"device {pi} now runs density 0.25" in result.output, result.output
+    with Registry(state_dir=state_dir) as registry:
+        assert registry.get_device(int(pi)).current_density == 0.25
+        assert registry.device_history(int(pi))[-1].reason.value == "operator"
+    result = runner.invoke(app, [*assign, "0.3"])
+    assert result.exit_code != 0 and "not calibrated at density 0.3; calibrated: 1, 0.5, 0.25, 0.1" in result.output
+    result = runner.invoke(app, ["devices", "assign", "--state-dir", str(state_dir), "424242", "0.5"])
+    assert result.exit_code != 0 and "device 424242 is not registered" in result.output
+
+
 def test_a_device_reports_what_it_served_checked(state_dir: Path, calibration: list[CalibrationPoint]) -> None:
     pi, phone = _id(state_dir, "pi-kitchen"), _id(state_dir, "phone-anna")
     with Registry(state_dir=state_dir) as registry:
