@@ -2,8 +2,8 @@
 
 One function trains a density the way its method does (``contracts.methods``) and counts the MACs it spent
 (``dress_model.cost``); one says how many passes over its data a device takes. In the equal-rounds protocol
-every method takes ``epochs`` passes, each of its own steps (a DRESS step trains every density at or below the
-device's, a FjORD-KD step a teacher and a student). Compute-matched, a device at density ``d`` spends per example
+every method takes ``epochs`` passes, each of its own steps (a DRESS step trains what its ``joint`` rule says,
+a FjORD-KD step a teacher and a student). Compute-matched, a device at density ``d`` spends per example
 what ``epochs`` trained passes of ``d`` times the full model's MACs cost, whatever its method — the density is
 a share of the model, and the budget is that share of training the full model: a method whose step costs more
 takes fewer steps (``compute_budget``).
@@ -79,7 +79,7 @@ def train_density(method: Method, model: DressModel | PackedModel, density: floa
                   config: TrainConfig, seed: int) -> tuple[dict[float, float], int]:
     """Train ``model`` at ``density`` as ``method`` does; (last losses per density, MACs spent).
 
-    DRESS trains its packed subnet (every density it holds, jointly); a peer its width model's ``density``."""
+    DRESS trains its packed subnet by its ``joint`` rule; a peer its width model's ``density``."""
     if method.label_split and config.classes is None:
         raise ValueError(f"{method.name} trains on its device's labels: config.classes must name them")
     config = dataclasses.replace(config, clip_norm=method.clip_norm)

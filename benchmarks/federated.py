@@ -20,8 +20,8 @@ tiers follow how its cost falls with the level, and none buys a wider tier with 
    split; score = mean over tiers of the last round's model. The best configuration is the method's in both arms.
 2. Two arms. equal-rounds: every method trains ``--epochs`` local passes with its own step. equal-compute: each
    device at tier t spends per example ``--epochs`` × t × a trained pass of the full model's MACs, and each
-   method fits its steps into that (``agent.local_training``: a DRESS step trains several densities, so it
-   takes fewer).
+   method fits its steps into that (``agent.local_training``: a step that trains several densities, as DRESS's
+   other ``--joint`` rules and FjORD-KD's do, costs more, so the method takes fewer).
 3. Seeds are the same for every method, so DRESS − peer is paired by seed. A row's accuracy is the last round's
    published model on the whole test split at one tier (fedavg-small serves every tier with its one model;
    fedavg-capable serves only d=1).

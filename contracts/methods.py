@@ -5,7 +5,8 @@ row-sparse backbone, or a width-nested twin with the same parameter count per de
 whose budget allows a given one trains, and how it trains it (``agent.client_app``). Everything else — devices, budgets, data
 split, rounds, local epochs, examples — is the run's, whatever the method.
 
-- ``dress``: every device trains its own density and every sparser one (nested row-sparse prefixes).
+- ``dress``: every device trains its own density of the nested row-sparse backbone (by default; ``--joint``
+  may add the sparser ones).
 - ``heterofl``: each device trains the width prefix of its density; static BN, scaler, logits masked to the
   device's own labels, gradients clipped to norm 1, and every weight averaged over the devices that hold it,
   each class's classifier row over the devices holding that class, one vote per device (Diao et al. 2021, as
