@@ -30,7 +30,7 @@ from dress_model.cost import forward_macs
 from dress_model.data import ImageDataset, load_dataset
 from dress_model.models import DressModel, create_model
 from dress_model.packed import PackedModel
-from dress_model.sparsity import check_level
+from dress_model.sparsity import density_at
 from dress_model.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def train_subnet(msg: Message, context: Context) -> Message:
     loader = data.loader(int(config["batch-size"]), shuffle=True, seed=seed)
     densities = _run_model(settings).densities
     try:
-        density = densities[check_level(densities, config["level"])]
+        density = density_at(densities, config["level"])
     except ValueError as e:
         raise ValueError(f"train message config: {e}") from None
     if settings.method == "dress":

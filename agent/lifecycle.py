@@ -30,7 +30,7 @@ from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
 from contracts.wire import architecture_from_proto, calibration_to_proto
-from dress_model.sparsity import check_level
+from dress_model.sparsity import density_at
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from runtime.certificates import CertificateError, channel_credentials, is_loopback, mutual_server_credentials
@@ -171,7 +171,7 @@ class Agent:
             log.info("enrolled as %s (device %d); credential stored in %s", name, registration.device_id,
                      c.state_dir)
         try:
-            first = arch.densities[check_level(arch.densities, registration.level)]
+            first = density_at(arch.densities, registration.level)
         except ValueError as e:
             raise AgentError(f"coordinator at {c.coordinator} assigned a level its model lacks: {e}") from None
         self.served = served = ServedModel(packed, first, latency=LatencyModel(

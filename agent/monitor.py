@@ -20,7 +20,7 @@ import grpc
 from agent.budget import BudgetSource
 from agent.usage import UsageLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
-from dress_model.sparsity import check_level
+from dress_model.sparsity import density_at
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -106,7 +106,7 @@ class BudgetMonitor:
                 if self.usage is not None:
                     self.usage.put_back(ran)  # not heard: report it with the next heartbeat
                 raise
-            self.density = self.densities[check_level(self.densities, answer.level)]
+            self.density = density_at(self.densities, answer.level)
             self._serve()
             if answer.model_version and answer.model_version != self.model_version:
                 try:

@@ -7,20 +7,19 @@ from collections.abc import Iterable
 
 from contracts.policy import CalibrationPoint
 from dress_model.models import Architecture
-from dress_model.sparsity import check_level, level_of
+from dress_model.sparsity import density_at, level_of
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
 
 def architecture_to_proto(arch: Architecture) -> pb.Architecture:
-    return pb.Architecture(name=arch.name, densities=arch.densities, width=arch.width, in_channels=arch.in_channels,
-                           num_classes=arch.num_classes, image_size=arch.image_size, bn_affine=arch.bn_affine)
+    """The message holds the dataclass's fields under their own names."""
+    return pb.Architecture(**arch.to_json())
 
 
 def architecture_from_proto(message: pb.Architecture) -> Architecture:
     """ValueError (from Architecture's own checks) for an architecture this build cannot make."""
-    return Architecture(name=message.name, densities=tuple(message.densities), width=message.width,
-                        in_channels=message.in_channels, num_classes=message.num_classes,
-                        image_size=message.image_size, bn_affine=message.bn_affine)  # type: ignore[arg-type]
+    fields = {name: getattr(message, name) for name in Architecture.__dataclass_fields__}
+    return Architecture.from_json({**fields, "densities": list(message.densities)})
 
 
 def calibration_to_proto(points: Iterable[CalibrationPoint], densities: tuple[float, ...]) -> list[pb.CalibrationPoint]:
@@ -31,5 +30,5 @@ def calibration_to_proto(points: Iterable[CalibrationPoint], densities: tuple[fl
 def calibration_from_proto(points: Iterable[pb.CalibrationPoint],
                            densities: tuple[float, ...]) -> list[CalibrationPoint]:
     """ValueError for a level outside ``densities`` or numbers out of range (CalibrationPoint's checks)."""
-    return [CalibrationPoint(densities[check_level(densities, p.level)], p.latency_ms, p.memory_mb, p.train_ms,
-                             p.train_memory_mb) for p in points]
+    return [CalibrationPoint(density_at(densities, p.level), p.latency_ms, p.memory_mb, p.train_ms, p.train_memory_mb)
+            for p in points]

@@ -27,7 +27,7 @@ from contracts.wire import architecture_to_proto, calibration_from_proto
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
 from coordinator.supernodes import KeyChange, KeyRetiredError, SupernodeKeys
 from dress_model.models import Architecture
-from dress_model.sparsity import check_level, level_of
+from dress_model.sparsity import density_at, level_of
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
@@ -133,7 +133,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         credential = ""
         with _status_on_error(context):  # checked before a SuperNode key costs the SuperLink a registration
             calibration = validate_calibration(calibration_from_proto(request.calibration, self._densities))
-            measured = sorted(self._densities.index(p.density) for p in calibration)
+            measured = sorted(p.level for p in request.calibration)  # each one checked, none twice
             if measured != list(range(len(self._densities))):
                 raise InvalidInputError(
                     f"calibration must measure every level 0-{len(self._densities) - 1} of the fleet's densities "
@@ -193,7 +193,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
 
     def _density(self, level: int) -> float:
         """The density a level a device sent stands for; ValueError (INVALID_ARGUMENT) for one out of range."""
-        return self._densities[check_level(self._densities, level)]
+        return density_at(self._densities, level)
 
     def _level(self, density: float) -> int:
         return level_of(self._densities, density)

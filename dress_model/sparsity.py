@@ -89,6 +89,12 @@ def check_level(densities: Sequence[float], level: int) -> int:
     return level
 
 
+def density_at(densities: Sequence[float], level: int) -> float:
+    """The density a level from another process stands for; ValueError (``check_level``'s) for one that indexes
+    nothing."""
+    return densities[check_level(densities, level)]
+
+
 def keep_count(density: float, cols: int) -> int:
     """k_d = ceil(d * cols), at least 1; the epsilon stops 0.3*10 = 3.0000000000000004 from becoming 4."""
     return max(1, min(cols, math.ceil(density * cols - 1e-9)))

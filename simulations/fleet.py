@@ -30,7 +30,7 @@ from contracts.policy import Budget, CalibrationPoint
 from contracts.profiles import Profile
 from contracts.wire import calibration_to_proto
 from dress_model.checkpoint import atomic_write
-from dress_model.sparsity import level_of
+from dress_model.sparsity import density_at, level_of
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 from simulations.traces import TracePoint, at
@@ -203,7 +203,7 @@ class FleetDriver:
         def settle(device: VirtualDevice, future: grpc.Future, sent: float) -> None:
             reply = future.result()
             device.device_id, device.credential = reply.device_id, reply.credential
-            device.density = self.densities[reply.level]
+            device.density = density_at(self.densities, reply.level)
 
         self._concurrently(self.fleet, call, settle)
 
@@ -237,7 +237,7 @@ class FleetDriver:
         def settle(beat: tuple[VirtualDevice, Budget], future: grpc.Future, sent: float) -> None:
             device = beat[0]
             try:
-                device.density = self.densities[future.result().level]
+                device.density = density_at(self.densities, future.result().level)
                 self.stats.record(time.perf_counter() - sent)
             except grpc.RpcError as e:
                 self.stats.lost += 1
