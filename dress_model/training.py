@@ -285,7 +285,7 @@ def train(
         raise ValueError(f"joint must be one of {', '.join(JOINT_RULES)}, got {config.joint!r}")
     sandwich = config.joint == "sandwich"
     drawn = config.joint == "sandwich-labels"  # each step draws its densities, as the sandwich does
-    if config.joint in ("own", "ends", "sandwich-labels"):  # fewer subnets a step: a budget buys more steps
+    if config.joint in PICKING_RULES and not sandwich:  # fewer subnets a step: a budget buys more steps
         if config.distill or config.loss_weights:
             raise ValueError(f"joint {config.joint!r} picks the densities it trains: it takes no distill or "
                              "loss_weights")
