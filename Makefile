@@ -7,11 +7,13 @@ TORCH  ?= torch==2.13.0
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo train test bench-accuracy clean
+.PHONY: setup demo train test test-aarch64 bench-accuracy clean
 
 NGINX  := /usr/sbin/nginx
+NFQUEUE := /usr/include/libnetfilter_queue/libnetfilter_queue.h
+IPTABLES := /usr/sbin/iptables
 
-setup: $(VENV)/.installed $(FMNIST) $(NGINX)
+setup: $(VENV)/.installed $(FMNIST) $(NGINX) $(IPTABLES)
 
 # A Debian package, installed with sudo where we are not root; `apt-get update` only when the lists lack it.
 define apt_install
@@ -22,12 +24,20 @@ define apt_install
 endef
 
 # torch first, CPU build: a local wheel where the machine has one, else PyTorch's CPU index.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml | $(NFQUEUE)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH) || $(PIP) install -q $(TORCH) --index-url https://download.pytorch.org/whl/cpu
 	$(PIP) install -q -e '.[simulation,dev]'  # everything: a device alone needs only the base install
 	touch $@
+
+# The dev extra's NetfilterQueue (the bad-network tests' link emulator, benchmarks/netem_queue.py) builds against it.
+$(NFQUEUE):
+	$(call apt_install,libnetfilter-queue-dev,no $(NFQUEUE): install Debian's libnetfilter-queue-dev (NetfilterQueue builds against it))
+
+# iptables sends a test host's packets to that emulator where the kernel has no netem.
+$(IPTABLES):
+	$(call apt_install,iptables,no $(IPTABLES): install Debian's iptables (the bad-network tests use it))
 
 # Fashion-MNIST ships as a Debian package; elsewhere pass --data-dir to the CLI.
 $(FMNIST):
@@ -51,6 +61,12 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The wheel built on aarch64, installed where there is no compiler, its kernel tests and served model checked
+# there, all under qemu emulation (root; tests/aarch64/run.sh says how).
+test-aarch64: setup
+	$(call apt_install,qemu-user-static binfmt-support debootstrap,test-aarch64 needs Debian's qemu-user-static binfmt-support debootstrap)
+	PY=$(PY) tests/aarch64/run.sh
 
 bench-accuracy: setup
 	$(PY) -m benchmarks.accuracy

@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.budget import BudgetSource
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS, calibrate, image_shape, initial_model
 from agent.latency import LatencyModel
-from agent.model_fetch import ModelFetchError, ModelUpdater
+from agent.model_fetch import ModelFetchError, ModelFollower, ModelUpdater
 from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
 from agent.served_model import ServedModel
 from agent.serving import AgentIdentity, AgentServer, serve
@@ -42,6 +42,10 @@ CONTROL_PLANE = pb.DESCRIPTOR.services_by_name["ControlPlane"].full_name
 DEFAULT_SERVE_PORT = 50061
 DEFAULT_SUPERNODE_PORT = 9094  # Flower's default ClientAppIo port
 SUPERVISE_EVERY_S = 1.0
+KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
+             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+"""gRPC channel options of an agent's connection to the coordinator: a ping every 10 s, idle or not, answered within
+5 s or the connection counts as dead (the coordinator's control plane allows that rate)."""
 
 
 class AgentError(RuntimeError):
@@ -95,8 +99,10 @@ def connect_coordinator(address: str, timeout: float, ca: Path | None = None) ->
     With ``ca`` the coordinator must present a certificate the fleet CA signed; without, plaintext is for a
     coordinator on loopback only."""
     # gRPC backs off reconnecting up to 2 minutes by default; a restarted coordinator should hear from
-    # its fleet within a few heartbeats instead.
-    options = [("grpc.max_reconnect_backoff_ms", 10_000)]
+    # its fleet within a few heartbeats instead. Keepalive pings, idle or not, find a connection whose
+    # network went away (nothing comes back, nothing says so) within seconds: gRPC then drops it and
+    # reconnects, rather than sending every heartbeat and download into it until TCP gives up.
+    options = [("grpc.max_reconnect_backoff_ms", 10_000), *KEEPALIVE]
     if ca is not None:
         try:
             channel = grpc.secure_channel(address, channel_credentials(ca), options=options)
@@ -131,6 +137,7 @@ class Agent:
         self.supernode: ManagedProcess | None = None
         self.predict: AgentServer | None = None
         self.monitor: BudgetMonitor | None = None
+        self.follower: ModelFollower | None = None
         self._running = contextlib.ExitStack()
 
     def start(self) -> None:
@@ -196,9 +203,12 @@ class Agent:
         except RuntimeError as e:  # the port is taken
             raise AgentError(str(e)) from None
         self._running.callback(self.predict.stop)
+        self.follower = ModelFollower(updater)  # downloads off the heartbeat's thread, retried with backoff
+        self.follower.start()
+        self._running.callback(self.follower.stop)
         self.monitor = BudgetMonitor(stub, arch.densities, c.budget, density=served.assigned_density,
                                      model_version=served.version, on_density=served.set_density,
-                                     on_model_version=updater,
+                                     on_model_version=self.follower,
                                      interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
                                      calibration=self.calibration,
                                      usage=served.usage)
@@ -274,5 +284,6 @@ class Agent:
         return True
 
     def stop(self) -> None:
-        """Budget monitor, Predict server, SuperNode, coordinator channel: the reverse of starting; idempotent."""
+        """Budget monitor, model downloads, Predict server, SuperNode, coordinator channel: the reverse of starting;
+        idempotent."""
         self._running.close()

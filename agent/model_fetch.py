@@ -1,14 +1,22 @@
 """A new model version from the coordinator: downloaded and verified off to the side (size, digest, the packed
-file's own checks), then handed to the served model to swap in."""
+file's own checks), then handed to the served model to swap in.
+
+The heartbeat learns of a version; ``ModelFollower`` downloads it on a thread of its own, so a slow or stalled
+download (a bad link: a model takes a while at a few percent loss) never holds up the heartbeats that keep the
+device online, and a failed one is retried with backoff rather than at every heartbeat."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
+from agent.backoff import Backoff
 from agent.served_model import ServedModel
 from dress_model.packed import PackedModel
 from dress_model.packed_format import PackedFormatError
@@ -21,6 +29,7 @@ MAX_MODEL_BYTES = 1 << 30  # a sanity bound on what a coordinator may announce, 
 
 
 DEFAULT_FETCH_TIMEOUT_S = 120.0
+FETCH_RETRY_S, FETCH_RETRY_CAP_S = 1.0, 60.0  # a failed download's first retry, and the longest wait between two
 
 
 class ModelFetchError(RuntimeError):
@@ -91,3 +100,71 @@ class ModelUpdater:
         self.served.swap(fetched.packed, fetched.version)
         log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
                  ", ".join(f"{d:g}" for d in fetched.packed.densities))
+
+
+class ModelFollower:
+    """Follows the versions the heartbeat announces (the monitor's ``on_model_version``) without holding it up.
+
+    Called with a version, it returns at once; its thread brings the served model to the newest version it was
+    given with ``update`` (a ``ModelUpdater``). A failed download is retried, for the newest version announced by
+    then, after exponential backoff with jitter (``backoff``); it says so when downloads start failing and when one
+    works again, not at every retry."""
+
+    def __init__(self, update: Callable[[str], object], backoff: Backoff | None = None) -> None:
+        self.update = update
+        self.backoff = backoff or Backoff(FETCH_RETRY_S, FETCH_RETRY_CAP_S)
+        self.wanted: str | None = None  # the newest version announced
+        self.served: str | None = None  # the last version brought in by this follower
+        self._lock = threading.Lock()
+        self._announced = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="model-fetch", daemon=True)
+        self._failing_since = 0.0
+
+    def __call__(self, version: str) -> None:
+        with self._lock:
+            self.wanted = version
+        self._announced.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether its thread is alive (after ``stop``: a download still in flight)."""
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop; a download in flight is left to its own deadline (closing the channel ends it); idempotent."""
+        self._stopping.set()
+        self._announced.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            self._announced.wait()
+            if self._stopping.is_set():
+                return
+            self._announced.clear()
+            with self._lock:
+                version = self.wanted
+            if version is None or version == self.served:
+                continue
+            try:
+                self.update(version)
+            except Exception as e:  # noqa: BLE001 - whatever broke this download, the next may work
+                if self.backoff.failed():
+                    self._failing_since = time.monotonic()
+                    log.warning("cannot download model version %r yet (%s); retrying with backoff up to %g s, "
+                                "logged again once one works", version, e, self.backoff.cap)
+                else:
+                    log.debug("model download failed again (%s), %d in a row", e, self.backoff.failures)
+                self._announced.set()  # try again, after the backoff (or when stopped)
+                if self._stopping.wait(self.backoff.delay()):
+                    return
+                continue
+            self.served = version
+            if failed := self.backoff.succeeded():
+                log.info("model version %s downloaded after %d failed tries (%.0f s)", version, failed,
+                         time.monotonic() - self._failing_since)

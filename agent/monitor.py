@@ -1,8 +1,9 @@
 """The agent's heartbeat: report the budget, learn the density to run and the model version to serve.
 
 One background thread, one heartbeat per interval. The coordinator being briefly away (restart, network
-blip) must not take inference down with it: failed heartbeats are logged and retried with backoff while
-the agent keeps serving. Given its calibration, the agent also decides on its own, at every tick and before
+blip) must not take inference down with it: failed heartbeats are retried with exponential backoff and jitter
+(``agent.backoff``) while the agent keeps serving, and logged when heartbeats stop and when they work again, not
+at every try. Given its calibration, the agent also decides on its own, at every tick and before
 asking anyone: it serves the densest subnet its live budget allows (the same policy the coordinator runs),
 never above the coordinator's answer — so a load spike moves it at once, and with the coordinator
 unreachable adaptation goes on.
@@ -11,12 +12,13 @@ unreachable adaptation goes on.
 from __future__ import annotations
 
 import logging
-import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import grpc
 
+from agent.backoff import Backoff
 from agent.budget import BudgetSource
 from agent.usage import UsageLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
@@ -65,13 +67,14 @@ class BudgetMonitor:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
         self.stub, self.densities, self.source = stub, densities, source
         self.interval, self.rpc_timeout = interval, rpc_timeout
-        self.max_backoff = max(max_backoff, interval)
+        self.backoff = Backoff(interval, max_backoff)  # between heartbeats: the interval, longer after failures
         self.density, self.model_version = density, model_version  # the coordinator's last answer
         self._table = validate_calibration(calibration) if calibration else None
         self.local: float | None = None  # what the live budget allows, by this device's own calibration
         self._given: tuple[float, float | None] = (density, None)  # what on_density was last given
         self.usage = usage  # what Predict ran, reported with each heartbeat
-        self.failures = 0  # consecutive failed heartbeats
+        self._failing: set[str] = set()  # how heartbeats failed since they last worked (each logged once)
+        self._failing_since = 0.0
         self._on_density, self._on_model_version = on_density, on_model_version
         self._beat_lock = threading.Lock()  # heartbeat_now() from a test and the thread never interleave
         self._stopping = threading.Event()
@@ -125,26 +128,50 @@ class BudgetMonitor:
                      "-" if self.local is None else f"{self.local:g}")
             self._given = (self.density, self.local)
 
+    @property
+    def failures(self) -> int:
+        """Heartbeats failed in a row."""
+        return self.backoff.failures
+
+    @property
+    def max_backoff(self) -> float:
+        return self.backoff.cap
+
     def next_delay(self) -> float:
-        """The interval while healthy; after failures, exponential backoff with jitter so a fleet does not
-        reconnect to a restarted coordinator in lockstep."""
-        if not self.failures:
-            return self.interval
-        return min(self.interval * 2**self.failures, self.max_backoff) * random.uniform(0.5, 1.0)
+        """The interval while healthy; after failures, exponential backoff with jitter (capped at
+        ``max_backoff``), so a device neither spins while cut off nor a fleet returns to a restarted coordinator
+        in lockstep."""
+        return self.backoff.delay()
 
     def _run(self) -> None:
         delay = 0.0  # report the budget as soon as we start
         while not self._stopping.wait(delay):
             try:
                 self.heartbeat_now()
-                if self.failures:
-                    log.info("heartbeat to the coordinator works again after %d failures", self.failures)
-                self.failures = 0
+                self._recovered()
             except grpc.RpcError as e:
-                self.failures += 1
-                level = logging.WARNING if e.code() in TRANSIENT else logging.ERROR
-                log.log(level, "heartbeat failed (%s: %s); retrying", e.code().name, e.details())
-            except Exception:  # e.g. a budget reading the coordinator's Budget refuses: try the next one
-                self.failures += 1
-                log.exception("heartbeat failed; retrying")
+                self._failed(f"{e.code().name}: {e.details()}",
+                             logging.WARNING if e.code() in TRANSIENT else logging.ERROR)
+            except Exception as e:  # e.g. a budget reading the coordinator's Budget refuses: try the next one
+                self._failed(f"{type(e).__name__}: {e}", logging.ERROR, exc_info=True)
             delay = self.next_delay()
+
+    def _failed(self, why: str, level: int, exc_info: bool = False) -> None:
+        """Count a failed heartbeat; say so when heartbeats start failing, or fail in a way not seen since they
+        last worked (a gRPC status code, an exception type), not at every retry: a device cut off for an hour
+        would otherwise log hundreds of lines."""
+        if self.backoff.failed():
+            self._failing_since = time.monotonic()
+        kind = why.split(":", 1)[0]
+        if kind not in self._failing:
+            log.log(level, "heartbeat failed (%s); retrying with backoff up to %g s (said once until it works again)",
+                    why, self.max_backoff, exc_info=exc_info)
+            self._failing.add(kind)
+        else:
+            log.debug("heartbeat failed again (%s), %d in a row", why, self.failures)
+
+    def _recovered(self) -> None:
+        if failed := self.backoff.succeeded():
+            log.info("heartbeat to the coordinator works again after %d failures (%.0f s)", failed,
+                     time.monotonic() - self._failing_since)
+        self._failing.clear()

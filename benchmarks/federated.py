@@ -104,7 +104,8 @@ HETEROFL_MNIST = {  # rates: (IID, non-IID global) %, Flower's baselines/heterof
 MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
 GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
 RESTARTING = ("rounds",)  # settings a resumed benchmark may change: the comparison runs made otherwise are redone
-ADDED_SETTINGS = {"joint": "all"}  # app settings newer than a results file: the value that file's runs ran with
+# app settings newer than a results file: the value that file's runs ran with
+ADDED_SETTINGS = {"joint": "all", "round-timeout-s": 3600.0}
 DEVIATIONS = [
     "Tiers are parameter-matched widths: each peer's tier holds no more parameters than DRESS's subnet at the same "
     "density, rather than the published width rates (HeteroFL's 1, 1/2, 1/4, ...).",
@@ -376,7 +377,8 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
         return {}
     if not of_this_protocol(previous):
         raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
-    theirs = {**previous["settings"], "app": {**ADDED_SETTINGS, **previous["settings"]["app"]}}
+    added = {k: v for k, v in ADDED_SETTINGS.items() if k in settings["app"]}
+    theirs = {**previous["settings"], "app": {**added, **previous["settings"]["app"]}}
     if theirs.get("tuning") and "rounds" not in theirs["tuning"]:  # written when tuning ran the comparison's rounds
         theirs["tuning"] = {**theirs["tuning"], "rounds": theirs["rounds"]}
     if grid_grew(theirs.get("tuning"), settings.get("tuning")):  # the new configurations are tuned on resume

@@ -156,6 +156,7 @@ def simulate_cmd(
     out: Annotated[Path, typer.Option(help="Run directory for report.md, metrics.json and plots.")] = Path("runs/simulation"),
     superlink_port: Annotated[int, typer.Option(help="Port of the simulation's SuperLink; 0 = a free one.")] = 0,
     control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane; 0 = a free one.")] = 0,
+    ray_address: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="An existing Ray cluster's address, e.g. HEAD:6379 (run this on a node of the cluster) or ray://HEAD:10001 (Ray Client); default: a Ray started on this machine for the run. The README says how to set up a cluster.")] = SimulationSettings.ray_address,
     calibration: Annotated[Optional[Path], typer.Option(help="A calibration.json an earlier run wrote in its run directory: build the same fleet from it.")] = None,
     measure: Annotated[bool, typer.Option("--measure", help="Time the model on this machine now, though a reference calibration ships for the run (simulations/reference_calibration.json: the app's defaults, measured on an idle machine). Timings move with the machine's load, and with them the densities devices afford.")] = False,
 ) -> None:
@@ -165,11 +166,12 @@ def simulate_cmd(
     try:
         settings = SimulationSettings(run, devices=devices, traces=traces, deadline=deadline, dropout=dropout,
                                       run_dir=out, superlink_port=superlink_port, control_port=control_port,
-                                      calibration=calibration, measure=measure)
+                                      ray_address=ray_address, calibration=calibration, measure=measure)
     except ValueError as e:
         raise fail(str(e)) from None
     console.print(f"Simulating {devices} devices ({mix}; {traces} traces, deadline {deadline:g}), {rounds} rounds, "
-                  f"{fraction:g} of the fleet per round")
+                  f"{fraction:g} of the fleet per round" + (f", on the Ray cluster at {escape(settings.ray_address)}"
+                                                       if settings.ray_address else ""))
     with progress_bar() as progress:
         task = progress.add_task("rounds", total=rounds, info="starting the fleet, SuperLink and Ray")
 

@@ -44,12 +44,14 @@ def train_config(settings: RunSettings) -> ConfigRecord:
 
 
 def train_message(node_id: int, subnet: ArrayRecord, config: ConfigRecord, server_round: int,
-                  level: int) -> Message:
+                  level: int, ttl: float | None = None) -> Message:
     """``level``: the densest subnet the device trains, as its index in the run's model's densities; DRESS's packed
-    file says it too, a peer's slices do not."""
+    file says it too, a peer's slices do not. ``ttl``: seconds the message lives (Flower's default: 12 hours); a
+    round's messages live as long as the round waits, so a device that comes back after it never pulls a round
+    that is over (and trains it, late for the next one), and a reply after it is refused at the SuperLink."""
     config = ConfigRecord({**config, "server-round": server_round, "level": level})
     content = RecordDict({"arrays": subnet, "config": config})
-    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN)
+    return Message(content, dst_node_id=node_id, message_type=MessageType.TRAIN, ttl=ttl)
 
 
 def train_reply(train: Message, trained: ArrayRecord, metrics: dict[str, float]) -> Message:

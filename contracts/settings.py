@@ -157,6 +157,10 @@ class RunSettings:
     heartbeat_s: float = setting(5.0, "Devices heartbeat at least this often (seconds); silent for "
                                  f"{STALE_HEARTBEATS} heartbeats, a device is offline. Raise it for very large "
                                  "fleets.", "--heartbeat-s")
+    round_timeout_s: float = setting(3600.0, "How long a round waits for its devices' updates (seconds); then it "
+                                     "goes on with those that arrived (a device cut off or too slow misses the "
+                                     "round), and a device whose calibrated training would not fit it sits the "
+                                     "round out.", "--round-timeout")
     node_auth: bool = setting(False, "Only SuperNodes the coordinator registered at enrollment connect, and each "
                               "node's device is the one whose key it holds (the coordinator sets it with --certs).",
                               None)
@@ -187,6 +191,7 @@ class RunSettings:
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
             (self.validation >= 0, "validation", "an integer >= 0 (0 = evaluate on the test split)"),
             (0 < self.heartbeat_s <= 3600, "heartbeat-s", "a number of seconds in (0, 3600]"),
+            (self.round_timeout_s > 0, "round-timeout-s", "a number of seconds > 0"),
             (self.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
             (self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}"),
             (self.method in METHODS, "method", f"one of {', '.join(METHODS)}"),

@@ -254,6 +254,10 @@ def serve(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", chunk_bytes + 64 * 1024),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share its traffic
+            # agents ping every 10 s, idle or not, to find a dead network fast (agent.lifecycle.KEEPALIVE);
+            # gRPC's default would answer pings more often than every 5 minutes with GOAWAY
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ],
     )
     servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,

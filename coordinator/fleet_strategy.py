@@ -119,7 +119,7 @@ class FleetStrategy(Strategy):
         self.average: DressModel | None = None  # what is published when server_average > 0 (update_average)
         self.membership = Membership(registry, node_auth)
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
-        self.round_timeout_s = round_timeout_s  # a device's training must fit it (its calibrated step time)
+        self.round_timeout_s = round_timeout_s  # a device's training must fit it; its messages live that long
         self.train_steps: int | None = None  # the most steps a device takes this round (configure_train)
         self.sent: dict[int, Sent] = {}  # node id -> what its device was sent this round
         self.stats: dict[int, RoundStats] = {}
@@ -163,7 +163,8 @@ class FleetStrategy(Strategy):
             sent, record, expected = payloads[density]
             self.sent[node] = Sent(info.id, density, sent, expected)
             stats.bytes_down.setdefault(density, []).append(record_nbytes(record))
-            messages.append(train_message(node, record, config, server_round, self.model.densities.index(density)))
+            messages.append(train_message(node, record, config, server_round, self.model.densities.index(density),
+                                          ttl=self.round_timeout_s))
         return messages
 
     def aggregate_train(

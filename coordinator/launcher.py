@@ -75,9 +75,10 @@ STATUS_EVERY_S = 20.0  # between checks of the run's status while rounds are sti
 
 class Coordinator:
     def __init__(self, settings: RunSettings, endpoints: Endpoints, simulation: bool = False,
-                 certs: FleetCertificates | None = None) -> None:
+                 certs: FleetCertificates | None = None, ray_address: str | None = None) -> None:
         """``certs``: TLS on the control plane and the SuperLink. Without them both speak plaintext, which is
-        refused on any address but loopback (CertificateError)."""
+        refused on any address but loopback (CertificateError). ``ray_address`` (simulation): an existing Ray
+        cluster the virtual devices train on, instead of a Ray started for the run."""
         if certs is None and not is_loopback(endpoints.host):
             raise CertificateError(f"plaintext is for loopback only; serving {endpoints.host} needs the fleet's "
                                    "certificates (--certs DIR; `dress-fleet certs init` makes a test fleet's)")
@@ -87,6 +88,7 @@ class Coordinator:
         self.settings = settings.replace(state_dir=str(self.state_dir.resolve()), node_auth=certs is not None)
         self.endpoints = endpoints
         self.simulation = simulation
+        self.ray_address = ray_address
         self.memory = ProcessTreeMemory()
         self.registry: Registry | None = None
         self.server: grpc.Server | None = None
@@ -104,12 +106,13 @@ class Coordinator:
         self.registry = Registry(state_dir=self.state_dir)
         if self.certs is None:  # plaintext: loopback only (checked in __init__), so the SuperLink itself listens
             self.superlink = fr.start_superlink(self.state_dir, self.endpoints.host, self.endpoints.superlink_port,
-                                                simulation=self.simulation)
+                                                simulation=self.simulation, ray_address=self.ray_address)
         else:  # devices reach only the Fleet API, through nginx; run/stop/ls/register stay on loopback
             proxy = FleetProxy(self.endpoints.host, self.endpoints.superlink_port, fr.pick_port(), self.certs)
             nginx_binary()  # ProxyUnavailableError, saying how to install one, before anything starts
             self.superlink = fr.start_superlink(self.state_dir, "127.0.0.1", proxy.upstream_port,
-                                                simulation=self.simulation, certs=self.certs)
+                                                simulation=self.simulation, certs=self.certs,
+                                                ray_address=self.ray_address)
             self.proxy = proxy.start(self.state_dir)
         self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
                             ModelStore(self.registry, create_model(architecture)),

@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 CALIBRATION_IMAGES = 1024  # server-held slice of the training split that recalibrates BN after aggregation
-ROUND_TIMEOUT_S = 3600
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout_s: float = 300.0) -> None:
@@ -122,7 +121,7 @@ def main(grid: Grid, context: Context) -> None:
                       round_config=lambda r: {"lr": settings.lr_at(r),
                                               **({"distill": settings.distill_at(r)} if dress else {})},
                       server_momentum=settings.server_momentum, first_round=done + 1, node_auth=settings.node_auth,
-                      aggregation=Aggregation.parse(settings.aggregation), round_timeout_s=ROUND_TIMEOUT_S,
+                      aggregation=Aggregation.parse(settings.aggregation), round_timeout_s=settings.round_timeout_s,
                       server_average=settings.server_average, damped=settings.damped,
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
@@ -137,7 +136,7 @@ def main(grid: Grid, context: Context) -> None:
             wait_for_reconnect(grid, registry, settings, started)
         wait_for_nodes(grid, settings.wait_for_nodes)
         result = strategy.start(grid, ArrayRecord(torch_state_dict=model.state_dict()),
-                                num_rounds=settings.num_rounds - done, timeout=ROUND_TIMEOUT_S,
+                                num_rounds=settings.num_rounds - done, timeout=settings.round_timeout_s,
                                 train_config=train_config(settings), evaluate_fn=publisher)
         log.info("run finished: %s", result.evaluate_metrics_serverapp.get(settings.num_rounds - done))
     finally:

@@ -122,6 +122,8 @@ In a real fleet the devices' training runs on the devices; simulated on one mach
 CPU from the control plane and the registry, and heartbeats would fall behind for a reason no deployment has."""
 
 
+RAY_ADDRESS = "RAY_ADDRESS"  # the cluster `ray.init()` joins (Ray's own variable); unset: it starts a Ray of its own
+
 REAPER = Path(__file__).with_name("reaper.py")
 PREDECESSOR_WAIT_S = 30.0  # a restarted device waits this long for its killed predecessor's SuperNode to go
 
@@ -218,11 +220,16 @@ def _group_alive(pgid: int) -> bool:
 
 
 def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = False,
-                    certs: FleetCertificates | None = None) -> ManagedProcess:
+                    certs: FleetCertificates | None = None, ray_address: str | None = None) -> ManagedProcess:
     """Flower's SuperLink on host:port: HTTPS with the fleet's certificates, or plaintext without them.
 
     With certificates it also admits only SuperNodes whose public keys were registered (Flower's
-    ``--enable-supernode-auth``, which needs TLS): the coordinator registers each device's key at enrollment."""
+    ``--enable-supernode-auth``, which needs TLS): the coordinator registers each device's key at enrollment.
+
+    ``simulation``: its SuperExec starts ``flwr-simulation``, whose Ray backend calls ``ray.init()``: with
+    ``ray_address`` that joins the existing cluster there, by RAY_ADDRESS in this process's environment alone
+    (SuperExec and ``flwr-simulation`` inherit it), and without one it starts a Ray for the run, whatever
+    RAY_ADDRESS our own environment may hold."""
     require_free_port(host, port, "SuperLink")
     security = (["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.server_cert),
                  "--ssl-keyfile", str(certs.server_key), "--enable-supernode-auth"] if certs else ["--insecure"])
@@ -234,9 +241,13 @@ def start_superlink(state_dir: Path, host: str, port: int, simulation: bool = Fa
         "--port", str(port),
         "--database", str((state_dir / "superlink.db").resolve()),
     ]  # fmt: skip
+    env = flower_env(state_dir)
     if simulation:
         cmd.append("--simulation")
-    proc = ManagedProcess("superlink", cmd, flower_env(state_dir), state_dir / "logs" / "superlink.log",
+        env.pop(RAY_ADDRESS, None)
+        if ray_address:
+            env[RAY_ADDRESS] = ray_address
+    proc = ManagedProcess("superlink", cmd, env, state_dir / "logs" / "superlink.log",
                           niceness=SIMULATED_FLEET_NICENESS if simulation else 0)
     here = local_host(host)
     wait_healthy(proc, f"{'https' if certs else 'http'}://{here}:{port}/health",

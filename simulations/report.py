@@ -36,6 +36,7 @@ class RunSummary:
     heartbeats: dict[str, float] = field(default_factory=dict)  # the control plane under the fleet (FleetDriver)
     centralized: dict[float, float] = field(default_factory=dict)  # the task trained centrally, per density (if known)
     calibration_source: str = ""  # where the devices' costs came from (simulations.costs)
+    ray: dict[str, Any] = field(default_factory=lambda: {"address": "local"})  # where Ray ran (simulations.run)
 
 
 def fleet_over_time(registry: Registry) -> list[dict[str, Any]]:
@@ -142,6 +143,7 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
         "profiles": per_profile,
         "heartbeats": summary.heartbeats,
         "calibration_source": summary.calibration_source,
+        "ray": summary.ray,
     }
     atomic_write(run_dir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     lines = [
@@ -155,6 +157,8 @@ def write_report(run_dir: Path, summary: RunSummary) -> dict[str, Any]:
            f"{h.get('max_gap_s', 0):g} s apart (p99 {h.get('p99_gap_s', 0):g} s).", ""]
           if (h := summary.heartbeats) else []),
         *([f"Device costs: {summary.calibration_source} (calibration.json).", ""] if summary.calibration_source else []),
+        ray_line(summary.ray),
+        "",
         "Settings: " + ", ".join(f"`{k}={v}`" for k, v in summary.settings.items()),
         "",
         "## What each tier buys",
@@ -206,6 +210,15 @@ def tier_rows(final: dict[str, float], centralized: dict[float, float], devices:
                      "over_sparser": a - accuracy[i + 1][1] if i + 1 < len(accuracy) else None,
                      "centralized": reference, "gap": a - reference if reference is not None else None})
     return rows
+
+
+def ray_line(ray: dict[str, Any]) -> str:
+    """Where the virtual devices trained: the Ray started for the run, or an existing cluster's (its size then)."""
+    if ray.get("address", "local") == "local":
+        return "Ray: started on this machine for the run."
+    return (f"Ray: the cluster at `{ray['address']}` ({ray['nodes']} nodes, {ray['cpus']:g} CPUs, "
+            f"Ray {ray['version']}); peak RSS counts this machine's processes of the run, not the "
+            "cluster's workers.")
 
 
 def signed_text(value: float | None) -> str:

@@ -3,17 +3,27 @@
 The coordinator starts as in deployment (registry, control plane, SuperLink — here in simulation mode, so
 Ray runs the ClientApps as virtual SuperNodes); the virtual fleet registers and heartbeats over gRPC; the
 DRESS run is submitted with `flwr run`. Shut down in reverse order.
+
+Ray is the one started for the run on this machine, or with ``ray_address`` an existing Ray cluster's: Flower's
+Ray backend calls ``ray.init()``, which joins the cluster ``RAY_ADDRESS`` names, and the SuperLink's environment
+(inherited by Flower's SuperExec and the ``flwr-simulation`` process it starts) is where that is set.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from contracts.policy import CalibrationPoint
 from contracts.profiles import load_profiles
@@ -42,6 +52,7 @@ class SimulationSettings:
     cpus_per_client: int = 1
     superlink_port: int = 0  # 0 = a free port, so simulations side by side on one machine never collide
     control_port: int = 0
+    ray_address: str | None = None  # an existing Ray cluster (HOST:PORT or ray://HOST[:PORT]); None: Ray for the run
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
     calibration: Path | None = None  # a saved calibration.json: the same fleet as that run
     measure: bool = False  # time the model on this machine now, though a reference for the run ships
@@ -57,6 +68,8 @@ class SimulationSettings:
         if not self.deadline > 0:
             raise ValueError(f"--deadline must be > 0, got {self.deadline}")
         check_traces(self.traces)
+        if self.ray_address is not None:
+            self.ray_address = check_ray_address(self.ray_address)
         if self.calibration is not None:  # read once, here: the file checked is the fleet built
             self.saved = read_calibration(self.calibration, self.run.model_label, self.run.density_list)
             self.calibration_source = f"saved: {self.calibration}"
@@ -74,8 +87,10 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     state = Path(settings.run.state_dir)
     shutil.rmtree(state, ignore_errors=True)
     started = time.monotonic()
+    # an unreachable cluster is refused here, in words, not as a run that fails inside flwr-simulation
+    cluster = ray_cluster(settings.ray_address) if settings.ray_address else {"address": "local"}
     endpoints = Endpoints("127.0.0.1", settings.superlink_port or pick_port(), settings.control_port or pick_port())
-    coordinator = Coordinator(settings.run, endpoints, simulation=True)
+    coordinator = Coordinator(settings.run, endpoints, simulation=True, ray_address=settings.ray_address)
     measured = settings.saved or measure_calibration(settings.run)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     write_calibration(settings.run_dir / "calibration.json", settings.run.model_label, measured)  # what this fleet was built from
@@ -122,5 +137,63 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
         heartbeats=driver.stats.summary(),
         centralized=centralized_reference(settings.run.task),
         calibration_source=settings.calibration_source,
+        ray=cluster,
     )
     return write_report(settings.run_dir, summary)
+
+
+RAY_CLIENT_PORT = 10001  # Ray Client's default port on a head node (ray://HOST without a port)
+RAY_ADDRESS_FORM = ("HOST:PORT, the address `ray start --head` prints (e.g. 10.0.0.5:6379), or ray://HOST[:PORT] "
+                    "(Ray Client, default port 10001)")
+
+
+def check_ray_address(address: str) -> str:
+    """``address`` as Ray takes it (HOST:PORT, [IPv6]:PORT or ray://HOST[:PORT]), stripped; ValueError otherwise."""
+    value = address.strip()
+    client = value.startswith("ray://")
+    rest = value.removeprefix("ray://")
+    try:
+        parts = urlsplit("//" + rest)
+        host, port = parts.hostname, parts.port  # port: ValueError if not a number or out of range
+        extra = parts.path or parts.query or parts.fragment or parts.username
+    except ValueError:
+        host, port, extra = None, None, True
+    if "://" in rest or not host or extra or port == 0 or (port is None and not client) or not value.isprintable() \
+            or any(c.isspace() for c in value):
+        raise ValueError(f"--ray-address must be {RAY_ADDRESS_FORM}; got {address!r}")
+    return value
+
+
+PROBE = """
+import json, ray
+ray.init(logging_level="ERROR", log_to_driver=False)
+nodes = [n for n in ray.nodes() if n["Alive"]]
+print(json.dumps({"nodes": len(nodes), "cpus": ray.cluster_resources().get("CPU", 0), "version": ray.__version__}))
+"""
+
+
+def ray_cluster(address: str, timeout_s: float = 90.0) -> dict[str, Any]:
+    """The Ray cluster at ``address``, as the run report records it: address, alive nodes, CPUs, Ray's version.
+
+    Asked by a short Ray driver of its own (a few seconds), as Flower's will connect: RAY_ADDRESS, from this
+    machine. RuntimeError, saying what Ray said, where nothing answers there or a driver cannot join (say, a
+    machine outside the cluster given HOST:PORT instead of ray://, or another Ray version on the cluster)."""
+    client = address.startswith("ray://")
+    parts = urlsplit("//" + address.removeprefix("ray://"))
+    host, port = parts.hostname or "", parts.port or RAY_CLIENT_PORT
+    try:  # Ray itself retries a silent address for minutes
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise RuntimeError(f"no Ray {'client server' if client else 'cluster'} answers at {address}: {e}; start "
+                           "one with `ray start --head` (README: Simulating on a Ray cluster)") from None
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ADDRESS": address}
+    try:
+        done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
+                              timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"could not join the Ray cluster at {address} within {timeout_s:.0f} s") from None
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        said = "\n".join((done.stderr.strip() or done.stdout.strip()).splitlines()[-6:])
+        raise RuntimeError(f"could not join the Ray cluster at {address}:\n{said}")
+    return {"address": address, **json.loads(lines[-1])}

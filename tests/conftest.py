@@ -16,12 +16,11 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from kernel_cases import ISAS
+from kernel_cases import isa  # noqa: F401 - the kernel tests' fixture, kept with their cases (tests/aarch64)
 from sqlalchemy.engine import URL, make_url
 
 from contracts.credentials import with_bearer
 from contracts.policy import CalibrationPoint
-from dress_model.kernels import set_kernel_isa
 from dress_model.models import Architecture, architecture_for_dataset
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
@@ -120,9 +119,3 @@ def enrolled(channel: grpc.Channel, registry: Any, name: str) -> DeviceStub:
     return DeviceStub(channel, registry.enroll([name])[name])
 
 
-@pytest.fixture(params=ISAS)
-def isa(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Runs a kernel test once per compiled ISA variant (the dispatcher normally picks the best)."""
-    set_kernel_isa(request.param)
-    yield request.param
-    set_kernel_isa()

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
+import pytest
 import torch
 
-from dress_model.kernels import best_kernel_isa
+from dress_model.kernels import best_kernel_isa, set_kernel_isa
 from dress_model.packed_format import band_table, pack_rows, prefix_lengths
 
 _ORDER = ["generic", "avx2", "avx512"]
 ISAS = _ORDER[: _ORDER.index(best_kernel_isa()) + 1]  # every ISA variant this CPU can run
+
+
+@pytest.fixture(params=ISAS)
+def isa(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a kernel test once per compiled ISA variant (the dispatcher normally picks the best); a test module
+    imports it, so the kernel tests need no conftest (they also run alone on an aarch64 device root)."""
+    set_kernel_isa(request.param)
+    yield request.param
+    set_kernel_isa()
 
 
 def pack_layer(

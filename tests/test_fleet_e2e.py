@@ -2,15 +2,14 @@
 
 Two federated rounds on a small real slice; every device gets a density in the registry; Predict answers on
 every agent; a budget change reaches the served density and the registry row within one heartbeat; stopping
-leaves no process behind.
+leaves no process behind. The TLS fleet runs here only where network namespaces cannot be made; elsewhere
+test_fleet_bad_network.py runs it across hosts.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,6 +19,8 @@ import pytest
 from conftest import DeviceStub, pick_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from benchmarks import netns
+from benchmarks.fleet_processes import BIN, enroll, recorded_rounds, spawn, stop_all
 from contracts.credentials import supernode_key
 from coordinator.registry import Registry
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
@@ -27,7 +28,6 @@ from protos.dress.fleet.v1 import agent_pb2_grpc as agent_pb_grpc
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from runtime.processes import flwr, supernode_status, unregister_supernode
 
-BIN = Path(sys.executable).parent
 HEARTBEAT_S = 0.5
 SWITCH_AT_S = 45.0  # when the phone's trace tightens its memory budget (after every agent is up)
 
@@ -46,32 +46,6 @@ def wait_serving(address: str, timeout: float = 120.0) -> None:  # a loaded 2-co
     raise TimeoutError(f"{address} never became SERVING")
 
 
-def spawn(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    return subprocess.Popen(args, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
-
-
-def stop_all(processes: list[subprocess.Popen]) -> list[psutil.Process]:
-    """SIGTERM the agents, then the coordinator (the first), as an operator would; returns every descendant
-    they had, to check none outlives them."""
-    descendants = []
-    for p in processes:
-        try:
-            descendants += psutil.Process(p.pid).children(recursive=True)
-        except psutil.Error:
-            pass
-    for p in processes[1:] + processes[:1]:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in processes:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            raise
-    return descendants
-
-
 def served_density(agent: str) -> float:
     """The density the agent's Predict runs right now (its Status RPC; polling a CLI would be too slow)."""
     with grpc.insecure_channel(agent) as channel:
@@ -85,20 +59,6 @@ def cli_predict(agent: str) -> float:
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
     return float(out.stdout.strip().split()[-1])
-
-
-def _rounds(state: Path) -> list:
-    """The rounds the ServerApp has recorded in the registry so far."""
-    with Registry(state_dir=state) as registry:
-        return registry.list_rounds()
-
-
-def enroll(state: Path, name: str) -> str:
-    """The operator's step before a device joins: a one-time token from `dress-fleet devices enroll`."""
-    made = subprocess.run([str(BIN / "dress-fleet"), "devices", "enroll", name, "--token-only", "--state-dir",
-                           str(state)], capture_output=True, text=True)
-    assert made.returncode == 0, made.stdout + made.stderr
-    return made.stdout.strip()
 
 
 def test_coordinator_and_three_agents(tmp_path: Path) -> None:
@@ -152,7 +112,7 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             time.sleep(0.1)
 
         deadline = time.monotonic() + 240
-        while len(_rounds(state)) < 2:
+        while len(recorded_rounds(state)) < 2:
             assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-4000:]
             assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
             time.sleep(1)
@@ -181,9 +141,14 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
     assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
 
 
+@pytest.mark.skipif(netns.unavailable() is None,
+                    reason="the same TLS fleet runs across hosts in test_fleet_bad_network.py")
 def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) -> None:
     """`certs init`, a coordinator with --certs and an agent with --ca: SuperLink, SuperNode, control plane and the
-    flwr CLI all on TLS, one round trained; a caller without the CA gets no answer from the control plane."""
+    flwr CLI all on TLS, one round trained; a caller without the CA gets no answer from the control plane.
+
+    On loopback, and only where network namespaces cannot be made: test_fleet_bad_network.py checks all of this
+    across hosts (each its own address, the certificates naming them) wherever they can."""
     certs = tmp_path / "certs"
     made = subprocess.run([str(BIN / "dress-fleet"), "certs", "init", "--dir", str(certs)], capture_output=True,
                           text=True)
@@ -231,12 +196,12 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
                 "--state-dir", str(tmp_path / "pi-tls")]  # fmt: skip
         processes.append(spawn([*join, "--token", token], tmp_path / "pi-tls.log"))  # unspent by the refusals
         deadline = time.monotonic() + 240
-        while len(_rounds(state)) < 1:
+        while len(recorded_rounds(state)) < 1:
             assert coordinator.poll() is None, (tmp_path / "coordinator.log").read_text()[-4000:]
             assert processes[1].poll() is None, (tmp_path / "pi-tls.log").read_text()[-4000:]
             assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
             time.sleep(1)
-        assert len(_rounds(state)[0].participants) == 1  # the agent trained through its TLS SuperNode
+        assert len(recorded_rounds(state)[0].participants) == 1  # the agent trained through its TLS SuperNode
         # Predict beyond loopback: mutual TLS, the fleet's client certificate or nothing
         client = ["--ca", str(certs / "ca.pem"), "--cert", str(certs / "app.pem"), "--key", str(certs / "app.key")]
         for extra, ok in ((client, True), ([], False), (client[:2], False)):
