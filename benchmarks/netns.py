@@ -12,6 +12,7 @@ address exists only inside namespaces made here. Needs root (CAP_NET_ADMIN) and 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import os
 import shutil
@@ -150,23 +151,18 @@ class Network:
                 emulator.wait()
 
 
-_netem: bool | None = None  # whether this kernel has netem, once tried
-
-
+@functools.cache
 def _has_netem() -> bool:
     """Whether this kernel has netem: tried once per process, on the loopback of a namespace made for it."""
-    global _netem
-    if _netem is None:
-        probe = f"df-{uuid.uuid4().hex[:6]}-probe"
-        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
-        try:
-            _netem = made and shutil.which("tc") is not None and subprocess.run(
-                ["tc", "-n", probe, "qdisc", "replace", "dev", "lo", "root", "netem", "delay", "0ms"],
-                capture_output=True).returncode == 0
-        finally:
-            if made:
-                subprocess.run(["ip", "netns", "del", probe], capture_output=True)
-    return _netem
+    probe = f"df-{uuid.uuid4().hex[:6]}-probe"
+    made = subprocess.run(["ip", "netns", "add", probe], capture_output=True).returncode == 0
+    try:
+        return made and shutil.which("tc") is not None and subprocess.run(
+            ["tc", "-n", probe, "qdisc", "replace", "dev", "lo", "root", "netem", "delay", "0ms"],
+            capture_output=True).returncode == 0
+    finally:
+        if made:
+            subprocess.run(["ip", "netns", "del", probe], capture_output=True)
 
 
 def _run(cmd: Sequence[str]) -> None:

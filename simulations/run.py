@@ -30,7 +30,7 @@ from contracts.profiles import load_profiles
 from contracts.settings import APP_DIR, RunSettings
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
-from runtime.processes import pick_port
+from runtime.processes import RAY_ADDRESS, pick_port
 from simulations.centralized import centralized_reference
 from simulations.costs import measure_calibration, reference_for
 from simulations.fleet import FleetDriver, build_fleet, fleet_deadline_ms, read_calibration, write_calibration
@@ -144,11 +144,12 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
 
 RAY_CLIENT_PORT = 10001  # Ray Client's default port on a head node (ray://HOST without a port)
 RAY_ADDRESS_FORM = ("HOST:PORT, the address `ray start --head` prints (e.g. 10.0.0.5:6379), or ray://HOST[:PORT] "
-                    "(Ray Client, default port 10001)")
+                    f"(Ray Client, default port {RAY_CLIENT_PORT})")
 
 
-def check_ray_address(address: str) -> str:
-    """``address`` as Ray takes it (HOST:PORT, [IPv6]:PORT or ray://HOST[:PORT]), stripped; ValueError otherwise."""
+def ray_endpoint(address: str) -> tuple[bool, str, int]:
+    """(Ray Client or not, host, port) of a Ray address (HOST:PORT, [IPv6]:PORT or ray://HOST[:PORT]);
+    ValueError where it is none of those."""
     value = address.strip()
     client = value.startswith("ray://")
     rest = value.removeprefix("ray://")
@@ -161,7 +162,13 @@ def check_ray_address(address: str) -> str:
     if "://" in rest or not host or extra or port == 0 or (port is None and not client) or not value.isprintable() \
             or any(c.isspace() for c in value):
         raise ValueError(f"--ray-address must be {RAY_ADDRESS_FORM}; got {address!r}")
-    return value
+    return client, host, port or RAY_CLIENT_PORT
+
+
+def check_ray_address(address: str) -> str:
+    """``address`` as Ray takes it, stripped; ValueError where it is not a Ray address (``ray_endpoint``)."""
+    ray_endpoint(address)
+    return address.strip()
 
 
 PROBE = """
@@ -178,15 +185,13 @@ def ray_cluster(address: str, timeout_s: float = 90.0) -> dict[str, Any]:
     Asked by a short Ray driver of its own (a few seconds), as Flower's will connect: RAY_ADDRESS, from this
     machine. RuntimeError, saying what Ray said, where nothing answers there or a driver cannot join (say, a
     machine outside the cluster given HOST:PORT instead of ray://, or another Ray version on the cluster)."""
-    client = address.startswith("ray://")
-    parts = urlsplit("//" + address.removeprefix("ray://"))
-    host, port = parts.hostname or "", parts.port or RAY_CLIENT_PORT
+    client, host, port = ray_endpoint(address)
     try:  # Ray itself retries a silent address for minutes
         socket.create_connection((host, port), timeout=10).close()
     except OSError as e:
         raise RuntimeError(f"no Ray {'client server' if client else 'cluster'} answers at {address}: {e}; start "
                            "one with `ray start --head` (README: Simulating on a Ray cluster)") from None
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_ADDRESS": address}
+    env = {**os.environ, RAY_ADDRESS: address}
     try:
         done = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True,
                               timeout=timeout_s)

@@ -22,7 +22,7 @@ def main(junit: Path, check: Path, wheel: str, seconds: float, out: Path) -> Non
     served = json.loads(check.read_text())
     write_json(out, {
         "command": "make test-aarch64 DRESS_AARCH64_RESULTS=benchmarks/results/aarch64.json",
-        "host": machine(),
+        "machine": machine(),
         "emulated": "aarch64, qemu-user (binfmt_misc), Debian bookworm arm64 roots",
         "cases": count["tests"], "failures": count["failures"] + count["errors"], "skipped": count["skipped"],
         "max_rel_err": served["max_rel_err"], "agent_outputs_match": served["agent_outputs_match"],
