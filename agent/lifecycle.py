@@ -10,6 +10,7 @@ registration spends the operator's one-time enrollment token for a credential ke
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from agent.serving import AgentIdentity, AgentServer, serve
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
-from contracts.wire import architecture_from_proto, calibration_to_proto
+from contracts.wire import AGENT_KEEPALIVE, architecture_from_proto, calibration_to_proto
 from dress_model.sparsity import density_at
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
@@ -42,10 +43,6 @@ CONTROL_PLANE = pb.DESCRIPTOR.services_by_name["ControlPlane"].full_name
 DEFAULT_SERVE_PORT = 50061
 DEFAULT_SUPERNODE_PORT = 9094  # Flower's default ClientAppIo port
 SUPERVISE_EVERY_S = 1.0
-KEEPALIVE = [("grpc.keepalive_time_ms", 10_000), ("grpc.keepalive_timeout_ms", 5_000),
-             ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
-"""gRPC channel options of an agent's connection to the coordinator: a ping every 10 s, idle or not, answered within
-5 s or the connection counts as dead (the coordinator's control plane allows that rate)."""
 
 
 class AgentError(RuntimeError):
@@ -102,7 +99,7 @@ def connect_coordinator(address: str, timeout: float, ca: Path | None = None) ->
     # its fleet within a few heartbeats instead. Keepalive pings, idle or not, find a connection whose
     # network went away (nothing comes back, nothing says so) within seconds: gRPC then drops it and
     # reconnects, rather than sending every heartbeat and download into it until TCP gives up.
-    options = [("grpc.max_reconnect_backoff_ms", 10_000), *KEEPALIVE]
+    options = [("grpc.max_reconnect_backoff_ms", 10_000), *AGENT_KEEPALIVE]
     if ca is not None:
         try:
             channel = grpc.secure_channel(address, channel_credentials(ca), options=options)
@@ -210,6 +207,7 @@ class Agent:
                                      model_version=served.version, on_density=served.set_density,
                                      on_model_version=self.follower,
                                      interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
+                                     pace=functools.partial(heartbeat_interval, c.heartbeat_interval),
                                      calibration=self.calibration,
                                      usage=served.usage)
         self.monitor.start()

@@ -62,6 +62,7 @@ class BudgetMonitor:
         max_backoff: float = DEFAULT_MAX_BACKOFF_S,
         calibration: Sequence[CalibrationPoint] | None = None,
         usage: UsageLedger | None = None,
+        pace: Callable[[float], float] | None = None,
     ) -> None:
         if interval <= 0 or rpc_timeout <= 0:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
@@ -73,6 +74,8 @@ class BudgetMonitor:
         self.local: float | None = None  # what the live budget allows, by this device's own calibration
         self._given: tuple[float, float | None] = (density, None)  # what on_density was last given
         self.usage = usage  # what Predict ran, reported with each heartbeat
+        self.pace = pace  # the interval to keep when the coordinator asks for a period (it grows with the fleet)
+        self._asked = 0.0  # the period the coordinator last asked for
         self._failing: set[str] = set()  # how heartbeats failed since they last worked (each logged once)
         self._failing_since = 0.0
         self._on_density, self._on_model_version = on_density, on_model_version
@@ -110,6 +113,12 @@ class BudgetMonitor:
                     self.usage.put_back(ran)  # not heard: report it with the next heartbeat
                 raise
             self.density = density_at(self.densities, answer.level)
+            if self.pace is not None and answer.heartbeat_s > 0 and answer.heartbeat_s != self._asked:
+                self._asked, interval = answer.heartbeat_s, self.pace(answer.heartbeat_s)
+                if interval != self.interval:
+                    log.info("heartbeating every %g s: the coordinator asks for at least every %g s", interval,
+                             answer.heartbeat_s)
+                    self.interval = self.backoff.base = interval
             self._serve()
             if answer.model_version and answer.model_version != self.model_version:
                 try:

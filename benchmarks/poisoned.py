@@ -9,7 +9,6 @@ from __future__ import annotations
 import tempfile
 from collections import Counter
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -88,7 +87,7 @@ def _through_strategy(rounds: list[dict[str, str | None]], seed: int) -> Counter
         model = build_run_model(RunSettings.defaults(width=4))
         data = torch.utils.data.TensorDataset(torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)))
         strategy = DressStrategy(model, registry, torch.utils.data.DataLoader(data, batch_size=16), fraction=1.0,
-                                 min_devices=1, seed=seed, stale_after=timedelta(seconds=30), max_examples=300)
+                                 min_devices=1, seed=seed, heartbeat_s=5.0, max_examples=300)
         for round_number, devices in enumerate(rounds, 1):
             for name in devices:
                 registry.register_device(name, "pi4", CALIBRATION)

@@ -34,6 +34,21 @@ APP_CONFIG = APP_DIR / "pyproject.toml"
 
 RunConfig = dict[str, bool | int | float | str]
 STALE_HEARTBEATS = 6
+HEARTBEATS_PER_S = 200.0
+"""The most heartbeats a second a fleet is asked for: past this many devices per second of --heartbeat-s, the
+period devices are told grows with the fleet. About a third of what the registry answered while a 10,000-device
+fleet trained on 2 cores (benchmarks/results/scale.json: 475/s on PostgreSQL, 643/s on SQLite)."""
+
+
+def heartbeat_period_s(heartbeat_s: float, devices: int) -> float:
+    """The period a fleet of ``devices`` is told to heartbeat at: ``heartbeat_s``, or longer where the whole fleet
+    would send more than ``HEARTBEATS_PER_S`` — so the registry keeps up with any fleet by default."""
+    return max(heartbeat_s, devices / HEARTBEATS_PER_S)
+
+
+def stale_after(heartbeat_s: float, devices: int) -> timedelta:
+    """A device silent this long is offline and not sampled: several of its fleet's periods, not one late."""
+    return timedelta(seconds=STALE_HEARTBEATS * heartbeat_period_s(heartbeat_s, devices))
 
 
 @dataclass(frozen=True)
@@ -154,9 +169,10 @@ class RunSettings:
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
                                  "the last round's model is evaluated on the whole split.")
-    heartbeat_s: float = setting(5.0, "Devices heartbeat at least this often (seconds); silent for "
-                                 f"{STALE_HEARTBEATS} heartbeats, a device is offline. Raise it for very large "
-                                 "fleets.", "--heartbeat-s")
+    heartbeat_s: float = setting(5.0, "Devices heartbeat at least this often (seconds); a fleet larger than "
+                                 f"{HEARTBEATS_PER_S:g} devices per second of it is told a longer period (devices "
+                                 f"/ {HEARTBEATS_PER_S:g}). Silent for {STALE_HEARTBEATS} periods, a device is "
+                                 "offline.", "--heartbeat-s")
     round_timeout_s: float = setting(3600.0, "How long a round waits for its devices' updates (seconds); then it "
                                      "goes on with those that arrived (a device cut off or too slow misses the "
                                      "round), and a device whose calibrated training would not fit it sits the "
@@ -213,11 +229,6 @@ class RunSettings:
                                  "published (aggregation mean)")
         except ValueError as e:
             raise SettingsError(f"run setting {key}: {e}", key) from None
-
-    @property
-    def stale_after(self) -> timedelta:
-        """A device silent this long is offline and not sampled: several heartbeats lost, not one late."""
-        return timedelta(seconds=STALE_HEARTBEATS * self.heartbeat_s)
 
     def shards(self, labels: np.ndarray, parts: int) -> list[np.ndarray]:
         """Every device's shard of the training split (indices into it; the validation hold-out left out), by

@@ -10,6 +10,16 @@ from dress_model.models import Architecture
 from dress_model.sparsity import density_at, level_of
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 
+KEEPALIVE_PING_MS = 10_000
+"""An agent pings the coordinator this often, idle or not, to find a dead network fast."""
+AGENT_KEEPALIVE = [("grpc.keepalive_time_ms", KEEPALIVE_PING_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_PING_MS // 2),
+                   ("grpc.keepalive_permit_without_calls", 1), ("grpc.http2.max_pings_without_data", 0)]
+"""An agent's channel options: a ping unanswered within half the period counts the connection dead."""
+CONTROL_PLANE_KEEPALIVE = [("grpc.keepalive_permit_without_calls", 1),
+                           ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_PING_MS // 2)]
+"""The control plane's server options: it accepts the agents' pings (gRPC's default answers pings more often than
+every 5 minutes with GOAWAY), with room for a ping that leaves early."""
+
 
 def architecture_to_proto(arch: Architecture) -> pb.Architecture:
     """The message holds the dataclass's fields under their own names."""

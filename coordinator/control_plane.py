@@ -22,8 +22,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from contracts.checked_service import add_checked_servicer
 from contracts.credentials import check_public_key, digest, presented_secret
 from contracts.policy import Budget, validate_calibration
-from contracts.settings import RunSettings
-from contracts.wire import architecture_to_proto, calibration_from_proto
+from contracts.settings import RunSettings, heartbeat_period_s
+from contracts.wire import CONTROL_PLANE_KEEPALIVE, architecture_to_proto, calibration_from_proto
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
 from coordinator.supernodes import KeyChange, KeyRetiredError, SupernodeKeys
 from dress_model.models import Architecture
@@ -41,6 +41,7 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC clients' default 4 MiB rece
 # A device's credential is looked up once per this many seconds, not on every heartbeat; a re-enrolled
 # device's old credential is therefore refused at most this long after the new one is issued.
 CREDENTIAL_CACHE_S = 30.0
+FLEET_RECOUNT_S = 10.0  # the fleet is counted for its heartbeat period at most this often, not per heartbeat
 
 # Packed model bytes for a density; raises LookupError when there is no model at that density.
 ModelProvider = Callable[[float, bool], bytes]  # (density, float16) -> packed file
@@ -110,7 +111,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self._registry = registry
         self._supernodes = supernodes  # a TLS fleet: SuperNode keys registered with the SuperLink
         self._caller = Authenticator(registry)
-        self._heartbeat_s = heartbeat_s
+        self._heartbeat_s = heartbeat_s  # the setting; devices are told heartbeat_period_s of it and the fleet
+        self._period_lock = threading.Lock()
+        self._period_s, self._recount_at = heartbeat_s, 0.0
         self._densities = architecture.densities
         self._architecture = architecture_to_proto(architecture)
         self._model_provider = model_provider
@@ -149,7 +152,7 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 assignment = self._registry.register_device(caller.name, request.profile, calibration, supernode)
         return pb.RegisterResponse(device_id=assignment.device_id, level=self._level(assignment.density),
                                    model_version=assignment.model_version or "", architecture=self._architecture,
-                                   heartbeat_s=self._heartbeat_s, credential=credential, name=caller.name)
+                                   heartbeat_s=self._period(), credential=credential, name=caller.name)
 
     def _supernode_key(self, caller: Principal, public_key: str, context: grpc.ServicerContext) -> KeyChange | None:
         """A TLS fleet: the caller's SuperNode key registered with the SuperLink (None: it already was)."""
@@ -189,7 +192,16 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 raise InvalidInputError("heartbeat lists a level it served more than once")
             assignment = self._registry.heartbeat(device_id, budget, served)
         return pb.HeartbeatResponse(level=self._level(assignment.density), model_version=assignment.model_version or "",
-                                    changed=assignment.changed, heartbeat_s=self._heartbeat_s)
+                                    changed=assignment.changed, heartbeat_s=self._period())
+
+    def _period(self) -> float:
+        """The period devices are told: the setting, longer for a large fleet (contracts.settings), which is
+        counted at most every FLEET_RECOUNT_S."""
+        with self._period_lock:
+            if (now := time.monotonic()) >= self._recount_at:
+                self._period_s = heartbeat_period_s(self._heartbeat_s, self._registry.count_devices())
+                self._recount_at = now + FLEET_RECOUNT_S
+            return self._period_s
 
     def _density(self, level: int) -> float:
         """The density a level a device sent stands for; ValueError (INVALID_ARGUMENT) for one out of range."""
@@ -254,10 +266,7 @@ def serve(
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", chunk_bytes + 64 * 1024),
             ("grpc.so_reuseport", 0),  # a second server on the same port must fail, not share its traffic
-            # agents ping every 10 s, idle or not, to find a dead network fast (agent.lifecycle.KEEPALIVE);
-            # gRPC's default would answer pings more often than every 5 minutes with GOAWAY
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            *CONTROL_PLANE_KEEPALIVE,
         ],
     )
     servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,

@@ -19,7 +19,6 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from contracts.messages import record_nbytes, train_message
 from contracts.policy import training_density
-from contracts.settings import MEAN, Aggregation
+from contracts.settings import MEAN, Aggregation, stale_after
 from coordinator.aggregation import Update
 from coordinator.membership import Membership
 from coordinator.registry.models import DeviceStatus
@@ -93,7 +92,7 @@ class FleetStrategy(Strategy):
         fraction: float,
         min_devices: int,
         seed: int,
-        stale_after: timedelta,
+        heartbeat_s: float,
         max_examples: int,
         round_config: Callable[[int], dict[str, float]] | None = None,
         server_momentum: float = 0.0,
@@ -108,7 +107,7 @@ class FleetStrategy(Strategy):
         self.registry = registry
         self.calibration = calibration
         self.fraction, self.min_devices, self.seed = fraction, min_devices, seed
-        self.stale_after = stale_after  # a device silent this long is offline and not sampled
+        self.heartbeat_s = heartbeat_s  # the setting; a device silent for several of its fleet's periods is offline
         self.round_config = round_config  # what changes per round (lr, anchor weight); None = the train config's
         self.offset = first_round - 1  # Flower counts this run's rounds from 1; a resumed run continues the count
         self.server_momentum = server_momentum
@@ -137,7 +136,7 @@ class FleetStrategy(Strategy):
         self.stats[server_round] = RoundStats(server_round)
         self.model.load_state_dict(arrays.to_torch_state_dict())
         self.train_steps = math.ceil(float(config["epochs"]) * self.max_examples / int(config["batch-size"]))
-        self.registry.mark_offline(self.stale_after)
+        self.registry.mark_offline(stale_after(self.heartbeat_s, self.registry.count_devices()))
         devices = {d.name: d for d in self.registry.list_devices()}
         online = sum(1 for d in devices.values() if d.status == DeviceStatus.ONLINE)
         count = min(online, max(self.min_devices, math.ceil(self.fraction * online)))

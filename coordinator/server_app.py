@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from contracts.messages import train_config
 from contracts.methods import get_method
-from contracts.settings import Aggregation, RunSettings, build_run_model
+from contracts.settings import Aggregation, RunSettings, build_run_model, stale_after
 from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
 from coordinator.registry import DeviceStatus
@@ -49,9 +49,11 @@ def wait_for_reconnect(grid: Grid, registry: Registry, settings: RunSettings, si
     SuperNodes and heartbeats return at their own pace after a coordinator restart, and rounds started before
     would train on whoever came first (or nobody, and be withheld). It waits two periods after which a silent
     device counts as offline, a minute at least (a SuperNode's reconnect backs off), then goes on regardless."""
-    last = registry.list_rounds()[-1].recorded_at - settings.stale_after
-    expected = max(settings.wait_for_nodes, sum(d.last_seen >= last for d in registry.list_devices()))
-    deadline = time.monotonic() + max(60.0, 2 * settings.stale_after.total_seconds())
+    devices = registry.list_devices()
+    silence = stale_after(settings.heartbeat_s, len(devices))
+    last = registry.list_rounds()[-1].recorded_at - silence
+    expected = max(settings.wait_for_nodes, sum(d.last_seen >= last for d in devices))
+    deadline = time.monotonic() + max(60.0, 2 * silence.total_seconds())
     while True:
         back = min(len(list(grid.get_node_ids())),
                    sum(d.last_seen >= since and d.status == DeviceStatus.ONLINE for d in registry.list_devices()))
@@ -116,7 +118,7 @@ def main(grid: Grid, context: Context) -> None:
             return
         # A reply may claim no more examples than a device trains on per round (the whole split bounds a shard).
         common = dict(fraction=settings.fraction, min_devices=settings.min_devices, seed=settings.seed,
-                      stale_after=settings.stale_after,
+                      heartbeat_s=settings.heartbeat_s,
                       # the round's rate; DRESS's anchor weight anneals too (a peer's KD weight is as published)
                       round_config=lambda r: {"lr": settings.lr_at(r),
                                               **({"distill": settings.distill_at(r)} if dress else {})},

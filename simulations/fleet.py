@@ -204,6 +204,7 @@ class FleetDriver:
             reply = future.result()
             device.device_id, device.credential = reply.device_id, reply.credential
             device.density = density_at(self.densities, reply.level)
+            self._follow(reply.heartbeat_s)
 
         self._concurrently(self.fleet, call, settle)
 
@@ -237,7 +238,9 @@ class FleetDriver:
         def settle(beat: tuple[VirtualDevice, Budget], future: grpc.Future, sent: float) -> None:
             device = beat[0]
             try:
-                device.density = density_at(self.densities, future.result().level)
+                reply = future.result()
+                device.density = density_at(self.densities, reply.level)
+                self._follow(reply.heartbeat_s)
                 self.stats.record(time.perf_counter() - sent)
             except grpc.RpcError as e:
                 self.stats.lost += 1
@@ -253,6 +256,12 @@ class FleetDriver:
         # The period runs from the start of a sweep, so a device heartbeats every interval_s as long as a sweep
         # of the fleet takes less than that.
         self._applied, self._last_beat = completed_rounds, started
+
+    def _follow(self, asked_s: float) -> None:
+        """Heartbeat as often as the coordinator asks, as agents do: its period grows with the fleet."""
+        if asked_s > 0 and asked_s != self.interval_s:
+            log.info("the fleet heartbeats every %g s: the coordinator asks for it", asked_s)
+            self.interval_s = asked_s
 
     def _concurrently(self, items: list[T], call: Callable[[T], grpc.Future],
                       settle: Callable[[T, grpc.Future, float], None]) -> None:

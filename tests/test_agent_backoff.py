@@ -6,6 +6,7 @@ agent.backoff.Backoff; test_fleet_bad_network.py checks the same across a real n
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -15,6 +16,7 @@ import grpc
 import pytest
 
 from agent.backoff import Backoff
+from agent.lifecycle import heartbeat_interval
 from agent.model_fetch import ModelFetchError, ModelFollower
 from agent.monitor import BudgetMonitor
 from contracts.policy import Budget
@@ -116,6 +118,35 @@ def test_heartbeats_back_off_while_the_coordinator_is_unreachable_and_log_once(
     said = [r.getMessage() for r in caplog.records if r.name == "agent.monitor"]
     assert len([m for m in said if m.startswith("heartbeat failed")]) == 1, said
     assert len([m for m in said if "works again after" in m]) == 1, said
+
+
+class Pacing:
+    """A control plane that asks for a heartbeat every ``period`` seconds, as a large fleet's does."""
+
+    def __init__(self, period: float) -> None:
+        self.period, self.calls = period, 0
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, timeout: float) -> pb.HeartbeatResponse:
+        self.calls += 1
+        return pb.HeartbeatResponse(level=3, model_version="", heartbeat_s=self.period)
+
+
+@pytest.mark.parametrize("wanted", [None, 0.05])
+def test_an_agent_heartbeats_as_often_as_the_coordinator_asks_or_its_own_shorter_wish(wanted: float | None) -> None:
+    """Registered at 0.01 s, then told 0.3 s (the fleet grew): the agent slows to it, unless it asked for a
+    shorter period itself (agent.lifecycle.heartbeat_interval)."""
+    stub = Pacing(0.3)
+    monitor = BudgetMonitor(stub, DENSITIES, Steady(), density=1.0, model_version="",  # type: ignore[arg-type]
+                            on_density=lambda assigned, local: assigned, on_model_version=lambda v: None,
+                            interval=0.01, pace=functools.partial(heartbeat_interval, wanted))
+    monitor.start()
+    try:
+        _until(lambda: stub.calls >= 1)
+        time.sleep(0.9)
+    finally:
+        monitor.stop()
+    assert monitor.interval == (wanted or 0.3)
+    assert stub.calls <= (1 + 0.9 / 0.3 + 1 if wanted is None else 0.9 / 0.05 + 2), stub.calls
 
 
 def test_a_model_download_never_holds_up_the_caller_and_retries_with_backoff(

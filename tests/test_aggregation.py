@@ -107,7 +107,6 @@ def test_no_updates_change_nothing() -> None:
 
 
 def _server(momentum: float, average: float = 0.0):
-    from datetime import timedelta
 
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -116,7 +115,7 @@ def _server(momentum: float, average: float = 0.0):
     model = create_model("cnn", "1,0.5,0.25,0.1", width=4)
     calibration = DataLoader(TensorDataset(torch.randn(16, 1, 28, 28), torch.zeros(16, dtype=torch.long)), batch_size=8)
     strategy = DressStrategy(model, None, calibration, fraction=1.0, min_devices=1, seed=0,  # type: ignore[arg-type]
-                             stale_after=timedelta(seconds=30), max_examples=100, server_momentum=momentum,
+                             heartbeat_s=5.0, max_examples=100, server_momentum=momentum,
                              server_average=average)
     return model, strategy
 

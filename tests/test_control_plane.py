@@ -14,6 +14,8 @@ import pytest
 from conftest import DeviceStub, architecture, enrolled
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from contracts.policy import CalibrationPoint
+from contracts.settings import HEARTBEATS_PER_S, heartbeat_period_s
 from contracts.wire import architecture_to_proto
 from coordinator.control_plane import SERVICE_NAME, serve
 from coordinator.registry import AssignmentReason, Registry
@@ -279,6 +281,24 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
             assert b"".join(c.data for c in stub.FetchModel(request)) == b"weights" * 1000  # the slot is free again
     finally:
         release.set()
+        server.stop(grace=None).wait()
+
+
+def test_a_fleet_too_large_for_the_heartbeat_setting_is_told_a_longer_period(registry: Registry,
+                                                                              free_port: int) -> None:
+    """At 0.01 s, two devices would already send more than HEARTBEATS_PER_S: 40 registered devices are told
+    40 / HEARTBEATS_PER_S, so the fleet sends HEARTBEATS_PER_S heartbeats a second, not 4,000."""
+    points = [CalibrationPoint(d, 100 * d, 800 * d) for d in ARCH.densities]
+    for name, token in registry.enroll([f"pi-{i}" for i in range(39)]).items():
+        registry.enroll_device(token, name, "pi4", points)
+    server = serve(registry, "127.0.0.1", free_port, ARCH, lambda d, h: b"", heartbeat_s=0.01)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
+            stub = enrolled(channel, registry, "pi-last")
+            told = stub.Register(pb.RegisterRequest(name="pi-last", profile="pi4", calibration=CALIBRATION)).heartbeat_s
+            assert told == pytest.approx(heartbeat_period_s(0.01, 40)) == pytest.approx(40 / HEARTBEATS_PER_S)
+            assert stub.Heartbeat(pb.HeartbeatRequest(budget=_budget(60, 500))).heartbeat_s == pytest.approx(told)
+    finally:
         server.stop(grace=None).wait()
 
 

@@ -1,7 +1,6 @@
 """The peers DRESS is judged against: width twins with matched parameter counts, what travels, how it averages."""
 
 import copy
-from datetime import timedelta
 
 import pytest
 import torch
@@ -59,7 +58,7 @@ def test_which_devices_train_which_density() -> None:
 
 def _strategy(method: str, **options) -> WidthStrategy:
     return WidthStrategy(get_method(method), build_run_model(settings(method)), registry=None, calibration=None,
-                         fraction=1.0, stale_after=timedelta(seconds=30), max_examples=500, min_devices=1, seed=0,
+                         fraction=1.0, heartbeat_s=5.0, max_examples=500, min_devices=1, seed=0,
                          **options)
 
 

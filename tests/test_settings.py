@@ -9,7 +9,15 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.fleet import app
-from contracts.settings import APP_CONFIG, RunSettings, SettingsError, app_config_table
+from contracts.settings import (
+    APP_CONFIG,
+    HEARTBEATS_PER_S,
+    RunSettings,
+    SettingsError,
+    app_config_table,
+    heartbeat_period_s,
+    stale_after,
+)
 from dress_model.models import create_model
 from dress_model.sparsity import DEFAULT_DENSITIES, parse_densities
 
@@ -75,8 +83,12 @@ def test_cli_version_and_registry_errors(tmp_path) -> None:
         assert name in help_text
 
 
-def test_a_device_is_stale_after_six_heartbeats_and_the_period_is_checked() -> None:
-    assert RunSettings.defaults(heartbeat_s=10.0).stale_after.total_seconds() == 60.0
+def test_a_device_is_stale_after_six_periods_which_grow_with_a_large_fleet_and_the_period_is_checked() -> None:
+    assert stale_after(10.0, devices=100).total_seconds() == 60.0  # a small fleet: the setting
+    assert heartbeat_period_s(5.0, devices=HEARTBEATS_PER_S * 5) == 5.0  # up to the rate: still the setting
+    # 10,000 devices at 5 s would be 2,000 heartbeats a second: the period grows to keep HEARTBEATS_PER_S
+    assert heartbeat_period_s(5.0, devices=10_000) == pytest.approx(10_000 / HEARTBEATS_PER_S)
+    assert stale_after(5.0, devices=10_000).total_seconds() == pytest.approx(6 * 10_000 / HEARTBEATS_PER_S)
     with pytest.raises(SettingsError, match="heartbeat-s must be a number of seconds in"):
         RunSettings.defaults(heartbeat_s=0.0)
 

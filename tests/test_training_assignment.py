@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 
@@ -26,7 +26,7 @@ def device(density: float, memory_mb: float | None, calibration=CALIBRATION) -> 
 
 def strategy(kind: type = DressStrategy, timeout_s: float | None = 3600.0, steps: int | None = None):
     model = create_model("cnn", "0.1,0.25,0.5,1", width=4)
-    common = dict(fraction=1.0, min_devices=1, seed=0, stale_after=timedelta(seconds=30), max_examples=300,
+    common = dict(fraction=1.0, min_devices=1, seed=0, heartbeat_s=5.0, max_examples=300,
                   round_timeout_s=timeout_s)
     s = (DressStrategy(model, None, None, **common) if kind is DressStrategy  # type: ignore[arg-type]
          else WidthStrategy(get_method("heterofl"), model, None, None, **common))  # type: ignore[arg-type]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 
 import pytest
 import torch
@@ -121,7 +120,7 @@ def run_round(sqlite_url: str, calibration: list, replies: dict[str, Reply | Non
         for name in replies:
             registry.register_device(name, "pi4", calibration)
         infos = {d.name: d for d in registry.list_devices()}
-        common = dict(fraction=1.0, min_devices=1, seed=0, stale_after=timedelta(seconds=30), max_examples=300)
+        common = dict(fraction=1.0, min_devices=1, seed=0, heartbeat_s=5.0, max_examples=300)
         strategy = (strategy_type(model, registry, loader, **common) if method == "dress"
                     else WidthStrategy(get_method(method), model, registry, loader, **common))
         strategy.stats[1] = RoundStats(1)
@@ -327,7 +326,7 @@ def test_each_round_sends_its_own_learning_rate_and_anchor_weight(sqlite_url: st
         registry.register_device("pi", "pi4", calibration)
         [info] = registry.list_devices()
         strategy = DressStrategy(model, registry, None, fraction=1.0, min_devices=1, seed=0,  # type: ignore[arg-type]
-                                 stale_after=timedelta(seconds=30), max_examples=300,
+                                 heartbeat_s=5.0, max_examples=300,
                                  round_config=lambda r: {"lr": settings.lr_at(r), "distill": settings.distill_at(r)})
         for round_number in (1, 10):
             strategy.stats[round_number] = RoundStats(round_number)

@@ -248,6 +248,11 @@ class DeviceRecords(Store):
             for name, node_id in nodes.items():
                 conn.execute(update(Device).where(Device.name == name).values(flower_node_id=node_id))
 
+    def count_devices(self) -> int:
+        """How many devices are registered: the fleet the heartbeat period is sized for."""
+        with self._read() as s:
+            return s.scalar(select(func.count()).select_from(Device)) or 0
+
     def mark_offline(self, stale_after: timedelta) -> int:
         """Mark online devices silent for longer than `stale_after` offline; returns how many."""
         cutoff = utc_now() - stale_after
