@@ -43,6 +43,7 @@ CONTROL_PLANE = pb.DESCRIPTOR.services_by_name["ControlPlane"].full_name
 DEFAULT_SERVE_PORT = 50061
 DEFAULT_SUPERNODE_PORT = 9094  # Flower's default ClientAppIo port
 SUPERVISE_EVERY_S = 1.0
+RECONNECT_BACKOFF_MS = 5_000  # gRPC's longest wait between reconnects: the default heartbeat period
 
 
 class AgentError(RuntimeError):
@@ -95,11 +96,13 @@ def connect_coordinator(address: str, timeout: float, ca: Path | None = None) ->
 
     With ``ca`` the coordinator must present a certificate the fleet CA signed; without, plaintext is for a
     coordinator on loopback only."""
-    # gRPC backs off reconnecting up to 2 minutes by default; a restarted coordinator should hear from
-    # its fleet within a few heartbeats instead. Keepalive pings, idle or not, find a connection whose
-    # network went away (nothing comes back, nothing says so) within seconds: gRPC then drops it and
-    # reconnects, rather than sending every heartbeat and download into it until TCP gives up.
-    options = [("grpc.max_reconnect_backoff_ms", 10_000), *AGENT_KEEPALIVE]
+    # gRPC backs off reconnecting up to 2 minutes by default; a device whose network returns, or a restarted
+    # coordinator, should hear from it within two heartbeats instead: gRPC retries at least every
+    # RECONNECT_BACKOFF_MS (a refused connect or a SYN costs nobody much) and the heartbeat follows the moment it
+    # is connected (BudgetMonitor's channel). Keepalive pings, idle or not, find a connection whose network went
+    # away (nothing comes back, nothing says so) within seconds: gRPC then drops it and reconnects, rather than
+    # sending every heartbeat and download into it until TCP gives up.
+    options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS), *AGENT_KEEPALIVE]
     if ca is not None:
         try:
             channel = grpc.secure_channel(address, channel_credentials(ca), options=options)
@@ -208,6 +211,7 @@ class Agent:
                                      on_model_version=self.follower,
                                      interval=heartbeat_interval(c.heartbeat_interval, registration.heartbeat_s),
                                      pace=functools.partial(heartbeat_interval, c.heartbeat_interval),
+                                     channel=channel,
                                      calibration=self.calibration,
                                      usage=served.usage)
         self.monitor.start()

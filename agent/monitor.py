@@ -11,6 +11,7 @@ unreachable adaptation goes on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -63,6 +64,7 @@ class BudgetMonitor:
         calibration: Sequence[CalibrationPoint] | None = None,
         usage: UsageLedger | None = None,
         pace: Callable[[float], float] | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
         if interval <= 0 or rpc_timeout <= 0:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
@@ -81,14 +83,29 @@ class BudgetMonitor:
         self._on_density, self._on_model_version = on_density, on_model_version
         self._beat_lock = threading.Lock()  # heartbeat_now() from a test and the thread never interleave
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # the next heartbeat goes now: stopping, or the channel is back
+        # The channel ``stub`` calls over: while heartbeats fail, gRPC reconnects on its own (backing off up to
+        # agent.lifecycle's reconnect cap); once it has, the next heartbeat goes at once, not after the backoff.
+        self._channel = channel
         self._thread = threading.Thread(target=self._run, name="budget-monitor", daemon=True)
 
     def start(self) -> None:
+        if self._channel is not None:
+            self._channel.subscribe(self._on_connectivity)
         self._thread.start()
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY and self.backoff.failures:
+            log.debug("the coordinator's channel is back: heartbeating now")
+            self._wake.set()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop after the heartbeat in flight, if any (bounded by rpc_timeout); idempotent."""
         self._stopping.set()
+        self._wake.set()
+        if self._channel is not None:
+            with contextlib.suppress(Exception):  # closed already, or never subscribed
+                self._channel.unsubscribe(self._on_connectivity)
         if self._thread.is_alive():
             self._thread.join(self.rpc_timeout + 1.0 if timeout is None else timeout)
 
@@ -154,7 +171,11 @@ class BudgetMonitor:
 
     def _run(self) -> None:
         delay = 0.0  # report the budget as soon as we start
-        while not self._stopping.wait(delay):
+        while not self._stopping.is_set():
+            self._wake.wait(delay)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
             try:
                 self.heartbeat_now()
                 self._recovered()

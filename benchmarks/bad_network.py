@@ -25,6 +25,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,11 @@ def run_level(loss: float, args: argparse.Namespace, work: Path) -> dict[str, An
         return fleet_run(net, devices, loss, args, work)
 
 
-def fleet_run(net: Network, devices: list[str], loss: float, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def fleet_run(net: Network, devices: list[str], loss: float, args: argparse.Namespace, work: Path,
+              during: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """The fleet on ``net``'s hosts for ``args.rounds`` rounds; ``during(state_dir)`` runs every half second
+    while it trains (what a benchmark does to the network meanwhile). ``args.heartbeat_s`` and
+    ``args.agent_heartbeat_s`` None: the commands' defaults."""
     host = net.address("coordinator")
     control, superlink = f"{host}:{CONTROL_PORT}", f"{host}:{SUPERLINK_PORT}"
     certs = init_certificates(work / "certs", [host]).directory
@@ -65,7 +70,8 @@ def fleet_run(net: Network, devices: list[str], loss: float, args: argparse.Name
         str(BIN / "dress-fleet"), "coordinator", "start", "--host", host, "--superlink-port", str(SUPERLINK_PORT),
         "--control-port", str(CONTROL_PORT), "--certs", str(certs), "--state-dir", str(state),
         "--rounds", str(args.rounds), "--min-devices", str(len(devices)), "--fraction", "1", *FLEET,
-        "--heartbeat-s", str(HEARTBEAT_S), "--round-timeout", str(args.round_timeout)]), logs["coordinator"])]
+        *_option("--heartbeat-s", args.heartbeat_s), "--round-timeout", str(args.round_timeout)]),
+        logs["coordinator"])]
     outcome = "completed"
     first_round_s = None
     try:
@@ -76,7 +82,7 @@ def fleet_run(net: Network, devices: list[str], loss: float, args: argparse.Name
                 str(BIN / "dress-agent"), "join", "--device", PROFILES[i % len(PROFILES)], "--token", tokens[name],
                 "--coordinator", control, "--superlink", superlink, "--ca", str(certs / "ca.pem"),
                 "--partition-id", str(i), "--num-partitions", str(len(devices)), "--budget-trace", str(trace),
-                "--heartbeat-interval", str(AGENT_HEARTBEAT_S), "--connect-timeout", str(JOIN_TIMEOUT_S),
+                *_option("--heartbeat-interval", args.agent_heartbeat_s), "--connect-timeout", str(JOIN_TIMEOUT_S),
                 "--calibration-repeats", "5", "--training-calibration-steps", "1",
                 "--state-dir", str(work / name)]), logs[name]))  # fmt: skip
         deadline = start + JOIN_TIMEOUT_S + args.rounds * (args.round_timeout + 120)
@@ -89,6 +95,8 @@ def fleet_run(net: Network, devices: list[str], loss: float, args: argparse.Name
             if time.monotonic() > (start + JOIN_TIMEOUT_S if not done else deadline):
                 outcome = f"timed out after {done} rounds"
                 break
+            if during is not None:
+                during(state)
             time.sleep(0.5)
         wall_s = time.monotonic() - start
     finally:
@@ -114,6 +122,10 @@ def fleet_run(net: Network, devices: list[str], loss: float, args: argparse.Name
         "supernode_retries": sum(p.read_text(errors="replace").count("Connection attempt failed")
                                  for p in supernodes if p.exists()),
     }
+
+
+def _option(name: str, value: float | None) -> list[str]:
+    return [] if value is None else [name, f"{value:g}"]
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
@@ -158,6 +170,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="loss 0 and 20 %%, 2 rounds each (about 5 min)")
     p.add_argument("--out", type=Path, default=RESULTS / "bad-network.json")
     args = p.parse_args()
+    args.heartbeat_s, args.agent_heartbeat_s = HEARTBEAT_S, AGENT_HEARTBEAT_S
     args.loss = args.loss or ("0,20" if args.quick else "0,5,20")
     args.rounds = args.rounds or (2 if args.quick else 3)
     if reason := impairment_unavailable():

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
 from cli.method import add_commands
-from cli.registry import db_app, devices_app
+from cli.registry import db_app, devices_app, operators_app
 from cli.run_options import with_run_options
 from contracts.settings import RunSettings
 from dress_model.data import DataError
@@ -40,6 +40,7 @@ def _root(version: bool = version_option("dress-fleet")) -> None:
 
 add_commands(app)
 app.add_typer(devices_app, name="devices")
+app.add_typer(operators_app, name="operators")
 app.add_typer(db_app, name="db")
 coordinator_app = typer.Typer(help="Run the fleet coordinator: registry, control plane, Flower SuperLink, DRESS run.",
                               no_args_is_help=True)
@@ -53,6 +54,7 @@ def coordinator_start_cmd(
     host: Annotated[str, typer.Option(help="Address devices reach the SuperLink and control plane at.")] = "127.0.0.1",
     superlink_port: Annotated[int, typer.Option(help="Flower SuperLink's Fleet API for devices. With --certs it is nginx passing only the Fleet API to the SuperLink on loopback, where runs are started, stopped and listed.")] = 9092,
     control_port: Annotated[int, typer.Option(help="DRESS control plane (gRPC: describe, register, heartbeat, fetch model).")] = 9093,
+    operator_port: Annotated[int, typer.Option(help="The operator's HTTPS listener: Prometheus metrics at /metrics, the fleet at /api/devices; every request needs an operator's credential (`dress-fleet operators add NAME`). 0: none.")] = 9095,
     db: Annotated[Optional[str], typer.Option(help="Registry SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db; default SQLite in --state-dir.")] = None,
     state_dir: Annotated[Path, typer.Option(help="Registry, checkpoints, Flower state and logs.")] = Path(RunSettings.state_dir),
     min_devices: Annotated[int, typer.Option(min=1, help="Devices that must join before round 1.")] = 2,
@@ -66,7 +68,7 @@ def coordinator_start_cmd(
     settings = run.replace(wait_for_nodes=min_devices, db_url=db or "", state_dir=str(state_dir))
     rounds = settings.num_rounds
     try:
-        coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port),
+        coordinator = Coordinator(settings, Endpoints(host, superlink_port, control_port, operator_port or None),
                                   certs=FleetCertificates(certs) if certs else None)
     except ValueError as e:
         raise fail(str(e)) from None
@@ -75,6 +77,9 @@ def coordinator_start_cmd(
         coordinator.start()
         console.print(f"[bold]SuperLink[/]      {coordinator.endpoints.superlink}  (agents: --superlink)")
         console.print(f"[bold]Control plane[/]  {coordinator.endpoints.control_plane}  (agents: --coordinator)")
+        if coordinator.operator is not None:
+            console.print(f"[bold]Operators[/]      {coordinator.operator.scheme}://{coordinator.operator.address}/metrics  "
+                          "(an operator's credential: dress-fleet operators add NAME)")
         console.print(f"[bold]Registry[/]       {coordinator.registry.safe_url if coordinator.registry else ''}")
         console.print(f"[bold]State[/]          {state_dir}  (logs in {state_dir / 'logs'})")
         run_id = coordinator.submit()

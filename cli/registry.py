@@ -1,6 +1,7 @@
-"""`dress-fleet devices` and `dress-fleet db`: the registry for people, as rich tables.
+"""`dress-fleet devices`, `dress-fleet operators` and `dress-fleet db`: the registry for people, as rich tables.
 
-Mounted into cli/fleet.py's app with add_typer (devices_app as "devices", db_app as "db").
+Mounted into cli/fleet.py's app with add_typer (devices_app as "devices", operators_app as "operators", db_app as
+"db").
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ StateDirOption = Annotated[
 devices_app = typer.Typer(help="List registered devices; `enroll NAME` to let a new device join; `show ID` for "
                           "one device's density history; `assign ID DENSITY` to set one by hand.")
 db_app = typer.Typer(help="The registry database.", no_args_is_help=True)
+operators_app = typer.Typer(help="Who may watch the fleet: the coordinator's operator listener (--operator-port: "
+                            "/metrics for Prometheus, /api/devices) admits only an operator's credential.",
+                            no_args_is_help=True)
 
 
 def _console(stderr: bool = False) -> Console:
@@ -130,6 +134,56 @@ def enroll(
     _console().print(table)
     _console().print("On each device: dress-agent join --device PROFILE --coordinator HOST:PORT --superlink "
                      "HOST:PORT --token TOKEN (or DRESS_ENROLLMENT_TOKEN=TOKEN)")
+
+
+@operators_app.command("add")
+def operators_add(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the operator's name (" + NAME_RULE + ")")],
+    credential_only: Annotated[bool, typer.Option(help="print only the credential (for scripts)")] = False,
+    db: DbOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """A credential for operator NAME, shown only now (the registry keeps a digest); adding a NAME again issues a
+    new one and the old stops working. Send it as 'Authorization: Bearer CREDENTIAL'."""
+    with _open(ctx, db, state_dir, create=True) as registry:
+        try:
+            credential = registry.add_operator(name)
+        except InvalidInputError as e:
+            raise _fail(str(e)) from e
+    if credential_only:
+        typer.echo(credential)
+        return
+    _console().print(f"Operator [bold]{shown(name)}[/]'s credential, shown once:\n{credential}")
+    _console().print("Prometheus: a scrape config with scheme: https, authorization: {credentials: CREDENTIAL} and "
+                     "tls_config: {ca_file: ca.pem}, targets the coordinator's --operator-port.")
+
+
+@operators_app.command("list")
+def operators_list(ctx: typer.Context, db: DbOption = None, state_dir: StateDirOption = None) -> None:
+    """Every operator and when they were added."""
+    with _open(ctx, db, state_dir) as registry:
+        operators = registry.list_operators()
+    table = Table(title=f"{len(operators)} operators")
+    table.add_column("operator")
+    table.add_column("added (UTC)")
+    for name, added in operators:
+        table.add_row(shown(name), f"{added:%Y-%m-%d %H:%M:%S}")
+    _console().print(table)
+
+
+@operators_app.command("remove")
+def operators_remove(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="the operator to remove")],
+    db: DbOption = None,
+    state_dir: StateDirOption = None,
+) -> None:
+    """Remove operator NAME: their credential stops working at once."""
+    with _open(ctx, db, state_dir) as registry:
+        if not registry.remove_operator(name):
+            raise _fail(f"no operator named {name!r} (dress-fleet operators list)")
+    _console().print(f"Removed operator {shown(name)}.")
 
 
 @devices_app.command("show")

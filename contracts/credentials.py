@@ -26,6 +26,7 @@ from runtime.certificates import write_private
 METADATA_KEY = "authorization"
 SCHEME = "Bearer "
 TOKEN_PREFIX, CREDENTIAL_PREFIX = "dfe_", "dfd_"  # enrollment token, device credential: telling them apart in logs
+OPERATOR_PREFIX = "dfo_"  # an operator's credential: the dashboard and the metrics, never the control plane
 CREDENTIAL_FILE = "credential.json"
 SUPERNODE_KEY_FILE = "supernode.key"  # the device's SuperNode key pair (OpenSSH), made once per --state-dir
 MAX_PUBLIC_KEY_LENGTH = 1024

@@ -24,6 +24,7 @@ from contracts.credentials import check_public_key, digest, presented_secret
 from contracts.policy import Budget, validate_calibration
 from contracts.settings import RunSettings, heartbeat_period_s
 from contracts.wire import CONTROL_PLANE_KEEPALIVE, architecture_to_proto, calibration_from_proto
+from coordinator.metrics import FleetMetrics
 from coordinator.registry import DeviceNotFoundError, EnrollmentError, InvalidInputError, Principal, Registry
 from coordinator.supernodes import KeyChange, KeyRetiredError, SupernodeKeys
 from dress_model.models import Architecture
@@ -107,10 +108,12 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
     crosses the wire as its level, mapped here and nowhere else on this side."""
 
     def __init__(self, registry: Registry, architecture: Architecture, model_provider: ModelProvider,
-                 chunk_bytes: int, max_fetches: int, heartbeat_s: float, supernodes: SupernodeKeys | None = None):
+                 chunk_bytes: int, max_fetches: int, heartbeat_s: float, supernodes: SupernodeKeys | None = None,
+                 metrics: FleetMetrics | None = None):
         self._registry = registry
         self._supernodes = supernodes  # a TLS fleet: SuperNode keys registered with the SuperLink
         self._caller = Authenticator(registry)
+        self._metrics = metrics  # what the operator's listener serves: heartbeats are counted here
         self._heartbeat_s = heartbeat_s  # the setting; devices are told heartbeat_period_s of it and the fleet
         self._period_lock = threading.Lock()
         self._period_s, self._recount_at = heartbeat_s, 0.0
@@ -191,6 +194,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             if len(served) != len(request.served):
                 raise InvalidInputError("heartbeat lists a level it served more than once")
             assignment = self._registry.heartbeat(device_id, budget, served)
+        if self._metrics is not None:
+            self._metrics.heartbeats.inc()
         return pb.HeartbeatResponse(level=self._level(assignment.density), model_version=assignment.model_version or "",
                                     changed=assignment.changed, heartbeat_s=self._period())
 
@@ -248,6 +253,7 @@ def serve(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     max_fetches: int | None = None,
+    metrics: FleetMetrics | None = None,
     heartbeat_s: float | None = None,
     credentials: grpc.ServerCredentials | None = None,
     supernodes: SupernodeKeys | None = None,
@@ -271,7 +277,7 @@ def serve(
     )
     servicer = ControlPlaneServicer(registry, architecture, model_provider, chunk_bytes,
                                     max_fetches or max(1, max_workers // 2),
-                                    heartbeat_s or RunSettings.defaults().heartbeat_s, supernodes)
+                                    heartbeat_s or RunSettings.defaults().heartbeat_s, supernodes, metrics)
     add_checked_servicer(servicer, server, pb.DESCRIPTOR.services_by_name["ControlPlane"])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

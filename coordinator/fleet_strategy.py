@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class RoundStats:
     server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
     lr: float | None = None  # the learning rate the round's devices were sent
     rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
+    refused: Counter[str] = field(default_factory=Counter)  # how many replies did not count, by kind (REFUSALS)
     withheld: str | None = None  # why the round's model was not published (the publisher), if it was not
     final_accuracy: dict[float, float] | None = None  # the run's last round: its model on the whole split
     final_counts: dict[float, tuple[list[int], list[int]]] | None = None  # and per class: (correct, seen)
@@ -189,11 +191,12 @@ class FleetStrategy(Strategy):
                 compute_s, macs = (reported(metrics, key) for key in ("compute-s", "macs"))
                 update = self.update_of(sent, tensors, metrics)
             except Exception as e:  # noqa: BLE001 - a malformed reply is dropped whatever broke reading it
-                self._reject(server_round, node, e if isinstance(e, RejectedUpdate) else f"malformed reply: {e!r}")
+                self._reject(server_round, node, e if isinstance(e, RejectedUpdate)
+                             else RejectedUpdate(f"malformed reply: {e!r}", "malformed"))
                 continue
             accepted[node] = (update, record_nbytes(arrays), compute_s, macs)
         for node, reason in norm_outliers(norms).items():
-            self._reject(server_round, node, reason)
+            self._reject(server_round, node, RejectedUpdate(reason, "outlier"))
             accepted.pop(node, None)
         updates = []
         for node, (update, nbytes, compute_s, macs) in accepted.items():
@@ -220,9 +223,10 @@ class FleetStrategy(Strategy):
         return (ArrayRecord(torch_state_dict=self.model.state_dict()),
                 MetricRecord({"participants": len(updates), "num-examples": examples}))
 
-    def _reject(self, server_round: int, node: int, reason: object) -> None:
+    def _reject(self, server_round: int, node: int, reason: RejectedUpdate) -> None:
         name = self.membership.name_of(node)
         self.stats[server_round].rejected[name] = str(reason)
+        self.stats[server_round].refused[reason.kind] += 1
         log.warning("round %d: the reply of %s does not count: %s", server_round, name, reason)
 
     def training_density(self, info: DeviceInfo) -> float | None:

@@ -1,4 +1,5 @@
-"""The coordinator's services as one object: registry, control plane, SuperLink, and the DRESS run.
+"""The coordinator's services as one object: registry, control plane, SuperLink, the operator's listener, and the
+DRESS run.
 
 `dress-fleet coordinator start` and `dress-fleet simulate` both use it; they differ only in whether the
 SuperLink runs Flower's simulation engine (virtual SuperNodes on Ray) or waits for real SuperNodes.
@@ -20,7 +21,9 @@ import psutil
 from contracts.settings import APP_DIR, RunSettings, build_run_model
 from coordinator.control_plane import serve
 from coordinator.fleet_proxy import FleetProxy, nginx_binary
+from coordinator.metrics import FleetMetrics
 from coordinator.model_store import ModelStore
+from coordinator.operator_api import OperatorListener, operator_app
 from coordinator.registry.engine import save_url
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
@@ -37,6 +40,11 @@ class Endpoints:
     host: str = "127.0.0.1"
     superlink_port: int = 9092
     control_port: int = 9093
+    operator_port: int | None = None  # the operator's HTTP listener (metrics, fleet state); None: none
+
+    @property
+    def operator(self) -> str | None:
+        return None if self.operator_port is None else f"{self.host}:{self.operator_port}"
 
     @property
     def superlink(self) -> str:
@@ -94,6 +102,7 @@ class Coordinator:
         self.server: grpc.Server | None = None
         self.superlink: fr.ManagedProcess | None = None
         self.proxy: fr.ManagedProcess | None = None
+        self.operator: OperatorListener | None = None
 
     def start(self) -> None:
         """Registry, SuperLink (behind the fleet proxy on TLS), then the control plane: a device's registration
@@ -114,11 +123,15 @@ class Coordinator:
                                                 simulation=self.simulation, certs=self.certs,
                                                 ray_address=self.ray_address)
             self.proxy = proxy.start(self.state_dir)
+        metrics = FleetMetrics(self.registry)
         self.server = serve(self.registry, self.endpoints.host, self.endpoints.control_port, architecture,
                             ModelStore(self.registry, create_model(architecture)),
-                            heartbeat_s=self.settings.heartbeat_s,
+                            heartbeat_s=self.settings.heartbeat_s, metrics=metrics,
                             credentials=self.certs.server_credentials() if self.certs else None,
                             supernodes=SupernodeKeys(self.registry, self.state_dir) if self.settings.node_auth else None)
+        if self.endpoints.operator_port is not None:
+            self.operator = OperatorListener(operator_app(self.registry, metrics), self.endpoints.host,
+                                             self.endpoints.operator_port, self.certs).start()
 
     def submit(self, federation_config: Mapping[str, object] | None = None, app_dir: Path = APP_DIR) -> int:
         """`flwr run` of the app with every run setting; returns Flower's run id. ``app_dir``: this repository's
@@ -161,6 +174,9 @@ class Coordinator:
             time.sleep(1.0)
 
     def stop(self) -> None:
+        if self.operator is not None:
+            self.operator.stop()
+            self.operator = None
         if self.proxy is not None:  # devices first: nothing reaches a SuperLink that is going
             self.proxy.stop()
             self.proxy = None

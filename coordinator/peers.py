@@ -61,7 +61,8 @@ class WidthStrategy(FleetStrategy):
         if (not isinstance(classes, list) or not classes or len(set(classes)) != len(classes)
                 or any(not float(c).is_integer() or not 0 <= c < num_classes for c in classes)):
             raise RejectedUpdate(f"metrics.classes must list the device's labels, distinct integers in "
-                                 f"[0, {num_classes}), got {metrics['classes'] if 'classes' in metrics else None!r}")
+                                 f"[0, {num_classes}), got {metrics['classes'] if 'classes' in metrics else None!r}",
+                                 "malformed")
         update.classes = frozenset(int(c) for c in classes)
         return update
 

@@ -123,6 +123,7 @@ def round_details(stats: RoundStats) -> dict:
         "server_s": stats.server_s,
         "lr": stats.lr,
         "rejected": stats.rejected,
+        "refused": dict(stats.refused),
         "withheld": stats.withheld,
         "wall_s": time.perf_counter() - stats.started,
     }

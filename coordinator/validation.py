@@ -41,7 +41,16 @@ STATISTICS = ("running_mean", "running_var")  # BN's: measured on data rather th
 
 
 class RejectedUpdate(ValueError):
-    """A reply that does not count; the message says why."""
+    """A reply that does not count; the message says why, ``kind`` which of REFUSALS (a metric's label)."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+REFUSALS = ("malformed", "examples", "tensors", "implausible", "outlier")
+"""Why a reply did not count, in kinds: unreadable, a wrong example count, tensors other than those sent, values
+honest training cannot make, an update far beyond the round's others."""
 
 
 @dataclass(frozen=True)
@@ -57,18 +66,20 @@ def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_exa
     RejectedUpdate else."""
     if (isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or not math.isfinite(num_examples)
             or num_examples != int(num_examples)):
-        raise RejectedUpdate(f"num-examples must be an integer, got {num_examples!r}")
+        raise RejectedUpdate(f"num-examples must be an integer, got {num_examples!r}", "examples")
     if not 1 <= int(num_examples) <= expected.max_examples:
-        raise RejectedUpdate(f"num-examples {int(num_examples)} outside [1, {expected.max_examples}]")
+        raise RejectedUpdate(f"num-examples {int(num_examples)} outside [1, {expected.max_examples}]", "examples")
     missing, extra = sorted(set(expected.tensors) - set(tensors)), sorted(set(tensors) - set(expected.tensors))
     if missing or extra:
-        raise RejectedUpdate(f"tensors differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise RejectedUpdate(f"tensors differ from those sent: missing {missing[:3]}, unexpected {extra[:3]}",
+                             "tensors")
     for key, sent in expected.tensors.items():
         theirs = tensors[key]
         if theirs.dtype != sent.dtype or theirs.shape != sent.shape:
-            raise RejectedUpdate(f"{key}: {theirs.dtype} {list(theirs.shape)}, sent {sent.dtype} {list(sent.shape)}")
+            raise RejectedUpdate(f"{key}: {theirs.dtype} {list(theirs.shape)}, sent {sent.dtype} {list(sent.shape)}",
+                                 "tensors")
     if reason := implausible(expected.tensors, tensors):
-        raise RejectedUpdate(reason)
+        raise RejectedUpdate(reason, "implausible")
     # finite: float32 values squared in float64 cannot overflow
     return math.sqrt(sum(float((tensors[key].double() - sent.double()).pow(2).sum())
                          for key, sent in expected.tensors.items() if sent.is_floating_point()))

@@ -14,15 +14,21 @@ import time
 
 import grpc
 import pytest
+from conftest import architecture, enrolled
 
 from agent.backoff import Backoff
 from agent.lifecycle import heartbeat_interval
 from agent.model_fetch import ModelFetchError, ModelFollower
 from agent.monitor import BudgetMonitor
+from contracts.credentials import with_bearer
 from contracts.policy import Budget
+from coordinator.control_plane import serve
+from coordinator.registry import Registry
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
+from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
 
 DENSITIES = (0.1, 0.25, 0.5, 1.0)
+ARCH = architecture("cnn", "0.1,0.25,0.5,1", "fashion-mnist", 4)
 
 
 def test_backoff_doubles_from_its_base_up_to_its_cap_with_jitter_below_each_step() -> None:
@@ -188,3 +194,35 @@ def test_a_model_download_never_holds_up_the_caller_and_retries_with_backoff(
     said = [r.getMessage() for r in caplog.records if r.name == "agent.model_fetch"]
     assert len([m for m in said if m.startswith("cannot download")]) == 1, said
     assert len([m for m in said if "downloaded after" in m]) == 1, said
+
+
+def test_a_device_whose_coordinator_returns_heartbeats_once_reconnected_not_after_its_backoff(
+        sqlite_url: str, free_port: int) -> None:
+    """The coordinator is down at the first heartbeat, so the next waits 5-10 s; it comes back 0.5 s later. gRPC
+    reconnects on its own within a second or two, and the monitor, told so by the channel, heartbeats then."""
+    address = f"127.0.0.1:{free_port}"
+    points = [pb.CalibrationPoint(level=level, latency_ms=100 * d, memory_mb=800 * d)
+              for level, d in enumerate(ARCH.densities)]
+    with Registry(sqlite_url) as registry:
+        server = serve(registry, "127.0.0.1", free_port, ARCH, lambda d, h: b"", heartbeat_s=5.0)
+        with grpc.insecure_channel(address) as setup:
+            device = enrolled(setup, registry, "pi")
+            device.Register(pb.RegisterRequest(name="pi", profile="pi4", calibration=points))
+        server.stop(grace=None).wait()
+        channel = grpc.insecure_channel(address, options=[("grpc.max_reconnect_backoff_ms", 5_000)])
+        stub = pb_grpc.ControlPlaneStub(with_bearer(channel, lambda: device.secret))
+        monitor = BudgetMonitor(stub, ARCH.densities, Steady(), density=1.0, model_version="",
+                                on_density=lambda assigned, local: assigned, on_model_version=lambda v: None,
+                                interval=5.0, channel=channel)
+        monitor.start()
+        try:
+            _until(lambda: monitor.failures == 1)
+            time.sleep(0.5)
+            server = serve(registry, "127.0.0.1", free_port, ARCH, lambda d, h: b"", heartbeat_s=5.0)
+            back = time.monotonic()
+            _until(lambda: monitor.failures == 0, timeout=10.0)
+            assert time.monotonic() - back < 4.0  # its backoff alone would have waited 4.5 s at least
+        finally:
+            monitor.stop()
+            channel.close()
+            server.stop(grace=None).wait()

@@ -185,6 +185,8 @@ def test_bad_replies_are_dropped_and_recorded_while_good_ones_count(
     assert "the norm of the weights it moves" in stats.rejected["huge"] and "num-examples" in stats.rejected["liar"]
     assert "median" in stats.rejected["loud"]  # 20× the others' update: within the bound against the model
     assert "malformed reply" in stats.rejected["no-arrays"]
+    # and by kind, as the coordinator's metrics count them
+    assert stats.refused == {"implausible": 2, "tensors": 1, "examples": 1, "outlier": 1, "malformed": 1}
     assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
     assert any(not torch.equal(after[k], before[k]) for k in before) and stats.withheld is None
 

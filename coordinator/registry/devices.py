@@ -253,6 +253,13 @@ class DeviceRecords(Store):
         with self._read() as s:
             return s.scalar(select(func.count()).select_from(Device)) or 0
 
+    def device_counts(self) -> dict[tuple[DeviceStatus, float], int]:
+        """How many devices there are of each status and density: one grouped query, whatever the fleet's size."""
+        with self._read() as s:
+            return {(status, density): n for status, density, n in s.execute(
+                select(Device.status, Device.current_density, func.count()).group_by(Device.status,
+                                                                                     Device.current_density))}
+
     def mark_offline(self, stale_after: timedelta) -> int:
         """Mark online devices silent for longer than `stale_after` offline; returns how many."""
         cutoff = utc_now() - stale_after

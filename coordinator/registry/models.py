@@ -130,6 +130,17 @@ class Enrollment(Base):
     device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id", ondelete="SET NULL"))
 
 
+class Operator(Base):
+    """A person (or a monitoring system) allowed to watch the fleet: the dashboard and the metrics."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    credential_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+
+
 class BudgetReport(Base):
     """Every heartbeat's budget together with the density it was answered with, so no heartbeat is lost."""
 
