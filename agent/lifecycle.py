@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from agent.budget import BudgetSource
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS, calibrate, image_shape, initial_model
 from agent.latency import LatencyModel
+from agent.metrics import AgentMetrics
 from agent.model_fetch import ModelFetchError, ModelFollower, ModelUpdater
 from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
 from agent.served_model import ServedModel
@@ -76,6 +77,7 @@ class AgentConfig:
     predict_cert: Path | None = None  # the Predict listener's certificate and key (with ``ca``): mutual TLS
     predict_key: Path | None = None
     fetch_float16: bool = False  # download models as float16 (fewer bytes; computed in float32)
+    metrics_port: int | None = None  # Prometheus metrics beside Predict, on serve_host (0: any free port); None: none
 
 
 def heartbeat_interval(wanted: float | None, asked: float) -> float:
@@ -136,6 +138,8 @@ class Agent:
         self.served: ServedModel | None = None
         self.supernode: ManagedProcess | None = None
         self.predict: AgentServer | None = None
+        self.metrics: AgentMetrics | None = None
+        self.metrics_port: int | None = None  # where the metrics listener bound, when there is one
         self.monitor: BudgetMonitor | None = None
         self.follower: ModelFollower | None = None
         self._running = contextlib.ExitStack()
@@ -198,11 +202,20 @@ class Agent:
         except PortInUseError as e:
             raise AgentError(str(e)) from None
         self._running.callback(self.supernode.stop)
+        self.metrics = AgentMetrics(served)
         try:
-            self.predict = serve(served, self.identity, c.serve_host, c.serve_port, credentials=predict_credentials)
+            self.predict = serve(served, self.identity, c.serve_host, c.serve_port, credentials=predict_credentials,
+                                 metrics=self.metrics)
         except RuntimeError as e:  # the port is taken
             raise AgentError(str(e)) from None
         self._running.callback(self.predict.stop)
+        if c.metrics_port is not None:  # behind Predict's mutual TLS, or plaintext where Predict is (loopback)
+            tls = (c.ca, c.predict_cert, c.predict_key) if predict_credentials is not None else None
+            try:
+                listener, self.metrics_port = self.metrics.serve(c.serve_host, c.metrics_port, tls)  # type: ignore[arg-type]
+            except OSError as e:
+                raise AgentError(f"metrics on {c.serve_host}:{c.metrics_port}: {e.strerror or e}") from None
+            self._running.callback(listener.shutdown)  # type: ignore[attr-defined]
         self.follower = ModelFollower(updater)  # downloads off the heartbeat's thread, retried with backoff
         self.follower.start()
         self._running.callback(self.follower.stop)
@@ -213,7 +226,7 @@ class Agent:
                                      pace=functools.partial(heartbeat_interval, c.heartbeat_interval),
                                      channel=channel,
                                      calibration=self.calibration,
-                                     usage=served.usage)
+                                     usage=served.usage, metrics=self.metrics)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
 

@@ -21,6 +21,7 @@ import grpc
 
 from agent.backoff import Backoff
 from agent.budget import BudgetSource
+from agent.metrics import AgentMetrics
 from agent.usage import UsageLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
 from dress_model.sparsity import density_at
@@ -65,6 +66,7 @@ class BudgetMonitor:
         usage: UsageLedger | None = None,
         pace: Callable[[float], float] | None = None,
         channel: grpc.Channel | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         if interval <= 0 or rpc_timeout <= 0:
             raise ValueError(f"interval and rpc_timeout must be > 0, got {interval} and {rpc_timeout}")
@@ -87,6 +89,7 @@ class BudgetMonitor:
         # The channel ``stub`` calls over: while heartbeats fail, gRPC reconnects on its own (backing off up to
         # agent.lifecycle's reconnect cap); once it has, the next heartbeat goes at once, not after the backoff.
         self._channel = channel
+        self._metrics = metrics  # heartbeats answered and failed
         self._thread = threading.Thread(target=self._run, name="budget-monitor", daemon=True)
 
     def start(self) -> None:
@@ -186,10 +189,15 @@ class BudgetMonitor:
                 self._failed(f"{type(e).__name__}: {e}", logging.ERROR, exc_info=True)
             delay = self.next_delay()
 
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.heartbeats.labels(outcome).inc()
+
     def _failed(self, why: str, level: int, exc_info: bool = False) -> None:
         """Count a failed heartbeat; say so when heartbeats start failing, or fail in a way not seen since they
         last worked (a gRPC status code, an exception type), not at every retry: a device cut off for an hour
         would otherwise log hundreds of lines."""
+        self._count("failed")
         if self.backoff.failed():
             self._failing_since = time.monotonic()
         kind = why.split(":", 1)[0]
@@ -201,6 +209,7 @@ class BudgetMonitor:
             log.debug("heartbeat failed again (%s), %d in a row", why, self.failures)
 
     def _recovered(self) -> None:
+        self._count("answered")
         if failed := self.backoff.succeeded():
             log.info("heartbeat to the coordinator works again after %d failures (%.0f s)", failed,
                      time.monotonic() - self._failing_since)

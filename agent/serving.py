@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from agent.metrics import AgentMetrics
 from agent.served_model import ServedModel
 from contracts.checked_service import add_checked_servicer
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
@@ -60,14 +61,16 @@ def input_tensor(request: agent_pb.PredictRequest) -> torch.Tensor:
 
 
 class AgentServicer(agent_grpc.AgentServicer):
-    def __init__(self, served: ServedModel, identity: AgentIdentity) -> None:
-        self.served, self.identity = served, identity
+    def __init__(self, served: ServedModel, identity: AgentIdentity, metrics: AgentMetrics | None = None) -> None:
+        self.served, self.identity, self.metrics = served, identity, metrics
 
     def Predict(self, request: agent_pb.PredictRequest, context: grpc.ServicerContext) -> agent_pb.PredictResponse:
         try:
             logits, density, latency_ms = self.served.predict(input_tensor(request), request.deadline_ms)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if self.metrics is not None:
+            self.metrics.predicted(density, latency_ms, request.deadline_ms)
         return agent_pb.PredictResponse(logits=logits.reshape(-1).tolist(), shape=list(logits.shape),
                                         density=density, latency_ms=latency_ms)
 
@@ -95,7 +98,7 @@ class AgentServer:
 
 def serve(
     served: ServedModel, identity: AgentIdentity, host: str, port: int, max_workers: int = DEFAULT_WORKERS,
-    credentials: grpc.ServerCredentials | None = None,
+    credentials: grpc.ServerCredentials | None = None, metrics: AgentMetrics | None = None,
 ) -> AgentServer:
     """Start Agent (and the standard health service, SERVING from the start) on host:port; non-blocking.
 
@@ -105,7 +108,7 @@ def serve(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="agent-predict"),
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
     )
-    add_checked_servicer(AgentServicer(served, identity), server, agent_pb.DESCRIPTOR.services_by_name["Agent"])
+    add_checked_servicer(AgentServicer(served, identity, metrics), server, agent_pb.DESCRIPTOR.services_by_name["Agent"])
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

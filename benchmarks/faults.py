@@ -161,7 +161,7 @@ def run_faults(kills: int, agents: int = 3, rounds: int = 15, seed: int = 0,
         fleet = [coordinator]
         for i, (name, token) in enumerate(zip(names, tokens)):
             base = [str(BIN / "dress-agent"), "join", "--device", "pi4", "--coordinator", f"127.0.0.1:{control}",
-                    "--superlink", f"127.0.0.1:{superlink}", "--serve-port", str(pick_port()),
+                    "--superlink", f"127.0.0.1:{superlink}", "--serve-port", str(pick_port()), "--metrics-port", "0",
                     "--supernode-port", str(pick_port()), "--partition-id", str(i), "--num-partitions", str(agents),
                     "--state-dir", str(root / name), "--calibration-repeats", "3", "--connect-timeout", "60"]
             # the token until the agent has stored the credential it buys, then that credential

@@ -19,6 +19,7 @@ from rich.table import Table
 from agent.budget import BudgetSource, MachineBudget, TraceBudget
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
+from agent.metrics import DEFAULT_METRICS_PORT
 from cli.common import console, err, fail, safe_text, version_option
 from cli.method import DATA_DIR_HELP
 from contracts.naming import check_name
@@ -98,6 +99,10 @@ def join_cmd(
     = "127.0.0.1",
     serve_port: Annotated[int, typer.Option(min=0, max=65535, help="Predict port (0: any free one).")]
     = DEFAULT_SERVE_PORT,
+    metrics_port: Annotated[int, typer.Option(min=0, max=65535, help="Prometheus metrics on --serve-host (Predict "
+                                              "latency and deadline misses per density, density, heartbeats), "
+                                              "behind Predict's mutual TLS (0: any free port).")]
+    = DEFAULT_METRICS_PORT,
     supernode_port: Annotated[int, typer.Option(min=1, max=65535, help="The SuperNode's ClientAppIo port.")]
     = DEFAULT_SUPERNODE_PORT,
     partition_id: Annotated[int, typer.Option(min=0, help="This device's training shard.")] = 0,
@@ -152,7 +157,7 @@ def join_cmd(
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
         calibration_repeats=calibration_repeats, training_calibration_steps=training_calibration_steps,
         threads=threads, connect_timeout=connect_timeout, ca=ca,
-        predict_cert=predict_cert, predict_key=predict_key, fetch_float16=fetch_float16))
+        predict_cert=predict_cert, predict_key=predict_key, fetch_float16=fetch_float16, metrics_port=metrics_port))
     with shutdown_requested() as stop:
         try:
             agent.start()
@@ -163,7 +168,8 @@ def join_cmd(
             console.print(where_table(agent, budget_trace))
             name = agent.identity.name  # type: ignore[union-attr]
             console.print(f"[bold green]dress-agent {escape(name)} ready[/]: Predict on "
-                          f"{serve_host}:{agent.predict.port}; Ctrl-C to leave")  # type: ignore[union-attr]
+                          f"{serve_host}:{agent.predict.port}, metrics on {serve_host}:{agent.metrics_port}/metrics; "  # type: ignore[union-attr]
+                          "Ctrl-C to leave")
             clean = agent.wait(stop)
             if not clean:
                 sn = agent.supernode

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import psutil
 import pytest
 from conftest import architecture, pick_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from agent.calibration import initial_model
@@ -127,10 +129,11 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
     token = registry.enroll(["pi-test"])["pi-test"]
     trace = tmp_path / "trace.csv"  # 100 MB: every subnet fits (the densest needs ~1.3 MB); 0.5 MB: up to 0.25
     trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n2,1000,0.5\n")
-    predict = f"127.0.0.1:{pick_port()}"
+    predict, metrics_port = f"127.0.0.1:{pick_port()}", pick_port()
     agent = subprocess.Popen(
         [str(DRESS_AGENT), "join", "--device", "pi4", "--token", token, "--coordinator", address,
          "--superlink", f"127.0.0.1:{pick_port()}", "--serve-port", predict.rpartition(":")[2],
+         "--metrics-port", str(metrics_port),
          "--supernode-port", str(pick_port()), "--budget-trace", str(trace), "--heartbeat-interval", "0.2",
          "--state-dir", str(tmp_path / "agent"), "--calibration-repeats", "5", "--partition-id", "1",
          "--num-partitions", "4"],
@@ -156,6 +159,16 @@ def test_join_serves_follows_its_budget_and_leaves_nothing_behind(
         assert (code, output) == (0, "0.25")
         code, output = _run("predict", "--agent", predict, "--index", "3")
         assert code == 0 and "image 3: predicted class" in output and "density 0.25" in output
+        assert _run("predict", "--agent", predict, "--deadline-ms", "0.0001")[0] == 0  # no subnet can meet it
+        # its metrics, as Prometheus scrapes them (plaintext: Predict is on loopback)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(reply.read().decode()) for s in family.samples}
+        assert samples[("dress_agent_density", (("kind", "serving"),))] == 0.25
+        assert samples[("dress_agent_predict_latency_seconds_count", (("density", "0.25"),))] == 2
+        assert samples[("dress_agent_predict_latency_seconds_count", (("density", "0.1"),))] == 1
+        assert samples[("dress_agent_deadline_misses_total", (("density", "0.1"),))] == 1  # the sparsest answered
+        assert samples[("dress_agent_heartbeats_total", (("outcome", "answered"),))] >= 2
     finally:
         agent.send_signal(signal.SIGTERM)
         output, _ = agent.communicate(timeout=30)
@@ -195,7 +208,7 @@ def test_a_supernode_port_still_held_is_waited_for_then_refused_clearly(
         holder.listen()
         started = time.monotonic()
         code, output = _join("--device", "pi4", "--token", token, "--calibration-repeats", "1",
-                             "--supernode-port", str(holder.getsockname()[1]), "--serve-port", str(pick_port()),
+                             "--supernode-port", str(holder.getsockname()[1]), "--serve-port", str(pick_port()), "--metrics-port", "0",
                              "--state-dir", str(tmp_path / "agent"), coordinator=coordinator[0])
     assert code == 1 and "cannot start the SuperNode supernode-pi-port" in output and f"held by pid {os.getpid()}" in output
     assert "Traceback" not in output and time.monotonic() - started >= 2.0

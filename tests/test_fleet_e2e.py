@@ -84,7 +84,7 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             processes.append(spawn(
                 [str(BIN / "dress-agent"), "join", "--device", profile, "--token", enroll(state, name),
                  "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
-                 "--serve-port", predict.rpartition(":")[2], "--supernode-port", str(pick_port()),
+                 "--serve-port", predict.rpartition(":")[2], "--metrics-port", "0", "--supernode-port", str(pick_port()),
                  "--partition-id", str(i), "--num-partitions", "3",
                  "--budget-trace", str(trace), "--heartbeat-interval", str(HEARTBEAT_S),
                  "--state-dir", str(tmp_path / name)],
@@ -190,7 +190,7 @@ def test_a_tls_fleet_trains_and_a_plaintext_caller_is_refused(tmp_path: Path) ->
                 assert e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
         join = [str(BIN / "dress-agent"), "join", "--device", "pi4",
                 "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
-                "--ca", str(certs / "ca.pem"), "--serve-port", str(predict_port), "--supernode-port", str(pick_port()),
+                "--ca", str(certs / "ca.pem"), "--serve-port", str(predict_port), "--metrics-port", "0", "--supernode-port", str(pick_port()),
                 "--serve-host", "0.0.0.0", "--predict-cert", str(certs / "pi-tls.pem"),
                 "--predict-key", str(certs / "pi-tls.key"),
                 "--state-dir", str(tmp_path / "pi-tls")]  # fmt: skip
