@@ -12,8 +12,9 @@ DEMO_OUT ?= runs/demo
 NGINX  := /usr/sbin/nginx
 NFQUEUE := /usr/include/libnetfilter_queue/libnetfilter_queue.h
 IPTABLES := /usr/sbin/iptables
+PROMETHEUS := /usr/bin/prometheus
 
-setup: $(VENV)/.installed $(FMNIST) $(NGINX) $(IPTABLES)
+setup: $(VENV)/.installed $(FMNIST) $(NGINX) $(IPTABLES) $(PROMETHEUS)
 
 # A Debian package, installed with sudo where we are not root; `apt-get update` only when the lists lack it.
 define apt_install
@@ -47,6 +48,10 @@ $(FMNIST):
 # service is not started: the coordinator runs its own nginx.
 $(NGINX):
 	$(call apt_install,nginx,no nginx at $(NGINX): install it (a TLS coordinator's SuperLink is reached through it))
+
+# The metrics tests scrape the coordinator and an agent with a real Prometheus (its service is not started).
+$(PROMETHEUS):
+	$(call apt_install,prometheus,no $(PROMETHEUS): install Debian's prometheus (the metrics tests scrape with it))
 
 # The main job: a 100-device heterogeneous fleet trains DRESS federatedly on Flower's simulation engine.
 demo: setup
