@@ -13,8 +13,9 @@ NGINX  := /usr/sbin/nginx
 NFQUEUE := /usr/include/libnetfilter_queue/libnetfilter_queue.h
 IPTABLES := /usr/sbin/iptables
 PROMETHEUS := /usr/bin/prometheus
+CHROMEDRIVER := /usr/bin/chromedriver
 
-setup: $(VENV)/.installed $(FMNIST) $(NGINX) $(IPTABLES) $(PROMETHEUS)
+setup: $(VENV)/.installed $(FMNIST) $(NGINX) $(IPTABLES) $(PROMETHEUS) $(CHROMEDRIVER)
 
 # A Debian package, installed with sudo where we are not root; `apt-get update` only when the lists lack it.
 define apt_install
@@ -52,6 +53,10 @@ $(NGINX):
 # The metrics tests scrape the coordinator and an agent with a real Prometheus (its service is not started).
 $(PROMETHEUS):
 	$(call apt_install,prometheus,no $(PROMETHEUS): install Debian's prometheus (the metrics tests scrape with it))
+
+# The dashboard's browser test drives Debian's headless Chromium through its chromedriver.
+$(CHROMEDRIVER):
+	$(call apt_install,chromium chromium-driver,no $(CHROMEDRIVER): install Debian's chromium and chromium-driver (the dashboard's browser test))
 
 # The main job: a 100-device heterogeneous fleet trains DRESS federatedly on Flower's simulation engine.
 demo: setup

@@ -23,7 +23,7 @@ from contracts.settings import RunSettings
 from dress_model.data import DataError
 from runtime.processes import stop_on_sigterm
 from simulations.report import plain_text, profile_table, signed_text
-from simulations.run import SimulationSettings, run_simulation
+from simulations.run import OPERATOR_SECRET, SimulationSettings, run_simulation
 from simulations.traces import TRACES_HELP
 
 app = typer.Typer(
@@ -163,6 +163,8 @@ def simulate_cmd(
     control_port: Annotated[int, typer.Option(help="Port of the simulation's control plane; 0 = a free one.")] = 0,
     ray_address: Annotated[Optional[str], typer.Option(metavar="ADDRESS", help="An existing Ray cluster's address, e.g. HEAD:6379 (run this on a node of the cluster) or ray://HEAD:10001 (Ray Client); default: a Ray started on this machine for the run. The README says how to set up a cluster.")] = SimulationSettings.ray_address,
     calibration: Annotated[Optional[Path], typer.Option(help="A calibration.json an earlier run wrote in its run directory: build the same fleet from it.")] = None,
+    dashboard: Annotated[bool, typer.Option("--dashboard", help="Serve the operator dashboard for the simulated fleet on 127.0.0.1 (--dashboard-port): sign in with the credential the run writes to OUT/operator.secret.")] = False,
+    dashboard_port: Annotated[int, typer.Option(min=0, max=65535, help="The dashboard's port with --dashboard (0: a free one, logged).")] = 9095,
     measure: Annotated[bool, typer.Option("--measure", help="Time the model on this machine now, though a reference calibration ships for the run (simulations/reference_calibration.json: the app's defaults, measured on an idle machine). Timings move with the machine's load, and with them the densities devices afford.")] = False,
 ) -> None:
     """Simulate a fleet of heterogeneous devices on Flower's simulation engine (Ray), deployment code throughout."""
@@ -171,18 +173,24 @@ def simulate_cmd(
     try:
         settings = SimulationSettings(run, devices=devices, traces=traces, deadline=deadline, dropout=dropout,
                                       run_dir=out, superlink_port=superlink_port, control_port=control_port,
-                                      ray_address=ray_address, calibration=calibration, measure=measure)
+                                      ray_address=ray_address, calibration=calibration, measure=measure,
+                                      dashboard_port=dashboard_port if dashboard else None)
     except ValueError as e:
         raise fail(str(e)) from None
     console.print(f"Simulating {devices} devices ({mix}; {traces} traces, deadline {deadline:g}), {rounds} rounds, "
                   f"{fraction:g} of the fleet per round" + (f", on the Ray cluster at {escape(settings.ray_address)}"
                                                        if settings.ray_address else ""))
+    if dashboard:
+        console.print(f"Dashboard: http://127.0.0.1:{dashboard_port or '(a free port, logged)'}/ once the fleet is "
+                      f"up; sign in with the credential in {out / OPERATOR_SECRET}")
     with progress_bar() as progress:
         task = progress.add_task("rounds", total=rounds, info="starting the fleet, SuperLink and Ray")
 
         def on_round(entry: dict) -> None:
-            progress.update(task, completed=entry["round"],
-                            info=f"{len(entry['participants'])} devices, acc {accuracy_line(entry['accuracy'])}")
+            info = f"{len(entry['participants'])} devices, acc {accuracy_line(entry['accuracy'])}"
+            progress.update(task, completed=entry["round"], info=info)
+            if not console.is_terminal:  # a log or a pipe sees no bar: a line per round instead
+                console.print(f"round {entry['round']}/{rounds}: {info}")
 
         stop_on_sigterm()
         try:

@@ -145,6 +145,8 @@ class FleetStrategy(Strategy):
         chosen = self.membership.sample(grid, devices, count, random.Random(self.seed * 100_003 + server_round),
                                         self.training_density)
         log.info("round %d: %d of %d drawn online devices train", server_round, len(chosen), count)
+        self.registry.start_round(server_round, {info.name: density for _, info, density in chosen},
+                                  self.round_timeout_s)
         return self.messages_for(server_round, chosen, config)
 
     def messages_for(self, server_round: int, chosen: list[tuple[int, DeviceInfo, float]],

@@ -83,10 +83,12 @@ STATUS_EVERY_S = 20.0  # between checks of the run's status while rounds are sti
 
 class Coordinator:
     def __init__(self, settings: RunSettings, endpoints: Endpoints, simulation: bool = False,
-                 certs: FleetCertificates | None = None, ray_address: str | None = None) -> None:
+                 certs: FleetCertificates | None = None, ray_address: str | None = None,
+                 reference: Mapping[float, float] | None = None) -> None:
         """``certs``: TLS on the control plane and the SuperLink. Without them both speak plaintext, which is
         refused on any address but loopback (CertificateError). ``ray_address`` (simulation): an existing Ray
-        cluster the virtual devices train on, instead of a Ray started for the run."""
+        cluster the virtual devices train on, instead of a Ray started for the run. ``reference``: the centralized
+        accuracy per density, for the dashboard's gap, when one is known."""
         if certs is None and not is_loopback(endpoints.host):
             raise CertificateError(f"plaintext is for loopback only; serving {endpoints.host} needs the fleet's "
                                    "certificates (--certs DIR; `dress-fleet certs init` makes a test fleet's)")
@@ -97,6 +99,7 @@ class Coordinator:
         self.endpoints = endpoints
         self.simulation = simulation
         self.ray_address = ray_address
+        self.reference = reference
         self.memory = ProcessTreeMemory()
         self.registry: Registry | None = None
         self.server: grpc.Server | None = None
@@ -130,7 +133,9 @@ class Coordinator:
                             credentials=self.certs.server_credentials() if self.certs else None,
                             supernodes=SupernodeKeys(self.registry, self.state_dir) if self.settings.node_auth else None)
         if self.endpoints.operator_port is not None:
-            self.operator = OperatorListener(operator_app(self.registry, metrics), self.endpoints.host,
+            self.operator = OperatorListener(operator_app(self.registry, metrics, secure_cookie=self.certs is not None,
+                                                          reference=self.reference),
+                                             self.endpoints.host,
                                              self.endpoints.operator_port, self.certs).start()
 
     def submit(self, federation_config: Mapping[str, object] | None = None, app_dir: Path = APP_DIR) -> int:

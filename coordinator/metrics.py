@@ -26,10 +26,10 @@ class RegistryCollector(Collector):
         self.registry = registry
 
     def collect(self) -> Iterator[Metric]:
-        devices = GaugeMetricFamily("dress_devices", "Devices by status and assigned density",
-                                    labels=["status", "density"])
-        for (status, density), n in sorted(self.registry.device_counts().items()):
-            devices.add_metric([str(status), f"{density:g}"], n)
+        devices = GaugeMetricFamily("dress_devices", "Devices by status, profile and assigned density",
+                                    labels=["status", "profile", "density"])
+        for (status, profile, density), n in sorted(self.registry.device_counts().items()):
+            devices.add_metric([str(status), profile, f"{density:g}"], n)
         yield devices
 
         rounds = self.registry.list_rounds()

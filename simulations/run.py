@@ -30,6 +30,7 @@ from contracts.profiles import load_profiles
 from contracts.settings import APP_DIR, RunSettings
 from coordinator.launcher import Coordinator, Endpoints
 from coordinator.registry.models import DeviceStatus
+from runtime.certificates import write_private
 from runtime.processes import RAY_ADDRESS, pick_port
 from simulations.centralized import centralized_reference
 from simulations.costs import measure_calibration, reference_for
@@ -38,6 +39,9 @@ from simulations.report import RunSummary, fleet_over_time, write_report
 from simulations.traces import MIXED, check_traces, fleet_traces
 
 log = logging.getLogger(__name__)
+
+
+OPERATOR_SECRET = "operator.secret"  # the dashboard's credential, in the run directory
 
 
 @dataclass
@@ -53,6 +57,7 @@ class SimulationSettings:
     superlink_port: int = 0  # 0 = a free port, so simulations side by side on one machine never collide
     control_port: int = 0
     ray_address: str | None = None  # an existing Ray cluster (HOST:PORT or ray://HOST[:PORT]); None: Ray for the run
+    dashboard_port: int | None = None  # the operator dashboard on loopback at this port (0: a free one); None: none
     run_dir: Path = field(default_factory=lambda: Path("runs/simulation"))
     calibration: Path | None = None  # a saved calibration.json: the same fleet as that run
     measure: bool = False  # time the model on this machine now, though a reference for the run ships
@@ -89,8 +94,11 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     started = time.monotonic()
     # an unreachable cluster is refused here, in words, not as a run that fails inside flwr-simulation
     cluster = ray_cluster(settings.ray_address) if settings.ray_address else {"address": "local"}
-    endpoints = Endpoints("127.0.0.1", settings.superlink_port or pick_port(), settings.control_port or pick_port())
-    coordinator = Coordinator(settings.run, endpoints, simulation=True, ray_address=settings.ray_address)
+    dashboard = None if settings.dashboard_port is None else settings.dashboard_port or pick_port()
+    endpoints = Endpoints("127.0.0.1", settings.superlink_port or pick_port(), settings.control_port or pick_port(),
+                          dashboard)
+    coordinator = Coordinator(settings.run, endpoints, simulation=True, ray_address=settings.ray_address,
+                              reference=centralized_reference(settings.run.task) or None)
     measured = settings.saved or measure_calibration(settings.run)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     write_calibration(settings.run_dir / "calibration.json", settings.run.model_label, measured)  # what this fleet was built from
@@ -109,6 +117,9 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     try:
         coordinator.start()
         assert coordinator.registry is not None
+        if dashboard is not None:  # whoever started the run signs in with this (0600, in the run directory)
+            write_private(settings.run_dir / OPERATOR_SECRET, coordinator.registry.add_operator("simulate").encode())
+            log.info("dashboard at http://%s/ (credential in %s)", endpoints.operator, settings.run_dir / OPERATOR_SECRET)
         driver.register(coordinator.registry.enroll([device.name for device in fleet]))
         driver.start()
         run_id = coordinator.submit(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import ssl
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,8 +34,13 @@ CALIBRATION = [pb.CalibrationPoint(level=level, latency_ms=100 * d, memory_mb=80
                for level, d in enumerate(ARCH.densities)]
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
 class Fleet:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, reference: dict[float, float] | None = None) -> None:
         self.state = tmp_path / "state"
         self.registry = Registry(state_dir=self.state)
         certs = init_certificates(tmp_path / "certs", ["127.0.0.1"])
@@ -42,17 +48,31 @@ class Fleet:
         metrics = FleetMetrics(self.registry)
         self.control_port, port = pick_port(), pick_port()
         self.control = serve(self.registry, "127.0.0.1", self.control_port, ARCH, lambda d, h: b"", metrics=metrics)
-        self.listener = OperatorListener(operator_app(self.registry, metrics), "127.0.0.1", port, certs).start()
+        self.listener = OperatorListener(operator_app(self.registry, metrics, reference=reference), "127.0.0.1",
+                                         port, certs).start()
         self.url = f"https://127.0.0.1:{port}"
 
-    def get(self, path: str, credential: str | None) -> tuple[int, str]:
-        request = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {credential}"}
-                                         if credential is not None else {})
+    def get(self, path: str, credential: str | None, follow: bool = True, cookie: str | None = None) -> tuple[int, str]:
+        headers = {"Authorization": f"Bearer {credential}"} if credential is not None else {}
+        if cookie:
+            headers["Cookie"] = cookie
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context),
+                                             *([] if follow else [NoRedirect()]))
         try:
-            with urllib.request.urlopen(request, context=self.context, timeout=10) as reply:
+            with opener.open(urllib.request.Request(self.url + path, headers=headers), timeout=10) as reply:
                 return reply.status, reply.read().decode()
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
+
+    def post_login(self, credential: str) -> tuple[int, str]:
+        """The login form's answer: its status and the cookie it sets."""
+        opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=self.context), NoRedirect())
+        data = urllib.parse.urlencode({"credential": credential}).encode()
+        try:
+            with opener.open(urllib.request.Request(self.url + "/login", data=data), timeout=10) as reply:
+                return reply.status, reply.headers.get("set-cookie", "")
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers.get("set-cookie", "")
 
     def metrics(self, credential: str) -> dict[str, dict[tuple, float]]:
         status, text = self.get("/metrics", credential)
@@ -82,11 +102,19 @@ def test_only_an_operators_credential_opens_the_listener(fleet: Fleet) -> None:
     with grpc.insecure_channel(f"127.0.0.1:{fleet.control_port}") as channel:
         device = enrolled(channel, fleet.registry, "pi-1")
         device.Register(pb.RegisterRequest(name="pi-1", profile="pi4", calibration=CALIBRATION))
-    for path in ("/metrics", "/api/devices"):
+    for path in ("/metrics", "/api/devices", "/api/summary", "/api/rounds", "/api/devices/pi-1"):
         for stranger in (None, "", "dfo_" + "x" * 43, device.secret, credential + "x"):
             status, body = fleet.get(path, stranger)
             assert status == 401 and "operators add" in body, (path, stranger, status, body)
         assert fleet.get(path, credential)[0] == 200
+    # a browser: the dashboard sends a stranger to sign in; a wrong credential is refused, the right one is a cookie
+    for path in ("/", "/static/app.js"):
+        assert fleet.get(path, None, follow=False)[0] == 303
+    assert fleet.post_login("dfo_guessed")[0] == 401
+    status, cookie = fleet.post_login(credential)
+    assert status == 303 and "HttpOnly" in cookie and "SameSite=strict" in cookie and "Secure" in cookie
+    page = fleet.get("/", None, cookie=cookie.split(";")[0])
+    assert page[0] == 200 and "/static/app.js" in page[1]
     listed = runner.invoke(app, ["operators", "list", "--state-dir", str(fleet.state)])
     assert "alice" in listed.output and credential not in listed.output
     again = runner.invoke(app, ["operators", "add", "alice", "--credential-only", "--state-dir", str(fleet.state)])
@@ -119,7 +147,8 @@ def test_metrics_follow_the_fleet_devices_heartbeats_rounds_and_refusals(fleet: 
     after = fleet.metrics(credential)
     assert after["dress_heartbeats"] == {(): 3.0}
     assert sum(after["dress_devices"].values()) == 3
-    assert after["dress_devices"][(("density", "1"), ("status", "online"))] == 1.0  # the laptop's budget fits d=1
+    # the laptop's budget fits d=1
+    assert after["dress_devices"][(("density", "1"), ("profile", "laptop-x86"), ("status", "online"))] == 1.0
     assert after["dress_rounds"] == {(): 2.0} and after["dress_rounds_withheld"] == {(): 1.0}
     assert after["dress_round_participants"] == {(("density", "1"),): 1.0}  # the last round's
     assert after["dress_round_bytes"] == {(("direction", "down"),): 5000.0, (("direction", "up"),): 1900.0}
@@ -147,3 +176,36 @@ def test_the_fleet_comes_in_pages(fleet: Fleet) -> None:
 def test_plaintext_is_for_loopback_only() -> None:
     with pytest.raises(CertificateError, match="loopback only"):
         OperatorListener(operator_app(None, None), "0.0.0.0", pick_port(), None)  # type: ignore[arg-type]
+
+
+def test_the_dashboard_json_follows_rounds_under_way_recorded_and_a_device(tmp_path: Path) -> None:
+    fleet = Fleet(tmp_path, reference={1.0: 90.0, 0.1: 85.0})
+    try:
+        credential = fleet.registry.add_operator("alice")
+        points = [CalibrationPoint(d, 100 * d, 800 * d) for d in ARCH.densities]
+        ids = {name: fleet.registry.enroll_device(token, name, "pi4" if name != "laptop" else "laptop-x86",
+                                                  points)[0].device_id
+               for name, token in fleet.registry.enroll(["pi-1", "pi-2", "laptop"]).items()}
+        fleet.registry.start_round(1, {"pi-1": 0.1, "laptop": 1.0}, 60.0)
+        summary = json.loads(fleet.get("/api/summary", credential)[1])
+        assert summary["devices"] == {"online": 3} and summary["rounds"] == 0
+        assert summary["densities"]["pi4"] == {"0.25": 2} and sum(summary["densities"]["laptop-x86"].values()) == 1
+        under_way = summary["round_under_way"]
+        assert under_way["round"] == 1 and under_way["sent"] == {"pi-1": 0.1, "laptop": 1.0}
+        assert under_way["timeout_s"] == 60.0 and 0 <= under_way["elapsed_s"] < 60
+        fleet.registry.record_round(1, {ids["laptop"]: 1.0}, {1.0: {"accuracy": 88.5}, 0.1: {"accuracy": 80.0}},
+                                    100, 50, details={"participants": {"laptop": 1.0},
+                                                      "rejected": {"pi-1": "update norm 9 over 5× the round's median"},
+                                                      "wall_s": 30.0})
+        summary = json.loads(fleet.get("/api/summary", credential)[1])
+        assert summary["round_under_way"] is None and summary["rounds"] == 1  # recorded: no longer under way
+        rounds = json.loads(fleet.get("/api/rounds", credential)[1])["rounds"]
+        assert rounds[0]["accuracy"] == {"1": 88.5, "0.1": 80.0} and rounds[0]["gap"] == {"1": -1.5, "0.1": -5.0}
+        assert rounds[0]["trained"] == {"laptop-x86": {"1": 1}} and "pi-1" in rounds[0]["rejected"]
+        assert json.loads(fleet.get("/api/rounds?after=1", credential)[1])["rounds"] == []
+        device = json.loads(fleet.get("/api/devices/pi-1", credential)[1])
+        assert device["profile"] == "pi4" and device["history"][0]["reason"] == "registration"
+        assert device["refused"] == [{"round": 1, "reason": "update norm 9 over 5× the round's median"}]
+        assert fleet.get("/api/devices/nobody", credential)[0] == 404
+    finally:
+        fleet.close()

@@ -106,10 +106,10 @@ def test_db_upgrade_creates_then_keeps_the_schema(tmp_path: Path) -> None:
     state = tmp_path / "fresh"
     first = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
     assert first.exit_code == 0, first.output
-    assert "revision 0005 (was empty)" in first.output
+    assert "revision 0006 (was empty)" in first.output
     assert (state / "registry.sqlite3").exists()
     again = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
-    assert "revision 0005 (was 0005)" in again.output
+    assert "revision 0006 (was 0006)" in again.output
 
 
 @pytest.mark.parametrize("command", [["devices"], ["devices", "show", "1"], ["db", "upgrade"]])

@@ -145,6 +145,7 @@ def test_simulate_runs_on_an_existing_two_node_ray_cluster(cluster: Cluster, tmp
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"on the Ray cluster at {cluster.address}" in " ".join(done.stdout.split())
+    assert "round 1/1: 4 devices, acc" in done.stdout  # not a terminal: a line per round, not a bar
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["rounds"] == 1 and len(metrics["per_round"][0]["participants"]) == 4
     # where it ran, as the report records it: the cluster's two nodes of one CPU each

@@ -3,7 +3,14 @@
 from coordinator.registry.errors import DeviceNotFoundError, EnrollmentError, InvalidInputError
 from coordinator.registry.migrate import upgrade
 from coordinator.registry.models import AssignmentReason, DeviceStatus
-from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo, Principal, RoundRecord
+from coordinator.registry.records import (
+    Assignment,
+    AssignmentRecord,
+    DeviceInfo,
+    Principal,
+    RoundRecord,
+    RoundUnderWay,
+)
 from coordinator.registry.repository import Registry
 
 __all__ = [
@@ -18,5 +25,6 @@ __all__ = [
     "Principal",
     "Registry",
     "RoundRecord",
+    "RoundUnderWay",
     "upgrade",
 ]

@@ -253,12 +253,18 @@ class DeviceRecords(Store):
         with self._read() as s:
             return s.scalar(select(func.count()).select_from(Device)) or 0
 
-    def device_counts(self) -> dict[tuple[DeviceStatus, float], int]:
-        """How many devices there are of each status and density: one grouped query, whatever the fleet's size."""
+    def device_counts(self) -> dict[tuple[DeviceStatus, str, float], int]:
+        """How many devices there are of each status, profile and density: one grouped query, whatever the
+        fleet's size."""
+        columns = (Device.status, Device.profile, Device.current_density)
         with self._read() as s:
-            return {(status, density): n for status, density, n in s.execute(
-                select(Device.status, Device.current_density, func.count()).group_by(Device.status,
-                                                                                     Device.current_density))}
+            return {(status, profile, density): n
+                    for status, profile, density, n in s.execute(select(*columns, func.count()).group_by(*columns))}
+
+    def device_profiles(self) -> dict[str, str]:
+        """Every device's profile, by name: two short columns, for views that group devices by profile."""
+        with self._read() as s:
+            return {name: profile for name, profile in s.execute(select(Device.name, Device.profile))}
 
     def mark_offline(self, stale_after: timedelta) -> int:
         """Mark online devices silent for longer than `stale_after` offline; returns how many."""
@@ -288,16 +294,20 @@ class DeviceRecords(Store):
             raise DeviceNotFoundError(f"device {device_id} is not registered")
         return found[0]
 
-    def list_devices(self, device_id: int | None = None) -> list[DeviceInfo]:
-        """Every device (or just `device_id`) with its latest reported budget, by name."""
+    def list_devices(self, device_id: int | None = None, *, name: str | None = None, offset: int = 0,
+                     limit: int | None = None) -> list[DeviceInfo]:
+        """Every device (or just `device_id`, or `name`) with its latest reported budget, by name; ``offset`` and
+        ``limit`` page through them in the database (a page of a 10,000-device fleet reads only its rows)."""
         query = (
             select(Device, BudgetReport.latency_ms, BudgetReport.memory_mb, BudgetReport.battery,
                    BudgetReport.reported_at)
             .outerjoin(BudgetReport, BudgetReport.id == _LATEST_BUDGET_ID)
-            .order_by(Device.name)
+            .order_by(Device.name).offset(offset).limit(limit)
         )
         if device_id is not None:
             query = query.where(Device.id == device_id)
+        if name is not None:
+            query = query.where(Device.name == name)
         with self._read() as s:
             return [
                 DeviceInfo(d.id, d.name, d.profile, d.flower_node_id, d.status, d.current_density, d.first_seen,

@@ -173,6 +173,18 @@ class DensityAssignment(Base):
     assigned_at: Mapped[datetime]
 
 
+class RoundStart(Base):
+    """A round as it began: who was sent training at which density, and how long it waits for them."""
+
+    __tablename__ = "round_starts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round: Mapped[int] = mapped_column(unique=True)
+    sent: Mapped[dict[str, Any]]  # device name -> density it was sent to train
+    timeout_s: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[datetime]
+
+
 class TrainingRound(Base):
     __tablename__ = "training_rounds"
 

@@ -63,3 +63,13 @@ class RoundRecord:
     model_version: str | None
     recorded_at: datetime
     details: dict[str, Any]  # what the ServerApp recorded besides: participants by name, bytes, timings
+
+
+@dataclass(frozen=True, slots=True)
+class RoundUnderWay:
+    """A round begun and not yet recorded: who it sent training to, and how long it waits for them."""
+
+    round: int
+    sent: dict[str, float]  # device name -> density
+    timeout_s: float | None
+    started_at: datetime

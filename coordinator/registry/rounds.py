@@ -7,16 +7,17 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
 from coordinator.registry.models import (
     Device,
     ModelVersion,
+    RoundStart,
     TrainingRound,
 )
-from coordinator.registry.records import RoundRecord
+from coordinator.registry.records import RoundRecord, RoundUnderWay
 from coordinator.registry.store import LATEST_VERSION, MAX_METRICS, MAX_NAME_LENGTH, Store, check_density, utc_now
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,23 @@ class RoundRecords(Store):
         """Rounds recorded so far: what a poller asks every fraction of a second, without reading them."""
         with self._read() as s:
             return s.scalar(select(func.count()).select_from(TrainingRound)) or 0
+
+    def start_round(self, round_number: int, sent: Mapping[str, float], timeout_s: float | None) -> None:
+        """Record that round ``round_number`` sent training to ``sent`` (device name -> density) and waits up to
+        ``timeout_s`` for them; a round begun again (a resumed run) replaces its earlier start. One transaction."""
+        row = {"round": round_number, "sent": {name: check_density(d) for name, d in sent.items()},
+               "timeout_s": timeout_s, "started_at": utc_now()}
+        with self._write() as conn:
+            conn.execute(delete(RoundStart).where(RoundStart.round == round_number))
+            conn.execute(insert(RoundStart).values(**row))
+
+    def round_under_way(self) -> RoundUnderWay | None:
+        """The latest round begun and not yet recorded, or None."""
+        with self._read() as s:
+            start = s.scalars(select(RoundStart).order_by(RoundStart.round.desc()).limit(1)).one_or_none()
+            if start is None or s.scalar(select(TrainingRound.id).where(TrainingRound.round == start.round)):
+                return None
+            return RoundUnderWay(start.round, dict(start.sent), start.timeout_s, start.started_at)
 
     def add_model_version(self, version: str, checkpoint_path: str, densities: Iterable[float]) -> None:
         """Publish a new model version; heartbeats answer with it from now on."""
