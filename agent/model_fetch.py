@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import torch
 
 from agent.backoff import Backoff
 from agent.served_model import ServedModel
@@ -80,6 +81,27 @@ def fetch_model(
     return FetchedModel(first.model_version, packed, len(data))
 
 
+def check_answers(fetched: FetchedModel) -> None:
+    """A version is served only once it answers: every density's forward pass on a probe batch gives finite
+    logits of the right shape (a file that passed its format checks can still hold weights that do not);
+    ModelFetchError otherwise, and the version served stays."""
+    packed, arch = fetched.packed, fetched.packed.arch
+    probe = torch.linspace(-1, 1, 2 * arch.in_channels * arch.image_size ** 2).reshape(
+        2, arch.in_channels, arch.image_size, arch.image_size)
+    active = packed.active_density
+    try:
+        for density in packed.densities:
+            packed.set_density(density)
+            with torch.no_grad():
+                logits = packed(probe)
+            if tuple(logits.shape) != (2, arch.num_classes) or not bool(torch.isfinite(logits).all()):
+                raise ModelFetchError(f"model {fetched.version!r} does not answer at density {density:g} (logits "
+                                      f"{list(logits.shape)}, finite: {bool(torch.isfinite(logits).all())}); "
+                                      "not served")
+    finally:
+        packed.set_density(active)
+
+
 class ModelUpdater:
     """Brings a ServedModel to a newly published version: the monitor's `on_model_version`.
 
@@ -97,6 +119,7 @@ class ModelUpdater:
             return
         fetched = fetch_model(self.stub, self.fetch_level, self.timeout, self.half)
         fetched.packed.compile()  # before it serves: no request pays for compiling its density
+        check_answers(fetched)
         self.served.swap(fetched.packed, fetched.version)
         log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
                  ", ".join(f"{d:g}" for d in fetched.packed.densities))

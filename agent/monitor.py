@@ -124,8 +124,9 @@ class BudgetMonitor:
                 answer = self.stub.Heartbeat(
                     pb.HeartbeatRequest(budget=pb.Budget(
                         latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery),
-                        served=[pb.LevelUse(level=self.densities.index(d), requests=r, busy_ms=ms)
-                                for d, (r, ms) in ran.items()]),
+                        served=[pb.LevelUse(level=self.densities.index(d), requests=r, busy_ms=ms, confidence_sum=c)
+                                for d, (r, ms, c) in ran.items()],
+                        model_version=self.usage.version if self.usage is not None else ""),
                     timeout=self.rpc_timeout,
                 )
             except Exception:

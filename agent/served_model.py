@@ -45,7 +45,7 @@ class ServedModel:
         self._lock = threading.Lock()
         self._packed, self._assigned, self._local, self._version = packed, assigned_density, None, version
         self.latency = latency or LatencyModel({})  # what a request's deadline is judged by
-        self.usage = UsageLedger()  # what ran, for the heartbeat
+        self.usage = UsageLedger(version)  # what ran, for the heartbeat
         packed.set_density(serving_density(packed.densities, assigned_density))
 
     @property
@@ -77,6 +77,7 @@ class ServedModel:
         with self._lock:
             packed.set_density(serving_density(packed.densities, self._assigned, self._local))
             self._packed, self._version = packed, version
+            self.usage.version = version
 
     def predict(self, x: torch.Tensor, deadline_ms: float = 0.0) -> tuple[torch.Tensor, float, float]:
         """(logits, density, latency_ms) for a [N, C, H, W] batch; ValueError if it does not fit the model.
@@ -104,5 +105,6 @@ class ServedModel:
             finally:
                 self._packed.set_density(assigned)
             self.latency.observe(density, x.shape[0], latency_ms)
-            self.usage.add(density, 1, latency_ms)
+            confidence = float(torch.softmax(logits.float(), dim=-1).amax(dim=-1).mean())
+            self.usage.add(density, 1, latency_ms, confidence if math.isfinite(confidence) else 0.0)
             return logits, density, latency_ms

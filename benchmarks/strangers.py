@@ -51,7 +51,7 @@ def _requests(rng: random.Random) -> list[tuple[str, bytes]]:
 
 def _control_plane(registry: Registry, payload: bytes) -> tuple[grpc.Server, str]:
     port = pick_port()
-    server = serve(registry, "127.0.0.1", port, FLEET, lambda density, half: payload, max_workers=4)
+    server = serve(registry, "127.0.0.1", port, FLEET, lambda version, density, half: payload, max_workers=4)
     return server, f"127.0.0.1:{port}"
 
 

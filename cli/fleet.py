@@ -17,7 +17,7 @@ from rich.table import Table
 
 from cli.common import accuracy_line, console, fail, progress_bar, version_option
 from cli.method import add_commands
-from cli.registry import db_app, devices_app, operators_app
+from cli.registry import db_app, devices_app, models_app, operators_app
 from cli.run_options import with_run_options
 from contracts.settings import RunSettings
 from dress_model.data import DataError
@@ -40,6 +40,7 @@ def _root(version: bool = version_option("dress-fleet")) -> None:
 
 add_commands(app)
 app.add_typer(devices_app, name="devices")
+app.add_typer(models_app, name="models")
 app.add_typer(operators_app, name="operators")
 app.add_typer(db_app, name="db")
 coordinator_app = typer.Typer(help="Run the fleet coordinator: registry, control plane, Flower SuperLink, DRESS run.",

@@ -36,6 +36,8 @@ StateDirOption = Annotated[
 devices_app = typer.Typer(help="List registered devices; `enroll NAME` to let a new device join; `show ID` for "
                           "one device's density history; `assign ID DENSITY` to set one by hand.")
 db_app = typer.Typer(help="The registry database.", no_args_is_help=True)
+models_app = typer.Typer(help="Model versions and their staged rollout (--canary): list them, promote a candidate "
+                         "to the fleet or roll a version back by hand.", no_args_is_help=True)
 operators_app = typer.Typer(help="Who may watch the fleet: the coordinator's operator listener (--operator-port: "
                             "/metrics for Prometheus, /api/devices) admits only an operator's credential.",
                             no_args_is_help=True)
@@ -134,6 +136,48 @@ def enroll(
     _console().print(table)
     _console().print("On each device: dress-agent join --device PROFILE --coordinator HOST:PORT --superlink "
                      "HOST:PORT --token TOKEN (or DRESS_ENROLLMENT_TOKEN=TOKEN)")
+
+
+@models_app.command("list")
+def models_list(ctx: typer.Context, db: DbOption = None, state_dir: StateDirOption = None) -> None:
+    """Every model version, oldest first: its rollout status, canary share and why it was decided."""
+    with _open(ctx, db, state_dir) as registry:
+        versions = registry.list_versions()
+        stable, candidate, _ = registry.rollout()
+    table = Table(title=f"{len(versions)} model versions (stable {stable or '-'}, candidate {candidate or '-'})")
+    for column in ("version", "status", "canary", "published (UTC)", "decided (UTC)", "why"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(shown(v.version), str(v.status), f"{v.canary:g}", f"{v.created_at:%Y-%m-%d %H:%M:%S}",
+                      f"{v.decided_at:%Y-%m-%d %H:%M:%S}" if v.decided_at else "-", shown(v.reason or ""))
+    _console().print(table)
+
+
+def _decide(ctx: typer.Context, version: str, promote: bool, db: str | None, state_dir: Path | None) -> None:
+    with _open(ctx, db, state_dir) as registry:
+        try:
+            if promote:
+                registry.promote(version, "by an operator")
+            else:
+                registry.roll_back(version, "by an operator")
+        except InvalidInputError as e:
+            raise _fail(str(e)) from e
+    _console().print(f"Model version {shown(version)} {'promoted: the fleet serves it' if promote else 'rolled back: nobody serves it'} "
+                     "from its next heartbeats.")
+
+
+@models_app.command("promote")
+def models_promote(ctx: typer.Context, version: Annotated[str, typer.Argument(help="a version from `models list`")],
+                   db: DbOption = None, state_dir: StateDirOption = None) -> None:
+    """Promote VERSION to the whole fleet now, without waiting for the judge."""
+    _decide(ctx, version, True, db, state_dir)
+
+
+@models_app.command("rollback")
+def models_rollback(ctx: typer.Context, version: Annotated[str, typer.Argument(help="a version from `models list`")],
+                    db: DbOption = None, state_dir: StateDirOption = None) -> None:
+    """Roll VERSION back: its canary (or, if it was promoted, the fleet) returns to the stable version before it."""
+    _decide(ctx, version, False, db, state_dir)
 
 
 @operators_app.command("add")

@@ -177,6 +177,9 @@ class RunSettings:
                                      "goes on with those that arrived (a device cut off or too slow misses the "
                                      "round), and a device whose calibrated training would not fit it sits the "
                                      "round out.", "--round-timeout")
+    canary: float = setting(0.0, "Staged rollouts: the share of devices a newly published model version goes to "
+                            "first, while the coordinator compares what they serve with the stable version and "
+                            "promotes it to the fleet or rolls it back (0: every version goes to the fleet at once).")
     node_auth: bool = setting(False, "Only SuperNodes the coordinator registered at enrollment connect, and each "
                               "node's device is the one whose key it holds (the coordinator sets it with --certs).",
                               None)
@@ -207,6 +210,7 @@ class RunSettings:
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),
             (self.validation >= 0, "validation", "an integer >= 0 (0 = evaluate on the test split)"),
             (0 < self.heartbeat_s <= 3600, "heartbeat-s", "a number of seconds in (0, 3600]"),
+            (0 <= self.canary <= 1, "canary", "a share of the fleet in [0, 1]"),
             (self.round_timeout_s > 0, "round-timeout-s", "a number of seconds > 0"),
             (self.model in MODELS, "model", f"one of {', '.join(MODELS)}"),
             (self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}"),

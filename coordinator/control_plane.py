@@ -44,8 +44,8 @@ DEFAULT_CHUNK_BYTES = 1024 * 1024  # well under gRPC clients' default 4 MiB rece
 CREDENTIAL_CACHE_S = 30.0
 FLEET_RECOUNT_S = 10.0  # the fleet is counted for its heartbeat period at most this often, not per heartbeat
 
-# Packed model bytes for a density; raises LookupError when there is no model at that density.
-ModelProvider = Callable[[float, bool], bytes]  # (density, float16) -> packed file
+# Packed model bytes of a version ("": the initial model) at a density; LookupError when there is none.
+ModelProvider = Callable[[str, float, bool], bytes]  # (version, density, float16) -> packed file
 
 
 @contextlib.contextmanager
@@ -126,9 +126,9 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         self._fetch_slots = threading.BoundedSemaphore(max_fetches)
 
     def Describe(self, request: pb.DescribeRequest, context: grpc.ServicerContext) -> pb.DescribeResponse:
-        self._caller(context)
+        caller, _ = self._caller(context)
         with _status_on_error(context):
-            version = self._registry.current_model_version() or ""
+            version = self._registry.version_for(caller.name) or ""
         return pb.DescribeResponse(architecture=self._architecture, model_version=version)
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterResponse:
@@ -190,10 +190,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 raise InvalidInputError("heartbeat has no budget")
             b = request.budget
             budget = Budget(b.latency_ms, b.memory_mb, b.battery if b.HasField("battery") else None)
-            served = {self._density(u.level): (u.requests, u.busy_ms) for u in request.served}
+            served = {self._density(u.level): (u.requests, u.busy_ms, u.confidence_sum) for u in request.served}
             if len(served) != len(request.served):
                 raise InvalidInputError("heartbeat lists a level it served more than once")
-            assignment = self._registry.heartbeat(device_id, budget, served)
+            assignment = self._registry.heartbeat(device_id, budget, served, request.model_version or None)
         if self._metrics is not None:
             self._metrics.heartbeats.inc()
         return pb.HeartbeatResponse(level=self._level(assignment.density), model_version=assignment.model_version or "",
@@ -216,7 +216,8 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
         return level_of(self._densities, density)
 
     def FetchModel(self, request: pb.FetchModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
-        device_id = _own_device(self._caller(context)[0], context)
+        caller = self._caller(context)[0]
+        device_id = _own_device(caller, context)
         with _status_on_error(context):
             density = self._density(request.level)
             calibrated = self._registry.calibrated_densities(device_id)
@@ -224,12 +225,12 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
                 raise InvalidInputError(
                     f"device {device_id} is not calibrated at level {request.level} (density {density:g}); "
                     "calibrated: " + ", ".join(f"{d:g}" for d in calibrated))
-            version = self._registry.current_model_version() or ""
+            version = self._registry.version_for(caller.name) or ""  # its canary's candidate, or the stable one
         if not self._fetch_slots.acquire(blocking=False):
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many model downloads in progress; retry later")
         try:
             try:
-                payload = self._model_provider(density, request.float16)
+                payload = self._model_provider(version, density, request.float16)
             except LookupError as e:
                 context.abort(grpc.StatusCode.NOT_FOUND, f"no packed model at density {density:g}: {e}")
             digest = hashlib.sha256(payload).hexdigest()

@@ -27,6 +27,7 @@ from coordinator.operator_api import OperatorListener, operator_app
 from coordinator.registry.engine import save_url
 from coordinator.registry.records import RoundRecord
 from coordinator.registry.repository import Registry
+from coordinator.rollout import RolloutJudge
 from coordinator.supernodes import SupernodeKeys
 from dress_model.models import create_model
 from runtime import processes as fr
@@ -106,6 +107,7 @@ class Coordinator:
         self.superlink: fr.ManagedProcess | None = None
         self.proxy: fr.ManagedProcess | None = None
         self.operator: OperatorListener | None = None
+        self.judge: RolloutJudge | None = None
 
     def start(self) -> None:
         """Registry, SuperLink (behind the fleet proxy on TLS), then the control plane: a device's registration
@@ -132,6 +134,7 @@ class Coordinator:
                             heartbeat_s=self.settings.heartbeat_s, metrics=metrics,
                             credentials=self.certs.server_credentials() if self.certs else None,
                             supernodes=SupernodeKeys(self.registry, self.state_dir) if self.settings.node_auth else None)
+        self.judge = RolloutJudge(self.registry).start()  # candidates promoted or rolled back as devices report
         if self.endpoints.operator_port is not None:
             self.operator = OperatorListener(operator_app(self.registry, metrics, secure_cookie=self.certs is not None,
                                                           reference=self.reference),
@@ -179,6 +182,9 @@ class Coordinator:
             time.sleep(1.0)
 
     def stop(self) -> None:
+        if self.judge is not None:
+            self.judge.stop()
+            self.judge = None
         if self.operator is not None:
             self.operator.stop()
             self.operator = None

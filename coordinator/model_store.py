@@ -1,4 +1,4 @@
-"""What the control plane hands an agent that fetches a model: the newest published version, packed.
+"""What the control plane hands an agent that fetches a model: the version it is to serve, packed.
 
 A model version is a training checkpoint the ServerApp wrote and published in the registry. Packing is
 cached per (version, density) because a whole fleet fetches the same few files after each round.
@@ -16,15 +16,14 @@ from dress_model.packed import pack_checkpoint
 
 
 class ModelStore:
-    """A ``ModelProvider`` for ``coordinator.control_plane.serve``: (density, float16) -> packed bytes."""
+    """A ``ModelProvider`` for ``coordinator.control_plane.serve``: (version, density, float16) -> packed bytes."""
 
     def __init__(self, registry: Registry, initial: DressModel) -> None:
         self.registry = registry
         self.initial = initial  # served until the first round publishes a version
         self._lock = threading.Lock()
 
-    def __call__(self, density: float, half: bool = False) -> bytes:
-        version = self.registry.current_model_version() or ""
+    def __call__(self, version: str, density: float, half: bool = False) -> bytes:
         with self._lock:
             return self._packed(version, density, half)
 

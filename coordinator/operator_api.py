@@ -36,6 +36,7 @@ ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 COOKIE = "dress_operator"
 MAX_PAGE = 500  # devices per page: a page of the fleet stays well under a megabyte at any fleet size
 MAX_ROUNDS = 1000  # rounds per answer; the dashboard asks for those after the last it has
+MAX_VERSIONS = 20  # the newest model versions the summary lists
 START_TIMEOUT_S = 10.0
 LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>dress-fleet: sign in</title>
 <link rel="stylesheet" href="/static/style.css"></head><body class="login"><form method="post" action="/login">
@@ -128,8 +129,12 @@ def operator_app(registry: Registry, metrics: FleetMetrics, secure_cookie: bool 
             by_status[str(status)] += n
             by_profile.setdefault(profile, Counter())[f"{density:g}"] += n
         under_way = registry.round_under_way()
+        stable, candidate, canary = registry.rollout()
         return {
-            "model_version": registry.current_model_version(), "rounds": registry.count_rounds(),
+            "model_version": stable, "candidate": candidate, "canary": canary, "rounds": registry.count_rounds(),
+            "versions": [{"version": v.version, "status": str(v.status), "canary": v.canary,
+                          "published_at": v.created_at.isoformat(), "reason": v.reason}
+                         for v in registry.list_versions()[-MAX_VERSIONS:]],
             "devices": dict(by_status), "densities": {p: dict(c) for p, c in sorted(by_profile.items())},
             "round_under_way": None if under_way is None else {
                 "round": under_way.round, "started_at": under_way.started_at.isoformat(),

@@ -37,8 +37,9 @@ class RoundPublisher:
                  stats: Mapping[int, RoundStats], *, first_round: int = 1,
                  published_best: float | None = None,
                  published_state: Callable[[], Mapping[str, torch.Tensor] | None] = lambda: None,
-                 final: tuple[int, DataLoader] | None = None) -> None:
+                 final: tuple[int, DataLoader] | None = None, canary: float = 0.0) -> None:
         self.model, self.registry, self.test = model, registry, test
+        self.canary = canary  # > 0: a published version goes to this share of the fleet first (staged rollout)
         self.published_state = published_state  # the strategy's averaged model, when it keeps one
         self.final = final  # (the run's last round, the whole evaluation split): that round's model judged on all of it
         self.checkpoint_dir = checkpoint_dir  # None: evaluate and record rounds, publish nothing
@@ -85,6 +86,7 @@ class RoundPublisher:
             model_version=version,
             details=round_details(stats),
             published=published,  # the version and its round in one transaction: a crash leaves both or neither
+            canary=self.canary,
         )
         if published:
             self.published_best = max(accuracy.values())

@@ -133,7 +133,8 @@ def main(grid: Grid, context: Context) -> None:
                                    state_dir / "checkpoints" if dress else None, strategy.stats,
                                    first_round=done + 1, published_best=published_best,
                                    published_state=strategy.published_state,
-                                   final=(settings.num_rounds, judged.loader(512, shuffle=False)))
+                                   final=(settings.num_rounds, judged.loader(512, shuffle=False)),
+                                   canary=settings.canary)
         if done:
             wait_for_reconnect(grid, registry, settings, started)
         wait_for_nodes(grid, settings.wait_for_nodes)

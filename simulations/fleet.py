@@ -117,14 +117,14 @@ def device_budget(profile: Profile, point: TracePoint, deadline_ms: float) -> Bu
 
 
 def heartbeats(
-    fleet: list[VirtualDevice], completed_rounds: int, deadline_ms: float
+    fleet: list[VirtualDevice], point: int, deadline_ms: float
 ) -> list[tuple[VirtualDevice, Budget]]:
-    """The budget each online device reports once ``completed_rounds`` rounds are done (trace point of that round)."""
+    """The budget each online device reports at trace ``point`` (what round ``point + 1`` samples)."""
     beats = []
     for device in fleet:
-        point = at(device.trace, completed_rounds)
-        if point.online:
-            beats.append((device, device_budget(device.profile, point, deadline_ms)))
+        here = at(device.trace, point)
+        if here.online:
+            beats.append((device, device_budget(device.profile, here, deadline_ms)))
     return beats
 
 
@@ -158,8 +158,9 @@ def _quantile(ordered: list[float], q: float) -> float:
 class FleetDriver:
     """Registers the virtual fleet, then heartbeats it from one thread until stopped.
 
-    It ticks on every change of ``completed_rounds()`` (polled every ``poll_s``), so round r+1 samples the
-    densities of trace point r whatever this machine's speed, and every ``interval_s`` so devices stay fresh.
+    It ticks on every change of ``started_rounds()`` (polled every ``poll_s``) and every ``interval_s`` so
+    devices stay fresh. Trace point r is heartbeated as soon as round r has begun, while its devices train, so
+    it is in the registry long before round r+1 samples it, whatever this machine's speed or load.
     """
 
     def __init__(
@@ -167,7 +168,7 @@ class FleetDriver:
         fleet: list[VirtualDevice],
         densities: tuple[float, ...],
         address: str,
-        completed_rounds: Callable[[], int],
+        started_rounds: Callable[[], int],
         deadline_ms: float,
         interval_s: float = 1.0,
         poll_s: float = 0.2,
@@ -180,12 +181,12 @@ class FleetDriver:
         self.deadline_ms = deadline_ms
         self.interval_s = interval_s
         self.poll_s = poll_s
-        self._completed_rounds = completed_rounds
+        self._started_rounds = started_rounds
         self._channel = grpc.insecure_channel(address)
         self._stub = pb_grpc.ControlPlaneStub(self._channel)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="fleet-driver", daemon=True)
-        self._applied = -1  # completed-round count whose trace point was last heartbeated
+        self._applied = -1  # the trace point last heartbeated
         self._last_beat = 0.0
 
     def register(self, tokens: Mapping[str, str], timeout_s: float = 30.0) -> None:
@@ -215,10 +216,10 @@ class FleetDriver:
 
     def start(self) -> None:
         """Heartbeats the current trace point (0 before the run) before returning, so round 1 already samples it."""
-        self.tick(self._completed_rounds())
+        self.tick(self._started_rounds())
         self._thread.start()
 
-    def tick(self, completed_rounds: int) -> None:
+    def tick(self, point: int) -> None:
         """One heartbeat from every device that is online at this round's point of its trace.
 
         Up to ``in_flight`` heartbeats travel at once, as independent devices' would; each one's latency and
@@ -247,7 +248,7 @@ class FleetDriver:
                 log.warning("heartbeat of %s failed: %s", device.name, e.details())
 
         started = time.monotonic()
-        beats = heartbeats(self.fleet, completed_rounds, self.deadline_ms)
+        beats = heartbeats(self.fleet, point, self.deadline_ms)
         online = {id(device) for device, _ in beats}
         for device in self.fleet:
             if id(device) not in online:  # silent by its trace: its next heartbeat starts a new series
@@ -255,7 +256,7 @@ class FleetDriver:
         self._concurrently(beats, call, settle)
         # The period runs from the start of a sweep, so a device heartbeats every interval_s as long as a sweep
         # of the fleet takes less than that.
-        self._applied, self._last_beat = completed_rounds, started
+        self._applied, self._last_beat = point, started
 
     def _follow(self, asked_s: float) -> None:
         """Heartbeat as often as the coordinator asks, as agents do: its period grows with the fleet."""
@@ -278,9 +279,9 @@ class FleetDriver:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
-            done = self._completed_rounds()
-            if done != self._applied or time.monotonic() - self._last_beat >= self.interval_s:
-                self.tick(done)
+            point = self._started_rounds()
+            if point != self._applied or time.monotonic() - self._last_beat >= self.interval_s:
+                self.tick(point)
 
     def stop(self) -> None:
         self._stop.set()

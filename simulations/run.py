@@ -108,11 +108,11 @@ def run_simulation(settings: SimulationSettings, on_round: Callable[[dict[str, A
     traces = fleet_traces(settings.traces, chosen, settings.run.num_rounds, settings.run.seed, settings.dropout)
     fleet = build_fleet(chosen, measured, traces)
 
-    def completed_rounds() -> int:
+    def started_rounds() -> int:
         assert coordinator.registry is not None
-        return coordinator.registry.count_rounds()
+        return coordinator.registry.last_round_started()
 
-    driver = FleetDriver(fleet, settings.run.density_list, coordinator.endpoints.control_plane, completed_rounds,
+    driver = FleetDriver(fleet, settings.run.density_list, coordinator.endpoints.control_plane, started_rounds,
                          fleet_deadline_ms(measured, settings.deadline), settings.run.heartbeat_s)
     try:
         coordinator.start()

@@ -204,7 +204,7 @@ def test_a_device_whose_coordinator_returns_heartbeats_once_reconnected_not_afte
     points = [pb.CalibrationPoint(level=level, latency_ms=100 * d, memory_mb=800 * d)
               for level, d in enumerate(ARCH.densities)]
     with Registry(sqlite_url) as registry:
-        server = serve(registry, "127.0.0.1", free_port, ARCH, lambda d, h: b"", heartbeat_s=5.0)
+        server = serve(registry, "127.0.0.1", free_port, ARCH, lambda v, d, h: b"", heartbeat_s=5.0)
         with grpc.insecure_channel(address) as setup:
             device = enrolled(setup, registry, "pi")
             device.Register(pb.RegisterRequest(name="pi", profile="pi4", calibration=points))
@@ -218,7 +218,7 @@ def test_a_device_whose_coordinator_returns_heartbeats_once_reconnected_not_afte
         try:
             _until(lambda: monitor.failures == 1)
             time.sleep(0.5)
-            server = serve(registry, "127.0.0.1", free_port, ARCH, lambda d, h: b"", heartbeat_s=5.0)
+            server = serve(registry, "127.0.0.1", free_port, ARCH, lambda v, d, h: b"", heartbeat_s=5.0)
             back = time.monotonic()
             _until(lambda: monitor.failures == 0, timeout=10.0)
             assert time.monotonic() - back < 4.0  # its backoff alone would have waited 4.5 s at least

@@ -107,7 +107,7 @@ def coordinator(tmp_path: Path) -> Iterator[tuple[str, Registry]]:
     registry.add_model_version("v1", "/models/v1", model.densities)
     port = pick_port()
     arch = architecture("cnn", "1,0.5,0.25,0.1", "fashion-mnist", 16)
-    server = control_plane.serve(registry, "127.0.0.1", port, arch, lambda density, half: model.to_bytes(half))
+    server = control_plane.serve(registry, "127.0.0.1", port, arch, lambda version, density, half: model.to_bytes(half))
     yield f"127.0.0.1:{port}", registry
     server.stop(grace=None).wait()
     registry.close()

@@ -80,7 +80,7 @@ class Coordinator:
         # looked up per request, so a test can swap in another provider
         self.server = control_plane.serve(self.registry, "127.0.0.1", self.port,
                                           ARCH,
-                                          lambda d, half: self.provide(d, half), max_workers=4)
+                                          lambda v, d, half: self.provide(d, half), max_workers=4)
 
     def stop(self) -> None:
         if self.server is not None:
@@ -550,4 +550,4 @@ def test_usage_a_failed_heartbeat_did_not_deliver_is_reported_later(served: Serv
         served.predict(_image()[0])
         with pytest.raises(grpc.RpcError):
             monitor.heartbeat_now()
-    assert [requests for requests, _ in served.usage.take().values()] == [1]
+    assert [requests for requests, _, _ in served.usage.take().values()] == [1]

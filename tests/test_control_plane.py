@@ -52,7 +52,7 @@ def registry(sqlite_url: str) -> Iterator[Registry]:
 
 @pytest.fixture
 def channel(registry: Registry, model_dir: Path, free_port: int) -> Iterator[grpc.Channel]:
-    def provider(density: float, half: bool) -> bytes:
+    def provider(version: str, density: float, half: bool) -> bytes:
         path = model_dir / f"model-{density:g}.bin"
         if not path.exists():
             raise LookupError(f"{path.name} not packed yet")
@@ -255,7 +255,7 @@ def test_concurrent_downloads_are_capped(registry: Registry, free_port: int) -> 
     """With one download slot, a second FetchModel is refused while the first streams, then works."""
     entered, release = threading.Event(), threading.Event()
 
-    def slow_provider(density: float, half: bool) -> bytes:
+    def slow_provider(version: str, density: float, half: bool) -> bytes:
         entered.set()
         release.wait(timeout=10)
         return b"weights" * 1000
@@ -291,7 +291,7 @@ def test_a_fleet_too_large_for_the_heartbeat_setting_is_told_a_longer_period(reg
     points = [CalibrationPoint(d, 100 * d, 800 * d) for d in ARCH.densities]
     for name, token in registry.enroll([f"pi-{i}" for i in range(39)]).items():
         registry.enroll_device(token, name, "pi4", points)
-    server = serve(registry, "127.0.0.1", free_port, ARCH, lambda d, h: b"", heartbeat_s=0.01)
+    server = serve(registry, "127.0.0.1", free_port, ARCH, lambda v, d, h: b"", heartbeat_s=0.01)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
             stub = enrolled(channel, registry, "pi-last")

@@ -17,7 +17,7 @@ from benchmarks.federated_stats import tables  # noqa: E402
 def test_the_quick_profile_runs_paired_arms_and_reports_what_its_json_holds(tmp_path: Path) -> None:
     out = tmp_path / "federated.json"
     cmd = [sys.executable, "-m", "benchmarks.federated", "--profile", "quick", "--methods", "dress,heterofl",
-           "--partitions", "labels:2", "--rounds", "2", "--devices", "10", "--seeds-equal-compute", "0",
+           "--partitions", "labels:2", "--rounds", "2", "--devices", "6", "--seeds-equal-compute", "0",
            "--seeds-equal-rounds", "0", "--out", str(out), "--run-dir", str(tmp_path / "runs")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=BENCHMARKS.parent)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -29,7 +29,7 @@ from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from runtime.processes import flwr, supernode_status, unregister_supernode
 
 HEARTBEAT_S = 0.5
-SWITCH_AT_S = 45.0  # when the phone's trace tightens its memory budget (after every agent is up)
+SWITCH_AT_S = 35.0  # when the phone's trace tightens its memory budget (after every agent is up)
 
 
 def wait_serving(address: str, timeout: float = 120.0) -> None:  # a loaded 2-core box starts slowly

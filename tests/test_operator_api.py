@@ -47,7 +47,7 @@ class Fleet:
         self.context = ssl.create_default_context(cafile=str(certs.ca))
         metrics = FleetMetrics(self.registry)
         self.control_port, port = pick_port(), pick_port()
-        self.control = serve(self.registry, "127.0.0.1", self.control_port, ARCH, lambda d, h: b"", metrics=metrics)
+        self.control = serve(self.registry, "127.0.0.1", self.control_port, ARCH, lambda v, d, h: b"", metrics=metrics)
         self.listener = OperatorListener(operator_app(self.registry, metrics, reference=reference), "127.0.0.1",
                                          port, certs).start()
         self.url = f"https://127.0.0.1:{port}"

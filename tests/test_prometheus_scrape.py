@@ -51,7 +51,7 @@ def test_prometheus_scrapes_the_coordinator_and_an_agent_over_tls(tmp_path: Path
     secret.write_text(registry.add_operator("prometheus"))
     metrics = FleetMetrics(registry)
     control_port, operator_port, web_port = pick_port(), pick_port(), pick_port()
-    control = serve(registry, "127.0.0.1", control_port, ARCH, lambda d, h: b"", metrics=metrics)
+    control = serve(registry, "127.0.0.1", control_port, ARCH, lambda v, d, h: b"", metrics=metrics)
     listener = OperatorListener(operator_app(registry, metrics), "127.0.0.1", operator_port, certs).start()
     agent = AgentMetrics(ServedModel(initial_model(ARCH), 0.5))
     agent_server, agent_port = agent.serve("127.0.0.1", 0, (certs.ca, agent_cert, agent_key))

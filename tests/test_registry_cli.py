@@ -29,8 +29,8 @@ def state_dir(tmp_path: Path, calibration: list[CalibrationPoint]) -> Path:
     with Registry(state_dir=state) as registry:
         pi = registry.register_device("pi-kitchen", "pi4", calibration).device_id
         registry.add_model_version("v7", "/ckpt/v7", [1.0, 0.5])
-        registry.heartbeat(pi, Budget(60, 500, 0.5), {0.5: (3, 6.0), 0.25: (1, 1.0)})
-        registry.heartbeat(pi, Budget(60, 500, 0.5), {0.5: (2, 5.0)})  # what Predict ran between heartbeats
+        registry.heartbeat(pi, Budget(60, 500, 0.5), {0.5: (3, 6.0, 2.5), 0.25: (1, 1.0, 0.9)})
+        registry.heartbeat(pi, Budget(60, 500, 0.5), {0.5: (2, 5.0, 1.8)})  # what Predict ran between heartbeats
         registry.register_device("phone-anna", "phone", calibration)
     return state
 
@@ -91,7 +91,8 @@ def test_a_device_reports_what_it_served_checked(state_dir: Path, calibration: l
     with Registry(state_dir=state_dir) as registry:
         assert registry.served_totals(pi) == {0.5: (5, 11.0), 0.25: (1, 1.0)}
         assert registry.served_totals(phone) == {}
-        for bad in ({7.0: (1, 1.0)}, {0.5: (-1, 1.0)}, {0.5: (1, float("nan"))}, {0.5: (10**12, 1.0)}):
+        for bad in ({7.0: (1, 1.0, 0.5)}, {0.5: (-1, 1.0, 0.0)}, {0.5: (1, float("nan"), 0.5)},
+                    {0.5: (10**12, 1.0, 0.5)}, {0.5: (2, 1.0, 2.5)}, {0.5: (2, 1.0, float("inf"))}):
             with pytest.raises(InvalidInputError, match="served"):
                 registry.heartbeat(pi, Budget(60, 500), bad)
 
@@ -106,10 +107,10 @@ def test_db_upgrade_creates_then_keeps_the_schema(tmp_path: Path) -> None:
     state = tmp_path / "fresh"
     first = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
     assert first.exit_code == 0, first.output
-    assert "revision 0006 (was empty)" in first.output
+    assert "revision 0007 (was empty)" in first.output
     assert (state / "registry.sqlite3").exists()
     again = runner.invoke(app, ["db", "upgrade", "--state-dir", str(state)])
-    assert "revision 0006 (was 0006)" in again.output
+    assert "revision 0007 (was 0007)" in again.output
 
 
 @pytest.mark.parametrize("command", [["devices"], ["devices", "show", "1"], ["db", "upgrade"]])

@@ -72,7 +72,7 @@ def _assert_history_consistent(url: str) -> None:
 
 def test_hundred_agents_lose_no_heartbeat(db_url: str, free_port: int) -> None:
     with Registry(db_url, pool_size=8) as registry:
-        server = serve(registry, "127.0.0.1", free_port, RunSettings.defaults().architecture(), lambda density, half: b"",
+        server = serve(registry, "127.0.0.1", free_port, RunSettings.defaults().architecture(), lambda version, density, half: b"",
                        max_workers=16)
         try:
             start = threading.Barrier(AGENTS)

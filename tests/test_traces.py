@@ -213,7 +213,7 @@ def registry(sqlite_url: str) -> Iterator[Registry]:
 
 
 def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry, free_port: int) -> None:
-    server = serve(registry, "127.0.0.1", free_port, ARCH, lambda density, half: b"")
+    server = serve(registry, "127.0.0.1", free_port, ARCH, lambda version, density, half: b"")
     trace = [TracePoint(1.0, 1.0, None, True), TracePoint(0.3, 1.0, None, True)]
     [device] = build_fleet([LAPTOP], MEASURED, [trace])
     completed = [0]
@@ -238,7 +238,7 @@ def test_driver_applies_the_next_point_when_a_round_completes(registry: Registry
 def driven_fleet(registry: Registry, port: int, traces: list[list[TracePoint]],
                  **driver_options: int) -> Iterator[tuple[FleetDriver, grpc.Server]]:
     """A control plane on ``port`` and a registered virtual laptop per trace; both stopped afterwards."""
-    server = serve(registry, "127.0.0.1", port, ARCH, lambda density, half: b"")
+    server = serve(registry, "127.0.0.1", port, ARCH, lambda version, density, half: b"")
     fleet = build_fleet([LAPTOP] * len(traces), MEASURED, traces)
     for i, device in enumerate(fleet):
         device.name = f"sim-{i:05d}"

@@ -47,7 +47,12 @@ function densitiesOf(rounds) {
 
 function renderSummary(s) {
   const devices = Object.entries(s.devices).map(([status, n]) => `<span class="status-${esc(status)}">${n} ${esc(status)}</span>`).join(", ");
-  $("summary").innerHTML = `${devices || "no devices yet"} · ${s.rounds} rounds · model ${esc(s.model_version || "none yet")}`;
+  $("summary").innerHTML = `${devices || "no devices yet"} · ${s.rounds} rounds · model ${esc(s.model_version || "none yet")}` +
+    (s.candidate ? ` · candidate ${esc(s.candidate)} on ${(100 * s.canary).toFixed(0)} % of the fleet` : "");
+  $("models").innerHTML = s.versions.length ? `<table id="models-table"><thead><tr><th>version</th><th>status</th><th class="num">canary</th><th>published</th><th>why</th></tr></thead><tbody>` +
+    s.versions.slice().reverse().map((v) => `<tr data-version="${esc(v.version)}"><td>${esc(v.version)}</td><td class="status version-${esc(v.status)}">${esc(v.status)}</td>` +
+      `<td class="num">${v.canary ? `${(100 * v.canary).toFixed(0)} %` : "–"}</td><td>${ago(v.published_at)}</td><td>${esc(v.reason || "")}</td></tr>`).join("") + "</tbody></table>"
+    : '<p class="muted">none published yet</p>';
   const u = s.round_under_way;
   if (!u) { $("round-under-way").innerHTML = '<p class="muted">none: waiting for the next round</p>'; return; }
   const late = u.timeout_s !== null && u.elapsed_s > u.timeout_s;

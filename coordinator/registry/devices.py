@@ -30,7 +30,8 @@ from coordinator.registry.models import (
     DeviceStatus,
 )
 from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo
-from coordinator.registry.store import LATEST_VERSION, MAX_METRICS, Store, T, check_density, utc_now
+from coordinator.registry.rollouts import serving_version
+from coordinator.registry.store import MAX_METRICS, Store, T, check_density, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ _LATEST_BUDGET_ID = (
 # so each call skips statement construction and cache-key generation (half its CPU time otherwise).
 _devices, _budgets, _assignments = Device.__table__, BudgetReport.__table__, DensityAssignment.__table__
 _LOCK_DEVICE = (
-    select(_devices.c.current_density, _devices.c.calibration, _devices.c.status, LATEST_VERSION.scalar_subquery())
+    select(_devices.c.current_density, _devices.c.calibration, _devices.c.status, _devices.c.name)
     .where(_devices.c.id == bindparam("device_id"))
     .with_for_update(of=_devices)
 )
@@ -60,19 +61,23 @@ _SET_DEVICE_STATE = (
 MAX_SERVED_REQUESTS = 10**9  # per density between two heartbeats: far above any device, below any overflow
 
 
-def _check_served(served: Mapping[float, tuple[int, float]]) -> dict[str, list[float]]:
-    """What a device says it served, checked: densities in (0, 1], counts and busy time finite, >= 0, bounded."""
+def _check_served(served: Mapping[float, tuple[int, float, float]]) -> dict[str, list[float]]:
+    """What a device says it served, checked: densities in (0, 1], counts and busy time finite, >= 0, bounded;
+    the summed confidence of its requests (each a probability) in [0, requests]."""
     if len(served) > MAX_METRICS:
         raise InvalidInputError(f"served lists {len(served)} densities; at most {MAX_METRICS}")
     usage = {}
-    for density, (requests, busy_ms) in served.items():
+    for density, (requests, busy_ms, confidence) in served.items():
         check_density(density, "served density")
         if not (isinstance(requests, int) and 0 <= requests <= MAX_SERVED_REQUESTS):
             raise InvalidInputError(f"served requests at density {density:g} must be 0..{MAX_SERVED_REQUESTS}, "
                                     f"got {requests!r}")
         if not (math.isfinite(busy_ms) and 0 <= busy_ms <= 1e12):
             raise InvalidInputError(f"served busy_ms at density {density:g} must be finite and >= 0, got {busy_ms}")
-        usage[str(density)] = [requests, float(busy_ms)]
+        if not (math.isfinite(confidence) and 0 <= confidence <= requests):
+            raise InvalidInputError(f"served confidence_sum at density {density:g} must be in [0, requests], "
+                                    f"got {confidence}")
+        usage[str(density)] = [requests, float(busy_ms), float(confidence)]
     return usage
 
 
@@ -156,7 +161,7 @@ class DeviceRecords(Store):
         row = conn.execute(
             select(Device.id, Device.current_density).where(Device.name == name).with_for_update()
         ).one_or_none()
-        version = conn.scalar(LATEST_VERSION)
+        version = serving_version(conn, name)
         if row is None:
             device_id = conn.execute(
                 insert(Device).values(id=new_device_id(), name=name, first_seen=now, registered_at=now, **fields)
@@ -174,13 +179,16 @@ class DeviceRecords(Store):
         return Assignment(device_id, density, changed, version)
 
     def heartbeat(self, device_id: int, budget: Budget,
-                  served: Mapping[float, tuple[int, float]] | None = None) -> Assignment:
+                  served: Mapping[float, tuple[int, float, float]] | None = None,
+                  served_version: str | None = None) -> Assignment:
         """Record the budget and answer with the density that fits it (see policy.choose_density).
 
         Every heartbeat's budget is stored with the density it was given; a density change also adds
         an assignment row pointing at that budget. All in one transaction under the device's row lock.
         The device row itself is only written when its density or status changes. ``served`` (density ->
-        requests, busy ms) is what the device's Predict ran since its last heartbeat, stored with the budget.
+        requests, busy ms, summed confidence) is what the device's Predict ran since its last heartbeat, with
+        ``served_version``, stored with the budget. The answer names the version the device is to serve
+        (coordinator.registry.rollouts).
         """
         now = utc_now()
         usage = _check_served(served) if served else None
@@ -188,12 +196,15 @@ class DeviceRecords(Store):
             row = conn.execute(_LOCK_DEVICE, {"device_id": device_id}).one_or_none()
             if row is None:
                 raise DeviceNotFoundError(f"device {device_id} is not registered")
-            current, calibration, status, version = row
+            current, calibration, status, name = row
+            version = serving_version(conn, name)
             table = tuple(CalibrationPoint(**point) for point in calibration)  # stored densest first
             density = choose_density(table, budget, current, self.margin)
             budget_id = conn.execute(_INSERT_BUDGET, {
                 "device_id": device_id, "latency_ms": budget.latency_ms, "memory_mb": budget.memory_mb,
                 "battery": budget.battery, "assigned_density": density, "reported_at": now, "served": usage,
+                # evidence for a rollout only under the version this device was given: none can speak for another
+                "model_version": served_version if served_version == version else None,
             }).scalar_one()
             changed = density != current
             if changed:
@@ -222,7 +233,8 @@ class DeviceRecords(Store):
             row = conn.execute(_LOCK_DEVICE, {"device_id": device_id}).one_or_none()
             if row is None:
                 raise DeviceNotFoundError(f"device {device_id} is not registered")
-            current, calibration, _status, version = row
+            current, calibration, _status, name = row
+            version = serving_version(conn, name)
             _require_calibrated(device_id, density, calibration)
             conn.execute(insert(DensityAssignment).values(
                 device_id=device_id, density=density, reason=reason, model_version=version, assigned_at=utc_now()))
@@ -321,10 +333,10 @@ class DeviceRecords(Store):
         totals: dict[float, list[float]] = {}
         with self._read() as s:
             for usage in s.scalars(select(BudgetReport.served).where(BudgetReport.device_id == device_id)):
-                for density, (requests, busy_ms) in (usage or {}).items():
+                for density, numbers in (usage or {}).items():
                     entry = totals.setdefault(float(density), [0, 0.0])
-                    entry[0] += int(requests)
-                    entry[1] += float(busy_ms)
+                    entry[0] += int(numbers[0])
+                    entry[1] += float(numbers[1])
         return {d: (int(r), ms) for d, (r, ms) in sorted(totals.items(), reverse=True)}
 
     def device_history(self, device_id: int) -> list[AssignmentRecord]:

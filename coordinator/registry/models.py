@@ -85,6 +85,15 @@ class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
 
 
+class VersionStatus(enum.StrEnum):
+    """Where a model version is in its rollout."""
+
+    CANDIDATE = "candidate"  # served by a canary share of the fleet while it is judged
+    PROMOTED = "promoted"  # served by the fleet (the newest promoted one is the stable version)
+    ROLLED_BACK = "rolled-back"  # served by nobody: it regressed, or an operator took it back
+    SUPERSEDED = "superseded"  # a candidate a newer candidate replaced before it was judged
+
+
 class ModelVersion(Base):
     __tablename__ = "model_versions"
 
@@ -93,6 +102,10 @@ class ModelVersion(Base):
     checkpoint_path: Mapped[str] = mapped_column(String(1024))
     densities: Mapped[list[Any]]
     created_at: Mapped[datetime]
+    status: Mapped[VersionStatus] = mapped_column(_str_enum(VersionStatus, "version_status"))
+    canary: Mapped[float] = mapped_column(Float)  # the share of devices a candidate goes to
+    decided_at: Mapped[datetime | None]  # promoted or rolled back (by the judge or an operator), when
+    reason: Mapped[str | None] = mapped_column(String(512))  # and why
 
 
 class Device(Base):
@@ -154,8 +167,10 @@ class BudgetReport(Base):
     battery: Mapped[float | None] = mapped_column(Float)
     assigned_density: Mapped[float] = mapped_column(Float)
     reported_at: Mapped[datetime]
-    # what Predict ran since the device's previous heartbeat: {"density": [requests, busy_ms]}; None = nothing
+    # what Predict ran since the device's previous heartbeat: {"density": [requests, busy_ms, confidence_sum]}
+    # (rows from before confidence was reported hold two numbers); None = nothing
     served: Mapped[dict[str, list[float]] | None] = mapped_column(JSON)
+    model_version: Mapped[str | None] = mapped_column(String(128))  # the version that served them
 
 
 class DensityAssignment(Base):

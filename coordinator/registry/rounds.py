@@ -7,7 +7,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Connection, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from coordinator.registry.errors import DeviceNotFoundError, InvalidInputError
@@ -16,8 +16,10 @@ from coordinator.registry.models import (
     ModelVersion,
     RoundStart,
     TrainingRound,
+    VersionStatus,
 )
 from coordinator.registry.records import RoundRecord, RoundUnderWay
+from coordinator.registry.rollouts import supersede_candidates, version_status
 from coordinator.registry.store import LATEST_VERSION, MAX_METRICS, MAX_NAME_LENGTH, Store, check_density, utc_now
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,17 @@ def _version_row(version: str, checkpoint_path: str, densities: Iterable[float])
     return {"version": version, "checkpoint_path": checkpoint_path, "densities": packed, "created_at": utc_now()}
 
 
+def _publish(conn: Connection, row: dict[str, Any], canary: float) -> None:
+    """Insert a version row: a candidate for ``canary`` of the fleet (undecided older ones superseded), or
+    promoted (rollouts off, or nothing promoted yet to compare it with)."""
+    if not 0.0 <= canary <= 1.0:
+        raise InvalidInputError(f"a canary share must be in [0, 1], got {canary}")
+    status = version_status(canary, conn)
+    if status == VersionStatus.CANDIDATE:
+        supersede_candidates(conn, row["version"])
+    conn.execute(insert(ModelVersion).values(**row, status=status, canary=canary))
+
+
 class RoundRecords(Store):
     """Rounds, their metrics and details, and model versions."""
 
@@ -58,12 +71,15 @@ class RoundRecords(Store):
         model_version: str | None = None,
         details: Mapping[str, Any] | None = None,
         published: tuple[str, Iterable[float]] | None = None,
+        canary: float = 0.0,
     ) -> None:
         """Store one finished training round; `model_version` defaults to the current one.
 
         `details` (JSON) is what the live view and the report show besides: who trained by name, bytes per
         density, timings. ``published`` = (checkpoint path, densities) publishes ``model_version`` in the same
-        transaction: a crash leaves the round both recorded and published, or neither (a restart redoes it)."""
+        transaction: a crash leaves the round both recorded and published, or neither (a restart redoes it).
+        ``canary`` > 0: the version is a candidate served by that share of the fleet until it is judged
+        (coordinator.registry.rollouts)."""
         if bytes_sent < 0 or bytes_received < 0:
             raise InvalidInputError("byte counts must be >= 0")
         if published is not None and model_version is None:
@@ -78,7 +94,7 @@ class RoundRecords(Store):
                 if unknown:
                     raise DeviceNotFoundError(f"round {round_number}: unregistered devices {unknown}")
                 if version_row is not None:
-                    conn.execute(insert(ModelVersion).values(**version_row))
+                    _publish(conn, version_row, canary)
                 conn.execute(insert(TrainingRound).values(
                     round=round_number, participants=members, metrics=per_density, bytes_sent=bytes_sent,
                     bytes_received=bytes_received, model_version=model_version or conn.scalar(LATEST_VERSION),
@@ -117,6 +133,11 @@ class RoundRecords(Store):
             conn.execute(delete(RoundStart).where(RoundStart.round == round_number))
             conn.execute(insert(RoundStart).values(**row))
 
+    def last_round_started(self) -> int:
+        """The highest round begun (``start_round``), 0 before the first."""
+        with self._read() as s:
+            return s.scalar(select(func.max(RoundStart.round))) or 0
+
     def round_under_way(self) -> RoundUnderWay | None:
         """The latest round begun and not yet recorded, or None."""
         with self._read() as s:
@@ -125,12 +146,14 @@ class RoundRecords(Store):
                 return None
             return RoundUnderWay(start.round, dict(start.sent), start.timeout_s, start.started_at)
 
-    def add_model_version(self, version: str, checkpoint_path: str, densities: Iterable[float]) -> None:
-        """Publish a new model version; heartbeats answer with it from now on."""
+    def add_model_version(self, version: str, checkpoint_path: str, densities: Iterable[float],
+                          canary: float = 0.0) -> None:
+        """Publish a new model version; heartbeats answer with it from now on (``canary`` > 0: to that share of
+        the fleet, while it is a candidate)."""
         row = _version_row(version, checkpoint_path, densities)
         try:
             with self._write() as conn:
-                conn.execute(insert(ModelVersion).values(**row))
+                _publish(conn, row, canary)
         except IntegrityError as e:
             raise InvalidInputError(f"model version {version!r} already exists") from e
         log.info("model version %s at densities %s", version, row["densities"])

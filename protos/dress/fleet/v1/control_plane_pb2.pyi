@@ -91,22 +91,26 @@ class RegisterResponse(_message.Message):
     def __init__(self, device_id: _Optional[int] = ..., level: _Optional[int] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., heartbeat_s: _Optional[float] = ..., credential: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("budget", "served")
+    __slots__ = ("budget", "served", "model_version")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     budget: Budget
     served: _containers.RepeatedCompositeFieldContainer[LevelUse]
-    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., served: _Optional[_Iterable[_Union[LevelUse, _Mapping]]] = ...) -> None: ...
+    model_version: str
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., served: _Optional[_Iterable[_Union[LevelUse, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class LevelUse(_message.Message):
-    __slots__ = ("level", "requests", "busy_ms")
+    __slots__ = ("level", "requests", "busy_ms", "confidence_sum")
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     BUSY_MS_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_SUM_FIELD_NUMBER: _ClassVar[int]
     level: int
     requests: int
     busy_ms: float
-    def __init__(self, level: _Optional[int] = ..., requests: _Optional[int] = ..., busy_ms: _Optional[float] = ...) -> None: ...
+    confidence_sum: float
+    def __init__(self, level: _Optional[int] = ..., requests: _Optional[int] = ..., busy_ms: _Optional[float] = ..., confidence_sum: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("level", "model_version", "changed", "heartbeat_s")

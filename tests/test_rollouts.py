@@ -1,0 +1,151 @@
+"""Staged rollouts: a new version goes to its canary share first, through the real control plane (heartbeat answers
+and downloads); the judge promotes it or rolls it back from what devices report serving; operators decide by hand
+with `dress-fleet models`; an agent never serves a version that does not answer."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+from conftest import architecture, enrolled
+from typer.testing import CliRunner
+
+from agent.calibration import initial_model
+from agent.model_fetch import FetchedModel, ModelFetchError, check_answers
+from cli.fleet import app
+from contracts.policy import Budget, CalibrationPoint
+from coordinator.control_plane import serve
+from coordinator.registry import Registry
+from coordinator.registry.models import VersionStatus
+from coordinator.registry.rollouts import in_canary
+from coordinator.rollout import MIN_REQUESTS, judge
+from protos.dress.fleet.v1 import control_plane_pb2 as pb
+
+ARCH = architecture("cnn", "0.1,0.25,0.5,1", "fashion-mnist", 4)
+POINTS = [CalibrationPoint(d, 100 * d, 800 * d) for d in ARCH.densities]
+DENSITIES = (1.0, 0.5, 0.25, 0.1)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Iterator[Registry]:
+    with Registry(state_dir=tmp_path / "state") as registry:
+        yield registry
+
+
+def _fleet(registry: Registry, count: int) -> dict[str, int]:
+    """``count`` registered devices: name -> id."""
+    return {name: registry.enroll_device(token, name, "laptop-x86", POINTS)[0].device_id
+            for name, token in registry.enroll([f"dev-{i:03d}" for i in range(count)]).items()}
+
+
+def test_a_version_goes_to_its_canary_share_first_and_a_newer_candidate_supersedes_it(registry: Registry) -> None:
+    names = list(_fleet(registry, 200))
+    registry.add_model_version("v1", "/m/v1", DENSITIES, canary=0.1)  # nothing to compare with: promoted
+    registry.add_model_version("v2", "/m/v2", DENSITIES, canary=0.1)
+    assert registry.rollout() == ("v1", "v2", 0.1)
+    on_v2 = [n for n in names if registry.version_for(n) == "v2"]
+    assert 8 <= len(on_v2) <= 35 and all(registry.version_for(n) == "v1" for n in names if n not in on_v2)
+    assert on_v2 == [n for n in names if in_canary(n, "v2", 0.1)]  # the same devices every time
+    registry.add_model_version("v3", "/m/v3", DENSITIES, canary=0.1)
+    statuses = {v.version: v.status for v in registry.list_versions()}
+    assert statuses == {"v1": VersionStatus.PROMOTED, "v2": VersionStatus.SUPERSEDED, "v3": VersionStatus.CANDIDATE}
+    assert {registry.version_for(n) for n in names} == {"v1", "v3"}
+    registry.add_model_version("v4", "/m/v4", DENSITIES)  # rollouts off: straight to the fleet
+    assert {registry.version_for(n) for n in names} == {"v4"} and registry.rollout() == ("v4", None, 0.0)
+
+
+def test_the_control_plane_answers_and_serves_each_device_its_version(registry: Registry, free_port: int) -> None:
+    asked: list[str] = []
+
+    def provider(version: str, density: float, half: bool) -> bytes:
+        asked.append(version)
+        return version.encode()
+
+    registry.add_model_version("v1", "/m/v1", DENSITIES, canary=0.5)
+    registry.add_model_version("v2", "/m/v2", DENSITIES, canary=0.5)
+    server = serve(registry, "127.0.0.1", free_port, ARCH, provider)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{free_port}") as channel:
+            for name in ("dev-a", "dev-b", "dev-c", "dev-d", "dev-e", "dev-f"):
+                device = enrolled(channel, registry, name)
+                device.Register(pb.RegisterRequest(name=name, profile="laptop-x86", calibration=[
+                    pb.CalibrationPoint(level=level, latency_ms=100 * d, memory_mb=800 * d)
+                    for level, d in enumerate(ARCH.densities)]))
+                expected = "v2" if in_canary(name, "v2", 0.5) else "v1"
+                answer = device.Heartbeat(pb.HeartbeatRequest(budget=pb.Budget(latency_ms=1000, memory_mb=4000)))
+                assert answer.model_version == expected
+                chunks = list(device.FetchModel(pb.FetchModelRequest(level=3)))
+                assert chunks[0].model_version == expected and b"".join(c.data for c in chunks) == expected.encode()
+        assert set(asked) == {"v1", "v2"}  # six devices at a half share: both versions went out
+    finally:
+        server.stop(grace=None).wait()
+
+
+def _report(registry: Registry, ids: dict[str, int], version: str, requests: int, ms: float,
+            confidence: float) -> None:
+    """What Predict ran on the devices serving ``version``, as their heartbeats report it."""
+    for name, device_id in ids.items():
+        if registry.version_for(name) == version:
+            registry.heartbeat(device_id, Budget(1000, 4000), {1.0: (requests, requests * ms, requests * confidence)},
+                               version)
+
+
+@pytest.mark.parametrize(("confidence", "ms", "promoted"), [(0.90, 2.0, True), (0.70, 2.0, False), (0.90, 5.0, False)])
+def test_the_judge_promotes_a_candidate_that_holds_up_and_rolls_back_one_that_regresses(
+        registry: Registry, confidence: float, ms: float, promoted: bool) -> None:
+    ids = _fleet(registry, 60)
+    registry.add_model_version("v1", "/m/v1", DENSITIES, canary=0.2)
+    registry.add_model_version("v2", "/m/v2", DENSITIES, canary=0.2)
+    assert judge(registry) is None  # no evidence yet
+    _report(registry, ids, "v1", 5, 2.0, 0.9)
+    canary = sum(registry.version_for(n) == "v2" for n in ids)
+    assert 0 < canary < MIN_REQUESTS
+    _report(registry, ids, "v2", 1, ms, confidence)  # a request from each canary device: too little to judge
+    assert judge(registry) is None
+    _report(registry, ids, "v2", MIN_REQUESTS, ms, confidence)
+    liar = next(i for n, i in ids.items() if registry.version_for(n) == "v1")  # claims the candidate's requests
+    registry.heartbeat(liar, Budget(1000, 4000), {1.0: (10**6, 10**9, 10**5)}, "v2")
+    verdict = judge(registry)
+    assert verdict is not None and verdict.version == "v2" and verdict.promote is promoted, verdict
+    status = {v.version: v for v in registry.list_versions()}["v2"]
+    assert status.status == (VersionStatus.PROMOTED if promoted else VersionStatus.ROLLED_BACK)
+    assert status.reason == verdict.reason and status.decided_at is not None
+    expected = "v2" if promoted else "v1"
+    assert {registry.version_for(n) for n in ids} == {expected}  # the whole fleet, or nobody, serves it
+    if not promoted:
+        assert ("confidence" in verdict.reason) == (confidence < 0.85) and ("ms a request" in verdict.reason) == (ms > 3)
+
+
+def test_operators_list_promote_and_roll_back_by_hand(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    with Registry(state_dir=state) as registry:
+        registry.add_model_version("round-1", "/m/1", DENSITIES, canary=0.1)
+        registry.add_model_version("round-2", "/m/2", DENSITIES, canary=0.1)
+    runner = CliRunner(env={"COLUMNS": "200"})
+    listed = runner.invoke(app, ["models", "list", "--state-dir", str(state)])
+    assert listed.exit_code == 0 and "stable round-1, candidate round-2" in listed.output
+    promoted = runner.invoke(app, ["models", "promote", "round-2", "--state-dir", str(state)])
+    assert promoted.exit_code == 0 and "promoted" in promoted.output
+    again = runner.invoke(app, ["models", "promote", "round-2", "--state-dir", str(state)])
+    assert again.exit_code == 2 and "promoted already" in again.output
+    back = runner.invoke(app, ["models", "rollback", "round-2", "--state-dir", str(state)])
+    assert back.exit_code == 0 and "rolled back" in back.output
+    with Registry(state_dir=state) as registry:
+        assert registry.rollout() == ("round-1", None, 0.0) and registry.version_for("any") == "round-1"
+    missing = runner.invoke(app, ["models", "rollback", "round-9", "--state-dir", str(state)])
+    assert missing.exit_code == 2 and "no model version 'round-9'" in missing.output
+
+
+def test_an_agent_never_serves_a_version_that_does_not_answer() -> None:
+    packed = initial_model(ARCH)
+    check_answers(FetchedModel("good", packed, 0))  # finite logits at every density
+    with torch.no_grad():
+        for tensor in [*packed.parameters(), *packed.buffers()]:
+            if tensor.is_floating_point():
+                tensor.fill_(math.nan)
+    with pytest.raises(ModelFetchError, match="does not answer at density"):
+        check_answers(FetchedModel("broken", packed, 0))
