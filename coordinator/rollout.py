@@ -4,14 +4,16 @@ serving (coordinator.registry.rollouts).
 Devices report, with every heartbeat, how many Predict requests each version answered at each density, how long
 the forward passes took and how sure the answers were (the mean top-class probability: a label-free proxy of
 accuracy that drops when a model degrades). Once the candidate's canary and the stable fleet have each answered
-``MIN_REQUESTS`` since the candidate was published, the judge compares them at the densities both served: the
-candidate is rolled back when its confidence is lower by more than ``MAX_CONFIDENCE_DROP`` or its forward passes
-slower by more than ``MAX_SLOWDOWN``, and promoted otherwise.
+``MIN_REQUESTS`` since the candidate was published (from ``MIN_DEVICES`` canary devices at least), the judge
+compares them at the densities both served, each side by the median over its devices: the candidate is rolled
+back when its confidence is lower by more than ``MAX_CONFIDENCE_DROP`` or its forward passes slower by more than
+``MAX_SLOWDOWN``, and promoted otherwise.
 """
 
 from __future__ import annotations
 
 import logging
+import statistics
 import threading
 from dataclasses import dataclass
 
@@ -21,6 +23,7 @@ from coordinator.registry.rollouts import Served
 log = logging.getLogger(__name__)
 
 MIN_REQUESTS = 20  # per side, at the densities both served: fewer is not evidence
+MIN_DEVICES = 3  # canary devices that reported: one or two are not the fleet
 MAX_CONFIDENCE_DROP = 0.05  # mean top-class probability, absolute
 MAX_SLOWDOWN = 1.5  # mean forward pass, candidate over stable
 JUDGE_EVERY_S = 5.0
@@ -33,28 +36,45 @@ class Verdict:
     reason: str
 
 
-def compare(candidate: dict[float, Served], stable: dict[float, Served]) -> Verdict | None:
-    """The verdict on the candidate's evidence against the stable version's, None while there is too little."""
-    common = sorted(set(candidate) & set(stable), reverse=True)
-    c_requests = sum(candidate[d].requests for d in common)
-    s_requests = sum(stable[d].requests for d in common)
-    if c_requests < MIN_REQUESTS or s_requests < MIN_REQUESTS:
+def compare(candidate: dict[int, dict[float, Served]], stable: dict[int, dict[float, Served]]) -> Verdict | None:
+    """The verdict on the candidate's evidence against the stable version's (per device, per density), None while
+    there is too little. Each side is judged by the median over its devices, so no single device — a broken one,
+    or one that lies about what it served — can swing it."""
+    common = sorted({d for per in candidate.values() for d in per} & {d for per in stable.values() for d in per},
+                    reverse=True)
+    c_requests = sum(per[d].requests for per in candidate.values() for d in common if d in per)
+    s_requests = sum(per[d].requests for per in stable.values() for d in common if d in per)
+    if c_requests < MIN_REQUESTS or s_requests < MIN_REQUESTS or len(candidate) < MIN_DEVICES:
         return None
     reasons = []
-    confident = [d for d in common if candidate[d].confidence_sum is not None and stable[d].confidence_sum is not None]
-    if confident:
-        c_conf = sum(candidate[d].confidence_sum for d in confident) / sum(candidate[d].requests for d in confident)  # type: ignore[misc]
-        s_conf = sum(stable[d].confidence_sum for d in confident) / sum(stable[d].requests for d in confident)  # type: ignore[misc]
-        if s_conf - c_conf > MAX_CONFIDENCE_DROP:
-            reasons.append(f"confidence {c_conf:.3f} against the stable version's {s_conf:.3f}")
+    c_conf, s_conf = _median_confidence(candidate, common), _median_confidence(stable, common)
+    if c_conf is not None and s_conf is not None and s_conf - c_conf > MAX_CONFIDENCE_DROP:
+        reasons.append(f"confidence {c_conf:.3f} against the stable version's {s_conf:.3f}")
     for d in common:
-        c_ms, s_ms = candidate[d].busy_ms / max(1, candidate[d].requests), stable[d].busy_ms / max(1, stable[d].requests)
-        if s_ms > 0 and c_ms / s_ms > MAX_SLOWDOWN:
+        c_ms, s_ms = _median_ms(candidate, d), _median_ms(stable, d)
+        if c_ms is not None and s_ms and c_ms / s_ms > MAX_SLOWDOWN:
             reasons.append(f"{c_ms:.2f} ms a request at density {d:g} against {s_ms:.2f} ms")
-    evidence = f"{c_requests} canary and {s_requests} stable requests"
+    evidence = f"{c_requests} requests on {len(candidate)} canary devices, {s_requests} on {len(stable)} stable ones"
     if reasons:
         return Verdict("", False, f"regressed on {evidence}: " + "; ".join(reasons))
     return Verdict("", True, f"no regression on {evidence}")
+
+
+def _median_confidence(devices: dict[int, dict[float, Served]], densities: list[float]) -> float | None:
+    """The median over devices of each one's mean top-class probability at ``densities``."""
+    means = []
+    for per in devices.values():
+        used = [per[d] for d in densities if d in per and per[d].requests and per[d].confidence_sum is not None]
+        if used:
+            means.append(sum(u.confidence_sum for u in used) / sum(u.requests for u in used))  # type: ignore[misc]
+    return statistics.median(means) if means else None
+
+
+def _median_ms(devices: dict[int, dict[float, Served]], density: float) -> float | None:
+    """The median over devices of each one's mean forward pass at ``density``."""
+    means = [per[density].busy_ms / per[density].requests for per in devices.values()
+             if density in per and per[density].requests]
+    return statistics.median(means) if means else None
 
 
 def judge(registry: Registry) -> Verdict | None:

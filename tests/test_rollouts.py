@@ -149,3 +149,17 @@ def test_an_agent_never_serves_a_version_that_does_not_answer() -> None:
                 tensor.fill_(math.nan)
     with pytest.raises(ModelFetchError, match="does not answer at density"):
         check_answers(FetchedModel("broken", packed, 0))
+
+
+def test_one_canary_device_cannot_swing_the_verdict(registry: Registry) -> None:
+    """A canary device that reports a flood of unsure answers (broken, or lying about its own version) is one
+    device: each side is judged by the median over its devices."""
+    ids = _fleet(registry, 60)
+    registry.add_model_version("v1", "/m/v1", DENSITIES, canary=0.2)
+    registry.add_model_version("v2", "/m/v2", DENSITIES, canary=0.2)
+    _report(registry, ids, "v1", 5, 2.0, 0.9)
+    _report(registry, ids, "v2", 5, 2.0, 0.9)
+    loud = next(i for n, i in ids.items() if registry.version_for(n) == "v2")
+    registry.heartbeat(loud, Budget(1000, 4000), {1.0: (10**6, 10**9, 0.0)}, "v2")
+    verdict = judge(registry)
+    assert verdict is not None and verdict.promote, verdict

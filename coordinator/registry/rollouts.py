@@ -107,20 +107,23 @@ class Rollouts(Store):
                              .values(status=VersionStatus.SUPERSEDED, decided_at=now,
                                      reason=f"superseded by {version}"))
 
-    def serving_evidence(self, since: datetime) -> dict[str, dict[float, Served]]:
-        """What each version served per density, as devices reported it in heartbeats since ``since``."""
-        totals: dict[str, dict[float, list[float | None]]] = {}
+    def serving_evidence(self, since: datetime) -> dict[str, dict[int, dict[float, Served]]]:
+        """What each version served, per device and density, as devices reported it in heartbeats since ``since``
+        (only under the version each device was given: ``DeviceRecords.heartbeat``)."""
+        totals: dict[str, dict[int, dict[float, list[float | None]]]] = {}
         with self._read() as s:
-            for version, served in s.execute(
-                    select(BudgetReport.model_version, BudgetReport.served)
+            for version, device_id, served in s.execute(
+                    select(BudgetReport.model_version, BudgetReport.device_id, BudgetReport.served)
                     .where(BudgetReport.reported_at >= since, BudgetReport.served.is_not(None),
                            BudgetReport.model_version.is_not(None))):
                 for density, numbers in served.items():
-                    entry = totals.setdefault(version, {}).setdefault(float(density), [0, 0.0, 0.0])
+                    entry = totals.setdefault(version, {}).setdefault(device_id, {}).setdefault(
+                        float(density), [0, 0.0, 0.0])
                     entry[0] += numbers[0]
                     entry[1] += numbers[1]
                     entry[2] = None if entry[2] is None or len(numbers) < 3 else entry[2] + numbers[2]
-        return {v: {d: Served(int(e[0]), float(e[1]), e[2]) for d, e in per.items()} for v, per in totals.items()}
+        return {v: {device: {d: Served(int(e[0]), float(e[1]), e[2]) for d, e in per.items()}
+                    for device, per in devices.items()} for v, devices in totals.items()}
 
 
 def version_status(canary: float, conn: Connection) -> VersionStatus:
