@@ -31,13 +31,19 @@ def in_canary(name: str, version: str, share: float) -> bool:
     return draw < share
 
 
+def current_rollout(conn: Connection) -> tuple[str | None, str | None, float]:
+    """(stable version, candidate version, its canary share); None where there is none."""
+    rows = conn.execute(_ROLLOUT).all()
+    candidate = rows[0] if rows and rows[0].status == VersionStatus.CANDIDATE else None
+    stable = next((r.version for r in rows if r.status == VersionStatus.PROMOTED), None)
+    return stable, candidate.version if candidate else None, candidate.canary if candidate else 0.0
+
+
 def serving_version(conn: Connection, name: str) -> str | None:
     """The version device ``name`` is to serve: the candidate where it is in its canary, else the stable one;
     None before any version is promoted."""
-    rows = conn.execute(_ROLLOUT).all()
-    if rows and rows[0].status == VersionStatus.CANDIDATE and in_canary(name, rows[0].version, rows[0].canary):
-        return rows[0].version
-    return next((r.version for r in rows if r.status == VersionStatus.PROMOTED), None)
+    stable, candidate, share = current_rollout(conn)
+    return candidate if candidate is not None and in_canary(name, candidate, share) else stable
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +81,7 @@ class Rollouts(Store):
     def rollout(self) -> tuple[str | None, str | None, float]:
         """(stable version, candidate version, its canary share); None where there is none."""
         with self._read() as s:
-            rows = s.execute(_ROLLOUT).all()
-        candidate = rows[0] if rows and rows[0].status == VersionStatus.CANDIDATE else None
-        stable = next((r.version for r in rows if r.status == VersionStatus.PROMOTED), None)
-        return stable, candidate.version if candidate else None, candidate.canary if candidate else 0.0
+            return current_rollout(s.connection())
 
     def promote(self, version: str, reason: str) -> None:
         """The fleet serves ``version`` from its next heartbeats; undecided candidates older than it are
