@@ -6,8 +6,9 @@
 A registry (SQLite, as a simulation's) with ``--devices`` registered devices of the demo's profile mix, a heartbeat
 from each, and ``--rounds`` recorded rounds of 1 % of the fleet with a published version each; the coordinator's
 operator listener on loopback in front of it. Each route the dashboard polls is asked ``--repeats`` times with an
-operator's credential: its answer's bytes and the median and worst time. Issue 28's target: every page under 1 MB
-and answered in under 300 ms at 10,000 devices.
+operator's credential: its answer's bytes and the median, 95th-percentile and worst time. Issue 28's targets:
+every page under 1 MB and answered in under 300 ms at the 95th percentile at 10,000 devices; the metrics endpoint
+under 200 ms.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from runtime.processes import pick_port
 RESULTS = Path(__file__).parent / "results"
 DENSITIES = (1.0, 0.5, 0.25, 0.1)
 POINTS = [CalibrationPoint(d, 40 * d, 200 * d) for d in DENSITIES]
-MAX_BYTES, MAX_MS = 1_000_000, 300.0
+MAX_BYTES, MAX_MS, METRICS_MS = 1_000_000, 300.0, 200.0
+POLL_S = 2.0  # the dashboard's poll period (POLL_MS in coordinator/dashboard/app.js)
+SCRAPE_S = 15.0  # Prometheus' default scrape interval
+MAX_OVERHEAD_PCT = 5.0
 
 
 def fill(registry: Registry, devices: int, rounds: int, seed: int = 0) -> list[str]:
@@ -68,7 +72,8 @@ def main() -> None:
         port = pick_port()
         listener = OperatorListener(operator_app(registry, FleetMetrics(registry), secure_cookie=False), "127.0.0.1",
                                     port, None).start()
-        routes = ["/", "/static/app.js", "/api/summary", "/api/rounds", "/api/devices?offset=0&limit=100",
+        routes = ["/", "/static/app.js", "/api/summary", "/api/rounds", f"/api/rounds?after={args.rounds}",
+                  "/api/devices?offset=0&limit=100",
                   f"/api/devices?offset={max(0, args.devices - 100)}&limit=100", f"/api/devices/{names[len(names) // 2]}",
                   "/metrics"]
         rows = []
@@ -82,15 +87,33 @@ def main() -> None:
                     with urllib.request.urlopen(request, timeout=30) as reply:
                         size = len(reply.read())
                     times.append(1000 * (time.perf_counter() - started))
+                p95 = statistics.quantiles(times, n=20, method="inclusive")[-1]
                 rows.append({"route": route, "bytes": size, "median_ms": round(statistics.median(times), 1),
-                             "max_ms": round(max(times), 1),
-                             "within_target": size < MAX_BYTES and statistics.median(times) < MAX_MS})
+                             "p95_ms": round(p95, 1), "max_ms": round(max(times), 1),
+                             "within_target": size < MAX_BYTES and p95 < (METRICS_MS if route == "/metrics" else MAX_MS)})
                 print(rows[-1], flush=True)
         finally:
             listener.stop()
+    # What serving them costs the coordinator, as a share of any stretch of a round: one open dashboard asks, every
+    # POLL_S, the summary, the rounds after the last it has and its page of the fleet (coordinator/dashboard/app.js);
+    # Prometheus scrapes /metrics every SCRAPE_S (its default).
+    by_route = {r["route"]: r for r in rows}
+    pages = [r for route, r in by_route.items() if route.startswith("/api/devices?")]
+    poll_ms = sum(by_route[route]["median_ms"] for route in
+                  ("/api/summary", f"/api/rounds?after={args.rounds}", "/api/devices?offset=0&limit=100"))
+    overhead = poll_ms / (1000 * POLL_S) + by_route["/metrics"]["median_ms"] / (1000 * SCRAPE_S)
     write_json(args.out, {"command": command(), "machine": machine(), "devices": args.devices,
-                          "rounds": args.rounds, "repeats": args.repeats, "target": {"bytes": MAX_BYTES, "ms": MAX_MS},
-                          "routes": rows, "all_within_target": all(r["within_target"] for r in rows)})
+                          "fleet_page_p95_ms": max(r["p95_ms"] for r in pages),
+                          "fleet_page_bytes": max(r["bytes"] for r in pages),
+                          "metrics_p95_ms": by_route["/metrics"]["p95_ms"],
+                          "overhead_pct": round(100 * overhead, 2),
+                          "overhead": f"one open dashboard polling every {POLL_S:g} s ({poll_ms:.1f} ms of serving a "
+                                      f"poll) and a Prometheus scrape every {SCRAPE_S:g} s, as a share of one core",
+                          "rounds": args.rounds, "repeats": args.repeats,
+                          "target": {"bytes": MAX_BYTES, "p95_ms": MAX_MS, "metrics_p95_ms": METRICS_MS,
+                                     "overhead_pct": MAX_OVERHEAD_PCT},
+                          "routes": rows, "all_within_target": all(r["within_target"] for r in rows)
+                          and 100 * overhead < MAX_OVERHEAD_PCT})
 
 
 if __name__ == "__main__":

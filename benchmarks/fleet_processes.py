@@ -8,9 +8,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.registry import Registry
 from coordinator.registry.records import RoundRecord
@@ -64,3 +67,18 @@ def enroll_all(state: Path, names: list[str]) -> dict[str, str]:
 def enroll(state: Path, name: str) -> str:
     """One device's token (enroll_all)."""
     return enroll_all(state, [name])[name]
+
+
+def wait_serving(address: str, timeout: float = 120.0) -> None:
+    """Until the gRPC listener at ``address`` (plaintext, loopback) says SERVING; a loaded 2-core box starts slowly."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{address} never became SERVING")

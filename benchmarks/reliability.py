@@ -12,7 +12,8 @@ a gRPC status other than UNKNOWN/INTERNAL from the control plane (an unhandled e
 check (``RejectedUpdate``) in the aggregation — or taking longer than ``HANG_S``. *Strangers* call the control
 plane without a credential, with forged, spent or expired secrets, or under another device's name (each must be refused,
 UNAUTHENTICATED or PERMISSION_DENIED, and change nothing); call an agent's Predict on mutual TLS without the
-fleet's client certificate; or connect SuperNodes whose keys nobody registered. *Faults* (benchmarks/faults.py)
+fleet's client certificate; connect SuperNodes whose keys nobody registered; or ask the coordinator's operator
+listener (dashboard, JSON API, metrics) without an operator's credential. *Faults* (benchmarks/faults.py)
 kill agents and the coordinator at random during rounds. *Byzantine* devices (benchmarks/byzantine.py) reply the
 reverse of their honest update in a simulated fleet; robust aggregation must keep accuracy near the clean run's.
 
@@ -88,6 +89,11 @@ def report(result: dict[str, Any]) -> str:
         text += (f" To the strangers ({', '.join(STRANGERS)}): {where['control-plane']['codes']}. Predict on mutual "
                  f"TLS ({', '.join(PREDICT_STRANGERS)}): {where['predict']['codes']}. SuperLink with SuperNode "
                  "authentication: SuperNodes with an unregistered key and with none.")
+        if "dashboard" in where:
+            o = where["dashboard"]
+            text += (f" The operator listener ({', '.join(o['kinds'])}; on {', '.join(f'{m} {r}' for m, r in o['routes'])}"
+                     f"; open to anyone: {', '.join(o['public'])}, the sign-in page): HTTP {o['codes']}; its "
+                     f"operator still answered: {o['still_serving']}.")
     if "poisoned_by_replies" in result:
         by = result["poisoned_by_replies"]
         text += (" Beside the poisoned replies, honest ones aggregated: "

@@ -1,18 +1,22 @@
 """Strangers' requests at every listener: fuzzed control-plane requests (each must end in a status, never an
 unhandled exception), callers without a valid credential or as another device at the control plane, callers without
-the fleet's client certificate at an agent's Predict, SuperNodes whose keys nobody registered at a TLS SuperLink.
-Each stranger must be refused and change nothing. Part of benchmarks/reliability.py.
+the fleet's client certificate at an agent's Predict, SuperNodes whose keys nobody registered at a TLS SuperLink,
+callers without an operator's credential on every route of the coordinator's operator listener (dashboard, API,
+metrics). Each stranger must be refused and change nothing. Part of benchmarks/reliability.py.
 """
 
 from __future__ import annotations
 
+import http.client
 import random
+import ssl
 import subprocess
 import tempfile
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import grpc
 
@@ -20,10 +24,12 @@ from agent.served_model import ServedModel
 from agent.serving import AgentIdentity
 from agent.serving import serve as serve_agent
 from benchmarks.packed_fuzz import HANG_S, packed_model
-from contracts.credentials import bearer, supernode_key
+from contracts.credentials import SCHEME, bearer, supernode_key
 from contracts.policy import CalibrationPoint
 from contracts.wire import calibration_to_proto
 from coordinator.control_plane import SERVICE_NAME, serve
+from coordinator.metrics import FleetMetrics
+from coordinator.operator_api import COOKIE, OperatorListener, operator_app
 from coordinator.registry import Registry
 from dress_model.models import architecture_for_dataset
 from dress_model.packed import PackedModel
@@ -107,9 +113,10 @@ STRANGERS = ("no credential", "forged credential", "forged token", "spent token"
 
 def strangers(count: int, seed: int, superlink_tries: int = 4) -> dict[str, Any]:
     """Strangers at every listener: the control plane (``count`` calls), an agent's Predict over mutual TLS
-    (``count`` calls) and a TLS SuperLink with SuperNode authentication (``superlink_tries`` SuperNodes)."""
+    (``count`` calls), a TLS SuperLink with SuperNode authentication (``superlink_tries`` SuperNodes) and the
+    coordinator's operator listener (``count`` requests)."""
     parts = {"control-plane": control_plane_strangers(count, seed), "predict": predict_strangers(count, seed),
-             "superlink": unregistered_supernodes(superlink_tries)}
+             "superlink": unregistered_supernodes(superlink_tries), "dashboard": operator_strangers(count, seed)}
     return {"tried": sum(p["tried"] for p in parts.values()), "refused": sum(p["refused"] for p in parts.values()),
             "where": parts}
 
@@ -232,3 +239,73 @@ def control_plane_strangers(count: int, seed: int) -> dict[str, Any]:
         finally:
             server.stop(grace=None).wait()
     return {"tried": count, "refused": refused, "kinds": list(STRANGERS), "codes": dict(sorted(codes.items()))}
+
+
+OPERATOR_STRANGERS = ("no credential", "forged bearer", "forged cookie", "a device's credential",
+                      "a removed operator's credential", "the operator's credential in plaintext")
+PUBLIC_ROUTES = ("/login", "/logout", "/static/style.css")  # the sign-in page and what it needs: nothing of the fleet
+
+
+def operator_strangers(count: int, seed: int) -> dict[str, Any]:
+    """``count`` requests by strangers (each kind in ``OPERATOR_STRANGERS`` in turn) to the coordinator's operator
+    listener on TLS, over every route but the sign-in page's (GET each, and POST /login with the stranger's
+    secret); refused = no HTTP answer, a 4xx, or for a browser's page a redirect to /login, with nothing of the fleet
+    in the answer (no device or operator name). The operator is still answered at the end."""
+    rng = random.Random(seed)
+    codes: Counter[str] = Counter()
+    refused = 0
+    with tempfile.TemporaryDirectory() as tmp, Registry(f"sqlite:///{tmp}/registry.sqlite3") as registry:
+        certs = init_certificates(Path(tmp) / "certs", [])
+        operator, removed = registry.add_operator("alice"), registry.add_operator("bob")
+        registry.remove_operator("bob")
+        server, address = _control_plane(registry, packed_model(seed))
+        try:
+            with grpc.insecure_channel(address) as channel:
+                _, device = _enrolled(channel, registry, "pi-kitchen")
+        finally:
+            server.stop(grace=None).wait()
+        app = operator_app(registry, FleetMetrics(registry))
+        asked = [("GET", r.path.replace("{name}", "pi-kitchen")) for r in app.routes
+                 if "GET" in getattr(r, "methods", ()) and r.path not in PUBLIC_ROUTES] + [("POST", "/login")]
+        listener = OperatorListener(app, "127.0.0.1", pick_port(), certs).start()
+        host, port = listener.address.rsplit(":", 1)
+        tls = ssl.create_default_context(cafile=str(certs.ca))
+        presented = {"no credential": None, "forged bearer": "dfo_" + rng.randbytes(32).hex(),
+                     "forged cookie": "dfo_" + rng.randbytes(32).hex(), "a device's credential": device,
+                     "a removed operator's credential": removed, "the operator's credential in plaintext": operator}
+
+        def ask(kind: str, method: str, path: str) -> tuple[int, str, bytes]:
+            """(HTTP status, where it redirects, body) of one request; status 0 where no HTTP answered at all."""
+            secret, headers, body = presented[kind], {}, None
+            if method == "POST":  # the sign-in form, with the stranger's secret
+                headers["Content-Type"] = "application/x-www-form-urlencoded"
+                body = urlencode({"credential": secret or ""})
+            elif kind == "forged cookie":
+                headers["Cookie"] = f"{COOKIE}={secret}"
+            elif secret:
+                headers["Authorization"] = SCHEME + secret
+            conn = (http.client.HTTPConnection(host, int(port), timeout=HANG_S) if kind.endswith("plaintext")
+                    else http.client.HTTPSConnection(host, int(port), timeout=HANG_S, context=tls))
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                answer = conn.getresponse()
+                return answer.status, answer.getheader("location", ""), answer.read()
+            except (OSError, http.client.HTTPException):
+                return 0, "", b""
+            finally:
+                conn.close()
+
+        try:
+            for i in range(count):
+                kind = OPERATOR_STRANGERS[i % len(OPERATOR_STRANGERS)]
+                method, path = asked[i // len(OPERATOR_STRANGERS) % len(asked)]  # every kind on every route
+                status, location, body = ask(kind, method, path)
+                codes[str(status) if status else "no HTTP answer"] += 1
+                turned_away = status == 0 or 400 <= status < 500 or (status == 303 and location == "/login")
+                refused += turned_away and b"pi-kitchen" not in body and b"alice" not in body
+            presented["the operator"] = operator
+            still_serving = ask("the operator", "GET", "/api/devices")[0] == 200
+        finally:
+            listener.stop()
+    return {"tried": count, "refused": refused, "kinds": list(OPERATOR_STRANGERS), "routes": asked,
+            "public": list(PUBLIC_ROUTES), "codes": dict(sorted(codes.items())), "still_serving": still_serving}

@@ -27,6 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from contracts.credentials import SCHEME
 from coordinator.metrics import FleetMetrics
 from coordinator.registry import DeviceInfo, Registry
+from coordinator.registry.rollouts import version_in
 from runtime.certificates import CertificateError, FleetCertificates, is_loopback
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,12 @@ class SignInRequired(Exception):
     """A browser's page without a valid credential: it is sent to the login page."""
 
 
-def device_json(d: DeviceInfo) -> dict[str, Any]:
+def device_json(d: DeviceInfo, rollout: tuple[str | None, str | None, float]) -> dict[str, Any]:
+    """One device as the dashboard shows it; ``rollout`` (``Registry.rollout``) says which version it is given:
+    ``model_version`` is that version once the device reports serving it, else None (still fetching or checking)."""
     return {"id": d.id, "name": d.name, "profile": d.profile, "status": str(d.status), "density": d.current_density,
-            "last_seen": d.last_seen.isoformat(),
+            "last_seen": d.last_seen.isoformat(), "given_version": version_in(rollout, d.name),
+            "model_version": d.model_version,
             "budget": None if d.last_budget is None else {
                 "latency_ms": d.last_budget.latency_ms, "memory_mb": d.last_budget.memory_mb,
                 "battery": d.last_budget.battery}}
@@ -169,8 +173,9 @@ def operator_app(registry: Registry, metrics: FleetMetrics, secure_cookie: bool 
     def devices(offset: Annotated[int, Query(ge=0)] = 0,
                 limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100) -> dict[str, Any]:
         """One page of the fleet, by name: what `dress-fleet devices` lists."""
+        rollout = registry.rollout()
         return {"total": registry.count_devices(), "offset": offset,
-                "devices": [device_json(d) for d in registry.list_devices(offset=offset, limit=limit)]}
+                "devices": [device_json(d, rollout) for d in registry.list_devices(offset=offset, limit=limit)]}
 
     @app.get("/api/devices/{name}", dependencies=[Depends(operator)])
     def device(name: str) -> dict[str, Any]:
@@ -181,7 +186,7 @@ def operator_app(registry: Registry, metrics: FleetMetrics, secure_cookie: bool 
         d = found[0]
         refused = [{"round": r.round, "reason": r.details["rejected"][name]} for r in registry.list_rounds()
                    if name in r.details.get("rejected", {})]
-        return {**device_json(d),
+        return {**device_json(d, registry.rollout()),
                 "history": [{"density": h.density, "reason": str(h.reason), "model_version": h.model_version,
                              "at": h.assigned_at.isoformat()} for h in registry.device_history(d.id)],
                 "served": [{"density": density, "requests": n, "mean_ms": round(ms / n, 3) if n else None}

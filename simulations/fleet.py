@@ -48,6 +48,7 @@ class VirtualDevice:
     device_id: int = 0
     credential: str = ""  # what its enrollment token bought at registration
     density: float = 0.0
+    model_version: str = ""  # the version it was last given: a virtual device serves it at once (no download)
     last_beat: float = 0.0  # perf_counter when its last heartbeat left; 0 = none since it was last offline
 
 
@@ -233,14 +234,14 @@ class FleetDriver:
             message = pb.Budget(latency_ms=budget.latency_ms, memory_mb=budget.memory_mb)
             if budget.battery is not None:
                 message.battery = budget.battery
-            return self._stub.Heartbeat.future(pb.HeartbeatRequest(budget=message),
+            return self._stub.Heartbeat.future(pb.HeartbeatRequest(budget=message, model_version=device.model_version),
                                                timeout=30, metadata=bearer(device.credential))
 
         def settle(beat: tuple[VirtualDevice, Budget], future: grpc.Future, sent: float) -> None:
             device = beat[0]
             try:
                 reply = future.result()
-                device.density = density_at(self.densities, reply.level)
+                device.density, device.model_version = density_at(self.densities, reply.level), reply.model_version
                 self._follow(reply.heartbeat_s)
                 self.stats.record(time.perf_counter() - sent)
             except grpc.RpcError as e:

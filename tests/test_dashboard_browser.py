@@ -62,8 +62,18 @@ def _browser() -> webdriver.Chrome:
 
 
 def _until(condition, timeout: float, what: str) -> float:
+    """Seconds until ``condition()`` holds; a page re-rendered under the condition's feet (its elements gone
+    stale) is asked again."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def holds() -> bool:
+        try:
+            return bool(condition())
+        except StaleElementReferenceException:
+            return False
+
     started = time.monotonic()
-    while not condition():
+    while not holds():
         assert time.monotonic() - started < timeout, f"{what} within {timeout:g} s"
         time.sleep(0.2)
     return time.monotonic() - started
@@ -83,15 +93,20 @@ def test_the_dashboard_signs_in_fills_and_follows_a_density_change(
         shutil.copy(tmp_path / f"{name}.png", ARTIFACTS / f"{name}.png")
 
     def rows() -> dict[str, str]:
-        return {r.get_attribute("data-device"): r.find_element(By.CSS_SELECTOR, "td.density").text
-                for r in browser.find_elements(By.CSS_SELECTOR, "#fleet-table tbody tr")}
+        """Device -> density shown, read in one script (one round trip, never a stale element: the table is
+        re-rendered on every poll)."""
+        return dict(browser.execute_script(
+            "return [...document.querySelectorAll('#fleet-table tbody tr')]"
+            ".map((r) => [r.dataset.device, r.querySelector('td.density').textContent]);"))
 
     try:
         browser.get(url + "/")
         assert browser.current_url.endswith("/login")  # no credential: the sign-in page, nothing of the fleet
         browser.find_element(By.NAME, "credential").send_keys("dfo_guessed")
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        assert "Not an operator's credential" in browser.page_source and "fleet-table" not in browser.page_source
+        # the click returns before the answer is rendered: wait for the refusal, then check nothing leaked
+        _until(lambda: "Not an operator's credential" in browser.page_source, 10, "the refusal on the login page")
+        assert "fleet-table" not in browser.page_source
         shot("1-refused")
 
         browser.get(url + "/login")
@@ -111,8 +126,22 @@ def test_the_dashboard_signs_in_fills_and_follows_a_density_change(
         print(f"density change shown after {took:.1f} s")
 
         # an operator rolls the newest published version back: the dashboard shows it within 5 s
-        _until(lambda: browser.find_elements(By.CSS_SELECTOR, "#models-table tbody tr"), 120, "a published version")
-        version = browser.find_element(By.CSS_SELECTOR, "#models-table tbody tr").get_attribute("data-version")
+        newest: list[str] = []  # read inside _until: the table is re-rendered every poll
+
+        def published() -> str:
+            found = browser.find_elements(By.CSS_SELECTOR, "#models-table tbody tr")
+            newest[:] = [found[0].get_attribute("data-version")] if found else []
+            return "".join(newest)
+
+        _until(published, 120, "a published version")
+        version = newest[0]
+        # each device's row names its version: the one it serves, or "→ round-N" while its report lags the
+        # version it was given (a virtual device reports what it was given by its previous heartbeat; rounds here
+        # publish faster than it heartbeats). Which is which: test_operator_api.py.
+        _until(lambda: (cells := browser.execute_script(
+            "return [...document.querySelectorAll('#fleet-table td.version')].map((c) => c.textContent);"))
+               and all(cell.lstrip("→ ").startswith("round-") for cell in cells), 10,
+               "every device's model version in the fleet table")
         rolled = subprocess.run([str(BIN / "dress-fleet"), "models", "rollback", version, "--state-dir",
                                  str(out / "state")], capture_output=True, text=True, timeout=60)
         assert rolled.returncode == 0, rolled.stdout + rolled.stderr

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from cli.fleet import app
-from contracts.policy import CalibrationPoint
+from contracts.policy import Budget, CalibrationPoint
 from coordinator.control_plane import serve
 from coordinator.metrics import FleetMetrics
 from coordinator.operator_api import MAX_PAGE, OperatorListener, operator_app
@@ -207,5 +207,14 @@ def test_the_dashboard_json_follows_rounds_under_way_recorded_and_a_device(tmp_p
         assert device["profile"] == "pi4" and device["history"][0]["reason"] == "registration"
         assert device["refused"] == [{"round": 1, "reason": "update norm 9 over 5× the round's median"}]
         assert fleet.get("/api/devices/nobody", credential)[0] == 404
+        # the version each device is given, and the one it serves once its heartbeat says so
+        assert device["given_version"] is None and device["model_version"] is None  # nothing published yet
+        fleet.registry.add_model_version("v1", str(tmp_path / "v1.pt"), ARCH.densities)
+        fleet.registry.heartbeat(ids["pi-1"], Budget(100.0, 800.0), served_version="v1")
+        fleet.registry.heartbeat(ids["pi-2"], Budget(100.0, 800.0))  # still on the version before
+        listed = {d["name"]: d for d in json.loads(fleet.get("/api/devices", credential)[1])["devices"]}
+        assert (listed["pi-1"]["given_version"], listed["pi-1"]["model_version"]) == ("v1", "v1")
+        assert (listed["pi-2"]["given_version"], listed["pi-2"]["model_version"]) == ("v1", None)
+        assert json.loads(fleet.get("/api/devices/pi-1", credential)[1])["model_version"] == "v1"
     finally:
         fleet.close()

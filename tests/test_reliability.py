@@ -49,6 +49,14 @@ def test_strangers_of_every_kind_are_refused_by_the_control_plane_and_predict() 
     assert result["refused"] == result["tried"] == 8, result["codes"]
 
 
+def test_strangers_are_refused_on_every_route_of_the_operator_listener() -> None:
+    kinds, routes = len(strangers.OPERATOR_STRANGERS), 8  # the dashboard, its script, metrics, 4 API routes, login
+    result = strangers.operator_strangers(kinds * routes, seed=1)  # every kind on every route
+    assert len(result["routes"]) == routes, result["routes"]
+    assert result["refused"] == result["tried"] == kinds * routes, result["codes"]
+    assert "200" not in result["codes"] and result["still_serving"]
+
+
 def test_strangers_on_another_host_are_refused_at_the_public_superlink_address() -> None:
     """A TLS coordinator in a network namespace of its own; from another, the `flwr` CLI (run, stop, ls, supernode
     register/unregister) with the fleet's ca.pem and with nothing, raw HTTP on every route prefix and fuzzed Fleet

@@ -101,15 +101,21 @@ async function renderFleet() {
   document.querySelector("#fleet-table tbody").innerHTML = page.devices.map((d) => {
     const b = d.budget ? `${d.budget.latency_ms.toPrecision(3)} ms, ${d.budget.memory_mb.toFixed(0)} MB` + (d.budget.battery !== null ? `, ${(100 * d.budget.battery).toFixed(0)} %` : "") : "–";
     return `<tr data-device="${esc(d.name)}"><td><a href="#/device/${encodeURIComponent(d.name)}">${esc(d.name)}</a></td><td>${esc(d.profile)}</td>` +
-      `<td class="num density">${d.density}</td><td class="status-${esc(d.status)}">${esc(d.status)}</td><td>${b}</td><td>${ago(d.last_seen)}</td>` +
+      `<td class="num density">${d.density}</td><td class="status-${esc(d.status)}">${esc(d.status)}</td><td class="version">${model(d)}</td><td>${b}</td><td>${ago(d.last_seen)}</td>` +
       `<td>${esc(refused[d.name] || "")}</td></tr>`;
   }).join("");
+}
+
+// the version a device serves; while it fetches and checks the one it was given, an arrow to that one
+function model(d) {
+  if (!d.given_version) return "–";
+  return d.model_version === d.given_version ? esc(d.model_version) : `→ ${esc(d.given_version)}`;
 }
 
 async function renderDevice(name) {
   const d = await get(`/api/devices/${encodeURIComponent(name)}`);
   $("device-name").textContent = `${d.name} (${d.profile})`;
-  $("device-state").innerHTML = `<p>density <b id="device-density">${d.density}</b> · <span class="status-${esc(d.status)}">${esc(d.status)}</span> · last heartbeat ${ago(d.last_seen)}</p>`;
+  $("device-state").innerHTML = `<p>density <b id="device-density">${d.density}</b> · <span class="status-${esc(d.status)}">${esc(d.status)}</span> · model <span id="device-model">${model(d)}</span> · last heartbeat ${ago(d.last_seen)}</p>`;
   $("device-history").innerHTML = `<table><thead><tr><th>when</th><th class="num">density</th><th>why</th><th>model</th></tr></thead><tbody>` +
     d.history.slice().reverse().slice(0, 200).map((h) => `<tr><td>${new Date(h.at).toLocaleString()}</td><td class="num">${h.density}</td><td>${esc(h.reason)}</td><td>${esc(h.model_version || "")}</td></tr>`).join("") + "</tbody></table>";
   $("device-served").innerHTML = d.served.length ? `<table><thead><tr><th class="num">density</th><th class="num">requests</th><th class="num">mean ms</th></tr></thead><tbody>` +

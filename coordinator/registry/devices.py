@@ -312,7 +312,7 @@ class DeviceRecords(Store):
         ``limit`` page through them in the database (a page of a 10,000-device fleet reads only its rows)."""
         query = (
             select(Device, BudgetReport.latency_ms, BudgetReport.memory_mb, BudgetReport.battery,
-                   BudgetReport.reported_at)
+                   BudgetReport.reported_at, BudgetReport.model_version)
             .outerjoin(BudgetReport, BudgetReport.id == _LATEST_BUDGET_ID)
             .order_by(Device.name).offset(offset).limit(limit)
         )
@@ -324,8 +324,8 @@ class DeviceRecords(Store):
             return [
                 DeviceInfo(d.id, d.name, d.profile, d.flower_node_id, d.status, d.current_density, d.first_seen,
                            max(d.registered_at, reported_at or d.registered_at), _budget(latency, memory, battery),
-                           tuple(CalibrationPoint(**point) for point in d.calibration))
-                for d, latency, memory, battery, reported_at in s.execute(query)
+                           tuple(CalibrationPoint(**point) for point in d.calibration), version)
+                for d, latency, memory, battery, reported_at, version in s.execute(query)
             ]
 
     def served_totals(self, device_id: int) -> dict[float, tuple[int, float]]:

@@ -40,6 +40,7 @@ class DeviceInfo:
     last_seen: datetime  # latest heartbeat or (re-)registration
     last_budget: Budget | None
     calibration: tuple[CalibrationPoint, ...] = ()  # as registered, densest first
+    model_version: str | None = None  # what its latest heartbeat said it serves, when that is the version it was given
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,11 +39,16 @@ def current_rollout(conn: Connection) -> tuple[str | None, str | None, float]:
     return stable, candidate.version if candidate else None, candidate.canary if candidate else 0.0
 
 
-def serving_version(conn: Connection, name: str) -> str | None:
-    """The version device ``name`` is to serve: the candidate where it is in its canary, else the stable one;
-    None before any version is promoted."""
-    stable, candidate, share = current_rollout(conn)
+def version_in(rollout: tuple[str | None, str | None, float], name: str) -> str | None:
+    """The version device ``name`` is to serve under ``rollout`` (``current_rollout``): the candidate where it is
+    in its canary, else the stable one; None before any version is promoted."""
+    stable, candidate, share = rollout
     return candidate if candidate is not None and in_canary(name, candidate, share) else stable
+
+
+def serving_version(conn: Connection, name: str) -> str | None:
+    """The version device ``name`` is to serve now (``version_in`` the current rollout)."""
+    return version_in(current_rollout(conn), name)
 
 
 @dataclass(frozen=True, slots=True)
