@@ -152,7 +152,7 @@ def operator_app(registry: Registry, metrics: FleetMetrics, secure_cookie: bool 
         """Recorded rounds after round ``after`` (at most MAX_ROUNDS): accuracy per density, the gap to the
         reference, devices trained per profile and density, who did not count and why."""
         profiles = registry.device_profiles()
-        recorded = [r for r in registry.list_rounds() if r.round > after][:MAX_ROUNDS]
+        recorded = registry.list_rounds(after=after, limit=MAX_ROUNDS)
         answer = []
         for r in recorded:
             trained: dict[str, Counter[str]] = {}

@@ -185,6 +185,10 @@ def test_rounds_and_model_versions(registry: Registry, calibration: list[Calibra
     assert (first.round, first.participants, first.metrics, first.bytes_sent, first.bytes_received) == (
         1, {a: 0.25, b: 1.0}, {0.25: {"accuracy": 0.71}, 1.0: {"accuracy": 0.9}}, 1000, 2000)
     assert (first.model_version, second.model_version) == ("v2", "v1")
+    # what a live view asks: the rounds after the last it has, a page at a time
+    assert [r.round for r in registry.list_rounds(after=1)] == [2]
+    assert [r.round for r in registry.list_rounds(limit=1)] == [1]
+    assert registry.list_rounds(after=2) == []
 
 
 def test_failed_heartbeat_leaves_nothing_half_written(

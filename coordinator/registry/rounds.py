@@ -105,13 +105,16 @@ class RoundRecords(Store):
         if published is not None:
             log.info("model version %s at densities %s", model_version, version_row["densities"])  # type: ignore[index]
 
-    def list_rounds(self) -> list[RoundRecord]:
+    def list_rounds(self, after: int = 0, limit: int | None = None) -> list[RoundRecord]:
+        """Recorded rounds numbered above ``after``, oldest first, at most ``limit`` (read in the database: a
+        live view asking for what is new reads only that)."""
+        query = select(TrainingRound).where(TrainingRound.round > after).order_by(TrainingRound.round).limit(limit)
         with self._read() as s:
             return [
                 RoundRecord(r.round, {p["device_id"]: p["density"] for p in r.participants},
                             {float(d): m for d, m in r.metrics.items()}, r.bytes_sent, r.bytes_received,
                             r.model_version, r.recorded_at, r.details or {})
-                for r in s.scalars(select(TrainingRound).order_by(TrainingRound.round))
+                for r in s.scalars(query)
             ]
 
     def last_round(self) -> int:
