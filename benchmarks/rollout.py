@@ -49,7 +49,8 @@ RESULTS = Path(__file__).parent / "results"
 PROFILES = ("pi4", "jetson-nano", "phone", "pi5")
 BROKEN = "broken-untrained"
 DECISION_TIMEOUT_S = 300.0
-ROUND_TIMEOUT_S = 240.0  # a reply Flower's SuperLink failed to store (its SQLite locked under load) is not waited for an hour
+# a reply Flower's SuperLink failed to store (its SQLite locked under load) is not waited for an hour
+ROUND_TIMEOUT_S = 240.0
 
 
 class Traffic:
@@ -145,9 +146,10 @@ def run(agents: int, canary: float, rounds: int, max_examples: int, out: Path) -
                 trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n")
                 addresses[name] = f"127.0.0.1:{pick_port()}"
                 processes.append(spawn([
-                    str(BIN / "dress-agent"), "join", "--device", PROFILES[i % len(PROFILES)], "--token", tokens[name], "--coordinator", f"127.0.0.1:{control}",
-                    "--superlink", f"127.0.0.1:{superlink}", "--serve-port", addresses[name].rpartition(":")[2],
-                    "--metrics-port", "0", "--supernode-port", str(pick_port()), "--partition-id", str(i), "--num-partitions", str(agents),
+                    str(BIN / "dress-agent"), "join", "--device", PROFILES[i % len(PROFILES)], "--token", tokens[name],
+                    "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
+                    "--serve-port", addresses[name].rpartition(":")[2], "--metrics-port", "0",
+                    "--supernode-port", str(pick_port()), "--partition-id", str(i), "--num-partitions", str(agents),
                     "--budget-trace", str(trace), "--heartbeat-interval", "1", "--calibration-repeats", "5",
                     "--training-calibration-steps", "1", "--state-dir", str(tmp / name)], tmp / f"{name}.log"))
             for (name, address), agent in zip(addresses.items(), processes[1:], strict=True):
@@ -228,11 +230,13 @@ def report(r: dict[str, Any]) -> str:
             "version was out); which version each agent served comes from its own Status answers, every 0.5 s.\n\n"
             f"- Round {r['rounds']}'s trained version {good['version']}: **{good['status']}** after "
             f"{good['decided_after_s']} s ({good['reason']}); canary devices {', '.join(good['canary_devices'])}.\n"
-            f"- Broken version (untrained weights) {bad['version']}: **{bad['status']}** after {bad['decided_after_s']} s "
-            f"({bad['reason']}); every device back on the stable version after {bad['all_back_on_stable_after_s']} s.\n"
-            f"  - Canary devices: {', '.join(bad['canary_devices'])}; served it: {', '.join(bad['served_it']) or 'none'}"
-            f" (within the canary: {bad['within_canary']}).\n"
-            f"  - Every device outside the canary served only the stable version throughout: {bad['others_unchanged']}.\n\n"
+            f"- Broken version (untrained weights) {bad['version']}: **{bad['status']}** after "
+            f"{bad['decided_after_s']} s ({bad['reason']}); every device back on the stable version after "
+            f"{bad['all_back_on_stable_after_s']} s.\n"
+            f"  - Canary devices: {', '.join(bad['canary_devices'])}; served it: "
+            f"{', '.join(bad['served_it']) or 'none'} (within the canary: {bad['within_canary']}).\n"
+            "  - Every device outside the canary served only the stable version throughout: "
+            f"{bad['others_unchanged']}.\n\n"
             "Accuracy on the whole Fashion-MNIST test split, per density (what the label-free proxy stood for):\n\n"
             + markdown_table(rows, list(rows[0])) + "\n")
 
