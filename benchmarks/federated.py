@@ -720,8 +720,8 @@ def task_arg(name: str) -> Task:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def parse_args() -> argparse.Namespace:
-    """The flags; a profile fills every one not given."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags (``argv``, else the command line's); a profile fills every one not given."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=tuple(PROFILES), default="full",
                    help="full: the converged regime, the result; quick: the same protocol small (≤ 20 min on 2 cores)")
@@ -756,7 +756,7 @@ def parse_args() -> argparse.Namespace:
                    help="continue --out's runs (same settings; methods, partitions and seeds may grow; app "
                         "settings only DRESS reads may change, and DRESS's runs are redone)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown and plots from --out's JSON")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     for key, value in PROFILES[args.profile].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

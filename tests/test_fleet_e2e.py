@@ -1,7 +1,9 @@
-"""End to end with real processes on loopback: `dress-fleet coordinator start` + three `dress-agent join`.
+"""End to end with real processes on loopback: `dress-fleet coordinator start` + `dress-agent join`.
 
-A federated round on a small real slice, the fleet a new user starts on one machine (plaintext on loopback);
-every device gets a density in the registry; Predict answers on every agent; stopping leaves no process behind.
+A federated round on a small real slice, the fleet a new user starts on one machine (plaintext on loopback); the
+device gets a density in the registry; Predict answers after training; stopping leaves no process behind. One
+agent: several devices training rounds together, each with its own address, is test_fleet_bad_network.py's (three
+agents across hosts), and each agent here costs the suite seconds it must not spend.
 A budget change reaching the served density and the registry row within a heartbeat is test_agent_cli.py's. The
 TLS fleet runs here only where network namespaces cannot be made; elsewhere test_fleet_bad_network.py runs it
 across hosts.
@@ -47,36 +49,31 @@ def cli_predict(agent: str) -> float:
     return float(out.stdout.strip().split()[-1])
 
 
-def test_coordinator_and_three_agents(tmp_path: Path) -> None:
+def test_coordinator_and_an_agent_train_a_round_on_loopback(tmp_path: Path) -> None:
     superlink, control = pick_port(), pick_port()
     state = tmp_path / "coordinator"
     coordinator = spawn(
         [str(BIN / "dress-fleet"), "coordinator", "start", "--superlink-port", str(superlink),
-         "--control-port", str(control), "--state-dir", str(state), "--rounds", "1", "--min-devices", "3",
+         "--control-port", str(control), "--state-dir", str(state), "--rounds", "1", "--min-devices", "1",
          "--fraction", "1", "--max-examples", "64"],
         tmp_path / "coordinator.log",
     )  # fmt: skip
     processes = [coordinator]
     try:
         wait_serving(f"127.0.0.1:{control}")
-        agents: dict[str, str] = {}
-        for i, (profile, name) in enumerate((("pi4", "pi-1"), ("jetson-nano", "jetson-1"), ("phone", "phone-1"))):
-            trace = tmp_path / f"{name}.csv"  # room for every subnet, so each trains the dense one
-            trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n")
-            predict = f"127.0.0.1:{pick_port()}"
-            processes.append(spawn(
-                [str(BIN / "dress-agent"), "join", "--device", profile, "--token", enroll(state, name),
-                 "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
-                 "--serve-port", predict.rpartition(":")[2], "--metrics-port", "0", "--supernode-port", str(pick_port()),
-                 "--partition-id", str(i), "--num-partitions", "3", "--heartbeat-interval", str(HEARTBEAT_S),
-                 "--budget-trace", str(trace), "--calibration-repeats", "5", "--training-calibration-steps", "1",
-                 "--state-dir", str(tmp_path / name)],
-                tmp_path / f"{name}.log",
-            ))  # fmt: skip
-            agents[name] = predict
-        for address in agents.values():
-            wait_serving(address)
-            assert served_density(address) == 1.0
+        name, predict = "pi-1", f"127.0.0.1:{pick_port()}"
+        trace = tmp_path / f"{name}.csv"  # room for every subnet, so it trains the dense one
+        trace.write_text("t_s,latency_ms,memory_mb\n0,1000,100\n")
+        processes.append(spawn(
+            [str(BIN / "dress-agent"), "join", "--device", "pi4", "--token", enroll(state, name),
+             "--coordinator", f"127.0.0.1:{control}", "--superlink", f"127.0.0.1:{superlink}",
+             "--serve-port", predict.rpartition(":")[2], "--metrics-port", "0", "--supernode-port", str(pick_port()),
+             "--heartbeat-interval", str(HEARTBEAT_S), "--budget-trace", str(trace), "--calibration-repeats", "5",
+             "--training-calibration-steps", "1", "--state-dir", str(tmp_path / name)],
+            tmp_path / f"{name}.log",
+        ))  # fmt: skip
+        wait_serving(predict)
+        assert served_density(predict) == 1.0
 
         deadline = time.monotonic() + 240
         while not recorded_rounds(state):
@@ -84,17 +81,15 @@ def test_coordinator_and_three_agents(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (tmp_path / "coordinator.log").read_text()[-4000:]
             time.sleep(1)
         with Registry(state_dir=state) as registry:
-            devices = {d.name: d for d in registry.list_devices()}
-            assert set(devices) == set(agents)
-            assert all(d.current_density == 1.0 and d.last_budget is not None for d in devices.values())
-            assert all(registry.device_history(d.id) for d in devices.values())
+            [device] = registry.list_devices()
+            assert device.name == name and device.current_density == 1.0 and device.last_budget is not None
+            assert registry.device_history(device.id)
             rounds = registry.list_rounds()
             assert [r.round for r in rounds] == [1] and rounds[0].model_version == "round-1"  # published
-            # by name, for the live view: every device trained the dense model
-            assert rounds[0].details["participants"] == dict.fromkeys(agents, 1.0) and len(rounds[0].participants) == 3
-            assert all(d.flower_node_id is not None for d in devices.values())  # learnt by the status query
-        for name, address in agents.items():  # Predict answers after training, through the CLI a person uses
-            assert cli_predict(address) == 1.0
+            # by name, for the live view: the device trained the dense model
+            assert rounds[0].details["participants"] == {name: 1.0} and set(rounds[0].participants) == {device.id}
+            assert device.flower_node_id is not None  # learnt by the status query
+        assert cli_predict(predict) == 1.0  # Predict answers after training, through the CLI a person uses
     finally:
         descendants = stop_all(processes)
     assert coordinator.returncode == 0, (tmp_path / "coordinator.log").read_text()[-3000:]

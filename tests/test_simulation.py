@@ -1,6 +1,6 @@
-"""A 100-device fleet on Flower's simulation engine (real SuperLink, Ray, control plane) for 2 rounds."""
+"""Simulated fleets: how they are built (calibrations, mixes, traces) and their input checked. The 100-device run
+on Flower's simulation engine is test_wheel.py's, through the installed wheel."""
 
-import json
 
 import pytest
 from typer.testing import CliRunner
@@ -9,68 +9,10 @@ from cli.fleet import app
 from contracts.policy import CalibrationPoint
 from contracts.profiles import assign_profiles, parse_mix
 from contracts.settings import RunSettings
-from coordinator.registry import DeviceStatus, Registry
 from simulations.costs import reference_for
 from simulations.fleet import read_calibration, write_calibration
 from simulations.report import densities_per_profile, profile_table
-from simulations.run import SimulationSettings, run_simulation
-
-
-def test_hundred_device_simulation_fills_the_registry(tmp_path) -> None:
-    run = RunSettings.defaults(num_rounds=2, fraction=0.1, width=4, max_examples=64, eval_examples=500, lr=0.04,
-                               lr_decay=0.25, mix="laptop-x86=50,pi4=50", partition="profile")  # devices' data by kind
-    # a saved calibration (as a run writes it) builds the fleet instead of timing the model now
-    saved_calibration = tmp_path / "calibration.json"
-    write_calibration(saved_calibration, run.model_label, MEASURED)
-    settings = SimulationSettings(run, devices=100, run_dir=tmp_path / "run",
-                                  calibration=saved_calibration)
-    seen = []
-    metrics = run_simulation(settings, seen.append)
-    assert [r["round"] for r in seen] == [1, 2]
-    assert [r["lr"] for r in seen] == [pytest.approx(0.04), pytest.approx(0.01)]  # annealed across the rounds
-    assert all(len(r["participants"]) == 10 for r in seen)
-    with Registry(state_dir=tmp_path / "run" / "state") as registry:
-        devices = registry.list_devices()
-        assert len(devices) == 100
-        densities = {d.current_density for d in devices}
-        assert densities <= {1.0, 0.5, 0.25, 0.1} and len(densities) >= 2, densities
-        rounds = registry.list_rounds()
-        assert [r.round for r in rounds] == [1, 2]
-        assert all(len(r.participants) == 10 and r.bytes_sent > 0 and r.bytes_received > 0 for r in rounds)
-        assert set(rounds[-1].metrics) == {0.1, 0.25, 0.5, 1.0}
-        # devices are drawn by name (the same draw for every method), and nodes asked who they are until the
-        # drawn ones are found
-        bound = [d for d in devices if d.flower_node_id is not None]
-        assert 10 <= len(bound) <= 100, len(bound)
-        trained = {p for r in rounds for p in r.participants}
-        assert trained <= {d.id for d in bound}
-        assert {d.status for d in devices} == {DeviceStatus.OFFLINE}  # the virtual fleet left with the run
-        # each device registered the saved costs scaled by its profile's speed (laptop-x86 1, pi4 0.08)
-        laptop = next(d for d in devices if d.profile == "laptop-x86")
-        pi4 = next(d for d in devices if d.profile == "pi4")
-        assert list(laptop.calibration) == MEASURED
-        assert [p.latency_ms for p in pi4.calibration] == pytest.approx([p.latency_ms / 0.08 for p in MEASURED])
-    run_dir = tmp_path / "run"
-    assert read_calibration(run_dir / "calibration.json", run.model_label, run.density_list) == MEASURED
-    for name in ("report.md", "metrics.json", "accuracy.png", "fleet.png", "bytes.png"):
-        assert (run_dir / name).stat().st_size > 0, name
-    saved = json.loads((run_dir / "metrics.json").read_text())
-    assert saved["devices"] == 100 and saved["rounds"] == 2
-    assert {row["density"] for row in saved["accuracy"]} == {0.1, 0.25, 0.5, 1.0}
-    assert metrics["peak_rss_mb"] > 0
-    beats = saved["heartbeats"]  # every device heartbeats at start and after round 1 at least, none lost
-    assert beats["answered"] >= 2 * 100 and beats["lost"] == 0 and 0 < beats["p50_ms"] <= beats["p99_ms"]
-    # profile-true budgets: against one deadline the reference laptop trains denser subnets than a Pi 4
-    profiles = saved["profiles"]
-    assert set(profiles) == {"laptop-x86", "pi4"} and sum(sum(c.values()) for c in profiles.values()) == 20
-    mean = {name: sum(float(d) * n for d, n in c.items()) / sum(c.values()) for name, c in profiles.items()}
-    assert mean["laptop-x86"] > mean["pi4"] and profiles["laptop-x86"].get("1.0", 0) > 0, profiles
-    report = (run_dir / "report.md").read_text()
-    assert "## Densities trained per profile" in report
-    assert f"Device costs: saved: {saved_calibration}" in report and saved["calibration_source"].startswith("saved")
-    # bytes to a device shrink with its density
-    down = {row["density"]: row["down"] for row in saved["bytes"]}
-    assert sorted(down, key=down.get) == sorted(down)
+from simulations.run import SimulationSettings
 
 
 def test_the_demos_fleet_is_built_from_the_shipped_reference_whatever_the_load(tmp_path) -> None:
