@@ -75,6 +75,11 @@ def command() -> str:
     return " ".join(["python", head, *(shlex.quote(a) for a in sys.argv[1:])])
 
 
+def hms(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m{s:02d}s"
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 

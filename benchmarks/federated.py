@@ -27,7 +27,8 @@ tiers follow how its cost falls with the level, and none buys a wider tier with 
    fedavg-capable serves only d=1).
 4. The report (``federated.md``): per arm × partition, mean ± 95 % CI over seeds per method and tier, DRESS − peer
    with its CI, compute per round, convergence (a run is flat when its curves moved < 0.2 pt over the last 20 %
-   of the rounds), and how our peers deviate from their papers (DEVIATIONS).
+   of the rounds), and how our peers deviate from their papers (``federated_report.DEVIATIONS``). The report is
+   ``federated_report``'s, from the JSON alone; how a stopped benchmark resumes, ``federated_resume``'s.
 
 Runs go seed by seed, the equal-compute arm first, every partition and method within a seed, so a benchmark
 stopped midway has paired results; the JSON is written after every run. ``--resume`` continues it with the same
@@ -51,29 +52,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from benchmarks.common import Task, command, machine, markdown_table, parse_task, write_json  # noqa: E402
-from benchmarks.federated_stats import ARMS, best_configs, ci_text, config_label, flat, tables  # noqa: E402
-from contracts.methods import METHODS  # noqa: E402
-from contracts.naming import simulated_name  # noqa: E402
-from contracts.policy import CalibrationPoint  # noqa: E402
-from contracts.settings import RunSettings, SettingsError, dress_only_keys  # noqa: E402
-from dress_model.checkpoint import atomic_write  # noqa: E402
-from dress_model.data import load_dataset  # noqa: E402
-from dress_model.training import class_accuracy  # noqa: E402
-from runtime.processes import stop_on_sigterm  # noqa: E402
-from simulations.costs import measure_calibration  # noqa: E402
-from simulations.fleet import write_calibration  # noqa: E402
-from simulations.run import SimulationSettings, run_simulation  # noqa: E402
+from benchmarks.common import Task, command, hms, machine, parse_task, write_json
+from benchmarks.federated_report import write_report
+from benchmarks.federated_resume import PROTOCOL, of_this_protocol, resumed, still_valid
+from benchmarks.federated_stats import ARMS, MIN_SEEDS, best_configs, config_label, flat
+from contracts.methods import METHODS
+from contracts.naming import simulated_name
+from contracts.policy import CalibrationPoint
+from contracts.settings import RunSettings, SettingsError
+from dress_model.data import load_dataset
+from dress_model.training import class_accuracy
+from runtime.processes import stop_on_sigterm
+from simulations.costs import measure_calibration
+from simulations.fleet import write_calibration
+from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"
 TUNING = "tuning"  # a job's phase when it is not one of ARMS
-PROTOCOL = "issue-24"  # what a results file of this benchmark says it is
 # the server-side machinery every method may use, and the devices' rate: 20 configurations each (lr 0.01 joined when
 # DRESS's best sat at the lowest lr, 0.03: every method is tuned over the grown grid)
 TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.01, 0.03, 0.1, 0.3, 1.0), "server_average": (0.0, 0.7),
@@ -82,7 +79,6 @@ TUNING_PARTITIONS = ("dirichlet:0.3",)  # where the peers differ most from IID t
 TUNING_ARM = "equal-compute"  # the headline arm: its step counts are the ones the configuration must suit
 TUNING_SEED = 100  # none of the comparison's seeds
 TUNING_VALIDATION = 10_000  # training images held out from every shard; the tuned runs are scored on them
-MIN_SEEDS = {"equal-compute": 5, "equal-rounds": 3}  # issue 24: fewer is a smoke run, not a result
 WORST_SHARE = 0.1  # fairness as FjORD reports it: the mean over the 10 % of devices that see the least
 TRACES = "constant"  # every device at its full budget, always online: the same devices per round for every method
 PROFILES: dict[str, dict[str, Any]] = {
@@ -97,42 +93,6 @@ PROFILES: dict[str, dict[str, Any]] = {
               "methods": "dress,heterofl,fjord-kd", "partitions": "iid,labels:2",
               "seeds_equal_compute": "0,1", "seeds_equal_rounds": "0", "tune": False},
 }
-HETEROFL_MNIST = {  # rates: (IID, non-IID global) %, Flower's baselines/heterofl README
-    "a": (99.47, 98.87), "a-e": (99.49, 98.9), "a-b-c-d-e": (99.23, 98.5), "b": (99.54, 98.81),
-    "b-e": (99.48, 98.98), "c": (99.37, 97.14), "d": (99.07, 97.58), "e": (98.46, 96.5), "FedAvg": (97.85, 97.74),
-}
-MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
-GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
-RESTARTING = ("rounds",)  # settings a resumed benchmark may change: the comparison runs made otherwise are redone
-# app settings newer than a results file: the value that file's runs ran with
-ADDED_SETTINGS = {"joint": "all", "round-timeout-s": 3600.0}
-DEVIATIONS = [
-    "Tiers are parameter-matched widths: each peer's tier holds no more parameters than DRESS's subnet at the same "
-    "density, rather than the published width rates (HeteroFL's 1, 1/2, 1/4, ...).",
-    "FjORD's p-set is our tiers (the widths matching densities 1, 0.5, 0.25, 0.1), not its published uniform grid.",
-    "Static BN (no running statistics while training, as HeteroFL and FjORD publish), then recalibrated per width on "
-    "1024 server images before evaluation.",
-    "HeteroFL's scaler is applied at inference too: the per-width BN statistics that follow it were gathered in "
-    "training mode, on scaled activations.",
-    "As published, and so here: HeteroFL masks a device's logits to its own labels (masked to 0), clips gradients "
-    "to norm 1, averages every element over the devices holding it with one vote per device, and each class's "
-    "classifier row over the devices holding that class; FjORD draws a width per batch, per device; FjORD-KD "
-    "trains the widest level on the labels every batch and the drawn one on its soft predictions alone.",
-    "HeteroFL's 2-labels-per-client split (labels:2): a device dealt the same class twice keeps both shards "
-    "(HeteroFL drops the second), so the devices' shards cover the training split.",
-    "Every method trains with the same local recipe (Nesterov SGD, momentum 0.9, weight decay 5e-4, a one-cycle "
-    "rate within the round, cosine over rounds) and the same tuned server options (TUNING_GRID) rather than "
-    "each paper's optimizer settings (HeteroFL: SGD lr 0.01 on MNIST; FjORD: lr 0.1, no momentum).",
-    "The peers serve their width model as frozen dense PyTorch (TorchScript/oneDNN); DRESS its packed native "
-    "kernel. Each fleet's deadline is relative to the method's own full model (see the calibration).",
-    "Server options every method has and tunes (TUNING_GRID): the average of the published model over rounds, "
-    "damped aggregation; every method's BN statistics are recomputed per level on server data after each round. "
-    "Two DRESS options have no width counterpart: its upper bands start at zero (zeroed width channels get no "
-    "gradient and would stay dead), and its anchor loss anneals over the rounds (FjORD-KD's distillation, as "
-    "published, has no weight to schedule).",
-]
-
-
 @dataclass
 class Job:
     """One simulation: a method on a partition and seed, in an arm (or tuning, with the configuration it tries)."""
@@ -340,7 +300,8 @@ def calibrations(methods: list[str], task: Task, stored: dict[str, list[dict[str
 
 def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[str],
                 seeds: dict[str, list[int]]) -> dict[str, Any]:
-    """What the JSON records of how its runs were made; a resumed benchmark must match it but for GROWING."""
+    """What the JSON records of how its runs were made; a resumed benchmark must match it but for
+    ``federated_resume.GROWING``."""
     app = task_settings(args.task)
     per_job = {"method", "partition", "mix", "seed", "num-rounds", "fraction", "epochs", "max-examples", "eval-examples",
                "compute-matched", "validation", "state-dir", "wait-for-nodes", *(k.replace("_", "-") for k in TUNING_GRID)}
@@ -356,82 +317,6 @@ def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[s
         "app": {k: v for k, v in app.to_run_config().items() if k not in per_job},
         "methods": methods, "partitions": partitions, "seeds": seeds,
     }
-
-
-def of_this_protocol(result: dict[str, Any]) -> bool:
-    """Whether a results file is of this protocol (issue 24's)."""
-    return result.get("protocol") == PROTOCOL
-
-
-def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """The results to continue: ``out``'s when resuming (same settings but GROWING, RESTARTING and app settings
-    only DRESS reads, whose change drops DRESS's runs; else SystemExit), else none. Without ``resume``, runs of
-    this protocol already there are not overwritten: a full matrix takes days."""
-    previous = json.loads(out.read_text()) if out.is_file() else None
-    if not resume:
-        if previous and of_this_protocol(previous) and (previous["runs"] or previous["tuning"]["runs"]):
-            raise SystemExit(f"{out} holds runs of this protocol: --resume to continue them, or remove it (or pass "
-                             "another --out) to start over")
-        return {}
-    if previous is None:
-        return {}
-    if not of_this_protocol(previous):
-        raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
-    added = {k: v for k, v in ADDED_SETTINGS.items() if k in settings["app"]}
-    theirs = {**previous["settings"], "app": {**added, **previous["settings"]["app"]}}
-    if theirs.get("tuning") and "rounds" not in theirs["tuning"]:  # written when tuning ran the comparison's rounds
-        theirs["tuning"] = {**theirs["tuning"], "rounds": theirs["rounds"]}
-    if grid_grew(theirs.get("tuning"), settings.get("tuning")):  # the new configurations are tuned on resume
-        theirs["tuning"] = settings["tuning"]
-    dress_changes = dress_only_changes(theirs["app"], settings["app"])
-    if dress_changes:
-        theirs["app"] = settings["app"]
-    differ = {k: (theirs.get(k), v) for k, v in settings.items()
-              if k not in (*GROWING, *RESTARTING) and theirs.get(k) != v}
-    if differ:
-        raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
-    if dress_changes:
-        print(f"--resume: app settings only DRESS reads changed (theirs, ours): {dress_changes}; DRESS's "
-              "calibration, tuning and comparison runs are redone, the peers' kept", flush=True)
-        return without_method(previous, "dress")
-    return previous
-
-
-def dress_only_changes(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """The app settings that differ (theirs, ours) when only DRESS reads every one of them: the peers' runs would
-    come out the same, so only DRESS's need redoing. Empty when none differ or one the peers read does."""
-    changed = {k: (theirs.get(k), ours.get(k)) for k in sorted({*theirs, *ours}) if theirs.get(k) != ours.get(k)}
-    return changed if set(changed) <= set(dress_only_keys()) else {}
-
-
-def without_method(result: dict[str, Any], method: str) -> dict[str, Any]:
-    """``result`` less ``method``'s tuning and comparison runs and its calibration (its training step may have
-    changed too): a resumed benchmark makes them again with today's settings."""
-    return {**result, "runs": [r for r in result["runs"] if r["method"] != method],
-            "rows": [r for r in result.get("rows", []) if r["method"] != method],
-            "tuning": {**result["tuning"], "runs": [r for r in result["tuning"]["runs"] if r["method"] != method]},
-            "calibration": {m: c for m, c in result.get("calibration", {}).items() if m != method}}
-
-
-def grid_grew(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> bool:
-    """Whether ``ours`` tunes over a grid that holds ``theirs`` (more values for some settings), all else equal."""
-    if not theirs or not ours or {k: v for k, v in theirs.items() if k != "grid"} != \
-            {k: v for k, v in ours.items() if k != "grid"} or theirs["grid"].keys() != ours["grid"].keys():
-        return False
-    return all(set(values) <= set(ours["grid"][key]) for key, values in theirs["grid"].items())
-
-
-def still_valid(runs: list[dict[str, Any]], configs: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
-    """The comparison runs a resumed benchmark keeps: those made with the configuration tuning picks now (a grown
-    grid may pick another) and with today's round count (a longer comparison redoes the shorter runs)."""
-    kept = runs
-    for why, stale in (("a configuration tuning no longer picks", lambda r: r["config"] != configs[r["method"]]),
-                       (f"another round count than {rounds}", lambda r: r["rounds"] != rounds)):
-        dropped = [r for r in kept if stale(r)]
-        if dropped:
-            print(f"dropping {len(dropped)} comparison runs made with {why}", flush=True)
-            kept = [r for r in kept if not stale(r)]
-    return kept
 
 
 def main() -> None:
@@ -517,11 +402,6 @@ def main() -> None:
     print(report)
 
 
-def hms(seconds: float) -> str:
-    minutes, s = divmod(int(seconds), 60)
-    return f"{minutes // 60}h{minutes % 60:02d}m{s:02d}s"
-
-
 def selection(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, list[int]]]:
     """Methods, partitions and each arm's seeds, checked."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -538,179 +418,6 @@ def selection(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str,
     except ValueError as e:
         raise SystemExit(f"seeds must be comma-separated integers: {e}") from None
     return methods, partitions, seeds
-
-
-# ---- the report: federated.md and one plot per arm × partition, from the JSON alone ----
-
-
-def plot_name(out: Path, arm: str, partition: str) -> str:
-    """Named after the results file, so that two result sets never share a plot."""
-    return f"{out.stem}-{arm}-{partition.replace(':', '')}.png"
-
-
-def plot(path: Path, section: dict[str, Any], runs: list[dict[str, Any]]) -> None:
-    """Mean accuracy per round over the seeds, one panel per tier, one line per method."""
-    tiers = section["tiers"]
-    fig, axes = plt.subplots(1, len(tiers), figsize=(4 * len(tiers), 3.6), dpi=100, sharey=True, squeeze=False)
-    for ax, tier in zip(axes[0], tiers):
-        for method in section["accuracy"]:
-            mine = [r for r in runs if (r["arm"], r["partition"], r["method"]) == (section["arm"], section["partition"], method)]
-            key = f"{tier:g}"
-            if key not in mine[0]["curves"][0]:
-                continue
-            xs = [c["round"] for c in mine[0]["curves"]]
-            ax.plot(xs, [statistics.fmean(r["curves"][i][key] for r in mine) for i in range(len(xs))], label=method)
-        ax.set_title(f"d={tier:g} — {section['arm']}, {section['partition']}")
-        ax.set_xlabel("round")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("accuracy % (mean over seeds)")
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
-
-
-def side(mean: float, half: float) -> str:
-    """Where DRESS stands when a difference's interval excludes 0 (a nan interval excludes nothing)."""
-    return "behind" if mean + half < 0 else "ahead" if mean - half > 0 else ""
-
-
-def summary_markdown(result: dict[str, Any], out: Path) -> str:
-    s, t = result["settings"], tables(result)
-    examples = f"up to {s['max_examples']} examples" if s["max_examples"] else "its whole shard"
-    lines = [f"# Federated DRESS vs peers, issue 24's protocol — {s['task']}", "", f"`{result['command']}`", "",
-             f"Profile {s['profile']}: {s['devices']} devices ({s['mix']}), every one at its full budget and always "
-             f"online (traces {s['traces']}, dropout {s['dropout']:g}), so that for one seed every method trains the "
-             f"same devices in the same rounds on the same shards. {s['rounds']} rounds, {s['fraction']:g} of the fleet "
-             f"per round, {examples} per device, {s['epochs']:g} local epochs. Each method's fleet deadline: "
-             f"{s['deadline']:g} × its own full model's latency (its calibration below). Curves: accuracy on "
-             f"{s['eval_examples']} test images per round. Tables: the last round's published model on the whole test "
-             "split per tier, mean ± 95 % CI (t-distribution over seeds; one seed has none).", "",
-             "Arms: **equal-rounds** — every method trains its local epochs with its own step; **equal-compute** — "
-             "a device at tier t spends per example its local epochs × t × a trained pass of the full model's MACs, "
-             "and each method fits its steps into that.", ""]
-    done = {arm: min((len({r["seed"] for r in result["runs"]
-                           if (r["arm"], r["method"], r["partition"]) == (arm, method, partition)})
-                      for method in s["methods"] for partition in s["partitions"]), default=0)
-            for arm in s["seeds"]}  # the seeds every method and partition of an arm has run
-    short = {arm: n for arm, n in done.items() if n < MIN_SEEDS[arm]}
-    if short:
-        lines += ["**Not a result yet:** fewer seeds than issue 24 asks for in every cell ("
-                  + ", ".join(f"{arm} {n} of {MIN_SEEDS[arm]}" for arm, n in short.items())
-                  + "); `--resume` continues the matrix.", ""]
-    lines += [f"Wall time summed over the {len(result['runs']) + len(result['tuning']['runs'])} runs: "
-              f"{hms(result['wall_s'])} (tuning {hms(sum(r['wall_s'] for r in result['tuning']['runs']))}).", ""]
-    lines += calibration_lines(result) + tuning_lines(result, t["tuning"])
-    for section in t["sections"]:
-        lines += section_lines(section, out)
-    lines += convergence_lines(result)
-    if s["dataset"] == "mnist":
-        lines += published_mnist_lines()
-    lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in DEVIATIONS), ""]
-    return "\n".join(lines)
-
-
-def published_mnist_lines() -> list[str]:
-    """HeteroFL's own MNIST numbers, beside which this file's rows stand (not the same model or budget)."""
-    rows = [{"HeteroFL model rates": rates, "IID": iid, "non-IID (2 labels), global": global_}
-            for rates, (iid, global_) in HETEROFL_MNIST.items()]
-    return ["## HeteroFL as published on MNIST", "",
-            "From Flower's `baselines/heterofl` README (Diao et al. 2021): a 4-layer CNN of 64-128-256-512 channels, "
-            "100 clients, 5 local epochs, SGD lr 0.01, 200 rounds IID / 400 non-IID, rates a = 1, b = 1/2, c = 1/4, "
-            "d = 1/8, e = 1/16 drawn per round ('dynamic'); accuracy of the global model (the largest rate). Our "
-            "cnn is far smaller and trains far fewer rounds; the rows above are on our own fleet.", "",
-            markdown_table(rows, ["HeteroFL model rates", "IID", "non-IID (2 labels), global"]), ""]
-
-
-def calibration_lines(result: dict[str, Any]) -> list[str]:
-    tiers = sorted({p["density"] for ps in result["calibration"].values() for p in ps}, reverse=True)
-    table = [{"method": method, **{f"d={p['density']:g}": f"{p['latency_ms']:.3f} / {p['train_ms']:.1f}" for p in ps}}
-             for method, ps in result["calibration"].items()]
-    return ["## Calibration", "", "Each method's fleet was built from its own model's calibration on this machine "
-            "(laptop-x86; the other profiles scale it by their speed): ms of a batch-1 answer / of a training step.", "",
-            markdown_table(table, ["method", *(f"d={d:g}" for d in tiers)])]
-
-
-def tuning_lines(result: dict[str, Any], tuning: dict[str, list[dict[str, Any]]]) -> list[str]:
-    s = result["settings"]
-    if not s["tune"]:
-        return ["## Tuning", "", "Not tuned (`--no-tune`): every method ran the app's defaults ("
-                + "; ".join(f"{m}: {config_label(c)}" for m, c in result["tuning"]["best"].items()) + ").", ""]
-    tuning_settings = s["tuning"]
-    labels = [config_label(c) for c in grid()]
-    table = []
-    for method, configs in tuning.items():
-        scores = {config_label(c["config"]): f"**{c['score']:.2f}**" if c["best"] else f"{c['score']:.2f}"
-                  for c in configs}
-        table.append({"method": method, **{label: scores.get(label, "—") for label in labels}})
-    return ["## Tuning", "",
-            f"Every method tried the same {len(labels)} configurations, one run each on "
-            f"{', '.join(tuning_settings['partitions'])}, seed {tuning_settings['seed']}, "
-            f"{tuning_settings.get('rounds', s['rounds'])} rounds, in the "
-            f"{tuning_settings['arm']} arm, scored on {tuning_settings['validation']:,} training images held out from "
-            "every shard (never the test split): the last round's model, mean over tiers (%). Bold: the method's "
-            "configuration in both arms.", "", markdown_table(table, ["method", *labels])]
-
-
-def section_lines(section: dict[str, Any], out: Path) -> list[str]:
-    tiers, columns = section["tiers"], [f"d={t:g}" for t in section["tiers"]]
-    accuracy = [{"method": method, **{f"d={t:g}": ci_text(*cells[t][:2]) if t in cells else "—" for t in tiers},
-                 "seeds": ",".join(map(str, section["seeds"][method]))}
-                for method, cells in section["accuracy"].items()]
-    differences = []
-    for peer, cells in section["differences"].items():
-        sides = {t: side(*cells[t][:2]) for t in cells}
-        differences.append({
-            "peer": peer,
-            **{f"d={t:g}": ci_text(*cells[t][:2], sign="+") + MARKERS[sides[t]] if t in cells else "—" for t in tiers},
-            **{f"DRESS {where} at": ", ".join(f"d={t:g}" for t in cells if sides[t] == where) or "—"
-               for where in ("behind", "ahead")},
-        })
-    compute = [{"method": method, "device s/round": f"{c['device_s']:.2f}", "GMACs/round": f"{c['gmacs']:.2f}",
-                "MB/round": f"{c['mb']:.2f}", "flat runs": f"{c['flat']}/{c['runs']}"}
-               for method, c in section["compute"].items()]
-    lines = [f"## {section['arm']} — {section['partition']}", "",
-             "Accuracy % of the last round's model on the whole test split, mean ± 95 % CI over the seeds listed:", "",
-             markdown_table(accuracy, ["method", *columns, "seeds"])]
-    if section["worst10"]:
-        worst = [{"method": method, **{f"d={t:g}": ci_text(*cells[t][:2]) if t in cells else "—" for t in tiers},
-                  "seeds": max(cell[2] for cell in cells.values())}
-                 for method, cells in section["worst10"].items()]
-        lines += ["The worst 10 % of each tier's devices, on their own classes (the tier's model on the test split, "
-                  "per class, weighted by the device's label histogram), mean ± 95 % CI over seeds:", "",
-                  markdown_table(worst, ["method", *columns, "seeds"])]
-    if differences:
-        lines += ["DRESS − peer in points, paired by seed, mean ± 95 % CI; ▼ the interval lies wholly below 0 (DRESS "
-                  "behind), ▲ wholly above (DRESS ahead):", "",
-                  markdown_table(differences, ["peer", *columns, "DRESS behind at", "DRESS ahead at"])]
-    lines += ["Compute per round, mean over the runs (device s: all devices' measured training time added up), and "
-              "how many runs were flat:", "",
-              markdown_table(compute, ["method", "device s/round", "GMACs/round", "MB/round", "flat runs"]),
-              f"![curves]({plot_name(out, section['arm'], section['partition'])})", ""]
-    return lines
-
-
-def convergence_lines(result: dict[str, Any]) -> list[str]:
-    if not result["runs"]:
-        return []
-    lines = ["## Convergence", "", "A run is flat when its per-round accuracy moved less than 0.2 pt over the last "
-             "20 % of its rounds (mean of the last 10 % against the 10 % before, averaged over tiers).", ""]
-    for arm in ARMS:
-        mine = [r for r in result["runs"] if r["arm"] == arm]
-        steep = [f"{r['method']} {r['partition']} seed {r['seed']}" for r in mine if not r["flat"]]
-        if mine:
-            lines.append(f"- {arm}: {len(mine) - len(steep)} of {len(mine)} runs flat"
-                         + (f"; not flat: {', '.join(steep)}" if steep else ""))
-    return lines + [""]
-
-
-def write_report(out: Path, result: dict[str, Any]) -> str:
-    """federated.md and one plot per arm × partition, from the JSON's rows and runs; returns the markdown."""
-    for section in tables(result)["sections"]:
-        plot(out.with_name(plot_name(out, section["arm"], section["partition"])), section, result["runs"])
-    text = summary_markdown(result, out)
-    atomic_write(out.with_suffix(".md"), lambda tmp: tmp.write_text(text))
-    return text
 
 
 def task_arg(name: str) -> Task:

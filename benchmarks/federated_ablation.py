@@ -25,7 +25,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Task, command, machine, markdown_table, write_json
+from benchmarks.common import Task, command, hms, machine, markdown_table, write_json
 from benchmarks.federated import (
     PROFILES,
     RESULTS,
@@ -37,7 +37,6 @@ from benchmarks.federated import (
     default_task,
     device_rounds,
     final_accuracy,
-    hms,
     is_flat,
     simulate,
     task_arg,

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 ARMS = ("equal-compute", "equal-rounds")  # the report's order: the headline arm first
+MIN_SEEDS = {"equal-compute": 5, "equal-rounds": 3}  # issue 24: fewer is a smoke run, not a result
 REFERENCE = "dress"  # the method every peer is paired against
 FLAT_PT = 0.2  # a run is flat when its accuracy moved less than this over the last 20 % of its rounds
 FLAT_WINDOW = 0.1  # share of the rounds in each of the two windows compared

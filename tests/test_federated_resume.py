@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.federated import PROTOCOL, grid_grew, resumed, still_valid  # noqa: E402
+from benchmarks.federated_resume import PROTOCOL, grid_grew, resumed, still_valid  # noqa: E402
 
 OLD = {"grid": {"lr": [0.03, 0.1], "damped": [False, True]}, "partitions": ["dirichlet:0.3"], "seed": 100}
 
