@@ -28,10 +28,13 @@ from agent.model_fetch import ModelFetchError, ModelFollower, ModelUpdater
 from agent.monitor import DEFAULT_INTERVAL_S, BudgetMonitor
 from agent.served_model import ServedModel
 from agent.serving import AgentIdentity, AgentServer, serve
+from agent.version_check import CheckSet, VersionChecker, check_split, unfit
 from contracts.credentials import StoredCredential, supernode_key, with_bearer
 from contracts.policy import CalibrationPoint
 from contracts.profiles import Profile
 from contracts.wire import AGENT_KEEPALIVE, architecture_from_proto, calibration_to_proto
+from dress_model.data import DataError, ImageDataset
+from dress_model.models import Architecture
 from dress_model.sparsity import density_at
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
 from protos.dress.fleet.v1 import control_plane_pb2_grpc as pb_grpc
@@ -78,6 +81,7 @@ class AgentConfig:
     predict_key: Path | None = None
     fetch_float16: bool = False  # download models as float16 (fewer bytes; computed in float32)
     metrics_port: int | None = None  # Prometheus metrics beside Predict, on serve_host (0: any free port); None: none
+    check_set: str | None = None  # DATASET[:N]: labelled images each model version is checked on (agent.version_check)
 
 
 def heartbeat_interval(wanted: float | None, asked: float) -> float:
@@ -171,6 +175,7 @@ class Agent:
                              f"{e.code().name}: {e.details()}") from None
         except ValueError as e:
             raise AgentError(f"coordinator at {c.coordinator} runs a model this agent cannot build: {e}") from None
+        labelled = self._check_split(arch)
         torch.set_num_threads(c.threads)  # before calibrating: what is measured must be what serves
         self.calibration = calibrate(packed, image_shape(packed), c.calibration_repeats,
                                      train_repeats=c.training_calibration_steps)
@@ -187,7 +192,12 @@ class Agent:
             raise AgentError(f"coordinator at {c.coordinator} assigned a level its model lacks: {e}") from None
         self.served = served = ServedModel(packed, first, latency=LatencyModel(
             {p.density: p.latency_ms for p in self.calibration}))  # per image: calibration times one image
-        updater = ModelUpdater(served, stub, fetch_level=len(arch.densities) - 1, half=c.fetch_float16)
+        checker = VersionChecker(CheckSet.draw(*labelled, name)) if labelled else None
+        if checker is not None:
+            log.info("checking each model version on %d labelled images (%s) before serving it",
+                     len(checker.check_set), c.check_set)
+        updater = ModelUpdater(served, stub, fetch_level=len(arch.densities) - 1, half=c.fetch_float16,
+                               checker=checker)
         if registration.model_version:
             try:
                 updater(registration.model_version)
@@ -226,9 +236,24 @@ class Agent:
                                      pace=functools.partial(heartbeat_interval, c.heartbeat_interval),
                                      channel=channel,
                                      calibration=self.calibration,
-                                     usage=served.usage, metrics=self.metrics)
+                                     usage=served.usage, checks=checker.ledger if checker else None,
+                                     metrics=self.metrics)
         self.monitor.start()
         self._running.callback(self.monitor.stop)
+
+    def _check_split(self, arch: Architecture) -> tuple[ImageDataset, int] | None:
+        """The labelled images --check-set names, and how many to draw, checked against the fleet's model before
+        the device registers (a bad --check-set must not spend its enrollment token)."""
+        if not self.config.check_set:
+            return None
+        data_dir = self.config.node_config.get("data-dir")
+        try:
+            split, examples = check_split(self.config.check_set, str(data_dir) if data_dir else None)
+        except (DataError, ValueError) as e:
+            raise AgentError(f"--check-set: {e}", code=2) from None
+        if why := unfit(split, arch):
+            raise AgentError(f"--check-set {self.config.check_set}: {why}", code=2)
+        return split, examples
 
     def _register(self, stub: pb_grpc.ControlPlaneStub,
                   densities: tuple[float, ...]) -> tuple[Path, pb.RegisterResponse]:

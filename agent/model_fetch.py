@@ -19,6 +19,7 @@ import torch
 
 from agent.backoff import Backoff
 from agent.served_model import ServedModel
+from agent.version_check import VersionChecker
 from dress_model.packed import PackedModel
 from dress_model.packed_format import PackedFormatError
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -110,9 +111,11 @@ class ModelUpdater:
     """
 
     def __init__(self, served: ServedModel, stub: pb_grpc.ControlPlaneStub, fetch_level: int,
-                 timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False) -> None:
+                 timeout: float = DEFAULT_FETCH_TIMEOUT_S, half: bool = False,
+                 checker: VersionChecker | None = None) -> None:
         self.served, self.stub = served, stub
         self.fetch_level, self.timeout, self.half = fetch_level, timeout, half
+        self.checker = checker  # the device's labelled checks of each version, reported to the coordinator
 
     def __call__(self, version: str) -> None:
         if version == self.served.version:
@@ -120,6 +123,10 @@ class ModelUpdater:
         fetched = fetch_model(self.stub, self.fetch_level, self.timeout, self.half)
         fetched.packed.compile()  # before it serves: no request pays for compiling its density
         check_answers(fetched)
+        if self.checker is not None:
+            accuracy = self.checker(fetched.version, fetched.packed)
+            log.info("model version %s on this device's %d labelled check images: %s", fetched.version,
+                     len(self.checker.check_set), ", ".join(f"d={d:g} {a:.1f} %" for d, a in accuracy.items()))
         self.served.swap(fetched.packed, fetched.version)
         log.info("serving model version %s (%s bytes, densities %s)", fetched.version, f"{fetched.nbytes:,}",
                  ", ".join(f"{d:g}" for d in fetched.packed.densities))

@@ -23,6 +23,7 @@ from agent.backoff import Backoff
 from agent.budget import BudgetSource
 from agent.metrics import AgentMetrics
 from agent.usage import UsageLedger
+from agent.version_check import CheckLedger
 from contracts.policy import CalibrationPoint, choose_density, validate_calibration
 from dress_model.sparsity import density_at
 from protos.dress.fleet.v1 import control_plane_pb2 as pb
@@ -64,6 +65,7 @@ class BudgetMonitor:
         max_backoff: float = DEFAULT_MAX_BACKOFF_S,
         calibration: Sequence[CalibrationPoint] | None = None,
         usage: UsageLedger | None = None,
+        checks: CheckLedger | None = None,
         pace: Callable[[float], float] | None = None,
         channel: grpc.Channel | None = None,
         metrics: AgentMetrics | None = None,
@@ -78,6 +80,7 @@ class BudgetMonitor:
         self.local: float | None = None  # what the live budget allows, by this device's own calibration
         self._given: tuple[float, float | None] = (density, None)  # what on_density was last given
         self.usage = usage  # what Predict ran, reported with each heartbeat
+        self.checks = checks  # labelled checks of model versions not yet reported
         self.pace = pace  # the interval to keep when the coordinator asks for a period (it grows with the fleet)
         self._asked = 0.0  # the period the coordinator last asked for
         self._failing: set[str] = set()  # how heartbeats failed since they last worked (each logged once)
@@ -120,18 +123,27 @@ class BudgetMonitor:
                 self.local = choose_density(self._table, budget, self.local)
                 self._serve()
             ran = self.usage.take() if self.usage is not None else {}
+            checked = self.checks.take() if self.checks is not None else {}
             try:
                 answer = self.stub.Heartbeat(
                     pb.HeartbeatRequest(budget=pb.Budget(
                         latency_ms=budget.latency_ms, memory_mb=budget.memory_mb, battery=budget.battery),
                         served=[pb.LevelUse(level=self.densities.index(d), requests=r, busy_ms=ms, confidence_sum=c)
                                 for d, (r, ms, c) in ran.items()],
-                        model_version=self.usage.version if self.usage is not None else ""),
+                        model_version=self.usage.version if self.usage is not None else "",
+                        checks=[pb.VersionCheck(model_version=v, level=self.densities.index(d), examples=n,
+                                                correct=right) for (v, d), (n, right) in checked.items()]),
                     timeout=self.rpc_timeout,
                 )
-            except Exception:
+            except Exception as e:
                 if self.usage is not None:
                     self.usage.put_back(ran)  # not heard: report it with the next heartbeat
+                if self.checks is not None and checked:
+                    if isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        log.warning("the coordinator refused this heartbeat (%s); its version checks are dropped, "
+                                    "so the next one goes without them", e.details())
+                    else:
+                        self.checks.put_back(checked)
                 raise
             self.density = density_at(self.densities, answer.level)
             if self.pace is not None and answer.heartbeat_s > 0 and answer.heartbeat_s != self._asked:

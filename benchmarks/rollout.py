@@ -4,14 +4,17 @@ inside the coordinator deciding from what the agents report.
 
 1. Two training rounds: round 1's version becomes the stable one (nothing to compare it with), round 2's goes to
    its canary share first and is judged like any other candidate.
-2. Then a deliberately broken version is published to the same registry, as the ServerApp publishes: untrained
-   weights (what a diverged run or a corrupted upload leaves: finite, accuracy at chance). It must be rolled back
-   from its canary before any device outside the canary serves it, and every other device keeps serving the stable
-   version throughout.
+2. Then two deliberately bad versions are published to the same registry, one after the other, as the ServerApp
+   publishes: untrained weights (what a diverged run or a corrupted upload leaves: finite, accuracy at chance,
+   unsure), and the stable model with its classifier's rows rotated by one class (what mislabelled training data
+   or a label-map mix-up leaves: every answer exactly as sure as the stable version's, and wrong). Each must be
+   rolled back from its canary before any device outside the canary serves it, and every other device keeps
+   serving the stable version throughout. Every agent keeps labelled check images (``--check-set``): the second
+   version passes the label-free proxy and only the devices' checks can catch it.
 
 Every half second each agent is asked which version it serves (its Status RPC), so "served" is what answered
-requests, not what the registry intended. The versions' accuracy on the whole test split is measured here too, to
-show what the label-free proxy (mean top-class probability) stood for.
+requests, not what the registry intended. The versions' accuracy and mean top-class probability on the whole test
+split are measured here too, to show what the label-free proxy stood for.
 
     python -m benchmarks.rollout                 # 8 agents, canary 0.5 (~10 min on 2 busy cores)
 
@@ -43,11 +46,13 @@ from dress_model.models import create_model
 from dress_model.training import evaluate
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
-from runtime.processes import pick_port
+from runtime.processes import pick_port, stop_on_sigterm
 
 RESULTS = Path(__file__).parent / "results"
 PROFILES = ("pi4", "jetson-nano", "phone", "pi5")
 BROKEN = "broken-untrained"
+SURE_WRONG = "sure-and-wrong"
+CHECK_SET = "fashion-mnist:256"  # each agent's labelled check images (agent.version_check)
 DECISION_TIMEOUT_S = 300.0
 # a reply Flower's SuperLink failed to store (its SQLite locked under load) is not waited for an hour
 ROUND_TIMEOUT_S = 240.0
@@ -114,6 +119,27 @@ def wait_for(what: str, condition: Any, timeout: float, every: float = 1.0) -> A
     return found
 
 
+def stage(state: Path, traffic: Traffic, names: list[str], stable: str, version: str, path: Path,
+          densities: tuple[float, ...], canary: float) -> dict[str, Any]:
+    """Publish a bad ``version`` as the ServerApp does, wait for the judge's decision and for every device to be
+    back on ``stable``; what happened, from the agents' own Status answers."""
+    canary_devices = sorted(n for n in names if in_canary(n, version, canary))
+    for name in names:
+        traffic.seen[name] = {stable}
+    requests_before, started = traffic.requests, time.monotonic()
+    with Registry(state_dir=state) as registry:
+        registry.add_model_version(version, str(path), densities, canary=canary)
+    row = wait_for(f"a decision on {version}", lambda: decided(state, version), DECISION_TIMEOUT_S)
+    decided_s = time.monotonic() - started
+    wait_for(f"every device back on {stable}", lambda: traffic.serving(stable) == set(names), 120, 0.5)
+    served = sorted(n for n in names if version in traffic.seen[n])
+    return {"version": version, "status": str(row.status), "reason": row.reason, "decided_after_s": round(decided_s, 1),
+            "all_back_on_stable_after_s": round(time.monotonic() - started, 1), "canary_devices": canary_devices,
+            "served_it": served, "within_canary": set(served) <= set(canary_devices),
+            "outside_canary_changed": sorted(n for n in names if n not in canary_devices and traffic.seen[n] != {stable}),
+            "requests_meanwhile": traffic.requests - requests_before}
+
+
 def decided(state: Path, version: str) -> Any:
     """The version's row once the judge (or anyone) decided it, else None."""
     with Registry(state_dir=state) as registry:
@@ -127,6 +153,24 @@ def accuracy(checkpoint: str | Path, test: Any) -> dict[str, float]:
     return {f"{d:g}": round(a, 2) for d, a in evaluate(model, loader).items()}
 
 
+def confidence(checkpoint: str | Path, test: Any) -> float:
+    """Mean top-class probability of the densest subnet on the test split: the label-free proxy."""
+    model, _ = load_checkpoint(checkpoint)
+    model.eval()
+    with torch.no_grad():
+        return round(float(torch.softmax(model(test.images), dim=-1).amax(dim=-1).mean()), 4)
+
+
+def sure_and_wrong(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its classifier's rows rotated by one class: each answer as sure as before, and wrong."""
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        head.weight.copy_(head.weight.roll(1, dims=0))
+        if head.bias is not None:
+            head.bias.copy_(head.bias.roll(1, dims=0))
+    return model
+
+
 def run(agents: int, canary: float, rounds: int, max_examples: int, out: Path) -> dict[str, Any]:
     test = load_dataset("fashion-mnist", "test")
     names = [f"{PROFILES[i % len(PROFILES)]}-{i}" for i in range(agents)]
@@ -134,7 +178,8 @@ def run(agents: int, canary: float, rounds: int, max_examples: int, out: Path) -
         tmp = Path(tmp_dir)
         state, superlink, control = tmp / "coordinator", pick_port(), pick_port()
         processes = [spawn([str(BIN / "dress-fleet"), "coordinator", "start", "--superlink-port", str(superlink),
-                            "--control-port", str(control), "--state-dir", str(state), "--rounds", str(rounds),
+                            "--control-port", str(control), "--operator-port", str(pick_port()),
+                            "--state-dir", str(state), "--rounds", str(rounds),
                             "--min-devices", str(agents), "--fraction", "1", "--max-examples", str(max_examples),
                             "--canary", str(canary), "--round-timeout", str(ROUND_TIMEOUT_S)],
                            tmp / "coordinator.log")]
@@ -151,7 +196,8 @@ def run(agents: int, canary: float, rounds: int, max_examples: int, out: Path) -
                     "--serve-port", addresses[name].rpartition(":")[2], "--metrics-port", "0",
                     "--supernode-port", str(pick_port()), "--partition-id", str(i), "--num-partitions", str(agents),
                     "--budget-trace", str(trace), "--heartbeat-interval", "1", "--calibration-repeats", "5",
-                    "--training-calibration-steps", "1", "--state-dir", str(tmp / name)], tmp / f"{name}.log"))
+                    "--training-calibration-steps", "1", "--check-set", CHECK_SET, "--state-dir", str(tmp / name)],
+                    tmp / f"{name}.log"))
             for (name, address), agent in zip(addresses.items(), processes[1:], strict=True):
                 try:
                     wait_serving(address, timeout=300)
@@ -178,43 +224,30 @@ def run(agents: int, canary: float, rounds: int, max_examples: int, out: Path) -
                 stable_path = paths[stable]
                 wait_for(f"every device serving {stable}", lambda: traffic.serving(stable) == set(names), 120, 0.5)
 
-                # the broken one: untrained weights of the same architecture, published as the ServerApp does
                 model, _ = load_checkpoint(stable_path)
                 torch.manual_seed(1)
-                broken_path = save_checkpoint(create_model(model.arch), tmp / f"{BROKEN}.safetensors")
-                canary_devices = sorted(n for n in names if in_canary(n, BROKEN, canary))
-                for name in names:
-                    traffic.seen[name] = {stable}
-                requests_before, started = traffic.requests, time.monotonic()
-                with Registry(state_dir=state) as registry:
-                    registry.add_model_version(BROKEN, str(broken_path), model.densities, canary=canary)
-                bad = wait_for(f"a decision on {BROKEN}", lambda: decided(state, BROKEN), DECISION_TIMEOUT_S)
-                bad_s = time.monotonic() - started
-                wait_for(f"every device back on {stable}", lambda: traffic.serving(stable) == set(names), 120, 0.5)
-                back_s = time.monotonic() - started
-                served_broken = sorted(n for n in names if BROKEN in traffic.seen[n])
-                others = {n: sorted(traffic.seen[n]) for n in names if n not in canary_devices}
-                requests = traffic.requests - requests_before
+                bad_paths = {  # untrained weights of the same architecture, and the stable one's head rotated
+                    BROKEN: save_checkpoint(create_model(model.arch), tmp / f"{BROKEN}.safetensors"),
+                    SURE_WRONG: save_checkpoint(sure_and_wrong(model), tmp / f"{SURE_WRONG}.safetensors")}
+                bad = {version: stage(state, traffic, names, stable, version, path, model.densities, canary)
+                       for version, path in bad_paths.items()}
         finally:
             stop_all(processes)
+        every = {**paths, **bad_paths}
         result = {
             "command": command(), "machine": machine(), "agents": agents, "canary": canary, "rounds": rounds,
-            # issue 28's summary: broken versions tried and rolled back, the largest share of the fleet that served
+            "check_set": CHECK_SET,
+            # issue 28's summary: bad versions tried and rolled back, the largest share of the fleet that served
             # one, the canary share, and how many devices outside the canary changed version meanwhile
-            "broken_tried": 1, "rolled_back": int(bad.status == VersionStatus.ROLLED_BACK),
-            "max_share_reached": round(len(served_broken) / agents, 3), "canary_share": canary,
-            "others_changed": sum(v != [stable] for v in others.values()),
+            "broken_tried": len(bad), "rolled_back": sum(b["status"] == str(VersionStatus.ROLLED_BACK) for b in bad.values()),
+            "max_share_reached": round(max(len(b["served_it"]) for b in bad.values()) / agents, 3), "canary_share": canary,
+            "others_changed": sum(len(b["outside_canary_changed"]) for b in bad.values()),
             "trained_candidate": {"version": trained, "status": str(good.status), "reason": good.reason,
                                   "decided_after_s": round(good_s, 1),
                                   "canary_devices": sorted(n for n in names if in_canary(n, trained, canary))},
-            "broken": {"version": BROKEN, "status": str(bad.status), "reason": bad.reason,
-                       "decided_after_s": round(bad_s, 1), "all_back_on_stable_after_s": round(back_s, 1),
-                       "canary_devices": canary_devices, "served_it": served_broken,
-                       "within_canary": set(served_broken) <= set(canary_devices),
-                       "outside_canary_served": others,
-                       "others_unchanged": all(v == [stable] for v in others.values()),
-                       "requests_meanwhile": requests},
-            "accuracy": {**{v: accuracy(path, test) for v, path in paths.items()}, BROKEN: accuracy(broken_path, test)},
+            "bad": bad,
+            "accuracy": {v: accuracy(path, test) for v, path in every.items()},
+            "confidence": {v: confidence(path, test) for v, path in every.items()},
         }
     write_json(out, result)
     atomic_write(out.with_suffix(".md"), lambda t: t.write_text(report(result)))
@@ -222,33 +255,37 @@ def run(agents: int, canary: float, rounds: int, max_examples: int, out: Path) -
 
 
 def report(r: dict[str, Any]) -> str:
-    good, bad = r["trained_candidate"], r["broken"]
-    rows = [{"version": v, **{f"d={d}": a for d, a in acc.items()}} for v, acc in r["accuracy"].items()]
-    return (f"# Staged rollouts end to end\n\n`{r['command']}`\n\n"
-            f"{r['agents']} real agents on loopback (`dress-agent join`), `dress-fleet coordinator start --canary "
-            f"{r['canary']:g}`, Predict traffic on every agent ({bad['requests_meanwhile']} requests while the broken "
-            "version was out); which version each agent served comes from its own Status answers, every 0.5 s.\n\n"
-            f"- Round {r['rounds']}'s trained version {good['version']}: **{good['status']}** after "
-            f"{good['decided_after_s']} s ({good['reason']}); canary devices {', '.join(good['canary_devices'])}.\n"
-            f"- Broken version (untrained weights) {bad['version']}: **{bad['status']}** after "
-            f"{bad['decided_after_s']} s ({bad['reason']}); every device back on the stable version after "
-            f"{bad['all_back_on_stable_after_s']} s.\n"
-            f"  - Canary devices: {', '.join(bad['canary_devices'])}; served it: "
-            f"{', '.join(bad['served_it']) or 'none'} (within the canary: {bad['within_canary']}).\n"
-            "  - Every device outside the canary served only the stable version throughout: "
-            f"{bad['others_unchanged']}.\n\n"
-            "Accuracy on the whole Fashion-MNIST test split, per density (what the label-free proxy stood for):\n\n"
-            + markdown_table(rows, list(rows[0])) + "\n")
+    good = r["trained_candidate"]
+    rows = [{"version": v, **{f"d={d}": a for d, a in acc.items()}, "mean top-class probability": r["confidence"][v]}
+            for v, acc in r["accuracy"].items()]
+    kinds = {BROKEN: "untrained weights", SURE_WRONG: "the stable model, its classifier's rows rotated by one class"}
+    lines = [f"# Staged rollouts end to end\n\n`{r['command']}`\n",
+             f"{r['agents']} real agents on loopback (`dress-agent join --check-set {r['check_set']}`), `dress-fleet "
+             f"coordinator start --canary {r['canary']:g}`, Predict traffic on every agent; which version each agent "
+             "served comes from its own Status answers, every 0.5 s.\n",
+             f"- Round {r['rounds']}'s trained version {good['version']}: **{good['status']}** after "
+             f"{good['decided_after_s']} s ({good['reason']}); canary devices {', '.join(good['canary_devices'])}."]
+    for bad in r["bad"].values():
+        lines += [f"- Bad version {bad['version']} ({kinds.get(bad['version'], '')}): **{bad['status']}** after "
+                  f"{bad['decided_after_s']} s ({bad['reason']}); every device back on the stable version after "
+                  f"{bad['all_back_on_stable_after_s']} s; {bad['requests_meanwhile']} requests meanwhile.",
+                  f"  - Canary devices: {', '.join(bad['canary_devices'])}; served it: "
+                  f"{', '.join(bad['served_it']) or 'none'} (within the canary: {bad['within_canary']}).",
+                  "  - Devices outside the canary that served anything but the stable version: "
+                  f"{', '.join(bad['outside_canary_changed']) or 'none'}."]
+    return "\n".join(lines) + ("\n\nOn the whole Fashion-MNIST test split: accuracy per density, and the label-free "
+                               "proxy (mean top-class probability of d=1):\n\n" + markdown_table(rows, list(rows[0])) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--agents", type=int, default=8, help="real agents (each a dress-agent and a SuperNode)")
     p.add_argument("--canary", type=float, default=0.5, help="the share of devices a new version goes to first")
-    p.add_argument("--rounds", type=int, default=2, help="training rounds before the broken version (>= 2)")
+    p.add_argument("--rounds", type=int, default=2, help="training rounds before the bad versions (>= 2)")
     p.add_argument("--max-examples", type=int, default=64, help="examples per device per round")
     p.add_argument("--out", type=Path, default=RESULTS / "rollout.json")
     args = p.parse_args()
+    stop_on_sigterm()  # a killed benchmark still stops its coordinator and agents
     if args.rounds < 2 or args.agents < 3 or not 0 < args.canary < 1:
         raise SystemExit("--rounds >= 2 (the first version becomes the stable one), --agents >= 3 (the judge needs "
                          "3 canary devices) and --canary in (0, 1) expected")

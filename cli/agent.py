@@ -20,6 +20,7 @@ from agent.budget import BudgetSource, MachineBudget, TraceBudget
 from agent.calibration import DEFAULT_REPEATS, DEFAULT_TRAIN_REPEATS
 from agent.lifecycle import DEFAULT_SERVE_PORT, DEFAULT_SUPERNODE_PORT, Agent, AgentConfig, AgentError
 from agent.metrics import DEFAULT_METRICS_PORT
+from agent.version_check import CHECK_SET_FORM, DEFAULT_CHECK_EXAMPLES, parse_check_set
 from cli.common import console, err, fail, safe_text, version_option
 from cli.method import DATA_DIR_HELP
 from contracts.naming import check_name
@@ -129,6 +130,13 @@ def join_cmd(
     fetch_float16: Annotated[bool, typer.Option("--fetch-float16", help="Download each published model with its "
                              "weights as float16: about 40% fewer bytes, computed in float32 (accuracy change in "
                              "benchmarks/results/half.md).")] = False,
+    check_set: Annotated[Optional[str], typer.Option(help=f"{CHECK_SET_FORM}: labelled images this device keeps "
+                         f"to check each model version on before serving it — N (default {DEFAULT_CHECK_EXAMPLES}) "
+                         "of DATASET's test split in --data-dir (or where its Debian package put it), drawn by the "
+                         "device's name. The results go to the coordinator, whose staged rollouts roll a canary "
+                         "version back when its accuracy there falls below the stable version's; without it, "
+                         "rollouts judge by Predict's confidence alone, which cannot see a model sure of wrong "
+                         "answers.")] = None,
 ) -> None:
     """Join the fleet: learn its model, calibrate, register, train through a Flower SuperNode, serve Predict."""
     try:
@@ -143,6 +151,11 @@ def join_cmd(
     coordinator, superlink = parse_address(coordinator, "--coordinator"), parse_address(superlink, "--superlink")
     if partition_id >= num_partitions:
         raise fail(f"--partition-id must be below --num-partitions ({num_partitions}), got {partition_id}")
+    if check_set is not None:
+        try:
+            parse_check_set(check_set)
+        except ValueError as e:
+            raise fail(str(e)) from None
     try:
         source = budget_source(profile, budget_trace)
     except ValueError as e:  # BudgetTraceError
@@ -157,7 +170,8 @@ def join_cmd(
         supernode_port=supernode_port, node_config=node_config, heartbeat_interval=heartbeat_interval,
         calibration_repeats=calibration_repeats, training_calibration_steps=training_calibration_steps,
         threads=threads, connect_timeout=connect_timeout, ca=ca,
-        predict_cert=predict_cert, predict_key=predict_key, fetch_float16=fetch_float16, metrics_port=metrics_port))
+        predict_cert=predict_cert, predict_key=predict_key, fetch_float16=fetch_float16, metrics_port=metrics_port,
+        check_set=check_set))
     with shutdown_requested() as stop:
         try:
             agent.start()

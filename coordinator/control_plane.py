@@ -193,7 +193,10 @@ class ControlPlaneServicer(pb_grpc.ControlPlaneServicer):
             served = {self._density(u.level): (u.requests, u.busy_ms, u.confidence_sum) for u in request.served}
             if len(served) != len(request.served):
                 raise InvalidInputError("heartbeat lists a level it served more than once")
-            assignment = self._registry.heartbeat(device_id, budget, served, request.model_version or None)
+            checks = {(c.model_version, self._density(c.level)): (c.examples, c.correct) for c in request.checks}
+            if len(checks) != len(request.checks):
+                raise InvalidInputError("heartbeat lists a check of one version at one level more than once")
+            assignment = self._registry.heartbeat(device_id, budget, served, request.model_version or None, checks)
         if self._metrics is not None:
             self._metrics.heartbeats.inc()
         return pb.HeartbeatResponse(level=self._level(assignment.density), model_version=assignment.model_version or "",

@@ -8,6 +8,11 @@ accuracy that drops when a model degrades). Once the candidate's canary and the 
 compares them at the densities both served, each side by the median over its devices: the candidate is rolled
 back when its confidence is lower by more than ``MAX_CONFIDENCE_DROP`` or its forward passes slower by more than
 ``MAX_SLOWDOWN``, and promoted otherwise.
+
+Confidence cannot see a model that is sure and wrong. Devices that keep labelled images (agent ``--check-set``)
+check every version on them before serving it, so a canary device has checked both the stable version and the
+candidate on the same images: once ``MIN_DEVICES`` have, a median paired drop of more than
+``MAX_ACCURACY_DROP_PT`` rolls the candidate back at once, whatever Predict traffic says.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ from dataclasses import dataclass
 from coordinator.registry import Registry
 from coordinator.registry.rollouts import Served
 
+DeviceChecks = dict[int, dict[float, tuple[int, int]]]  # device id -> density -> examples, correct
+
 log = logging.getLogger(__name__)
 
 MIN_REQUESTS = 20  # per side, at the densities both served: fewer is not evidence
 MIN_DEVICES = 3  # canary devices that reported: one or two are not the fleet
 MAX_CONFIDENCE_DROP = 0.05  # mean top-class probability, absolute
 MAX_SLOWDOWN = 1.5  # mean forward pass, candidate over stable
+MAX_ACCURACY_DROP_PT = 2.0  # on the devices' labelled checks: the median over devices of each one's paired drop
 JUDGE_EVERY_S = 5.0
 
 
@@ -36,10 +44,44 @@ class Verdict:
     reason: str
 
 
-def compare(candidate: dict[int, dict[float, Served]], stable: dict[int, dict[float, Served]]) -> Verdict | None:
+@dataclass(frozen=True)
+class Checked:
+    """Canary devices' labelled checks of the candidate against their own checks of the stable version."""
+
+    devices: int
+    candidate_pct: float  # mean over the devices of each one's accuracy (mean over the densities both checked)
+    stable_pct: float
+    median_drop_pt: float  # the median over the devices of stable − candidate
+
+    def text(self) -> str:
+        return (f"labelled checks on {self.devices} canary devices: accuracy {self.candidate_pct:.1f} % against "
+                f"the stable version's {self.stable_pct:.1f} % (median paired drop {self.median_drop_pt:.1f} pt)")
+
+
+def paired_checks(candidate: DeviceChecks, stable: DeviceChecks) -> Checked | None:
+    """Per device that checked both versions, its accuracy under each at the densities it checked both at; None
+    while fewer than MIN_DEVICES have."""
+    pairs = []
+    for device, mine in candidate.items():
+        common = [d for d in mine if d in stable.get(device, {})]
+        if common:
+            pairs.append((statistics.fmean(100 * mine[d][1] / mine[d][0] for d in common),
+                          statistics.fmean(100 * stable[device][d][1] / stable[device][d][0] for d in common)))
+    if len(pairs) < MIN_DEVICES:
+        return None
+    return Checked(len(pairs), statistics.fmean(c for c, _ in pairs), statistics.fmean(s for _, s in pairs),
+                   statistics.median(s - c for c, s in pairs))
+
+
+def compare(candidate: dict[int, dict[float, Served]], stable: dict[int, dict[float, Served]],
+            checks: tuple[DeviceChecks, DeviceChecks] | None = None) -> Verdict | None:
     """The verdict on the candidate's evidence against the stable version's (per device, per density), None while
     there is too little. Each side is judged by the median over its devices, so no single device — a broken one,
-    or one that lies about what it served — can swing it."""
+    or one that lies about what it served — can swing it. ``checks``: the devices' labelled checks of (the
+    candidate, the stable version), decisive on their own when they show a regression."""
+    checked = paired_checks(*checks) if checks else None
+    if checked is not None and checked.median_drop_pt > MAX_ACCURACY_DROP_PT:
+        return Verdict("", False, f"regressed on {checked.text()}")
     common = sorted({d for per in candidate.values() for d in per} & {d for per in stable.values() for d in per},
                     reverse=True)
     c_requests = sum(per[d].requests for per in candidate.values() for d in common if d in per)
@@ -55,6 +97,8 @@ def compare(candidate: dict[int, dict[float, Served]], stable: dict[int, dict[fl
         if c_ms is not None and s_ms and c_ms / s_ms > MAX_SLOWDOWN:
             reasons.append(f"{c_ms:.2f} ms a request at density {d:g} against {s_ms:.2f} ms")
     evidence = f"{c_requests} requests on {len(candidate)} canary devices, {s_requests} on {len(stable)} stable ones"
+    if checked is not None:
+        evidence += f"; {checked.text()}"
     if reasons:
         return Verdict("", False, f"regressed on {evidence}: " + "; ".join(reasons))
     return Verdict("", True, f"no regression on {evidence}")
@@ -84,7 +128,9 @@ def judge(registry: Registry) -> Verdict | None:
         return None
     published = next(v.created_at for v in registry.list_versions() if v.version == candidate)
     evidence = registry.serving_evidence(since=published)
-    verdict = compare(evidence.get(candidate, {}), evidence.get(stable, {}))
+    checks = registry.version_checks([candidate, stable])
+    verdict = compare(evidence.get(candidate, {}), evidence.get(stable, {}),
+                      (checks.get(candidate, {}), checks.get(stable, {})))
     if verdict is None:
         return None
     verdict = Verdict(candidate, verdict.promote, verdict.reason)

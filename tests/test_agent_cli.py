@@ -68,6 +68,7 @@ def test_unknown_profile_lists_the_valid_ones() -> None:
     (("--coordinator", "h:99999"), "--coordinator must be HOST:PORT, got 'h:99999'"),
     (("--name", "my pi"), "--name: a device name must be 1-128 letters, digits"),
     (("--partition-id", "3", "--num-partitions", "3"), "--partition-id must be below --num-partitions (3), got 3"),
+    (("--check-set", "fashion-mnist:none"), "--check-set 'fashion-mnist:none': N must be a whole number"),
 ])
 def test_bad_options_exit_2_with_the_reason(extra: tuple[str, ...], message: str) -> None:
     code, output = _join("--device", "pi4", *extra)
@@ -194,6 +195,18 @@ def test_a_stranger_token_is_refused(tmp_path: Path, coordinator: tuple[str, Reg
                          "--state-dir", str(tmp_path / "agent"), coordinator=coordinator[0])
     assert code == 1 and "UNAUTHENTICATED" in output and coordinator[1].list_devices() == []
     assert not (tmp_path / "agent" / CREDENTIAL_FILE).exists()
+
+
+def test_a_check_set_that_cannot_be_read_is_refused_before_the_token_is_spent(
+        tmp_path: Path, coordinator: tuple[str, Registry]) -> None:
+    address, registry = coordinator
+    token = registry.enroll(["pi-check"])["pi-check"]
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    code, output = _join("--device", "pi4", "--token", token, "--check-set", "cifar10:64", "--data-dir", str(empty),
+                         "--state-dir", str(tmp_path / "agent"), coordinator=address)
+    assert code == 2 and "--check-set:" in output and "cifar10" in output, output
+    assert registry.list_devices() == []  # not registered: the token still enrolls it once fixed
 
 
 def test_a_supernode_port_still_held_is_waited_for_then_refused_clearly(

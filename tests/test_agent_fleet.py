@@ -26,9 +26,18 @@ from agent.model_fetch import ModelFetchError, ModelUpdater, fetch_model
 from agent.monitor import BudgetMonitor
 from agent.served_model import ServedModel, serving_density
 from agent.serving import MAX_BATCH, SERVICE_NAME, AgentIdentity, AgentServer, serve
+from agent.version_check import (
+    DEFAULT_CHECK_EXAMPLES,
+    CheckLedger,
+    CheckSet,
+    VersionChecker,
+    parse_check_set,
+    unfit,
+)
 from contracts.policy import Budget, CalibrationPoint
 from coordinator import control_plane
 from coordinator.registry import AssignmentReason, Registry
+from dress_model.data import load_dataset
 from dress_model.packed import PackedModel
 from protos.dress.fleet.v1 import agent_pb2 as agent_pb
 from protos.dress.fleet.v1 import agent_pb2_grpc as agent_grpc
@@ -551,3 +560,74 @@ def test_usage_a_failed_heartbeat_did_not_deliver_is_reported_later(served: Serv
         with pytest.raises(grpc.RpcError):
             monitor.heartbeat_now()
     assert [requests for requests, _, _ in served.usage.take().values()] == [1]
+
+
+# -- labelled checks of model versions (--check-set) -----------------------------------------------------------
+
+
+def _checker(device: str = "pi-kitchen", examples: int = 64) -> VersionChecker:
+    return VersionChecker(CheckSet.draw(load_dataset("fashion-mnist", "test"), examples, device))
+
+
+def test_a_check_set_is_the_devices_own_and_the_same_on_every_start() -> None:
+    split = load_dataset("fashion-mnist", "test")
+    first, again, other = (CheckSet.draw(split, 64, name) for name in ("pi-kitchen", "pi-kitchen", "pi-garage"))
+    assert len(first) == 64 and torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
+    assert not torch.equal(first.images, other.images)
+    assert unfit(split, ARCH) is None
+    assert "images are [1, 28, 28]" in unfit(split, architecture("cnn", DENSITIES, "cifar10", 8))  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(("spec", "message"), [("", "DATASET"), (":5", "DATASET"), ("fashion-mnist:x", "whole"),
+                                               ("fashion-mnist:0", "at least 1")])
+def test_a_bad_check_set_says_what_is_expected(spec: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_check_set(spec)
+    assert parse_check_set("mnist") == ("mnist", DEFAULT_CHECK_EXAMPLES) and parse_check_set("mnist:9") == ("mnist", 9)
+
+
+def test_each_version_is_checked_on_the_labelled_images_before_it_serves_and_the_registry_hears_it(
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
+) -> None:
+    checker = _checker()
+    monitor = BudgetMonitor(stub, ARCH.densities, TraceBudget([TracePoint(0, LOOSE)]),
+                            density=served.assigned_density, model_version=served.version,
+                            on_density=served.set_density, checks=checker.ledger,
+                            on_model_version=ModelUpdater(served, stub, fetch_level=LEVEL[1.0], checker=checker))
+    trained = initial_model(ARCH)
+    coordinator.publish("v1", trained)
+    monitor.heartbeat_now()  # learns of v1: fetched, checked, then served
+    assert served.version == "v1"
+    dense = trained.to_dress().eval()  # the reference: the dense masked model the packed file was made from
+    expected = {}
+    with torch.no_grad():
+        for density in ARCH.densities:
+            dense.set_density(density)
+            expected[density] = int((dense(checker.check_set.images).argmax(-1) == checker.check_set.labels).sum())
+    monitor.heartbeat_now()  # reports the checks
+    assert coordinator.registry.version_checks(["v1"]) == {"v1": {device_id: {d: (64, n) for d, n in expected.items()}}}
+    assert checker.ledger.take() == {}  # delivered once
+
+
+def test_checks_a_failed_heartbeat_did_not_deliver_go_later_and_refused_ones_never_block_heartbeats(
+    coordinator: Coordinator, stub: DeviceStub, device_id: int, served: ServedModel
+) -> None:
+    ledger = CheckLedger()
+    coordinator.publish("v1", initial_model(ARCH))
+    with grpc.insecure_channel(f"127.0.0.1:{pick_port()}") as channel:  # nobody listens
+        down = BudgetMonitor(pb_grpc.ControlPlaneStub(channel), ARCH.densities, TraceBudget([TracePoint(0, LOOSE)]),
+                             density=1.0, model_version="", on_density=served.set_density,
+                             on_model_version=lambda v: None, checks=ledger, rpc_timeout=0.2)
+        ledger.add({("v1", 1.0): (64, 50)})
+        with pytest.raises(grpc.RpcError):
+            down.heartbeat_now()
+    monitor = _monitor(stub, served, TraceBudget([TracePoint(0, LOOSE)]), checks=ledger)
+    ledger.add({("v9", 0.5): (64, 3)})  # a version this coordinator never published: the heartbeat is refused
+    with pytest.raises(grpc.RpcError) as refused:
+        monitor.heartbeat_now()
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "never published" in refused.value.details()
+    monitor.heartbeat_now()  # the checks went with the refusal; the device heartbeats on
+    assert coordinator.registry.version_checks(["v1", "v9"]) == {}  # one transaction: nothing of the refused one
+    ledger.add({("v1", 1.0): (64, 50)})
+    monitor.heartbeat_now()
+    assert coordinator.registry.version_checks(["v1"]) == {"v1": {device_id: {1.0: (64, 50)}}}

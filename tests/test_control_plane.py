@@ -191,6 +191,19 @@ def test_budget_out_of_range_is_invalid_argument(stub: DeviceStub, registry: Reg
     assert registry.list_devices()[0].last_budget is None  # nothing recorded
 
 
+@pytest.mark.parametrize(("checks", "message"), [
+    ([pb.VersionCheck(model_version="v1", level=3, examples=64, correct=9)] * 2, "more than once"),
+    ([pb.VersionCheck(model_version="v1", level=9, examples=64, correct=9)], "level"),
+    ([pb.VersionCheck(model_version="v1", level=3, examples=64, correct=65)], "correct must be"),
+])
+def test_a_heartbeats_version_checks_are_checked_before_anything_is_recorded(
+        stub: DeviceStub, registry: Registry, device_id: int, checks: list[pb.VersionCheck], message: str) -> None:
+    registry.add_model_version("v1", "/m/v1", (1.0, 0.5, 0.25, 0.1))
+    code, details = _status(lambda: stub.Heartbeat(pb.HeartbeatRequest(budget=_budget(50, 500), checks=checks)))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, details
+    assert registry.list_devices()[0].last_budget is None and registry.version_checks(["v1"]) == {}
+
+
 @pytest.mark.parametrize(
     ("calibration", "message"),
     [

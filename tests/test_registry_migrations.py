@@ -18,7 +18,7 @@ from coordinator.registry.models import Base
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TABLES = {"devices", "budgets", "density_assignments", "training_rounds", "model_versions", "enrollments",
           "operators",
-          "round_starts"}
+          "round_starts", "version_checks"}
 
 
 def _schema_diff(url: str) -> list:
@@ -41,11 +41,11 @@ def _tables(url: str) -> set[str]:
 def test_fresh_database_upgrades_to_head_matching_models(db_url: str) -> None:
     assert current_revision(db_url) is None
     upgrade(db_url)
-    assert current_revision(db_url) == head_revision() == "0007"
+    assert current_revision(db_url) == head_revision() == "0008"
     assert _tables(db_url) == TABLES == set(Base.metadata.tables)
     assert _schema_diff(db_url) == []  # the hand-tidied revision creates exactly what the models declare
     upgrade(db_url)  # idempotent
-    assert current_revision(db_url) == "0007"
+    assert current_revision(db_url) == "0008"
 
 
 def test_downgrade_to_base_and_back(db_url: str) -> None:

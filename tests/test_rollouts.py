@@ -19,7 +19,7 @@ from agent.model_fetch import FetchedModel, ModelFetchError, check_answers
 from cli.fleet import app
 from contracts.policy import Budget, CalibrationPoint
 from coordinator.control_plane import serve
-from coordinator.registry import Registry
+from coordinator.registry import InvalidInputError, Registry
 from coordinator.registry.models import VersionStatus
 from coordinator.registry.rollouts import in_canary
 from coordinator.rollout import MIN_REQUESTS, judge
@@ -125,9 +125,11 @@ def test_operators_list_promote_and_roll_back_by_hand(tmp_path: Path) -> None:
     with Registry(state_dir=state) as registry:
         registry.add_model_version("round-1", "/m/1", DENSITIES, canary=0.1)
         registry.add_model_version("round-2", "/m/2", DENSITIES, canary=0.1)
-    runner = CliRunner(env={"COLUMNS": "200"})
+        _check(registry, list(_fleet(registry, 2).values()), "round-1", {1.0: 200, 0.5: 192})
+    runner = CliRunner(env={"COLUMNS": "250"})
     listed = runner.invoke(app, ["models", "list", "--state-dir", str(state)])
     assert listed.exit_code == 0 and "stable round-1, candidate round-2" in listed.output
+    assert "76.6 % on 2 devices" in listed.output, listed.output  # (200 + 192) / 512: what their checks gave
     promoted = runner.invoke(app, ["models", "promote", "round-2", "--state-dir", str(state)])
     assert promoted.exit_code == 0 and "promoted" in promoted.output
     again = runner.invoke(app, ["models", "promote", "round-2", "--state-dir", str(state)])
@@ -163,3 +165,65 @@ def test_one_canary_device_cannot_swing_the_verdict(registry: Registry) -> None:
     registry.heartbeat(loud, Budget(1000, 4000), {1.0: (10**6, 10**9, 0.0)}, "v2")
     verdict = judge(registry)
     assert verdict is not None and verdict.promote, verdict
+
+
+def _check(registry: Registry, device_ids: list[int], version: str, correct: dict[float, int]) -> None:
+    """Each device's labelled check of ``version`` (256 images), as its next heartbeat reports it."""
+    for device_id in device_ids:
+        registry.heartbeat(device_id, Budget(1000, 4000), checks={(version, d): (256, n) for d, n in correct.items()})
+
+
+@pytest.mark.parametrize("candidate_correct", [{1.0: 231, 0.5: 219}, {1.0: 60, 0.5: 58}])
+def test_labelled_checks_roll_back_a_version_sure_of_wrong_answers(
+        registry: Registry, candidate_correct: dict[float, int]) -> None:
+    """Predict's confidence is the same for both versions (a model sure of wrong answers looks healthy there);
+    the canary devices' labelled checks, paired with their own checks of the stable version, are not."""
+    regressed = candidate_correct[1.0] < 200
+    ids = _fleet(registry, 60)
+    registry.add_model_version("v1", "/m/v1", DENSITIES, canary=0.2)
+    _check(registry, list(ids.values()), "v1", {1.0: 230, 0.5: 220})  # each device checked v1 when it got it
+    registry.add_model_version("v2", "/m/v2", DENSITIES, canary=0.2)
+    canary = [i for n, i in ids.items() if registry.version_for(n) == "v2"]
+    _check(registry, canary, "v2", candidate_correct)
+    verdict = judge(registry)
+    if regressed:  # at once, before any Predict traffic
+        assert verdict is not None and not verdict.promote and verdict.reason.startswith("regressed on labelled checks")
+        assert f"on {len(canary)} canary devices" in verdict.reason and "23.0 % against the stable version's 87.9 %" in verdict.reason, verdict
+        assert {registry.version_for(n) for n in ids} == {"v1"}
+        return
+    assert verdict is None  # checks that hold up never promote alone: Predict traffic must too
+    _report(registry, ids, "v1", 5, 2.0, 0.9)
+    _report(registry, ids, "v2", MIN_REQUESTS, 2.0, 0.9)
+    verdict = judge(registry)
+    assert verdict is not None and verdict.promote and "labelled checks on" in verdict.reason, verdict
+
+
+def test_one_device_checking_badly_cannot_roll_a_version_back(registry: Registry) -> None:
+    ids = _fleet(registry, 60)
+    registry.add_model_version("v1", "/m/v1", DENSITIES, canary=0.2)
+    _check(registry, list(ids.values()), "v1", {1.0: 230})
+    registry.add_model_version("v2", "/m/v2", DENSITIES, canary=0.2)
+    loud, *rest = [i for n, i in ids.items() if registry.version_for(n) == "v2"]
+    _check(registry, [loud], "v2", {1.0: 0})
+    _check(registry, rest, "v2", {1.0: 229})
+    _report(registry, ids, "v1", 5, 2.0, 0.9)
+    _report(registry, ids, "v2", MIN_REQUESTS, 2.0, 0.9)
+    verdict = judge(registry)
+    assert verdict is not None and verdict.promote, verdict
+
+
+@pytest.mark.parametrize(("checks", "message"), [
+    ({("v1", 1.0): (256, 257)}, "correct must be 0..256"),
+    ({("v1", 1.0): (0, 0)}, "examples must be"),
+    ({("v1", 1.5): (256, 3)}, "density"),
+    ({("", 1.0): (256, 3)}, "model version"),
+    ({("v7", 1.0): (256, 3)}, "never published"),
+])
+def test_a_check_the_registry_cannot_trust_is_refused_with_the_whole_heartbeat(
+        registry: Registry, checks: dict[tuple[str, float], tuple[int, int]], message: str) -> None:
+    [device_id] = _fleet(registry, 1).values()
+    registry.add_model_version("v1", "/m/v1", DENSITIES)
+    before = registry.get_device(device_id).last_budget
+    with pytest.raises(InvalidInputError, match=message):
+        registry.heartbeat(device_id, Budget(1000, 1234), checks=checks)
+    assert registry.get_device(device_id).last_budget == before and registry.version_checks(["v1", "v7"]) == {}

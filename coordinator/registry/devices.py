@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, func, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from contracts.naming import check_name
@@ -28,6 +28,8 @@ from coordinator.registry.models import (
     DensityAssignment,
     Device,
     DeviceStatus,
+    ModelVersion,
+    VersionCheck,
 )
 from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo
 from coordinator.registry.rollouts import serving_version
@@ -79,6 +81,43 @@ def _check_served(served: Mapping[float, tuple[int, float, float]]) -> dict[str,
                                     f"got {confidence}")
         usage[str(density)] = [requests, float(busy_ms), float(confidence)]
     return usage
+
+
+MAX_CHECK_EXAMPLES = 1_000_000  # labelled images a device checks a version on: far above any device's
+
+
+def _check_checks(checks: Mapping[tuple[str, float], tuple[int, int]]) -> dict[tuple[str, float], tuple[int, int]]:
+    """What a device says its labelled checks gave ((version, density) -> examples, correct), checked: at most
+    MAX_METRICS entries, densities in (0, 1], 0 < examples <= MAX_CHECK_EXAMPLES, 0 <= correct <= examples."""
+    if len(checks) > MAX_METRICS:
+        raise InvalidInputError(f"checks list {len(checks)} entries; at most {MAX_METRICS}")
+    for (version, density), (examples, correct) in checks.items():
+        check_density(density, "checked density")
+        if not version or len(version) > 128:
+            raise InvalidInputError(f"a check names model version {version!r}; expected 1 to 128 characters")
+        if not (isinstance(examples, int) and 0 < examples <= MAX_CHECK_EXAMPLES):
+            raise InvalidInputError(f"check of {version!r} at density {density:g}: examples must be "
+                                    f"1..{MAX_CHECK_EXAMPLES}, got {examples!r}")
+        if not (isinstance(correct, int) and 0 <= correct <= examples):
+            raise InvalidInputError(f"check of {version!r} at density {density:g}: correct must be 0..{examples}, "
+                                    f"got {correct!r}")
+    return dict(checks)
+
+
+def _record_checks(conn: Connection, device_id: int, checks: dict[tuple[str, float], tuple[int, int]],
+                   now: Any) -> None:
+    """Store a device's checks, each replacing the one it reported before for the same version and density;
+    InvalidInputError for a version the registry does not hold."""
+    versions = {version for version, _ in checks}
+    known = set(conn.scalars(select(ModelVersion.version).where(ModelVersion.version.in_(versions))))
+    if unknown := sorted(versions - known):
+        raise InvalidInputError(f"checks name model versions never published: {unknown}")
+    for (version, density), (examples, correct) in checks.items():
+        conn.execute(delete(VersionCheck).where(VersionCheck.device_id == device_id,
+                                                VersionCheck.model_version == version,
+                                                VersionCheck.density == density))
+        conn.execute(insert(VersionCheck).values(device_id=device_id, model_version=version, density=density,
+                                                 examples=examples, correct=correct, checked_at=now))
 
 
 def _calibrated(calibration: list[dict[str, float]]) -> list[float]:
@@ -180,18 +219,21 @@ class DeviceRecords(Store):
 
     def heartbeat(self, device_id: int, budget: Budget,
                   served: Mapping[float, tuple[int, float, float]] | None = None,
-                  served_version: str | None = None) -> Assignment:
+                  served_version: str | None = None,
+                  checks: Mapping[tuple[str, float], tuple[int, int]] | None = None) -> Assignment:
         """Record the budget and answer with the density that fits it (see policy.choose_density).
 
         Every heartbeat's budget is stored with the density it was given; a density change also adds
         an assignment row pointing at that budget. All in one transaction under the device's row lock.
         The device row itself is only written when its density or status changes. ``served`` (density ->
         requests, busy ms, summed confidence) is what the device's Predict ran since its last heartbeat, with
-        ``served_version``, stored with the budget. The answer names the version the device is to serve
-        (coordinator.registry.rollouts).
+        ``served_version``, stored with the budget. ``checks`` ((version, density) -> examples, correct) are
+        the device's labelled checks since it last reported them (``VersionCheck``). The answer names the version
+        the device is to serve (coordinator.registry.rollouts).
         """
         now = utc_now()
         usage = _check_served(served) if served else None
+        checked = _check_checks(checks) if checks else None
         with self._write() as conn:
             row = conn.execute(_LOCK_DEVICE, {"device_id": device_id}).one_or_none()
             if row is None:
@@ -206,6 +248,8 @@ class DeviceRecords(Store):
                 # evidence for a rollout only under the version this device was given: none can speak for another
                 "model_version": served_version if served_version == version else None,
             }).scalar_one()
+            if checked:
+                _record_checks(conn, device_id, checked, now)
             changed = density != current
             if changed:
                 conn.execute(_INSERT_ASSIGNMENT, {

@@ -6,7 +6,20 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Enum, Float, ForeignKey, Index, Integer, MetaData, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -171,6 +184,25 @@ class BudgetReport(Base):
     # (rows from before confidence was reported hold two numbers); None = nothing
     served: Mapped[dict[str, list[float]] | None] = mapped_column(JSON)
     model_version: Mapped[str | None] = mapped_column(String(128))  # the version that served them
+
+
+class VersionCheck(Base):
+    """A device's accuracy under one model version at one density on its own labelled check images, measured
+    before it served the version (agent --check-set): the same images for every version, so a staged rollout
+    compares versions per device. The latest report per (device, version, density) is kept."""
+
+    __tablename__ = "version_checks"
+    __table_args__ = (UniqueConstraint("device_id", "model_version", "density",
+                                       name="uq_version_checks_device_version_density"),
+                      Index("ix_version_checks_model_version", "model_version"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.version", ondelete="CASCADE"))
+    density: Mapped[float] = mapped_column(Float)
+    examples: Mapped[int]
+    correct: Mapped[int]
+    checked_at: Mapped[datetime]
 
 
 class DensityAssignment(Base):

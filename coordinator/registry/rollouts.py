@@ -16,7 +16,7 @@ from datetime import datetime
 from sqlalchemy import Connection, select, update
 
 from coordinator.registry.errors import InvalidInputError
-from coordinator.registry.models import BudgetReport, ModelVersion, VersionStatus
+from coordinator.registry.models import BudgetReport, ModelVersion, VersionCheck, VersionStatus
 from coordinator.registry.store import Store, utc_now
 
 _ROLLOUT = (select(ModelVersion.version, ModelVersion.status, ModelVersion.canary)
@@ -69,6 +69,9 @@ class Served:
     requests: int
     busy_ms: float
     confidence_sum: float | None
+
+
+Checks = dict[str, dict[int, dict[float, tuple[int, int]]]]  # version -> device id -> density -> examples, correct
 
 
 class Rollouts(Store):
@@ -132,6 +135,17 @@ class Rollouts(Store):
                     entry[2] = None if entry[2] is None or len(numbers) < 3 else entry[2] + numbers[2]
         return {v: {device: {d: Served(int(e[0]), float(e[1]), e[2]) for d, e in per.items()}
                     for device, per in devices.items()} for v, devices in totals.items()}
+
+    def version_checks(self, versions: list[str]) -> Checks:
+        """What devices' labelled checks gave under each of ``versions``, per device and density."""
+        found: Checks = {}
+        with self._read() as s:
+            for version, device_id, density, examples, correct in s.execute(
+                    select(VersionCheck.model_version, VersionCheck.device_id, VersionCheck.density,
+                           VersionCheck.examples, VersionCheck.correct)
+                    .where(VersionCheck.model_version.in_(versions))):
+                found.setdefault(version, {}).setdefault(device_id, {})[density] = (examples, correct)
+        return found
 
 
 def version_status(canary: float, conn: Connection) -> VersionStatus:

@@ -91,14 +91,28 @@ class RegisterResponse(_message.Message):
     def __init__(self, device_id: _Optional[int] = ..., level: _Optional[int] = ..., model_version: _Optional[str] = ..., architecture: _Optional[_Union[Architecture, _Mapping]] = ..., heartbeat_s: _Optional[float] = ..., credential: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("budget", "served", "model_version")
+    __slots__ = ("budget", "served", "model_version", "checks")
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SERVED_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_FIELD_NUMBER: _ClassVar[int]
     budget: Budget
     served: _containers.RepeatedCompositeFieldContainer[LevelUse]
     model_version: str
-    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., served: _Optional[_Iterable[_Union[LevelUse, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+    checks: _containers.RepeatedCompositeFieldContainer[VersionCheck]
+    def __init__(self, budget: _Optional[_Union[Budget, _Mapping]] = ..., served: _Optional[_Iterable[_Union[LevelUse, _Mapping]]] = ..., model_version: _Optional[str] = ..., checks: _Optional[_Iterable[_Union[VersionCheck, _Mapping]]] = ...) -> None: ...
+
+class VersionCheck(_message.Message):
+    __slots__ = ("model_version", "level", "examples", "correct")
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    model_version: str
+    level: int
+    examples: int
+    correct: int
+    def __init__(self, model_version: _Optional[str] = ..., level: _Optional[int] = ..., examples: _Optional[int] = ..., correct: _Optional[int] = ...) -> None: ...
 
 class LevelUse(_message.Message):
     __slots__ = ("level", "requests", "busy_ms", "confidence_sum")
