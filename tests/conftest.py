@@ -8,6 +8,7 @@ server cannot be reached; DRESS_TEST_PG_URL points them elsewhere.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -119,3 +120,13 @@ def enrolled(channel: grpc.Channel, registry: Any, name: str) -> DeviceStub:
     return DeviceStub(channel, registry.enroll([name])[name])
 
 
+
+
+def until(condition: Callable[[], object], timeout: float = 5.0, what: str = "the condition",
+          every: float = 0.01) -> float:
+    """Seconds until ``condition()`` holds, asked every ``every`` s; fails the test after ``timeout``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout, f"no {what} within {timeout:g} s"
+        time.sleep(every)
+    return time.monotonic() - started

@@ -14,7 +14,7 @@ import time
 
 import grpc
 import pytest
-from conftest import architecture, enrolled
+from conftest import architecture, enrolled, until
 
 from agent.backoff import Backoff
 from agent.lifecycle import heartbeat_interval
@@ -92,13 +92,6 @@ class Steady:
         return Budget(latency_ms=1000, memory_mb=100)
 
 
-def _until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.005)
-
-
 def test_heartbeats_back_off_while_the_coordinator_is_unreachable_and_log_once(
         caplog: pytest.LogCaptureFixture) -> None:
     stub = FlakyStub()
@@ -108,7 +101,7 @@ def test_heartbeats_back_off_while_the_coordinator_is_unreachable_and_log_once(
     caplog.set_level(logging.INFO, logger="agent.monitor")
     monitor.start()
     try:
-        _until(lambda: stub.calls >= 3)
+        until(lambda: stub.calls >= 3)
         stub.down.set()
         cut = time.monotonic()
         time.sleep(1.0)
@@ -117,7 +110,7 @@ def test_heartbeats_back_off_while_the_coordinator_is_unreachable_and_log_once(
         # at 0.01 s a beat it would have tried ~100 times; backing off to 0.04..0.08 s, about 1/0.06 a second
         assert monitor.failures <= 8 + seconds / 0.04, (monitor.failures, seconds)
         stub.down.clear()
-        _until(lambda: monitor.failures == 0)
+        until(lambda: monitor.failures == 0)
         assert stub.calls > tries
     finally:
         monitor.stop()
@@ -147,7 +140,7 @@ def test_an_agent_heartbeats_as_often_as_the_coordinator_asks_or_its_own_shorter
                             interval=0.01, pace=functools.partial(heartbeat_interval, wanted))
     monitor.start()
     try:
-        _until(lambda: stub.calls >= 1)
+        until(lambda: stub.calls >= 1)
         time.sleep(0.9)
     finally:
         monitor.stop()
@@ -175,15 +168,15 @@ def test_a_model_download_never_holds_up_the_caller_and_retries_with_backoff(
         start = time.monotonic()
         follower("slow")  # the heartbeat announces a version: it returns at once
         assert time.monotonic() - start < 0.05
-        _until(lambda: attempts)
+        until(lambda: attempts)
         follower("v2")  # announced while the download is in flight: fetched after it
         release.set()
-        _until(lambda: follower.backoff.failures >= 5)
+        until(lambda: follower.backoff.failures >= 5)
         gaps = [b - a for (_, a), (_, b) in zip(attempts[1:], attempts[2:])]
         assert all(gap >= 0.009 for gap in gaps), gaps  # never back to back
         assert {v for v, _ in attempts[1:]} == {"v2"}  # the newest version announced is the one retried
         failing.clear()
-        _until(lambda: follower.served == "v2")
+        until(lambda: follower.served == "v2")
         settled = len(attempts)
         follower("v2")  # already served: nothing to do
         time.sleep(0.1)
@@ -216,11 +209,11 @@ def test_a_device_whose_coordinator_returns_heartbeats_once_reconnected_not_afte
                                 interval=5.0, channel=channel)
         monitor.start()
         try:
-            _until(lambda: monitor.failures == 1)
+            until(lambda: monitor.failures == 1)
             time.sleep(0.5)
             server = serve(registry, "127.0.0.1", free_port, ARCH, lambda v, d, h: b"", heartbeat_s=5.0)
             back = time.monotonic()
-            _until(lambda: monitor.failures == 0, timeout=10.0)
+            until(lambda: monitor.failures == 0, timeout=10.0)
             assert time.monotonic() - back < 4.0  # its backoff alone would have waited 4.5 s at least
         finally:
             monitor.stop()

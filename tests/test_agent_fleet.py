@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
-from conftest import DeviceStub, architecture, enrolled, pick_port
+from conftest import DeviceStub, architecture, enrolled, pick_port, until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from agent.budget import TraceBudget, TracePoint
@@ -56,15 +56,6 @@ def _image(batch: int | None = None) -> tuple[torch.Tensor, agent_pb.PredictRequ
     x = torch.randn(batch or 1, 1, 28, 28, generator=torch.Generator().manual_seed(batch or 1))
     shape = list(x.shape) if batch else list(x.shape[1:])
     return x, agent_pb.PredictRequest(input=x.reshape(-1).tolist(), shape=shape)
-
-
-def _until(condition: Callable[[], bool], timeout: float) -> float:
-    """Seconds until `condition` held; fails the test after `timeout`."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "condition not met in time"
-        time.sleep(0.01)
-    return time.monotonic() - start
 
 
 class Coordinator:
@@ -365,7 +356,7 @@ def test_budget_changes_move_the_served_density_and_the_registry_row(
     try:
         time.sleep(0.15)
         clock.now = 20
-        took = _until(lambda: served.state().density == 1.0, timeout=5)
+        took = until(lambda: served.state().density == 1.0, timeout=5)
         assert took < 0.1 + 1.0  # one interval, plus the round trip on a busy machine
         assert registry.get_device(device_id).current_density == 1.0
     finally:
@@ -419,11 +410,11 @@ def test_monitor_rides_out_a_coordinator_outage(tmp_path: Path, served: ServedMo
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
         monitor.start()
         try:
-            _until(lambda: monitor.failures >= 3, timeout=5)
+            until(lambda: monitor.failures >= 3, timeout=5)
             assert 0.02 <= monitor.next_delay() <= 0.1  # backing off, capped
             assert served.state().density == 1.0  # still serving the last assignment
             coordinator.start()
-            _until(lambda: monitor.failures == 0 and served.state().density == 0.25, timeout=5)
+            until(lambda: monitor.failures == 0 and served.state().density == 0.25, timeout=5)
             assert coordinator.registry.get_device(device_id).current_density == 0.25
         finally:
             start = time.monotonic()
@@ -517,12 +508,12 @@ def test_with_the_coordinator_unreachable_the_device_still_adapts_to_its_budget(
                            calibration=CALIBRATION, rpc_timeout=0.2)
         monitor.start()
         try:
-            _until(lambda: monitor.failures >= 1, timeout=5)
+            until(lambda: monitor.failures >= 1, timeout=5)
             assert served.state().density == 1.0
             clock.now = 10
-            _until(lambda: served.state().density == 0.25, timeout=5)  # TIGHT: 0.25 is the densest that fits
+            until(lambda: served.state().density == 0.25, timeout=5)  # TIGHT: 0.25 is the densest that fits
             clock.now = 20
-            _until(lambda: served.state().density == 1.0, timeout=5)
+            until(lambda: served.state().density == 1.0, timeout=5)
         finally:
             monitor.stop()
     assert monitor.density == 1.0  # the coordinator's last word never changed: only the device's own did

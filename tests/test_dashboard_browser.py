@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import until
 
 from coordinator.registry import Registry
 from runtime.processes import pick_port
@@ -62,8 +63,8 @@ def _browser() -> webdriver.Chrome:
 
 
 def _until(condition, timeout: float, what: str) -> float:
-    """Seconds until ``condition()`` holds; a page re-rendered under the condition's feet (its elements gone
-    stale) is asked again."""
+    """Seconds until ``condition()`` holds (conftest.until, every 0.2 s); a page re-rendered under the
+    condition's feet (its elements gone stale) is asked again."""
     from selenium.common.exceptions import StaleElementReferenceException
 
     def holds() -> bool:
@@ -72,11 +73,7 @@ def _until(condition, timeout: float, what: str) -> float:
         except StaleElementReferenceException:
             return False
 
-    started = time.monotonic()
-    while not holds():
-        assert time.monotonic() - started < timeout, f"{what} within {timeout:g} s"
-        time.sleep(0.2)
-    return time.monotonic() - started
+    return until(holds, timeout, what, every=0.2)
 
 
 @pytest.mark.timeout(420)
