@@ -32,7 +32,7 @@ from coordinator.registry.models import (
     VersionCheck,
 )
 from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo
-from coordinator.registry.rollouts import serving_version
+from coordinator.registry.rollouts import current_rollout, serving_version, version_in
 from coordinator.registry.store import MAX_METRICS, Store, T, check_density, utc_now
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class DeviceRecords(Store):
             if row is None:
                 raise DeviceNotFoundError(f"device {device_id} is not registered")
             current, calibration, status, name = row
-            version = serving_version(conn, name)
+            version = version_in(self._recent_rollout(lambda: current_rollout(conn)), name)
             table = tuple(CalibrationPoint(**point) for point in calibration)  # stored densest first
             density = choose_density(table, budget, current, self.margin)
             budget_id = conn.execute(_INSERT_BUDGET, {

@@ -117,6 +117,7 @@ class Rollouts(Store):
                                                         ModelVersion.status == VersionStatus.CANDIDATE)
                              .values(status=VersionStatus.SUPERSEDED, decided_at=now,
                                      reason=f"superseded by {version}"))
+        self._rollout_changed()
 
     def serving_evidence(self, since: datetime) -> dict[str, dict[int, dict[float, Served]]]:
         """What each version served, per device and density, as devices reported it in heartbeats since ``since``

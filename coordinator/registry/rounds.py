@@ -103,6 +103,7 @@ class RoundRecords(Store):
             raise InvalidInputError(f"round {round_number} already recorded, or model version {model_version!r} "
                                     "unknown or (publishing) already existing") from e
         if published is not None:
+            self._rollout_changed()
             log.info("model version %s at densities %s", model_version, version_row["densities"])  # type: ignore[index]
 
     def list_rounds(self, after: int = 0, limit: int | None = None) -> list[RoundRecord]:
@@ -159,6 +160,7 @@ class RoundRecords(Store):
                 _publish(conn, row, canary)
         except IntegrityError as e:
             raise InvalidInputError(f"model version {version!r} already exists") from e
+        self._rollout_changed()
         log.info("model version %s at densities %s", version, row["densities"])
 
     def current_model_version(self) -> str | None:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -25,6 +26,10 @@ T = TypeVar("T")
 
 MAX_NAME_LENGTH = 128
 MAX_METRICS = 256
+# How long the heartbeat path reuses the rollout (which versions are stable and candidate) it last read: a fifth
+# of a heartbeat's database time otherwise. This process's own changes are seen at once; another's (an operator's
+# `dress-fleet models promote`) within this.
+ROLLOUT_TTL_S = 1.0
 LATEST_VERSION = select(ModelVersion.version).order_by(ModelVersion.id.desc()).limit(1)
 
 
@@ -61,6 +66,20 @@ class Store:
         self._write_lock: contextlib.AbstractContextManager[Any] = (
             threading.Lock() if is_sqlite(self.url) else contextlib.nullcontext()
         )
+        self._rollout_read: tuple[float, Any] | None = None  # (when, the rollout read then): ROLLOUT_TTL_S
+
+    def _recent_rollout(self, read: Callable[[], T]) -> T:
+        """The rollout ``read`` returns, or the one read less than ROLLOUT_TTL_S ago."""
+        cached = self._rollout_read
+        if cached is not None and time.monotonic() - cached[0] < ROLLOUT_TTL_S:
+            return cached[1]  # type: ignore[no-any-return]
+        rollout = read()
+        self._rollout_read = (time.monotonic(), rollout)
+        return rollout
+
+    def _rollout_changed(self) -> None:
+        """Versions were published or decided here: the next heartbeat reads the rollout afresh."""
+        self._rollout_read = None
 
     @property
     def safe_url(self) -> str:
