@@ -5,6 +5,7 @@ with `dress-fleet models`; an agent never serves a version that does not answer.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from agent.model_fetch import FetchedModel, ModelFetchError, check_answers
 from cli.fleet import app
 from contracts.policy import Budget, CalibrationPoint
 from coordinator.control_plane import serve
-from coordinator.registry import InvalidInputError, Registry
+from coordinator.registry import InvalidInputError, Registry, store
 from coordinator.registry.models import VersionStatus
 from coordinator.registry.rollouts import in_canary
 from coordinator.rollout import MIN_REQUESTS, judge
@@ -227,3 +228,16 @@ def test_a_check_the_registry_cannot_trust_is_refused_with_the_whole_heartbeat(
     with pytest.raises(InvalidInputError, match=message):
         registry.heartbeat(device_id, Budget(1000, 1234), checks=checks)
     assert registry.get_device(device_id).last_budget == before and registry.version_checks(["v1", "v7"]) == {}
+
+
+def test_heartbeats_see_this_process_publish_at_once_and_another_within_the_rollout_ttl(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store, "ROLLOUT_TTL_S", 0.3)
+    with Registry(state_dir=tmp_path / "state") as coordinator, Registry(state_dir=tmp_path / "state") as operator:
+        [device_id] = _fleet(coordinator, 1).values()
+        coordinator.add_model_version("v1", "/m/v1", DENSITIES)
+        assert coordinator.heartbeat(device_id, Budget(1000, 4000)).model_version == "v1"  # its own: at once
+        operator.add_model_version("v2", "/m/v2", DENSITIES)  # another process (`dress-fleet models`, a script)
+        assert coordinator.heartbeat(device_id, Budget(1000, 4000)).model_version == "v1"  # read < 0.3 s ago
+        time.sleep(0.35)
+        assert coordinator.heartbeat(device_id, Budget(1000, 4000)).model_version == "v2"
