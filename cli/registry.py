@@ -141,28 +141,24 @@ def enroll(
 @models_app.command("list")
 def models_list(ctx: typer.Context, db: DbOption = None, state_dir: StateDirOption = None) -> None:
     """Every model version, oldest first: its rollout status, canary share, why it was decided, and what the
-    devices' labelled checks of it gave (agents with --check-set)."""
+    devices' labelled checks of it gave (agents with --check-set: accuracy over all their check images)."""
     with _open(ctx, db, state_dir) as registry:
         versions = registry.list_versions()
         stable, candidate, _ = registry.rollout()
-        checks = registry.version_checks([v.version for v in versions])
+        checked = registry.checked_accuracy([v.version for v in versions])
     table = Table(title=f"{len(versions)} model versions (stable {stable or '-'}, candidate {candidate or '-'})")
     for column in ("version", "status", "canary", "published (UTC)", "decided (UTC)", "checked", "why"):
         table.add_column(column)
     for v in versions:
         table.add_row(shown(v.version), str(v.status), f"{v.canary:g}", f"{v.created_at:%Y-%m-%d %H:%M:%S}",
-                      f"{v.decided_at:%Y-%m-%d %H:%M:%S}" if v.decided_at else "-", checked_text(checks.get(v.version)),
+                      f"{v.decided_at:%Y-%m-%d %H:%M:%S}" if v.decided_at else "-", checked_text(checked.get(v.version)),
                       shown(v.reason or ""))
     _console().print(table)
 
 
-def checked_text(devices: dict[int, dict[float, tuple[int, int]]] | None) -> str:
-    """What devices' labelled checks of a version gave: the mean over devices of each one's accuracy (over the
-    densities it checked), and how many devices; "-" where none checked it."""
-    if not devices:
-        return "-"
-    per_device = [sum(c for _, c in per.values()) / sum(n for n, _ in per.values()) for per in devices.values()]
-    return f"{100 * sum(per_device) / len(per_device):.1f} % on {len(per_device)} devices"
+def checked_text(checked: tuple[int, float] | None) -> str:
+    """What devices' labelled checks of a version gave (``Registry.checked_accuracy``); "-" where none checked it."""
+    return "-" if checked is None else f"{checked[1]:.1f} % on {checked[0]} devices"
 
 
 def _decide(ctx: typer.Context, version: str, promote: bool, db: str | None, state_dir: Path | None) -> None:

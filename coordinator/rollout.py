@@ -23,9 +23,7 @@ import threading
 from dataclasses import dataclass
 
 from coordinator.registry import Registry
-from coordinator.registry.rollouts import Served
-
-DeviceChecks = dict[int, dict[float, tuple[int, int]]]  # device id -> density -> examples, correct
+from coordinator.registry.rollouts import DeviceChecks, Served
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +126,8 @@ def judge(registry: Registry) -> Verdict | None:
         return None
     published = next(v.created_at for v in registry.list_versions() if v.version == candidate)
     evidence = registry.serving_evidence(since=published)
-    checks = registry.version_checks([candidate, stable])
-    verdict = compare(evidence.get(candidate, {}), evidence.get(stable, {}),
-                      (checks.get(candidate, {}), checks.get(stable, {})))
+    checks = registry.version_checks(candidate), registry.version_checks(stable, devices_checking=candidate)
+    verdict = compare(evidence.get(candidate, {}), evidence.get(stable, {}), checks)
     if verdict is None:
         return None
     verdict = Verdict(candidate, verdict.promote, verdict.reason)

@@ -596,7 +596,7 @@ def test_each_version_is_checked_on_the_labelled_images_before_it_serves_and_the
             dense.set_density(density)
             expected[density] = int((dense(checker.check_set.images).argmax(-1) == checker.check_set.labels).sum())
     monitor.heartbeat_now()  # reports the checks
-    assert coordinator.registry.version_checks(["v1"]) == {"v1": {device_id: {d: (64, n) for d, n in expected.items()}}}
+    assert coordinator.registry.version_checks("v1") == {device_id: {d: (64, n) for d, n in expected.items()}}
     assert checker.ledger.take() == {}  # delivered once
 
 
@@ -618,7 +618,7 @@ def test_checks_a_failed_heartbeat_did_not_deliver_go_later_and_refused_ones_nev
         monitor.heartbeat_now()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "never published" in refused.value.details()
     monitor.heartbeat_now()  # the checks went with the refusal; the device heartbeats on
-    assert coordinator.registry.version_checks(["v1", "v9"]) == {}  # one transaction: nothing of the refused one
+    assert coordinator.registry.checked_accuracy(["v1", "v9"]) == {}  # one transaction: nothing of the refused one
     ledger.add({("v1", 1.0): (64, 50)})
     monitor.heartbeat_now()
-    assert coordinator.registry.version_checks(["v1"]) == {"v1": {device_id: {1.0: (64, 50)}}}
+    assert coordinator.registry.version_checks("v1") == {device_id: {1.0: (64, 50)}}

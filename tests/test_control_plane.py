@@ -201,7 +201,7 @@ def test_a_heartbeats_version_checks_are_checked_before_anything_is_recorded(
     registry.add_model_version("v1", "/m/v1", (1.0, 0.5, 0.25, 0.1))
     code, details = _status(lambda: stub.Heartbeat(pb.HeartbeatRequest(budget=_budget(50, 500), checks=checks)))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, details
-    assert registry.list_devices()[0].last_budget is None and registry.version_checks(["v1"]) == {}
+    assert registry.list_devices()[0].last_budget is None and registry.version_checks("v1") == {}
 
 
 @pytest.mark.parametrize(

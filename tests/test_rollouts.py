@@ -227,7 +227,7 @@ def test_a_check_the_registry_cannot_trust_is_refused_with_the_whole_heartbeat(
     before = registry.get_device(device_id).last_budget
     with pytest.raises(InvalidInputError, match=message):
         registry.heartbeat(device_id, Budget(1000, 1234), checks=checks)
-    assert registry.get_device(device_id).last_budget == before and registry.version_checks(["v1", "v7"]) == {}
+    assert registry.get_device(device_id).last_budget == before and registry.checked_accuracy(["v1", "v7"]) == {}
 
 
 def test_heartbeats_see_this_process_publish_at_once_and_another_within_the_rollout_ttl(

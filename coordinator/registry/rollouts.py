@@ -13,7 +13,7 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, func, select, update
 
 from coordinator.registry.errors import InvalidInputError
 from coordinator.registry.models import BudgetReport, ModelVersion, VersionCheck, VersionStatus
@@ -71,7 +71,7 @@ class Served:
     confidence_sum: float | None
 
 
-Checks = dict[str, dict[int, dict[float, tuple[int, int]]]]  # version -> device id -> density -> examples, correct
+DeviceChecks = dict[int, dict[float, tuple[int, int]]]  # device id -> density -> examples, correct
 
 
 class Rollouts(Store):
@@ -137,16 +137,28 @@ class Rollouts(Store):
         return {v: {device: {d: Served(int(e[0]), float(e[1]), e[2]) for d, e in per.items()}
                     for device, per in devices.items()} for v, devices in totals.items()}
 
-    def version_checks(self, versions: list[str]) -> Checks:
-        """What devices' labelled checks gave under each of ``versions``, per device and density."""
-        found: Checks = {}
+    def version_checks(self, version: str, devices_checking: str | None = None) -> DeviceChecks:
+        """What devices' labelled checks of ``version`` gave, per device and density; with ``devices_checking``,
+        only those of the devices that checked that version too (the judge pairs the stable version's checks with
+        the candidate's canary: a few devices of a large fleet, read through the index)."""
+        query = select(VersionCheck.device_id, VersionCheck.density, VersionCheck.examples, VersionCheck.correct) \
+            .where(VersionCheck.model_version == version)
+        if devices_checking is not None:
+            query = query.where(VersionCheck.device_id.in_(
+                select(VersionCheck.device_id).where(VersionCheck.model_version == devices_checking)))
+        found: DeviceChecks = {}
         with self._read() as s:
-            for version, device_id, density, examples, correct in s.execute(
-                    select(VersionCheck.model_version, VersionCheck.device_id, VersionCheck.density,
-                           VersionCheck.examples, VersionCheck.correct)
-                    .where(VersionCheck.model_version.in_(versions))):
-                found.setdefault(version, {}).setdefault(device_id, {})[density] = (examples, correct)
+            for device_id, density, examples, correct in s.execute(query):
+                found.setdefault(device_id, {})[density] = (examples, correct)
         return found
+
+    def checked_accuracy(self, versions: list[str]) -> dict[str, tuple[int, float]]:
+        """Per version any device checked: (devices, accuracy % over all their check images), summed in SQL."""
+        with self._read() as s:
+            rows = s.execute(select(VersionCheck.model_version, func.count(func.distinct(VersionCheck.device_id)),
+                                    func.sum(VersionCheck.correct), func.sum(VersionCheck.examples))
+                             .where(VersionCheck.model_version.in_(versions)).group_by(VersionCheck.model_version))
+            return {version: (devices, 100 * correct / examples) for version, devices, correct, examples in rows}
 
 
 def version_status(canary: float, conn: Connection) -> VersionStatus:
