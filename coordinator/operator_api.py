@@ -179,7 +179,8 @@ def operator_app(registry: Registry, metrics: FleetMetrics, secure_cookie: bool 
 
     @app.get("/api/devices/{name}", dependencies=[Depends(operator)])
     def device(name: str) -> dict[str, Any]:
-        """One device: its state, density history, what its Predict ran per density, and its refused updates."""
+        """One device: its state, density history, what its Predict ran per density, its labelled checks of each
+        model version (agents with --check-set), and its refused updates."""
         found = registry.list_devices(name=name)
         if not found:
             raise HTTPException(404, f"no device named {name!r}")
@@ -191,6 +192,8 @@ def operator_app(registry: Registry, metrics: FleetMetrics, secure_cookie: bool 
                              "at": h.assigned_at.isoformat()} for h in registry.device_history(d.id)],
                 "served": [{"density": density, "requests": n, "mean_ms": round(ms / n, 3) if n else None}
                            for density, (n, ms) in registry.served_totals(d.id).items()],
+                "checks": [{"version": v, "density": density, "examples": n, "accuracy": round(100 * right / n, 2),
+                            "at": at.isoformat()} for v, density, n, right, at in registry.device_checks(d.id)],
                 "refused": refused}
 
     return app

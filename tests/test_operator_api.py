@@ -216,5 +216,11 @@ def test_the_dashboard_json_follows_rounds_under_way_recorded_and_a_device(tmp_p
         assert (listed["pi-1"]["given_version"], listed["pi-1"]["model_version"]) == ("v1", "v1")
         assert (listed["pi-2"]["given_version"], listed["pi-2"]["model_version"]) == ("v1", None)
         assert json.loads(fleet.get("/api/devices/pi-1", credential)[1])["model_version"] == "v1"
+        assert device["checks"] == []  # none reported yet
+        fleet.registry.heartbeat(ids["pi-1"], Budget(100.0, 800.0), checks={("v1", 1.0): (256, 230),
+                                                                             ("v1", 0.1): (256, 200)})
+        checks = json.loads(fleet.get("/api/devices/pi-1", credential)[1])["checks"]
+        assert [(c["version"], c["density"], c["examples"], c["accuracy"]) for c in checks] == [
+            ("v1", 1.0, 256, 89.84), ("v1", 0.1, 256, 78.12)]
     finally:
         fleet.close()

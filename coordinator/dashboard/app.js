@@ -121,6 +121,9 @@ async function renderDevice(name) {
   $("device-served").innerHTML = d.served.length ? `<table><thead><tr><th class="num">density</th><th class="num">requests</th><th class="num">mean ms</th></tr></thead><tbody>` +
     d.served.map((s) => `<tr><td class="num">${s.density}</td><td class="num">${s.requests}</td><td class="num">${s.mean_ms ?? "–"}</td></tr>`).join("") + "</tbody></table>"
     : '<p class="muted">no Predict requests reported</p>';
+  $("device-checks").innerHTML = d.checks.length ? `<table id="device-checks-table"><thead><tr><th>model</th><th class="num">density</th><th class="num">accuracy %</th><th class="num">images</th></tr></thead><tbody>` +
+    d.checks.slice(0, 200).map((c) => `<tr><td>${esc(c.version)}</td><td class="num">${c.density}</td><td class="num">${c.accuracy}</td><td class="num">${c.examples}</td></tr>`).join("") + "</tbody></table>"
+    : '<p class="muted">none reported (the agent keeps no labelled images: dress-agent join --check-set)</p>';
   $("device-refused").innerHTML = d.refused.length ? `<ul>${d.refused.map((r) => `<li>round ${r.round}: ${esc(r.reason)}</li>`).join("")}</ul>` : '<p class="muted">none</p>';
 }
 

@@ -152,6 +152,14 @@ class Rollouts(Store):
                 found.setdefault(device_id, {})[density] = (examples, correct)
         return found
 
+    def device_checks(self, device_id: int) -> list[tuple[str, float, int, int, datetime]]:
+        """One device's labelled checks, newest first: (version, density, examples, correct, when)."""
+        with self._read() as s:
+            return [tuple(row) for row in s.execute(  # type: ignore[misc]
+                select(VersionCheck.model_version, VersionCheck.density, VersionCheck.examples, VersionCheck.correct,
+                       VersionCheck.checked_at).where(VersionCheck.device_id == device_id)
+                .order_by(VersionCheck.checked_at.desc(), VersionCheck.density.desc()))]
+
     def checked_accuracy(self, versions: list[str]) -> dict[str, tuple[int, float]]:
         """Per version any device checked: (devices, accuracy % over all their check images), summed in SQL."""
         with self._read() as s:
