@@ -19,7 +19,7 @@ from dress_model.data import ImageDataset, load_dataset
 from dress_model.models import Architecture
 from dress_model.packed import PackedModel
 
-DEFAULT_CHECK_EXAMPLES = 256  # about ±3 pt on one device's accuracy: the judge takes the median over devices
+DEFAULT_CHECK_EXAMPLES = 256  # one device's accuracy to a standard error of ~3 pt; the judge pairs versions per device
 CHECK_SET_FORM = "DATASET[:N]"
 
 Checks = dict[tuple[str, float], tuple[int, int]]  # (version, density) -> examples, correct
