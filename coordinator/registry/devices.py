@@ -33,7 +33,7 @@ from coordinator.registry.models import (
 )
 from coordinator.registry.records import Assignment, AssignmentRecord, DeviceInfo
 from coordinator.registry.rollouts import current_rollout, serving_version, version_in
-from coordinator.registry.store import MAX_METRICS, Store, T, check_density, utc_now
+from coordinator.registry.store import MAX_METRICS, MAX_NAME_LENGTH, Store, T, check_density, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,9 @@ def _check_checks(checks: Mapping[tuple[str, float], tuple[int, int]]) -> dict[t
         raise InvalidInputError(f"checks list {len(checks)} entries; at most {MAX_METRICS}")
     for (version, density), (examples, correct) in checks.items():
         check_density(density, "checked density")
-        if not version or len(version) > 128:
-            raise InvalidInputError(f"a check names model version {version!r}; expected 1 to 128 characters")
+        if not 0 < len(version) <= MAX_NAME_LENGTH:
+            raise InvalidInputError(f"a check names model version {version!r}; expected 1 to {MAX_NAME_LENGTH} "
+                                    "characters")
         if not (isinstance(examples, int) and 0 < examples <= MAX_CHECK_EXAMPLES):
             raise InvalidInputError(f"check of {version!r} at density {density:g}: examples must be "
                                     f"1..{MAX_CHECK_EXAMPLES}, got {examples!r}")
