@@ -18,6 +18,8 @@ tiers follow how its cost falls with the level, and none buys a wider tier with 
 1. Tuning (``--tune``): every method tries the same grid (TUNING_GRID), one run per configuration and tuning
    partition, seed 100, judged on 10,000 training images held out from every device's shard, never on the test
    split; score = mean over tiers of the last round's model. The best configuration is the method's in both arms.
+   ``--configs-from FILE`` takes each method's configuration from another result's tuning instead (say a narrower
+   model of the same dataset), the same rule for every method, and tunes nothing here.
 2. Two arms. equal-rounds: every method trains ``--epochs`` local passes with its own step. equal-compute: each
    device at tier t spends per example ``--epochs`` × t × a trained pass of the full model's MACs, and each
    method fits its steps into that (``agent.local_training``: a step that trains several densities, as DRESS's
@@ -298,6 +300,21 @@ def calibrations(methods: list[str], task: Task, stored: dict[str, list[dict[str
     return points
 
 
+def borrowed_configs(path: Path, methods: list[str]) -> dict[str, Any]:
+    """Each method's configuration as another result's tuning chose it (``--configs-from``), and where from."""
+    try:
+        other = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--configs-from: cannot read {path} as this benchmark's JSON: {e}") from None
+    tuned = other.get("tuning", {}).get("runs", []) if of_this_protocol(other) else []
+    best = best_configs(tuned)
+    missing = [m for m in methods if m not in best]
+    if missing:
+        raise SystemExit(f"--configs-from: {path} holds no tuning runs of {', '.join(missing)}; expected a result of "
+                         "this benchmark that tuned every method given (--methods)")
+    return {"file": str(path), "task": other["settings"]["task"], "best": best}
+
+
 def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[str],
                 seeds: dict[str, list[int]]) -> dict[str, Any]:
     """What the JSON records of how its runs were made; a resumed benchmark must match it but for
@@ -316,7 +333,7 @@ def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[s
                    "rounds": args.tuning_rounds} if args.tune else None,
         "app": {k: v for k, v in app.to_run_config().items() if k not in per_job},
         "methods": methods, "partitions": partitions, "seeds": seeds,
-    }
+    } | ({"configs_from": borrowed_configs(args.configs_from, methods)} if args.configs_from else {})
 
 
 def main() -> None:
@@ -361,8 +378,7 @@ def main() -> None:
             "settings": settings,
             "calibration": {m: [dataclasses.asdict(p) for p in ps] for m, ps in points.items()},
             "protocol": PROTOCOL,
-            "tuning": {"runs": tuned, "best": best_configs(tuned) if args.tune
-                       else {m: default_config() for m in settings["methods"]}},
+            "tuning": {"runs": tuned, "best": untuned_configs(settings) if not args.tune else best_configs(tuned)},
             "rows": rows_of(runs), "runs": runs,
             "wall_s": sum(r["wall_s"] for r in [*tuned, *runs]),
         }
@@ -392,7 +408,7 @@ def main() -> None:
 
     print(f"tuning: {len(jobs) - len(comparison) - len(todo)} runs done, {len(todo)} to go", flush=True)
     run_jobs(todo, len(jobs) - len(comparison) - len(todo), len(jobs) - len(comparison))
-    configs = best_configs(tuned) if args.tune else {m: default_config() for m in settings["methods"]}
+    configs = best_configs(tuned) if args.tune else untuned_configs(settings)
     runs[:] = still_valid(runs, configs, args.rounds)
     done = {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
     todo = [dataclasses.replace(job, config=configs[job.method]) for job in comparison if job.key not in done]
@@ -400,6 +416,12 @@ def main() -> None:
     report = save() if not todo else report
     run_jobs(todo, len(comparison) - len(todo), len(comparison))
     print(report)
+
+
+def untuned_configs(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's configuration when none is tuned here: borrowed (``--configs-from``), else the app's defaults."""
+    borrowed = settings.get("configs_from", {}).get("best", {})
+    return {m: borrowed.get(m, default_config()) for m in settings["methods"]}
 
 
 def selection(args: argparse.Namespace) -> tuple[list[str], list[str], dict[str, list[int]]]:
@@ -452,6 +474,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"tune every method on {TUNING_VALIDATION:,} held-out training images before the comparison "
                         f"(full: {PROFILES['full']['tune']}, quick: {PROFILES['quick']['tune']}); without, the app's "
                         "defaults")
+    p.add_argument("--configs-from", type=Path, metavar="FILE",
+                   help="take each method's configuration from FILE's tuning (a result of this benchmark on another "
+                        "task) and tune nothing here")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from " + ", ".join(ARMS))
     p.add_argument("--task", type=task_arg, default=default_task(),
                    help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w3 is issue 25's "
@@ -464,6 +489,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "settings only DRESS reads may change, and DRESS's runs are redone)")
     p.add_argument("--report", action="store_true", help="only rewrite the markdown and plots from --out's JSON")
     args = p.parse_args(argv)
+    if args.configs_from and args.tune:
+        p.error("--configs-from borrows the configurations another result tuned: it cannot be given with --tune")
+    if args.configs_from:
+        args.tune = False
     for key, value in PROFILES[args.profile].items():
         if getattr(args, key) is None:
             setattr(args, key, value)

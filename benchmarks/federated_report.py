@@ -138,8 +138,13 @@ def calibration_lines(result: dict[str, Any]) -> list[str]:
 def tuning_lines(result: dict[str, Any], tuning: dict[str, list[dict[str, Any]]]) -> list[str]:
     s = result["settings"]
     if not s["tune"]:
-        return ["## Tuning", "", "Not tuned (`--no-tune`): every method ran the app's defaults ("
-                + "; ".join(f"{m}: {config_label(c)}" for m, c in result["tuning"]["best"].items()) + ").", ""]
+        configs = "; ".join(f"{m}: {config_label(c)}" for m, c in result["tuning"]["best"].items())
+        borrowed = s.get("configs_from")
+        if borrowed:
+            return ["## Tuning", "", f"Not tuned here (`--configs-from {borrowed['file']}`): every method ran the "
+                    f"configuration its tuning on {borrowed['task']} chose, the same grid and budget for each "
+                    f"({configs}).", ""]
+        return ["## Tuning", "", f"Not tuned (`--no-tune`): every method ran the app's defaults ({configs}).", ""]
     tuning_settings = s["tuning"]
     grid = tuning_settings["grid"]  # every configuration tried, in the order the benchmark tried them
     labels = [config_label(dict(zip(grid, values))) for values in itertools.product(*grid.values())]

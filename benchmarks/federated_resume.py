@@ -42,8 +42,8 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
     dress_changes = dress_only_changes(theirs["app"], settings["app"])
     if dress_changes:
         theirs["app"] = settings["app"]
-    differ = {k: (theirs.get(k), v) for k, v in settings.items()
-              if k not in (*GROWING, *RESTARTING) and theirs.get(k) != v}
+    differ = {k: (theirs.get(k), settings.get(k)) for k in {*theirs, *settings}
+              if k not in (*GROWING, *RESTARTING) and theirs.get(k) != settings.get(k)}
     if differ:
         raise SystemExit(f"--resume: {out} was run with other settings (theirs, ours): {differ}")
     if dress_changes:

@@ -11,10 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 from test_federated_report import check_markdown  # noqa: E402
 
 from benchmarks import federated  # noqa: E402
+from benchmarks.federated_report import tuning_lines  # noqa: E402
+from benchmarks.federated_resume import PROTOCOL, resumed  # noqa: E402
 from benchmarks.federated_stats import ARMS, tables  # noqa: E402
 
 
@@ -58,3 +62,41 @@ def test_the_arms_pair_every_method_and_differ_only_in_compute_matching() -> Non
         assert dress.replace(method="heterofl") == heterofl  # paired: only the method differs
         assert dress.compute_matched == (arm == "equal-compute")
     assert settings["equal-compute", "dress"].replace(compute_matched=False) == settings["equal-rounds", "dress"]
+
+
+def test_configurations_borrowed_from_another_result_replace_tuning(tmp_path: Path) -> None:
+    """``--configs-from``: each method runs the configuration another result's tuning chose, nothing is tuned, the
+    JSON says where they came from, and a result made otherwise does not resume under it."""
+    other = tmp_path / "tuned.json"
+    grid = federated.grid()
+    tuned = [{"method": m, "partition": "dirichlet:0.3", "seed": 100, "config": c, "score": score, "wall_s": 1.0}
+             for m, best in (("dress", 3), ("heterofl", 5)) for i, c in enumerate(grid)
+             for score in [90.0 if i == best else 80.0]]
+    other.write_text(json.dumps({"protocol": PROTOCOL, "settings": {"task": "fashion-mnist-cnn"},
+                                 "tuning": {"runs": tuned}}))
+    args = federated.parse_args(["--profile", "quick", "--methods", "dress,heterofl", "--configs-from", str(other),
+                                 "--task", "fashion-mnist-cnn-w3", "--out", str(tmp_path / "out.json")])
+    assert args.tune is False
+    methods, partitions, seeds = federated.selection(args)
+    settings = federated.settings_of(args, methods, partitions, seeds)
+    assert settings["configs_from"]["task"] == "fashion-mnist-cnn"
+    assert federated.untuned_configs(settings) == {"dress": grid[3], "heterofl": grid[5]}
+    said = "\n".join(tuning_lines({"settings": settings, "tuning": {"best": federated.untuned_configs(settings)}}, {}))
+    assert f"--configs-from {other}" in said and "fashion-mnist-cnn" in said  # the report says where they came from
+
+    plain = federated.settings_of(federated.parse_args(["--profile", "quick", "--methods", "dress,heterofl"]),
+                                  methods, partitions, seeds)
+    stored = tmp_path / "stored.json"
+    stored.write_text(json.dumps({"protocol": PROTOCOL, "settings": plain, "runs": [], "tuning": {"runs": []}}))
+    with pytest.raises(SystemExit, match="configs_from"):  # borrowed configurations never mix with others
+        resumed(stored, {**plain, "configs_from": settings["configs_from"]}, resume=True)
+    stored.write_text(json.dumps({"protocol": PROTOCOL, "settings": {**plain, "configs_from": settings["configs_from"]},
+                                  "runs": [], "tuning": {"runs": []}}))
+    with pytest.raises(SystemExit, match="configs_from"):
+        resumed(stored, plain, resume=True)
+
+    with pytest.raises(SystemExit, match="no tuning runs of fjord-kd"):
+        federated.borrowed_configs(other, ["dress", "fjord-kd"])
+    with pytest.raises(SystemExit) as refused:  # it replaces tuning: both at once is a contradiction
+        federated.parse_args(["--configs-from", str(other), "--tune"])
+    assert refused.value.code == 2
