@@ -168,11 +168,11 @@ def main() -> None:
     }
     result = {"command": " && ".join(dict.fromkeys([*filter(None, kept.get("command", "").split(" && ")), command()])),
               "machine": machine(), "seed": args.seed, **{k: kept[k] for k in PARTS if k in kept and k not in only}}
-    for part in only:
+    for part in only:  # written after every part: a part that fails an hour in keeps the others' results
         if (value := measure[part]()) is not None:
             result[part] = value
-    write_json(args.out, result)
-    atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(report(result)))
+            write_json(args.out, result)
+            atomic_write(args.out.with_suffix(".md"), lambda tmp: tmp.write_text(report(result)))
     print(json.dumps(result, indent=2))
 
 
