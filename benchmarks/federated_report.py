@@ -17,6 +17,8 @@ from benchmarks.common import hms, markdown_table  # noqa: E402
 from benchmarks.federated_stats import ARMS, MIN_SEEDS, ci_text, config_label, tables  # noqa: E402
 from dress_model.checkpoint import atomic_write  # noqa: E402
 
+TARGET_ARM = "equal-compute"  # the arm issue 24's target is about
+ORDER_SLACK_PT = 0.3  # issue 25: a denser tier never more than this below the next sparser
 MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
 HETEROFL_MNIST = {  # rates: (IID, non-IID global) %, Flower's baselines/heterofl README
     "a": (99.47, 98.87), "a-e": (99.49, 98.9), "a-b-c-d-e": (99.23, 98.5), "b": (99.54, 98.81),
@@ -104,7 +106,7 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
                   + "); `--resume` continues the matrix.", ""]
     lines += [f"Wall time summed over the {len(result['runs']) + len(result['tuning']['runs'])} runs: "
               f"{hms(result['wall_s'])} (tuning {hms(sum(r['wall_s'] for r in result['tuning']['runs']))}).", ""]
-    lines += calibration_lines(result) + tuning_lines(result, t["tuning"])
+    lines += target_lines(t["sections"]) + calibration_lines(result) + tuning_lines(result, t["tuning"])
     for section in t["sections"]:
         lines += section_lines(section, out)
     lines += convergence_lines(result)
@@ -112,6 +114,25 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
         lines += published_mnist_lines()
     lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in DEVIATIONS), ""]
     return "\n".join(lines)
+
+
+def target_lines(sections: list[dict[str, Any]]) -> list[str]:
+    """Issue 24's target read off the tables: the equal-compute cells where DRESS − peer lies wholly below 0; and,
+    as issue 25 asks, where DRESS's denser tier falls more than ORDER_SLACK_PT below the next sparser one."""
+    behind, unordered = [], []
+    for section in (x for x in sections if x["arm"] == TARGET_ARM):
+        for peer, cells in section["differences"].items():
+            behind += [f"{section['partition']} d={tier:g}: DRESS − {peer} {ci_text(*cells[tier][:2], sign='+')}"
+                       for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
+        ours = section["accuracy"].get("dress", {})
+        tiers = [tier for tier in sorted(section["tiers"], reverse=True) if tier in ours]
+        unordered += [f"{section['partition']} d={denser:g} {ours[denser][0]:.2f} < d={sparser:g} {ours[sparser][0]:.2f}"
+                      for denser, sparser in zip(tiers, tiers[1:]) if ours[denser][0] < ours[sparser][0] - ORDER_SLACK_PT]
+    return ["## Against the targets", "",
+            f"- {TARGET_ARM} arm, DRESS − peer intervals wholly below 0 (issue 24: none): "
+            + ("; ".join(behind) if behind else "none") + ".",
+            f"- DRESS's tiers out of order, a denser one more than {ORDER_SLACK_PT:g} pt below the next sparser "
+            "(issue 25: none): " + ("; ".join(unordered) if unordered else "none") + ".", ""]
 
 
 def published_mnist_lines() -> list[str]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmarks.federated_report import target_lines  # noqa: E402
 from benchmarks.federated_stats import (  # noqa: E402
     ARMS,
     REFERENCE,
@@ -275,3 +276,26 @@ def test_the_committed_report_is_its_json_recomputed() -> None:
     assert {r["arm"] for r in result["rows"]} <= set(ARMS)
     assert len(result["rows"]) == sum(len(r["final_accuracy"]) for r in result["runs"])
     check_markdown(result, RESULTS.with_suffix(".md").read_text())
+
+
+def test_the_report_names_each_cell_that_misses_a_target() -> None:
+    """Issue 24: an equal-compute cell whose DRESS − peer interval lies wholly below 0; issue 25: a DRESS tier more
+    than 0.3 pt below the next sparser one. Each is named; a result that meets both says none."""
+    def runs_for(dress: dict[float, list[float]], peer: dict[float, list[float]]) -> dict[str, Any]:
+        rows = [row(m, seed, a, tier) for m, tiers in (("dress", dress), ("heterofl", peer))
+                for tier, accs in tiers.items() for seed, a in enumerate(accs)]
+        runs = [{"method": m, "arm": "equal-compute", "partition": "iid", "seed": seed, "device_compute_s": 1.0,
+                 "macs_per_round": 1e9, "bytes_per_round": 1e6, "flat": True, "rounds": 10, "curves": []}
+                for m in ("dress", "heterofl") for seed in range(3)]
+        return tables({"rows": rows, "runs": runs, "tuning": {"runs": []}})
+    missed = "\n".join(target_lines(runs_for({1.0: [90.0, 90.1, 90.2], 0.5: [88.0, 88.1, 88.3]},
+                                             {1.0: [89.0, 89.2, 89.1], 0.5: [89.0, 89.1, 89.2]})["sections"]))
+    behind = missed.splitlines()[2]
+    assert "iid d=0.5: DRESS − heterofl -0.97 ± " in behind and "d=1" not in behind  # d=1 is ahead: not named
+    ordered = "\n".join(target_lines(runs_for({1.0: [88.0, 88.2, 88.1], 0.5: [88.2, 88.3, 88.4]},
+                                              {1.0: [87.0, 87.1, 87.2], 0.5: [87.0, 87.1, 87.2]})["sections"]))
+    assert ordered.count(": none.") == 2  # 0.2 pt below the next sparser tier is within 0.3
+    assert "iid d=1 88.10 < d=0.5 88.30" not in ordered
+    unordered = "\n".join(target_lines(runs_for({1.0: [87.0, 87.1, 87.2], 0.5: [88.0, 88.1, 88.2]},
+                                                {1.0: [86.0, 86.1, 86.2], 0.5: [86.0, 86.1, 86.2]})["sections"]))
+    assert "iid d=1 87.10 < d=0.5 88.10" in unordered
