@@ -22,7 +22,7 @@ from dress_model.baselines.ordered_dropout import train_ordered_dropout
 from dress_model.cost import BACKWARD_FACTOR, counting_macs, forward_macs
 from dress_model.models import DressModel
 from dress_model.packed import PackedModel
-from dress_model.training import TrainConfig, train
+from dress_model.training import OWN_SHARE, TrainConfig, train
 
 TRAINED = 1 + BACKWARD_FACTOR  # a trained pass costs its forward and its backward
 
@@ -46,6 +46,9 @@ def step_macs(method: Method, model: DressModel | PackedModel, density: float, d
     cost = {d: forward_macs(model, d) for d in trained}
     if method.name == "dress" and joint == "own":
         return TRAINED * cost[trained[-1]]
+    if method.name == "dress" and joint == "own-drawn":  # the mean over its draws
+        sparser = statistics.fmean(cost[d] for d in trained[:-1]) if len(trained) > 1 else cost[trained[-1]]
+        return TRAINED * (OWN_SHARE * cost[trained[-1]] + (1 - OWN_SHARE) * sparser)
     if method.name == "dress" and joint == "ends":
         return TRAINED * (cost[trained[-1]] + (cost[trained[0]] if len(trained) > 1 else 0))
     if method.name == "dress" and joint in ("sandwich", "sandwich-labels"):

@@ -58,6 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "own": {"joint": "own", "distill": 0.0},  # a device's own density alone: more steps for the same compute
     "ends": {"joint": "ends", "distill": 0.0},  # its own density and the sparsest, summed
     "sandwich-labels": {"joint": "sandwich-labels", "distill": 0.0},  # ends and one drawn between, on the labels
+    "own-drawn": {"joint": "own-drawn", "distill": 0.0},  # one density a step: its own on half, a sparser one drawn
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them

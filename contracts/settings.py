@@ -162,9 +162,10 @@ class RunSettings:
                          "budget allows; docs/DECISIONS.md), all (every density at or below its own, mean loss), "
                          "sum (the same, losses summed), band (summed, each weight's gradient divided by how many of "
                          "those subnets hold it), sandwich (its own density on the labels; the sparsest and one "
-                         "drawn between learn from its predictions), ends (its own and the sparsest, summed) or "
+                         "drawn between learn from its predictions), ends (its own and the sparsest, summed), "
                          "sandwich-labels (its own, the sparsest and one drawn between, each on the labels, "
-                         "summed); all but all and sum need --distill 0.", dress_only=True)
+                         "summed) or own-drawn (one density a step: its own on half the steps, a sparser one drawn "
+                         "on the others); all but all and sum need --distill 0.", dress_only=True)
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "

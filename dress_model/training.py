@@ -51,8 +51,9 @@ class TrainConfig:
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
     joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``), "sandwich",
     # "own" (the densest of the densities alone: a device trains its own subnet, the sparser ones nested in it)
-    # "ends" (the densest and the sparsest, losses summed) or "sandwich-labels" (the sandwich's densities, each
-    # on the labels, losses summed)
+    # "ends" (the densest and the sparsest, losses summed), "sandwich-labels" (the sandwich's densities, each
+    # on the labels, losses summed) or "own-drawn" (one density a step: the densest on OWN_SHARE of the steps, a
+    # sparser one drawn uniformly on the others)
     extra: dict = field(default_factory=dict)
 
     def weights_for(self, densities: Sequence[float]) -> list[float]:
@@ -138,10 +139,21 @@ def band_mean_(model: Trainable, densities: Sequence[float]) -> None:
             p.grad.div_(len(trained))
 
 
-JOINT_RULES = ("all", "sum", "band", "sandwich", "own", "ends", "sandwich-labels")  # every density: loss_weights
-# (mean by default), summed, or summed then each weight's gradient divided by its subnets (band_mean_); the
-# sandwich; the densest alone; the densest and the sparsest, summed; the sandwich's densities on the labels, summed
-PICKING_RULES = ("sandwich", "own", "ends", "sandwich-labels")  # rules that pick what a step trains: no anchor
+JOINT_RULES = ("all", "sum", "band", "sandwich", "own", "ends", "sandwich-labels", "own-drawn")  # every density:
+# loss_weights (mean by default), summed, or summed then each weight's gradient divided by its subnets (band_mean_);
+# the sandwich; the densest alone; the densest and the sparsest, summed; the sandwich's densities on the labels,
+# summed; one a step, the densest or a sparser one drawn
+PICKING_RULES = ("sandwich", "own", "ends", "sandwich-labels", "own-drawn")  # rules that pick what a step trains
+OWN_SHARE = 0.5  # own-drawn: the share of steps on the densest (a device's own density); the rest draw a sparser one
+
+
+def own_drawn_level(densities: Sequence[float], rng: random.Random) -> float:
+    """The one density an own-drawn step trains: the densest on OWN_SHARE of the steps, else a sparser one drawn
+    uniformly, so that a density no device of the fleet holds as its own is still trained on its own."""
+    levels = sorted(densities)
+    if len(levels) == 1 or rng.random() < OWN_SHARE:
+        return levels[-1]
+    return rng.choice(levels[:-1])
 
 
 def sandwich_levels(densities: Sequence[float], rng: random.Random) -> list[float]:
@@ -275,7 +287,7 @@ def train(
     own data, and the anchor keeps them close to what the whole fleet learnt (the federated ablation: without
     it the densest subnet ends below the sparsest on non-IID data). ``config.joint`` "sandwich" trains by
     ``sandwich_step`` instead, and "sandwich-labels" draws the same densities each step but trains each on the
-    labels; their draws are seeded by ``seed``."""
+    labels, and "own-drawn" trains one density a step (``own_drawn_level``); their draws are seeded by ``seed``."""
     densities = tuple(config.densities or model.densities)
     for d in densities:
         model.level_of(d)  # fail early on a density the model lacks
@@ -285,6 +297,7 @@ def train(
         raise ValueError(f"joint must be one of {', '.join(JOINT_RULES)}, got {config.joint!r}")
     sandwich = config.joint == "sandwich"
     drawn = config.joint == "sandwich-labels"  # each step draws its densities, as the sandwich does
+    own_drawn = config.joint == "own-drawn"
     if config.joint in PICKING_RULES and not sandwich:  # fewer subnets a step: a budget buys more steps
         if config.distill or config.loss_weights:
             raise ValueError(f"joint {config.joint!r} picks the densities it trains: it takes no distill or "
@@ -313,6 +326,9 @@ def train(
         for x, y in loader:
             if sandwich:
                 losses = sandwich_step(model, x, y, densities, optimizer, rng, config.clip_norm)
+            elif own_drawn:
+                losses = joint_step(model, x, y, [own_drawn_level(densities, rng)], [1.0], optimizer,
+                                    classes=classes, clip_norm=config.clip_norm)
             elif drawn:
                 picked = sorted(sandwich_levels(densities, rng))
                 losses = joint_step(model, x, y, picked, [1.0] * len(picked), optimizer, classes=classes,

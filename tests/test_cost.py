@@ -51,6 +51,9 @@ def test_a_step_costs_what_its_method_trains() -> None:
     assert step_macs(get_method("dress"), dress, 0.1, 0.0, joint="sandwich") == TRAINED * f[0.1]
     assert step_macs(get_method("dress"), dress, 1.0, 0.0, joint="sandwich-labels") == step_macs(
         get_method("dress"), dress, 1.0, 0.0, joint="sandwich")  # the same subnets, another target
+    assert step_macs(get_method("dress"), dress, 0.5, 0.0, joint="own-drawn") == pytest.approx(
+        TRAINED * (f[0.5] + (f[0.1] + f[0.25]) / 2) / 2)  # its own on half the steps, a sparser one on the rest
+    assert step_macs(get_method("dress"), dress, 0.1, 0.0, joint="own-drawn") == TRAINED * f[0.1]
     assert step_macs(get_method("heterofl"), twin, 0.5, 0.0) == TRAINED * w[0.5]
     assert step_macs(get_method("fjord"), twin, 0.25, 0.0) == pytest.approx(TRAINED * (w[0.1] + w[0.25]) / 2)
     assert step_macs(get_method("fjord-kd"), twin, 0.25, 0.0) == pytest.approx(

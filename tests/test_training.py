@@ -2,6 +2,7 @@
 
 import copy
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -11,9 +12,11 @@ from dress_model.layers import DensityBatchNorm
 from dress_model.models import create_model
 from dress_model.packed import PackedModel
 from dress_model.training import (
+    OWN_SHARE,
     TrainConfig,
     evaluate,
     joint_step,
+    own_drawn_level,
     recalibrate_bn,
     sandwich_levels,
     sandwich_step,
@@ -247,6 +250,18 @@ def test_the_own_and_ends_rules_train_the_densest_alone_or_with_the_sparsest() -
     assert set(drawn) == {0.1, 0.25, 0.5}  # three subnets: the middle one drawn, each on the labels
     with pytest.raises(ValueError, match="takes no distill"):
         train(model, loader, TrainConfig(joint="sandwich-labels", distill=0.5))
+    one = train(copy.deepcopy(before), loader, TrainConfig(densities=(0.1, 0.25, 0.5), joint="own-drawn",
+                                                           rerank_every=0, recalibrate_batches=0), seed=1)
+    assert len(one) == 1 and set(one) <= {0.1, 0.25, 0.5}  # one subnet a step
+
+
+def test_own_drawn_trains_its_own_density_on_half_the_steps_and_every_sparser_one_on_the_rest() -> None:
+    rng = random.Random(0)
+    draws = Counter(own_drawn_level((0.25, 0.1, 0.5), rng) for _ in range(4000))
+    assert set(draws) == {0.1, 0.25, 0.5}  # a density nobody holds as its own is trained too
+    assert abs(draws[0.5] / 4000 - OWN_SHARE) < 0.03
+    assert abs(draws[0.1] - draws[0.25]) / 4000 < 0.04  # the sparser ones alike
+    assert own_drawn_level((0.1,), rng) == 0.1
 
 
 def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
@@ -259,7 +274,7 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own, ends, sandwich-labels"),
+    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own, ends, sandwich-labels, own-drawn"),
     (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
