@@ -378,7 +378,7 @@ def main() -> None:
             "settings": settings,
             "calibration": {m: [dataclasses.asdict(p) for p in ps] for m, ps in points.items()},
             "protocol": PROTOCOL,
-            "tuning": {"runs": tuned, "best": untuned_configs(settings) if not args.tune else best_configs(tuned)},
+            "tuning": {"runs": tuned, "best": chosen_configs(args.tune, tuned, settings)},
             "rows": rows_of(runs), "runs": runs,
             "wall_s": sum(r["wall_s"] for r in [*tuned, *runs]),
         }
@@ -408,7 +408,7 @@ def main() -> None:
 
     print(f"tuning: {len(jobs) - len(comparison) - len(todo)} runs done, {len(todo)} to go", flush=True)
     run_jobs(todo, len(jobs) - len(comparison) - len(todo), len(jobs) - len(comparison))
-    configs = best_configs(tuned) if args.tune else untuned_configs(settings)
+    configs = chosen_configs(args.tune, tuned, settings)
     runs[:] = still_valid(runs, configs, args.rounds)
     done = {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
     todo = [dataclasses.replace(job, config=configs[job.method]) for job in comparison if job.key not in done]
@@ -416,6 +416,11 @@ def main() -> None:
     report = save() if not todo else report
     run_jobs(todo, len(comparison) - len(todo), len(comparison))
     print(report)
+
+
+def chosen_configs(tune: bool, tuned: list[dict[str, Any]], settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method's configuration: the best of its tuning runs here, else ``untuned_configs``."""
+    return best_configs(tuned) if tune else untuned_configs(settings)
 
 
 def untuned_configs(settings: dict[str, Any]) -> dict[str, dict[str, Any]]:

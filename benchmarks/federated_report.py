@@ -126,8 +126,9 @@ def target_lines(sections: list[dict[str, Any]]) -> list[str]:
                        for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
         ours = section["accuracy"].get("dress", {})
         tiers = [tier for tier in sorted(section["tiers"], reverse=True) if tier in ours]
-        unordered += [f"{section['partition']} d={denser:g} {ours[denser][0]:.2f} < d={sparser:g} {ours[sparser][0]:.2f}"
-                      for denser, sparser in zip(tiers, tiers[1:]) if ours[denser][0] < ours[sparser][0] - ORDER_SLACK_PT]
+        unordered += [f"{section['partition']} d={denser:g} {ours[denser][0]:.2f} < "
+                      f"d={sparser:g} {ours[sparser][0]:.2f}" for denser, sparser in zip(tiers, tiers[1:])
+                      if ours[denser][0] < ours[sparser][0] - ORDER_SLACK_PT]
     return ["## Against the targets", "",
             f"- {TARGET_ARM} arm, DRESS − peer intervals wholly below 0 (issue 24: none): "
             + ("; ".join(behind) if behind else "none") + ".",

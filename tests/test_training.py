@@ -274,7 +274,8 @@ def test_sandwich_training_learns_every_density(fmnist_slice) -> None:
 
 
 @pytest.mark.parametrize("config, match", [
-    (TrainConfig(joint="every"), "joint must be one of all, sum, band, sandwich, own, ends, sandwich-labels, own-drawn"),
+    (TrainConfig(joint="every"),
+     "joint must be one of all, sum, band, sandwich, own, ends, sandwich-labels, own-drawn"),
     (TrainConfig(joint="sum", loss_weights=(1.0, 1.0)), "takes no loss_weights"),
     (TrainConfig(joint="sandwich", distill=0.5), "takes no distill"),
     (TrainConfig(joint="sandwich", loss_weights=(1.0, 1.0)), "takes no distill"),
