@@ -168,6 +168,9 @@ def main() -> None:
         if any(previous.get(k) != v for k, v in settings.items()):
             raise SystemExit(f"{args.out} was trained with other settings than {settings}: another --out")
         result["rows"], result["train_seconds"] = previous["rows"], previous["train_seconds"]
+        # a resume may run other tasks or seeds: the file names every one its rows hold
+        result["tasks"] = list(dict.fromkeys(previous["tasks"] + result["tasks"]))
+        result["seeds"] = sorted(set(previous["seeds"]) | set(seeds))
     done = {(r["task"], r["seed"], r["method"]) for r in result["rows"]}
     with Progress(console=console) as progress:
         for task in tasks:

@@ -37,6 +37,9 @@ stopped midway has paired results; the JSON is written after every run. ``--resu
 settings (methods, partitions and seeds may grow; another ``--rounds`` redoes the comparison runs); app settings
 only DRESS reads (``contracts.settings.dress_only_keys``, say ``joint``) may change too: DRESS is calibrated,
 tuned and compared again, the peers' runs are kept.
+
+One job, driving the comparison (its jobs, their order, calibration, runs and resume checks), which is why it
+runs past 400 lines; the statistics, the report and the resume rules are modules of their own.
 """
 
 from __future__ import annotations

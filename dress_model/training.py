@@ -1,8 +1,10 @@
-"""Joint training of every nested subnet with a weighted loss, and per-density evaluation.
+"""Joint training of the nested subnets, and per-density evaluation: one job, the training loop and the rules
+for what each of its steps trains (``JOINT_RULES``), which is why it runs past 400 lines.
 
-Each step runs forward+backward once per density on the same batch and steps on the weighted sum of
-their losses; gradients of all subnets land in the one shared set of weights. The per-row importance order
-is re-ranked on a schedule so the sparse prefixes follow the weights as they move.
+By default each step runs forward+backward once per density on the same batch and steps on the weighted sum
+of their losses; gradients of all subnets land in the one shared set of weights. Other rules pick fewer
+densities a step (a device's own, the sandwich, one drawn). The per-row importance order is re-ranked on a
+schedule so the sparse prefixes follow the weights as they move.
 
 The model is either a ``DressModel`` (dense weights under masks: centralized training, where rows re-rank)
 or a ``PackedModel`` (the packed values themselves, masks fixed as packed: what a device trains).
