@@ -468,7 +468,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.add_argument(flag, type=kind, help=f"{what} (full: {PROFILES['full'][key]}, quick: {PROFILES['quick'][key]})")
 
     profiled("--methods", str, f"comma-separated, from {', '.join(METHODS)}")
-    profiled("--partitions", str, "comma-separated: iid, dirichlet:ALPHA, labels:N")
+    profiled("--partitions", str, "comma-separated: iid, dirichlet:ALPHA, labels:N, profile[:LEAN] (each device "
+             "profile's data leans to classes of its own, issue 25)")
     profiled("--seeds-equal-compute", str, f"the equal-compute arm's seeds (issue 24: at least {MIN_SEEDS['equal-compute']})")
     profiled("--seeds-equal-rounds", str, f"the equal-rounds arm's seeds (issue 24: at least {MIN_SEEDS['equal-rounds']})")
     profiled("--devices", int, "devices in the fleet")

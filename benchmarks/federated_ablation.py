@@ -3,6 +3,8 @@
     python -m benchmarks.federated_ablation              # every variant × partition × seed on the capacity task
     python -m benchmarks.federated_ablation --resume     # continue a stopped one (the JSON is written per run)
     python -m benchmarks.federated_ablation --report     # rewrite the markdown from the JSON alone
+    python -m benchmarks.federated_ablation --variants own,own-drawn --baseline own \
+        --out benchmarks/results/federated-ablation-drawn.json   # two rules, paired with the default's
 
 Each variant is DRESS with a few run settings changed (VARIANTS), on `federated.py`'s fleet and protocol (its
 full profile: 100 devices, every one at its full budget, the same devices each round for every variant, the
@@ -79,23 +81,25 @@ def run_settings(args: argparse.Namespace, variant: str, partition: str, seed: i
     return Job(TUNING, "dress", partition, seed, {**args.base, **VARIANTS[variant]}).run_settings(args)
 
 
-def paired(runs: list[dict[str, Any]], variant: str, partition: str, tier: str) -> tuple[float, float]:
-    """``variant`` − BASELINE at ``tier`` on ``partition``, paired by seed: mean and CI half-width (nan when no
-    seed has both)."""
+def paired(runs: list[dict[str, Any]], variant: str, baseline: str, partition: str, tier: str
+           ) -> tuple[float, float]:
+    """``variant`` − ``baseline`` at ``tier`` on ``partition``, paired by seed: mean and CI half-width (nan when
+    no seed has both)."""
     of = {(r["variant"], r["seed"]): r["final_accuracy"][tier] for r in runs if r["partition"] == partition}
-    diffs = [of[variant, s] - of[BASELINE, s] for v, s in of if v == variant and (BASELINE, s) in of]
+    diffs = [of[variant, s] - of[baseline, s] for v, s in of if v == variant and (baseline, s) in of]
     return mean_ci(diffs) if diffs else (math.nan, math.nan)
 
 
 def report(result: dict[str, Any]) -> str:
-    """The markdown: per partition, each variant's accuracy per tier and its paired difference to BASELINE."""
+    """The markdown: per partition, each variant's accuracy per tier and its paired difference to the baseline."""
     runs, s = result["runs"], result["settings"]
+    baseline = s.get("baseline", BASELINE)
     tiers = [f"{d:g}" for d in sorted(s["densities"], reverse=True)]
     lines = [f"# Federated DRESS variants — {s['task']}, held-out seeds", "", f"`{result['command']}`", "",
              f"{s['devices']} devices, {s['rounds']} rounds, {s['fraction']} of the fleet per round, {s['epochs']:g} "
              f"local epochs ({ARM}), DRESS's tuned server settings {s['base']}. Scores: the last round's model on "
              f"{TUNING_VALIDATION:,} training images held out of every shard (not the test split), mean ± 95 % CI "
-             "over seeds; Δ: paired by seed against " + BASELINE + ".", "",
+             "over seeds; Δ: paired by seed against " + baseline + ".", "",
              "Variants: " + "; ".join(f"**{v}** {VARIANTS[v]}" for v in s["variants"]) + ".",
              "", f"Wall time summed over {len(runs)} runs: {hms(sum(r['wall_s'] for r in runs))}.", ""]
     for partition in s["partitions"]:
@@ -107,8 +111,8 @@ def report(result: dict[str, Any]) -> str:
             row: dict[str, Any] = {"variant": variant, "seeds": ",".join(str(r["seed"]) for r in mine)}
             for tier in tiers:
                 row[f"d={tier}"] = ci_text(*mean_ci(r["final_accuracy"][tier] for r in mine))
-                if variant != BASELINE:
-                    row[f"d={tier}"] += f" (Δ {ci_text(*paired(runs, variant, partition, tier), sign='+')})"
+                if variant != baseline:
+                    row[f"d={tier}"] += f" (Δ {ci_text(*paired(runs, variant, baseline, partition, tier), sign='+')})"
             row["d=max − d=min"] = ci_text(*mean_ci(r["final_accuracy"][tiers[0]] - r["final_accuracy"][tiers[-1]]
                                                     for r in mine), sign="+")
             row["device-rounds per tier"] = " / ".join(str(sum(r["device_rounds"].get(t, 0) for r in mine))
@@ -125,6 +129,8 @@ def main() -> None:
     p.add_argument("--task", type=task_arg, default=Task("fashion-mnist", "cnn", 3),
                    help=f"DATASET-MODEL[-wWIDTH] (default: issue 25's capacity task; the app's is {default_task().name})")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
+    p.add_argument("--baseline", default=BASELINE,
+                   help="the variant every other one is paired with by seed (one of --variants)")
     p.add_argument("--partitions", default=PARTITIONS)
     p.add_argument("--seeds", default=SEEDS)
     p.add_argument("--tuned", type=Path, default=RESULTS / "federated.json",
@@ -144,8 +150,8 @@ def main() -> None:
     variants = [v for v in args.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
         raise SystemExit(f"unknown variants {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
-    if BASELINE not in variants:
-        raise SystemExit(f"the variants must include {BASELINE}: every other one is compared with it")
+    if args.baseline not in variants:
+        raise SystemExit(f"--variants must include the baseline {args.baseline}: every other one is compared with it")
     partitions = [x for x in args.partitions.split(",") if x]
     try:
         seeds = [int(x) for x in args.seeds.split(",") if x]
@@ -156,12 +162,14 @@ def main() -> None:
     for variant in variants:  # every run's settings checked before the first one starts
         run_settings(args, variant, partitions[0], seeds[0])
 
-    settings = {"task": args.task.name, "base": args.base, "variants": variants, "partitions": partitions,
-                "seeds": seeds, "densities": list(run_settings(args, BASELINE, partitions[0], seeds[0]).density_list),
+    settings = {"task": args.task.name, "base": args.base, "baseline": args.baseline, "variants": variants,
+                "partitions": partitions, "seeds": seeds,
+                "densities": list(run_settings(args, args.baseline, partitions[0], seeds[0]).density_list),
                 **{k: getattr(args, k) for k in FLEET}}
     previous = json.loads(args.out.read_text()) if args.resume and args.out.is_file() else None
-    fixed = ("task", "base", "densities", *FLEET)
-    if previous and any(previous["settings"][k] != settings[k] for k in fixed):
+    fixed = ("task", "base", "baseline", "densities", *FLEET)
+    before = {"baseline": BASELINE, **previous["settings"]} if previous else {}  # files before --baseline: its default
+    if previous and any(before[k] != settings[k] for k in fixed):
         raise SystemExit(f"{args.out} was run with other settings ({', '.join(fixed)} must match): another --out")
     if previous:  # variants, partitions and seeds may grow
         for key in ("variants", "partitions", "seeds"):
