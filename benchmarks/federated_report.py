@@ -14,7 +14,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import hms, markdown_table  # noqa: E402
-from benchmarks.federated_stats import ARMS, MIN_SEEDS, ci_text, config_label, tables  # noqa: E402
+from benchmarks.federated_stats import (  # noqa: E402
+    ARMS,
+    MIN_SEEDS,
+    ci_text,
+    config_label,
+    mean_ci,
+    run_drift,
+    tables,
+)
 from dress_model.checkpoint import atomic_write  # noqa: E402
 
 TARGET_ARM = "equal-compute"  # the arm issue 24's target is about
@@ -233,7 +241,19 @@ def convergence_lines(result: dict[str, Any]) -> list[str]:
         if mine:
             lines.append(f"- {arm}: {len(mine) - len(steep)} of {len(mine)} runs flat"
                          + (f"; not flat: {', '.join(steep)}" if steep else ""))
-    return lines + [""]
+    rows = []
+    for arm in ARMS:
+        for partition in dict.fromkeys(r["partition"] for r in result["runs"] if r["arm"] == arm):
+            mine = [r for r in result["runs"] if r["arm"] == arm and r["partition"] == partition]
+            drifts = [run_drift(r["curves"]) for r in mine]
+            rows.append({"arm": arm, "partition": partition, "flat runs": f"{sum(r['flat'] for r in mine)}/{len(mine)}",
+                         "drift, pt": ci_text(*mean_ci(drifts), sign="+"),
+                         "up / down": f"{sum(d > 0 for d in drifts)} / {sum(d < 0 for d in drifts)}"})
+    return lines + ["", "Whether the runs that are not flat still learn or oscillate about a plateau: each run's "
+                    "signed drift (the same two windows, the later minus the earlier, averaged over tiers), mean ± "
+                    "95 % CI over the cell's runs and how many drifted up or down. Runs still learning drift up "
+                    "together; oscillating ones drift either way and average to about 0.", "",
+                    markdown_table(rows, ["arm", "partition", "flat runs", "drift, pt", "up / down"])]
 
 
 def write_report(out: Path, result: dict[str, Any]) -> str:

@@ -64,13 +64,22 @@ def paired_difference(rows: Sequence[Mapping[str, Any]], method: str, peer: str,
     return (*mean_ci(differences), len(differences))
 
 
-def drift(values: Sequence[float]) -> float:
-    """|mean of the last 10 % of a curve − mean of the 10 % before| (at least one round each); nan when the curve
-    has too few rounds for two windows."""
+def signed_drift(values: Sequence[float]) -> float:
+    """Mean of the last 10 % of a curve − mean of the 10 % before (at least one round each); nan when the curve
+    has too few rounds for two windows. Still learning: > 0; oscillating about a plateau: either sign."""
     window = max(1, round(FLAT_WINDOW * len(values)))
     if len(values) < 2 * window:
         return math.nan
-    return abs(statistics.fmean(values[-window:]) - statistics.fmean(values[-2 * window:-window]))
+    return statistics.fmean(values[-window:]) - statistics.fmean(values[-2 * window:-window])
+
+
+def drift(values: Sequence[float]) -> float:
+    return abs(signed_drift(values))
+
+
+def run_drift(curves: Sequence[Mapping[str, float]]) -> float:
+    """A run's signed drift averaged over its tiers (``curves``: one record per round, as the JSON holds them)."""
+    return statistics.fmean(signed_drift([c[tier] for c in curves]) for tier in curves[0] if tier != "round")
 
 
 def flat(curve_values: Sequence[Sequence[float]]) -> bool:

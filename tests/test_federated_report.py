@@ -24,6 +24,8 @@ from benchmarks.federated_stats import (  # noqa: E402
     flat,
     mean_ci,
     paired_difference,
+    run_drift,
+    signed_drift,
     tables,
 )
 
@@ -73,6 +75,13 @@ def test_a_run_is_flat_when_its_last_fifth_moved_under_a_fifth_of_a_point() -> N
     assert flat([[10.0 + i for i in range(30)] + [90.0] * 10])  # the last 20 % is all that counts
     assert not flat([[80.0]])  # one round: nothing to judge
     assert not flat([])
+
+
+def test_a_runs_signed_drift_says_whether_it_still_learns_or_oscillates() -> None:
+    assert signed_drift([70.0 + i for i in range(10)]) == pytest.approx(1.0)  # climbing a point a round
+    assert signed_drift([80.0] * 9 + [79.5]) == pytest.approx(-0.5)  # a dip in the last round
+    climbing = [{"round": r, "1": 70.0 + r, "0.1": 60.0 + 2 * r} for r in range(10)]
+    assert run_drift(climbing) == pytest.approx(1.5)  # averaged over the tiers, "round" not one of them
 
 
 def synthetic_result() -> dict[str, Any]:
