@@ -62,7 +62,7 @@ import numpy as np
 from benchmarks.common import Task, command, hms, machine, parse_task, write_json
 from benchmarks.federated_report import write_report
 from benchmarks.federated_resume import PROTOCOL, of_this_protocol, resumed, still_valid
-from benchmarks.federated_stats import ARMS, MIN_SEEDS, best_configs, config_label, flat
+from benchmarks.federated_stats import ARMS, MIN_SEEDS, best_configs, config_label, flat, tier_curves
 from contracts.methods import METHODS
 from contracts.naming import simulated_name
 from contracts.policy import CalibrationPoint
@@ -208,7 +208,7 @@ def curves_of(method: str, metrics: dict[str, Any], tiers: tuple[float, ...]) ->
 
 
 def is_flat(curves: list[dict[str, float]]) -> bool:
-    return flat([[c[tier] for c in curves] for tier in curves[0] if tier != "round"])
+    return flat(tier_curves(curves))
 
 
 def tuning_record(job: Job, run: RunSettings, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -77,9 +77,14 @@ def drift(values: Sequence[float]) -> float:
     return abs(signed_drift(values))
 
 
+def tier_curves(curves: Sequence[Mapping[str, float]]) -> list[list[float]]:
+    """A run's curves as the JSON holds them (one record per round) turned into one accuracy curve per tier."""
+    return [[c[tier] for c in curves] for tier in curves[0] if tier != "round"]
+
+
 def run_drift(curves: Sequence[Mapping[str, float]]) -> float:
-    """A run's signed drift averaged over its tiers (``curves``: one record per round, as the JSON holds them)."""
-    return statistics.fmean(signed_drift([c[tier] for c in curves]) for tier in curves[0] if tier != "round")
+    """A run's signed drift averaged over its tiers."""
+    return statistics.fmean(signed_drift(values) for values in tier_curves(curves))
 
 
 def flat(curve_values: Sequence[Sequence[float]]) -> bool:
