@@ -88,6 +88,9 @@ def train_config_of(config: ConfigRecord, settings: RunSettings, model: DressMod
         distill=distill,
         joint=joint,
         classes=tuple(sorted(set(data.labels.tolist()))) if method.label_split else None,
+        label_counts=tuple(np.bincount(data.labels.numpy(), minlength=model.arch.num_classes).tolist())
+        if settings.logit_adjust else None,
+        logit_adjust=settings.logit_adjust,
         rerank_every=0,  # the device keeps the masks it was sent; the server re-ranks after aggregation
         recalibrate_batches=0,  # and the server recalibrates BN after aggregation
     )

@@ -61,6 +61,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ends": {"joint": "ends", "distill": 0.0},  # its own density and the sparsest, summed
     "sandwich-labels": {"joint": "sandwich-labels", "distill": 0.0},  # ends and one drawn between, on the labels
     "own-drawn": {"joint": "own-drawn", "distill": 0.0},  # one density a step: its own on half, a sparser one drawn
+    # its own density, the loss on logits plus the log of the device's label frequencies (balanced softmax, tau 1)
+    "own+adjust": {"joint": "own", "distill": 0.0, "logit_adjust": 1.0},
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them

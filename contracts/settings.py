@@ -166,6 +166,10 @@ class RunSettings:
                          "sandwich-labels (its own, the sparsest and one drawn between, each on the labels, "
                          "summed) or own-drawn (one density a step: its own on half the steps, a sparser one drawn "
                          "on the others); all but all and sum need --distill 0.", dress_only=True)
+    logit_adjust: float = setting(0.0, "Logit adjustment: a device's loss sees its logits plus this × the log of its "
+                                  "own label frequencies (one example per class added), so its shard's label skew "
+                                  "stays in the loss, not in the weights it sends back (Menon et al. 2021; FedLC); "
+                                  "0 = off. Any method.")
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
@@ -198,6 +202,7 @@ class RunSettings:
             (self.epochs > 0, "epochs", "a number > 0"),
             (self.lr >= 0, "lr", "a number >= 0"),
             (0 < self.lr_decay <= 1, "lr-decay", "a number in (0, 1]"),
+            (self.logit_adjust >= 0, "logit-adjust", "a number >= 0"),
             (0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)"),
             (0 <= self.server_average < 1, "server-average", "a number in [0, 1)"),
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),

@@ -50,6 +50,8 @@ class TrainConfig:
     recalibrate_batches: int = 50  # >0: recompute per-density BN statistics after training (ablation: helps)
     distill: float = 0.0  # weight of the anchor loss for every density above the sparsest (see ``train``)
     classes: tuple[int, ...] | None = None  # HeteroFL: only these classes' logits count (the rest read 0)
+    label_counts: tuple[int, ...] | None = None  # the device's examples per class, for ``logit_adjust``
+    logit_adjust: float = 0.0  # > 0: the loss sees logits + this × log of the label frequencies (``LogitView``)
     clip_norm: float = 0.0  # clip the gradient to this norm before every step (0 = off)
     joint: str = "all"  # what a step trains: "all", "sum" or "band" (every density, ``joint_step``), "sandwich",
     # "own" (the densest of the densities alone: a device trains its own subnet, the sparser ones nested in it)
@@ -79,7 +81,7 @@ def joint_step(
     optimizer: torch.optim.Optimizer,
     anchor: Trainable | None = None,
     distill: float = 0.0,
-    classes: torch.Tensor | None = None,
+    view: LogitView | None = None,
     clip_norm: float = 0.0,
     band_mean: bool = False,
 ) -> dict[float, float]:
@@ -88,8 +90,8 @@ def joint_step(
 
     With an ``anchor``, every density above the sparsest trains on ``(1 - distill) * CE + distill * KL(anchor
     || subnet)``: the anchor's predictions on the same batch are soft targets the denser subnets must not stray
-    from. ``classes`` (a bool mask over the classes) zeroes the other logits, as HeteroFL trains a device on its
-    own labels; ``clip_norm`` > 0 clips the summed gradient before the step."""
+    from. ``view`` is what the loss sees of the logits (``LogitView``: HeteroFL's mask to a device's own labels, a
+    device's label prior); ``clip_norm`` > 0 clips the summed gradient before the step."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     targets = None
@@ -99,7 +101,7 @@ def joint_step(
     losses: dict[float, float] = {}
     for i, (d, w) in enumerate(zip(densities, weights)):
         model.set_density(d)
-        logits = masked_logits(model, x, classes)
+        logits = (view or PLAIN)(model, x)
         loss = F.cross_entropy(logits, y)
         losses[d] = loss.item()
         if targets is not None and i > 0:
@@ -209,10 +211,28 @@ def local_steps(epochs: float, batches: int) -> int:
     return max(1, round(epochs * batches))
 
 
-def masked_logits(model: torch.nn.Module, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-    """The model's logits, those of classes outside ``classes`` (a ``class_mask``) read 0: HeteroFL's masking."""
-    logits = model(x)
-    return logits if classes is None else logits.masked_fill(~classes, 0.0)
+@dataclass(frozen=True)
+class LogitView:
+    """What a device's loss sees of its model's logits. ``mask`` (bool, per class): HeteroFL's masking, the other
+    classes' logits read 0. ``offset``: added to the logits, ``logit_adjust`` × the log of the device's own label
+    frequencies (logit adjustment, Menon et al. 2021; FedLC): the softmax then carries the shard's label skew, so
+    the model need not learn it, and what a device with few classes sends back is not biased towards them."""
+
+    mask: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        if self.offset is not None:
+            logits = logits + self.offset
+        return logits if self.mask is None else logits.masked_fill(~self.mask, 0.0)
+
+    @property
+    def plain(self) -> bool:
+        return self.mask is None and self.offset is None
+
+
+PLAIN = LogitView()
 
 
 def clip_gradients(model: torch.nn.Module, clip_norm: float) -> None:
@@ -221,13 +241,23 @@ def clip_gradients(model: torch.nn.Module, clip_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], clip_norm)
 
 
-def class_mask(classes: Sequence[int] | None, num_classes: int) -> torch.Tensor | None:
-    """A bool mask over the classes that count (``TrainConfig.classes``); None when all do."""
-    if classes is None:
-        return None
-    mask = torch.zeros(num_classes, dtype=torch.bool)
-    mask[list(classes)] = True
-    return mask
+def logit_view(config: TrainConfig, num_classes: int) -> LogitView:
+    """The ``LogitView`` of ``config.classes`` and ``config.logit_adjust``. The label frequencies are smoothed by
+    one example per class (Laplace), so a class the device never sees is pushed far down, not to -inf."""
+    mask = None
+    if config.classes is not None:
+        mask = torch.zeros(num_classes, dtype=torch.bool)
+        mask[list(config.classes)] = True
+    offset = None
+    if config.logit_adjust < 0 or math.isnan(config.logit_adjust):
+        raise ValueError(f"logit_adjust must be >= 0, got {config.logit_adjust}")
+    if config.logit_adjust > 0:
+        if config.label_counts is None or len(config.label_counts) != num_classes:
+            raise ValueError(f"logit_adjust needs label_counts, one per class ({num_classes}), got "
+                             f"{config.label_counts}")
+        counts = torch.tensor(config.label_counts, dtype=torch.float32) + 1.0
+        offset = config.logit_adjust * torch.log(counts / counts.sum())
+    return LogitView(mask, offset)
 
 
 def frozen_anchor(model: Trainable, density: float) -> Trainable:
@@ -308,9 +338,10 @@ def train(
             densities = densities[-1:]
         elif config.joint == "ends":
             densities = tuple(sorted({densities[0], densities[-1]}))
-    if sandwich and (config.distill or config.loss_weights or config.classes is not None):
+    view = logit_view(config, model.arch.num_classes)
+    if sandwich and (config.distill or config.loss_weights or not view.plain):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
-                         "it takes no distill (anchor to the sparsest), loss_weights or classes")
+                         "it takes no distill (anchor to the sparsest), loss_weights, classes or logit_adjust")
     if config.joint in ("sum", "band") and config.loss_weights is not None:
         raise ValueError(f"joint {config.joint!r} weighs every density 1: it takes no loss_weights")
     if config.rerank_every and isinstance(model, PackedModel):
@@ -321,7 +352,6 @@ def train(
     importance = get_importance(config.importance)
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
-    classes = class_mask(config.classes, model.arch.num_classes)
     rng = random.Random(seed)
     step, losses = 0, {}
     while step < total:
@@ -330,13 +360,13 @@ def train(
                 losses = sandwich_step(model, x, y, densities, optimizer, rng, config.clip_norm)
             elif own_drawn:
                 losses = joint_step(model, x, y, [own_drawn_level(densities, rng)], [1.0], optimizer,
-                                    classes=classes, clip_norm=config.clip_norm)
+                                    view=view, clip_norm=config.clip_norm)
             elif drawn:
                 picked = sorted(sandwich_levels(densities, rng))
-                losses = joint_step(model, x, y, picked, [1.0] * len(picked), optimizer, classes=classes,
+                losses = joint_step(model, x, y, picked, [1.0] * len(picked), optimizer, view=view,
                                     clip_norm=config.clip_norm)
             else:
-                losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, classes,
+                losses = joint_step(model, x, y, densities, weights, optimizer, anchor, config.distill, view,
                                     config.clip_norm, band_mean=config.joint == "band")
             schedule.step()
             step += 1

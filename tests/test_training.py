@@ -16,6 +16,7 @@ from dress_model.training import (
     TrainConfig,
     evaluate,
     joint_step,
+    logit_view,
     own_drawn_level,
     recalibrate_bn,
     sandwich_levels,
@@ -334,3 +335,53 @@ def test_many_local_steps_warm_up_then_anneal_without_wasting_one(fmnist_slice) 
     assert all(a < b for a, b in zip(rates[:peak], rates[1:peak + 1]))  # warm-up climbs
     assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1:]))  # then anneals
     assert rates[-1] > 0.1 / 200  # the last step still trains (OneCycleLR: 0.1 / 25 / 1e4)
+
+
+def test_logit_adjustment_adds_the_log_of_the_smoothed_label_frequencies() -> None:
+    config = TrainConfig(label_counts=(6, 2, 0), logit_adjust=2.0)
+    view = logit_view(config, 3)
+    expected = 2.0 * torch.log(torch.tensor([7.0, 3.0, 1.0]) / 11.0)
+    assert torch.allclose(view.offset, expected)
+    assert view.mask is None and not view.plain
+    assert logit_view(TrainConfig(), 3).plain
+    masked = logit_view(TrainConfig(classes=(0, 2)), 3)
+    assert masked.mask.tolist() == [True, False, True] and masked.offset is None
+
+
+@pytest.mark.parametrize("config, match", [
+    (TrainConfig(logit_adjust=-1.0, label_counts=(1, 1)), "logit_adjust must be >= 0"),
+    (TrainConfig(logit_adjust=1.0), "needs label_counts, one per class"),
+    (TrainConfig(logit_adjust=1.0, label_counts=(1, 2, 3)), "needs label_counts, one per class"),
+])
+def test_bad_logit_adjustment_is_rejected(config, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        logit_view(config, 2)
+
+
+def test_a_skewed_shard_biases_the_model_less_under_logit_adjustment(fmnist_slice) -> None:
+    """A device whose shard is 90 % one class: trained on plain logits, the model predicts that class for much of
+    a balanced test; trained on adjusted logits, it learns the classes, not the shard's skew."""
+    labels = fmnist_slice.labels
+    major = torch.nonzero(labels == 0).flatten()[:90].tolist()
+    minor = torch.nonzero(labels != 0).flatten()[:10].tolist()
+    shard = fmnist_slice.subset(major + minor)
+    held_out = fmnist_slice.subset(range(512, 1024))
+    counts = tuple(torch.bincount(shard.labels, minlength=10).tolist())
+    shares = {}
+    for tau in (0.0, 1.0):
+        torch.manual_seed(0)
+        model = create_model("cnn", "1,0.5", width=4)
+        train(model, shard.loader(20, shuffle=True, seed=0), TrainConfig(
+            epochs=6, lr=0.05, joint="own", rerank_every=0, recalibrate_batches=0, label_counts=counts,
+            logit_adjust=tau))
+        model.eval()
+        with torch.no_grad():
+            shares[tau] = float((model(held_out.images).argmax(1) == 0).float().mean())
+    assert shares[1.0] < 0.5 * shares[0.0], shares
+
+
+def test_the_sandwich_rule_refuses_logit_adjustment() -> None:
+    model = create_model("cnn", "1,0.5,0.1", width=4)
+    loader = [(torch.randn(4, 1, 28, 28), torch.randint(0, 10, (4,)))]
+    with pytest.raises(ValueError, match="logit_adjust"):
+        train(model, loader, TrainConfig(joint="sandwich", label_counts=(1,) * 10, logit_adjust=1.0))

@@ -16,11 +16,10 @@ from torch.utils.data import DataLoader
 from dress_model.models import DressModel
 from dress_model.training import (
     TrainConfig,
-    class_mask,
     clip_gradients,
     local_steps,
+    logit_view,
     make_optimizer,
-    masked_logits,
 )
 
 
@@ -35,7 +34,7 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
     rng = random.Random(seed)
     total = local_steps(config.epochs, len(loader))
     optimizer, schedule = make_optimizer(model, config, total)
-    classes = class_mask(config.classes, model.arch.num_classes)
+    view = logit_view(config, model.arch.num_classes)
     losses: dict[float, float] = {}
     step = 0
     model.train()
@@ -46,13 +45,13 @@ def train_ordered_dropout(model: DressModel, loader: DataLoader, config: TrainCo
             teacher = None
             if kd:
                 model.set_density(widest)
-                logits = masked_logits(model, x, classes)
+                logits = view(model, x)
                 loss = F.cross_entropy(logits, y)
                 loss.backward()
                 losses[widest] = loss.item()
                 teacher = logits.detach().softmax(dim=1)
             model.set_density(drawn)
-            loss = F.cross_entropy(masked_logits(model, x, classes), y if teacher is None else teacher)
+            loss = F.cross_entropy(view(model, x), y if teacher is None else teacher)
             if teacher is None or drawn != widest:
                 losses[drawn] = loss.item()
             loss.backward()
