@@ -34,8 +34,9 @@ tiers follow how its cost falls with the level, and none buys a wider tier with 
 
 Runs go seed by seed, the equal-compute arm first, every partition and method within a seed, so a benchmark
 stopped midway has paired results; the JSON is written after every run. ``--resume`` continues it with the same
-settings (methods, partitions and seeds may grow; another ``--rounds`` redoes the comparison runs); app settings
-only DRESS reads (``contracts.settings.dress_only_keys``, say ``joint``) may change too: DRESS is calibrated,
+settings (methods, partitions and seeds may grow; another ``--rounds`` or ``--non-iid-rounds`` redoes the
+comparison runs of those partitions; a grown TUNING_GRID tunes its new points and keeps the runs its pick still
+holds); app settings only DRESS reads (``contracts.settings.dress_only_keys``, say ``joint``) may change too: DRESS is calibrated,
 tuned and compared again, the peers' runs are kept.
 
 One job, driving the comparison (its jobs, their order, calibration, runs and resume checks), which is why it
@@ -61,7 +62,7 @@ import numpy as np
 
 from benchmarks.common import Task, command, hms, machine, parse_task, write_json
 from benchmarks.federated_report import write_report
-from benchmarks.federated_resume import PROTOCOL, of_this_protocol, resumed, still_valid
+from benchmarks.federated_resume import PROTOCOL, of_this_protocol, resumed, still_valid, with_added_grid
 from benchmarks.federated_stats import ARMS, MIN_SEEDS, best_configs, config_label, flat, tier_curves
 from contracts.methods import METHODS
 from contracts.naming import simulated_name
@@ -76,10 +77,11 @@ from simulations.run import SimulationSettings, run_simulation
 
 RESULTS = Path(__file__).parent / "results"
 TUNING = "tuning"  # a job's phase when it is not one of ARMS
-# the server-side machinery every method may use, and the devices' rate: 20 configurations each (lr 0.01 joined when
-# DRESS's best sat at the lowest lr, 0.03: every method is tuned over the grown grid)
+# the server-side machinery every method may use, the devices' rate and whether their loss is logit-adjusted: 40
+# configurations each (the grid grew twice, each time for every method: lr 0.01 when DRESS's best sat at the lowest
+# lr, 0.03; logit_adjust when it helped DRESS on non-IID data, federated-ablation-adjust.md)
 TUNING_GRID: dict[str, tuple[float | bool, ...]] = {"lr": (0.01, 0.03, 0.1, 0.3, 1.0), "server_average": (0.0, 0.7),
-                                                    "damped": (False, True)}
+                                                    "damped": (False, True), "logit_adjust": (0.0, 1.0)}
 TUNING_PARTITIONS = ("dirichlet:0.3",)  # where the peers differ most from IID training, and so their settings
 TUNING_ARM = "equal-compute"  # the headline arm: its step counts are the ones the configuration must suit
 TUNING_SEED = 100  # none of the comparison's seeds
@@ -88,12 +90,12 @@ WORST_SHARE = 0.1  # fairness as FjORD reports it: the mean over the 10 % of dev
 TRACES = "constant"  # every device at its full budget, always online: the same devices per round for every method
 PROFILES: dict[str, dict[str, Any]] = {
     # the converged regime: whole shards, several local epochs, enough rounds for the curves to flatten
-    "full": {"devices": 100, "rounds": 80, "tuning_rounds": 40, "fraction": 0.1, "epochs": 2.0, "max_examples": 0,
+    "full": {"devices": 100, "rounds": 80, "non_iid_rounds": 160, "tuning_rounds": 40, "fraction": 0.1, "epochs": 2.0, "max_examples": 0,
              "eval_examples": 2000,
              "methods": "dress,heterofl,fjord-kd", "partitions": "iid,dirichlet:0.3,labels:2",
              "seeds_equal_compute": "0,1,2,3,4", "seeds_equal_rounds": "0,1,2", "tune": True},
     # the same protocol in at most 20 minutes on 2 cores: what a test or a first look runs; not a result
-    "quick": {"devices": 20, "rounds": 6, "tuning_rounds": 6, "fraction": 0.25, "epochs": 2.0, "max_examples": 64,
+    "quick": {"devices": 20, "rounds": 6, "non_iid_rounds": 6, "tuning_rounds": 6, "fraction": 0.25, "epochs": 2.0, "max_examples": 64,
               "eval_examples": 500,
               "methods": "dress,heterofl,fjord-kd", "partitions": "iid,labels:2",
               "seeds_equal_compute": "0,1", "seeds_equal_rounds": "0", "tune": False},
@@ -124,7 +126,8 @@ class Job:
         arm = TUNING_ARM if self.phase == TUNING else self.phase
         return RunSettings.defaults(
             method=self.method, dataset=args.task.dataset, model=args.task.model, width=args.task.width,
-            num_rounds=args.tuning_rounds if self.phase == TUNING else args.rounds, fraction=args.fraction,
+            num_rounds=args.tuning_rounds if self.phase == TUNING else rounds_for(args, self.partition),
+            fraction=args.fraction,
             partition=self.partition, mix=args.mix, seed=self.seed, epochs=args.epochs, max_examples=args.max_examples,
             eval_examples=args.eval_examples, compute_matched=arm == "equal-compute",
             validation=TUNING_VALIDATION if self.phase == TUNING else 0, **self.config,
@@ -141,6 +144,11 @@ def task_settings(task: Task, method: str | None = None) -> RunSettings:
     """The app's defaults on ``task`` (and ``method``'s, when given)."""
     method_change = {"method": method} if method else {}
     return RunSettings.defaults(dataset=task.dataset, model=task.model, width=task.width, **method_change)
+
+
+def rounds_for(args: argparse.Namespace, partition: str) -> int:
+    """A comparison run's rounds: non-IID data takes longer to converge, for every method alike."""
+    return args.rounds if partition == "iid" else args.non_iid_rounds
 
 
 def default_config() -> dict[str, float]:
@@ -309,7 +317,7 @@ def borrowed_configs(path: Path, methods: list[str]) -> dict[str, Any]:
         other = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--configs-from: cannot read {path} as this benchmark's JSON: {e}") from None
-    tuned = other.get("tuning", {}).get("runs", []) if of_this_protocol(other) else []
+    tuned = with_added_grid(other, TUNING_GRID)["tuning"]["runs"] if of_this_protocol(other) else []
     best = best_configs(tuned)
     missing = [m for m in methods if m not in best]
     if missing:
@@ -328,7 +336,8 @@ def settings_of(args: argparse.Namespace, methods: list[str], partitions: list[s
     return {
         "profile": args.profile, "task": args.task.name, "dataset": app.dataset, "model": app.model,
         "devices": args.devices, "mix": args.mix, "traces": TRACES, "dropout": 0.0,
-        "deadline": SimulationSettings.deadline, "rounds": args.rounds, "fraction": args.fraction,
+        "deadline": SimulationSettings.deadline, "rounds": args.rounds, "non_iid_rounds": args.non_iid_rounds,
+        "fraction": args.fraction,
         "epochs": args.epochs, "max_examples": args.max_examples, "eval_examples": args.eval_examples,
         "tune": args.tune,
         "tuning": {"grid": {k: list(v) for k, v in TUNING_GRID.items()}, "partitions": list(TUNING_PARTITIONS),
@@ -412,7 +421,7 @@ def main() -> None:
     print(f"tuning: {len(jobs) - len(comparison) - len(todo)} runs done, {len(todo)} to go", flush=True)
     run_jobs(todo, len(jobs) - len(comparison) - len(todo), len(jobs) - len(comparison))
     configs = chosen_configs(args.tune, tuned, settings)
-    runs[:] = still_valid(runs, configs, args.rounds)
+    runs[:] = still_valid(runs, configs, functools.partial(rounds_for, args))
     done = {(r["arm"], r["method"], r["partition"], r["seed"]) for r in runs}
     todo = [dataclasses.replace(job, config=configs[job.method]) for job in comparison if job.key not in done]
     print(f"comparison: {len(comparison) - len(todo)} of {len(comparison)} runs done, {len(todo)} to go", flush=True)
@@ -473,7 +482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     profiled("--seeds-equal-compute", str, f"the equal-compute arm's seeds (issue 24: at least {MIN_SEEDS['equal-compute']})")
     profiled("--seeds-equal-rounds", str, f"the equal-rounds arm's seeds (issue 24: at least {MIN_SEEDS['equal-rounds']})")
     profiled("--devices", int, "devices in the fleet")
-    profiled("--rounds", int, "rounds per comparison run (changed on --resume: the runs of another count are redone)")
+    profiled("--rounds", int, "rounds per comparison run on IID data (changed on --resume: the runs of another count "
+             "are redone)")
+    profiled("--non-iid-rounds", int, "rounds per comparison run on every other partition (the same on --resume)")
     profiled("--tuning-rounds", int, "rounds per tuning run (a selection: fewer than the comparison's)")
     profiled("--fraction", float, "share of the fleet trained per round")
     profiled("--epochs", float, "local epochs per round (equal-compute: their MACs at the device's own subnet)")

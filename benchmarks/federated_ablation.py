@@ -33,6 +33,7 @@ from benchmarks.federated import (
     RESULTS,
     TUNING,
     TUNING_ARM,
+    TUNING_GRID,
     TUNING_VALIDATION,
     Job,
     curves_of,
@@ -43,6 +44,7 @@ from benchmarks.federated import (
     simulate,
     task_arg,
 )
+from benchmarks.federated_resume import with_added_grid
 from benchmarks.federated_stats import best_configs, ci_text, mean_ci
 from contracts.policy import CalibrationPoint
 from contracts.settings import RunSettings
@@ -73,7 +75,7 @@ FLEET = ("devices", "rounds", "fraction", "epochs", "max_examples", "eval_exampl
 
 def tuned_dress(path: Path) -> dict[str, Any]:
     """DRESS's configuration as `federated.py` tuned it (its JSON's tuning runs)."""
-    result = json.loads(path.read_text())
+    result = with_added_grid(json.loads(path.read_text()), TUNING_GRID)
     return best_configs(result["tuning"]["runs"])["dress"]
 
 

@@ -89,13 +89,21 @@ def side(mean: float, half: float) -> str:
     return "behind" if mean + half < 0 else "ahead" if mean - half > 0 else ""
 
 
+def rounds_text(s: dict[str, Any]) -> str:
+    """How many rounds a comparison run took: one count, or IID's and the other partitions'."""
+    other = s.get("non_iid_rounds", s["rounds"])  # a file from before non-IID partitions had their own count
+    if other == s["rounds"] or s["partitions"] == ["iid"]:
+        return f"{s['rounds']} rounds"
+    return f"{s['rounds']} rounds on IID data, {other} on the other partitions"
+
+
 def summary_markdown(result: dict[str, Any], out: Path) -> str:
     s, t = result["settings"], tables(result)
     examples = f"up to {s['max_examples']} examples" if s["max_examples"] else "its whole shard"
     lines = [f"# Federated DRESS vs peers, issue 24's protocol — {s['task']}", "", f"`{result['command']}`", "",
              f"Profile {s['profile']}: {s['devices']} devices ({s['mix']}), every one at its full budget and always "
              f"online (traces {s['traces']}, dropout {s['dropout']:g}), so that for one seed every method trains the "
-             f"same devices in the same rounds on the same shards. {s['rounds']} rounds, {s['fraction']:g} of the fleet "
+             f"same devices in the same rounds on the same shards. {rounds_text(s)}, {s['fraction']:g} of the fleet "
              f"per round, {examples} per device, {s['epochs']:g} local epochs. Each method's fleet deadline: "
              f"{s['deadline']:g} × its own full model's latency (its calibration below). Curves: accuracy on "
              f"{s['eval_examples']} test images per round. Tables: the last round's published model on the whole test "

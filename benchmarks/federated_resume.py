@@ -4,6 +4,7 @@ settings may change between the runs of one results file (``benchmarks/federated
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +12,11 @@ from contracts.settings import dress_only_keys
 
 PROTOCOL = "issue-24"  # what a results file of this benchmark says it is
 GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
-RESTARTING = ("rounds",)  # settings a resumed benchmark may change: the comparison runs made otherwise are redone
+RESTARTING = ("rounds", "non_iid_rounds")  # settings a resumed benchmark may change: the comparison runs made otherwise are redone
 # app settings newer than a results file: the value that file's runs ran with
 ADDED_SETTINGS = {"joint": "all", "round-timeout-s": 3600.0}
+# tuned settings newer than a results file (TUNING_GRID keys): the value its runs ran with, the app's default then
+ADDED_GRID = {"logit_adjust": 0.0}
 def of_this_protocol(result: dict[str, Any]) -> bool:
     """Whether a results file is of this protocol (issue 24's)."""
     return result.get("protocol") == PROTOCOL
@@ -33,6 +36,7 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
         return {}
     if not of_this_protocol(previous):
         raise SystemExit(f"--resume: {out} holds results of the old protocol; pass another --out, or move it away")
+    previous = with_added_grid(previous, tuned_keys(settings))
     added = {k: v for k, v in ADDED_SETTINGS.items() if k in settings["app"]}
     theirs = {**previous["settings"], "app": {**added, **previous["settings"]["app"]}}
     if theirs.get("tuning") and "rounds" not in theirs["tuning"]:  # written when tuning ran the comparison's rounds
@@ -51,6 +55,32 @@ def resumed(out: Path, settings: dict[str, Any], resume: bool) -> dict[str, Any]
               "calibration, tuning and comparison runs are redone, the peers' kept", flush=True)
         return without_method(previous, "dress")
     return previous
+
+
+def tuned_keys(settings: dict[str, Any]) -> set[str]:
+    """The settings a benchmark's configurations name: its grid's, else those of the configurations it borrowed."""
+    if settings.get("tuning"):
+        return set(settings["tuning"]["grid"])
+    return {k for config in settings.get("configs_from", {}).get("best", {}).values() for k in config}
+
+
+def with_added_grid(result: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``result`` with the ADDED_GRID settings among ``keys`` that its file predates written in: in its grid (when
+    tuned) and in each run's configuration, at the value the run ran with. A grid that gained such a setting then
+    grew (``grid_grew``), and a configuration borrowed from the file says what it ran."""
+    added = {k: v for k, v in ADDED_GRID.items() if k in set(keys)}
+
+    def config(c: dict[str, Any]) -> dict[str, Any]:
+        return {**c, **{k: v for k, v in added.items() if k not in c}}
+
+    tuning = result.get("tuning", {})
+    settings = result["settings"]
+    if settings.get("tuning"):
+        grid = settings["tuning"]["grid"]
+        settings = {**settings, "tuning": {**settings["tuning"],
+                                           "grid": {**grid, **{k: [v] for k, v in added.items() if k not in grid}}}}
+    return {**result, "settings": settings, "runs": [{**r, "config": config(r["config"])} for r in result["runs"]],
+            "tuning": {**tuning, "runs": [{**r, "config": config(r["config"])} for r in tuning.get("runs", [])]}}
 
 
 def dress_only_changes(theirs: dict[str, Any], ours: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
@@ -77,12 +107,14 @@ def grid_grew(theirs: dict[str, Any] | None, ours: dict[str, Any] | None) -> boo
     return all(set(values) <= set(ours["grid"][key]) for key, values in theirs["grid"].items())
 
 
-def still_valid(runs: list[dict[str, Any]], configs: dict[str, dict[str, Any]], rounds: int) -> list[dict[str, Any]]:
+def still_valid(runs: list[dict[str, Any]], configs: dict[str, dict[str, Any]],
+                rounds: Callable[[str], int]) -> list[dict[str, Any]]:
     """The comparison runs a resumed benchmark keeps: those made with the configuration tuning picks now (a grown
-    grid may pick another) and with today's round count (a longer comparison redoes the shorter runs)."""
+    grid may pick another) and with today's round count for their partition (``rounds``: a longer comparison
+    redoes the shorter runs)."""
     kept = runs
     for why, stale in (("a configuration tuning no longer picks", lambda r: r["config"] != configs[r["method"]]),
-                       (f"another round count than {rounds}", lambda r: r["rounds"] != rounds)):
+                       ("another round count than their partition's", lambda r: r["rounds"] != rounds(r["partition"]))):
         dropped = [r for r in kept if stale(r)]
         if dropped:
             print(f"dropping {len(dropped)} comparison runs made with {why}", flush=True)

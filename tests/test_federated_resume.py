@@ -34,17 +34,20 @@ def settings(rounds: int, tuning_rounds: int | None, **app: object) -> dict:
 
 def test_a_longer_comparison_keeps_the_tuning_and_redoes_the_shorter_runs(tmp_path: Path) -> None:
     out = tmp_path / "federated.json"
-    runs = [{"method": "dress", "config": {"lr": 0.1}, "rounds": 40},
-            {"method": "dress", "config": {"lr": 0.1}, "rounds": 80},
-            {"method": "dress", "config": {"lr": 0.3}, "rounds": 80}]
+    runs = [{"method": "dress", "config": {"lr": 0.1}, "rounds": 40, "partition": "iid"},
+            {"method": "dress", "config": {"lr": 0.1}, "rounds": 80, "partition": "iid"},
+            {"method": "dress", "config": {"lr": 0.3}, "rounds": 80, "partition": "iid"}]
     # a file from before tuning had rounds of its own: its tuning ran the comparison's 40
     out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(40, None), "runs": runs,
                                "tuning": {"runs": []}}))
     assert resumed(out, settings(80, 40), resume=True)["runs"] == runs
     with pytest.raises(SystemExit, match="other settings"):  # the tuning's own rounds may not change
         resumed(out, settings(80, 30), resume=True)
-    assert still_valid(runs, {"dress": {"lr": 0.1}}, 80) == [runs[1]]
-    assert still_valid(runs, {"dress": {"lr": 0.1}}, 40) == [runs[0]]
+    assert still_valid(runs, {"dress": {"lr": 0.1}}, lambda partition: 80) == [runs[1]]
+    assert still_valid(runs, {"dress": {"lr": 0.1}}, lambda partition: 40) == [runs[0]]
+    non_iid = {**runs[1], "partition": "labels:2"}  # non-IID data has a count of its own
+    assert still_valid([runs[1], non_iid], {"dress": {"lr": 0.1}},
+                       lambda partition: 80 if partition == "iid" else 160) == [runs[1]]
 
 
 def test_a_setting_only_dress_reads_redoes_dress_and_keeps_the_peers(tmp_path: Path) -> None:
@@ -69,3 +72,20 @@ def test_a_setting_the_peers_read_still_refuses_the_resume(tmp_path: Path) -> No
     for changed in ({"server-momentum": 0.9}, {"server-momentum": 0.9, "joint": "band"}):
         with pytest.raises(SystemExit, match="other settings"):
             resumed(out, settings(80, 40, **changed), resume=True)
+
+
+def test_a_grid_that_gained_a_setting_grew_from_the_value_its_runs_ran_with(tmp_path: Path) -> None:
+    """A tuned setting newer than the file (ADDED_GRID): its runs ran with the app's default then, and say so; the
+    grid grew by the setting's other values, so those are tuned and the runs kept."""
+    out = tmp_path / "federated.json"
+    runs = [{"method": "dress", "config": {"lr": 0.1}, "rounds": 80}]
+    tuning = [{"method": "dress", "config": {"lr": lr}} for lr in (0.03, 0.1)]
+    out.write_text(json.dumps({"protocol": PROTOCOL, "settings": settings(80, 40), "runs": runs,
+                               "tuning": {"runs": tuning, "best": {}}}))
+    ours = settings(80, 40)
+    ours["tuning"] = {**ours["tuning"], "grid": {**OLD["grid"], "logit_adjust": [0.0, 1.0]}}
+    kept = resumed(out, ours, resume=True)
+    assert kept["runs"] == [{**runs[0], "config": {"lr": 0.1, "logit_adjust": 0.0}}]
+    assert [r["config"] for r in kept["tuning"]["runs"]] == [{"lr": 0.03, "logit_adjust": 0.0},
+                                                             {"lr": 0.1, "logit_adjust": 0.0}]
+    assert resumed(out, settings(80, 40), resume=True)["runs"] == runs  # a grid without it: the file as it is
