@@ -166,10 +166,10 @@ class RunSettings:
                          "sandwich-labels (its own, the sparsest and one drawn between, each on the labels, "
                          "summed) or own-drawn (one density a step: its own on half the steps, a sparser one drawn "
                          "on the others); all but all and sum need --distill 0.", dress_only=True)
-    logit_adjust: float = setting(0.0, "Logit adjustment: a device's loss sees its logits plus this × the log of its "
+    logit_adjust: float = setting(1.0, "Logit adjustment: a device's loss sees its logits plus this × the log of its "
                                   "own label frequencies (one example per class added), so its shard's label skew "
-                                  "stays in the loss, not in the weights it sends back (Menon et al. 2021; FedLC); "
-                                  "0 = off. Any method.")
+                                  "stays in the loss, not in the weights it sends back (Menon et al. 2021; FedLC; "
+                                  "docs/DECISIONS.md); 0 = off. Any method; on IID shards it changes next to nothing.")
     batch_size: int = setting(32, "Examples per local step.")
     max_examples: int = setting(0, "Cap on a device's examples per round (0 = its whole shard).")
     eval_examples: int = setting(2000, "Test images the server evaluates every density on each round (0 = all); "
