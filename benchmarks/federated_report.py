@@ -57,6 +57,11 @@ DEVIATIONS = [
     "gradient and would stay dead), and its anchor loss anneals over the rounds (FjORD-KD's distillation, as "
     "published, has no weight to schedule).",
 ]
+LOGIT_ADJUSTMENT = ("A device-side option every method has and tunes (TUNING_GRID): logit adjustment, the loss on "
+                    "the logits plus the log of the device's own label frequencies (neither peer publishes it; "
+                    "HeteroFL's masking to the device's labels applies after it).")
+
+
 def plot_name(out: Path, arm: str, partition: str) -> str:
     """Named after the results file, so that two result sets never share a plot."""
     return f"{out.stem}-{arm}-{partition.replace(':', '')}.png"
@@ -128,7 +133,8 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
     lines += convergence_lines(result)
     if s["dataset"] == "mnist":
         lines += published_mnist_lines()
-    lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in DEVIATIONS), ""]
+    deviations = DEVIATIONS + ([LOGIT_ADJUSTMENT] if "logit_adjust" in (s.get("tuning") or {}).get("grid", {}) else [])
+    lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in deviations), ""]
     return "\n".join(lines)
 
 
