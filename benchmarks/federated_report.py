@@ -99,6 +99,8 @@ def rounds_text(s: dict[str, Any]) -> str:
     other = s.get("non_iid_rounds", s["rounds"])  # a file from before non-IID partitions had their own count
     if other == s["rounds"] or s["partitions"] == ["iid"]:
         return f"{s['rounds']} rounds"
+    if "iid" not in s["partitions"]:
+        return f"{other} rounds"
     return f"{s['rounds']} rounds on IID data, {other} on the other partitions"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-from benchmarks.federated_report import target_lines  # noqa: E402
+from benchmarks.federated_report import rounds_text, target_lines  # noqa: E402
 from benchmarks.federated_stats import (  # noqa: E402
     ARMS,
     REFERENCE,
@@ -308,3 +308,12 @@ def test_the_report_names_each_cell_that_misses_a_target() -> None:
     unordered = "\n".join(target_lines(runs_for({1.0: [87.0, 87.1, 87.2], 0.5: [88.0, 88.1, 88.2]},
                                                 {1.0: [86.0, 86.1, 86.2], 0.5: [86.0, 86.1, 86.2]})["sections"]))
     assert "iid d=1 87.10 < d=0.5 88.10" in unordered
+
+
+def test_the_report_says_how_many_rounds_each_kind_of_partition_ran() -> None:
+    mixed = {"rounds": 80, "non_iid_rounds": 160, "partitions": ["iid", "labels:2"]}
+    assert rounds_text(mixed) == "80 rounds on IID data, 160 on the other partitions"
+    assert rounds_text({**mixed, "partitions": ["iid"]}) == "80 rounds"
+    assert rounds_text({"rounds": 80, "partitions": ["iid", "labels:2"]}) == "80 rounds"  # a file from before
+    assert rounds_text({**mixed, "non_iid_rounds": 80}) == "80 rounds"
+    assert rounds_text({**mixed, "partitions": ["labels:2"]}) == "160 rounds"
