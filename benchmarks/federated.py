@@ -36,8 +36,8 @@ Runs go seed by seed, the equal-compute arm first, every partition and method wi
 stopped midway has paired results; the JSON is written after every run. ``--resume`` continues it with the same
 settings (methods, partitions and seeds may grow; another ``--rounds`` or ``--non-iid-rounds`` redoes the
 comparison runs of those partitions; a grown TUNING_GRID tunes its new points and keeps the runs its pick still
-holds); app settings only DRESS reads (``contracts.settings.dress_only_keys``, say ``joint``) may change too: DRESS is calibrated,
-tuned and compared again, the peers' runs are kept.
+holds); app settings only DRESS reads (``contracts.settings.dress_only_keys``, say ``joint``) may change too:
+DRESS is calibrated, tuned and compared again, the peers' runs are kept.
 
 One job, driving the comparison (its jobs, their order, calibration, runs and resume checks), which is why it
 runs past 400 lines; the statistics, the report and the resume rules are modules of their own.
@@ -90,13 +90,14 @@ WORST_SHARE = 0.1  # fairness as FjORD reports it: the mean over the 10 % of dev
 TRACES = "constant"  # every device at its full budget, always online: the same devices per round for every method
 PROFILES: dict[str, dict[str, Any]] = {
     # the converged regime: whole shards, several local epochs, enough rounds for the curves to flatten
-    "full": {"devices": 100, "rounds": 80, "non_iid_rounds": 160, "tuning_rounds": 40, "fraction": 0.1, "epochs": 2.0, "max_examples": 0,
-             "eval_examples": 2000,
+    # (non-IID partitions: 160 rounds, federated-convergence.md: at 80 their curves still climbed)
+    "full": {"devices": 100, "rounds": 80, "non_iid_rounds": 160, "tuning_rounds": 40, "fraction": 0.1, "epochs": 2.0,
+             "max_examples": 0, "eval_examples": 2000,
              "methods": "dress,heterofl,fjord-kd", "partitions": "iid,dirichlet:0.3,labels:2",
              "seeds_equal_compute": "0,1,2,3,4", "seeds_equal_rounds": "0,1,2", "tune": True},
     # the same protocol in at most 20 minutes on 2 cores: what a test or a first look runs; not a result
-    "quick": {"devices": 20, "rounds": 6, "non_iid_rounds": 6, "tuning_rounds": 6, "fraction": 0.25, "epochs": 2.0, "max_examples": 64,
-              "eval_examples": 500,
+    "quick": {"devices": 20, "rounds": 6, "non_iid_rounds": 6, "tuning_rounds": 6, "fraction": 0.25, "epochs": 2.0,
+              "max_examples": 64, "eval_examples": 500,
               "methods": "dress,heterofl,fjord-kd", "partitions": "iid,labels:2",
               "seeds_equal_compute": "0,1", "seeds_equal_rounds": "0", "tune": False},
 }

@@ -12,7 +12,8 @@ from contracts.settings import dress_only_keys
 
 PROTOCOL = "issue-24"  # what a results file of this benchmark says it is
 GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may extend; the rest must match
-RESTARTING = ("rounds", "non_iid_rounds")  # settings a resumed benchmark may change: the comparison runs made otherwise are redone
+# settings a resumed benchmark may change: the comparison runs made otherwise are redone
+RESTARTING = ("rounds", "non_iid_rounds")
 # app settings newer than a results file: the value that file's runs ran with
 ADDED_SETTINGS = {"joint": "all", "round-timeout-s": 3600.0, "canary": 0.0}
 # tuned settings newer than a results file (TUNING_GRID keys): the value its runs ran with, the app's default then
