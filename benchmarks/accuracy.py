@@ -8,8 +8,9 @@ A task is ``DATASET-MODEL`` or ``DATASET-MODEL-wWIDTH`` (``contracts.settings.ta
 ``fashion-mnist-cnn`` (the fleet's model) and ``fashion-mnist-cnn-w2``, the capacity task: the same cnn at
 2/16 of the width, where the sparsest subnet (330 weights in its row-sparse layers) cannot hold what the densest
 (3.2k) learns, so a denser subnet has to be worth something (issue 25 asks d=1 − d=0.1 ≥ 2 pt centrally: the
-widest cnn that gives it; at 3/16, ``fashion-mnist-cnn-w3``, DRESS's gap was 1.79 ± 1.23 pt over 3 seeds). The default --out also rewrites the centralized reference simulation reports
-compare their tiers with (``simulations/centralized.json``).
+widest cnn that gives it; at 3/16, ``fashion-mnist-cnn-w3``, DRESS's gap was 1.79 ± 1.23 pt over 3 seeds).
+The default --out also rewrites the centralized reference simulation reports compare their tiers with
+(``simulations/centralized.json``).
 
 Targets (issue 2): every DRESS subnet within 1.0 point of the pruned network at its density; DRESS above
 the slimmable network at every level below 1.0.
