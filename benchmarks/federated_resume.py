@@ -80,7 +80,8 @@ def with_added_grid(result: dict[str, Any], keys: Iterable[str]) -> dict[str, An
         grid = settings["tuning"]["grid"]
         settings = {**settings, "tuning": {**settings["tuning"],
                                            "grid": {**grid, **{k: [v] for k, v in added.items() if k not in grid}}}}
-    return {**result, "settings": settings, "runs": [{**r, "config": config(r["config"])} for r in result["runs"]],
+    runs = [{**r, "config": config(r["config"])} for r in result.get("runs", [])]
+    return {**result, "settings": settings, "runs": runs,
             "tuning": {**tuning, "runs": [{**r, "config": config(r["config"])} for r in tuning.get("runs", [])]}}
 
 
