@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from benchmarks.common import hms, markdown_table  # noqa: E402
+from benchmarks.federated_resume import tuned_keys  # noqa: E402
 from benchmarks.federated_stats import (  # noqa: E402
     ARMS,
     MIN_SEEDS,
@@ -57,9 +58,10 @@ DEVIATIONS = [
     "gradient and would stay dead), and its anchor loss anneals over the rounds (FjORD-KD's distillation, as "
     "published, has no weight to schedule).",
 ]
-LOGIT_ADJUSTMENT = ("A device-side option every method has and tunes (TUNING_GRID): logit adjustment, the loss on "
-                    "the logits plus the log of the device's own label frequencies (neither peer publishes it; "
-                    "HeteroFL's masking to the device's labels applies after it).")
+LOGIT_ADJUSTMENT = ("A device-side option every method has and tunes (TUNING_GRID, or the result its configurations "
+                    "were borrowed from): logit adjustment, the loss on the logits plus the log of the device's own "
+                    "label frequencies (neither peer publishes it; HeteroFL's masking to the device's labels applies "
+                    "after it).")
 
 
 def plot_name(out: Path, arm: str, partition: str) -> str:
@@ -135,7 +137,7 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
     lines += convergence_lines(result)
     if s["dataset"] == "mnist":
         lines += published_mnist_lines()
-    deviations = DEVIATIONS + ([LOGIT_ADJUSTMENT] if "logit_adjust" in (s.get("tuning") or {}).get("grid", {}) else [])
+    deviations = DEVIATIONS + ([LOGIT_ADJUSTMENT] if "logit_adjust" in tuned_keys(s) else [])  # tuned or borrowed
     lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in deviations), ""]
     return "\n".join(lines)
 

@@ -72,6 +72,30 @@ class TrainConfig:
         return list(self.loss_weights)
 
 
+@dataclass(frozen=True)
+class LogitView:
+    """What a device's loss sees of its model's logits. ``mask`` (bool, per class): HeteroFL's masking, the other
+    classes' logits read 0. ``offset``: added to the logits, ``logit_adjust`` × the log of the device's own label
+    frequencies (logit adjustment, Menon et al. 2021; FedLC): the softmax then carries the shard's label skew, so
+    the model need not learn it, and what a device with few classes sends back is not biased towards them."""
+
+    mask: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+
+    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = model(x)
+        if self.offset is not None:
+            logits = logits + self.offset
+        return logits if self.mask is None else logits.masked_fill(~self.mask, 0.0)
+
+    @property
+    def plain(self) -> bool:
+        return self.mask is None and self.offset is None
+
+
+PLAIN = LogitView()
+
+
 def joint_step(
     model: Trainable,
     x: torch.Tensor,
@@ -81,7 +105,7 @@ def joint_step(
     optimizer: torch.optim.Optimizer,
     anchor: Trainable | None = None,
     distill: float = 0.0,
-    view: LogitView | None = None,
+    view: LogitView = PLAIN,
     clip_norm: float = 0.0,
     band_mean: bool = False,
 ) -> dict[float, float]:
@@ -101,7 +125,7 @@ def joint_step(
     losses: dict[float, float] = {}
     for i, (d, w) in enumerate(zip(densities, weights)):
         model.set_density(d)
-        logits = (view or PLAIN)(model, x)
+        logits = view(model, x)
         loss = F.cross_entropy(logits, y)
         losses[d] = loss.item()
         if targets is not None and i > 0:
@@ -209,30 +233,6 @@ def sandwich_step(
 def local_steps(epochs: float, batches: int) -> int:
     """Steps of ``epochs`` passes over ``batches`` batches: at least one (a fraction of a pass rounds)."""
     return max(1, round(epochs * batches))
-
-
-@dataclass(frozen=True)
-class LogitView:
-    """What a device's loss sees of its model's logits. ``mask`` (bool, per class): HeteroFL's masking, the other
-    classes' logits read 0. ``offset``: added to the logits, ``logit_adjust`` × the log of the device's own label
-    frequencies (logit adjustment, Menon et al. 2021; FedLC): the softmax then carries the shard's label skew, so
-    the model need not learn it, and what a device with few classes sends back is not biased towards them."""
-
-    mask: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
-
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        logits = model(x)
-        if self.offset is not None:
-            logits = logits + self.offset
-        return logits if self.mask is None else logits.masked_fill(~self.mask, 0.0)
-
-    @property
-    def plain(self) -> bool:
-        return self.mask is None and self.offset is None
-
-
-PLAIN = LogitView()
 
 
 def clip_gradients(model: torch.nn.Module, clip_norm: float) -> None:

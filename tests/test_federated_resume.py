@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.federated_resume import PROTOCOL, grid_grew, resumed, still_valid  # noqa: E402
+from benchmarks.federated_resume import PROTOCOL, grid_grew, resumed, still_valid, tuned_keys  # noqa: E402
 
 OLD = {"grid": {"lr": [0.03, 0.1], "damped": [False, True]}, "partitions": ["dirichlet:0.3"], "seed": 100}
 
@@ -89,3 +89,10 @@ def test_a_grid_that_gained_a_setting_grew_from_the_value_its_runs_ran_with(tmp_
     assert [r["config"] for r in kept["tuning"]["runs"]] == [{"lr": 0.03, "logit_adjust": 0.0},
                                                              {"lr": 0.1, "logit_adjust": 0.0}]
     assert resumed(out, settings(80, 40), resume=True)["runs"] == runs  # a grid without it: the file as it is
+
+
+def test_the_tuned_settings_are_the_grids_or_those_of_the_borrowed_configurations() -> None:
+    assert tuned_keys({"tuning": {"grid": {"lr": [0.1], "logit_adjust": [0.0, 1.0]}}}) == {"lr", "logit_adjust"}
+    assert tuned_keys({"tuning": None, "configs_from": {"best": {"dress": {"lr": 0.1, "logit_adjust": 1.0}}}}) == \
+        {"lr", "logit_adjust"}
+    assert tuned_keys({"tuning": None}) == set()
