@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from benchmarks.federated_resume import tuned_keys  # noqa: E402
 from benchmarks.federated_stats import (  # noqa: E402
     ARMS,
     MIN_SEEDS,
+    REFERENCE,
     ci_text,
     config_label,
     mean_ci,
@@ -25,9 +27,13 @@ from benchmarks.federated_stats import (  # noqa: E402
     tables,
 )
 from dress_model.checkpoint import atomic_write  # noqa: E402
+from simulations.centralized import centralized_reference  # noqa: E402
 
 TARGET_ARM = "equal-compute"  # the arm issue 24's target is about
 ORDER_SLACK_PT = 0.3  # issue 25: a denser tier never more than this below the next sparser
+GAP_KEPT = 0.7  # issue 25: federated DRESS keeps at least this share of centralized d=max − d=min, on these:
+GAP_KEPT_PARTITIONS = ("iid", "dirichlet:0.3", "profile")
+DENSEST_WITHIN_PT = {"iid": 1.5, "dirichlet:0.3": 3.0}  # issue 25: federated d=max at most this below centralized
 MARKERS = {"behind": " ▼", "ahead": " ▲", "": ""}  # a paired difference whose interval excludes 0
 HETEROFL_MNIST = {  # rates: (IID, non-IID global) %, Flower's baselines/heterofl README
     "a": (99.47, 98.87), "a-e": (99.49, 98.9), "a-b-c-d-e": (99.23, 98.5), "b": (99.54, 98.81),
@@ -131,7 +137,9 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
                   + "); `--resume` continues the matrix.", ""]
     lines += [f"Wall time summed over the {len(result['runs']) + len(result['tuning']['runs'])} runs: "
               f"{hms(result['wall_s'])} (tuning {hms(sum(r['wall_s'] for r in result['tuning']['runs']))}).", ""]
-    lines += target_lines(t["sections"]) + calibration_lines(result) + tuning_lines(result, t["tuning"])
+    reference = centralized_reference(s["task"])
+    lines += target_lines(t["sections"], reference) + centralized_lines(t["sections"], reference)
+    lines += calibration_lines(result) + tuning_lines(result, t["tuning"])
     for section in t["sections"]:
         lines += section_lines(section, out)
     lines += convergence_lines(result)
@@ -142,14 +150,19 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
     return "\n".join(lines)
 
 
-def target_lines(sections: list[dict[str, Any]]) -> list[str]:
+def target_lines(sections: list[dict[str, Any]], reference: dict[float, float] | None = None) -> list[str]:
     """Issue 24's target read off the tables: the equal-compute cells where DRESS − peer lies wholly below 0; and,
-    as issue 25 asks, where DRESS's denser tier falls more than ORDER_SLACK_PT below the next sparser one."""
-    behind, unordered = [], []
+    as issue 25 asks, where DRESS's denser tier falls more than ORDER_SLACK_PT below the next sparser one, where its
+    worst 10 % of devices fare worse than a peer's, and (given centralized DRESS per density, ``reference``) where
+    it misses the share of the centralized gain or the distance to centralized d=max."""
+    behind, unordered, worse = [], [], []
     for section in (x for x in sections if x["arm"] == TARGET_ARM):
         for peer, cells in section["differences"].items():
             behind += [f"{section['partition']} d={tier:g}: DRESS − {peer} {ci_text(*cells[tier][:2], sign='+')}"
                        for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
+        for peer, cells in section["worst10_differences"].items():
+            worse += [f"{section['partition']} d={tier:g}: DRESS − {peer} {ci_text(*cells[tier][:2], sign='+')}"
+                      for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
         ours = section["accuracy"].get("dress", {})
         tiers = [tier for tier in sorted(section["tiers"], reverse=True) if tier in ours]
         unordered += [f"{section['partition']} d={denser:g} {ours[denser][0]:.2f} < "
@@ -159,7 +172,70 @@ def target_lines(sections: list[dict[str, Any]]) -> list[str]:
             f"- {TARGET_ARM} arm, DRESS − peer intervals wholly below 0 (issue 24: none): "
             + ("; ".join(behind) if behind else "none") + ".",
             f"- DRESS's tiers out of order, a denser one more than {ORDER_SLACK_PT:g} pt below the next sparser "
-            "(issue 25: none): " + ("; ".join(unordered) if unordered else "none") + ".", ""]
+            "(issue 25: none): " + ("; ".join(unordered) if unordered else "none") + ".",
+            f"- {TARGET_ARM} arm, DRESS − peer on the worst 10 % of devices, intervals wholly below 0 (issue 25: "
+            "none): " + ("; ".join(worse) if worse else "none") + ".",
+            *centralized_target(sections, reference), ""]
+
+
+def centralized_target(sections: list[dict[str, Any]], reference: dict[float, float] | None) -> list[str]:
+    """The target line for issue 25's distance to centralized training; none when the task has no reference."""
+    if not reference:
+        return []
+    missed = [f"{c['partition']}: {m}" for c in centralized_cells(sections, reference) for m in c["missed"]]
+    return ["- Against centralized DRESS (issue 25: none missed): " + ("; ".join(missed) if missed else "none") + "."]
+
+
+def percent(share: float) -> str:
+    return f"{share * 100:.0f} %"
+
+
+def centralized_cells(sections: list[dict[str, Any]], reference: dict[float, float]) -> list[dict[str, Any]]:
+    """Per partition of the target arm, DRESS in the fleet against DRESS trained centrally (``reference``: accuracy
+    per density): at the densest tier, and in what its densest tier gains over its sparsest (the fleet's gain paired
+    by seed; its share of the centralized one), with the issue 25 targets each misses."""
+    cells = []
+    for section in (x for x in sections if x["arm"] == TARGET_ARM and x["spread"] and x["spread"][2]):
+        tiers = sorted(section["accuracy"][REFERENCE], reverse=True)
+        if {tiers[0], tiers[-1]} - reference.keys():
+            continue
+        densest, spread = section["accuracy"][REFERENCE][tiers[0]], section["spread"]
+        gap = reference[tiers[0]] - reference[tiers[-1]]
+        kept = spread[0] / gap if gap > 0 else math.nan
+        below, within = reference[tiers[0]] - densest[0], DENSEST_WITHIN_PT.get(section["partition"])
+        missed = ([f"d={tiers[0]:g} {below:.2f} pt below centralized (at most {within:g})"]
+                  if within is not None and below > within else [])
+        if section["partition"] in GAP_KEPT_PARTITIONS and not kept >= GAP_KEPT:  # nan (no gain to keep) misses
+            missed.append(f"keeps {percent(kept)} of the centralized d={tiers[0]:g} − d={tiers[-1]:g} gain (at "
+                          f"least {percent(GAP_KEPT)})")
+        cells.append({"partition": section["partition"], "densest": tiers[0], "sparsest": tiers[-1],
+                      "centralized": reference[tiers[0]], "federated": densest, "gap": gap, "spread": spread,
+                      "kept": kept, "missed": missed})
+    return cells
+
+
+def centralized_lines(sections: list[dict[str, Any]], reference: dict[float, float]) -> list[str]:
+    """The table behind the centralized target; nothing when the task was never trained centrally."""
+    cells = centralized_cells(sections, reference) if reference else []
+    if not cells:
+        return []
+    rows = [{"partition": c["partition"], "centralized d=max": f"{c['centralized']:.2f}",
+             "fleet d=max": ci_text(*c["federated"][:2]),
+             "fleet − centralized": f"{c['federated'][0] - c['centralized']:+.2f}",
+             "centralized d=max − d=min": f"{c['gap']:+.2f}",
+             "fleet d=max − d=min": ci_text(*c["spread"][:2], sign="+"),
+             "share kept": "—" if math.isnan(c["kept"]) else percent(c["kept"]),
+             "issue 25": "; ".join(c["missed"]) or "met"} for c in cells]
+    columns = ["partition", "centralized d=max", "fleet d=max", "fleet − centralized", "centralized d=max − d=min",
+               "fleet d=max − d=min", "share kept", "issue 25"]
+    return ["## Against centralized training", "",
+            f"DRESS in the fleet ({TARGET_ARM} arm) against DRESS trained centrally on the whole training split "
+            "(`simulations/centralized.json`: `benchmarks/results/accuracy.json`'s mean over its seeds); d=max is "
+            f"{cells[0]['densest']:g}, d=min {cells[0]['sparsest']:g}. The fleet's d=max − d=min is paired by seed. "
+            f"Issue 25 asks that the fleet keep at least {percent(GAP_KEPT)} of the centralized gain on "
+            f"{', '.join(GAP_KEPT_PARTITIONS)}, with d=max at most "
+            + ", ".join(f"{pt:g} pt below centralized on {p}" for p, pt in DENSEST_WITHIN_PT.items()) + ".", "",
+            markdown_table(rows, columns), ""]
 
 
 def published_mnist_lines() -> list[str]:
@@ -237,6 +313,12 @@ def section_lines(section: dict[str, Any], out: Path) -> list[str]:
         lines += ["The worst 10 % of each tier's devices, on their own classes (the tier's model on the test split, "
                   "per class, weighted by the device's label histogram), mean ± 95 % CI over seeds:", "",
                   markdown_table(worst, ["method", *columns, "seeds"])]
+    if section["worst10_differences"]:
+        worst_differences = [{"peer": peer, **{f"d={t:g}": ci_text(*cells[t][:2], sign="+")
+                                               + MARKERS[side(*cells[t][:2])] if t in cells else "—" for t in tiers}}
+                             for peer, cells in section["worst10_differences"].items()]
+        lines += ["DRESS − peer on the worst 10 % of devices, paired by seed, mean ± 95 % CI (▼ ▲ as below):", "",
+                  markdown_table(worst_differences, ["peer", *columns])]
     if differences:
         lines += ["DRESS − peer in points, paired by seed, mean ± 95 % CI; ▼ the interval lies wholly below 0 (DRESS "
                   "behind), ▲ wholly above (DRESS ahead):", "",

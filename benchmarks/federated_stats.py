@@ -50,14 +50,17 @@ def ci_text(mean: float, half: float, sign: str = "") -> str:
 
 
 def paired_difference(rows: Sequence[Mapping[str, Any]], method: str, peer: str, arm: str, partition: str,
-                      tier: float) -> Cell:
+                      tier: float, field: str = "accuracy", peer_tier: float | None = None) -> Cell:
     """``method`` − ``peer`` at one tier, paired by seed (the seeds both ran): the same devices, shards and rounds,
-    so the pair's difference carries neither the seed's luck nor its data split. (nan, nan, 0) without pairs."""
-    def by_seed(name: str) -> dict[int, float]:
-        return {r["seed"]: r["accuracy"] for r in rows if r["method"] == name and r["arm"] == arm
-                and r["partition"] == partition and math.isclose(r["tier"], tier)}
+    so the pair's difference carries neither the seed's luck nor its data split. ``field``: the rows' value
+    compared ("worst10": the worst 10 % of devices; rows without it are left out); ``peer_tier``: the peer's tier
+    when it is another (a method against itself: what its denser tier gains over a sparser one, seed by seed).
+    (nan, nan, 0) without pairs."""
+    def by_seed(name: str, at: float) -> dict[int, float]:
+        return {r["seed"]: r[field] for r in rows if r["method"] == name and r["arm"] == arm
+                and r["partition"] == partition and math.isclose(r["tier"], at) and r.get(field) is not None}
 
-    ours, theirs = by_seed(method), by_seed(peer)
+    ours, theirs = by_seed(method, tier), by_seed(peer, tier if peer_tier is None else peer_tier)
     differences = [ours[s] - theirs[s] for s in sorted(ours.keys() & theirs.keys())]
     if not differences:
         return math.nan, math.nan, 0
@@ -118,7 +121,8 @@ def best_configs(tuning_runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str
 def tables(result: Mapping[str, Any]) -> dict[str, Any]:
     """Every cell of the report, from the JSON's rows, runs and tuning runs: per arm × partition the accuracy per
     method and tier (mean ± CI over seeds), its worst 10 % of devices where the rows carry it, DRESS − each peer
-    paired by seed, and compute and convergence per method; plus the tuning scores. Methods keep the order the rows first name them in."""
+    paired by seed (accuracy and worst 10 %), DRESS's densest − sparsest tier paired by seed, and compute and
+    convergence per method; plus the tuning scores. Methods keep the order the rows first name them in."""
     rows, runs = result["rows"], result["runs"]
     sections = []
     for arm in ARMS:
@@ -137,9 +141,17 @@ def tables(result: Mapping[str, Any]) -> dict[str, Any]:
                     if values := [r["worst10"] for r in of_tier if r.get("worst10") is not None]:
                         worst10[method][tier] = (*mean_ci(values), len(values))
             differences: dict[str, dict[float, Cell]] = {}
+            worst10_differences: dict[str, dict[float, Cell]] = {}
             for peer in (m for m in methods if m != REFERENCE and REFERENCE in methods):
                 pairs = {tier: paired_difference(rows, REFERENCE, peer, arm, partition, tier) for tier in tiers}
                 differences[peer] = {tier: cell for tier, cell in pairs.items() if cell[2]}
+                pairs = {tier: paired_difference(rows, REFERENCE, peer, arm, partition, tier, "worst10")
+                         for tier in tiers}
+                if cells := {tier: cell for tier, cell in pairs.items() if cell[2]}:
+                    worst10_differences[peer] = cells
+            ours = sorted(accuracy.get(REFERENCE, {}), reverse=True)
+            spread = (paired_difference(rows, REFERENCE, REFERENCE, arm, partition, ours[0], peer_tier=ours[-1])
+                      if len(ours) > 1 else None)  # DRESS's densest tier − its sparsest, paired by seed
             compute = {}
             for method in methods:
                 ran = [r for r in runs if r["arm"] == arm and r["partition"] == partition and r["method"] == method]
@@ -152,8 +164,9 @@ def tables(result: Mapping[str, Any]) -> dict[str, Any]:
             sections.append({
                 "arm": arm, "partition": partition, "tiers": tiers, "accuracy": accuracy,
                 "seeds": {m: sorted({r["seed"] for r in mine if r["method"] == m}) for m in methods},
-                "differences": differences, "compute": compute,
+                "differences": differences, "compute": compute, "spread": spread,
                 "worst10": {method: cells for method, cells in worst10.items() if cells},
+                "worst10_differences": worst10_differences,
             })
     tuning_runs = result.get("tuning", {}).get("runs", [])
     best = best_configs(tuning_runs)
