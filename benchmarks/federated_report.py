@@ -126,15 +126,7 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
              "Arms: **equal-rounds** — every method trains its local epochs with its own step; **equal-compute** — "
              "a device at tier t spends per example its local epochs × t × a trained pass of the full model's MACs, "
              "and each method fits its steps into that.", ""]
-    done = {arm: min((len({r["seed"] for r in result["runs"]
-                           if (r["arm"], r["method"], r["partition"]) == (arm, method, partition)})
-                      for method in s["methods"] for partition in s["partitions"]), default=0)
-            for arm in s["seeds"]}  # the seeds every method and partition of an arm has run
-    short = {arm: n for arm, n in done.items() if n < MIN_SEEDS[arm]}
-    if short:
-        lines += ["**Not a result yet:** fewer seeds than issue 24 asks for in every cell ("
-                  + ", ".join(f"{arm} {n} of {MIN_SEEDS[arm]}" for arm, n in short.items())
-                  + "); `--resume` continues the matrix.", ""]
+    lines += seeds_lines(result)
     lines += [f"Wall time summed over the {len(result['runs']) + len(result['tuning']['runs'])} runs: "
               f"{hms(result['wall_s'])} (tuning {hms(sum(r['wall_s'] for r in result['tuning']['runs']))}).", ""]
     reference = centralized_reference(s["task"])
@@ -148,6 +140,27 @@ def summary_markdown(result: dict[str, Any], out: Path) -> str:
     deviations = DEVIATIONS + ([LOGIT_ADJUSTMENT] if "logit_adjust" in tuned_keys(s) else [])  # tuned or borrowed
     lines += ["## Deviations from the published peers", "", *(f"- {d}" for d in deviations), ""]
     return "\n".join(lines)
+
+
+def seeds_lines(result: dict[str, Any]) -> list[str]:
+    """Whether every cell ran the seeds its command asked for (else the file is not a result yet), and whether
+    those are as many as issue 24's matrix needs (issue 25's capacity comparison asks for 3)."""
+    s = result["settings"]
+    done = {arm: min((len({r["seed"] for r in result["runs"]
+                           if (r["arm"], r["method"], r["partition"]) == (arm, method, partition)})
+                      for method in s["methods"] for partition in s["partitions"]), default=0)
+            for arm in s["seeds"]}  # the seeds every method and partition of an arm has run
+    unfinished = {arm: n for arm, n in done.items() if n < len(s["seeds"][arm])}
+    short = {arm: n for arm, n in done.items() if n < MIN_SEEDS[arm]}
+    if unfinished:
+        return ["**Not a result yet:** not every cell has run its seeds ("
+                + ", ".join(f"{arm} {n} of {len(s['seeds'][arm])}" for arm, n in unfinished.items())
+                + "); `--resume` continues the matrix.", ""]
+    if short:
+        return ["Fewer seeds than issue 24's matrix asks for in every cell ("
+                + ", ".join(f"{arm} {n} of {MIN_SEEDS[arm]}" for arm, n in short.items())
+                + "); every seed this command asked for ran.", ""]
+    return []
 
 
 def target_lines(sections: list[dict[str, Any]], reference: dict[float, float] | None = None) -> list[str]:

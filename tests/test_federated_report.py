@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-from benchmarks.federated_report import centralized_lines, rounds_text, target_lines  # noqa: E402
+from benchmarks.federated_report import centralized_lines, rounds_text, seeds_lines, target_lines  # noqa: E402
 from benchmarks.federated_stats import (  # noqa: E402
     ARMS,
     REFERENCE,
@@ -361,6 +361,22 @@ def test_the_report_names_worse_worst_devices_and_a_fleet_short_of_centralized_t
     assert [(e["partition"], e["share kept"], e["issue 25"]) for e in table][0] == ("iid", "89 %", "met")
     assert numbers(table[1]["fleet d=max − d=min"]) == printed(*sections[1]["spread"][:2])
     assert centralized_lines(sections, {}) == [] and "centralized" not in "\n".join(target_lines(sections, {}))
+
+
+def test_the_report_says_whether_every_seed_ran_and_whether_they_are_enough() -> None:
+    def result(seeds: list[int], ran: list[int]) -> dict[str, Any]:
+        settings = {"methods": ["dress", "heterofl"], "partitions": ["iid"], "seeds": {"equal-compute": seeds}}
+        return {"settings": settings,
+                "runs": [{"arm": "equal-compute", "method": m, "partition": "iid", "seed": seed}
+                         for m in ("dress", "heterofl") for seed in ran]}
+    assert seeds_lines(result([0, 1, 2, 3, 4], [0, 1, 2, 3, 4])) == []
+    unfinished = seeds_lines(result([0, 1, 2, 3, 4], [0, 1, 2]))[0]
+    assert unfinished.startswith("**Not a result yet:**") and "equal-compute 3 of 5" in unfinished
+    short = seeds_lines(result([0, 1, 2], [0, 1, 2]))[0]  # a capacity comparison: all its seeds, fewer than 5
+    assert "Not a result" not in short and "equal-compute 3 of 5" in short and "every seed" in short
+    half = result([0, 1, 2], [0, 1, 2])
+    half["runs"] = half["runs"][:-1]  # heterofl lacks seed 2: the cell is unfinished
+    assert seeds_lines(half)[0].startswith("**Not a result yet:**")
 
 
 def test_the_report_says_how_many_rounds_each_kind_of_partition_ran() -> None:
