@@ -170,12 +170,8 @@ def target_lines(sections: list[dict[str, Any]], reference: dict[float, float] |
     it misses the share of the centralized gain or the distance to centralized d=max."""
     behind, unordered, worse = [], [], []
     for section in (x for x in sections if x["arm"] == TARGET_ARM):
-        for peer, cells in section["differences"].items():
-            behind += [f"{section['partition']} d={tier:g}: DRESS − {peer} {ci_text(*cells[tier][:2], sign='+')}"
-                       for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
-        for peer, cells in section["worst10_differences"].items():
-            worse += [f"{section['partition']} d={tier:g}: DRESS − {peer} {ci_text(*cells[tier][:2], sign='+')}"
-                      for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
+        behind += behind_cells(section, "differences")
+        worse += behind_cells(section, "worst10_differences")
         ours = section["accuracy"].get("dress", {})
         tiers = [tier for tier in sorted(section["tiers"], reverse=True) if tier in ours]
         unordered += [f"{section['partition']} d={denser:g} {ours[denser][0]:.2f} < "
@@ -189,6 +185,18 @@ def target_lines(sections: list[dict[str, Any]], reference: dict[float, float] |
             f"- {TARGET_ARM} arm, DRESS − peer on the worst 10 % of devices, intervals wholly below 0 (issue 25: "
             "none): " + ("; ".join(worse) if worse else "none") + ".",
             *centralized_target(sections, reference), ""]
+
+
+def behind_cells(section: dict[str, Any], table: str) -> list[str]:
+    """The cells of a section's DRESS − peer ``table`` whose interval lies wholly below 0, as the targets name them."""
+    return [f"{section['partition']} d={tier:g}: DRESS − {peer} {ci_text(*cells[tier][:2], sign='+')}"
+            for peer, cells in section[table].items()
+            for tier in section["tiers"] if tier in cells and side(*cells[tier][:2]) == "behind"]
+
+
+def difference_text(cell: tuple[float, float, int]) -> str:
+    """A DRESS − peer cell as the tables print it: signed, marked where its interval excludes 0."""
+    return ci_text(*cell[:2], sign="+") + MARKERS[side(*cell[:2])]
 
 
 def centralized_target(sections: list[dict[str, Any]], reference: dict[float, float] | None) -> list[str]:
@@ -309,7 +317,7 @@ def section_lines(section: dict[str, Any], out: Path) -> list[str]:
         sides = {t: side(*cells[t][:2]) for t in cells}
         differences.append({
             "peer": peer,
-            **{f"d={t:g}": ci_text(*cells[t][:2], sign="+") + MARKERS[sides[t]] if t in cells else "—" for t in tiers},
+            **{f"d={t:g}": difference_text(cells[t]) if t in cells else "—" for t in tiers},
             **{f"DRESS {where} at": ", ".join(f"d={t:g}" for t in cells if sides[t] == where) or "—"
                for where in ("behind", "ahead")},
         })
@@ -327,8 +335,8 @@ def section_lines(section: dict[str, Any], out: Path) -> list[str]:
                   "per class, weighted by the device's label histogram), mean ± 95 % CI over seeds:", "",
                   markdown_table(worst, ["method", *columns, "seeds"])]
     if section["worst10_differences"]:
-        worst_differences = [{"peer": peer, **{f"d={t:g}": ci_text(*cells[t][:2], sign="+")
-                                               + MARKERS[side(*cells[t][:2])] if t in cells else "—" for t in tiers}}
+        worst_differences = [{"peer": peer, **{f"d={t:g}": difference_text(cells[t]) if t in cells else "—"
+                                               for t in tiers}}
                              for peer, cells in section["worst10_differences"].items()]
         lines += ["DRESS − peer on the worst 10 % of devices, paired by seed, mean ± 95 % CI (▼ ▲ as below):", "",
                   markdown_table(worst_differences, ["peer", *columns])]

@@ -134,12 +134,8 @@ def expected_cells(result: dict[str, Any]) -> dict[tuple[Any, ...], Any]:
                 if (a, p, m) == (arm, partition, REFERENCE)}
         top, bottom = ours[max(ours)], ours[min(ours)]
         cells[arm, partition, "spread"] = mean_ci([top[s] - bottom[s] for s in sorted(top.keys() & bottom.keys())])
-    for r in result["rows"]:
-        if r.get("worst10") is not None:
-            key = (r["arm"], r["partition"], "worst10", r["method"], r["tier"])
-            cells[key] = (*cells.get(key, ()), r["worst10"])
-    for key in [k for k in cells if k[2] == "worst10"]:
-        cells[key] = mean_ci(cells[key])
+    for (arm, partition, method, tier), by_seed in worst_groups.items():
+        cells[arm, partition, "worst10", method, tier] = mean_ci(by_seed.values())
     for (arm, partition, method, tier), by_seed in groups.items():
         cells[arm, partition, "accuracy", method, tier] = mean_ci(by_seed.values())
         seeds = sorted({r["seed"] for r in result["rows"]
