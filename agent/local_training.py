@@ -44,8 +44,9 @@ def step_macs(method: Method, model: DressModel | PackedModel, density: float, d
     over their draws)."""
     trained = trained_densities(model, density)
     cost = {d: forward_macs(model, d) for d in trained}
+    anchor = cost[trained[0]] if distill > 0 and len(trained) > 1 else 0  # the anchor's forward (DRESS)
     if method.name == "dress" and joint == "own":
-        return TRAINED * cost[trained[-1]]
+        return TRAINED * cost[trained[-1]] + anchor
     if method.name == "dress" and joint == "own-drawn":  # the mean over its draws
         sparser = statistics.fmean(cost[d] for d in trained[:-1]) if len(trained) > 1 else cost[trained[-1]]
         return TRAINED * (OWN_SHARE * cost[trained[-1]] + (1 - OWN_SHARE) * sparser)
@@ -55,7 +56,6 @@ def step_macs(method: Method, model: DressModel | PackedModel, density: float, d
         drawn = statistics.fmean(cost[d] for d in trained[1:-1]) if len(trained) > 2 else 0
         return TRAINED * (cost[trained[-1]] + drawn + (cost[trained[0]] if len(trained) > 1 else 0))
     if method.name == "dress":
-        anchor = cost[trained[0]] if distill > 0 and len(trained) > 1 else 0
         return TRAINED * sum(cost.values()) + anchor
     if method.sampled:
         teacher = TRAINED * cost[trained[-1]] if method.kd else 0

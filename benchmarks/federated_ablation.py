@@ -65,6 +65,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "own-drawn": {"joint": "own-drawn", "distill": 0.0},  # one density a step: its own on half, a sparser one drawn
     # its own density, the loss on logits plus the log of the device's label frequencies (balanced softmax, tau 1)
     "own+adjust": {"joint": "own", "distill": 0.0, "logit_adjust": 1.0},
+    # its own density, anchored all run long (0.3) to the sparsest it received: what the fleet's weak devices taught
+    "own+anchor": {"joint": "own", "distill": 0.3, "distill_decay": 1.0},
+    "own-undamped": {"joint": "own", "distill": 0.0, "damped": False},  # a band moves all the way to its trainers'
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them

@@ -25,7 +25,7 @@ from dress_model.data import DATASETS, training_indices
 from dress_model.models import MODELS, Architecture, DressModel, architecture_for_dataset, create_model
 from dress_model.partition import parse_partition
 from dress_model.sparsity import DEFAULT_DENSITIES, format_densities, parse_densities
-from dress_model.training import JOINT_RULES, PICKING_RULES
+from dress_model.training import ANCHORED_RULES, JOINT_RULES
 
 APP_DIR = Path(__file__).resolve().parent / "app"
 """The Flower app the coordinator submits (``flwr run``): a pyproject.toml holding ``[tool.flwr.app]``, shipped in
@@ -154,7 +154,7 @@ class RunSettings:
                            "examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.",
                            "--damped/--undamped")
     distill: float = setting(0.0, "Anchor-loss weight: a DRESS device's denser subnets also match the sparsest one "
-                             "it received (0 = off; --joint all or sum only).", dress_only=True)
+                             "it received (0 = off; --joint all, sum, band or own only).", dress_only=True)
     distill_decay: float = setting(0.0, "The last round's anchor weight as a share of --distill, cosine over the "
                                    "rounds (1 = constant).", dress_only=True)
     joint: str = setting("own", "What a DRESS device's local step trains: own (its own density alone, the sparser "
@@ -165,7 +165,7 @@ class RunSettings:
                          "drawn between learn from its predictions), ends (its own and the sparsest, summed), "
                          "sandwich-labels (its own, the sparsest and one drawn between, each on the labels, "
                          "summed) or own-drawn (one density a step: its own on half the steps, a sparser one drawn "
-                         "on the others); all but all and sum need --distill 0.", dress_only=True)
+                         "on the others); all but all, sum, band and own need --distill 0.", dress_only=True)
     logit_adjust: float = setting(1.0, "Logit adjustment: a device's loss sees its logits plus this × the log of its "
                                   "own label frequencies (one example per class added), so its shard's label skew "
                                   "stays in the loss, not in the weights it sends back (Menon et al. 2021; FedLC; "
@@ -208,9 +208,9 @@ class RunSettings:
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
             (self.joint in JOINT_RULES, "joint", f"one of {', '.join(JOINT_RULES)}"),
-            (self.joint not in PICKING_RULES or self.distill == 0, "distill",
-             f"0 with joint {self.joint} (it picks the densities it trains and what they learn from: no anchor to "
-             "the sparsest)"),
+            (self.joint in ANCHORED_RULES or self.distill == 0, "distill",
+             f"0 with joint {self.joint} (it picks what its subnets learn from: no anchor to the sparsest; "
+             f"{', '.join(ANCHORED_RULES)} take one)"),
             (self.batch_size >= 1, "batch-size", "an integer >= 1"),
             (self.max_examples >= 0, "max-examples", "an integer >= 0 (0 = the whole shard)"),
             (self.eval_examples >= 0, "eval-examples", "an integer >= 0 (0 = the whole test split)"),

@@ -112,7 +112,7 @@ def joint_step(
     """One optimizer step on sum_d w_d * loss_d; backward per density keeps peak memory at one subnet.
     ``band_mean`` then divides each weight's gradient by how many of the subnets hold it (``band_mean_``).
 
-    With an ``anchor``, every density above the sparsest trains on ``(1 - distill) * CE + distill * KL(anchor
+    With an ``anchor``, every density above the anchor's trains on ``(1 - distill) * CE + distill * KL(anchor
     || subnet)``: the anchor's predictions on the same batch are soft targets the denser subnets must not stray
     from. ``view`` is what the loss sees of the logits (``LogitView``: HeteroFL's mask to a device's own labels, a
     device's label prior); ``clip_norm`` > 0 clips the summed gradient before the step."""
@@ -123,12 +123,12 @@ def joint_step(
         with torch.no_grad():
             targets = F.log_softmax(anchor(x), dim=1)
     losses: dict[float, float] = {}
-    for i, (d, w) in enumerate(zip(densities, weights)):
+    for d, w in zip(densities, weights):
         model.set_density(d)
         logits = view(model, x)
         loss = F.cross_entropy(logits, y)
         losses[d] = loss.item()
-        if targets is not None and i > 0:
+        if targets is not None and d > anchor.active_density:
             kl = F.kl_div(F.log_softmax(logits, dim=1), targets, log_target=True, reduction="batchmean")
             loss = (1 - distill) * loss + distill * kl
         (w * loss).backward()
@@ -172,6 +172,7 @@ JOINT_RULES = ("all", "sum", "band", "sandwich", "own", "ends", "sandwich-labels
 # the sandwich; the densest alone; the densest and the sparsest, summed; the sandwich's densities on the labels,
 # summed; one a step, the densest or a sparser one drawn
 PICKING_RULES = ("sandwich", "own", "ends", "sandwich-labels", "own-drawn")  # rules that pick what a step trains
+ANCHORED_RULES = ("all", "sum", "band", "own")  # rules whose subnets above the sparsest may be anchored (distill)
 OWN_SHARE = 0.5  # own-drawn: the share of steps on the densest (a device's own density); the rest draw a sparser one
 
 
@@ -317,7 +318,8 @@ def train(
     (a device: as the server sent it). In a fleet most devices train only the sparsest subnet, so it holds the
     fleet's consensus; a device that also trains denser bands on its few local examples pulls them towards its
     own data, and the anchor keeps them close to what the whole fleet learnt (the federated ablation: without
-    it the densest subnet ends below the sparsest on non-IID data). ``config.joint`` "sandwich" trains by
+    it the densest subnet ends below the sparsest on non-IID data); under "own" a device's one subnet is so
+    anchored (one more forward of the sparsest a step). ``config.joint`` "sandwich" trains by
     ``sandwich_step`` instead, and "sandwich-labels" draws the same densities each step but trains each on the
     labels, and "own-drawn" trains one density a step (``own_drawn_level``); their draws are seeded by ``seed``."""
     densities = tuple(config.densities or model.densities)
@@ -330,23 +332,25 @@ def train(
     sandwich = config.joint == "sandwich"
     drawn = config.joint == "sandwich-labels"  # each step draws its densities, as the sandwich does
     own_drawn = config.joint == "own-drawn"
+    if config.distill and config.joint not in ANCHORED_RULES:
+        raise ValueError(f"joint {config.joint!r} picks what its subnets learn from: it takes no distill (anchor to "
+                         f"the sparsest; {', '.join(ANCHORED_RULES)} do)")
+    anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
     if config.joint in PICKING_RULES and not sandwich:  # fewer subnets a step: a budget buys more steps
-        if config.distill or config.loss_weights:
-            raise ValueError(f"joint {config.joint!r} picks the densities it trains: it takes no distill or "
-                             "loss_weights")
+        if config.loss_weights:
+            raise ValueError(f"joint {config.joint!r} picks the densities it trains: it takes no loss_weights")
         if config.joint == "own":
             densities = densities[-1:]
         elif config.joint == "ends":
             densities = tuple(sorted({densities[0], densities[-1]}))
     view = logit_view(config, model.arch.num_classes)
-    if sandwich and (config.distill or config.loss_weights or not view.plain):
+    if sandwich and (config.loss_weights or not view.plain):
         raise ValueError("the sandwich rule distils from the densest subnet with equal weights on every label: "
                          "it takes no distill (anchor to the sparsest), loss_weights, classes or logit_adjust")
     if config.joint in ("sum", "band") and config.loss_weights is not None:
         raise ValueError(f"joint {config.joint!r} weighs every density 1: it takes no loss_weights")
     if config.rerank_every and isinstance(model, PackedModel):
         raise ValueError("a packed model trains its subnets as packed (fixed masks): use rerank_every=0")
-    anchor = frozen_anchor(model, densities[0]) if config.distill > 0 and len(densities) > 1 else None
     weights = ([1.0] * len(densities) if config.joint in ("sum", "band", "ends", "sandwich-labels")
                else config.weights_for(densities))
     importance = get_importance(config.importance)

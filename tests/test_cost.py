@@ -54,14 +54,17 @@ def test_a_step_costs_what_its_method_trains() -> None:
     assert step_macs(get_method("dress"), dress, 0.5, 0.0, joint="own-drawn") == pytest.approx(
         TRAINED * (f[0.5] + (f[0.1] + f[0.25]) / 2) / 2)  # its own on half the steps, a sparser one on the rest
     assert step_macs(get_method("dress"), dress, 0.1, 0.0, joint="own-drawn") == TRAINED * f[0.1]
+    assert step_macs(get_method("dress"), dress, 0.5, 0.5, joint="own") == TRAINED * f[0.5] + f[0.1]  # anchored
+    assert step_macs(get_method("dress"), dress, 0.1, 0.5, joint="own") == TRAINED * f[0.1]  # is its own anchor
     assert step_macs(get_method("heterofl"), twin, 0.5, 0.0) == TRAINED * w[0.5]
     assert step_macs(get_method("fjord"), twin, 0.25, 0.0) == pytest.approx(TRAINED * (w[0.1] + w[0.25]) / 2)
     assert step_macs(get_method("fjord-kd"), twin, 0.25, 0.0) == pytest.approx(
         TRAINED * w[0.25] + TRAINED * (w[0.1] + w[0.25]) / 2)
 
 
-@pytest.mark.parametrize("method", ["dress", "heterofl", "fjord-kd"])
-def test_compute_matched_devices_spend_their_budget_whatever_the_method(method: str) -> None:
+@pytest.mark.parametrize("method, joint", [("dress", "all"), ("dress", "own"), ("heterofl", "all"),
+                                           ("fjord-kd", "all")])
+def test_compute_matched_devices_spend_their_budget_whatever_the_method(method: str, joint: str) -> None:
     """Counted as it trains: a compute-matched device at tier 0.5 spends about its budget (steps are whole, and
     FjORD's draws random), while with equal epochs a DRESS device spends more than a HeteroFL one."""
     settings = RunSettings.defaults(method=method, width=8)
@@ -70,10 +73,10 @@ def test_compute_matched_devices_spend_their_budget_whatever_the_method(method: 
     x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)  # 16 steps a pass
     budget = compute_budget(0.5, forward_macs(full, 1.0))
-    epochs = local_epochs(get_method(method), model, 0.5, 2.0, 0.5, budget)
-    config = TrainConfig(epochs=epochs, distill=0.5, rerank_every=0, recalibrate_batches=0,
+    epochs = local_epochs(get_method(method), model, 0.5, 2.0, 0.5, budget, joint)
+    config = TrainConfig(epochs=epochs, distill=0.5, rerank_every=0, recalibrate_batches=0, joint=joint,
                          classes=tuple(range(10)) if method == "heterofl" else None)
     _, spent = train_density(get_method(method), model, 0.5, loader, config, seed=0)
     assert spent == pytest.approx(2.0 * 256 * budget, rel=0.25)
-    if method == "dress":
+    if method == "dress" and joint == "all":
         assert epochs < 1.0  # its joint step trains three densities: fewer steps

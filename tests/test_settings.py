@@ -124,6 +124,9 @@ def test_the_joint_rule_is_checked_with_the_anchor_it_excludes() -> None:
         RunSettings.defaults(joint="every")
     with pytest.raises(SettingsError, match="distill must be 0 with joint sandwich"):
         RunSettings.defaults(joint="sandwich", distill=0.5)
+    with pytest.raises(SettingsError, match="distill must be 0 with joint own-drawn"):
+        RunSettings.defaults(joint="own-drawn", distill=0.5)
+    assert RunSettings.defaults(joint="own", distill=0.5).distill == 0.5  # a device's own subnet, anchored
 
 
 def test_the_mix_is_checked_and_names_every_partitions_profile() -> None:
