@@ -121,7 +121,7 @@ def joint_step(
     targets = None
     if anchor is not None and distill > 0:
         with torch.no_grad():
-            targets = F.log_softmax(anchor(x), dim=1)
+            targets = F.log_softmax(view(anchor, x), dim=1)  # through the same view: like is compared with like
     losses: dict[float, float] = {}
     for d, w in zip(densities, weights):
         model.set_density(d)

@@ -13,6 +13,7 @@ from dress_model.models import create_model
 from dress_model.packed import PackedModel
 from dress_model.training import (
     OWN_SHARE,
+    LogitView,
     TrainConfig,
     evaluate,
     joint_step,
@@ -149,6 +150,44 @@ def test_anchor_loss_keeps_denser_subnets_near_the_sparsest_received(fmnist_slic
             p, q = torch.log_softmax(anchor(x), 1), torch.log_softmax(model(x), 1)
             divergence[distill] = torch.nn.functional.kl_div(q, p, log_target=True, reduction="batchmean").item()
     assert divergence[0.9] < 0.7 * divergence[0.0], divergence
+
+
+class _OneLayer(torch.nn.Module):
+    """A linear classifier whose every density is the same function: a subnet that already equals its anchor."""
+
+    densities = (0.1, 1.0)
+    active_density = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+
+    def set_density(self, density: float) -> None:
+        self.active_density = density
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+def test_a_subnet_that_matches_its_anchor_is_pulled_nowhere_under_logit_adjustment() -> None:
+    """The anchor's predictions pass through the same view as the subnet's (the device's label prior added to
+    both): a subnet that equals its anchor gets no gradient from the anchor loss, only (1 - distill) of the
+    labels' one. (Compared raw against adjusted, the anchor pulled every device's model away from its own
+    classes.)"""
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    view = LogitView(offset=torch.log(torch.tensor([0.8, 0.15, 0.05])))
+    moved = {}
+    for distill in (0.0, 0.5):
+        torch.manual_seed(1)
+        model = _OneLayer()
+        start = model.fc.weight.detach().clone()
+        anchor = copy.deepcopy(model)
+        anchor.set_density(0.1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        joint_step(model, x, y, [1.0], [1.0], optimizer, anchor, distill, view)
+        moved[distill] = model.fc.weight.detach() - start
+    torch.testing.assert_close(moved[0.5], 0.5 * moved[0.0])
 
 
 def test_distill_weight_out_of_range_is_rejected() -> None:
