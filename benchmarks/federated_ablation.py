@@ -68,6 +68,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # its own density, anchored all run long (0.3) to the sparsest it received: what the fleet's weak devices taught
     "own+anchor": {"joint": "own", "distill": 0.3, "distill_decay": 1.0},
     "own-undamped": {"joint": "own", "distill": 0.0, "damped": False},  # a band moves all the way to its trainers'
+    # its own density; each round the server distils the round's devices, as an ensemble, into every density (FedDF)
+    "own+server-distill": {"joint": "own", "distill": 0.0, "server_distill": 20},
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them

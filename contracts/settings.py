@@ -150,6 +150,9 @@ class RunSettings:
     server_average: float = setting(0.7, "The published (evaluated, served) model is an exponential average of "
                                     "the rounds' models: this share of the previous one (0 = each round's model as "
                                     "it is). Averages out the few devices that train the densest bands each round.")
+    server_distill: int = setting(0, "Server-side ensemble distillation (FedDF): after aggregation the round's "
+                                  "devices, each model as it replied, teach every density of the global model on the "
+                                  "server's held images (no labels), this many steps (0 = off). Any method.")
     damped: bool = setting(True, "A weight moves towards its trainers' average by their share of the round's "
                            "examples (--damped), or all the way (--undamped, HeteroFL's counting). Any method.",
                            "--damped/--undamped")
@@ -205,6 +208,7 @@ class RunSettings:
             (self.logit_adjust >= 0, "logit-adjust", "a number >= 0"),
             (0 <= self.server_momentum < 1, "server-momentum", "a number in [0, 1)"),
             (0 <= self.server_average < 1, "server-average", "a number in [0, 1)"),
+            (self.server_distill >= 0, "server-distill", "an integer >= 0 (0 = off)"),
             (0 <= self.distill < 1, "distill", "a number in [0, 1)"),
             (0 <= self.distill_decay <= 1, "distill-decay", "a number in [0, 1]"),
             (self.joint in JOINT_RULES, "joint", f"one of {', '.join(JOINT_RULES)}"),

@@ -1,6 +1,7 @@
 """The round plumbing every method's strategy shares: sample the round's devices, send each its density's model
 with the round's training config, check every reply, fold the accepted ones into the global model, step the
-server's momentum and average, recalibrate BN on server-held data, roll back an implausible aggregate.
+server's momentum and average, distil the round's devices into the global model on server-held images (when
+asked), recalibrate BN on server-held data, roll back an implausible aggregate.
 
 Flower's FedAvg rejects replies of different shapes, so this is a Strategy of its own. The global model travels
 between Flower's rounds as the strategy's ``ArrayRecord``. Each round it asks the registry for every device's
@@ -31,13 +32,14 @@ from contracts.messages import record_nbytes, train_message
 from contracts.policy import training_density
 from contracts.settings import MEAN, Aggregation, stale_after
 from coordinator.aggregation import Update
+from coordinator.ensemble_distillation import Teacher, distill, ensemble_predictions
 from coordinator.membership import Membership
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
 from coordinator.validation import Expected, RejectedUpdate, check_reply, implausible, norm_outliers
 from dress_model.models import DressModel
-from dress_model.training import recalibrate_bn
+from dress_model.training import PLAIN, LogitView, recalibrate_bn
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class RoundStats:
     compute_s: list[float] = field(default_factory=list)  # per device: unpack, train, pack
     macs: list[float] = field(default_factory=list)  # per device: the MACs its training ran (its count)
     started: float = field(default_factory=time.perf_counter)
-    server_s: float = 0.0  # aggregation, re-ranking, BN recalibration (the publisher adds its own share)
+    server_s: float = 0.0  # aggregation, distillation, re-ranking, BN recalibration (the publisher adds its share)
     lr: float | None = None  # the learning rate the round's devices were sent
     rejected: dict[str, str] = field(default_factory=dict)  # device name -> why its reply did not count
     refused: Counter[str] = field(default_factory=Counter)  # how many replies did not count, by kind (REFUSALS)
@@ -104,6 +106,7 @@ class FleetStrategy(Strategy):
         round_timeout_s: float | None = None,
         server_average: float = 0.0,
         damped: bool = True,
+        server_distill: int = 0,
     ) -> None:
         self.model = model  # the working copy the global arrays are loaded into each round
         self.registry = registry
@@ -117,6 +120,7 @@ class FleetStrategy(Strategy):
         self.velocity: dict[str, torch.Tensor] = {}  # per parameter: the server's momentum (server_step)
         self.server_average = server_average
         self.damped = damped  # aggregation: by the trainers' share of the round's examples, or all the way
+        self.server_distill = server_distill  # steps of ensemble distillation a round (0 = none)
         self.average: DressModel | None = None  # what is published when server_average > 0 (update_average)
         self.membership = Membership(registry, node_auth)
         self.max_examples = max_examples  # the most examples a reply may claim to have trained on
@@ -200,10 +204,11 @@ class FleetStrategy(Strategy):
         for node, reason in norm_outliers(norms).items():
             self._reject(server_round, node, RejectedUpdate(reason, "outlier"))
             accepted.pop(node, None)
-        updates = []
+        updates, trained = [], []
         for node, (update, nbytes, compute_s, macs) in accepted.items():
             sent = self.sent[node]
             updates.append(update)
+            trained.append((update, sent.density))
             stats.participants[sent.device_id] = (self.membership.node_devices[node], sent.density)
             stats.bytes_up.setdefault(sent.density, []).append(nbytes)
             stats.compute_s.append(compute_s)
@@ -212,6 +217,8 @@ class FleetStrategy(Strategy):
         self.absorb(updates)
         if updates:
             self.server_step(before)
+        if self.server_distill and any(u.num_examples > 0 for u in updates):
+            self.distill_devices(before, trained, server_round)
         self.reorder()
         recalibrate_bn(self.model, self.calibration, CALIBRATION_BATCHES, self.model.densities)
         if reason := implausible(before, self.model.state_dict()):
@@ -262,14 +269,41 @@ class FleetStrategy(Strategy):
         """A checked reply as an update to aggregate."""
         return Update(sent.payload, tensors, int(metrics["num-examples"]))
 
-    def absorb(self, updates: list[Update]) -> None:
-        """Fold the round's replies into the global model."""
+    def absorb(self, updates: list[Update], model: DressModel | None = None, damped: bool | None = None) -> None:
+        """Fold the round's replies into the global model (or into ``model``; ``damped`` None: the setting's)."""
         raise NotImplementedError
+
+    def teacher_view(self, update: Update) -> LogitView:
+        """What a device's model says as a teacher: its logits as its loss saw them (HeteroFL: its labels')."""
+        return PLAIN
 
     def reorder(self, model: DressModel | None = None) -> None:
         """After the weights moved: whatever the method's model needs (DRESS re-ranks its rows)."""
 
     # -- the server's own step, the same for every method ---------------------------------------------
+
+    def distill_devices(self, before: dict[str, torch.Tensor], trained: list[tuple[Update, float]],
+                        server_round: int) -> None:
+        """Ensemble distillation (``coordinator.ensemble_distillation``): each device's model as it replied — its
+        reply folded all the way into the round's starting model, BN recalibrated at its density on the held
+        images — and together, weighted by examples, they teach every density of the global model there."""
+        start = copy.deepcopy(self.model)
+        start.load_state_dict(before)
+        teachers = []
+        for update, density in trained:
+            if update.num_examples <= 0:
+                continue
+            device = copy.deepcopy(start)
+            self.absorb([update], model=device, damped=False)
+            recalibrate_bn(device, self.calibration, CALIBRATION_BATCHES, [density])
+            teachers.append(Teacher(device, density, float(update.num_examples), self.teacher_view(update)))
+        images = torch.cat([x for x, _ in self.calibration])
+        targets = ensemble_predictions(teachers, images)
+        lr = self.stats[server_round].lr
+        losses = distill(self.model, targets, images, self.server_distill, lr if lr is not None else 0.05,
+                         self.seed * 100_003 + server_round)
+        log.info("round %d: %d devices distilled into every density, KL %.3f -> %.3f", server_round, len(teachers),
+                 losses[0], losses[-1])
 
     @torch.no_grad()
     def server_step(self, before: dict[str, torch.Tensor]) -> None:

@@ -23,6 +23,7 @@ from coordinator.fleet_strategy import FleetStrategy, Sent
 from coordinator.validation import RejectedUpdate
 from dress_model.baselines.slimmable import Slim, level_slices, prefix_tensors
 from dress_model.models import DressModel
+from dress_model.training import PLAIN, LogitView
 
 log = logging.getLogger(__name__)
 Slices = dict[str, tuple[slice, ...]]
@@ -71,13 +72,23 @@ class WidthStrategy(FleetStrategy):
         heads = [name for name, m in self.model.named_modules() if isinstance(m, Slim) and not m.slim_out]
         return {f"{name}.{field}" for name in heads for field in ("weight", "bias")}
 
+    def teacher_view(self, update: Update) -> LogitView:
+        """HeteroFL's device answers for its own labels: the others' logits read 0, as in its loss."""
+        if update.classes is None:
+            return PLAIN
+        mask = torch.zeros(self.model.arch.num_classes, dtype=torch.bool)
+        mask[sorted(update.classes)] = True
+        return LogitView(mask)
+
     @torch.no_grad()
-    def absorb(self, updates: list[Update]) -> None:
+    def absorb(self, updates: list[Update], model: DressModel | None = None, damped: bool | None = None) -> None:
+        model = model or self.model
+        damped = self.damped if damped is None else damped
         votes = {id(u): 1.0 if self.method.per_device else float(u.num_examples) for u in updates
                  if u.num_examples > 0}
         round_weight = sum(votes.values())
         heads = self.head_keys()
-        state = self.model.state_dict()
+        state = model.state_dict()
         for key, current in state.items():
             total = torch.zeros_like(current, dtype=torch.float64)
             count = torch.zeros_like(current, dtype=torch.float64)
@@ -101,6 +112,6 @@ class WidthStrategy(FleetStrategy):
             held = count > 0
             if held.any():
                 average = total[held] / count[held]
-                share = count[held] / round_weight if self.damped else 1.0
+                share = count[held] / round_weight if damped else 1.0
                 current[held] = (current[held].double() + share * (average - current[held].double())).to(current.dtype)
-        self.model.load_state_dict(state)
+        model.load_state_dict(state)

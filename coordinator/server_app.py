@@ -125,6 +125,7 @@ def main(grid: Grid, context: Context) -> None:
                       server_momentum=settings.server_momentum, first_round=done + 1, node_auth=settings.node_auth,
                       aggregation=Aggregation.parse(settings.aggregation), round_timeout_s=settings.round_timeout_s,
                       server_average=settings.server_average, damped=settings.damped,
+                      server_distill=settings.server_distill,
                       max_examples=settings.max_examples or len(train_set))
         strategy = (DressStrategy(model, registry, calibration, **common) if dress
                     else WidthStrategy(get_method(settings.method), model, registry, calibration, **common))

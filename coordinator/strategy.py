@@ -32,9 +32,9 @@ class DressStrategy(FleetStrategy):
         """The tensors a device's reply must hold (names, shapes, dtypes), as sent: DRESS's packed upload."""
         return upload_state(sent)  # type: ignore[arg-type]
 
-    def absorb(self, updates: list[Update]) -> None:
-        """Fold the round's replies into the global model (``coordinator.aggregation``)."""
-        aggregate(self.model, updates, self.aggregation, damped=self.damped)
+    def absorb(self, updates: list[Update], model: DressModel | None = None, damped: bool | None = None) -> None:
+        """Fold the round's replies into the global model, or ``model`` (``coordinator.aggregation``)."""
+        aggregate(model or self.model, updates, self.aggregation, damped=self.damped if damped is None else damped)
 
     def reorder(self, model: DressModel | None = None) -> None:
         """After the weights moved: re-rank every row, so each subnet keeps its most important weights."""
