@@ -70,6 +70,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "own-undamped": {"joint": "own", "distill": 0.0, "damped": False},  # a band moves all the way to its trainers'
     # its own density; each round the server distils the round's devices, as an ensemble, into every density (FedDF)
     "own+server-distill": {"joint": "own", "distill": 0.0, "server_distill": 20},
+    "own-drawn-undamped": {"joint": "own-drawn", "distill": 0.0, "damped": False},  # own-drawn and undamped, together
 }
 BASELINE = "mean+anchor"
 SEEDS = "200,201,202"  # held out: neither tuning (100) nor the comparisons (0-4) use them
