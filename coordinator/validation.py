@@ -5,7 +5,8 @@ exactly the tensors it was sent, with the same shapes and dtypes, an example cou
 allows a device per round, and is a model honest training could have made of what it was sent (``implausible``:
 every value finite, BN statistics in range, weights moved by at most a few times their own norm) — a rule that
 needs no other reply, so it holds in a round of one or two. With three replies or more, an update (reply − sent)
-must also not be far larger than the round's typical one. A reply that fails is dropped with its reason
+must also not be far larger than the round's typical one, per weight it moves (``update_size``): a capable
+device trains a subnet ten times the size of a weak one's, and its honest update is that much longer. A reply that fails is dropped with its reason
 (recorded with the round); no reply can raise out of the aggregation and end the ServerApp. The round's
 aggregate and the model the publisher publishes are judged by the same ``implausible`` against the model they
 came from.
@@ -21,7 +22,8 @@ from dataclasses import dataclass
 import torch
 
 NORM_FACTOR = 10.0
-"""An update whose norm exceeds this many times the round's median is an outlier (scaled or poisoned)."""
+"""An update whose size (``update_size``) exceeds this many times the round's median is an outlier (scaled or
+poisoned)."""
 MIN_FOR_MEDIAN = 3  # fewer replies than this give no median worth comparing with
 RELATIVE_BOUND = 5.0
 """An update may move the learned tensors it covers by at most this many times their norm. Honest replies of real
@@ -62,8 +64,7 @@ class Expected:
 
 
 def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_examples: object) -> float:
-    """The update's L2 norm (reply − sent over floating tensors) if the reply is well formed and plausible;
-    RejectedUpdate else."""
+    """The update's size (``update_size``) if the reply is well formed and plausible; RejectedUpdate else."""
     if (isinstance(num_examples, bool) or not isinstance(num_examples, int | float) or not math.isfinite(num_examples)
             or num_examples != int(num_examples)):
         raise RejectedUpdate(f"num-examples must be an integer, got {num_examples!r}", "examples")
@@ -80,9 +81,21 @@ def check_reply(expected: Expected, tensors: Mapping[str, torch.Tensor], num_exa
                                  "tensors")
     if reason := implausible(expected.tensors, tensors):
         raise RejectedUpdate(reason, "implausible")
-    # finite: float32 values squared in float64 cannot overflow
-    return math.sqrt(sum(float((tensors[key].double() - sent.double()).pow(2).sum())
-                         for key, sent in expected.tensors.items() if sent.is_floating_point()))
+    return update_size(expected.tensors, tensors)
+
+
+def update_size(sent: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> float:
+    """Root mean square of reply − sent over the learned tensors (floating, not BN statistics): how far the update
+    moved each weight. Honest devices of different tiers move their weights alike, but a subnet ten times the size
+    makes an update about three times as long: compared by L2 norm, the capable devices' honest updates were
+    refused as outliers (issue 25's fleet: about one in eight of the densest subnet's, DRESS's only). A scaled
+    reply scales this size as it scaled the norm."""
+    moved = count = 0.0
+    for key, before in sent.items():
+        if before.is_floating_point() and not key.endswith(STATISTICS):
+            moved += float((tensors[key].double() - before.double()).pow(2).sum())  # float64: cannot overflow
+            count += before.numel()
+    return math.sqrt(moved / count) if count else 0.0
 
 
 def implausible(reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -145,10 +158,10 @@ def relative_change(reference: Mapping[str, torch.Tensor], tensors: Mapping[str,
 
 
 def norm_outliers(norms: Mapping[int, float], factor: float = NORM_FACTOR) -> dict[int, str]:
-    """Replies whose update norm is over ``factor`` × the round's median, with the reason; none below 3 replies."""
+    """Replies whose update size is over ``factor`` × the round's median, with the reason; none below 3 replies."""
     if len(norms) < MIN_FOR_MEDIAN:
         return {}
     median = statistics.median(norms.values())
     limit = factor * median
-    return {key: f"update norm {norm:.3g} over {factor:g}× the round's median {median:.3g}"
+    return {key: f"update size {norm:.3g} per weight over {factor:g}× the round's median {median:.3g}"
             for key, norm in norms.items() if median > 0 and norm > limit}

@@ -33,9 +33,25 @@ def reply(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
     return {**{k: v.clone() for k, v in SENT.items()}, **changes}
 
 
-def test_a_well_formed_reply_counts_and_its_update_norm_is_measured() -> None:
-    assert check_reply(EXPECTED, reply(**{"conv.values": torch.full((6,), 2.0)}), 300) == pytest.approx(6 ** 0.5)
+def test_a_well_formed_reply_counts_and_its_update_size_is_measured_per_weight() -> None:
+    """The root mean square of what moved, over learned tensors: BN statistics and integer indices left out."""
+    assert check_reply(EXPECTED, reply(**{"conv.values": torch.full((6,), 2.0)}), 300) == pytest.approx((6 / 12) ** 0.5)
     assert check_reply(EXPECTED, reply(), 1.0) == 0.0  # Flower's metrics carry numbers as floats
+    moved = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 3.0])
+    assert check_reply(EXPECTED, reply(**{"conv.values": moved}), 300) == pytest.approx((4 / 12) ** 0.5)  # 12 floats
+    statistics = {"conv.values": torch.ones(6), "bn.running_var": torch.ones(3)}
+    assert check_reply(Expected(statistics, 500), {**statistics, "bn.running_var": torch.full((3,), 9.0)}, 300) == 0.0
+
+
+def test_a_capable_device_s_honest_update_is_no_outlier_beside_weak_ones() -> None:
+    """Weak devices move 10 weights, a capable one 1,000 by as much each: its L2 norm is 10× theirs, its size the
+    same; the same reply scaled 20× is an outlier."""
+    weak, capable = Expected({"w": torch.zeros(10)}, 500), Expected({"w": torch.zeros(1000)}, 500)
+    sizes = {i: check_reply(weak, {"w": torch.full((10,), 0.01 * (1 + i / 10))}, 100) for i in range(3)}
+    sizes[3] = check_reply(capable, {"w": torch.full((1000,), 0.011)}, 100)
+    assert norm_outliers(sizes) == {}
+    sizes[3] = check_reply(capable, {"w": torch.full((1000,), 0.22)}, 100)
+    assert set(norm_outliers(sizes)) == {3}
 
 
 @pytest.mark.parametrize(("tensors", "examples", "reason"), [
