@@ -15,7 +15,7 @@ GROWING = ("methods", "partitions", "seeds")  # settings a resumed benchmark may
 # settings a resumed benchmark may change: the comparison runs made otherwise are redone
 RESTARTING = ("rounds", "non_iid_rounds")
 # app settings newer than a results file: the value that file's runs ran with
-ADDED_SETTINGS = {"joint": "all", "round-timeout-s": 3600.0, "canary": 0.0}
+ADDED_SETTINGS = {"joint": "all", "round-timeout-s": 3600.0, "canary": 0.0, "server-distill": 0}
 # tuned settings newer than a results file (TUNING_GRID keys): the value its runs ran with, the app's default then
 ADDED_GRID = {"logit_adjust": 0.0}
 def of_this_protocol(result: dict[str, Any]) -> bool:
