@@ -37,7 +37,7 @@ from coordinator.membership import Membership
 from coordinator.registry.models import DeviceStatus
 from coordinator.registry.records import DeviceInfo
 from coordinator.registry.repository import Registry
-from coordinator.validation import Expected, RejectedUpdate, check_reply, implausible, norm_outliers
+from coordinator.validation import Expected, RejectedUpdate, check_reply, implausible, size_outliers
 from dress_model.models import DressModel
 from dress_model.training import PLAIN, LogitView, recalibrate_bn
 
@@ -181,7 +181,7 @@ class FleetStrategy(Strategy):
         server_start = time.perf_counter()
         stats = self.stats[server_round]
         accepted: dict[int, tuple[Update, int, float, float]] = {}  # node -> (update, bytes up, compute s, MACs)
-        norms: dict[int, float] = {}
+        sizes: dict[int, float] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error() or node not in self.sent:
@@ -193,7 +193,7 @@ class FleetStrategy(Strategy):
                 arrays: ArrayRecord = reply.content["arrays"]
                 metrics: MetricRecord = reply.content["metrics"]
                 tensors = arrays.to_torch_state_dict()
-                norms[node] = check_reply(sent.expected, tensors, metrics["num-examples"])
+                sizes[node] = check_reply(sent.expected, tensors, metrics["num-examples"])
                 compute_s, macs = (reported(metrics, key) for key in ("compute-s", "macs"))
                 update = self.update_of(sent, tensors, metrics)
             except Exception as e:  # noqa: BLE001 - a malformed reply is dropped whatever broke reading it
@@ -201,7 +201,7 @@ class FleetStrategy(Strategy):
                              else RejectedUpdate(f"malformed reply: {e!r}", "malformed"))
                 continue
             accepted[node] = (update, record_nbytes(arrays), compute_s, macs)
-        for node, reason in norm_outliers(norms).items():
+        for node, reason in size_outliers(sizes).items():
             self._reject(server_round, node, RejectedUpdate(reason, "outlier"))
             accepted.pop(node, None)
         updates, trained = [], []
@@ -300,8 +300,8 @@ class FleetStrategy(Strategy):
         images = torch.cat([x for x, _ in self.calibration])
         targets = ensemble_predictions(teachers, images)
         lr = self.stats[server_round].lr
-        losses = distill(self.model, targets, images, self.server_distill, lr if lr is not None else 0.05,
-                         self.seed * 100_003 + server_round)
+        assert lr is not None, "the round's rate is set with its messages (messages_for)"
+        losses = distill(self.model, targets, images, self.server_distill, lr, self.seed * 100_003 + server_round)
         log.info("round %d: %d devices distilled into every density, KL %.3f -> %.3f", server_round, len(teachers),
                  losses[0], losses[-1])
 

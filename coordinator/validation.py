@@ -6,10 +6,10 @@ allows a device per round, and is a model honest training could have made of wha
 every value finite, BN statistics in range, weights moved by at most a few times their own norm) — a rule that
 needs no other reply, so it holds in a round of one or two. With three replies or more, an update (reply − sent)
 must also not be far larger than the round's typical one, per weight it moves (``update_size``): a capable
-device trains a subnet ten times the size of a weak one's, and its honest update is that much longer. A reply that fails is dropped with its reason
-(recorded with the round); no reply can raise out of the aggregation and end the ServerApp. The round's
-aggregate and the model the publisher publishes are judged by the same ``implausible`` against the model they
-came from.
+device trains a subnet ten times the size of a weak one's, and its honest update is that much longer. A reply
+that fails is dropped with its reason (recorded with the round); no reply can raise out of the aggregation and
+end the ServerApp. The round's aggregate and the model the publisher publishes are judged by the same
+``implausible`` against the model they came from.
 """
 
 from __future__ import annotations
@@ -88,13 +88,9 @@ def update_size(sent: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Te
     """Root mean square of reply − sent over the learned tensors (floating, not BN statistics): how far the update
     moved each weight. Honest devices of different tiers move their weights alike, but a subnet ten times the size
     makes an update about three times as long: compared by L2 norm, the capable devices' honest updates were
-    refused as outliers (issue 25's fleet: about one in eight of the densest subnet's, DRESS's only). A scaled
-    reply scales this size as it scaled the norm."""
-    moved = count = 0.0
-    for key, before in sent.items():
-        if before.is_floating_point() and not key.endswith(STATISTICS):
-            moved += float((tensors[key].double() - before.double()).pow(2).sum())  # float64: cannot overflow
-            count += before.numel()
+    refused as outliers (issue 25's capacity fleet: up to 12 % of DRESS's d=1 updates). A scaled reply scales
+    this size as it scaled the norm."""
+    moved, _, count = learned_change(sent, tensors)
     return math.sqrt(moved / count) if count else 0.0
 
 
@@ -147,21 +143,31 @@ def activation_scale(reference: Mapping[str, torch.Tensor], layer: str) -> float
 def relative_change(reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]) -> float:
     """‖tensors − reference‖ / ‖reference‖ over the learned (floating, not BN statistics) tensors both hold; 0 when
     the reference holds none."""
+    moved, size, _ = learned_change(reference, tensors)
+    return math.sqrt(moved / size) if size > 0 else 0.0
+
+
+def learned_change(reference: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor]
+                   ) -> tuple[float, float, int]:
+    """Over the learned tensors both hold (floating, not BN statistics): ‖tensors − reference‖², ‖reference‖² and
+    how many values, in float64 (float32 values squared there cannot overflow)."""
     moved = size = 0.0
+    count = 0
     for key, value in tensors.items():
         before = reference.get(key)
         if before is None or not value.is_floating_point() or key.endswith(STATISTICS):
             continue
         moved += float((value.double() - before.double()).pow(2).sum())
         size += float(before.double().pow(2).sum())
-    return math.sqrt(moved / size) if size > 0 else 0.0
+        count += before.numel()
+    return moved, size, count
 
 
-def norm_outliers(norms: Mapping[int, float], factor: float = NORM_FACTOR) -> dict[int, str]:
+def size_outliers(sizes: Mapping[int, float], factor: float = NORM_FACTOR) -> dict[int, str]:
     """Replies whose update size is over ``factor`` × the round's median, with the reason; none below 3 replies."""
-    if len(norms) < MIN_FOR_MEDIAN:
+    if len(sizes) < MIN_FOR_MEDIAN:
         return {}
-    median = statistics.median(norms.values())
+    median = statistics.median(sizes.values())
     limit = factor * median
-    return {key: f"update size {norm:.3g} per weight over {factor:g}× the round's median {median:.3g}"
-            for key, norm in norms.items() if median > 0 and norm > limit}
+    return {key: f"update size {size:.3g} per weight over {factor:g}× the round's median {median:.3g}"
+            for key, size in sizes.items() if median > 0 and size > limit}

@@ -22,7 +22,7 @@ from coordinator.peers import WidthStrategy
 from coordinator.publisher import RoundPublisher
 from coordinator.registry import Registry
 from coordinator.strategy import DressStrategy
-from coordinator.validation import STATISTICS, Expected, RejectedUpdate, check_reply, implausible, norm_outliers
+from coordinator.validation import STATISTICS, Expected, RejectedUpdate, check_reply, implausible, size_outliers
 from runtime.task_identity import task_identity
 
 SENT = {"conv.values": torch.ones(6), "conv.indices": torch.arange(6, dtype=torch.int16), "bn.mean": torch.zeros(2, 3)}
@@ -49,9 +49,9 @@ def test_a_capable_device_s_honest_update_is_no_outlier_beside_weak_ones() -> No
     weak, capable = Expected({"w": torch.zeros(10)}, 500), Expected({"w": torch.zeros(1000)}, 500)
     sizes = {i: check_reply(weak, {"w": torch.full((10,), 0.01 * (1 + i / 10))}, 100) for i in range(3)}
     sizes[3] = check_reply(capable, {"w": torch.full((1000,), 0.011)}, 100)
-    assert norm_outliers(sizes) == {}
+    assert size_outliers(sizes) == {}
     sizes[3] = check_reply(capable, {"w": torch.full((1000,), 0.22)}, 100)
-    assert set(norm_outliers(sizes)) == {3}
+    assert set(size_outliers(sizes)) == {3}
 
 
 @pytest.mark.parametrize(("tensors", "examples", "reason"), [
@@ -102,10 +102,10 @@ def test_what_honest_training_can_make_of_a_model_is_plausible_at_the_models_own
 
 
 def test_an_update_far_above_the_rounds_median_is_an_outlier() -> None:
-    assert set(norm_outliers({1: 1.0, 2: 1.2, 3: 0.9, 4: 1e30})) == {4}
-    assert norm_outliers({1: 1.0, 2: 1.2, 3: 0.9, 4: 9.0}) == {}  # under 10x the median
-    assert norm_outliers({1: 1.0, 2: 1e30}) == {}  # two replies: no median to judge by
-    assert "over 10× the round's median" in norm_outliers({1: 1.0, 2: 1.0, 3: 50.0})[3]
+    assert set(size_outliers({1: 1.0, 2: 1.2, 3: 0.9, 4: 1e30})) == {4}
+    assert size_outliers({1: 1.0, 2: 1.2, 3: 0.9, 4: 9.0}) == {}  # under 10x the median
+    assert size_outliers({1: 1.0, 2: 1e30}) == {}  # two replies: no median to judge by
+    assert "over 10× the round's median" in size_outliers({1: 1.0, 2: 1.0, 3: 50.0})[3]
 
 
 # -- the strategy: bad replies are dropped and recorded, the round goes on ---------------------------------
